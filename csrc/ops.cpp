@@ -1,0 +1,22 @@
+// fastrobust._C: the compiled kernels, exposed to Python with the same names and argument order
+// as their Triton and reference twins. The torch ops themselves (schemas, fake tensors, autograd)
+// are defined in fastrobust/_ops.py, which dispatches here through fastrobust/backends.py.
+#include <torch/extension.h>
+
+#include "cpu/multi_bn.h"
+#ifdef FASTROBUST_WITH_CUDA
+#include "cuda/bindings.h"
+#endif
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fastrobust compiled kernels (CPU C++; CUDA C++ where built)";
+  m.def("multi_bn_forward", &fastrobust::cpu::multi_bn_forward,
+        "multi-branch batch norm forward (CPU)");
+  m.def("multi_bn_backward", &fastrobust::cpu::multi_bn_backward,
+        "multi-branch batch norm backward (CPU)");
+#ifdef FASTROBUST_WITH_CUDA
+  // CUDA kernels live in the submodule `cuda`, under the same names as the CPU ones.
+  auto cuda = m.def_submodule("cuda", "CUDA C++ kernels");
+  fastrobust::cuda::register_bindings(cuda);
+#endif
+}
