@@ -9,7 +9,7 @@ Math (shared/DESIGN.md §2.1), for sample n routed to branch k = branch[n], chan
     μ_kc, σ²_kc = mean and biased variance over {x[n', c, s] : branch[n'] = k}
     y = (x - μ_kc) · r_kc · w_kc + b_kc,   r_kc = 1 / sqrt(σ²_kc + eps)
     dx = w·r·(dy - Σdy/m - x̂·Σ(dy·x̂)/m),  x̂ = (x - μ)·r,  m = count_k · prod(spatial)
-No step syncs with the host: routing goes through a one-hot matrix, never through masks.
+No step syncs with the host: routing goes through gathers and scatters, never masks.
 """
 from __future__ import annotations
 
@@ -29,26 +29,28 @@ def check_branch_values(branch: Tensor, num_branches: int) -> None:
     if branch.device.type == "cpu":
         if not bool(in_range):
             bad = branch[(branch < 0) | (branch >= num_branches)]
-            raise ValueError(f"multi_batch_norm: branch ids must be in [0, {num_branches}), "
-                             f"got {bad[:8].tolist()}")
+            raise ValueError(f"multi_batch_norm: branch ids out of range [0, {num_branches}): "
+                             f"{bad[:8].tolist()}")
     else:
         torch._assert_async(in_range, f"multi_batch_norm: branch id out of range [0, {num_branches})")
 
 
-def _one_hot(branch: Tensor, num_branches: int, dtype: torch.dtype) -> Tensor:
-    return (branch[:, None] == torch.arange(num_branches, device=branch.device)).to(dtype)
+def _per_branch_sum(t: Tensor, branch: Tensor, num_branches: int) -> Tensor:
+    """Σ over the samples of each branch: [N, ...] → [K, ...]. A scatter, not a one-hot
+    product, so a NaN stays in its own branch (0·NaN would spread it)."""
+    return t.new_zeros((num_branches,) + t.shape[1:]).index_add_(0, branch, t)
 
 
 def branch_moments(x: Tensor, branch: Tensor, num_branches: int):
     """Per-(branch, channel) element count [K], mean and biased variance [K, C] (acc dtype)."""
     acc = acc_dtype(x)
     xs = x.to(acc).flatten(2) if x.dim() > 2 else x.to(acc)[:, :, None]  # [N, C, S]
-    onehot = _one_hot(branch, num_branches, acc)  # [N, K]
-    count = onehot.sum(0) * xs.shape[2]  # [K]
+    count = _per_branch_sum(torch.ones_like(branch, dtype=acc), branch, num_branches)
+    count = count * xs.shape[2]  # [K]
     denom = count.clamp_min(1)[:, None]
-    mean = torch.einsum("nk,nc->kc", onehot, xs.sum(2)) / denom
+    mean = _per_branch_sum(xs.sum(2), branch, num_branches) / denom
     centered = xs - mean[branch][:, :, None]
-    var = torch.einsum("nk,nc->kc", onehot, centered.square().sum(2)) / denom
+    var = _per_branch_sum(centered.square().sum(2), branch, num_branches) / denom
     return count, mean, var
 
 
@@ -151,18 +153,17 @@ def multi_bn_backward(dy, x, branch, weight, mean, invstd, num_branches, batch_s
     nd = x.dim()
     xhat = (x.to(acc) - _per_sample(mean, branch, nd)) * _per_sample(invstd, branch, nd)
     dy_ = dy.to(acc)
-    onehot = _one_hot(branch, K, acc)
     sum_dims = tuple(range(2, nd))
 
     def per_branch(t):  # Σ over spatial and over the samples of each branch → [K, C]
-        t = t.sum(sum_dims) if sum_dims else t
-        return torch.einsum("nk,nc->kc", onehot, t)
+        return _per_branch_sum(t.sum(sum_dims) if sum_dims else t, branch, K)
 
     w = torch.ones_like(invstd) if weight is None else weight.to(acc)
     if batch_stats or need_param_grads:
         sdy, sdyxhat = per_branch(dy_), per_branch(dy_ * xhat)
     if batch_stats:
-        m = (onehot.sum(0) * (x[0, 0].numel() if x.shape[0] else 1)).clamp_min(1)[:, None]
+        count = _per_branch_sum(torch.ones_like(branch, dtype=acc), branch, K)
+        m = (count * (x[0, 0].numel() if x.shape[0] else 1)).clamp_min(1)[:, None]
         dx = _per_sample(w * invstd, branch, nd) * (
             dy_ - _per_sample(sdy / m, branch, nd) - xhat * _per_sample(sdyxhat / m, branch, nd))
     else:
@@ -170,5 +171,5 @@ def multi_bn_backward(dy, x, branch, weight, mean, invstd, num_branches, batch_s
     if need_param_grads:
         dweight, dbias = sdyxhat, sdy
     else:
-        dweight = dbias = x.new_empty((0, C), dtype=acc)
+        dweight, dbias = x.new_empty((0, C), dtype=acc), x.new_empty((0, C), dtype=acc)
     return dx.to(x.dtype), dweight, dbias

@@ -251,5 +251,4 @@ def multi_bn_backward(dy, x, branch, weight, mean, invstd, num_branches, batch_s
                    None if beta is None else beta.contiguous(), gamma.contiguous())
     if need_param_grads:
         return dx, sdyx * invstd, sdy
-    empty = x.new_empty((0, C), dtype=acc)
-    return dx, empty, empty
+    return dx, x.new_empty((0, C), dtype=acc), x.new_empty((0, C), dtype=acc)

@@ -1,0 +1,39 @@
+"""Test configuration. TRITON_INTERPRET must be set before anything imports triton, so the
+Triton kernels run on CPU tensors here."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from fastrobust import backends  # noqa: E402
+
+# FASTROBUST_REQUIRE_BACKENDS=cpu,triton (CI sets it) turns a missing backend into a failure
+# instead of a skip, so a broken build cannot pass as "skipped".
+_REQUIRED = {b for b in os.environ.get("FASTROBUST_REQUIRE_BACKENDS", "").split(",") if b}
+
+
+def cpu_backends():
+    """Every backend that can serve CPU tensors on this machine, as pytest params."""
+    params = []
+    probe = (torch.empty(0),)
+    for name in ("eager", "cpu", "triton"):
+        reasons = backends.not_supported_reasons(name, "multi_bn", "cpu", probe)
+        if reasons and name in _REQUIRED:
+            raise RuntimeError(f"required backend {name!r} is unavailable: {reasons}")
+        marks = [pytest.mark.skip(reason="; ".join(reasons))] if reasons else []
+        params.append(pytest.param(name, marks=marks, id=name))
+    return params
+
+
+@pytest.fixture(params=cpu_backends())
+def backend(request):
+    """Runs the test body with one backend forced."""
+    with backends.use(request.param):
+        yield request.param
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,67 @@
+"""fastrobust.backends: the choice per device, forcing, and the reasons given."""
+import pytest
+import torch
+
+from fastrobust import backends, functional as F
+
+PROBE = (torch.empty(0),)
+
+
+def test_every_backend_explains_itself():
+    rows = backends.table()
+    assert {r["device"] for r in rows} >= {"cpu"}
+    for row in rows:
+        assert row["backend"] in backends.BACKENDS
+        assert set(row["others"]) == set(backends.BACKENDS) - {row["backend"]}
+        assert all(isinstance(w, str) and w for why in row["others"].values() for w in why)
+    text = backends.describe()
+    assert "multi_bn" in text and "cuda" in text
+
+
+def test_cpu_prefers_the_extension_then_eager():
+    ext, why = backends.extension()
+    chosen = backends.choose("multi_bn", "cpu", PROBE)
+    if ext is None:
+        assert chosen == "eager" and "not built" in why
+    else:
+        assert chosen == "cpu"
+    # The CPU kernel does not take half precision: the eager path serves it, and says why.
+    half = (torch.empty(0, dtype=torch.bfloat16),)
+    assert backends.choose("multi_bn", "cpu", half) == "eager"
+    assert any("float32 or float64" in r
+               for r in backends.not_supported_reasons("cpu", "multi_bn", "cpu", half))
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    reasons = backends.not_supported_reasons("triton", "multi_bn", "cpu", PROBE)
+    assert any("TRITON_INTERPRET=1" in r for r in reasons)
+
+
+def test_cuda_backend_reasons_on_cpu():
+    reasons = backends.not_supported_reasons("cuda", "multi_bn", "cpu", PROBE)
+    assert "serves CUDA tensors only" in reasons
+
+
+def test_forcing_a_backend_that_cannot_serve_raises(monkeypatch):
+    with backends.use("cuda"):
+        with pytest.raises(RuntimeError, match="forced but cannot run"):
+            F.multi_batch_norm(torch.randn(2, 3, 2, 2), torch.zeros(2, dtype=torch.long),
+                               num_branches=1, training=True)
+    monkeypatch.setenv("FASTROBUST_BACKEND", "eager")
+    assert backends.choose("multi_bn", "cpu", PROBE) == "eager"
+    monkeypatch.setenv("FASTROBUST_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="not one of"):
+        backends.choose("multi_bn", "cpu", PROBE)
+    with pytest.raises(ValueError, match="unknown backend"):
+        with backends.use("bogus"):
+            pass
+
+
+def test_bf16_input_is_served_with_fp32_statistics():
+    x = torch.randn(6, 3, 4, 4, dtype=torch.bfloat16)
+    br = torch.tensor([0, 1, 0, 1, 1, 0])
+    y = F.multi_batch_norm(x, br, torch.ones(2, 3), torch.zeros(2, 3), training=True)
+    assert y.dtype == torch.bfloat16
+    y32 = F.multi_batch_norm(x.float(), br, torch.ones(2, 3), torch.zeros(2, 3), training=True)
+    torch.testing.assert_close(y.float(), y32, rtol=1.6e-2, atol=1.6e-2)  # bf16: 8-bit mantissa

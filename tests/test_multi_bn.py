@@ -1,0 +1,284 @@
+"""multi_batch_norm: every backend against the reference on awkward cases, the reference against
+per-branch F.batch_norm, the identity property, gradcheck, opcheck, compile and errors."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as TF
+
+from fastrobust import functional as F, reference
+
+# fp32: reductions over up to ~10^3 values in a different order than the reference
+# (≈ sqrt(n)·2^-24 relative); fp64 the same at 2^-53.
+TOL = {torch.float32: dict(rtol=1e-4, atol=2e-5), torch.float64: dict(rtol=1e-9, atol=1e-10)}
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    shape: tuple
+    K: int
+    branch: tuple | None = None  # explicit routing; random when None
+    layout: str = "contiguous"  # contiguous | channels_last | batch_slice | channel_slice
+    affine: bool = True
+
+    def __str__(self):
+        return self.name
+
+
+CASES = [
+    Case("N1_C3_7x5_K1", (1, 3, 7, 5), 1),
+    Case("N8_C3_7x5_K3", (8, 3, 7, 5), 3),
+    Case("spatial1d_K2", (6, 4, 9), 2),
+    Case("spatial3d_K4", (5, 2, 3, 4, 2), 4),
+    Case("no_spatial_K2", (7, 5), 2, branch=(0, 1, 1, 0, 1, 0, 0)),
+    Case("K8_empty_branches", (10, 3, 4, 4), 8, branch=(0, 3, 7, 7, 0, 3, 3, 0, 7, 0)),
+    Case("single_value_branch", (5, 3), 3, branch=(0, 0, 1, 2, 2)),
+    Case("single_value_branch_1x1", (5, 3, 1, 1), 3, branch=(2, 0, 1, 2, 0)),
+    Case("channels_last_K5", (9, 6, 5, 3), 5, layout="channels_last"),
+    Case("batch_slice_K2", (6, 3, 5, 5), 2, layout="batch_slice"),
+    Case("channel_slice_K3", (6, 3, 4, 3), 3, layout="channel_slice"),
+    Case("no_affine_K2", (6, 4, 3, 3), 2, affine=False),
+    Case("C1_K2", (6, 1, 8, 8), 2),
+]
+
+
+def make_inputs(case: Case, dtype=torch.float32, requires_grad=True):
+    N = case.shape[0]
+    if case.layout == "batch_slice":  # every other sample of a bigger batch: planes stay dense
+        x = torch.randn((2 * N,) + case.shape[1:], dtype=dtype)[::2]
+    elif case.layout == "channel_slice":  # every other channel: not dense, no layout serves it
+        C = case.shape[1]
+        x = torch.randn((N, 2 * C) + case.shape[2:], dtype=dtype)[:, ::2]
+    else:
+        x = torch.randn(case.shape, dtype=dtype)
+    x = x * 3 + 2  # a non-zero mean exercises the variance's numerics
+    if case.layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(requires_grad)
+    if case.branch is not None:
+        branch = torch.tensor(case.branch, dtype=torch.long)
+    else:
+        branch = torch.randint(0, case.K, (N,))
+    C = case.shape[1]
+    w = b = None
+    if case.affine:
+        w = (torch.rand(case.K, C, dtype=dtype) + 0.5).requires_grad_(requires_grad)
+        b = torch.randn(case.K, C, dtype=dtype).requires_grad_(requires_grad)
+    rm = torch.randn(case.K, C, dtype=dtype)
+    rv = torch.rand(case.K, C, dtype=dtype) + 0.5
+    nbt = torch.randint(0, 5, (case.K,))
+    return x, branch, w, b, rm, rv, nbt
+
+
+def _grads(y, inputs, gy):
+    wanted = [t for t in inputs if t is not None and t.requires_grad]
+    return torch.autograd.grad(y, wanted, gy)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["mom0.1", "cumulative"])
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_matches_reference(backend, case, momentum, training, dtype):
+    x, branch, w, b, rm, rv, nbt = make_inputs(case, dtype)
+    gy = torch.randn(x.shape, dtype=dtype)
+    stats = (rm.clone(), rv.clone(), nbt.clone())
+    y = F.multi_batch_norm(x, branch, w, b, stats[0], stats[1], training=training,
+                           momentum=momentum, num_batches_tracked=stats[2], num_branches=case.K)
+    ref_stats = (rm.clone(), rv.clone(), nbt.clone())
+    y_ref = reference.multi_batch_norm(x, branch, w, b, ref_stats[0], ref_stats[1],
+                                       training=training, momentum=momentum,
+                                       num_batches_tracked=ref_stats[2], num_branches=case.K)
+    torch.testing.assert_close(y, y_ref, **TOL[dtype])
+    assert y.shape == x.shape and y.dtype == x.dtype
+    for g, g_ref in zip(_grads(y, (x, w, b), gy), _grads(y_ref, (x, w, b), gy)):
+        torch.testing.assert_close(g, g_ref, **TOL[dtype])
+    for s, s_ref in zip(stats, ref_stats):
+        torch.testing.assert_close(s, s_ref, **TOL[dtype]) if s.is_floating_point() \
+            else torch.testing.assert_close(s, s_ref, rtol=0, atol=0)
+    if not training:  # eval never touches the running stats
+        torch.testing.assert_close(stats[0], rm, rtol=0, atol=0)
+        assert torch.equal(stats[2], nbt)
+
+
+def _naive_multi_bn(x, branch, w, b, rm, rv, K, momentum, eps=1e-5):
+    """What users write today: mask each branch out, F.batch_norm it, scatter back."""
+    y = torch.empty_like(x)
+    for k in range(K):
+        idx = (branch == k).nonzero().flatten()
+        if idx.numel() == 0:
+            continue
+        y[idx] = TF.batch_norm(x[idx], rm[k], rv[k], w[k], b[k], training=True,
+                               momentum=momentum, eps=eps)
+    return y
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if "single" not in c.name and c.affine
+                                  and c.shape[0] > 1], ids=str)
+def test_reference_matches_per_branch_batch_norm(case):
+    """The reference itself against an independent formulation (fp64)."""
+    x, branch, w, b, rm, rv, _ = make_inputs(case, torch.float64)
+    rm1, rv1, rm2, rv2 = rm.clone(), rv.clone(), rm.clone(), rv.clone()
+    y = reference.multi_batch_norm(x, branch, w, b, rm1, rv1, training=True, momentum=0.3)
+    y_naive = _naive_multi_bn(x, branch, w, b, rm2, rv2, case.K, momentum=0.3)
+    torch.testing.assert_close(y, y_naive, **TOL[torch.float64])
+    torch.testing.assert_close(rm1, rm2, **TOL[torch.float64])
+    torch.testing.assert_close(rv1, rv2, **TOL[torch.float64])
+    gy = torch.randn_like(x)
+    for g, g_naive in zip(_grads(y, (x, w, b), gy), _grads(y_naive, (x, w, b), gy)):
+        torch.testing.assert_close(g, g_naive, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["mom0.1", "cumulative"])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last],
+                         ids=["nchw", "nhwc"])
+def test_identity_with_batch_norm(backend, momentum, memory_format):
+    """K=1 with every sample on branch 0 is nn.BatchNorm2d: forward, backward and running stats
+    over several steps, then eval."""
+    C = 4
+    bn = torch.nn.BatchNorm2d(C, momentum=momentum)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-1, 1)
+    w = bn.weight.detach()[None].clone().requires_grad_()
+    b = bn.bias.detach()[None].clone().requires_grad_()
+    rm, rv = bn.running_mean[None].clone(), bn.running_var[None].clone()
+    nbt = torch.zeros(1, dtype=torch.long)
+    for step in range(3):
+        x = (torch.randn(6, C, 5, 7) * 2 + 1).contiguous(memory_format=memory_format)
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        branch = torch.zeros(6, dtype=torch.long)
+        y = F.multi_batch_norm(x1, branch, w, b, rm, rv, training=True, momentum=momentum,
+                               num_batches_tracked=nbt)
+        y_bn = bn(x2)
+        torch.testing.assert_close(y, y_bn, **TOL[torch.float32])
+        gy = torch.randn_like(y)
+        y.backward(gy)
+        y_bn.backward(gy)
+        torch.testing.assert_close(x1.grad, x2.grad, **TOL[torch.float32])
+        torch.testing.assert_close(w.grad[0], bn.weight.grad, **TOL[torch.float32])
+        torch.testing.assert_close(b.grad[0], bn.bias.grad, **TOL[torch.float32])
+        w.grad = b.grad = bn.weight.grad = bn.bias.grad = None
+        torch.testing.assert_close(rm[0], bn.running_mean, **TOL[torch.float32])
+        torch.testing.assert_close(rv[0], bn.running_var, **TOL[torch.float32])
+        assert nbt.item() == bn.num_batches_tracked.item() == step + 1
+    bn.eval()
+    x = torch.randn(3, C, 5, 7)
+    y = F.multi_batch_norm(x, torch.zeros(3, dtype=torch.long), w, b, rm, rv, training=False)
+    torch.testing.assert_close(y, bn(x), **TOL[torch.float32])
+
+
+def test_single_value_and_empty_branches(backend):
+    """A branch with one value normalizes to its bias and keeps its running stats and counter;
+    an empty branch gets zero parameter gradients; a branch with 2+ values is updated."""
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)  # S = 1
+    branch = torch.tensor([0, 0, 1, 0])  # branch 1: one value per channel; branch 2: empty
+    w = torch.rand(3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+    rm, rv = torch.randn(3, 3, dtype=torch.float64), torch.rand(3, 3, dtype=torch.float64) + 1
+    rm0, rv0 = rm.clone(), rv.clone()
+    nbt = torch.zeros(3, dtype=torch.long)
+    y = F.multi_batch_norm(x, branch, w, b, rm, rv, training=True, num_batches_tracked=nbt)
+    torch.testing.assert_close(y[2], b[1].detach(), rtol=0, atol=1e-12)
+    assert torch.isfinite(y).all()
+    assert torch.equal(rm[1:], rm0[1:]) and torch.equal(rv[1:], rv0[1:])
+    assert not torch.equal(rm[0], rm0[0])
+    assert nbt.tolist() == [1, 0, 0]
+    y.backward(torch.randn_like(y))
+    assert torch.equal(w.grad[2], torch.zeros(3, dtype=torch.float64))
+    assert torch.equal(b.grad[2], torch.zeros(3, dtype=torch.float64))
+    torch.testing.assert_close(x.grad[2], torch.zeros(3, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_gradcheck_fp64(backend, training):
+    x = torch.randn(5, 2, 3, 2, dtype=torch.float64, requires_grad=True)
+    branch = torch.tensor([0, 1, 1, 0, 1])
+    w = torch.rand(2, 2, dtype=torch.float64).add_(0.5).requires_grad_()
+    b = torch.randn(2, 2, dtype=torch.float64, requires_grad=True)
+    rm, rv = torch.randn(2, 2, dtype=torch.float64), torch.rand(2, 2, dtype=torch.float64) + 0.5
+
+    def fn(x, w, b):
+        # Running stats only in eval, where they are read, never written.
+        return F.multi_batch_norm(x, branch, w, b, None if training else rm,
+                                  None if training else rv, training=training)
+
+    assert torch.autograd.gradcheck(fn, (x, w, b), eps=1e-6, atol=1e-6)
+
+
+def test_opcheck(backend):
+    from torch.library import opcheck
+
+    for case in (CASES[1], CASES[8], CASES[5]):
+        x, branch, w, b, rm, rv, nbt = make_inputs(case)
+        for training in (True, False):
+            args = (x, branch, w, b, rm, rv, nbt, case.K, training, 0.1, False, 1e-5)
+            opcheck(torch.ops.fastrobust.multi_bn_fwd.default, args)
+        _, mean, invstd, *_ = torch.ops.fastrobust.multi_bn_fwd(
+            x.detach(), branch, w, b, rm, rv, nbt, case.K, True, 0.1, False, 1e-5)
+        opcheck(torch.ops.fastrobust.multi_bn_bwd.default,
+                (torch.randn_like(x), x.detach(), branch, w.detach(), mean, invstd, case.K, True,
+                 True))
+
+
+def test_nan_in_nan_out(backend):
+    x = torch.randn(6, 2, 3, 3)
+    x[1, 0, 1, 1] = float("nan")
+    branch = torch.tensor([0, 0, 1, 1, 0, 1])
+    y = F.multi_batch_norm(x, branch, training=True, num_branches=2)
+    assert torch.isnan(y[branch == 0][:, 0]).all()  # the NaN's (branch, channel) group
+    assert torch.isfinite(y[branch == 1]).all() and torch.isfinite(y[:, 1]).all()
+
+
+@pytest.mark.parametrize("bad", [-1, 3, 100])
+def test_out_of_range_branch(backend, bad):
+    x = torch.randn(4, 2, 3, 3)
+    branch = torch.tensor([0, 1, bad, 2])
+    with pytest.raises((ValueError, RuntimeError), match="out of range"):
+        F.multi_batch_norm(x, branch, torch.ones(3, 2), torch.zeros(3, 2), training=True)
+
+
+def test_argument_errors():
+    x = torch.randn(4, 2, 3, 3)
+    branch = torch.zeros(4, dtype=torch.long)
+    w = torch.ones(2, 2)
+    with pytest.raises(TypeError, match="integer"):
+        F.multi_batch_norm(x, branch.float(), w, training=True)
+    with pytest.raises(TypeError, match="floating point"):
+        F.multi_batch_norm(x.long(), branch, w, training=True)
+    with pytest.raises(ValueError, match=r"shape \[N\]"):
+        F.multi_batch_norm(x, branch[:3], w, training=True)
+    with pytest.raises(ValueError, match=r"\[num_branches, C\]"):
+        F.multi_batch_norm(x, branch, torch.ones(2, 3), training=True)
+    with pytest.raises(ValueError, match=r"\[num_branches, C\]"):
+        F.multi_batch_norm(x, branch, w, torch.zeros(3, 2), training=True)
+    with pytest.raises(ValueError, match="on meta"):
+        F.multi_batch_norm(x, branch, w.to("meta"), training=True)
+    with pytest.raises(ValueError, match="on meta"):
+        F.multi_batch_norm(x, branch.to("meta"), w, training=True)
+    with pytest.raises(ValueError, match="num_branches"):
+        F.multi_batch_norm(x, branch, training=True)
+    with pytest.raises(ValueError, match=r"\[N, C, \*spatial\]"):
+        F.multi_batch_norm(torch.randn(4), branch, w, training=True)
+    with pytest.raises(ValueError, match="both running_mean and running_var"):
+        F.multi_batch_norm(x, branch, w, None, torch.zeros(2, 2), None, training=True)
+    with pytest.raises(ValueError, match="num_batches_tracked"):
+        F.multi_batch_norm(x, branch, w, None, torch.zeros(2, 2), torch.ones(2, 2),
+                           training=True, momentum=None)
+
+
+def test_no_host_sync_in_reference_path():
+    """The routing never goes through masks or nonzero: the eager forward/backward run under
+    a mode that forbids data-dependent output shapes (FakeTensor with no data)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=False) as mode:
+        x = mode.from_tensor(torch.randn(4, 2, 3, 3))
+        branch = mode.from_tensor(torch.tensor([0, 1, 1, 0]))
+        count, mean, var = reference.branch_moments(x, branch, 2)
+        reference.updated_running_stats(mean, var, count.long(), mean, var, count, 0.1, True)
+        dx, dw, db = reference.multi_bn_backward(x, x, branch, None, mean, var, 2, True, True)
+    assert mean.shape == (2, 2) and dx.shape == (4, 2, 3, 3) and dw.shape == (2, 2)
