@@ -7,8 +7,7 @@
 //
 // Statistics: every (n, c) plane is reduced in two passes while it sits in L1 (mean, then
 // Σ(x-mean)²), and planes are merged into their branch with Chan's formula in double, so the
-// variance never suffers the cancellation of Σx² - (Σx)²/m. In the planes layout one thread owns
-// a channel from statistics to output, so the second read of x comes from L2, not DRAM.
+// variance never suffers the cancellation of Σx² - (Σx)²/m.
 #include "multi_bn.h"
 
 #include <ATen/Parallel.h>
@@ -74,21 +73,48 @@ at::Tensor match_layout(const at::Tensor& t, const at::Tensor& like, const View&
   return out;
 }
 
-// One plane's mean and M2 = Σ(x - mean)², in the input's precision.
+// The innermost loops, compiled for the baseline ISA and for AVX2+FMA; `leaves<T>()` picks one
+// at run time, so one binary serves any x86-64 CPU at its best speed.
+namespace isa_base {
+#include "multi_bn_leaf.inc"
+}  // namespace isa_base
+#if defined(__GNUC__) && defined(__x86_64__)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace isa_avx2 {
+#include "multi_bn_leaf.inc"
+}  // namespace isa_avx2
+#pragma GCC pop_options
+#define FASTROBUST_HAVE_AVX2 1
+#endif
+
 template <typename T>
-inline void plane_moments(const T* p, int64_t S, T& mean, T& m2) {
-  T s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < S; ++i) s += p[i];
-  const T mu = s / static_cast<T>(S);
-  T q = 0;
-#pragma omp simd reduction(+ : q)
-  for (int64_t i = 0; i < S; ++i) {
-    const T d = p[i] - mu;
-    q += d * d;
+struct Leaves {
+  decltype(&isa_base::plane_moments<T>) plane_moments;
+  decltype(&isa_base::plane_grad_sums<T>) plane_grad_sums;
+  decltype(&isa_base::plane_affine<T>) plane_affine;
+  decltype(&isa_base::row_affine<T>) row_affine;
+  decltype(&isa_base::row_add<T>) row_add;
+  decltype(&isa_base::row_add_sq_dev<T>) row_add_sq_dev;
+  decltype(&isa_base::row_grad_sums<T>) row_grad_sums;
+};
+
+#define FASTROBUST_LEAVES(ns)                                                             \
+  Leaves<T> {                                                                             \
+    ns::plane_moments<T>, ns::plane_grad_sums<T>, ns::plane_affine<T>, ns::row_affine<T>, \
+        ns::row_add<T>, ns::row_add_sq_dev<T>, ns::row_grad_sums<T>                       \
   }
-  mean = mu;
-  m2 = q;
+
+template <typename T>
+const Leaves<T>& leaves() {
+#ifdef FASTROBUST_HAVE_AVX2
+  static const Leaves<T> l = (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+                                 ? FASTROBUST_LEAVES(isa_avx2)
+                                 : FASTROBUST_LEAVES(isa_base);
+#else
+  static const Leaves<T> l = FASTROBUST_LEAVES(isa_base);
+#endif
+  return l;
 }
 
 // Welford/Chan accumulator of a (branch, channel) group.
@@ -124,135 +150,67 @@ struct Params {
   inline T b(int64_t i) const { return bias ? bias[i] : T(0); }
 };
 
-// out[n, c, s] = A[k, c] * u + B[k, c] * v + D[k, c], k = branch[n]; v may be null.
-// The one elementwise pass of the forward (y = a·x + b) and of the backward (dx = α·dy + β·x + γ).
+// planes: out[n, c, :] = A[k, c]·u + B[k, c]·v + D[k, c], parallel over (n, c) planes.
 template <typename T>
-void routed_affine(const View& v, const int64_t* br, const T* u, const T* w, T* out,
+void planes_affine(const View& v, const int64_t* br, const T* u, const T* w, T* out,
                    const T* A, const T* B, const T* D) {
-  const int64_t C = v.C, S = v.S;
-  if (v.layout == Layout::Planes) {
-    at::parallel_for(0, v.N * C, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t i = b0; i < b1; ++i) {
-        const int64_t n = i / C, c = i % C, kc = br[n] * C + c;
-        const int64_t off = n * v.sN + c * S;
-        const T a = A[kc], bb = B ? B[kc] : T(0), d = D[kc];
-        const T* up = u + off;
-        T* op = out + off;
-        if (w) {
-          const T* wp = w + off;
-#pragma omp simd
-          for (int64_t s = 0; s < S; ++s) op[s] = a * up[s] + bb * wp[s] + d;
-        } else {
-#pragma omp simd
-          for (int64_t s = 0; s < S; ++s) op[s] = a * up[s] + d;
-        }
-      }
-    });
-  } else {
-    at::parallel_for(0, v.N * S, 16, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t n = r / S, s = r % S, k = br[n];
-        const int64_t off = n * v.sN + s * C;
-        const T* a = A + k * C;
-        const T* d = D + k * C;
-        const T* up = u + off;
-        T* op = out + off;
-        if (w) {
-          const T* bb = B + k * C;
-          const T* wp = w + off;
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) op[c] = a[c] * up[c] + bb[c] * wp[c] + d[c];
-        } else {
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) op[c] = a[c] * up[c] + d[c];
-        }
-      }
-    });
-  }
-}
-
-// Per-(branch, channel) moments of the batch: count is count_k*S, mean, M2.
-template <typename T>
-std::vector<Moments> batch_moments(const View& v, const int64_t* br, const T* x, int64_t K) {
-  const int64_t C = v.C, S = v.S;
-  std::vector<Moments> mom(K * C);
-  if (v.layout == Layout::Planes) {
-    at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        for (int64_t n = 0; n < v.N; ++n) {
-          T mu, m2;
-          plane_moments(x + n * v.sN + c * S, S, mu, m2);
-          mom[br[n] * C + c].merge(double(S), double(mu), double(m2));
-        }
-      }
-    });
-    return mom;
-  }
-  // channels_last: each thread owns a range of samples and keeps its own [K, C] moments,
-  // merged afterwards (few threads, tiny).
-  const int64_t T_ = at::get_num_threads();
-  std::vector<std::vector<Moments>> local(T_, std::vector<Moments>(K * C));
-  at::parallel_for(0, v.N, 1, [&](int64_t n0, int64_t n1) {
-    auto& acc = local[at::get_thread_num()];
-    std::vector<T> sum(C), m2(C);
-    for (int64_t n = n0; n < n1; ++n) {
-      const T* xn = x + n * v.sN;
-      std::fill(sum.begin(), sum.end(), T(0));
-      std::fill(m2.begin(), m2.end(), T(0));
-      for (int64_t s = 0; s < S; ++s) {
-        const T* row = xn + s * C;
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) sum[c] += row[c];
-      }
-      for (int64_t c = 0; c < C; ++c) sum[c] /= static_cast<T>(S);
-      for (int64_t s = 0; s < S; ++s) {
-        const T* row = xn + s * C;
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) {
-          const T d = row[c] - sum[c];
-          m2[c] += d * d;
-        }
-      }
-      Moments* a = acc.data() + br[n] * C;
-      for (int64_t c = 0; c < C; ++c) a[c].merge(double(S), double(sum[c]), double(m2[c]));
+  const auto& leaf = leaves<T>();
+  at::parallel_for(0, v.N * v.C, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t n = i / v.C, c = i % v.C, kc = br[n] * v.C + c;
+      const int64_t off = n * v.sN + c * v.S;
+      leaf.plane_affine(out + off, u + off, w ? w + off : nullptr, v.S, A[kc], B[kc], D[kc]);
     }
   });
-  std::vector<Moments> mom_all(K * C);
-  for (auto& l : local)
-    for (int64_t i = 0; i < K * C; ++i) mom_all[i].merge(l[i].n, l[i].mean, l[i].m2);
-  return mom_all;
 }
 
-// Per-(branch, channel) Σdy and Σdy·(x - mean) of the batch.
+// channels_last: out[n, s, :] = A[k, :]·u + B[k, :]·v + D[k, :], parallel over rows.
 template <typename T>
-void grad_sums(const View& v, const int64_t* br, const T* dy, const T* x, const T* mean,
-               int64_t K, std::vector<double>& sdy, std::vector<double>& sdyx) {
-  const int64_t C = v.C, S = v.S;
-  sdy.assign(K * C, 0.0);
-  sdyx.assign(K * C, 0.0);
-  if (v.layout == Layout::Planes) {
-    at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        for (int64_t n = 0; n < v.N; ++n) {
-          const int64_t kc = br[n] * C + c, off = n * v.sN + c * S;
-          const T mu = mean[kc];
-          const T* dp = dy + off;
-          const T* xp = x + off;
-          T s1 = 0, s2 = 0;
-#pragma omp simd reduction(+ : s1, s2)
-          for (int64_t s = 0; s < S; ++s) {
-            s1 += dp[s];
-            s2 += dp[s] * (xp[s] - mu);
-          }
-          sdy[kc] += s1;
-          sdyx[kc] += s2;
-        }
-      }
-    });
-    return;
-  }
-  const int64_t T_ = at::get_num_threads();
-  std::vector<std::vector<double>> l1(T_, std::vector<double>(K * C, 0.0)), l2 = l1;
+void cl_affine(const View& v, const int64_t* br, const T* u, const T* w, T* out, const T* A,
+               const T* B, const T* D) {
+  const auto& leaf = leaves<T>();
+  at::parallel_for(0, v.N * v.S, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t n = r / v.S, off = n * v.sN + (r % v.S) * v.C, kC = br[n] * v.C;
+      leaf.row_affine(out + off, u + off, w ? w + off : nullptr, v.C, A + kC, B + kC, D + kC);
+    }
+  });
+}
+
+// channels_last moments: each thread owns a range of samples and keeps its own [K, C] moments,
+// merged afterwards (few threads, tiny). Per sample, every channel's plane mean then M2.
+template <typename T>
+std::vector<Moments> cl_moments(const View& v, const int64_t* br, const T* x, int64_t K) {
+  const int64_t C = v.C, S = v.S, threads = at::get_num_threads();
+  const auto& leaf = leaves<T>();
+  std::vector<std::vector<Moments>> local(threads, std::vector<Moments>(K * C));
+  at::parallel_for(0, v.N, 1, [&](int64_t n0, int64_t n1) {
+    auto& acc = local[at::get_thread_num()];
+    std::vector<T> mean(C), m2(C);
+    for (int64_t n = n0; n < n1; ++n) {
+      const T* xn = x + n * v.sN;
+      std::fill(mean.begin(), mean.end(), T(0));
+      std::fill(m2.begin(), m2.end(), T(0));
+      for (int64_t s = 0; s < S; ++s) leaf.row_add(mean.data(), xn + s * C, C);
+      for (int64_t c = 0; c < C; ++c) mean[c] /= static_cast<T>(S);
+      for (int64_t s = 0; s < S; ++s) leaf.row_add_sq_dev(m2.data(), xn + s * C, mean.data(), C);
+      Moments* a = acc.data() + br[n] * C;
+      for (int64_t c = 0; c < C; ++c) a[c].merge(double(S), double(mean[c]), double(m2[c]));
+    }
+  });
+  std::vector<Moments> all(K * C);
+  for (auto& l : local)
+    for (int64_t i = 0; i < K * C; ++i) all[i].merge(l[i].n, l[i].mean, l[i].m2);
+  return all;
+}
+
+// channels_last Σdy and Σdy·(x - μ) per (branch, channel), per-thread then merged.
+template <typename T>
+void cl_grad_sums(const View& v, const int64_t* br, const T* dy, const T* x, const T* mean,
+                  int64_t K, std::vector<double>& sdy, std::vector<double>& sdyx) {
+  const int64_t C = v.C, S = v.S, threads = at::get_num_threads();
+  const auto& leaf = leaves<T>();
+  std::vector<std::vector<double>> l1(threads, std::vector<double>(K * C, 0.0)), l2 = l1;
   at::parallel_for(0, v.N, 1, [&](int64_t n0, int64_t n1) {
     const int64_t t = at::get_thread_num();
     std::vector<T> s1(C), s2(C);
@@ -263,13 +221,7 @@ void grad_sums(const View& v, const int64_t* br, const T* dy, const T* x, const 
       std::fill(s2.begin(), s2.end(), T(0));
       for (int64_t s = 0; s < S; ++s) {
         const int64_t off = n * v.sN + s * C;
-        const T* dp = dy + off;
-        const T* xp = x + off;
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) {
-          s1[c] += dp[c];
-          s2[c] += dp[c] * (xp[c] - mu[c]);
-        }
+        leaf.row_grad_sums(s1.data(), s2.data(), dy + off, x + off, mu, C);
       }
       for (int64_t c = 0; c < C; ++c) {
         l1[t][k * C + c] += s1[c];
@@ -277,81 +229,116 @@ void grad_sums(const View& v, const int64_t* br, const T* dy, const T* x, const 
       }
     }
   });
-  for (int64_t t = 0; t < T_; ++t)
+  sdy.assign(K * C, 0.0);
+  sdyx.assign(K * C, 0.0);
+  for (int64_t t = 0; t < threads; ++t)
     for (int64_t i = 0; i < K * C; ++i) {
       sdy[i] += l1[t][i];
       sdyx[i] += l2[t][i];
     }
 }
 
+// Forward: moments per (branch, channel) (channel-parallel), then one elementwise pass
+// (parallel over contiguous runs). Owning a channel from statistics to output would re-read x
+// from L2, but a channel's planes sit C·S apart, a power of two at ResNet shapes, and alias in
+// the caches: measured slower here at C=256, 8x8.
 template <typename T>
 void forward_impl(const View& v, const int64_t* br, const T* x, T* y, Params<T> p, int64_t K,
                   bool batch_stats, T* rmean, T* rvar, int64_t* nbt, bool update,
                   double momentum, bool cumulative, double eps,
                   const std::vector<int64_t>& counts, T* mean_out, T* invstd_out) {
-  const int64_t C = v.C, KC = K * C;
-  std::vector<T> A(KC), D(KC);
-  if (batch_stats) {
-    auto mom = batch_moments(v, br, x, K);
-    for (int64_t k = 0; k < K; ++k) {
-      const bool valid = update && counts[k] * v.S >= 2;
-      const double m = (cumulative && nbt) ? 1.0 / double(nbt[k] + 1) : momentum;
-      for (int64_t c = 0; c < C; ++c) {
-        const int64_t i = k * C + c;
-        const double cnt = mom[i].n;
-        const double var = cnt > 0 ? mom[i].m2 / cnt : 0.0;
-        mean_out[i] = T(mom[i].mean);
-        invstd_out[i] = T(1.0 / std::sqrt(var + eps));
-        if (valid) {
-          rmean[i] = T((1 - m) * double(rmean[i]) + m * mom[i].mean);
-          rvar[i] = T((1 - m) * double(rvar[i]) + m * var * cnt / (cnt - 1));
-        }
+  const int64_t C = v.C, S = v.S;
+  std::vector<double> mom(K);
+  std::vector<char> valid(K);
+  for (int64_t k = 0; k < K; ++k) {
+    valid[k] = update && counts[k] * S >= 2;
+    mom[k] = (cumulative && nbt) ? 1.0 / double(nbt[k] + 1) : momentum;
+  }
+  // Statistics, running-stat update and y = A·x + D coefficients of one (branch, channel).
+  auto finalize = [&](int64_t k, int64_t c, const Moments& m, T& A, T& D) {
+    const int64_t i = k * C + c;
+    if (batch_stats) {
+      const double var = m.n > 0 ? m.m2 / m.n : 0.0;
+      mean_out[i] = T(m.mean);
+      invstd_out[i] = T(1.0 / std::sqrt(var + eps));
+      if (valid[k]) {
+        rmean[i] = T((1 - mom[k]) * double(rmean[i]) + mom[k] * m.mean);
+        rvar[i] = T((1 - mom[k]) * double(rvar[i]) + mom[k] * var * m.n / (m.n - 1));
       }
-      if (valid && nbt) nbt[k] += 1;
-    }
-  } else {
-    for (int64_t i = 0; i < KC; ++i) {
+    } else {
       mean_out[i] = rmean[i];
       invstd_out[i] = T(1.0 / std::sqrt(double(rvar[i]) + eps));
     }
+    A = p.w(i) * invstd_out[i];
+    D = p.b(i) - mean_out[i] * A;
+  };
+  std::vector<T> A(K * C), D(K * C);
+  if (v.layout == Layout::Planes) {
+    const auto& leaf = leaves<T>();
+    at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+      std::vector<Moments> m(K);
+      for (int64_t c = c0; c < c1; ++c) {
+        std::fill(m.begin(), m.end(), Moments{});
+        for (int64_t n = 0; batch_stats && n < v.N; ++n) {
+          T mu, m2;
+          leaf.plane_moments(x + n * v.sN + c * S, S, &mu, &m2);
+          m[br[n]].merge(double(S), double(mu), double(m2));
+        }
+        for (int64_t k = 0; k < K; ++k) finalize(k, c, m[k], A[k * C + c], D[k * C + c]);
+      }
+    });
+    planes_affine<T>(v, br, x, nullptr, y, A.data(), A.data(), D.data());
+  } else {
+    std::vector<Moments> m = batch_stats ? cl_moments(v, br, x, K) : std::vector<Moments>(K * C);
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t c = 0; c < C; ++c) finalize(k, c, m[k * C + c], A[k * C + c], D[k * C + c]);
+    cl_affine<T>(v, br, x, nullptr, y, A.data(), A.data(), D.data());
   }
-  for (int64_t i = 0; i < KC; ++i) {
-    A[i] = p.w(i) * invstd_out[i];
-    D[i] = p.b(i) - mean_out[i] * A[i];
-  }
-  routed_affine<T>(v, br, x, nullptr, y, A.data(), nullptr, D.data());
+  if (nbt)
+    for (int64_t k = 0; k < K; ++k) nbt[k] += valid[k] ? 1 : 0;
 }
 
+// Backward: Σdy and Σdy·(x - μ) per (branch, channel), then dx = α·dy + β·x + γ, which is
+// w·r·(dy - Σdy/m - x̂·Σ(dy·x̂)/m) with x̂ = (x - μ)·r. Same two passes as the forward.
 template <typename T>
 void backward_impl(const View& v, const int64_t* br, const T* dy, const T* x, T* dx,
                    Params<T> p, const T* mean, const T* invstd, int64_t K, bool batch_stats,
                    bool need_sums, const std::vector<int64_t>& counts, T* dweight, T* dbias) {
-  const int64_t C = v.C, KC = K * C;
-  std::vector<double> sdy, sdyx;
-  if (batch_stats || need_sums) grad_sums(v, br, dy, x, mean, K, sdy, sdyx);
-  std::vector<T> A(KC), B(KC), D(KC);
-  for (int64_t k = 0; k < K; ++k) {
-    const double m = std::max<double>(1.0, double(counts[k] * v.S));
-    for (int64_t c = 0; c < C; ++c) {
-      const int64_t i = k * C + c;
-      const double r = invstd[i], w = p.w(i);
-      if (need_sums) {
-        dweight[i] = T(sdyx[i] * r);
-        dbias[i] = T(sdy[i]);
-      }
-      A[i] = T(w * r);
-      if (batch_stats) {
-        // dx = w·r·(dy - Σdy/m - x̂·Σ(dy·x̂)/m), x̂ = (x - μ)·r, as α·dy + β·x + γ.
-        const double beta = -w * r * r * r * sdyx[i] / m;
-        B[i] = T(beta);
-        D[i] = T(-w * r * sdy[i] / m - beta * double(mean[i]));
-      } else {
-        B[i] = T(0);
-        D[i] = T(0);
-      }
+  const int64_t C = v.C, S = v.S;
+  const bool sums = batch_stats || need_sums;
+  auto coefficients = [&](int64_t k, int64_t c, double sdy, double sdyx, T& a, T& b, T& d) {
+    const int64_t i = k * C + c;
+    const double r = invstd[i], w = p.w(i), m = std::max<double>(1.0, double(counts[k] * S));
+    if (need_sums) {
+      dweight[i] = T(sdyx * r);
+      dbias[i] = T(sdy);
     }
+    a = T(w * r);
+    const double beta = batch_stats ? -w * r * r * r * sdyx / m : 0.0;
+    b = T(beta);
+    d = batch_stats ? T(-w * r * sdy / m - beta * double(mean[i])) : T(0);
+  };
+  std::vector<double> s1(K * C, 0.0), s2(K * C, 0.0);
+  if (sums && v.layout == Layout::Planes) {
+    const auto& leaf = leaves<T>();
+    at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        for (int64_t n = 0; n < v.N; ++n) {
+          const int64_t kc = br[n] * C + c, off = n * v.sN + c * S;
+          T a1, a2;
+          leaf.plane_grad_sums(dy + off, x + off, S, mean[kc], &a1, &a2);
+          s1[kc] += a1;
+          s2[kc] += a2;
+        }
+      }
+    });
+  } else if (sums) {
+    cl_grad_sums(v, br, dy, x, mean, K, s1, s2);
   }
-  routed_affine<T>(v, br, dy, batch_stats ? x : nullptr, dx, A.data(), B.data(), D.data());
+  std::vector<T> A(K * C), B(K * C), D(K * C);
+  for (int64_t i = 0; i < K * C; ++i) coefficients(i / C, i % C, s1[i], s2[i], A[i], B[i], D[i]);
+  auto affine = v.layout == Layout::Planes ? planes_affine<T> : cl_affine<T>;
+  affine(v, br, dy, batch_stats ? x : nullptr, dx, A.data(), B.data(), D.data());
 }
 
 void check_param(const c10::optional<at::Tensor>& t, const at::Tensor& x, int64_t K, const char* name) {
