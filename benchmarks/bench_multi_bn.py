@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from fastrobust import functional as F
+from fastrobust.baselines import eager_kway_bn, oat_dual_bn
 from conftest import QUICK, record
 
 # (C, H=W) along a CIFAR ResNet-18; C=64 at 16x16 is the target shape.
@@ -30,23 +31,12 @@ def _routing(K):
     return torch.randint(0, K, (N,))
 
 
-def oat_dual_bn(x, n_clean, bn_clean, bn_adv):
-    return torch.cat([bn_clean(x[:n_clean]), bn_adv(x[n_clean:])], 0)
-
-
-def eager_kway(x, indices, bns):
-    out = torch.empty_like(x)
-    for idx, bn in zip(indices, bns):
-        out = out.index_copy(0, idx, bn(x.index_select(0, idx)))
-    return out
-
-
 _compiled = {}
 
 
 def _compiled_kway():
     if "fn" not in _compiled:
-        _compiled["fn"] = torch.compile(eager_kway)
+        _compiled["fn"] = torch.compile(eager_kway_bn)
     return _compiled["fn"]
 
 
@@ -67,7 +57,7 @@ def make_impl(impl, C, K, branch):
         return lambda x: oat_dual_bn(x, n_clean, bn0, bn1)
     bns = nn.ModuleList(nn.BatchNorm2d(C) for _ in range(K))
     indices = [(branch == k).nonzero().flatten() for k in range(K)]
-    fn = eager_kway if impl == "eager_kway" else _compiled_kway()
+    fn = eager_kway_bn if impl == "eager_kway" else _compiled_kway()
     return lambda x: fn(x, indices, bns)
 
 

@@ -39,6 +39,7 @@ CASES = [
     Case("single_value_branch_1x1", (5, 3, 1, 1), 3, branch=(2, 0, 1, 2, 0)),
     Case("channels_last_K5", (9, 6, 5, 3), 5, layout="channels_last"),
     Case("batch_slice_K2", (6, 3, 5, 5), 2, layout="batch_slice"),
+    Case("channels_last_batch_slice_K3", (6, 4, 3, 5), 3, layout="channels_last_batch_slice"),
     Case("channel_slice_K3", (6, 3, 4, 3), 3, layout="channel_slice"),
     Case("no_affine_K2", (6, 4, 3, 3), 2, affine=False),
     Case("C1_K2", (6, 1, 8, 8), 2),
@@ -46,23 +47,27 @@ CASES = [
 
 
 def make_inputs(case: Case, dtype=torch.float32, requires_grad=True):
-    N = case.shape[0]
+    N, C = case.shape[:2]
+    # A non-zero mean exercises the variance's numerics.
     if case.layout == "batch_slice":  # every other sample of a bigger batch: planes stay dense
-        x = torch.randn((2 * N,) + case.shape[1:], dtype=dtype)[::2]
+        x = (torch.randn((2 * N,) + case.shape[1:], dtype=dtype) * 3 + 2)[::2]
+    elif case.layout == "channels_last_batch_slice":
+        x = (torch.randn((2 * N,) + case.shape[1:], dtype=dtype) * 3 + 2)
+        x = x.contiguous(memory_format=torch.channels_last)[::2]
     elif case.layout == "channel_slice":  # every other channel: not dense, no layout serves it
-        C = case.shape[1]
-        x = torch.randn((N, 2 * C) + case.shape[2:], dtype=dtype)[:, ::2]
+        x = (torch.randn((N, 2 * C) + case.shape[2:], dtype=dtype) * 3 + 2)[:, ::2]
     else:
-        x = torch.randn(case.shape, dtype=dtype)
-    x = x * 3 + 2  # a non-zero mean exercises the variance's numerics
+        x = torch.randn(case.shape, dtype=dtype) * 3 + 2
     if case.layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
+    assert (case.layout in ("contiguous", "channels_last")) == x.is_contiguous(
+        memory_format=torch.channels_last if case.layout == "channels_last"
+        else torch.contiguous_format)
     x.requires_grad_(requires_grad)
     if case.branch is not None:
         branch = torch.tensor(case.branch, dtype=torch.long)
     else:
         branch = torch.randint(0, case.K, (N,))
-    C = case.shape[1]
     w = b = None
     if case.affine:
         w = (torch.rand(case.K, C, dtype=dtype) + 0.5).requires_grad_(requires_grad)
@@ -102,6 +107,44 @@ def test_matches_reference(backend, case, momentum, training, dtype):
     if not training:  # eval never touches the running stats
         torch.testing.assert_close(stats[0], rm, rtol=0, atol=0)
         assert torch.equal(stats[2], nbt)
+
+
+@pytest.mark.parametrize("grad_layout", ["contiguous", "channels_last", "expanded",
+                                         "batch_slice"])
+@pytest.mark.parametrize("x_layout", ["contiguous", "channels_last"])
+def test_gradient_in_another_layout(backend, x_layout, grad_layout):
+    """Autograd may hand the backward a dy whose layout differs from x's (e.g. the stride-0
+    gradient of y.sum())."""
+    fmt = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+    x = (torch.randn(6, 4, 5, 3) * 2 + 1).contiguous(memory_format=fmt[x_layout])
+    x.requires_grad_()
+    branch = torch.tensor([0, 1, 2, 0, 1, 1])
+    w = torch.rand(3, 4).add_(0.5).requires_grad_()
+    if grad_layout == "expanded":
+        gy = torch.tensor(0.7).expand(x.shape)
+    elif grad_layout == "batch_slice":
+        gy = torch.randn(12, 4, 5, 3)[::2]
+    else:
+        gy = torch.randn(x.shape).contiguous(memory_format=fmt[grad_layout])
+    y = F.multi_batch_norm(x, branch, w, training=True)
+    y_ref = reference.multi_batch_norm(x, branch, w, training=True)
+    for g, g_ref in zip(_grads(y, (x, w), gy), _grads(y_ref, (x, w), gy)):
+        torch.testing.assert_close(g, g_ref, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("K", range(1, 9))
+def test_every_branch_count(backend, K):
+    x = torch.randn(16, 3, 4, 3, requires_grad=True)
+    branch = torch.arange(16) % K
+    w, b = torch.rand(K, 3).requires_grad_(), torch.randn(K, 3).requires_grad_()
+    rm, rv, rm2, rv2 = torch.zeros(K, 3), torch.ones(K, 3), torch.zeros(K, 3), torch.ones(K, 3)
+    y = F.multi_batch_norm(x, branch, w, b, rm, rv, training=True)
+    y_ref = reference.multi_batch_norm(x, branch, w, b, rm2, rv2, training=True)
+    torch.testing.assert_close(y, y_ref, **TOL[torch.float32])
+    torch.testing.assert_close(rv, rv2, **TOL[torch.float32])
+    gy = torch.randn_like(x)
+    for g, g_ref in zip(_grads(y, (x, w, b), gy), _grads(y_ref, (x, w, b), gy)):
+        torch.testing.assert_close(g, g_ref, **TOL[torch.float32])
 
 
 def _naive_multi_bn(x, branch, w, b, rm, rv, K, momentum, eps=1e-5):

@@ -3,16 +3,20 @@
 // Layouts served natively, as [N, C, S] with S = prod(spatial):
 //   planes        x[n, c, s] at n*sN + c*S + s   (NCHW-contiguous samples; sN may be anything)
 //   channels_last x[n, c, s] at n*sN + s*C + c   (NHWC-contiguous samples)
+// Every tensor of a call has the same layout but its own sN (a batch slice keeps its stride);
 // anything else is made contiguous once (the only copy this file makes).
 //
-// Statistics: every (n, c) plane is reduced in two passes while it sits in L1 (mean, then
-// Σ(x-mean)²), and planes are merged into their branch with Chan's formula in double, so the
-// variance never suffers the cancellation of Σx² - (Σx)²/m.
+// Each op is three stages: per-plane values (a plane is one (n, c)) from the layout-specific
+// leaf loops, a per-(branch, channel) reduction of them in double, and one elementwise pass.
+// Statistics: each plane's mean and M2 = Σ(x - mean)² in two passes while it sits in L1, then
+// M2_kc = Σ M2_plane + S·Σ(mean_plane - μ_kc)²: no Σx² - (Σx)²/m cancellation anywhere.
 #include "multi_bn.h"
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 namespace fastrobust::cpu {
@@ -23,6 +27,14 @@ enum class Layout { Planes, ChannelsLast };
 struct View {
   Layout layout;
   int64_t N, C, S, sN;
+};
+
+// A tensor's data and batch stride.
+template <typename T>
+struct Walk {
+  T* p;
+  int64_t sN;
+  T* sample(int64_t n) const { return p + n * sN; }
 };
 
 // Returns x (or a contiguous copy) and how to walk it.
@@ -63,14 +75,20 @@ at::Tensor empty_like_view(const at::Tensor& x, const View& v) {
   return at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
 }
 
-// dy must be walked like x; it is brought to x's layout when autograd hands us something else
-// (e.g. the stride-0 gradient of y.sum()).
-at::Tensor match_layout(const at::Tensor& t, const at::Tensor& like, const View& v) {
+// dy must have x's layout (its own batch stride is fine); it is copied into that layout when
+// autograd hands over something else (e.g. the stride-0 gradient of y.sum()).
+std::pair<at::Tensor, View> match_layout(const at::Tensor& t, const at::Tensor& like,
+                                         const View& v) {
   auto [tt, tv] = as_view(t);
-  if (tv.layout == v.layout) return tt;
+  if (tv.layout == v.layout) return {tt, tv};
   auto out = empty_like_view(like, v);
   out.copy_(t);
-  return out;
+  return as_view(out);
+}
+
+template <typename T>
+Walk<T> walk(const at::Tensor& t, const View& v) {
+  return {t.data_ptr<std::remove_const_t<T>>(), v.sN};
 }
 
 // The innermost loops, compiled for the baseline ISA and for AVX2+FMA; `leaves<T>()` picks one
@@ -90,19 +108,18 @@ namespace isa_avx2 {
 
 template <typename T>
 struct Leaves {
-  decltype(&isa_base::plane_moments<T>) plane_moments;
-  decltype(&isa_base::plane_grad_sums<T>) plane_grad_sums;
-  decltype(&isa_base::plane_affine<T>) plane_affine;
-  decltype(&isa_base::row_affine<T>) row_affine;
-  decltype(&isa_base::row_add<T>) row_add;
-  decltype(&isa_base::row_add_sq_dev<T>) row_add_sq_dev;
-  decltype(&isa_base::row_grad_sums<T>) row_grad_sums;
+  decltype(&isa_base::planes_moments<T>) planes_moments;
+  decltype(&isa_base::planes_grad_sums<T>) planes_grad_sums;
+  decltype(&isa_base::planes_affine<T>) planes_affine;
+  decltype(&isa_base::rows_moments<T>) rows_moments;
+  decltype(&isa_base::rows_grad_sums<T>) rows_grad_sums;
+  decltype(&isa_base::rows_affine<T>) rows_affine;
 };
 
-#define FASTROBUST_LEAVES(ns)                                                             \
-  Leaves<T> {                                                                             \
-    ns::plane_moments<T>, ns::plane_grad_sums<T>, ns::plane_affine<T>, ns::row_affine<T>, \
-        ns::row_add<T>, ns::row_add_sq_dev<T>, ns::row_grad_sums<T>                       \
+#define FASTROBUST_LEAVES(ns)                                                            \
+  Leaves<T> {                                                                            \
+    ns::planes_moments<T>, ns::planes_grad_sums<T>, ns::planes_affine<T>,                \
+        ns::rows_moments<T>, ns::rows_grad_sums<T>, ns::rows_affine<T>                   \
   }
 
 template <typename T>
@@ -116,19 +133,6 @@ const Leaves<T>& leaves() {
 #endif
   return l;
 }
-
-// Welford/Chan accumulator of a (branch, channel) group.
-struct Moments {
-  double n = 0, mean = 0, m2 = 0;
-  inline void merge(double nb, double mb, double m2b) {
-    if (nb == 0) return;
-    const double tot = n + nb;
-    const double delta = mb - mean;
-    mean += delta * nb / tot;
-    m2 += m2b + delta * delta * n * nb / tot;
-    n = tot;
-  }
-};
 
 // Validates branch ids and counts samples per branch (host-side: CPU tensors, no device sync).
 std::vector<int64_t> branch_counts(const at::Tensor& branch, int64_t K) {
@@ -146,199 +150,181 @@ template <typename T>
 struct Params {
   const T* weight;  // [K, C] or null
   const T* bias;    // [K, C] or null
-  inline T w(int64_t i) const { return weight ? weight[i] : T(1); }
-  inline T b(int64_t i) const { return bias ? bias[i] : T(0); }
+  T w(int64_t i) const { return weight ? weight[i] : T(1); }
+  T b(int64_t i) const { return bias ? bias[i] : T(0); }
 };
 
-// planes: out[n, c, :] = A[k, c]·u + B[k, c]·v + D[k, c], parallel over (n, c) planes.
+// Per-plane values, [N, C] in either order: value (n, c) at n*sn + c*sc.
 template <typename T>
-void planes_affine(const View& v, const int64_t* br, const T* u, const T* w, T* out,
-                   const T* A, const T* B, const T* D) {
+struct PlaneValues {
+  std::vector<T> a, b;
+  int64_t sn, sc;
+  PlaneValues(const View& v)
+      : a(v.N * v.C), b(v.N * v.C),
+        sn(v.layout == Layout::Planes ? 1 : v.C), sc(v.layout == Layout::Planes ? v.N : 1) {}
+};
+
+// Per-plane mean and M2.
+template <typename T>
+PlaneValues<T> plane_moments(const View& v, Walk<const T> x) {
+  PlaneValues<T> pv(v);
   const auto& leaf = leaves<T>();
-  at::parallel_for(0, v.N * v.C, 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t n = i / v.C, c = i % v.C, kc = br[n] * v.C + c;
-      const int64_t off = n * v.sN + c * v.S;
-      leaf.plane_affine(out + off, u + off, w ? w + off : nullptr, v.S, A[kc], B[kc], D[kc]);
-    }
-  });
+  if (v.layout == Layout::Planes) {
+    at::parallel_for(0, v.C, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c)
+        leaf.planes_moments(x.p + c * v.S, x.sN, v.N, v.S, &pv.a[c * v.N], &pv.b[c * v.N]);
+    });
+  } else {
+    at::parallel_for(0, v.N, 1, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n)
+        leaf.rows_moments(x.sample(n), v.S, v.C, &pv.a[n * v.C], &pv.b[n * v.C]);
+    });
+  }
+  return pv;
 }
 
-// channels_last: out[n, s, :] = A[k, :]·u + B[k, :]·v + D[k, :], parallel over rows.
+// Per-plane Σdy and Σdy·(x - μ_kc).
 template <typename T>
-void cl_affine(const View& v, const int64_t* br, const T* u, const T* w, T* out, const T* A,
-               const T* B, const T* D) {
+PlaneValues<T> plane_grad_sums(const View& v, const int64_t* br, Walk<const T> dy,
+                               Walk<const T> x, const T* mean) {
+  PlaneValues<T> pv(v);
   const auto& leaf = leaves<T>();
-  at::parallel_for(0, v.N * v.S, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t n = r / v.S, off = n * v.sN + (r % v.S) * v.C, kC = br[n] * v.C;
-      leaf.row_affine(out + off, u + off, w ? w + off : nullptr, v.C, A + kC, B + kC, D + kC);
-    }
-  });
-}
-
-// channels_last moments: each thread owns a range of samples and keeps its own [K, C] moments,
-// merged afterwards (few threads, tiny). Per sample, every channel's plane mean then M2.
-template <typename T>
-std::vector<Moments> cl_moments(const View& v, const int64_t* br, const T* x, int64_t K) {
-  const int64_t C = v.C, S = v.S, threads = at::get_num_threads();
-  const auto& leaf = leaves<T>();
-  std::vector<std::vector<Moments>> local(threads, std::vector<Moments>(K * C));
-  at::parallel_for(0, v.N, 1, [&](int64_t n0, int64_t n1) {
-    auto& acc = local[at::get_thread_num()];
-    std::vector<T> mean(C), m2(C);
-    for (int64_t n = n0; n < n1; ++n) {
-      const T* xn = x + n * v.sN;
-      std::fill(mean.begin(), mean.end(), T(0));
-      std::fill(m2.begin(), m2.end(), T(0));
-      for (int64_t s = 0; s < S; ++s) leaf.row_add(mean.data(), xn + s * C, C);
-      for (int64_t c = 0; c < C; ++c) mean[c] /= static_cast<T>(S);
-      for (int64_t s = 0; s < S; ++s) leaf.row_add_sq_dev(m2.data(), xn + s * C, mean.data(), C);
-      Moments* a = acc.data() + br[n] * C;
-      for (int64_t c = 0; c < C; ++c) a[c].merge(double(S), double(mean[c]), double(m2[c]));
-    }
-  });
-  std::vector<Moments> all(K * C);
-  for (auto& l : local)
-    for (int64_t i = 0; i < K * C; ++i) all[i].merge(l[i].n, l[i].mean, l[i].m2);
-  return all;
-}
-
-// channels_last Σdy and Σdy·(x - μ) per (branch, channel), per-thread then merged.
-template <typename T>
-void cl_grad_sums(const View& v, const int64_t* br, const T* dy, const T* x, const T* mean,
-                  int64_t K, std::vector<double>& sdy, std::vector<double>& sdyx) {
-  const int64_t C = v.C, S = v.S, threads = at::get_num_threads();
-  const auto& leaf = leaves<T>();
-  std::vector<std::vector<double>> l1(threads, std::vector<double>(K * C, 0.0)), l2 = l1;
-  at::parallel_for(0, v.N, 1, [&](int64_t n0, int64_t n1) {
-    const int64_t t = at::get_thread_num();
-    std::vector<T> s1(C), s2(C);
-    for (int64_t n = n0; n < n1; ++n) {
-      const int64_t k = br[n];
-      const T* mu = mean + k * C;
-      std::fill(s1.begin(), s1.end(), T(0));
-      std::fill(s2.begin(), s2.end(), T(0));
-      for (int64_t s = 0; s < S; ++s) {
-        const int64_t off = n * v.sN + s * C;
-        leaf.row_grad_sums(s1.data(), s2.data(), dy + off, x + off, mu, C);
+  if (v.layout == Layout::Planes) {
+    at::parallel_for(0, v.C, 1, [&](int64_t c0, int64_t c1) {
+      std::vector<T> mu(v.N);
+      for (int64_t c = c0; c < c1; ++c) {
+        for (int64_t n = 0; n < v.N; ++n) mu[n] = mean[br[n] * v.C + c];
+        leaf.planes_grad_sums(dy.p + c * v.S, dy.sN, x.p + c * v.S, x.sN, v.N, v.S, mu.data(),
+                              &pv.a[c * v.N], &pv.b[c * v.N]);
       }
-      for (int64_t c = 0; c < C; ++c) {
-        l1[t][k * C + c] += s1[c];
-        l2[t][k * C + c] += s2[c];
-      }
-    }
-  });
-  sdy.assign(K * C, 0.0);
-  sdyx.assign(K * C, 0.0);
-  for (int64_t t = 0; t < threads; ++t)
-    for (int64_t i = 0; i < K * C; ++i) {
-      sdy[i] += l1[t][i];
-      sdyx[i] += l2[t][i];
-    }
+    });
+  } else {
+    at::parallel_for(0, v.N, 1, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n)
+        leaf.rows_grad_sums(dy.sample(n), x.sample(n), v.S, v.C, mean + br[n] * v.C,
+                            &pv.a[n * v.C], &pv.b[n * v.C]);
+    });
+  }
+  return pv;
 }
 
-// Forward: moments per (branch, channel) (channel-parallel), then one elementwise pass
-// (parallel over contiguous runs). Owning a channel from statistics to output would re-read x
-// from L2, but a channel's planes sit C·S apart, a power of two at ResNet shapes, and alias in
-// the caches: measured slower here at C=256, 8x8.
+// out = A[k, c]·u + B[k, c]·v + D[k, c] with k = branch[n] (v may be null): the forward's
+// y = a·x + d and the backward's dx = α·dy + β·x + γ. Work is split into runs of planes (or
+// channels-last rows) of one sample, a leaf call each.
 template <typename T>
-void forward_impl(const View& v, const int64_t* br, const T* x, T* y, Params<T> p, int64_t K,
-                  bool batch_stats, T* rmean, T* rvar, int64_t* nbt, bool update,
+void routed_affine(const View& v, const int64_t* br, Walk<const T> u, Walk<const T> w,
+                   Walk<T> out, const T* A, const T* B, const T* D) {
+  const auto& leaf = leaves<T>();
+  const bool planes = v.layout == Layout::Planes;
+  const int64_t per_sample = planes ? v.C : v.S, len = planes ? v.S : v.C;
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(len, 1));
+  at::parallel_for(0, v.N * per_sample, grain, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1;) {
+      const int64_t n = i / per_sample, j = i % per_sample;
+      const int64_t run = std::min(i1 - i, per_sample - j), kC = br[n] * v.C;
+      const int64_t off = j * len;
+      const T* wp = w.p ? w.sample(n) + off : nullptr;
+      if (planes) {
+        leaf.planes_affine(out.sample(n) + off, u.sample(n) + off, wp, run, v.S, A + kC + j,
+                           B + kC + j, D + kC + j);
+      } else {
+        leaf.rows_affine(out.sample(n) + off, u.sample(n) + off, wp, run, v.C, A + kC, B + kC,
+                         D + kC);
+      }
+      i += run;
+    }
+  });
+}
+
+// Forward: plane moments, merged per (branch, channel) in double; running-stat update; one
+// elementwise pass.
+template <typename T>
+void forward_impl(const View& v, const int64_t* br, Walk<const T> x, Walk<T> y, Params<T> p,
+                  int64_t K, bool batch_stats, T* rmean, T* rvar, int64_t* nbt, bool update,
                   double momentum, bool cumulative, double eps,
                   const std::vector<int64_t>& counts, T* mean_out, T* invstd_out) {
   const int64_t C = v.C, S = v.S;
-  std::vector<double> mom(K);
-  std::vector<char> valid(K);
-  for (int64_t k = 0; k < K; ++k) {
-    valid[k] = update && counts[k] * S >= 2;
-    mom[k] = (cumulative && nbt) ? 1.0 / double(nbt[k] + 1) : momentum;
-  }
-  // Statistics, running-stat update and y = A·x + D coefficients of one (branch, channel).
-  auto finalize = [&](int64_t k, int64_t c, const Moments& m, T& A, T& D) {
-    const int64_t i = k * C + c;
-    if (batch_stats) {
-      const double var = m.n > 0 ? m.m2 / m.n : 0.0;
-      mean_out[i] = T(m.mean);
-      invstd_out[i] = T(1.0 / std::sqrt(var + eps));
-      if (valid[k]) {
-        rmean[i] = T((1 - mom[k]) * double(rmean[i]) + mom[k] * m.mean);
-        rvar[i] = T((1 - mom[k]) * double(rvar[i]) + mom[k] * var * m.n / (m.n - 1));
+  std::vector<T> A(K * C), D(K * C);
+  if (batch_stats) {
+    const auto pv = plane_moments(v, x);
+    at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+      std::vector<double> sum(K), m2(K);
+      for (int64_t c = c0; c < c1; ++c) {
+        std::fill(sum.begin(), sum.end(), 0.0);
+        std::fill(m2.begin(), m2.end(), 0.0);
+        for (int64_t n = 0; n < v.N; ++n) sum[br[n]] += pv.a[n * pv.sn + c * pv.sc];
+        for (int64_t k = 0; k < K; ++k) {
+          const double planes = double(std::max<int64_t>(counts[k], 1));
+          sum[k] /= planes;  // now the branch mean
+        }
+        for (int64_t n = 0; n < v.N; ++n) {
+          const int64_t k = br[n], i = n * pv.sn + c * pv.sc;
+          const double d = double(pv.a[i]) - sum[k];
+          m2[k] += double(pv.b[i]) + double(S) * d * d;
+        }
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t i = k * C + c;
+          const double m = double(counts[k] * S), var = m > 0 ? m2[k] / m : 0.0;
+          mean_out[i] = T(sum[k]);
+          invstd_out[i] = T(1.0 / std::sqrt(var + eps));
+          if (update && m >= 2) {
+            const double mom = (cumulative && nbt) ? 1.0 / double(nbt[k] + 1) : momentum;
+            rmean[i] = T((1 - mom) * double(rmean[i]) + mom * sum[k]);
+            rvar[i] = T((1 - mom) * double(rvar[i]) + mom * var * m / (m - 1));
+          }
+        }
       }
-    } else {
+    });
+  } else {
+    for (int64_t i = 0; i < K * C; ++i) {
       mean_out[i] = rmean[i];
       invstd_out[i] = T(1.0 / std::sqrt(double(rvar[i]) + eps));
     }
-    A = p.w(i) * invstd_out[i];
-    D = p.b(i) - mean_out[i] * A;
-  };
-  std::vector<T> A(K * C), D(K * C);
-  if (v.layout == Layout::Planes) {
-    const auto& leaf = leaves<T>();
-    at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
-      std::vector<Moments> m(K);
-      for (int64_t c = c0; c < c1; ++c) {
-        std::fill(m.begin(), m.end(), Moments{});
-        for (int64_t n = 0; batch_stats && n < v.N; ++n) {
-          T mu, m2;
-          leaf.plane_moments(x + n * v.sN + c * S, S, &mu, &m2);
-          m[br[n]].merge(double(S), double(mu), double(m2));
-        }
-        for (int64_t k = 0; k < K; ++k) finalize(k, c, m[k], A[k * C + c], D[k * C + c]);
-      }
-    });
-    planes_affine<T>(v, br, x, nullptr, y, A.data(), A.data(), D.data());
-  } else {
-    std::vector<Moments> m = batch_stats ? cl_moments(v, br, x, K) : std::vector<Moments>(K * C);
-    for (int64_t k = 0; k < K; ++k)
-      for (int64_t c = 0; c < C; ++c) finalize(k, c, m[k * C + c], A[k * C + c], D[k * C + c]);
-    cl_affine<T>(v, br, x, nullptr, y, A.data(), A.data(), D.data());
   }
-  if (nbt)
-    for (int64_t k = 0; k < K; ++k) nbt[k] += valid[k] ? 1 : 0;
+  for (int64_t i = 0; i < K * C; ++i) {
+    A[i] = p.w(i) * invstd_out[i];
+    D[i] = p.b(i) - mean_out[i] * A[i];
+  }
+  routed_affine<T>(v, br, x, {nullptr, 0}, y, A.data(), A.data(), D.data());
+  if (update && nbt)
+    for (int64_t k = 0; k < K; ++k) nbt[k] += counts[k] * S >= 2 ? 1 : 0;
 }
 
-// Backward: Σdy and Σdy·(x - μ) per (branch, channel), then dx = α·dy + β·x + γ, which is
-// w·r·(dy - Σdy/m - x̂·Σ(dy·x̂)/m) with x̂ = (x - μ)·r. Same two passes as the forward.
+// Backward: per (branch, channel) Σdy and Σdy·(x - μ), then dx = α·dy + β·x + γ, which is
+// w·r·(dy - Σdy/m - x̂·Σ(dy·x̂)/m) with x̂ = (x - μ)·r, m = count·S.
 template <typename T>
-void backward_impl(const View& v, const int64_t* br, const T* dy, const T* x, T* dx,
-                   Params<T> p, const T* mean, const T* invstd, int64_t K, bool batch_stats,
-                   bool need_sums, const std::vector<int64_t>& counts, T* dweight, T* dbias) {
+void backward_impl(const View& v, const int64_t* br, Walk<const T> dy, Walk<const T> x,
+                   Walk<T> dx, Params<T> p, const T* mean, const T* invstd, int64_t K,
+                   bool batch_stats, bool need_sums, const std::vector<int64_t>& counts,
+                   T* dweight, T* dbias) {
   const int64_t C = v.C, S = v.S;
-  const bool sums = batch_stats || need_sums;
-  auto coefficients = [&](int64_t k, int64_t c, double sdy, double sdyx, T& a, T& b, T& d) {
-    const int64_t i = k * C + c;
-    const double r = invstd[i], w = p.w(i), m = std::max<double>(1.0, double(counts[k] * S));
-    if (need_sums) {
-      dweight[i] = T(sdyx * r);
-      dbias[i] = T(sdy);
-    }
-    a = T(w * r);
-    const double beta = batch_stats ? -w * r * r * r * sdyx / m : 0.0;
-    b = T(beta);
-    d = batch_stats ? T(-w * r * sdy / m - beta * double(mean[i])) : T(0);
-  };
   std::vector<double> s1(K * C, 0.0), s2(K * C, 0.0);
-  if (sums && v.layout == Layout::Planes) {
-    const auto& leaf = leaves<T>();
+  if (batch_stats || need_sums) {
+    const auto pv = plane_grad_sums(v, br, dy, x, mean);
     at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
+      for (int64_t c = c0; c < c1; ++c)
         for (int64_t n = 0; n < v.N; ++n) {
-          const int64_t kc = br[n] * C + c, off = n * v.sN + c * S;
-          T a1, a2;
-          leaf.plane_grad_sums(dy + off, x + off, S, mean[kc], &a1, &a2);
-          s1[kc] += a1;
-          s2[kc] += a2;
+          const int64_t i = n * pv.sn + c * pv.sc, kc = br[n] * C + c;
+          s1[kc] += pv.a[i];
+          s2[kc] += pv.b[i];
         }
-      }
     });
-  } else if (sums) {
-    cl_grad_sums(v, br, dy, x, mean, K, s1, s2);
   }
   std::vector<T> A(K * C), B(K * C), D(K * C);
-  for (int64_t i = 0; i < K * C; ++i) coefficients(i / C, i % C, s1[i], s2[i], A[i], B[i], D[i]);
-  auto affine = v.layout == Layout::Planes ? planes_affine<T> : cl_affine<T>;
-  affine(v, br, dy, batch_stats ? x : nullptr, dx, A.data(), B.data(), D.data());
+  for (int64_t i = 0; i < K * C; ++i) {
+    const int64_t k = i / C;
+    const double r = invstd[i], w = p.w(i), m = std::max<double>(1.0, double(counts[k] * S));
+    if (need_sums) {
+      dweight[i] = T(s2[i] * r);
+      dbias[i] = T(s1[i]);
+    }
+    const double beta = batch_stats ? -w * r * r * r * s2[i] / m : 0.0;
+    A[i] = T(w * r);
+    B[i] = T(beta);
+    D[i] = batch_stats ? T(-w * r * s1[i] / m - beta * double(mean[i])) : T(0);
+  }
+  routed_affine<T>(v, br, dy, batch_stats ? x : Walk<const T>{nullptr, 0}, dx, A.data(),
+                   B.data(), D.data());
 }
 
 void check_param(const c10::optional<at::Tensor>& t, const at::Tensor& x, int64_t K, const char* name) {
@@ -385,6 +371,7 @@ std::vector<at::Tensor> multi_bn_forward(const at::Tensor& x_in, const at::Tenso
   const auto counts = branch_counts(br, K);
   auto [x, v] = as_view(x_in);
   auto y = empty_like_view(x, v);
+  const View yv = as_view(y).second;
   auto mean = at::empty({K, v.C}, x.options());
   auto invstd = at::empty({K, v.C}, x.options());
   // The op is functional: updated running stats are returned as new tensors.
@@ -399,7 +386,7 @@ std::vector<at::Tensor> multi_bn_forward(const at::Tensor& x_in, const at::Tenso
     scalar_t* rm = update ? new_rm.data_ptr<scalar_t>() : ptr_or_null<scalar_t>(running_mean);
     scalar_t* rv = update ? new_rv.data_ptr<scalar_t>() : ptr_or_null<scalar_t>(running_var);
     forward_impl<scalar_t>(
-        v, br.data_ptr<int64_t>(), x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
+        v, br.data_ptr<int64_t>(), walk<const scalar_t>(x, v), walk<scalar_t>(y, yv),
         Params<scalar_t>{ptr_or_null<scalar_t>(weight), ptr_or_null<scalar_t>(bias)}, K,
         batch_stats, rm, rv, new_nbt.numel() ? new_nbt.data_ptr<int64_t>() : nullptr, update,
         momentum, cumulative, eps, counts, mean.data_ptr<scalar_t>(),
@@ -417,14 +404,15 @@ std::vector<at::Tensor> multi_bn_backward(const at::Tensor& dy_in, const at::Ten
   auto br = branch.contiguous();
   const auto counts = branch_counts(br, K);
   auto [x, v] = as_view(x_in);
-  auto dy = match_layout(dy_in, x, v);
+  auto [dy, dyv] = match_layout(dy_in, x, v);
   auto dx = empty_like_view(x, v);
+  const View dxv = as_view(dx).second;
   auto dweight = at::empty({need_param_grads ? K : 0, v.C}, x.options());
   auto dbias = at::empty({need_param_grads ? K : 0, v.C}, x.options());
   auto mean_c = mean.contiguous(), invstd_c = invstd.contiguous();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "multi_bn_backward", [&] {
-    backward_impl<scalar_t>(v, br.data_ptr<int64_t>(), dy.data_ptr<scalar_t>(),
-                            x.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(),
+    backward_impl<scalar_t>(v, br.data_ptr<int64_t>(), walk<const scalar_t>(dy, dyv),
+                            walk<const scalar_t>(x, v), walk<scalar_t>(dx, dxv),
                             Params<scalar_t>{ptr_or_null<scalar_t>(weight), nullptr},
                             mean_c.data_ptr<scalar_t>(), invstd_c.data_ptr<scalar_t>(), K,
                             batch_stats, need_param_grads, counts,
