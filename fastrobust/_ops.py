@@ -17,10 +17,7 @@ import torch
 from torch import Tensor
 
 from . import backends
-
-
-def _stats_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+from .reference import acc_dtype
 
 
 # --- multi_bn ---------------------------------------------------------------------------------
@@ -53,8 +50,8 @@ def _(x, branch, weight, bias, running_mean, running_var, num_batches_tracked, n
                                    dtype=torch.long))
     else:
         new_running = (x.new_empty(0), x.new_empty(0), x.new_empty(0, dtype=torch.long))
-    return (torch.empty_like(x), x.new_empty(stats, dtype=_stats_dtype(x)),
-            x.new_empty(stats, dtype=_stats_dtype(x)), *new_running)
+    return (torch.empty_like(x), x.new_empty(stats, dtype=acc_dtype(x)),
+            x.new_empty(stats, dtype=acc_dtype(x)), *new_running)
 
 
 @torch.library.custom_op("fastrobust::multi_bn_bwd", mutates_args=())

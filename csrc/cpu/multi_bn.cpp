@@ -154,57 +154,53 @@ struct Params {
   T b(int64_t i) const { return bias ? bias[i] : T(0); }
 };
 
-// Per-plane values, [N, C] in either order: value (n, c) at n*sn + c*sc.
+// Per-plane values, [N, C]: value (n, c) at n*C + c.
 template <typename T>
 struct PlaneValues {
   std::vector<T> a, b;
-  int64_t sn, sc;
-  PlaneValues(const View& v)
-      : a(v.N * v.C), b(v.N * v.C),
-        sn(v.layout == Layout::Planes ? 1 : v.C), sc(v.layout == Layout::Planes ? v.N : 1) {}
+  explicit PlaneValues(const View& v) : a(v.N * v.C), b(v.N * v.C) {}
 };
 
-// Per-plane mean and M2.
+// Per-plane mean and M2. Planes are visited in memory order, a sample at a time: one streaming
+// pass (a channel's planes, C·S apart, would defeat the prefetchers once x leaves the cache).
 template <typename T>
 PlaneValues<T> plane_moments(const View& v, Walk<const T> x) {
   PlaneValues<T> pv(v);
   const auto& leaf = leaves<T>();
-  if (v.layout == Layout::Planes) {
-    at::parallel_for(0, v.C, 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c)
-        leaf.planes_moments(x.p + c * v.S, x.sN, v.N, v.S, &pv.a[c * v.N], &pv.b[c * v.N]);
-    });
-  } else {
-    at::parallel_for(0, v.N, 1, [&](int64_t n0, int64_t n1) {
-      for (int64_t n = n0; n < n1; ++n)
-        leaf.rows_moments(x.sample(n), v.S, v.C, &pv.a[n * v.C], &pv.b[n * v.C]);
-    });
-  }
+  const bool planes = v.layout == Layout::Planes;
+  at::parallel_for(0, v.N, 1, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      T* pa = &pv.a[n * v.C];
+      T* pb = &pv.b[n * v.C];
+      if (planes) {
+        leaf.planes_moments(x.sample(n), v.S, v.C, v.S, pa, pb);
+      } else {
+        leaf.rows_moments(x.sample(n), v.S, v.C, pa, pb);
+      }
+    }
+  });
   return pv;
 }
 
-// Per-plane Σdy and Σdy·(x - μ_kc).
+// Per-plane Σdy and Σdy·(x - μ_kc), in the same order.
 template <typename T>
 PlaneValues<T> plane_grad_sums(const View& v, const int64_t* br, Walk<const T> dy,
                                Walk<const T> x, const T* mean) {
   PlaneValues<T> pv(v);
   const auto& leaf = leaves<T>();
-  if (v.layout == Layout::Planes) {
-    at::parallel_for(0, v.C, 1, [&](int64_t c0, int64_t c1) {
-      std::vector<T> mu(v.N);
-      for (int64_t c = c0; c < c1; ++c) {
-        for (int64_t n = 0; n < v.N; ++n) mu[n] = mean[br[n] * v.C + c];
-        leaf.planes_grad_sums(dy.p + c * v.S, dy.sN, x.p + c * v.S, x.sN, v.N, v.S, mu.data(),
-                              &pv.a[c * v.N], &pv.b[c * v.N]);
+  const bool planes = v.layout == Layout::Planes;
+  at::parallel_for(0, v.N, 1, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const T* mu = mean + br[n] * v.C;
+      T* pa = &pv.a[n * v.C];
+      T* pb = &pv.b[n * v.C];
+      if (planes) {
+        leaf.planes_grad_sums(dy.sample(n), v.S, x.sample(n), v.S, v.C, v.S, mu, pa, pb);
+      } else {
+        leaf.rows_grad_sums(dy.sample(n), x.sample(n), v.S, v.C, mu, pa, pb);
       }
-    });
-  } else {
-    at::parallel_for(0, v.N, 1, [&](int64_t n0, int64_t n1) {
-      for (int64_t n = n0; n < n1; ++n)
-        leaf.rows_grad_sums(dy.sample(n), x.sample(n), v.S, v.C, mean + br[n] * v.C,
-                            &pv.a[n * v.C], &pv.b[n * v.C]);
-    });
-  }
+    }
+  });
   return pv;
 }
 
@@ -252,13 +248,13 @@ void forward_impl(const View& v, const int64_t* br, Walk<const T> x, Walk<T> y, 
       for (int64_t c = c0; c < c1; ++c) {
         std::fill(sum.begin(), sum.end(), 0.0);
         std::fill(m2.begin(), m2.end(), 0.0);
-        for (int64_t n = 0; n < v.N; ++n) sum[br[n]] += pv.a[n * pv.sn + c * pv.sc];
+        for (int64_t n = 0; n < v.N; ++n) sum[br[n]] += pv.a[n * C + c];
         for (int64_t k = 0; k < K; ++k) {
           const double planes = double(std::max<int64_t>(counts[k], 1));
           sum[k] /= planes;  // now the branch mean
         }
         for (int64_t n = 0; n < v.N; ++n) {
-          const int64_t k = br[n], i = n * pv.sn + c * pv.sc;
+          const int64_t k = br[n], i = n * C + c;
           const double d = double(pv.a[i]) - sum[k];
           m2[k] += double(pv.b[i]) + double(S) * d * d;
         }
@@ -304,7 +300,7 @@ void backward_impl(const View& v, const int64_t* br, Walk<const T> dy, Walk<cons
     at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c)
         for (int64_t n = 0; n < v.N; ++n) {
-          const int64_t i = n * pv.sn + c * pv.sc, kc = br[n] * C + c;
+          const int64_t i = n * C + c, kc = br[n] * C + c;
           s1[kc] += pv.a[i];
           s2[kc] += pv.b[i];
         }
