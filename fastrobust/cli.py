@@ -61,7 +61,8 @@ def demo(args) -> int:
     y = torch.randint(0, 10, (B,))
     x_adv = (x + 8 / 255 * torch.randn_like(x).sign()).clamp(0, 1)
     batch = torch.cat([x, x_adv])
-    branch = torch.cat([torch.full((B,), DualBatchNorm2d.CLEAN), torch.full((B,), DualBatchNorm2d.ADV)])
+    branch = torch.cat([torch.full((B,), DualBatchNorm2d.CLEAN),
+                        torch.full((B,), DualBatchNorm2d.ADV)])
     target = torch.cat([y, y])
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
 
@@ -127,8 +128,10 @@ def demo(args) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fastrobust", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p_demo = sub.add_parser("demo", help="convert a small ResNet to dual BN, run it, compare speed")
-    p_demo.add_argument("--batch", type=int, default=64, help="clean samples per batch (default 64)")
+    p_demo = sub.add_parser("demo",
+                            help="convert a small ResNet to dual BN, run it, compare speed")
+    p_demo.add_argument("--batch", type=int, default=64,
+                        help="clean samples per batch (default 64)")
     p_demo.add_argument("--width", type=int, default=16, help="ResNet base width (default 16)")
     p_demo.add_argument("--steps", type=int, default=5, help="training steps shown (default 5)")
     p_demo.add_argument("--timing-steps", type=int, default=10, help="steps timed (default 10)")

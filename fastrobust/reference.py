@@ -32,7 +32,8 @@ def check_branch_values(branch: Tensor, num_branches: int) -> None:
             raise ValueError(f"multi_batch_norm: branch ids out of range [0, {num_branches}): "
                              f"{bad[:8].tolist()}")
     else:
-        torch._assert_async(in_range, f"multi_batch_norm: branch id out of range [0, {num_branches})")
+        torch._assert_async(in_range,
+                            f"multi_batch_norm: branch id out of range [0, {num_branches})")
 
 
 def _per_branch_sum(t: Tensor, branch: Tensor, num_branches: int) -> Tensor:

@@ -77,7 +77,8 @@ def test_convert_copies_into_every_branch_and_matches_original():
     obn = [m for m in orig.modules() if isinstance(m, nn.BatchNorm2d)]
     for m, o in zip(bns, obn):
         for k in range(3):
-            assert torch.equal(m.weight[k], o.weight) and torch.equal(m.running_var[k], o.running_var)
+            assert torch.equal(m.weight[k], o.weight)
+            assert torch.equal(m.running_var[k], o.running_var)
         assert m.num_batches_tracked.tolist() == [2, 2, 2]
     x = torch.randn(6, 3, 8, 8)
     for mode in ("eval", "train"):
