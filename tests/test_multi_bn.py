@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as TF
+from hypothesis import given, settings, strategies as st
 
 from fastrobust import functional as F, reference
 
@@ -325,3 +326,27 @@ def test_no_host_sync_in_reference_path():
         reference.updated_running_stats(mean, var, count.long(), mean, var, count, 0.1, True)
         dx, dw, db = reference.multi_bn_backward(x, x, branch, None, mean, var, 2, True, True)
     assert mean.shape == (2, 2) and dx.shape == (4, 2, 3, 3) and dw.shape == (2, 2)
+
+
+@settings(max_examples=40, deadline=None)
+@given(N=st.integers(1, 9), C=st.integers(1, 5), spatial=st.lists(st.integers(1, 4), max_size=3),
+       K=st.integers(1, 6), channels_last=st.booleans(), data=st.data())
+def test_random_shapes_match_reference(N, C, spatial, K, channels_last, data):
+    """Property test over shapes, branch counts and routings (the default backend: the C++
+    kernel where built), in fp64 so any difference is a bug, not rounding."""
+    shape = (N, C, *spatial)
+    x = (torch.randn(shape, dtype=torch.float64) * 2 + 1)
+    if channels_last and len(spatial) == 2:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    branch = torch.tensor(data.draw(st.lists(st.integers(0, K - 1), min_size=N, max_size=N)))
+    w = torch.rand(K, C, dtype=torch.float64).add_(0.5).requires_grad_()
+    rm, rv = torch.zeros(K, C, dtype=torch.float64), torch.ones(K, C, dtype=torch.float64)
+    rm2, rv2 = rm.clone(), rv.clone()
+    y = F.multi_batch_norm(x, branch, w, None, rm, rv, training=True, momentum=0.3)
+    y_ref = reference.multi_batch_norm(x, branch, w, None, rm2, rv2, training=True, momentum=0.3)
+    torch.testing.assert_close(y, y_ref, **TOL[torch.float64])
+    torch.testing.assert_close(rv, rv2, **TOL[torch.float64])
+    gy = torch.randn_like(x)
+    for g, g_ref in zip(_grads(y, (x, w), gy), _grads(y_ref, (x, w), gy)):
+        torch.testing.assert_close(g, g_ref, **TOL[torch.float64])
