@@ -1,13 +1,19 @@
 """The registered custom ops: schema, implementation dispatch, fake (meta) impl and autograd.
 
 Every op is `torch.ops.fastrobust.<name>`. Its implementation asks `fastrobust.backends` which
-kernel serves the call (C++, Triton, CUDA C++ or the reference) and calls that module's function
-of the same name. The fake impls let `torch.compile(fullgraph=True)` trace models that use the
-ops; autograd calls the matching backward op, which is itself a registered op.
+kernel serves the call (C++, Triton, CUDA C++ or the eager engine) and calls that backend's
+function. The fake impls let `torch.compile(fullgraph=True)` trace models that use the ops;
+autograd calls the matching backward op, which is itself a registered op.
 
-    fastrobust.functional.multi_batch_norm
-      └─ torch.ops.fastrobust.multi_bn_fwd ──(autograd)── torch.ops.fastrobust.multi_bn_bwd
-           └─ backends.select("multi_bn", ...).multi_bn_forward / .multi_bn_backward
+    functional.multi_batch_norm ── multi_bn_fwd ──(autograd)── multi_bn_bwd ─┐
+    functional.mixed_batch_norm ── mixed_bn_fwd ──(autograd)── mixed_bn_bwd ─┴─ bn_forward /
+                                                                               bn_backward
+    functional.film, channel_scale, scale_filters ── film_fwd ──(autograd)── film_bwd
+                                                                 └─ film_forward / film_backward
+
+The forward ops are functional (autograd cannot be registered on a mutating op): in training
+they return the updated running stats, which the functional API copies into the buffers, and
+empty tensors when there is nothing to update.
 """
 from __future__ import annotations
 
@@ -19,80 +25,241 @@ from torch import Tensor
 from . import backends
 from .reference import acc_dtype
 
+# Bits of the `needs` argument of the backward ops: which gradients to compute.
+NEED_X, NEED_MIX, NEED_WEIGHT, NEED_BIAS, NEED_SCALE, NEED_GAMMA, NEED_BETA = (
+    1 << i for i in range(7))
 
-# --- multi_bn ---------------------------------------------------------------------------------
+
+def _unpack(needs: int) -> tuple[bool, ...]:
+    return tuple(bool(needs & bit) for bit in
+                 (NEED_X, NEED_MIX, NEED_WEIGHT, NEED_BIAS, NEED_SCALE, NEED_GAMMA, NEED_BETA))
+
+
+def _fake_forward(x, K, running_mean, num_batches_tracked, training, mixed):
+    stats = (K, x.shape[1])
+    acc = acc_dtype(x)
+    if training and running_mean is not None:
+        new_running = (torch.empty_like(running_mean), torch.empty_like(running_mean),
+                       x.new_empty(0 if num_batches_tracked is None else K, dtype=torch.long))
+    else:
+        new_running = (x.new_empty(0), x.new_empty(0), x.new_empty(0, dtype=torch.long))
+    out = (torch.empty_like(x), x.new_empty(stats, dtype=acc), x.new_empty(stats, dtype=acc),
+           *new_running)
+    if mixed:
+        batch_stats = training or running_mean is None
+        out += (x.new_empty((2, x.shape[0], x.shape[1]) if batch_stats else (0,), dtype=acc),)
+    return out
+
+
+def _fake_backward(x, K, needs, mixed):
+    nx, nmix, nw, nb, ns, ng, nbe = _unpack(needs)
+    acc = acc_dtype(x)
+    N, C = x.shape[:2]
+
+    def e(flag, shape):
+        return x.new_empty(shape if flag else (0,), dtype=acc)
+
+    out = (torch.empty_like(x) if nx else x.new_empty(0),)
+    if mixed:
+        out += (e(nmix, (N, K)),)
+    return out + (e(nw, (K, C)), e(nb, (K, C)), e(ns, (N, C)), e(ng, (N, C)), e(nbe, (N, C)))
+
+
+def _impl(op, x, *tensors):
+    return backends.select(op, x.device, (x,) + tensors)
+
+
+# --- multi_bn: sample-routed BN -----------------------------------------------------------
 
 @torch.library.custom_op("fastrobust::multi_bn_fwd", mutates_args=())
 def multi_bn_fwd(x: Tensor, branch: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                  running_mean: Optional[Tensor], running_var: Optional[Tensor],
-                 num_batches_tracked: Optional[Tensor], num_branches: int, training: bool,
-                 momentum: float, cumulative: bool, eps: float
+                 num_batches_tracked: Optional[Tensor], input_scale: Optional[Tensor],
+                 film_gamma: Optional[Tensor], film_beta: Optional[Tensor], num_branches: int,
+                 training: bool, momentum: float, cumulative: bool, eps: float, relu: bool
                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns (y, mean, invstd, new_running_mean, new_running_var, new_num_batches_tracked).
-
-    mean/invstd [K, C] are the statistics y was normalized with. The op is functional (autograd
-    can only be registered on functional ops): in training it returns the updated running
-    stats, which `functional.multi_batch_norm` copies into the buffers, and empty tensors when
-    there is nothing to update."""
-    impl = backends.select("multi_bn", x.device, (x, weight, bias, running_mean, running_var))
-    return impl.multi_bn_forward(x, branch, weight, bias, running_mean, running_var,
-                                 num_batches_tracked, num_branches, training, momentum,
-                                 cumulative, eps)
+    """Returns (y, mean, invstd, new_running_mean, new_running_var, new_num_batches_tracked);
+    mean/invstd [K, C] are the statistics y was normalized with."""
+    impl = _impl("multi_bn", x, weight, bias, running_mean, running_var, input_scale,
+                 film_gamma, film_beta)
+    return impl.bn_forward(x, branch, None, weight, bias, running_mean, running_var,
+                           num_batches_tracked, input_scale, film_gamma, film_beta,
+                           num_branches, training, momentum, cumulative, eps, relu)[:6]
 
 
 @multi_bn_fwd.register_fake
-def _(x, branch, weight, bias, running_mean, running_var, num_batches_tracked, num_branches,
-      training, momentum, cumulative, eps):
-    stats = (num_branches, x.shape[1])
-    if training and running_mean is not None:
-        new_running = (torch.empty_like(running_mean), torch.empty_like(running_var),
-                       x.new_empty(0 if num_batches_tracked is None else num_branches,
-                                   dtype=torch.long))
-    else:
-        new_running = (x.new_empty(0), x.new_empty(0), x.new_empty(0, dtype=torch.long))
-    return (torch.empty_like(x), x.new_empty(stats, dtype=acc_dtype(x)),
-            x.new_empty(stats, dtype=acc_dtype(x)), *new_running)
+def _(x, branch, weight, bias, running_mean, running_var, num_batches_tracked, input_scale,
+      film_gamma, film_beta, num_branches, training, momentum, cumulative, eps, relu):
+    return _fake_forward(x, num_branches, running_mean, num_batches_tracked, training, False)
 
 
 @torch.library.custom_op("fastrobust::multi_bn_bwd", mutates_args=())
-def multi_bn_bwd(dy: Tensor, x: Tensor, branch: Tensor, weight: Optional[Tensor], mean: Tensor,
-                 invstd: Tensor, num_branches: int, batch_stats: bool, need_param_grads: bool
-                 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns (dx, dweight, dbias); dweight/dbias are [K, C] in the statistics' dtype, or
-    [0, C] when not needed."""
-    impl = backends.select("multi_bn", x.device, (x, weight, mean, invstd))
-    return impl.multi_bn_backward(dy, x, branch, weight, mean, invstd, num_branches,
-                                  batch_stats, need_param_grads)
+def multi_bn_bwd(dy: Tensor, x: Tensor, branch: Tensor, weight: Optional[Tensor],
+                 bias: Optional[Tensor], mean: Tensor, invstd: Tensor,
+                 input_scale: Optional[Tensor], film_gamma: Optional[Tensor],
+                 film_beta: Optional[Tensor], num_branches: int, batch_stats: bool, relu: bool,
+                 needs: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (dx, dweight, dbias, dinput_scale, dfilm_gamma, dfilm_beta); the ones not
+    asked for in `needs` are empty. Parameter gradients are in the statistics' dtype."""
+    impl = _impl("multi_bn", x, weight, bias, mean, invstd, input_scale, film_gamma, film_beta)
+    dx, _, *rest = impl.bn_backward(dy, x, branch, None, weight, bias, mean, invstd,
+                                    x.new_empty(0), input_scale, film_gamma, film_beta,
+                                    num_branches, batch_stats, relu,
+                                    _unpack(needs & ~NEED_MIX))
+    return (dx, *rest)
 
 
 @multi_bn_bwd.register_fake
-def _(dy, x, branch, weight, mean, invstd, num_branches, batch_stats, need_param_grads):
-    rows = num_branches if need_param_grads else 0
-    return (torch.empty_like(x), mean.new_empty((rows, x.shape[1])),
-            mean.new_empty((rows, x.shape[1])))
+def _(dy, x, branch, weight, bias, mean, invstd, input_scale, film_gamma, film_beta,
+      num_branches, batch_stats, relu, needs):
+    return _fake_backward(x, num_branches, needs, False)
 
 
-def _multi_bn_setup(ctx, inputs, output):
-    x, branch, weight, bias, running_mean, _, _, num_branches, training, *_ = inputs
-    _, mean, invstd, *new_running = output
-    ctx.mark_non_differentiable(mean, invstd, *new_running)
-    ctx.save_for_backward(x, branch, weight, mean, invstd)
-    ctx.num_branches = num_branches
+# --- mixed_bn: soft-mixed BN ----------------------------------------------------------------
+
+@torch.library.custom_op("fastrobust::mixed_bn_fwd", mutates_args=())
+def mixed_bn_fwd(x: Tensor, mix: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                 running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                 num_batches_tracked: Optional[Tensor], input_scale: Optional[Tensor],
+                 film_gamma: Optional[Tensor], film_beta: Optional[Tensor], training: bool,
+                 momentum: float, cumulative: bool, eps: float, relu: bool
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """As multi_bn_fwd, plus x's per-plane mean and M2 ([2, N, C], for the mix gradient
+    through the mix-weighted statistics; empty with running statistics)."""
+    impl = _impl("mixed_bn", x, mix, weight, bias, running_mean, running_var, input_scale,
+                 film_gamma, film_beta)
+    return impl.bn_forward(x, None, mix, weight, bias, running_mean, running_var,
+                           num_batches_tracked, input_scale, film_gamma, film_beta,
+                           mix.shape[1], training, momentum, cumulative, eps, relu)
+
+
+@mixed_bn_fwd.register_fake
+def _(x, mix, weight, bias, running_mean, running_var, num_batches_tracked, input_scale,
+      film_gamma, film_beta, training, momentum, cumulative, eps, relu):
+    return _fake_forward(x, mix.shape[1], running_mean, num_batches_tracked, training, True)
+
+
+@torch.library.custom_op("fastrobust::mixed_bn_bwd", mutates_args=())
+def mixed_bn_bwd(dy: Tensor, x: Tensor, mix: Tensor, weight: Optional[Tensor],
+                 bias: Optional[Tensor], mean: Tensor, invstd: Tensor, planes: Tensor,
+                 input_scale: Optional[Tensor], film_gamma: Optional[Tensor],
+                 film_beta: Optional[Tensor], batch_stats: bool, relu: bool, needs: int
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (dx, dmix, dweight, dbias, dinput_scale, dfilm_gamma, dfilm_beta)."""
+    impl = _impl("mixed_bn", x, mix, weight, bias, mean, invstd, input_scale, film_gamma,
+                 film_beta)
+    return tuple(impl.bn_backward(dy, x, None, mix, weight, bias, mean, invstd, planes,
+                                  input_scale, film_gamma, film_beta, mix.shape[1],
+                                  batch_stats, relu, _unpack(needs)))
+
+
+@mixed_bn_bwd.register_fake
+def _(dy, x, mix, weight, bias, mean, invstd, planes, input_scale, film_gamma, film_beta,
+      batch_stats, relu, needs):
+    return _fake_backward(x, mix.shape[1], needs, True)
+
+
+# --- autograd of the two BN ops -------------------------------------------------------------
+
+def _needs(flags) -> int:
+    bits = (NEED_X, NEED_MIX, NEED_WEIGHT, NEED_BIAS, NEED_SCALE, NEED_GAMMA, NEED_BETA)
+    return sum(bit for bit, f in zip(bits, flags) if f)
+
+
+def _bn_setup(ctx, inputs, output, mixed):
+    (x, route, weight, bias, running_mean, _, _, input_scale, film_gamma, film_beta) = inputs[:10]
+    training = inputs[10] if mixed else inputs[11]
+    relu = inputs[-1]
+    _, mean, invstd, *rest = output
+    ctx.mark_non_differentiable(mean, invstd, *rest)
+    planes = rest[3] if mixed else None
+    ctx.save_for_backward(x, route, weight, bias, mean, invstd, planes, input_scale,
+                          film_gamma, film_beta)
+    ctx.num_branches = None if mixed else inputs[10]
     ctx.batch_stats = training or running_mean is None
-    ctx.param_dtypes = (None if weight is None else weight.dtype,
-                        None if bias is None else bias.dtype)
+    ctx.relu = relu
+    ctx.dtypes = [None if t is None else t.dtype
+                  for t in (x, route, weight, bias, input_scale, film_gamma, film_beta)]
 
 
-def _multi_bn_backward(ctx, dy, *_grads_of_statistics):
-    x, branch, weight, mean, invstd = ctx.saved_tensors
-    need_x, _, need_w, need_b = ctx.needs_input_grad[:4]
-    dx, dweight, dbias = torch.ops.fastrobust.multi_bn_bwd(
-        dy, x, branch, weight, mean, invstd, ctx.num_branches, ctx.batch_stats, need_w or need_b)
-    w_dtype, b_dtype = ctx.param_dtypes
-    return (dx if need_x else None, None,
-            dweight.to(w_dtype) if need_w else None,
-            dbias.to(b_dtype) if need_b else None,
-            None, None, None, None, None, None, None, None)
+def _bn_backward(ctx, dy, *_grads_of_statistics, mixed):
+    x, route, weight, bias, mean, invstd, planes, scale, gamma, beta = ctx.saved_tensors
+    ng = ctx.needs_input_grad
+    # Inputs: x, route, weight, bias, rm, rv, nbt, scale, gamma, beta, ...
+    flags = (ng[0], mixed and ng[1], ng[2], ng[3], ng[7], ng[8], ng[9])
+    needs = _needs(flags)
+    if mixed:
+        dx, dmix, dw, db, ds, dg, dbe = torch.ops.fastrobust.mixed_bn_bwd(
+            dy, x, route, weight, bias, mean, invstd, planes, scale, gamma, beta,
+            ctx.batch_stats, ctx.relu, needs)
+    else:
+        dx, dw, db, ds, dg, dbe = torch.ops.fastrobust.multi_bn_bwd(
+            dy, x, route, weight, bias, mean, invstd, scale, gamma, beta, ctx.num_branches,
+            ctx.batch_stats, ctx.relu, needs)
+        dmix = None
+    grads = [dx, dmix, dw, db, ds, dg, dbe]
+    out = [g.to(dt) if f and g is not None else None
+           for g, f, dt in zip(grads, flags, ctx.dtypes)]
+    dx, dmix, dw, db, ds, dg, dbe = out
+    tail = [None] * (5 if mixed else 6)  # the non-tensor arguments
+    return (dx, dmix, dw, db, None, None, None, ds, dg, dbe, *tail)
 
 
-multi_bn_fwd.register_autograd(_multi_bn_backward, setup_context=_multi_bn_setup)
+multi_bn_fwd.register_autograd(
+    lambda ctx, *g: _bn_backward(ctx, *g, mixed=False),
+    setup_context=lambda ctx, inputs, output: _bn_setup(ctx, inputs, output, False))
+mixed_bn_fwd.register_autograd(
+    lambda ctx, *g: _bn_backward(ctx, *g, mixed=True),
+    setup_context=lambda ctx, inputs, output: _bn_setup(ctx, inputs, output, True))
+
+
+# --- film: per-sample affine; also channel_scale and scale_filters --------------------------
+
+@torch.library.custom_op("fastrobust::film_fwd", mutates_args=())
+def film_fwd(x: Tensor, gamma: Optional[Tensor], beta: Optional[Tensor]) -> Tensor:
+    """y = γ[n,c]·x + β[n,c] with [N, C] γ, β (either may be None)."""
+    return _impl("film", x, gamma, beta).film_forward(x, gamma, beta)
+
+
+@film_fwd.register_fake
+def _(x, gamma, beta):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("fastrobust::film_bwd", mutates_args=())
+def film_bwd(dy: Tensor, x: Tensor, gamma: Optional[Tensor], needs: int
+             ) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (dx, dgamma, dbeta), [N, C] in the accumulation dtype; unneeded ones empty."""
+    nx, _, _, _, _, ng, nb = _unpack(needs)
+    return tuple(_impl("film", x, gamma).film_backward(dy, x, gamma, nx, ng, nb))
+
+
+@film_bwd.register_fake
+def _(dy, x, gamma, needs):
+    nx, _, _, _, _, ng, nb = _unpack(needs)
+    acc = acc_dtype(x)
+    N, C = x.shape[:2]
+    return (torch.empty_like(x) if nx else x.new_empty(0),
+            x.new_empty((N, C) if ng else (0,), dtype=acc),
+            x.new_empty((N, C) if nb else (0,), dtype=acc))
+
+
+def _film_setup(ctx, inputs, output):
+    x, gamma, beta = inputs
+    ctx.save_for_backward(x if gamma is not None else None, gamma)
+    ctx.dtypes = [None if t is None else t.dtype for t in (gamma, beta)]
+    ctx.x_meta = (x.shape, x.dtype)
+
+
+def _film_backward(ctx, dy):
+    x, gamma = ctx.saved_tensors
+    nx, ng, nb = ctx.needs_input_grad
+    if x is None:  # no γ: dx = dy and dβ = Σ_s dy need no x; a zero-copy stand-in
+        x = dy
+    needs = _needs((nx, False, False, False, False, ng, nb))
+    dx, dg, db = torch.ops.fastrobust.film_bwd(dy, x, gamma, needs)
+    g_dt, b_dt = ctx.dtypes
+    return (dx if nx else None, dg.to(g_dt) if ng else None, db.to(b_dt) if nb else None)
+
+
+film_fwd.register_autograd(_film_backward, setup_context=_film_setup)

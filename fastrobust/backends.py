@@ -25,7 +25,11 @@ from types import ModuleType
 import torch
 
 BACKENDS = ("eager", "cpu", "triton", "cuda")
-OPS = ("multi_bn",)
+OPS = ("multi_bn", "mixed_bn", "film")
+# The function each backend provides for an op (the BN ops share one engine), and the Triton
+# module that holds it (one module serves the whole per-sample affine family).
+_FORWARD = {"multi_bn": "bn_forward", "mixed_bn": "bn_forward", "film": "film_forward"}
+_TRITON_MODULE = {"multi_bn": "multi_bn", "mixed_bn": "multi_bn", "film": "multi_bn"}
 # Preference per device type; the first backend with no reasons serves the call.
 _PREFERENCE = {"cuda": ("cuda", "triton", "eager"), "cpu": ("cpu", "eager")}
 
@@ -57,7 +61,8 @@ def _triton_module(op: str):
     _, err = _load("triton", "triton")
     if err is not None:
         return None, f"triton not installed ({err})"
-    return _load(f"triton.{op}", f"fastrobust.kernels.{op}")
+    name = _TRITON_MODULE[op]
+    return _load(f"triton.{name}", f"fastrobust.kernels.{name}")
 
 
 def not_supported_reasons(backend: str, op: str, device: torch.device | str,
@@ -73,7 +78,7 @@ def not_supported_reasons(backend: str, op: str, device: torch.device | str,
         mod, why = extension()
         if mod is None:
             reasons.append(why)
-        elif not hasattr(mod, f"{op}_forward"):
+        elif not hasattr(mod, _FORWARD[op]):
             reasons.append(f"fastrobust._C has no CPU kernel for {op}")
         dtypes = {t.dtype for t in tensors if t is not None and t.is_floating_point()}
         if dtypes - {torch.float32, torch.float64} or len(dtypes) > 1:
@@ -98,7 +103,7 @@ def not_supported_reasons(backend: str, op: str, device: torch.device | str,
         elif not hasattr(mod, "cuda"):
             reasons.append("fastrobust._C was built without CUDA kernels "
                            "(CPU build of torch, or no CUDA toolkit at build time)")
-        elif not hasattr(mod.cuda, f"{op}_forward"):
+        elif not hasattr(mod.cuda, _FORWARD[op]):
             reasons.append(f"no CUDA C++ kernel for {op} yet")
         return reasons
     raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
@@ -142,11 +147,12 @@ def choose(op: str, device: torch.device | str, tensors: tuple = ()) -> str:
 
 
 def select(op: str, device: torch.device | str, tensors: tuple = ()) -> ModuleType:
-    """The module whose `{op}_forward` / `{op}_backward` serve this call."""
+    """The backend object whose functions (`bn_forward`/`bn_backward` for the BN ops,
+    `film_forward`/`film_backward` for film) serve this call."""
     name = choose(op, device, tensors)
     if name == "eager":
-        from . import reference
-        return reference
+        from ._engine import eager
+        return eager
     if name == "triton":
         return _triton_module(op)[0]
     if name == "cuda":

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from . import _ops  # noqa: F401 - registers torch.ops.fastrobust.*
 
-__all__ = ["multi_batch_norm"]
+__all__ = ["multi_batch_norm", "mixed_batch_norm", "film", "channel_scale", "scale_filters"]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -28,12 +28,69 @@ def _check_param(name: str, t: Tensor | None, x: Tensor, K: int) -> None:
         raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
 
 
+def _per_sample_arg(op: str, name: str, t: Tensor | None, x: Tensor) -> Tensor | None:
+    """An [N, C] or [C] per-(sample, channel) tensor, returned as a dense [N, C] (a [C] one is
+    broadcast over the batch; autograd sums its gradient back)."""
+    if t is None:
+        return None
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{op}: {name} must be a Tensor or None, got {type(t).__name__}")
+    N, C = x.shape[:2]
+    if t.shape not in ((N, C), (C,)):
+        raise ValueError(f"{op}: {name} must have shape [N, C] = [{N}, {C}] or [C] = [{C}], "
+                         f"got {list(t.shape)}")
+    if t.dtype not in _FLOATS:
+        raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
+    if t.device != x.device:
+        raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
+    return (t.expand(N, C) if t.dim() == 1 else t).contiguous()
+
+
+def _check_x(op: str, x) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{op}: x must be a Tensor, got {type(x).__name__}")
+    if x.dim() < 2:
+        raise ValueError(f"{op}: x must be [N, C, *spatial], got shape {list(x.shape)}")
+    if x.dtype not in _FLOATS:
+        raise TypeError(f"{op}: x must be floating point, got {x.dtype}")
+
+
+def _check_bn_args(op, x, K, weight, bias, running_mean, running_var, momentum,
+                   num_batches_tracked, training, activation):
+    if K < 1:
+        raise ValueError(f"{op}: num_branches must be >= 1, got {K}")
+    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
+                    ("running_var", running_var)):
+        _check_param(name, t, x, K)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{op}: pass both running_mean and running_var, or neither")
+    if num_batches_tracked is not None:
+        if num_batches_tracked.shape != (K,) or num_batches_tracked.dtype != torch.int64:
+            raise ValueError(f"{op}: num_batches_tracked must be int64 [{K}], got "
+                             f"{num_batches_tracked.dtype} {list(num_batches_tracked.shape)}")
+    elif momentum is None and training and running_mean is not None:
+        raise ValueError(f"{op}: momentum=None (cumulative average) needs num_batches_tracked")
+    if activation not in (None, "relu"):
+        raise ValueError(f"{op}: activation must be None or 'relu', got {activation!r}")
+
+
+def _store_running(training, running_mean, running_var, num_batches_tracked, new):
+    if training and running_mean is not None:
+        with torch.no_grad():
+            running_mean.copy_(new[0])
+            running_var.copy_(new[1])
+            if num_batches_tracked is not None:
+                num_batches_tracked.copy_(new[2])
+
+
 def multi_batch_norm(x: Tensor, branch: Tensor, weight: Tensor | None = None,
                      bias: Tensor | None = None, running_mean: Tensor | None = None,
                      running_var: Tensor | None = None, *, training: bool = False,
                      momentum: float | None = 0.1, eps: float = 1e-5,
                      num_branches: int | None = None,
-                     num_batches_tracked: Tensor | None = None) -> Tensor:
+                     num_batches_tracked: Tensor | None = None,
+                     input_scale: Tensor | None = None, film_gamma: Tensor | None = None,
+                     film_beta: Tensor | None = None, activation: str | None = None) -> Tensor:
     """Sample-routed batch norm: sample n is normalized by branch ``branch[n]``'s statistics
     and affine parameters (dual BN is K=2, K-way BN any K; shared/DESIGN.md §2.1).
 
@@ -48,53 +105,130 @@ def multi_batch_norm(x: Tensor, branch: Tensor, weight: Tensor | None = None,
         momentum: running-stat momentum; None is a cumulative average, which needs
             ``num_batches_tracked`` (``[K]`` int64, advanced for the branches updated).
         num_branches: K, needed only when weight, bias and running stats are all None.
+        input_scale: ``[N, C]`` or ``[C]``: x is multiplied by it *before* the statistics
+            (AW-Net's per-sample filter scaling of the preceding bias-free conv, DESIGN §2.4).
+        film_gamma, film_beta: ``[N, C]`` or ``[C]``: y = γ·BN(x) + β after the
+            normalization (OAT's FiLM, DESIGN §2.3).
+        activation: None or ``"relu"``, applied last.
 
-    Statistics accumulate in fp32 (fp64 for fp64 inputs); the output has x's dtype.
-    Differentiable in x, weight and bias.
+    Everything is one pass over x forward and one backward; the scaled input and the
+    pre-FiLM / pre-ReLU tensors are never written to memory. Statistics accumulate in fp32
+    (fp64 for fp64 inputs); the output has x's dtype. Differentiable in x, weight, bias and the
+    extras.
     """
-    if not isinstance(x, Tensor) or not isinstance(branch, Tensor):
-        raise TypeError("multi_batch_norm: x and branch must be Tensors")
-    if x.dim() < 2:
-        raise ValueError(f"multi_batch_norm: x must be [N, C, *spatial], got shape {list(x.shape)}")
-    if x.dtype not in _FLOATS:
-        raise TypeError(f"multi_batch_norm: x must be floating point, got {x.dtype}")
+    op = "multi_batch_norm"
+    _check_x(op, x)
+    if not isinstance(branch, Tensor):
+        raise TypeError(f"{op}: branch must be a Tensor, got {type(branch).__name__}")
     if branch.dtype.is_floating_point or branch.dtype.is_complex or branch.dtype == torch.bool:
-        raise TypeError(f"multi_batch_norm: branch must be an integer tensor (int64), "
-                        f"got {branch.dtype}")
+        raise TypeError(f"{op}: branch must be an integer tensor (int64), got {branch.dtype}")
     if branch.shape != (x.shape[0],):
-        raise ValueError(f"multi_batch_norm: branch must have shape [N] = [{x.shape[0]}], "
+        raise ValueError(f"{op}: branch must have shape [N] = [{x.shape[0]}], "
                          f"got {list(branch.shape)}")
     if branch.device != x.device:
-        raise ValueError(f"multi_batch_norm: branch is on {branch.device} but x is on {x.device}")
+        raise ValueError(f"{op}: branch is on {branch.device} but x is on {x.device}")
     K = num_branches
     for t in (weight, bias, running_mean, running_var):
         if K is None and isinstance(t, Tensor) and t.dim() >= 1:
             K = t.shape[0]
     if K is None:
-        raise ValueError("multi_batch_norm: pass num_branches when weight, bias and running "
-                         "stats are all None")
-    if K < 1:
-        raise ValueError(f"multi_batch_norm: num_branches must be >= 1, got {K}")
-    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
-                    ("running_var", running_var)):
-        _check_param(name, t, x, K)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("multi_batch_norm: pass both running_mean and running_var, or neither")
+        raise ValueError(f"{op}: pass num_branches when weight, bias and running stats are "
+                         "all None")
+    _check_bn_args(op, x, K, weight, bias, running_mean, running_var, momentum,
+                   num_batches_tracked, training, activation)
+    extras = [_per_sample_arg(op, n, t, x) for n, t in (
+        ("input_scale", input_scale), ("film_gamma", film_gamma), ("film_beta", film_beta))]
     cumulative = momentum is None
-    if num_batches_tracked is not None:
-        if num_batches_tracked.shape != (K,) or num_batches_tracked.dtype != torch.int64:
-            raise ValueError(f"multi_batch_norm: num_batches_tracked must be int64 [{K}], got "
-                             f"{num_batches_tracked.dtype} {list(num_batches_tracked.shape)}")
-    elif cumulative and training and running_mean is not None:
-        raise ValueError("multi_batch_norm: momentum=None (cumulative average) needs "
-                         "num_batches_tracked")
-    y, _, _, new_mean, new_var, new_count = torch.ops.fastrobust.multi_bn_fwd(
-        x, branch.long(), weight, bias, running_mean, running_var, num_batches_tracked, K,
-        training, 0.0 if cumulative else float(momentum), cumulative, float(eps))
-    if training and running_mean is not None:
-        with torch.no_grad():
-            running_mean.copy_(new_mean)
-            running_var.copy_(new_var)
-            if num_batches_tracked is not None:
-                num_batches_tracked.copy_(new_count)
+    y, _, _, *new = torch.ops.fastrobust.multi_bn_fwd(
+        x, branch.long(), weight, bias, running_mean, running_var, num_batches_tracked, *extras,
+        K, training, 0.0 if cumulative else float(momentum), cumulative, float(eps),
+        activation == "relu")
+    _store_running(training, running_mean, running_var, num_batches_tracked, new)
     return y
+
+
+def mixed_batch_norm(x: Tensor, mix: Tensor, weight: Tensor | None = None,
+                     bias: Tensor | None = None, running_mean: Tensor | None = None,
+                     running_var: Tensor | None = None, *, training: bool = False,
+                     momentum: float | None = 0.1, eps: float = 1e-5,
+                     num_batches_tracked: Tensor | None = None,
+                     input_scale: Tensor | None = None, film_gamma: Tensor | None = None,
+                     film_beta: Tensor | None = None, activation: str | None = None) -> Tensor:
+    """Soft-mixed batch norm (DESIGN §2.2): y_n = Σ_k mix[n,k]·BN_k(x)_n, in one pass.
+
+    AW-Net's MixBN at test time, (1-P)·BN_adv + P·BN_nat, and AFA's weight-generator mixing of
+    two branches are K=2 instances.
+
+    Args:
+        x: ``[N, C, *spatial]``, any memory format.
+        mix: float ``[N, K]`` mixing weights; rows need not sum to 1. In training (batch
+            statistics) they must be >= 0: branch k's statistics are mix-weighted over the
+            batch, μ_k = Σ_n mix_nk Σ_s x / (S·Σ_n mix_nk), the variance likewise.
+        weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps: as in
+            :func:`multi_batch_norm`; a branch's running stats are updated when its weighted
+            count S·Σ_n mix_nk is at least 2.
+        input_scale, film_gamma, film_beta, activation: the fused extras of
+            :func:`multi_batch_norm`.
+
+    With a one-hot ``mix`` it equals :func:`multi_batch_norm` with the matching ``branch``
+    (forward, gradients and running stats). Differentiable in x, mix, weight, bias and the
+    extras, in training and in eval.
+    """
+    op = "mixed_batch_norm"
+    _check_x(op, x)
+    if not isinstance(mix, Tensor):
+        raise TypeError(f"{op}: mix must be a Tensor, got {type(mix).__name__}")
+    if mix.dim() != 2 or mix.shape[0] != x.shape[0]:
+        raise ValueError(f"{op}: mix must have shape [N, K] with N = {x.shape[0]}, "
+                         f"got {list(mix.shape)}")
+    if mix.dtype not in _FLOATS:
+        raise TypeError(f"{op}: mix must be a floating-point tensor, got {mix.dtype}")
+    if mix.device != x.device:
+        raise ValueError(f"{op}: mix is on {mix.device} but x is on {x.device}")
+    K = mix.shape[1]
+    _check_bn_args(op, x, K, weight, bias, running_mean, running_var, momentum,
+                   num_batches_tracked, training, activation)
+    extras = [_per_sample_arg(op, n, t, x) for n, t in (
+        ("input_scale", input_scale), ("film_gamma", film_gamma), ("film_beta", film_beta))]
+    cumulative = momentum is None
+    y, _, _, *new = torch.ops.fastrobust.mixed_bn_fwd(
+        x, mix, weight, bias, running_mean, running_var, num_batches_tracked, *extras,
+        training, 0.0 if cumulative else float(momentum), cumulative, float(eps),
+        activation == "relu")
+    _store_running(training, running_mean, running_var, num_batches_tracked, new)
+    return y
+
+
+def film(x: Tensor, gamma: Tensor | None = None, beta: Tensor | None = None) -> Tensor:
+    """Feature-wise affine modulation (FiLM, DESIGN §2.3): y = γ[n,c]·x + β[n,c].
+
+    ``gamma`` and ``beta`` are ``[N, C]`` (per sample) or ``[C]``; either may be None.
+    Differentiable in x, γ and β. After a batch norm, prefer the fused ``film_gamma`` /
+    ``film_beta`` arguments of :func:`multi_batch_norm` (one pass instead of two)."""
+    op = "film"
+    _check_x(op, x)
+    g, b = _per_sample_arg(op, "gamma", gamma, x), _per_sample_arg(op, "beta", beta, x)
+    return torch.ops.fastrobust.film_fwd(x, g, b)
+
+
+def channel_scale(x: Tensor, scale: Tensor) -> Tensor:
+    """y = scale[n,c]·x with ``scale`` ``[N, C]`` or ``[C]`` (DESIGN §2.4): AW-Net's filter-wise
+    scaling of a bias-free conv, applied to its output, since conv(x, ω⊙W) = ω[c]·conv(x, W).
+    Before a batch norm, prefer its fused ``input_scale`` (the scaled tensor is never
+    written)."""
+    if scale is None:
+        raise TypeError("channel_scale: scale must be a Tensor")
+    return film(x, scale, None)
+
+
+def scale_filters(weight: Tensor, omega: Tensor) -> Tensor:
+    """The weight-side form of filter-wise scaling for a shared ω (DESIGN §2.4): filter m of
+    ``weight`` ``[C_out, ...]`` times ``omega[m]`` (``[C_out]``). Differentiable in both."""
+    if not isinstance(weight, Tensor) or weight.dim() < 1:
+        raise ValueError("scale_filters: weight must be a [C_out, ...] Tensor")
+    if not isinstance(omega, Tensor) or omega.shape != (weight.shape[0],):
+        raise ValueError(f"scale_filters: omega must have shape [C_out] = [{weight.shape[0]}], "
+                         f"got {list(getattr(omega, 'shape', []))}")
+    # As a [1, C_out, ...] activation, the filters are the channels.
+    w = weight.unsqueeze(0) if weight.dim() > 1 else weight[None, :]
+    return film(w, omega, None).squeeze(0)

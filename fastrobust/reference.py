@@ -5,6 +5,9 @@ take its gradients as the truth. `multi_bn_forward` / `multi_bn_backward` are th
 explicit forward and backward passes with the signatures of the compiled kernels; they are the
 "eager" backend that serves when no kernel can (e.g. CPU without `fastrobust._C`).
 
+The explicit forward/backward passes that serve as the "eager" backend live in
+`fastrobust._engine` (`eager`), over the same helpers.
+
 Math (shared/DESIGN.md §2.1), for sample n routed to branch k = branch[n], channel c:
     μ_kc, σ²_kc = mean and biased variance over {x[n', c, s] : branch[n'] = k}
     y = (x - μ_kc) · r_kc · w_kc + b_kc,   r_kc = 1 / sqrt(σ²_kc + eps)
@@ -34,6 +37,18 @@ def check_branch_values(branch: Tensor, num_branches: int) -> None:
     else:
         torch._assert_async(in_range,
                             f"multi_batch_norm: branch id out of range [0, {num_branches})")
+
+
+def check_mix_values(mix: Tensor) -> None:
+    """Mix-weighted statistics need non-negative weights (a negative one can make a variance
+    negative): raised at once on CPU, asserted asynchronously on the device elsewhere."""
+    ok = (mix >= 0).all()
+    if mix.device.type == "cpu":
+        if not bool(ok):
+            raise ValueError("mixed_batch_norm: mix weights must be >= 0 when the statistics "
+                             f"are mix-weighted (training); smallest is {mix.min().item()}")
+    else:
+        torch._assert_async(ok, "mixed_batch_norm: mix weights must be >= 0 in training")
 
 
 def _per_branch_sum(t: Tensor, branch: Tensor, num_branches: int) -> Tensor:
@@ -88,16 +103,41 @@ def _per_sample(t: Tensor, branch: Tensor, ndim: int) -> Tensor:
     return t[branch].reshape(*t[branch].shape, *([1] * (ndim - 2)))
 
 
+def _extras_in(x: Tensor, input_scale):
+    u = x.to(acc_dtype(x))
+    return u if input_scale is None else u * _bc(input_scale.to(u.dtype), x.dim())
+
+
+def _extras_out(y: Tensor, film_gamma, film_beta, activation):
+    if film_gamma is not None:
+        y = y * _bc(film_gamma.to(y.dtype), y.dim())
+    if film_beta is not None:
+        y = y + _bc(film_beta.to(y.dtype), y.dim())
+    if activation == "relu":
+        y = torch.relu(y)
+    elif activation is not None:
+        raise ValueError(f"activation must be None or 'relu', got {activation!r}")
+    return y
+
+
+def _bc(t: Tensor, ndim: int) -> Tensor:
+    """[N, C] or [C] → broadcastable against an [N, C, *spatial] tensor."""
+    return t.reshape(*t.shape, *([1] * (ndim - 2)))
+
+
 def multi_batch_norm(x, branch, weight=None, bias=None, running_mean=None, running_var=None, *,
                      num_branches: int | None = None, training: bool = True,
                      momentum: float | None = 0.1, eps: float = 1e-5,
-                     num_batches_tracked=None) -> Tensor:
-    """Differentiable reference of fastrobust.functional.multi_batch_norm."""
+                     num_batches_tracked=None, input_scale=None, film_gamma=None,
+                     film_beta=None, activation=None) -> Tensor:
+    """Differentiable reference of fastrobust.functional.multi_batch_norm: u = input_scale·x,
+    routed BN of u, then y = act(film_gamma·BN + film_beta)."""
     K = num_branches if num_branches is not None else _infer_k(weight, running_mean)
     acc = acc_dtype(x)
+    u = _extras_in(x, input_scale)
     batch_stats = training or running_mean is None
     if batch_stats:
-        count, mean, var = branch_moments(x, branch, K)
+        count, mean, var = branch_moments(u, branch, K)
         if training and running_mean is not None:
             new = updated_running_stats(running_mean, running_var, num_batches_tracked,
                                         mean.detach(), var.detach(), count, momentum or 0.0,
@@ -111,9 +151,66 @@ def multi_batch_norm(x, branch, weight=None, bias=None, running_mean=None, runni
         mean, var = running_mean.to(acc, copy=True), running_var.to(acc)
     invstd = torch.rsqrt(var + eps)
     scale = invstd if weight is None else invstd * weight.to(acc)
-    y = (x.to(acc) - _per_sample(mean, branch, x.dim())) * _per_sample(scale, branch, x.dim())
+    y = (u - _per_sample(mean, branch, x.dim())) * _per_sample(scale, branch, x.dim())
     if bias is not None:
         y = y + _per_sample(bias.to(acc), branch, x.dim())
+    return _extras_out(y, film_gamma, film_beta, activation).to(x.dtype)
+
+
+def mixed_batch_norm(x, mix, weight=None, bias=None, running_mean=None, running_var=None, *,
+                     training: bool = True, momentum: float | None = 0.1, eps: float = 1e-5,
+                     num_batches_tracked=None, input_scale=None, film_gamma=None,
+                     film_beta=None, activation=None) -> Tensor:
+    """Differentiable reference of fastrobust.functional.mixed_batch_norm (DESIGN §2.2):
+    y_n = Σ_k mix[n,k]·BN_k(u)_n, BN_k with mix-weighted batch statistics in training."""
+    acc = acc_dtype(x)
+    K = mix.shape[1]
+    m = mix.to(acc)
+    u = _extras_in(x, input_scale)
+    us = u.flatten(2) if u.dim() > 2 else u[:, :, None]  # [N, C, S]
+    S = us.shape[2]
+    if training or running_mean is None:
+        W = m.sum(0)  # [K]: each branch's weighted sample count
+        denom = torch.where(W > 0, W * S, torch.ones_like(W))[:, None]
+        mean = torch.einsum("nk,nc->kc", m, us.sum(2)) / denom
+        sq = (us[:, None] - mean[None, :, :, None]).square().sum(3)  # [N, K, C]
+        var = torch.einsum("nk,nkc->kc", m, sq) / denom
+        if training and running_mean is not None:
+            new = updated_running_stats(running_mean, running_var, num_batches_tracked,
+                                        mean.detach(), var.detach(), W.detach() * S,
+                                        momentum or 0.0, momentum is None)
+            with torch.no_grad():
+                running_mean.copy_(new[0])
+                running_var.copy_(new[1])
+                if num_batches_tracked is not None:
+                    num_batches_tracked.copy_(new[2])
+    else:
+        mean, var = running_mean.to(acc), running_var.to(acc)
+    nd = x.dim()
+
+    def chan(t):  # [C] → [1, C, 1, ...]
+        return t.to(acc).reshape(1, -1, *([1] * (nd - 2)))
+
+    y = 0
+    for k in range(K):
+        bn_k = (u - chan(mean[k])) * chan(torch.rsqrt(var[k] + eps))
+        if weight is not None:
+            bn_k = bn_k * chan(weight[k])
+        if bias is not None:
+            bn_k = bn_k + chan(bias[k])
+        y = y + m[:, k].reshape(-1, *([1] * (nd - 1))) * bn_k
+    return _extras_out(y, film_gamma, film_beta, activation).to(x.dtype)
+
+
+def film(x, gamma=None, beta=None) -> Tensor:
+    """Reference of fastrobust.functional.film: y = γ[n,c]·x + β[n,c] ([N, C] or [C])."""
+    acc = acc_dtype(x)
+    y = x.to(acc)
+    for t, op in ((gamma, torch.mul), (beta, torch.add)):
+        if t is not None:
+            t = t.to(acc)
+            y = op(y, t.reshape(1, -1, *([1] * (x.dim() - 2))) if t.dim() == 1
+                   else _bc(t, x.dim()))
     return y.to(x.dtype)
 
 
@@ -124,53 +221,3 @@ def _infer_k(*tensors) -> int:
     raise ValueError("num_branches is needed when weight and running stats are all None")
 
 
-# --- the "eager" backend: explicit forward and backward with the kernels' signatures ---------
-
-@torch.no_grad()
-def multi_bn_forward(x, branch, weight, bias, running_mean, running_var, num_batches_tracked,
-                     num_branches, training, momentum, cumulative, eps):
-    check_branch_values(branch, num_branches)
-    acc = acc_dtype(x)
-    new_running = no_running_update(x)
-    if training or running_mean is None:
-        count, mean, var = branch_moments(x, branch, num_branches)
-        if training and running_mean is not None:
-            new_running = updated_running_stats(running_mean, running_var, num_batches_tracked,
-                                                mean, var, count, momentum, cumulative)
-    else:
-        mean, var = running_mean.to(acc, copy=True), running_var.to(acc)
-    invstd = torch.rsqrt(var + eps)
-    a = invstd if weight is None else invstd * weight.to(acc)
-    d = -mean * a if bias is None else bias.to(acc) - mean * a
-    y = x.to(acc) * _per_sample(a, branch, x.dim()) + _per_sample(d, branch, x.dim())
-    return (y.to(x.dtype), mean, invstd, *new_running)
-
-
-@torch.no_grad()
-def multi_bn_backward(dy, x, branch, weight, mean, invstd, num_branches, batch_stats,
-                      need_param_grads):
-    acc = mean.dtype
-    K, C = mean.shape
-    nd = x.dim()
-    xhat = (x.to(acc) - _per_sample(mean, branch, nd)) * _per_sample(invstd, branch, nd)
-    dy_ = dy.to(acc)
-    sum_dims = tuple(range(2, nd))
-
-    def per_branch(t):  # Σ over spatial and over the samples of each branch → [K, C]
-        return _per_branch_sum(t.sum(sum_dims) if sum_dims else t, branch, K)
-
-    w = torch.ones_like(invstd) if weight is None else weight.to(acc)
-    if batch_stats or need_param_grads:
-        sdy, sdyxhat = per_branch(dy_), per_branch(dy_ * xhat)
-    if batch_stats:
-        count = _per_branch_sum(torch.ones_like(branch, dtype=acc), branch, K)
-        m = (count * (x[0, 0].numel() if x.shape[0] else 1)).clamp_min(1)[:, None]
-        dx = _per_sample(w * invstd, branch, nd) * (
-            dy_ - _per_sample(sdy / m, branch, nd) - xhat * _per_sample(sdyxhat / m, branch, nd))
-    else:
-        dx = dy_ * _per_sample(w * invstd, branch, nd)
-    if need_param_grads:
-        dweight, dbias = sdyxhat, sdy
-    else:
-        dweight, dbias = x.new_empty((0, C), dtype=acc), x.new_empty((0, C), dtype=acc)
-    return dx.to(x.dtype), dweight, dbias

@@ -1,0 +1,287 @@
+"""Explicit forward and backward passes of the per-sample affine family (shared/DESIGN.md
+§2.1-2.4), written once over a small set of "leaves" (the passes over the activation).
+
+Every op of the family is y = act(A[n,c]·x + D[n,c]) with per-plane coefficients (a plane is
+one (n, c)), so one elementwise pass serves them all:
+
+    routed BN   sample n uses branch k = branch[n]        (routing weights M = one-hot)
+    mixed BN    y_n = Σ_k mix[n,k]·BN_k(x)_n                (routing weights M = mix)
+    extras      u = input_scale·x before statistics; f = γ·BN(u) + β after; y = relu(f)
+    film        y = γ·x + β
+
+Forward:  per-plane moments of x (one pass) → per-(branch, channel) statistics from the
+          routing weights (tiny [N, K, C] math) → coefficients A, D → one affine pass.
+Backward: per-plane Σg and Σg·(x - c) (one pass; g = dy masked by the ReLU, recomputed from x)
+          → tiny math → one pass writing dx = s·(P·g + Q·x + R) and, when the input scale
+          needs a gradient, Σ x·(P·g + Q·x + R) per plane alongside.
+Neither the scaled input, nor the pre-FiLM or pre-ReLU tensor is ever written to memory.
+
+The derivation (weighted statistics; sums over n, s; m_k = S·Σ_n M_nk; a = w·r):
+    ∂L/∂u = Σ_k M_nk·a_k·[dz - (T1_k + x̂_k·T2_k)/m_k],   dz = γ·g
+    T1_k = Σ M_nk·dz = dbias_k,   T2_k = Σ M_nk·dz·x̂_k = dweight_k
+    ∂L/∂M_nk = Σ_c,s dz·(a_k·(u - μ_k) + b_k)
+               - Σ_c a_k·[T1_k·(ū_nc - μ_k) + ½·r_k·T2_k·(Q_nkc/S - σ²_k)]/W_k   (training)
+with ū, Q_nkc = M2_u + S·(ū - μ_k)² the plane's mean and centred sum of squares.
+
+The eager backend runs this with torch leaves (`eager`); the Triton backend with Triton
+kernels (`fastrobust.kernels.multi_bn`). The C++ backend is the same algorithm in C++.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .reference import acc_dtype, check_branch_values, check_mix_values, no_running_update, \
+    updated_running_stats
+
+
+# --- tiny [N, K, C] helpers (NaN-safe: a zero routing weight never multiplies a value) -------
+
+def routing_weights(branch: Tensor | None, mix: Tensor | None, K: int, acc) -> Tensor:
+    """[N, K] routing weights: the mix itself, or the one-hot of branch (no host sync)."""
+    if mix is not None:
+        return mix.to(acc)
+    return (branch[:, None] == torch.arange(K, device=branch.device)).to(acc)
+
+
+def _masked(M: Tensor, t: Tensor) -> Tensor:
+    """M[n, k]·t[n, k, c], with exact zeros where M is zero."""
+    Mb = M[:, :, None]
+    return torch.where(Mb != 0, Mb * t, 0.0)
+
+
+def to_branches(M: Tensor, t: Tensor) -> Tensor:
+    """Σ_n M[n,k]·t[n,(k,)c] → [K, C]; t is [N, C] or [N, K, C]."""
+    return _masked(M, t if t.dim() == 3 else t[:, None, :]).sum(0)
+
+
+def to_planes(M: Tensor, t: Tensor) -> Tensor:
+    """Σ_k M[n,k]·t[k,c] → [N, C]."""
+    return _masked(M, t[None]).sum(1)
+
+
+def _nonzero(t: Tensor) -> Tensor:
+    return torch.where(t != 0, t, torch.ones_like(t))
+
+
+def plane_size(x: Tensor) -> int:
+    S = 1
+    for d in x.shape[2:]:
+        S *= d
+    return S
+
+
+class Engine:
+    """The explicit passes over a set of leaves (see the module docstring)."""
+
+    def __init__(self, leaves):
+        self.leaves = leaves
+
+    # -- statistics and coefficients --------------------------------------------------------
+
+    @staticmethod
+    def branch_stats(M, pmean, pm2, S, scale):
+        """Per-(k, c) mean, biased variance and weighted value count m_k = S·Σ_n M_nk, from
+        the planes' moments of x (scaled to u = scale·x)."""
+        um, um2 = (pmean, pm2) if scale is None else (scale * pmean, scale * scale * pm2)
+        W = M.sum(0)
+        mean = to_branches(M, um) / _nonzero(W)[:, None]
+        q = um2[:, None, :] + S * (um[:, None, :] - mean[None]).square()  # [N, K, C]
+        var = to_branches(M, q) / _nonzero(W * S)[:, None]
+        return mean, var, W * S
+
+    @staticmethod
+    def coefficients(M, weight, bias, mean, invstd, scale, gamma, beta):
+        """Ap, Dp: the BN part, z = Ap·u + Dp; A, D: the whole op, f = A·x + D."""
+        acc = mean.dtype
+        a = invstd if weight is None else invstd * weight.to(acc)
+        d = -mean * a if bias is None else bias.to(acc) - mean * a
+        Ap, Dp = to_planes(M, a), to_planes(M, d)
+        A = Ap if scale is None else Ap * scale
+        D = Dp
+        if gamma is not None:
+            A, D = A * gamma, D * gamma
+        if beta is not None:
+            D = D + beta
+        return a, d, Ap, Dp, A, D
+
+    # -- the BN family -----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def bn_forward(self, x, branch, mix, weight, bias, running_mean, running_var,
+                   num_batches_tracked, input_scale, film_gamma, film_beta, num_branches,
+                   training, momentum, cumulative, eps, relu):
+        """Returns (y, mean, invstd, new_running_mean, new_running_var,
+        new_num_batches_tracked, plane_moments); plane_moments is [2, N, C] (x's per-plane
+        mean and M2, for the mix gradient) for a mixed op with batch statistics, else empty."""
+        K = num_branches
+        if branch is not None:
+            check_branch_values(branch, K)
+        elif training or running_mean is None:
+            check_mix_values(mix)
+        acc = acc_dtype(x)
+        M = routing_weights(branch, mix, K, acc)
+        s, gamma, beta = (None if t is None else t.to(acc)
+                          for t in (input_scale, film_gamma, film_beta))
+        new_running = no_running_update(x)
+        planes = x.new_empty(0, dtype=acc)
+        if training or running_mean is None:
+            pmean, pm2 = self.leaves.plane_moments(x, acc)
+            mean, var, count = self.branch_stats(M, pmean, pm2, plane_size(x), s)
+            if training and running_mean is not None:
+                new_running = updated_running_stats(running_mean, running_var,
+                                                    num_batches_tracked, mean, var, count,
+                                                    momentum, cumulative)
+            if mix is not None:
+                planes = torch.stack((pmean, pm2))
+        else:
+            mean, var = running_mean.to(acc, copy=True), running_var.to(acc)
+        invstd = torch.rsqrt(var + eps)
+        *_, A, D = self.coefficients(M, weight, bias, mean, invstd, s, gamma, beta)
+        y = self.leaves.affine(x, A, D, relu)
+        return (y, mean, invstd, *new_running, planes)
+
+    @torch.no_grad()
+    def bn_backward(self, dy, x, branch, mix, weight, bias, mean, invstd, planes, input_scale,
+                    film_gamma, film_beta, num_branches, batch_stats, relu, needs):
+        """needs = (x, mix, weight, bias, input_scale, film_gamma, film_beta) flags. Returns
+        (dx, dmix, dweight, dbias, dscale, dgamma, dbeta); an unneeded one is empty."""
+        need_x, need_mix, need_w, need_b, need_s, need_g, need_be = needs
+        K, C = mean.shape
+        acc = mean.dtype
+        N, S = x.shape[0], plane_size(x)
+        M = routing_weights(branch, mix, K, acc)
+        s, gamma, beta = (None if t is None else t.to(acc)
+                          for t in (input_scale, film_gamma, film_beta))
+        a, d, Ap, Dp, A, D = self.coefficients(M, weight, bias, mean, invstd, s, gamma, beta)
+        # Centre of the Σg·x sums, in x's units: the plane's mixture of branch means.
+        cu = to_planes(M, mean) / _nonzero(M.sum(1))[:, None]
+        c = cu if s is None else torch.where(s != 0, cu / _nonzero(s), 0.0)
+        G1, G2 = self.leaves.grad_sums(dy, x, c, (A, D) if relu else None, acc)
+        sG2, sc = (G2, c) if s is None else (s * G2, s * c)
+        Z1, Z2 = (G1, sG2) if gamma is None else (gamma * G1, gamma * sG2)
+        Zu = Z2 + sc * Z1  # Σ_s dz·u per plane
+        T1 = to_branches(M, Z1)
+        T2 = invstd * (to_branches(M, Zu) - mean * T1)
+        empty = x.new_empty(0, dtype=acc)
+        dweight = T2 if need_w else empty
+        dbias = T1 if need_b else empty
+        dbeta = G1 if need_be else empty
+        dgamma = Ap * (sG2 + sc * G1) + Dp * G1 if need_g else empty
+        # ∂L/∂u = (γ·α)·g + β·u + δ, α = Ap.
+        P = Ap if gamma is None else Ap * gamma
+        if batch_stats:
+            W = M.sum(0)
+            m = _nonzero(W * S)[:, None]
+            Q = to_planes(M, -a * invstd * T2 / m)
+            R = to_planes(M, a * (invstd * T2 * mean - T1) / m)
+            if s is not None:
+                Q = Q * s
+        else:
+            Q, R = None, torch.zeros_like(P)
+        dx, dot = x.new_empty(0), None
+        if need_x or need_s:
+            dx, dot = self.leaves.backward_affine(dy, x, P, Q, R, s, (A, D) if relu else None,
+                                                  need_s, acc)
+            if not need_x:
+                dx = x.new_empty(0)
+        dscale = dot if need_s else empty
+        dmix = empty
+        if need_mix:
+            dmix = Zu @ a.T + Z1 @ d.T  # Σ_c,s dz·BN_k(u): the direct term
+            if batch_stats:  # and the path through the mix-weighted statistics
+                pmean, pm2 = planes[0], planes[1]
+                um, um2 = (pmean, pm2) if s is None else (s * pmean, s * s * pm2)
+                _, var, _ = self.branch_stats(M, pmean, pm2, S, s)
+                W = _nonzero(M.sum(0))[:, None]  # [K, 1]
+                du = um[:, None, :] - mean[None]  # [N, K, C]
+                q = um2[:, None, :] / max(S, 1) + du.square()
+                dmix = dmix - ((a * T1 / W)[None] * du
+                               + (0.5 * a * invstd * T2 / W)[None] * (q - var[None])).sum(2)
+        return dx, dmix, dweight, dbias, dscale, dgamma, dbeta
+
+    # -- FiLM / channel scale ----------------------------------------------------------------
+
+    @torch.no_grad()
+    def film_forward(self, x, gamma, beta):
+        """y = γ·x + β with [N, C] γ, β (either may be None)."""
+        acc = acc_dtype(x)
+        N, C = x.shape[:2]
+        A = torch.ones(N, C, dtype=acc, device=x.device) if gamma is None else gamma.to(acc)
+        D = torch.zeros(N, C, dtype=acc, device=x.device) if beta is None else beta.to(acc)
+        return self.leaves.affine(x, A, D, False)
+
+    @torch.no_grad()
+    def film_backward(self, dy, x, gamma, need_x, need_gamma, need_beta):
+        """Returns (dx, dgamma [N, C], dbeta [N, C]); an unneeded one is empty."""
+        acc = acc_dtype(x)
+        N, C = x.shape[:2]
+        empty = x.new_empty(0, dtype=acc)
+        dx, dgamma, dbeta = x.new_empty(0), empty, empty
+        if need_x:
+            A = torch.ones(N, C, dtype=acc, device=x.device) if gamma is None else gamma.to(acc)
+            dx = self.leaves.affine(dy, A, torch.zeros_like(A), False)
+            dx = dx.to(x.dtype)
+        if need_gamma or need_beta:
+            G1, G2 = self.leaves.grad_sums(dy, x, torch.zeros(N, C, dtype=acc, device=x.device),
+                                           None, acc)
+            dgamma = G2 if need_gamma else empty
+            dbeta = G1 if need_beta else empty
+        return dx, dgamma, dbeta
+
+
+# --- torch leaves: the eager backend -----------------------------------------------------------
+
+def _b(t: Tensor, nd: int) -> Tensor:
+    """[N, C] → [N, C, 1, ...] broadcastable against an nd-dim activation."""
+    return t.reshape(*t.shape, *([1] * (nd - 2)))
+
+
+class TorchLeaves:
+    """The passes in plain PyTorch (clear, not fast)."""
+
+    @staticmethod
+    def plane_moments(x, acc):
+        xs = x.to(acc).flatten(2) if x.dim() > 2 else x.to(acc)[:, :, None]
+        mean = xs.mean(2) if xs.shape[2] else xs.sum(2)
+        return mean, (xs - mean[:, :, None]).square().sum(2)
+
+    @staticmethod
+    def grad_sums(dy, x, center, mask, acc):
+        g = dy.to(acc)
+        nd = x.dim()
+        if mask is not None:
+            A, D = mask
+            g = torch.where(_b(A, nd) * x.to(acc) + _b(D, nd) <= 0, 0.0, g)
+        dims = tuple(range(2, nd))
+        xc = x.to(acc) - _b(center, nd)
+        return (g.sum(dims), (g * xc).sum(dims)) if dims else (g, g * xc)
+
+    @staticmethod
+    def affine(x, A, D, relu):
+        nd = x.dim()
+        f = _b(A, nd) * x.to(A.dtype) + _b(D, nd)
+        if relu:
+            f = torch.where(f <= 0, 0.0, f)
+        return f.to(x.dtype)
+
+    @staticmethod
+    def backward_affine(dy, x, P, Q, R, out_scale, mask, want_dot, acc):
+        nd = x.dim()
+        g = dy.to(acc)
+        xa = x.to(acc)
+        if mask is not None:
+            A, D = mask
+            g = torch.where(_b(A, nd) * xa + _b(D, nd) <= 0, 0.0, g)
+        v = _b(P, nd) * g + _b(R, nd)
+        if Q is not None:
+            v = v + _b(Q, nd) * xa
+        dot = None
+        if want_dot:
+            dims = tuple(range(2, nd))
+            dot = (xa * v).sum(dims) if dims else xa * v
+        dx = v if out_scale is None else _b(out_scale, nd) * v
+        return dx.to(x.dtype), dot
+
+
+eager = Engine(TorchLeaves())
