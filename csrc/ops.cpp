@@ -10,10 +10,12 @@
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastrobust compiled kernels (CPU C++; CUDA C++ where built)";
-  m.def("multi_bn_forward", &fastrobust::cpu::multi_bn_forward,
-        "multi-branch batch norm forward (CPU)");
-  m.def("multi_bn_backward", &fastrobust::cpu::multi_bn_backward,
-        "multi-branch batch norm backward (CPU)");
+  m.def("bn_forward", &fastrobust::cpu::bn_forward,
+        "routed (branch) or mixed (mix) batch norm forward with fused extras (CPU)");
+  m.def("bn_backward", &fastrobust::cpu::bn_backward,
+        "routed or mixed batch norm backward (CPU)");
+  m.def("film_forward", &fastrobust::cpu::film_forward, "FiLM y = gamma*x + beta (CPU)");
+  m.def("film_backward", &fastrobust::cpu::film_backward, "FiLM backward (CPU)");
 #ifdef FASTROBUST_WITH_CUDA
   // CUDA kernels live in the submodule `cuda`, under the same names as the CPU ones.
   auto cuda = m.def_submodule("cuda", "CUDA C++ kernels");

@@ -163,18 +163,26 @@ class Engine:
         Zu = Z2 + sc * Z1  # Σ_s dz·u per plane
         T1 = to_branches(M, Z1)
         T2 = invstd * (to_branches(M, Zu) - mean * T1)
-        empty = x.new_empty(0, dtype=acc)
-        dweight = T2 if need_w else empty
-        dbias = T1 if need_b else empty
-        dbeta = G1 if need_be else empty
-        dgamma = Ap * (sG2 + sc * G1) + Dp * G1 if need_g else empty
+        def empty():  # a fresh one each time: the op's outputs must not alias each other
+            return x.new_empty(0, dtype=acc)
+
+        dweight = T2 if need_w else empty()
+        dbias = T1 if need_b else empty()
+        dbeta = G1 if need_be else empty()
+        dgamma = Ap * (sG2 + sc * G1) + Dp * G1 if need_g else empty()
         # ∂L/∂u = (γ·α)·g + β·u + δ, α = Ap.
         P = Ap if gamma is None else Ap * gamma
         if batch_stats:
             W = M.sum(0)
             m = _nonzero(W * S)[:, None]
-            Q = to_planes(M, -a * invstd * T2 / m)
-            R = to_planes(M, a * (invstd * T2 * mean - T1) / m)
+            # A branch whose statistics come from one value has a constant output (x̂ ≡ 0):
+            # its input gradient is exactly zero, which P·g + R (two large terms, scaled by
+            # 1/sqrt(eps)) would only reach up to rounding.
+            single = (((M != 0).sum(0) == 1) & (S == 1))[:, None]
+            a_in = torch.where(single, 0.0, a)
+            P = to_planes(M, a_in) if gamma is None else to_planes(M, a_in) * gamma
+            Q = to_planes(M, -a_in * invstd * T2 / m)
+            R = to_planes(M, a_in * (invstd * T2 * mean - T1) / m)
             if s is not None:
                 Q = Q * s
         else:
@@ -185,8 +193,8 @@ class Engine:
                                                   need_s, acc)
             if not need_x:
                 dx = x.new_empty(0)
-        dscale = dot if need_s else empty
-        dmix = empty
+        dscale = dot if need_s else empty()
+        dmix = empty()
         if need_mix:
             dmix = Zu @ a.T + Z1 @ d.T  # Σ_c,s dz·BN_k(u): the direct term
             if batch_stats:  # and the path through the mix-weighted statistics
@@ -216,8 +224,7 @@ class Engine:
         """Returns (dx, dgamma [N, C], dbeta [N, C]); an unneeded one is empty."""
         acc = acc_dtype(x)
         N, C = x.shape[:2]
-        empty = x.new_empty(0, dtype=acc)
-        dx, dgamma, dbeta = x.new_empty(0), empty, empty
+        dx, dgamma, dbeta = (x.new_empty(0, dtype=dt) for dt in (x.dtype, acc, acc))
         if need_x:
             A = torch.ones(N, C, dtype=acc, device=x.device) if gamma is None else gamma.to(acc)
             dx = self.leaves.affine(dy, A, torch.zeros_like(A), False)
@@ -225,8 +232,8 @@ class Engine:
         if need_gamma or need_beta:
             G1, G2 = self.leaves.grad_sums(dy, x, torch.zeros(N, C, dtype=acc, device=x.device),
                                            None, acc)
-            dgamma = G2 if need_gamma else empty
-            dbeta = G1 if need_beta else empty
+            dgamma = G2 if need_gamma else dgamma
+            dbeta = G1 if need_beta else dbeta
         return dx, dgamma, dbeta
 
 

@@ -1,4 +1,7 @@
-// CPU kernels of the sample-routed multi-branch batch norm (shared/DESIGN.md §2.1).
+// CPU kernels of the per-sample affine family (shared/DESIGN.md §2.1-2.4): routed BN, mixed
+// BN, their fused input scale / FiLM / ReLU, and FiLM. The algorithm is that of
+// fastrobust/_engine.py (read its docstring for the derivation); this file is its C++ twin with
+// the small per-(sample, branch, channel) math in double.
 //
 // Layouts served natively, as [N, C, S] with S = prod(spatial):
 //   planes        x[n, c, s] at n*sN + c*S + s   (NCHW-contiguous samples; sN may be anything)
@@ -7,7 +10,8 @@
 // anything else is made contiguous once (the only copy this file makes).
 //
 // Each op is three stages: per-plane values (a plane is one (n, c)) from the layout-specific
-// leaf loops, a per-(branch, channel) reduction of them in double, and one elementwise pass.
+// leaf loops, a per-(branch, channel) reduction of them in double, and one elementwise pass
+// with per-plane coefficients, y = act(A[n,c]·x + D[n,c]).
 // Statistics: each plane's mean and M2 = Σ(x - mean)² in two passes while it sits in L1, then
 // M2_kc = Σ M2_plane + S·Σ(mean_plane - μ_kc)²: no Σx² - (Σx)²/m cancellation anywhere.
 #include "multi_bn.h"
@@ -91,6 +95,11 @@ Walk<T> walk(const at::Tensor& t, const View& v) {
   return {t.data_ptr<std::remove_const_t<T>>(), v.sN};
 }
 
+// The backward pass's flags (see the leaf file).
+struct BwdFlags {
+  bool has_q, mask, dot;
+};
+
 // The innermost loops, compiled for the baseline ISA and for AVX2+FMA; `leaves<T>()` picks one
 // at run time, so one binary serves any x86-64 CPU at its best speed.
 namespace isa_base {
@@ -109,17 +118,20 @@ namespace isa_avx2 {
 template <typename T>
 struct Leaves {
   decltype(&isa_base::planes_moments<T>) planes_moments;
-  decltype(&isa_base::planes_grad_sums<T>) planes_grad_sums;
-  decltype(&isa_base::planes_affine<T>) planes_affine;
   decltype(&isa_base::rows_moments<T>) rows_moments;
+  decltype(&isa_base::planes_grad_sums<T>) planes_grad_sums;
   decltype(&isa_base::rows_grad_sums<T>) rows_grad_sums;
+  decltype(&isa_base::planes_affine<T>) planes_affine;
   decltype(&isa_base::rows_affine<T>) rows_affine;
+  decltype(&isa_base::planes_backward<T>) planes_backward;
+  decltype(&isa_base::rows_backward<T>) rows_backward;
 };
 
-#define FASTROBUST_LEAVES(ns)                                                            \
-  Leaves<T> {                                                                            \
-    ns::planes_moments<T>, ns::planes_grad_sums<T>, ns::planes_affine<T>,                \
-        ns::rows_moments<T>, ns::rows_grad_sums<T>, ns::rows_affine<T>                   \
+#define FASTROBUST_LEAVES(ns)                                                              \
+  Leaves<T> {                                                                              \
+    ns::planes_moments<T>, ns::rows_moments<T>, ns::planes_grad_sums<T>,                   \
+        ns::rows_grad_sums<T>, ns::planes_affine<T>, ns::rows_affine<T>,                   \
+        ns::planes_backward<T>, ns::rows_backward<T>                                       \
   }
 
 template <typename T>
@@ -134,27 +146,9 @@ const Leaves<T>& leaves() {
   return l;
 }
 
-// Validates branch ids and counts samples per branch (host-side: CPU tensors, no device sync).
-std::vector<int64_t> branch_counts(const at::Tensor& branch, int64_t K) {
-  std::vector<int64_t> counts(K, 0);
-  const int64_t* b = branch.data_ptr<int64_t>();
-  for (int64_t n = 0; n < branch.numel(); ++n) {
-    TORCH_CHECK(b[n] >= 0 && b[n] < K, "multi_batch_norm: branch id ", b[n], " at sample ", n,
-                " is out of range [0, ", K, ")");
-    counts[b[n]]++;
-  }
-  return counts;
-}
+// --- passes over the activation -------------------------------------------------------------
 
-template <typename T>
-struct Params {
-  const T* weight;  // [K, C] or null
-  const T* bias;    // [K, C] or null
-  T w(int64_t i) const { return weight ? weight[i] : T(1); }
-  T b(int64_t i) const { return bias ? bias[i] : T(0); }
-};
-
-// Per-plane values, [N, C]: value (n, c) at n*C + c.
+// Per-plane [N, C] values, value (n, c) at n*C + c.
 template <typename T>
 struct PlaneValues {
   std::vector<T> a, b;
@@ -167,255 +161,614 @@ template <typename T>
 PlaneValues<T> plane_moments(const View& v, Walk<const T> x) {
   PlaneValues<T> pv(v);
   const auto& leaf = leaves<T>();
-  const bool planes = v.layout == Layout::Planes;
   at::parallel_for(0, v.N, 1, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
       T* pa = &pv.a[n * v.C];
       T* pb = &pv.b[n * v.C];
-      if (planes) {
-        leaf.planes_moments(x.sample(n), v.S, v.C, v.S, pa, pb);
-      } else {
+      if (v.layout == Layout::Planes)
+        leaf.planes_moments(x.sample(n), v.C, v.S, pa, pb);
+      else
         leaf.rows_moments(x.sample(n), v.S, v.C, pa, pb);
-      }
     }
   });
   return pv;
 }
 
-// Per-plane Σdy and Σdy·(x - μ_kc), in the same order.
+// Per-plane Σg and Σg·(x - ctr[n, c]), g = dy (ReLU-masked by ma·x + md > 0 when ma is given).
 template <typename T>
-PlaneValues<T> plane_grad_sums(const View& v, const int64_t* br, Walk<const T> dy,
-                               Walk<const T> x, const T* mean) {
+PlaneValues<T> plane_grad_sums(const View& v, Walk<const T> dy, Walk<const T> x, const T* ctr,
+                               const T* ma, const T* md) {
   PlaneValues<T> pv(v);
   const auto& leaf = leaves<T>();
-  const bool planes = v.layout == Layout::Planes;
   at::parallel_for(0, v.N, 1, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
-      const T* mu = mean + br[n] * v.C;
-      T* pa = &pv.a[n * v.C];
-      T* pb = &pv.b[n * v.C];
-      if (planes) {
-        leaf.planes_grad_sums(dy.sample(n), v.S, x.sample(n), v.S, v.C, v.S, mu, pa, pb);
-      } else {
-        leaf.rows_grad_sums(dy.sample(n), x.sample(n), v.S, v.C, mu, pa, pb);
-      }
+      const int64_t o = n * v.C;
+      const T* a = ma ? ma + o : nullptr;
+      const T* d = md ? md + o : nullptr;
+      if (v.layout == Layout::Planes)
+        leaf.planes_grad_sums(dy.sample(n), x.sample(n), v.C, v.S, ctr + o, a, d, &pv.a[o],
+                              &pv.b[o]);
+      else
+        leaf.rows_grad_sums(dy.sample(n), x.sample(n), v.S, v.C, ctr + o, a, d, &pv.a[o],
+                            &pv.b[o]);
     }
   });
   return pv;
 }
 
-// out = A[k, c]·u + B[k, c]·v + D[k, c] with k = branch[n] (v may be null): the forward's
-// y = a·x + d and the backward's dx = α·dy + β·x + γ. Work is split into runs of planes (or
-// channels-last rows) of one sample, a leaf call each.
-template <typename T>
-void routed_affine(const View& v, const int64_t* br, Walk<const T> u, Walk<const T> w,
-                   Walk<T> out, const T* A, const T* B, const T* D) {
-  const auto& leaf = leaves<T>();
+// Splits the elementwise work into runs of planes (or channels-last rows) of one sample, a leaf
+// call each: fn(n, first plane/row j, run length). `whole_samples` keeps each sample in one
+// chunk (for per-sample accumulators written from rows).
+template <typename F>
+void for_runs(const View& v, bool whole_samples, const F& fn) {
   const bool planes = v.layout == Layout::Planes;
   const int64_t per_sample = planes ? v.C : v.S, len = planes ? v.S : v.C;
+  if (whole_samples) {
+    at::parallel_for(0, v.N, 1, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n) fn(n, int64_t(0), per_sample);
+    });
+    return;
+  }
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(len, 1));
   at::parallel_for(0, v.N * per_sample, grain, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1;) {
       const int64_t n = i / per_sample, j = i % per_sample;
-      const int64_t run = std::min(i1 - i, per_sample - j), kC = br[n] * v.C;
-      const int64_t off = j * len;
-      const T* wp = w.p ? w.sample(n) + off : nullptr;
-      if (planes) {
-        leaf.planes_affine(out.sample(n) + off, u.sample(n) + off, wp, run, v.S, A + kC + j,
-                           B + kC + j, D + kC + j);
-      } else {
-        leaf.rows_affine(out.sample(n) + off, u.sample(n) + off, wp, run, v.C, A + kC, B + kC,
-                         D + kC);
-      }
+      const int64_t run = std::min(i1 - i, per_sample - j);
+      fn(n, j, run);
       i += run;
     }
   });
 }
 
-// Forward: plane moments, merged per (branch, channel) in double; running-stat update; one
-// elementwise pass.
+// out = act(A[n,c]·x + D[n,c]).
 template <typename T>
-void forward_impl(const View& v, const int64_t* br, Walk<const T> x, Walk<T> y, Params<T> p,
-                  int64_t K, bool batch_stats, T* rmean, T* rvar, int64_t* nbt, bool update,
-                  double momentum, bool cumulative, double eps,
-                  const std::vector<int64_t>& counts, T* mean_out, T* invstd_out) {
-  const int64_t C = v.C, S = v.S;
-  std::vector<T> A(K * C), D(K * C);
-  if (batch_stats) {
-    const auto pv = plane_moments(v, x);
-    at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
-      std::vector<double> sum(K), m2(K);
-      for (int64_t c = c0; c < c1; ++c) {
-        std::fill(sum.begin(), sum.end(), 0.0);
-        std::fill(m2.begin(), m2.end(), 0.0);
-        for (int64_t n = 0; n < v.N; ++n) sum[br[n]] += pv.a[n * C + c];
-        for (int64_t k = 0; k < K; ++k) {
-          const double planes = double(std::max<int64_t>(counts[k], 1));
-          sum[k] /= planes;  // now the branch mean
-        }
-        for (int64_t n = 0; n < v.N; ++n) {
-          const int64_t k = br[n], i = n * C + c;
-          const double d = double(pv.a[i]) - sum[k];
-          m2[k] += double(pv.b[i]) + double(S) * d * d;
-        }
-        for (int64_t k = 0; k < K; ++k) {
-          const int64_t i = k * C + c;
-          const double m = double(counts[k] * S), var = m > 0 ? m2[k] / m : 0.0;
-          mean_out[i] = T(sum[k]);
-          invstd_out[i] = T(1.0 / std::sqrt(var + eps));
-          if (update && m >= 2) {
-            const double mom = (cumulative && nbt) ? 1.0 / double(nbt[k] + 1) : momentum;
-            rmean[i] = T((1 - mom) * double(rmean[i]) + mom * sum[k]);
-            rvar[i] = T((1 - mom) * double(rvar[i]) + mom * var * m / (m - 1));
-          }
-        }
+void affine_pass(const View& v, Walk<const T> x, Walk<T> out, const T* A, const T* D,
+                 bool relu) {
+  const auto& leaf = leaves<T>();
+  for_runs(v, false, [&](int64_t n, int64_t j, int64_t run) {
+    const int64_t o = n * v.C;
+    if (v.layout == Layout::Planes)
+      leaf.planes_affine(out.sample(n) + j * v.S, x.sample(n) + j * v.S, run, v.S, A + o + j,
+                         D + o + j, relu);
+    else
+      leaf.rows_affine(out.sample(n) + j * v.C, x.sample(n) + j * v.C, run, v.C, A + o, D + o,
+                       relu);
+  });
+}
+
+// v = P·g + Q·x + R, out = Sc·v, dot[n, c] += Σ x·v (all per plane; Q, ma, dot optional).
+template <typename T>
+void backward_pass(const View& v, Walk<const T> dy, Walk<const T> x, Walk<T> out, const T* P,
+                   const T* Q, const T* R, const T* Sc, const T* ma, const T* md, T* dot) {
+  const auto& leaf = leaves<T>();
+  const BwdFlags f{Q != nullptr, ma != nullptr, dot != nullptr};
+  const bool planes = v.layout == Layout::Planes;
+  for_runs(v, dot != nullptr && !planes, [&](int64_t n, int64_t j, int64_t run) {
+    const int64_t o = n * v.C;
+    auto at = [&](const T* p) -> const T* { return p ? p + o + (planes ? j : 0) : nullptr; };
+    T* dp = dot ? dot + o + (planes ? j : 0) : nullptr;
+    const int64_t off = j * (planes ? v.S : v.C);
+    const T* xs = (f.has_q || f.mask || f.dot) ? x.sample(n) + off : nullptr;
+    if (planes)
+      leaf.planes_backward(out.sample(n) + off, dy.sample(n) + off, xs, run, v.S, at(P), at(Q),
+                           at(R), at(Sc), at(ma), at(md), dp, f);
+    else
+      leaf.rows_backward(out.sample(n) + off, dy.sample(n) + off, xs, run, v.C, at(P), at(Q),
+                         at(R), at(Sc), at(ma), at(md), dp, f);
+  });
+}
+
+// --- routing --------------------------------------------------------------------------------
+
+// The nonzero routing weights of each sample (CSR): one entry (branch[n], 1) for a routed op,
+// the nonzero mix[n, k] for a mixed one. Skipping zeros keeps a NaN sample out of the branches
+// it has no weight in, and makes the routed op's small math O(N·C).
+struct Route {
+  std::vector<int64_t> start, k;
+  std::vector<double> w;
+  std::vector<double> total;  // Σ_n weight per branch [K]
+  int64_t K;
+};
+
+Route route_branch(const at::Tensor& branch, int64_t K) {
+  Route r;
+  r.K = K;
+  const int64_t N = branch.numel();
+  const int64_t* b = branch.data_ptr<int64_t>();
+  r.start.resize(N + 1);
+  r.k.resize(N);
+  r.w.assign(N, 1.0);
+  r.total.assign(K, 0.0);
+  for (int64_t n = 0; n < N; ++n) {
+    TORCH_CHECK(b[n] >= 0 && b[n] < K, "multi_batch_norm: branch id ", b[n], " at sample ", n,
+                " is out of range [0, ", K, ")");
+    r.start[n] = n;
+    r.k[n] = b[n];
+    r.total[b[n]] += 1.0;
+  }
+  r.start[N] = N;
+  return r;
+}
+
+template <typename T>
+Route route_mix(const at::Tensor& mix, bool check_nonneg) {
+  Route r;
+  const int64_t N = mix.size(0), K = mix.size(1);
+  r.K = K;
+  const T* m = mix.data_ptr<T>();
+  r.start.resize(N + 1);
+  r.total.assign(K, 0.0);
+  for (int64_t n = 0; n < N; ++n) {
+    r.start[n] = int64_t(r.k.size());
+    for (int64_t k = 0; k < K; ++k) {
+      const double w = double(m[n * K + k]);
+      TORCH_CHECK(!check_nonneg || !(w < 0), "mixed_batch_norm: mix weights must be >= 0 when "
+                  "the statistics are mix-weighted (training); mix[", n, ", ", k, "] = ", w);
+      if (w == 0) continue;
+      r.k.push_back(k);
+      r.w.push_back(w);
+      r.total[k] += w;
+    }
+  }
+  r.start[N] = int64_t(r.k.size());
+  return r;
+}
+
+double nonzero(double v) { return v != 0 ? v : 1.0; }
+
+// --- the small math (double) ------------------------------------------------------------------
+
+// Optional per-plane [N, C] and per-branch [K, C] inputs.
+template <typename T>
+struct Extras {
+  const T* scale = nullptr;  // input_scale
+  const T* gamma = nullptr;  // film_gamma
+  const T* beta = nullptr;   // film_beta
+  double s(int64_t i) const { return scale ? double(scale[i]) : 1.0; }
+  double g(int64_t i) const { return gamma ? double(gamma[i]) : 1.0; }
+  double b(int64_t i) const { return beta ? double(beta[i]) : 0.0; }
+};
+
+template <typename T>
+struct Params {
+  const T* weight = nullptr;  // [K, C]
+  const T* bias = nullptr;
+  double w(int64_t i) const { return weight ? double(weight[i]) : 1.0; }
+  double b(int64_t i) const { return bias ? double(bias[i]) : 0.0; }
+};
+
+// Branch statistics from x's plane moments, scaled to u = s·x: mean, biased variance [K, C].
+template <typename T>
+void branch_stats(const Route& rt, const View& v, const PlaneValues<T>& pv, const Extras<T>& e,
+                  std::vector<double>& mean, std::vector<double>& var) {
+  const int64_t C = v.C, K = rt.K;
+  const double S = double(v.S);
+  mean.assign(K * C, 0.0);
+  var.assign(K * C, 0.0);
+  for (int64_t n = 0; n < v.N; ++n)
+    for (int64_t e_ = rt.start[n]; e_ < rt.start[n + 1]; ++e_) {
+      const double w = rt.w[e_];
+      double* mk = &mean[rt.k[e_] * C];
+      for (int64_t c = 0; c < C; ++c) mk[c] += w * e.s(n * C + c) * double(pv.a[n * C + c]);
+    }
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t c = 0; c < C; ++c) mean[k * C + c] /= nonzero(rt.total[k]);
+  for (int64_t n = 0; n < v.N; ++n)
+    for (int64_t e_ = rt.start[n]; e_ < rt.start[n + 1]; ++e_) {
+      const double w = rt.w[e_];
+      const double* mk = &mean[rt.k[e_] * C];
+      double* vk = &var[rt.k[e_] * C];
+      for (int64_t c = 0; c < C; ++c) {
+        const int64_t i = n * C + c;
+        const double s = e.s(i), d = s * double(pv.a[i]) - mk[c];
+        vk[c] += w * (s * s * double(pv.b[i]) + S * d * d);
       }
-    });
-  } else {
-    for (int64_t i = 0; i < K * C; ++i) {
-      mean_out[i] = rmean[i];
-      invstd_out[i] = T(1.0 / std::sqrt(double(rvar[i]) + eps));
     }
-  }
-  for (int64_t i = 0; i < K * C; ++i) {
-    A[i] = p.w(i) * invstd_out[i];
-    D[i] = p.b(i) - mean_out[i] * A[i];
-  }
-  routed_affine<T>(v, br, x, {nullptr, 0}, y, A.data(), A.data(), D.data());
-  if (update && nbt)
-    for (int64_t k = 0; k < K; ++k) nbt[k] += counts[k] * S >= 2 ? 1 : 0;
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t c = 0; c < C; ++c) var[k * C + c] /= nonzero(rt.total[k] * S);
 }
 
-// Backward: per (branch, channel) Σdy and Σdy·(x - μ), then dx = α·dy + β·x + γ, which is
-// w·r·(dy - Σdy/m - x̂·Σ(dy·x̂)/m) with x̂ = (x - μ)·r, m = count·S.
+// a = w·r, d = b - μ·a per (k, c); Ap, Dp per plane (z = Ap·u + Dp); A, D per plane in T
+// (f = A·x + D): the same code in forward and backward, so the ReLU mask is recomputed exactly.
 template <typename T>
-void backward_impl(const View& v, const int64_t* br, Walk<const T> dy, Walk<const T> x,
-                   Walk<T> dx, Params<T> p, const T* mean, const T* invstd, int64_t K,
-                   bool batch_stats, bool need_sums, const std::vector<int64_t>& counts,
-                   T* dweight, T* dbias) {
-  const int64_t C = v.C, S = v.S;
-  std::vector<double> s1(K * C, 0.0), s2(K * C, 0.0);
-  if (batch_stats || need_sums) {
-    const auto pv = plane_grad_sums(v, br, dy, x, mean);
-    at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c)
-        for (int64_t n = 0; n < v.N; ++n) {
-          const int64_t i = n * C + c, kc = br[n] * C + c;
-          s1[kc] += pv.a[i];
-          s2[kc] += pv.b[i];
-        }
-    });
-  }
-  std::vector<T> A(K * C), B(K * C), D(K * C);
+struct Coefficients {
+  std::vector<double> a, d, Ap, Dp;
+  std::vector<T> A, D;
+};
+
+template <typename T>
+Coefficients<T> coefficients(const Route& rt, const View& v, const Params<T>& p,
+                             const Extras<T>& e, const T* mean, const T* invstd) {
+  const int64_t C = v.C, K = rt.K, NC = v.N * C;
+  Coefficients<T> co;
+  co.a.resize(K * C);
+  co.d.resize(K * C);
   for (int64_t i = 0; i < K * C; ++i) {
-    const int64_t k = i / C;
-    const double r = invstd[i], w = p.w(i), m = std::max<double>(1.0, double(counts[k] * S));
-    if (need_sums) {
-      dweight[i] = T(s2[i] * r);
-      dbias[i] = T(s1[i]);
-    }
-    const double beta = batch_stats ? -w * r * r * r * s2[i] / m : 0.0;
-    A[i] = T(w * r);
-    B[i] = T(beta);
-    D[i] = batch_stats ? T(-w * r * s1[i] / m - beta * double(mean[i])) : T(0);
+    co.a[i] = p.w(i) * double(invstd[i]);
+    co.d[i] = p.b(i) - double(mean[i]) * co.a[i];
   }
-  routed_affine<T>(v, br, dy, batch_stats ? x : Walk<const T>{nullptr, 0}, dx, A.data(),
-                   B.data(), D.data());
+  co.Ap.assign(NC, 0.0);
+  co.Dp.assign(NC, 0.0);
+  for (int64_t n = 0; n < v.N; ++n)
+    for (int64_t e_ = rt.start[n]; e_ < rt.start[n + 1]; ++e_) {
+      const double w = rt.w[e_];
+      const double* ak = &co.a[rt.k[e_] * C];
+      const double* dk = &co.d[rt.k[e_] * C];
+      for (int64_t c = 0; c < C; ++c) {
+        co.Ap[n * C + c] += w * ak[c];
+        co.Dp[n * C + c] += w * dk[c];
+      }
+    }
+  co.A.resize(NC);
+  co.D.resize(NC);
+  for (int64_t i = 0; i < NC; ++i) {
+    co.A[i] = T(co.Ap[i] * e.s(i) * e.g(i));
+    co.D[i] = T(co.Dp[i] * e.g(i) + e.b(i));
+  }
+  return co;
 }
 
-void check_param(const c10::optional<at::Tensor>& t, const at::Tensor& x, int64_t K, const char* name) {
+// --- argument checks --------------------------------------------------------------------------
+
+void check_float(const OptTensor& t, const at::Tensor& x, const char* op, const char* name,
+                 std::initializer_list<int64_t> shape) {
   if (!t) return;
-  TORCH_CHECK(t->dim() == 2 && t->size(0) == K && t->size(1) == x.size(1), "multi_batch_norm: ",
-              name, " must be [K, C] = [", K, ", ", x.size(1), "], got ", t->sizes());
-  TORCH_CHECK(t->scalar_type() == x.scalar_type(), "multi_batch_norm (cpu kernel): ", name,
-              " dtype ", t->scalar_type(), " differs from x dtype ", x.scalar_type());
-  TORCH_CHECK(t->is_contiguous(), "multi_batch_norm (cpu kernel): ", name, " must be contiguous");
+  TORCH_CHECK(t->sizes() == at::IntArrayRef(shape), op, ": ", name, " must have shape ",
+              at::IntArrayRef(shape), ", got ", t->sizes());
+  TORCH_CHECK(t->scalar_type() == x.scalar_type(), op, " (cpu kernel): ", name, " dtype ",
+              t->scalar_type(), " differs from x dtype ", x.scalar_type());
+  TORCH_CHECK(t->is_contiguous(), op, " (cpu kernel): ", name, " must be contiguous");
 }
 
 template <typename T>
-T* ptr_or_null(const c10::optional<at::Tensor>& t) {
+const T* ptr(const OptTensor& t) {
   return t ? t->data_ptr<T>() : nullptr;
+}
+
+void check_bn(const at::Tensor& x, const OptTensor& branch, const OptTensor& mix,
+              const OptTensor& weight, const OptTensor& bias, const OptTensor& scale,
+              const OptTensor& gamma, const OptTensor& beta, int64_t K, const char* op) {
+  TORCH_CHECK(x.dim() >= 2, op, ": x must be [N, C, *spatial]");
+  TORCH_CHECK(branch.has_value() != mix.has_value(), op, ": pass exactly one of branch, mix");
+  const int64_t N = x.size(0), C = x.size(1);
+  if (branch)
+    TORCH_CHECK(branch->scalar_type() == at::kLong && branch->dim() == 1 &&
+                    branch->size(0) == N,
+                op, ": branch must be int64 [N]");
+  check_float(mix, x, op, "mix", {N, K});
+  check_float(weight, x, op, "weight", {K, C});
+  check_float(bias, x, op, "bias", {K, C});
+  check_float(scale, x, op, "input_scale", {N, C});
+  check_float(gamma, x, op, "film_gamma", {N, C});
+  check_float(beta, x, op, "film_beta", {N, C});
+}
+
+template <typename T>
+Route make_route(const OptTensor& branch, const OptTensor& mix, int64_t K, bool check_nonneg) {
+  if (branch) return route_branch(branch->contiguous(), K);
+  return route_mix<T>(mix->contiguous(), check_nonneg);
 }
 
 }  // namespace
 
-std::vector<at::Tensor> multi_bn_forward(const at::Tensor& x_in, const at::Tensor& branch,
-                                         const c10::optional<at::Tensor>& weight,
-                                         const c10::optional<at::Tensor>& bias,
-                                         const c10::optional<at::Tensor>& running_mean,
-                                         const c10::optional<at::Tensor>& running_var,
-                                         const c10::optional<at::Tensor>& num_batches_tracked,
-                                         int64_t K, bool training, double momentum,
-                                         bool cumulative, double eps) {
-  TORCH_CHECK(x_in.dim() >= 2, "multi_batch_norm: x must be [N, C, *spatial]");
-  TORCH_CHECK(branch.scalar_type() == at::kLong && branch.dim() == 1 &&
-                  branch.size(0) == x_in.size(0),
-              "multi_batch_norm: branch must be int64 [N]");
-  check_param(weight, x_in, K, "weight");
-  check_param(bias, x_in, K, "bias");
-  check_param(running_mean, x_in, K, "running_mean");
-  check_param(running_var, x_in, K, "running_var");
+// --- the BN family ----------------------------------------------------------------------------
+
+std::vector<at::Tensor> bn_forward(const at::Tensor& x_in, const OptTensor& branch,
+                                   const OptTensor& mix, const OptTensor& weight,
+                                   const OptTensor& bias, const OptTensor& running_mean,
+                                   const OptTensor& running_var,
+                                   const OptTensor& num_batches_tracked,
+                                   const OptTensor& input_scale, const OptTensor& film_gamma,
+                                   const OptTensor& film_beta, int64_t K, bool training,
+                                   double momentum, bool cumulative, double eps, bool relu) {
+  const char* op = branch ? "multi_batch_norm" : "mixed_batch_norm";
+  check_bn(x_in, branch, mix, weight, bias, input_scale, film_gamma, film_beta, K, op);
+  const int64_t C = x_in.size(1);
+  check_float(running_mean, x_in, op, "running_mean", {K, C});
+  check_float(running_var, x_in, op, "running_var", {K, C});
   const bool has_running = running_mean.has_value() && running_var.has_value();
   const bool batch_stats = training || !has_running;
   const bool update = training && has_running;
   if (num_batches_tracked)
-    TORCH_CHECK(num_batches_tracked->scalar_type() == at::kLong && num_batches_tracked->numel() == K,
-                "multi_batch_norm: num_batches_tracked must be int64 [K]");
-  TORCH_CHECK(!(update && cumulative) || num_batches_tracked.has_value(),
-              "multi_batch_norm: momentum=None needs num_batches_tracked");
-  auto br = branch.contiguous();
-  const auto counts = branch_counts(br, K);
+    TORCH_CHECK(num_batches_tracked->scalar_type() == at::kLong &&
+                    num_batches_tracked->numel() == K,
+                op, ": num_batches_tracked must be int64 [K]");
+  TORCH_CHECK(!(update && cumulative) || num_batches_tracked.has_value(), op,
+              ": momentum=None needs num_batches_tracked");
   auto [x, v] = as_view(x_in);
   auto y = empty_like_view(x, v);
   const View yv = as_view(y).second;
-  auto mean = at::empty({K, v.C}, x.options());
-  auto invstd = at::empty({K, v.C}, x.options());
-  // The op is functional: updated running stats are returned as new tensors.
+  auto mean_t = at::empty({K, C}, x.options());
+  auto invstd_t = at::empty({K, C}, x.options());
   at::Tensor new_rm = x.new_empty({0}), new_rv = x.new_empty({0});
-  at::Tensor new_nbt = at::empty({0}, branch.options());
+  at::Tensor new_nbt = at::empty({0}, x.options().dtype(at::kLong));
   if (update) {
     new_rm = running_mean->clone();
     new_rv = running_var->clone();
     if (num_batches_tracked) new_nbt = num_batches_tracked->clone();
   }
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "multi_bn_forward", [&] {
-    scalar_t* rm = update ? new_rm.data_ptr<scalar_t>() : ptr_or_null<scalar_t>(running_mean);
-    scalar_t* rv = update ? new_rv.data_ptr<scalar_t>() : ptr_or_null<scalar_t>(running_var);
-    forward_impl<scalar_t>(
-        v, br.data_ptr<int64_t>(), walk<const scalar_t>(x, v), walk<scalar_t>(y, yv),
-        Params<scalar_t>{ptr_or_null<scalar_t>(weight), ptr_or_null<scalar_t>(bias)}, K,
-        batch_stats, rm, rv, new_nbt.numel() ? new_nbt.data_ptr<int64_t>() : nullptr, update,
-        momentum, cumulative, eps, counts, mean.data_ptr<scalar_t>(),
-        invstd.data_ptr<scalar_t>());
+  at::Tensor planes = x.new_empty({0});
+  if (mix && batch_stats) planes = at::empty({2, v.N, C}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_forward", [&] {
+    using T = scalar_t;
+    const Route rt = make_route<T>(branch, mix, K, batch_stats);
+    const Extras<T> e{ptr<T>(input_scale), ptr<T>(film_gamma), ptr<T>(film_beta)};
+    const Params<T> p{ptr<T>(weight), ptr<T>(bias)};
+    T* mean = mean_t.data_ptr<T>();
+    T* invstd = invstd_t.data_ptr<T>();
+    if (batch_stats) {
+      const auto pv = plane_moments<T>(v, walk<const T>(x, v));
+      if (planes.numel()) {
+        std::copy(pv.a.begin(), pv.a.end(), planes.data_ptr<T>());
+        std::copy(pv.b.begin(), pv.b.end(), planes.data_ptr<T>() + v.N * C);
+      }
+      std::vector<double> bm, bv;
+      branch_stats(rt, v, pv, e, bm, bv);
+      T* rm = update ? new_rm.data_ptr<T>() : nullptr;
+      T* rv = update ? new_rv.data_ptr<T>() : nullptr;
+      int64_t* nbt = new_nbt.numel() ? new_nbt.data_ptr<int64_t>() : nullptr;
+      for (int64_t k = 0; k < K; ++k) {
+        const double m = rt.total[k] * double(v.S);  // the (weighted) number of values
+        const bool upd = update && m >= 2;
+        const double mom = (cumulative && nbt) ? 1.0 / double(nbt[k] + 1) : momentum;
+        for (int64_t c = 0; c < C; ++c) {
+          const int64_t i = k * C + c;
+          mean[i] = T(bm[i]);
+          invstd[i] = T(1.0 / std::sqrt(bv[i] + eps));
+          if (upd) {
+            rm[i] = T((1 - mom) * double(rm[i]) + mom * bm[i]);
+            rv[i] = T((1 - mom) * double(rv[i]) + mom * bv[i] * m / (m - 1));
+          }
+        }
+        if (upd && nbt) nbt[k] += 1;
+      }
+    } else {
+      const T* rm = running_mean->data_ptr<T>();
+      const T* rv = running_var->data_ptr<T>();
+      for (int64_t i = 0; i < K * C; ++i) {
+        mean[i] = rm[i];
+        invstd[i] = T(1.0 / std::sqrt(double(rv[i]) + eps));
+      }
+    }
+    const auto co = coefficients<T>(rt, v, p, e, mean, invstd);
+    affine_pass<T>(v, walk<const T>(x, v), walk<T>(y, yv), co.A.data(), co.D.data(), relu);
   });
-  return {y, mean, invstd, new_rm, new_rv, new_nbt};
+  return {y, mean_t, invstd_t, new_rm, new_rv, new_nbt, planes};
 }
 
-std::vector<at::Tensor> multi_bn_backward(const at::Tensor& dy_in, const at::Tensor& x_in,
-                                          const at::Tensor& branch,
-                                          const c10::optional<at::Tensor>& weight,
-                                          const at::Tensor& mean, const at::Tensor& invstd,
-                                          int64_t K, bool batch_stats, bool need_param_grads) {
-  check_param(weight, x_in, K, "weight");
-  auto br = branch.contiguous();
-  const auto counts = branch_counts(br, K);
+std::vector<at::Tensor> bn_backward(const at::Tensor& dy_in, const at::Tensor& x_in,
+                                    const OptTensor& branch, const OptTensor& mix,
+                                    const OptTensor& weight, const OptTensor& bias,
+                                    const at::Tensor& mean_in, const at::Tensor& invstd_in,
+                                    const at::Tensor& planes_in, const OptTensor& input_scale,
+                                    const OptTensor& film_gamma, const OptTensor& film_beta,
+                                    int64_t K, bool batch_stats, bool relu,
+                                    std::vector<bool> needs) {
+  const char* op = branch ? "multi_batch_norm" : "mixed_batch_norm";
+  check_bn(x_in, branch, mix, weight, bias, input_scale, film_gamma, film_beta, K, op);
+  TORCH_CHECK(needs.size() == 7, op, ": needs must have 7 flags");
+  const bool need_x = needs[0], need_mix = needs[1] && mix.has_value(), need_w = needs[2],
+             need_b = needs[3], need_s = needs[4], need_g = needs[5], need_be = needs[6];
+  const int64_t N = x_in.size(0), C = x_in.size(1);
   auto [x, v] = as_view(x_in);
   auto [dy, dyv] = match_layout(dy_in, x, v);
-  auto dx = empty_like_view(x, v);
-  const View dxv = as_view(dx).second;
-  auto dweight = at::empty({need_param_grads ? K : 0, v.C}, x.options());
-  auto dbias = at::empty({need_param_grads ? K : 0, v.C}, x.options());
-  auto mean_c = mean.contiguous(), invstd_c = invstd.contiguous();
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "multi_bn_backward", [&] {
-    backward_impl<scalar_t>(v, br.data_ptr<int64_t>(), walk<const scalar_t>(dy, dyv),
-                            walk<const scalar_t>(x, v), walk<scalar_t>(dx, dxv),
-                            Params<scalar_t>{ptr_or_null<scalar_t>(weight), nullptr},
-                            mean_c.data_ptr<scalar_t>(), invstd_c.data_ptr<scalar_t>(), K,
-                            batch_stats, need_param_grads, counts,
-                            need_param_grads ? dweight.data_ptr<scalar_t>() : nullptr,
-                            need_param_grads ? dbias.data_ptr<scalar_t>() : nullptr);
+  auto mean_t = mean_in.contiguous(), invstd_t = invstd_in.contiguous();
+  auto opts = x.options();
+  // Fresh empties: the op's outputs must not alias each other.
+  auto empty = [&] { return x.new_empty({0}); };
+  at::Tensor dx = empty(), dmix = empty(), dweight = empty(), dbias = empty(),
+             dscale = empty(), dgamma = empty(), dbeta = empty();
+  if (need_x || need_s) dx = empty_like_view(x, v);
+  if (need_mix) dmix = at::empty({N, K}, opts);
+  if (need_w) dweight = at::empty({K, C}, opts);
+  if (need_b) dbias = at::empty({K, C}, opts);
+  if (need_s) dscale = at::zeros({N, C}, opts);
+  if (need_g) dgamma = at::empty({N, C}, opts);
+  if (need_be) dbeta = at::empty({N, C}, opts);
+  if (need_mix && batch_stats)
+    TORCH_CHECK(planes_in.sizes() == at::IntArrayRef({2, N, C}), op,
+                ": the mix gradient in training needs the forward's plane moments [2, N, C]");
+  auto planes = planes_in.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_backward", [&] {
+    using T = scalar_t;
+    const Route rt = make_route<T>(branch, mix, K, false);
+    const Extras<T> e{ptr<T>(input_scale), ptr<T>(film_gamma), ptr<T>(film_beta)};
+    const Params<T> p{ptr<T>(weight), ptr<T>(bias)};
+    const T* mean = mean_t.data_ptr<T>();
+    const T* invstd = invstd_t.data_ptr<T>();
+    const auto co = coefficients<T>(rt, v, p, e, mean, invstd);
+    const int64_t NC = N * C;
+    // Centre of the Σg·x sums, in x's units: the plane's mixture of branch means.
+    std::vector<T> ctr(NC, T(0));
+    for (int64_t n = 0; n < N; ++n) {
+      double tot = 0;
+      std::vector<double> cu(C, 0.0);
+      for (int64_t e_ = rt.start[n]; e_ < rt.start[n + 1]; ++e_) {
+        tot += rt.w[e_];
+        const T* mk = mean + rt.k[e_] * C;
+        for (int64_t c = 0; c < C; ++c) cu[c] += rt.w[e_] * double(mk[c]);
+      }
+      for (int64_t c = 0; c < C; ++c) {
+        const double s = e.s(n * C + c), u = cu[c] / nonzero(tot);
+        ctr[n * C + c] = s != 0 ? T(u / s) : T(0);
+      }
+    }
+    const auto G = plane_grad_sums<T>(v, walk<const T>(dy, dyv), walk<const T>(x, v),
+                                      ctr.data(), relu ? co.A.data() : nullptr,
+                                      relu ? co.D.data() : nullptr);
+    // Per plane: Z1 = Σdz, Zu = Σdz·u (dz = γ·g), and the FiLM gradients.
+    std::vector<double> Z1(NC), Zu(NC);
+    for (int64_t i = 0; i < NC; ++i) {
+      const double s = e.s(i), g = e.g(i), sG2 = s * double(G.b[i]), sc = s * double(ctr[i]);
+      const double G1 = double(G.a[i]);
+      Z1[i] = g * G1;
+      Zu[i] = g * sG2 + sc * Z1[i];
+      if (need_be) dbeta.data_ptr<T>()[i] = T(G1);
+      if (need_g) dgamma.data_ptr<T>()[i] = T(co.Ap[i] * (sG2 + sc * G1) + co.Dp[i] * G1);
+    }
+    // Per branch: T1 = Σ M·dz (dbias), T2 = Σ M·dz·x̂ (dweight).
+    std::vector<double> T1(K * C, 0.0), T2(K * C, 0.0);
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t e_ = rt.start[n]; e_ < rt.start[n + 1]; ++e_) {
+        const double w = rt.w[e_];
+        double* t1 = &T1[rt.k[e_] * C];
+        double* tu = &T2[rt.k[e_] * C];
+        for (int64_t c = 0; c < C; ++c) {
+          t1[c] += w * Z1[n * C + c];
+          tu[c] += w * Zu[n * C + c];
+        }
+      }
+    for (int64_t i = 0; i < K * C; ++i) {
+      T2[i] = double(invstd[i]) * (T2[i] - double(mean[i]) * T1[i]);
+      if (need_w) dweight.data_ptr<T>()[i] = T(T2[i]);
+      if (need_b) dbias.data_ptr<T>()[i] = T(T1[i]);
+    }
+    // ∂L/∂u = P·g + Q·x + R (Q carries the input scale), dx = s·∂L/∂u.
+    if (need_x || need_s) {
+      std::vector<T> P(NC), Q, R(NC, T(0)), Sc(NC);
+      std::vector<double> bq, dr, a_in;
+      std::vector<double> ps(co.Ap);  // Σ_k M·a_in per plane
+      if (batch_stats) {
+        bq.assign(K * C, 0.0);
+        dr.assign(K * C, 0.0);
+        // A branch whose statistics come from one value has a constant output (x̂ ≡ 0): its
+        // input gradient is exactly zero, which P·g + R (two large terms, scaled by
+        // 1/sqrt(eps)) would only reach up to rounding.
+        std::vector<int64_t> nnz(K, 0);
+        for (int64_t e_ = 0; e_ < int64_t(rt.k.size()); ++e_) nnz[rt.k[e_]]++;
+        a_in = co.a;
+        for (int64_t k = 0; k < K; ++k) {
+          const double m = nonzero(rt.total[k] * double(v.S));
+          const bool single = nnz[k] == 1 && v.S == 1;
+          for (int64_t c = 0; c < C; ++c) {
+            const int64_t i = k * C + c;
+            const double r = invstd[i];
+            if (single) a_in[i] = 0;
+            bq[i] = -a_in[i] * r * T2[i] / m;
+            dr[i] = a_in[i] * (r * T2[i] * double(mean[i]) - T1[i]) / m;
+          }
+        }
+        Q.assign(NC, T(0));
+        std::vector<double> qs(NC, 0.0), rs(NC, 0.0);
+        for (int64_t n = 0; n < N; ++n)
+          for (int64_t e_ = rt.start[n]; e_ < rt.start[n + 1]; ++e_) {
+            const double w = rt.w[e_];
+            const int64_t kC = rt.k[e_] * C;
+            for (int64_t c = 0; c < C; ++c) {
+              qs[n * C + c] += w * bq[kC + c];
+              rs[n * C + c] += w * dr[kC + c];
+            }
+          }
+        std::fill(ps.begin(), ps.end(), 0.0);
+        for (int64_t n = 0; n < N; ++n)
+          for (int64_t e_ = rt.start[n]; e_ < rt.start[n + 1]; ++e_)
+            for (int64_t c = 0; c < C; ++c)
+              ps[n * C + c] += rt.w[e_] * a_in[rt.k[e_] * C + c];
+        for (int64_t i = 0; i < NC; ++i) {
+          Q[i] = T(qs[i] * e.s(i));
+          R[i] = T(rs[i]);
+        }
+      }
+      for (int64_t i = 0; i < NC; ++i) {
+        P[i] = T(ps[i] * e.g(i));
+        Sc[i] = T(e.s(i));
+      }
+      backward_pass<T>(v, walk<const T>(dy, dyv), walk<const T>(x, v),
+                       walk<T>(dx, as_view(dx).second), P.data(),
+                       batch_stats ? Q.data() : nullptr, R.data(), Sc.data(),
+                       relu ? co.A.data() : nullptr, relu ? co.D.data() : nullptr,
+                       need_s ? dscale.data_ptr<T>() : nullptr);
+    }
+    // ∂L/∂mix[n, k]: the direct term Σ_c a·Zu + d·Z1, then the path through the statistics.
+    if (need_mix) {
+      T* dm = dmix.data_ptr<T>();
+      std::vector<double> bm, bv;
+      const T* pm = nullptr;
+      const T* pm2 = nullptr;
+      if (batch_stats) {
+        pm = planes.data_ptr<T>();
+        pm2 = pm + NC;
+        PlaneValues<T> pv(v);
+        std::copy(pm, pm + NC, pv.a.begin());
+        std::copy(pm2, pm2 + NC, pv.b.begin());
+        branch_stats(rt, v, pv, e, bm, bv);
+      }
+      const double S = double(v.S), Sd = nonzero(S);
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t k = 0; k < K; ++k) {
+          double acc = 0;
+          const double W = nonzero(rt.total[k]);
+          for (int64_t c = 0; c < C; ++c) {
+            const int64_t i = n * C + c, kc = k * C + c;
+            acc += co.a[kc] * Zu[i] + co.d[kc] * Z1[i];
+            if (batch_stats) {
+              const double s = e.s(i), um = s * double(pm[i]), du = um - double(mean[kc]);
+              const double q = s * s * double(pm2[i]) / Sd + du * du;
+              acc -= co.a[kc] * (T1[kc] * du + 0.5 * double(invstd[kc]) * T2[kc] *
+                                 (q - bv[kc])) / W;
+            }
+          }
+          dm[n * K + k] = T(acc);
+        }
+    }
   });
-  return {dx, dweight, dbias};
+  if (!need_x) dx = empty();
+  return {dx, dmix, dweight, dbias, dscale, dgamma, dbeta};
+}
+
+// --- FiLM -------------------------------------------------------------------------------------
+
+at::Tensor film_forward(const at::Tensor& x_in, const OptTensor& gamma, const OptTensor& beta) {
+  TORCH_CHECK(x_in.dim() >= 2, "film: x must be [N, C, *spatial]");
+  const int64_t N = x_in.size(0), C = x_in.size(1);
+  check_float(gamma, x_in, "film", "gamma", {N, C});
+  check_float(beta, x_in, "film", "beta", {N, C});
+  auto [x, v] = as_view(x_in);
+  auto y = empty_like_view(x, v);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "film_forward", [&] {
+    using T = scalar_t;
+    std::vector<T> A(N * C, T(1)), D(N * C, T(0));
+    if (gamma) std::copy(gamma->data_ptr<T>(), gamma->data_ptr<T>() + N * C, A.begin());
+    if (beta) std::copy(beta->data_ptr<T>(), beta->data_ptr<T>() + N * C, D.begin());
+    affine_pass<T>(v, walk<const T>(x, v), walk<T>(y, as_view(y).second), A.data(), D.data(),
+                   false);
+  });
+  return y;
+}
+
+std::vector<at::Tensor> film_backward(const at::Tensor& dy_in, const at::Tensor& x_in,
+                                      const OptTensor& gamma, bool need_x, bool need_gamma,
+                                      bool need_beta) {
+  TORCH_CHECK(x_in.dim() >= 2, "film: x must be [N, C, *spatial]");
+  const int64_t N = x_in.size(0), C = x_in.size(1);
+  check_float(gamma, x_in, "film", "gamma", {N, C});
+  auto [x, v] = as_view(x_in);
+  auto [dy, dyv] = match_layout(dy_in, x, v);
+  at::Tensor dx = x.new_empty({0}), dgamma = x.new_empty({0}), dbeta = x.new_empty({0});
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "film_backward", [&] {
+    using T = scalar_t;
+    if (need_x) {
+      dx = empty_like_view(x, v);
+      std::vector<T> A(N * C, T(1)), D(N * C, T(0));
+      if (gamma) std::copy(gamma->data_ptr<T>(), gamma->data_ptr<T>() + N * C, A.begin());
+      affine_pass<T>(v, walk<const T>(dy, dyv), walk<T>(dx, as_view(dx).second), A.data(),
+                     D.data(), false);
+    }
+    if (need_gamma || need_beta) {
+      std::vector<T> zero(N * C, T(0));
+      const auto G = plane_grad_sums<T>(v, walk<const T>(dy, dyv), walk<const T>(x, v),
+                                        zero.data(), nullptr, nullptr);
+      if (need_gamma) {
+        dgamma = at::empty({N, C}, x.options());
+        std::copy(G.b.begin(), G.b.end(), dgamma.data_ptr<T>());
+      }
+      if (need_beta) {
+        dbeta = at::empty({N, C}, x.options());
+        std::copy(G.a.begin(), G.a.end(), dbeta.data_ptr<T>());
+      }
+    }
+  });
+  return {dx, dgamma, dbeta};
 }
 
 }  // namespace fastrobust::cpu

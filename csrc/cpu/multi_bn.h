@@ -1,5 +1,7 @@
-// CPU kernels of multi_batch_norm; Python registers them as the "cpu" backend of
-// torch.ops.fastrobust.multi_bn_fwd / multi_bn_bwd (fastrobust/_ops.py).
+// CPU kernels of the per-sample affine family (routed BN, mixed BN, their fused input scale /
+// FiLM / ReLU, and FiLM itself). Python registers them as the "cpu" backend of
+// torch.ops.fastrobust.{multi_bn,mixed_bn,film}_{fwd,bwd} (fastrobust/_ops.py); the argument
+// order and results are those of fastrobust._engine.Engine, the eager twin.
 #pragma once
 #include <torch/extension.h>
 
@@ -7,25 +9,41 @@
 
 namespace fastrobust::cpu {
 
-// Returns {y, mean, invstd, new_running_mean, new_running_var, new_num_batches_tracked}.
-// mean/invstd are [K, C], the statistics y was normalized with (batch statistics in training,
-// running statistics in eval). The inputs are not modified: in training the updated running
-// stats come back as new tensors (empty when there is nothing to update).
-std::vector<at::Tensor> multi_bn_forward(const at::Tensor& x, const at::Tensor& branch,
-                                         const c10::optional<at::Tensor>& weight,
-                                         const c10::optional<at::Tensor>& bias,
-                                         const c10::optional<at::Tensor>& running_mean,
-                                         const c10::optional<at::Tensor>& running_var,
-                                         const c10::optional<at::Tensor>& num_batches_tracked,
-                                         int64_t num_branches, bool training, double momentum,
-                                         bool cumulative, double eps);
+using OptTensor = c10::optional<at::Tensor>;
 
-// Returns {dx, dweight, dbias}; dweight/dbias are [K, C], or [0, C] when not requested.
-std::vector<at::Tensor> multi_bn_backward(const at::Tensor& dy, const at::Tensor& x,
-                                          const at::Tensor& branch,
-                                          const c10::optional<at::Tensor>& weight,
-                                          const at::Tensor& mean, const at::Tensor& invstd,
-                                          int64_t num_branches, bool batch_stats,
-                                          bool need_param_grads);
+// Exactly one of branch (int64 [N], routed) and mix (float [N, K], mixed) is given.
+// Returns {y, mean, invstd, new_running_mean, new_running_var, new_num_batches_tracked,
+// plane_moments}: mean/invstd [K, C] are the statistics used; the op is functional, so the
+// updated running stats come back as new tensors (empty when nothing is updated);
+// plane_moments is x's per-plane mean and M2 [2, N, C] for a mixed op with batch statistics
+// (the mix gradient needs them), else empty.
+std::vector<at::Tensor> bn_forward(const at::Tensor& x, const OptTensor& branch,
+                                   const OptTensor& mix, const OptTensor& weight,
+                                   const OptTensor& bias, const OptTensor& running_mean,
+                                   const OptTensor& running_var,
+                                   const OptTensor& num_batches_tracked,
+                                   const OptTensor& input_scale, const OptTensor& film_gamma,
+                                   const OptTensor& film_beta, int64_t num_branches,
+                                   bool training, double momentum, bool cumulative, double eps,
+                                   bool relu);
+
+// needs = (x, mix, weight, bias, input_scale, film_gamma, film_beta). Returns
+// {dx, dmix, dweight, dbias, dinput_scale, dfilm_gamma, dfilm_beta}, unneeded ones empty.
+std::vector<at::Tensor> bn_backward(const at::Tensor& dy, const at::Tensor& x,
+                                    const OptTensor& branch, const OptTensor& mix,
+                                    const OptTensor& weight, const OptTensor& bias,
+                                    const at::Tensor& mean, const at::Tensor& invstd,
+                                    const at::Tensor& planes, const OptTensor& input_scale,
+                                    const OptTensor& film_gamma, const OptTensor& film_beta,
+                                    int64_t num_branches, bool batch_stats, bool relu,
+                                    std::vector<bool> needs);
+
+// y = gamma[n,c]·x + beta[n,c] ([N, C], either may be None).
+at::Tensor film_forward(const at::Tensor& x, const OptTensor& gamma, const OptTensor& beta);
+
+// Returns {dx, dgamma, dbeta}; unneeded ones empty.
+std::vector<at::Tensor> film_backward(const at::Tensor& dy, const at::Tensor& x,
+                                      const OptTensor& gamma, bool need_x, bool need_gamma,
+                                      bool need_beta);
 
 }  // namespace fastrobust::cpu
