@@ -163,6 +163,11 @@ class Engine:
         Zu = Z2 + sc * Z1  # Σ_s dz·u per plane
         T1 = to_branches(M, Z1)
         T2 = invstd * (to_branches(M, Zu) - mean * T1)
+        # A branch whose batch statistics come from one value has x̂ ≡ 0, hence a constant
+        # output: exactly zero dweight and input gradient, which the sums above (scaled by
+        # r = 1/sqrt(eps)) would only reach up to rounding.
+        single = (((M != 0).sum(0) == 1) & (S == 1) & batch_stats)[:, None]
+        T2 = torch.where(single, 0.0, T2)
         def empty():  # a fresh one each time: the op's outputs must not alias each other
             return x.new_empty(0, dtype=acc)
 
@@ -175,10 +180,6 @@ class Engine:
         if batch_stats:
             W = M.sum(0)
             m = _nonzero(W * S)[:, None]
-            # A branch whose statistics come from one value has a constant output (x̂ ≡ 0):
-            # its input gradient is exactly zero, which P·g + R (two large terms, scaled by
-            # 1/sqrt(eps)) would only reach up to rounding.
-            single = (((M != 0).sum(0) == 1) & (S == 1))[:, None]
             a_in = torch.where(single, 0.0, a)
             P = to_planes(M, a_in) if gamma is None else to_planes(M, a_in) * gamma
             Q = to_planes(M, -a_in * invstd * T2 / m)
@@ -262,7 +263,7 @@ class TorchLeaves:
             g = torch.where(_b(A, nd) * x.to(acc) + _b(D, nd) <= 0, 0.0, g)
         dims = tuple(range(2, nd))
         xc = x.to(acc) - _b(center, nd)
-        return (g.sum(dims), (g * xc).sum(dims)) if dims else (g, g * xc)
+        return (g.sum(dims), (g * xc).sum(dims)) if dims else (g.clone(), g * xc)
 
     @staticmethod
     def affine(x, A, D, relu):

@@ -618,8 +618,17 @@ std::vector<at::Tensor> bn_backward(const at::Tensor& dy_in, const at::Tensor& x
           tu[c] += w * Zu[n * C + c];
         }
       }
+    // A branch whose batch statistics come from one value has x̂ ≡ 0, hence a constant output:
+    // exactly zero dweight and input gradient, which the sums (scaled by r = 1/sqrt(eps))
+    // would only reach up to rounding.
+    std::vector<char> single(K, 0);
+    {
+      std::vector<int64_t> nnz(K, 0);
+      for (int64_t e_ = 0; e_ < int64_t(rt.k.size()); ++e_) nnz[rt.k[e_]]++;
+      for (int64_t k = 0; k < K; ++k) single[k] = batch_stats && nnz[k] == 1 && v.S == 1;
+    }
     for (int64_t i = 0; i < K * C; ++i) {
-      T2[i] = double(invstd[i]) * (T2[i] - double(mean[i]) * T1[i]);
+      T2[i] = single[i / C] ? 0.0 : double(invstd[i]) * (T2[i] - double(mean[i]) * T1[i]);
       if (need_w) dweight.data_ptr<T>()[i] = T(T2[i]);
       if (need_b) dbias.data_ptr<T>()[i] = T(T1[i]);
     }
@@ -631,19 +640,13 @@ std::vector<at::Tensor> bn_backward(const at::Tensor& dy_in, const at::Tensor& x
       if (batch_stats) {
         bq.assign(K * C, 0.0);
         dr.assign(K * C, 0.0);
-        // A branch whose statistics come from one value has a constant output (x̂ ≡ 0): its
-        // input gradient is exactly zero, which P·g + R (two large terms, scaled by
-        // 1/sqrt(eps)) would only reach up to rounding.
-        std::vector<int64_t> nnz(K, 0);
-        for (int64_t e_ = 0; e_ < int64_t(rt.k.size()); ++e_) nnz[rt.k[e_]]++;
-        a_in = co.a;
+        a_in = co.a;  // zero for single-value branches (see above)
         for (int64_t k = 0; k < K; ++k) {
           const double m = nonzero(rt.total[k] * double(v.S));
-          const bool single = nnz[k] == 1 && v.S == 1;
           for (int64_t c = 0; c < C; ++c) {
             const int64_t i = k * C + c;
             const double r = invstd[i];
-            if (single) a_in[i] = 0;
+            if (single[k]) a_in[i] = 0;
             bq[i] = -a_in[i] * r * T2[i] / m;
             dr[i] = a_in[i] * (r * T2[i] * double(mean[i]) - T1[i]) / m;
           }
