@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from fastrobust import reference
-from fastrobust.nn import DualBatchNorm2d, MultiBatchNorm2d, convert_multi_bn, routing
+from fastrobust.nn import (DualBatchNorm2d, FiLM, MixedBatchNorm2d, MultiBatchNorm2d, ScaledConvBN,
+                           convert_multi_bn, routing)
 
 TOL32 = dict(rtol=1e-4, atol=2e-5)  # fp32, reductions in another order than eager
 
@@ -114,8 +115,8 @@ def test_routing_context_and_explicit_branch():
     assert bn._routing is None  # restored
     with routing(net, branch=1):
         with routing(net, branch=0):
-            assert bn._routing == 0
-        assert bn._routing == 1
+            assert bn._routing == ("branch", 0)
+        assert bn._routing == ("branch", 1)
     assert y1.shape == (8, 10)
     with pytest.raises(ValueError, match="convert it first"):
         with routing(small_net(), branch=0):
@@ -177,3 +178,137 @@ def test_module_matches_reference_in_double():
                                        momentum=0.2)
     torch.testing.assert_close(y, y_ref)
     torch.testing.assert_close(bn.running_var, rv)
+
+
+# --- MixedBatchNorm2d, FiLM, ScaledConvBN -------------------------------------------------------
+
+def test_mixed_module_soft_and_hard_routing():
+    bn = MixedBatchNorm2d(3).double()
+    x = torch.randn(6, 3, 4, 4, dtype=torch.float64)
+    p = torch.rand(6, dtype=torch.float64)
+    mix = torch.stack([1 - p, p], 1)
+    rm, rv = bn.running_mean.clone(), bn.running_var.clone()
+    y = bn(x, mix=mix)
+    y_ref = reference.mixed_batch_norm(x, mix, bn.weight, bn.bias, rm, rv, training=True)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(bn.running_mean, rm)
+    bn.eval()  # AW-Net at test time: soft mixing with running statistics
+    torch.testing.assert_close(bn(x, mix=mix), (1 - p)[:, None, None, None] * bn(x, branch=0)
+                               + p[:, None, None, None] * bn(x, branch=1))
+    with pytest.raises(ValueError, match="not both"):
+        bn(x, branch=0, mix=mix)
+    with pytest.raises(ValueError, match=r"mix must be \[N, 2\]"):
+        bn(x, mix=torch.rand(6, 3, dtype=torch.float64))
+
+
+def test_routing_context_with_mix():
+    net = convert_multi_bn(small_net(), 2).eval()
+    x = torch.randn(4, 3, 8, 8)
+    with routing(net, branch=0):
+        y0 = net(x)
+    with routing(net, branch=1):
+        y1 = net(x)
+    with routing(net, mix=torch.tensor([[1.0, 0.0]] * 4)):
+        torch.testing.assert_close(net(x), y0, **TOL32)
+    with routing(net, mix=torch.tensor([[0.0, 1.0]] * 4)):
+        torch.testing.assert_close(net(x), y1, **TOL32)
+    with pytest.raises(ValueError, match="exactly one"):
+        with routing(net, branch=0, mix=torch.ones(4, 2)):
+            pass
+
+
+def test_film_module():
+    film = FiLM(3, cond_dim=5)
+    x = torch.randn(4, 3, 2, 2)
+    cond = torch.randn(4, 5)
+    torch.testing.assert_close(film(x, cond), x)  # identity at init
+    film = FiLM(3, cond_dim=5, identity_init=False)
+    g, b = film.gamma_beta(cond)
+    assert g.shape == b.shape == (4, 3)
+    torch.testing.assert_close(film(x, cond), x * g[:, :, None, None] + b[:, :, None, None],
+                               **TOL32)
+    film(x, cond).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in film.parameters())
+    g1, _ = film.gamma_beta(cond[0])  # one condition for the whole batch: [C]
+    assert g1.shape == (3,)
+    with pytest.raises(ValueError, match="condition of size 5"):
+        film(x, torch.randn(4, 4))
+
+
+def test_fused_bn_film_relu_module_path_matches_three_modules():
+    """OAT's BN → FiLM → ReLU through the module's fused arguments equals the three eager
+    modules (forward, gradients of x, BN parameters and the FiLM MLP)."""
+    torch.manual_seed(0)
+    bn = DualBatchNorm2d(4).double()
+    film = FiLM(4, cond_dim=3, identity_init=False).double()
+    bn_e, film_e = copy.deepcopy(bn), copy.deepcopy(film)
+    x = torch.randn(6, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    x_e = x.detach().clone().requires_grad_()
+    branch = torch.tensor([0, 0, 0, 1, 1, 1])
+    cond = torch.randn(6, 3, dtype=torch.float64)
+    g, b = film.gamma_beta(cond)
+    y = bn(x, branch=branch, film_gamma=g, film_beta=b, activation="relu")
+    y_e = torch.relu(film_e(bn_e(x_e, branch=branch), cond))
+    torch.testing.assert_close(y, y_e)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    y_e.backward(gy)
+    torch.testing.assert_close(x.grad, x_e.grad)
+    for p, p_e in zip(list(bn.parameters()) + list(film.parameters()),
+                      list(bn_e.parameters()) + list(film_e.parameters())):
+        torch.testing.assert_close(p.grad, p_e.grad)
+
+
+def test_scaled_conv_bn_equals_per_sample_scaled_filters():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1, bias=False).double()
+    block = ScaledConvBN(conv, MixedBatchNorm2d(4).double())
+    ref_bn = copy.deepcopy(block.bn)
+    x = torch.randn(5, 3, 6, 6, dtype=torch.float64)
+    omega = (torch.rand(5, 4, dtype=torch.float64) + 0.5).requires_grad_()
+    mix = torch.rand(5, 2, dtype=torch.float64)
+    y = block(x, omega, mix=mix)
+    scaled = torch.cat([nn.functional.conv2d(x[n:n + 1], omega[n][:, None, None, None]
+                                             * conv.weight, padding=1) for n in range(5)])
+    y_ref = ref_bn(scaled, mix=mix)
+    torch.testing.assert_close(y, y_ref)
+    gy = torch.randn_like(y)
+    (g,) = torch.autograd.grad(y, omega, gy)
+    (g_ref,) = torch.autograd.grad(y_ref, omega, gy)
+    torch.testing.assert_close(g, g_ref)
+    with pytest.raises(ValueError, match="bias-free"):
+        ScaledConvBN(nn.Conv2d(3, 4, 3), MixedBatchNorm2d(4))
+
+
+class FiLMNet(nn.Module):
+    """A block in the OAT form: conv → dual BN → FiLM → ReLU, and a soft-mixed BN."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.bn = DualBatchNorm2d(4)
+        self.film = FiLM(4, cond_dim=2, identity_init=False)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.mbn = MixedBatchNorm2d(4)
+
+    def forward(self, x, branch, cond, mix, omega):
+        g, b = self.film.gamma_beta(cond)
+        h = self.bn(self.conv(x), branch=branch, film_gamma=g, film_beta=b, activation="relu")
+        return self.mbn(self.conv2(h), mix=mix, input_scale=omega).mean((2, 3))
+
+
+def test_compile_fullgraph_fused_extras_and_mix():
+    torch._dynamo.reset()
+    model = FiLMNet().train()
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, fullgraph=True)
+    args = (torch.randn(6, 3, 6, 6), torch.tensor([0, 1, 0, 1, 1, 0]), torch.randn(6, 2),
+            torch.rand(6, 2), torch.rand(6, 4) + 0.5)
+    y_c, y_e = compiled(*args), eager(*args)
+    torch.testing.assert_close(y_c, y_e, **TOL32)
+    y_c.square().sum().backward()
+    y_e.square().sum().backward()
+    for (name, p_c), p_e in zip(model.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(p_c.grad, p_e.grad, **TOL32, msg=name)
+    for (name, b_c), b_e in zip(model.named_buffers(), eager.buffers()):
+        torch.testing.assert_close(b_c, b_e, **TOL32, msg=name)

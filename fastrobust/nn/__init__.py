@@ -1,4 +1,6 @@
-"""Drop-in modules built on the fused ops."""
-from .multi_bn import DualBatchNorm2d, MultiBatchNorm2d, convert_multi_bn, routing
+"""Drop-in modules (shared/DESIGN.md §3)."""
+from .multi_bn import (DualBatchNorm2d, FiLM, MixedBatchNorm2d, MultiBatchNorm2d, ScaledConvBN,
+                       convert_multi_bn, routing)
 
-__all__ = ["MultiBatchNorm2d", "DualBatchNorm2d", "convert_multi_bn", "routing"]
+__all__ = ["MultiBatchNorm2d", "DualBatchNorm2d", "MixedBatchNorm2d", "FiLM", "ScaledConvBN",
+           "convert_multi_bn", "routing"]

@@ -8,7 +8,8 @@ from torch import Tensor, nn
 
 from .. import functional as F
 
-__all__ = ["MultiBatchNorm2d", "DualBatchNorm2d", "convert_multi_bn", "routing"]
+__all__ = ["MultiBatchNorm2d", "DualBatchNorm2d", "MixedBatchNorm2d", "FiLM", "ScaledConvBN",
+           "convert_multi_bn", "routing"]
 
 
 class MultiBatchNorm2d(nn.Module):
@@ -61,31 +62,48 @@ class MultiBatchNorm2d(nn.Module):
             nn.init.ones_(self.weight)
             nn.init.zeros_(self.bias)
 
-    def _branch(self, x: Tensor, branch) -> Tensor:
-        if branch is None:
-            branch = self._routing
+    def _route(self, x: Tensor, branch, mix):
+        """("branch", int64 [N]) or ("mix", [N, K]) from the arguments or the routing context."""
+        if branch is not None and mix is not None:
+            raise ValueError("pass branch= or mix=, not both")
+        if branch is None and mix is None and self._routing is not None:
+            kind, value = self._routing
+            branch, mix = (value, None) if kind == "branch" else (None, value)
+        if mix is not None:
+            return "mix", mix
         if branch is None:
             if self.num_branches == 1:
                 branch = 0
             else:
                 raise RuntimeError(
                     f"{type(self).__name__} has {self.num_branches} branches but no routing: "
-                    "call bn(x, branch=...) or wrap the model call in "
+                    "call bn(x, branch=...) / bn(x, mix=...) or wrap the model call in "
                     "`with fastrobust.nn.routing(model, branch=...)`")
         if isinstance(branch, int):
             if not 0 <= branch < self.num_branches:
                 raise ValueError(f"branch {branch} is out of range [0, {self.num_branches})")
-            return torch.full((x.shape[0],), branch, dtype=torch.long, device=x.device)
-        return branch
+            branch = torch.full((x.shape[0],), branch, dtype=torch.long, device=x.device)
+        return "branch", branch
 
-    def forward(self, x: Tensor, branch: Tensor | int | None = None) -> Tensor:
+    def forward(self, x: Tensor, branch: Tensor | int | None = None, mix: Tensor | None = None,
+                *, input_scale: Tensor | None = None, film_gamma: Tensor | None = None,
+                film_beta: Tensor | None = None, activation: str | None = None) -> Tensor:
         if x.dim() != 4:
             raise ValueError(f"{type(self).__name__} expects 4D input [N, C, H, W], "
                              f"got {x.dim()}D input")
-        return F.multi_batch_norm(
-            x, self._branch(x, branch), self.weight, self.bias, self.running_mean,
-            self.running_var, training=self.training, momentum=self.momentum, eps=self.eps,
-            num_branches=self.num_branches, num_batches_tracked=self.num_batches_tracked)
+        kind, route = self._route(x, branch, mix)
+        kw = dict(training=self.training,
+                  momentum=self.momentum, eps=self.eps,
+                  num_batches_tracked=self.num_batches_tracked, input_scale=input_scale,
+                  film_gamma=film_gamma, film_beta=film_beta, activation=activation)
+        if kind == "mix":
+            if route.shape[-1] != self.num_branches:
+                raise ValueError(f"mix must be [N, {self.num_branches}], got "
+                                 f"{list(route.shape)}")
+            return F.mixed_batch_norm(x, route, self.weight, self.bias, self.running_mean,
+                                      self.running_var, **kw)
+        return F.multi_batch_norm(x, route, self.weight, self.bias, self.running_mean,
+                                  self.running_var, num_branches=self.num_branches, **kw)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # A plain BatchNorm's [C] tensors (and scalar counter) load into every branch.
@@ -99,6 +117,17 @@ class MultiBatchNorm2d(nn.Module):
         return (f"{self.num_features}, num_branches={self.num_branches}, eps={self.eps}, "
                 f"momentum={self.momentum}, affine={self.affine}, "
                 f"track_running_stats={self.track_running_stats}")
+
+
+class MixedBatchNorm2d(MultiBatchNorm2d):
+    """Soft-mixed multi-branch BN (AW-Net's MixBN, AFA's two-branch weight-generator BN):
+    ``bn(x, mix=m)`` is y_n = Σ_k m[n, k]·BN_k(x)_n in one fused pass (DESIGN §2.2); in
+    training the branch statistics are mix-weighted over the batch. It also takes hard
+    routing, ``bn(x, branch=b)``, as AW-Net does in training, where the sample type is known.
+    Defaults to two branches."""
+
+    def __init__(self, num_features: int, num_branches: int = 2, **kwargs):
+        super().__init__(num_features, num_branches, **kwargs)
 
 
 class DualBatchNorm2d(MultiBatchNorm2d):
@@ -139,26 +168,99 @@ def convert_multi_bn(module: nn.Module, num_branches: int = 2) -> nn.Module:
 
 
 @contextlib.contextmanager
-def routing(model: nn.Module, branch: Tensor | int | None = None):
+def routing(model: nn.Module, branch: Tensor | int | None = None, mix: Tensor | None = None):
     """Routes every multi-branch BN inside ``model`` for the calls in the body::
 
-        with routing(model, branch=is_adv.long()):
+        with routing(model, branch=is_adv.long()):      # hard: sample n → branch[n]
+            logits = model(x)
+        with routing(model, mix=torch.stack([1 - p, p], 1)):   # soft: Σ_k mix[n,k]·BN_k
             logits = model(x)
 
-    ``branch`` is an int64 ``[N]`` tensor or one int for the whole batch. Routing set before
-    (an outer ``routing``) is restored on exit.
+    ``branch`` is an int64 ``[N]`` tensor or one int for the whole batch; ``mix`` is ``[N, K]``.
+    Routing set before (an outer ``routing``) is restored on exit.
     """
     mods = [m for m in model.modules() if isinstance(m, MultiBatchNorm2d)]
     if not mods:
         raise ValueError("routing(): the model has no multi-branch batch norm; "
                          "convert it first with fastrobust.nn.convert_multi_bn(model)")
-    if branch is None:
-        raise ValueError("routing(): pass branch=")
+    if (branch is None) == (mix is None):
+        raise ValueError("routing(): pass exactly one of branch= and mix=")
+    value = ("branch", branch) if mix is None else ("mix", mix)
     saved = [m._routing for m in mods]
     for m in mods:
-        m._routing = branch
+        m._routing = value
     try:
         yield model
     finally:
         for m, old in zip(mods, saved):
             m._routing = old
+
+
+class FiLM(nn.Module):
+    """Feature-wise linear modulation from a condition vector (OAT's form): a two-layer MLP
+    ``cond_dim → hidden → 2·C`` with a LeakyReLU between gives per-sample γ, β, and
+    ``film(x, cond)`` returns γ·x + β through the fused op.
+
+    After a batch norm, pass them to the BN instead, one pass for BN → FiLM → ReLU::
+
+        gamma, beta = film.gamma_beta(cond)        # once per forward, not per PGD step
+        y = bn(x, branch=b, film_gamma=gamma, film_beta=beta, activation="relu")
+
+    ``cond`` is ``[N, cond_dim]`` (per sample) or ``[cond_dim]`` (one condition for the batch).
+    With ``identity_init`` (default) the last layer starts at γ = 1, β = 0, so inserting FiLM
+    into a trained model changes nothing until it trains; ``hidden`` defaults to 2·C.
+    """
+
+    def __init__(self, num_features: int, cond_dim: int, hidden: int | None = None,
+                 negative_slope: float = 0.01, identity_init: bool = True, device=None,
+                 dtype=None):
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.num_features, self.cond_dim = num_features, cond_dim
+        hidden = hidden or 2 * num_features
+        self.mlp = nn.Sequential(nn.Linear(cond_dim, hidden, **kw),
+                                 nn.LeakyReLU(negative_slope),
+                                 nn.Linear(hidden, 2 * num_features, **kw))
+        if identity_init:
+            with torch.no_grad():
+                self.mlp[2].weight.zero_()
+                self.mlp[2].bias.copy_(torch.cat([torch.ones(num_features),
+                                                  torch.zeros(num_features)]))
+
+    def gamma_beta(self, cond: Tensor) -> tuple[Tensor, Tensor]:
+        """(γ, β), each ``[N, C]`` (or ``[C]`` for a ``[cond_dim]`` condition)."""
+        if cond.shape[-1] != self.cond_dim:
+            raise ValueError(f"FiLM expects a condition of size {self.cond_dim} in its last "
+                             f"dimension, got {list(cond.shape)}")
+        out = self.mlp(cond)
+        return out[..., :self.num_features], out[..., self.num_features:]
+
+    def forward(self, x: Tensor, cond: Tensor) -> Tensor:
+        gamma, beta = self.gamma_beta(cond)
+        return F.film(x, gamma, beta)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, cond_dim={self.cond_dim}"
+
+
+class ScaledConvBN(nn.Module):
+    """A bias-free conv followed by a multi-branch BN, with AW-Net's per-sample filter
+    scaling: ``forward(x, omega)`` equals ``bn(conv_with_filters_scaled_by(omega[n])(x[n]))``
+    for every sample, computed as conv → one fused BN pass whose input scale is ω
+    (conv(x, ω⊙W) = ω[c]·conv(x, W), DESIGN §2.4); no per-sample weights and the scaled
+    conv output is never written to memory. Routing (``branch=``, ``mix=``, or the
+    ``routing`` context) and the other fused extras pass through to the BN.
+    """
+
+    def __init__(self, conv: nn.Conv2d, bn: MultiBatchNorm2d):
+        super().__init__()
+        if conv.bias is not None:
+            raise ValueError("ScaledConvBN needs a bias-free conv: with a bias, scaling the "
+                             "filters is not a scale of the output")
+        if conv.out_channels != bn.num_features:
+            raise ValueError(f"conv has {conv.out_channels} output channels but the BN "
+                             f"normalizes {bn.num_features}")
+        self.conv, self.bn = conv, bn
+
+    def forward(self, x: Tensor, omega: Tensor | None = None, **bn_kwargs) -> Tensor:
+        return self.bn(self.conv(x), input_scale=omega, **bn_kwargs)
