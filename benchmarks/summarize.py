@@ -1,16 +1,16 @@
 """Compact markdown table of a pytest-benchmark JSON written by these benchmarks: one row per
 group with the fused kernel's median, GB/s and its speedup over each baseline.
 
-    python benchmarks/summarize.py results/cpu-2026-11-21.json
+    python benchmarks/summarize.py results/cpu-2026-11-21b.json
 """
 import json
 import sys
 
-BASELINES = ["bn_floor", "oat_dual", "eager_kway", "compiled_kway"]
-
-
 def main(path):
     data = json.load(open(path))
+    # Every baseline any fused row was compared with, in order of first appearance.
+    BASELINES = list(dict.fromkeys(k for b in data["benchmarks"]
+                                   for k in b["extra_info"].get("speedup_vs", {})))
     print("| group | fused ms | GB/s | of same-size copy | of 256 MB copy | "
           + " | ".join(f"vs {b}" for b in BASELINES) + " |")
     print("|---" * (5 + len(BASELINES)) + "|")

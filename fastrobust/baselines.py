@@ -44,3 +44,28 @@ def to_eager_dual_bn(module: nn.Module) -> nn.Module:
         else:
             to_eager_dual_bn(child)
     return module
+
+
+def eager_mixed_bn(x: Tensor, mix: Tensor, bns) -> Tensor:
+    """AW-Net's / AFA's soft mixing as written today: every BN over the whole batch, then the
+    per-sample weighted sum Σ_k mix[:, k]·BN_k(x) (K full passes plus K multiply-adds)."""
+    out = 0
+    for k, bn in enumerate(bns):
+        out = out + mix[:, k, None, None, None] * bn(x)
+    return out
+
+
+def eager_film(x: Tensor, gamma: Tensor, beta: Tensor) -> Tensor:
+    """FiLM as a broadcasting expression (OAT's FiLM layer)."""
+    return x * gamma[:, :, None, None] + beta[:, :, None, None]
+
+
+def eager_bn_film_relu(x: Tensor, bn: nn.Module, gamma: Tensor, beta: Tensor) -> Tensor:
+    """OAT's block tail as three modules: BN, then FiLM, then ReLU (three passes)."""
+    return torch.relu(eager_film(bn(x), gamma, beta))
+
+
+def eager_scaled_bn(y: Tensor, omega: Tensor, bn: nn.Module) -> Tensor:
+    """AW-Net's filter scaling as written today: the conv output times ω[n, c] is written to
+    memory, then normalized."""
+    return bn(y * omega[:, :, None, None])
