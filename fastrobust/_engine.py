@@ -149,7 +149,7 @@ class Engine:
         need_x, need_mix, need_w, need_b, need_s, need_g, need_be = needs
         K, C = mean.shape
         acc = mean.dtype
-        N, S = x.shape[0], plane_size(x)
+        S = plane_size(x)
         M = routing_weights(branch, mix, K, acc)
         s, gamma, beta = (None if t is None else t.to(acc)
                           for t in (input_scale, film_gamma, film_beta))

@@ -125,6 +125,17 @@ def _bc(t: Tensor, ndim: int) -> Tensor:
     return t.reshape(*t.shape, *([1] * (ndim - 2)))
 
 
+@torch.no_grad()
+def _store(running_mean, running_var, num_batches_tracked, mean, var, count, momentum):
+    """Updates the running stats in place from this batch's statistics (DESIGN §2.1 rule)."""
+    new = updated_running_stats(running_mean, running_var, num_batches_tracked, mean, var,
+                                count, momentum or 0.0, momentum is None)
+    running_mean.copy_(new[0])
+    running_var.copy_(new[1])
+    if num_batches_tracked is not None:
+        num_batches_tracked.copy_(new[2])
+
+
 def multi_batch_norm(x, branch, weight=None, bias=None, running_mean=None, running_var=None, *,
                      num_branches: int | None = None, training: bool = True,
                      momentum: float | None = 0.1, eps: float = 1e-5,
@@ -139,14 +150,7 @@ def multi_batch_norm(x, branch, weight=None, bias=None, running_mean=None, runni
     if batch_stats:
         count, mean, var = branch_moments(u, branch, K)
         if training and running_mean is not None:
-            new = updated_running_stats(running_mean, running_var, num_batches_tracked,
-                                        mean.detach(), var.detach(), count, momentum or 0.0,
-                                        momentum is None)
-            with torch.no_grad():
-                running_mean.copy_(new[0])
-                running_var.copy_(new[1])
-                if num_batches_tracked is not None:
-                    num_batches_tracked.copy_(new[2])
+            _store(running_mean, running_var, num_batches_tracked, mean, var, count, momentum)
     else:
         mean, var = running_mean.to(acc, copy=True), running_var.to(acc)
     invstd = torch.rsqrt(var + eps)
@@ -176,14 +180,8 @@ def mixed_batch_norm(x, mix, weight=None, bias=None, running_mean=None, running_
         sq = (us[:, None] - mean[None, :, :, None]).square().sum(3)  # [N, K, C]
         var = torch.einsum("nk,nkc->kc", m, sq) / denom
         if training and running_mean is not None:
-            new = updated_running_stats(running_mean, running_var, num_batches_tracked,
-                                        mean.detach(), var.detach(), W.detach() * S,
-                                        momentum or 0.0, momentum is None)
-            with torch.no_grad():
-                running_mean.copy_(new[0])
-                running_var.copy_(new[1])
-                if num_batches_tracked is not None:
-                    num_batches_tracked.copy_(new[2])
+            _store(running_mean, running_var, num_batches_tracked, mean, var, W.detach() * S,
+                   momentum)
     else:
         mean, var = running_mean.to(acc), running_var.to(acc)
     nd = x.dim()
