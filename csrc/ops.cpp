@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 
 #include "cpu/multi_bn.h"
+#include "cpu/pgd.h"
 #ifdef FASTROBUST_WITH_CUDA
 #include "cuda/bindings.h"
 #endif
@@ -16,6 +17,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "routed or mixed batch norm backward (CPU)");
   m.def("film_forward", &fastrobust::cpu::film_forward, "FiLM y = gamma*x + beta (CPU)");
   m.def("film_backward", &fastrobust::cpu::film_backward, "FiLM backward (CPU)");
+  m.def("pgd_update", &fastrobust::cpu::pgd_update,
+        "projected linf / l2 step or random start, written to out (CPU)");
+  m.def("mifgsm_update", &fastrobust::cpu::mifgsm_update,
+        "MI-FGSM momentum and linf step, in place (CPU)");
 #ifdef FASTROBUST_WITH_CUDA
   // CUDA kernels live in the submodule `cuda`, under the same names as the CPU ones.
   auto cuda = m.def_submodule("cuda", "CUDA C++ kernels");

@@ -263,3 +263,95 @@ def _film_backward(ctx, dy):
 
 
 film_fwd.register_autograd(_film_backward, setup_context=_film_setup)
+
+
+# --- pgd: fused projected-gradient steps, in place ------------------------------------------
+# Modes of the kernels' pgd_update (csrc/cpu/pgd.h): linf with sign(grad), l2, and linf with
+# the direction as is (the random start).
+PGD_LINF, PGD_L2, PGD_LINF_RAW = 0, 1, 2
+
+
+def flat_layout(t: Tensor) -> bool:
+    """Dense, with each sample one block of memory (contiguous, channels_last, ...): the
+    layout the PGD kernels walk as a flat [N, S] array."""
+    if t.numel() == 0 or t.dim() == 0:
+        return True
+    expected = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return t.shape[0] == 1 or t.stride(0) == t.numel() // t.shape[0]
+
+
+def _like(t: Tensor, ref: Tensor) -> Tensor:
+    """t in ref's layout: t itself when the strides already agree, else a copy."""
+    return t if t.stride() == ref.stride() else torch.empty_like(ref).copy_(t)
+
+
+def _pgd_impl(x_adv, *tensors):
+    return backends.select("pgd", x_adv.device, (x_adv,) + tensors)
+
+
+@torch.library.custom_op("fastrobust::pgd_step", mutates_args=("x_adv",))
+def pgd_step(x_adv: Tensor, grad: Tensor, x_nat: Tensor, eps_t: Optional[Tensor], eps: float,
+             alpha_t: Optional[Tensor], alpha: float, l2: bool, clip_min: float,
+             clip_max: float) -> None:
+    """x_adv ← clamp(x_nat + P_ε(x_adv + α·dir(grad) − x_nat), clip_min, clip_max), dir = sign
+    (linf) or grad/‖grad_n‖ (l2). eps_t/alpha_t: per-sample [N] in the accumulation dtype,
+    or None to use the floats. Odd layouts are copied into x_adv's (or a contiguous) one."""
+    work = x_adv if flat_layout(x_adv) else x_adv.contiguous()
+    _pgd_impl(work, grad, x_nat).pgd_update(
+        work, work, _like(grad, work), _like(x_nat, work), eps_t, eps, alpha_t, alpha,
+        PGD_L2 if l2 else PGD_LINF, clip_min, clip_max)
+    if work is not x_adv:
+        x_adv.copy_(work)
+
+
+@pgd_step.register_fake
+def _(x_adv, grad, x_nat, eps_t, eps, alpha_t, alpha, l2, clip_min, clip_max):
+    return None
+
+
+@torch.library.custom_op("fastrobust::pgd_init", mutates_args=("noise",))
+def pgd_init(noise: Tensor, x_nat: Tensor, eps_t: Optional[Tensor], eps: float,
+             radius: Optional[Tensor], l2: bool, clip_min: float, clip_max: float) -> None:
+    """Turns noise (linf: U(−1, 1); l2: N(0, 1)) into the random start, in place: linf
+    clamp(x_nat + P_ε(ε·noise)); l2 clamp(x_nat + P_ε(radius_n·noise/‖noise_n‖)); radius is
+    per sample [N]."""
+    work = noise if flat_layout(noise) else noise.contiguous()
+    xn = _like(x_nat, work)
+    if l2:
+        args = (eps_t, eps, radius, 0.0, PGD_L2)
+    else:
+        args = (eps_t, eps, eps_t, eps, PGD_LINF_RAW)
+    _pgd_impl(work, x_nat).pgd_update(work, xn, work, xn, *args, clip_min, clip_max)
+    if work is not noise:
+        noise.copy_(work)
+
+
+@pgd_init.register_fake
+def _(noise, x_nat, eps_t, eps, radius, l2, clip_min, clip_max):
+    return None
+
+
+@torch.library.custom_op("fastrobust::mifgsm_step", mutates_args=("x_adv", "momentum"))
+def mifgsm_step(x_adv: Tensor, grad: Tensor, momentum: Tensor, x_nat: Tensor,
+                eps_t: Optional[Tensor], eps: float, alpha_t: Optional[Tensor], alpha: float,
+                decay: float, clip_min: float, clip_max: float) -> None:
+    """momentum ← grad/mean(|grad_n|) + decay·momentum; then the linf step with
+    sign(momentum). Both in place."""
+    work = x_adv if flat_layout(x_adv) else x_adv.contiguous()
+    buf = _like(momentum, work)
+    _pgd_impl(work, grad, momentum, x_nat).mifgsm_update(
+        work, _like(grad, work), buf, _like(x_nat, work), eps_t, eps, alpha_t, alpha, decay,
+        clip_min, clip_max)
+    if work is not x_adv:
+        x_adv.copy_(work)
+    if buf is not momentum:
+        momentum.copy_(buf)
+
+
+@mifgsm_step.register_fake
+def _(x_adv, grad, momentum, x_nat, eps_t, eps, alpha_t, alpha, decay, clip_min, clip_max):
+    return None

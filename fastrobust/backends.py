@@ -25,11 +25,13 @@ from types import ModuleType
 import torch
 
 BACKENDS = ("eager", "cpu", "triton", "cuda")
-OPS = ("multi_bn", "mixed_bn", "film")
+OPS = ("multi_bn", "mixed_bn", "film", "pgd")
 # The function each backend provides for an op (the BN ops share one engine), and the Triton
 # module that holds it (one module serves the whole per-sample affine family).
-_FORWARD = {"multi_bn": "bn_forward", "mixed_bn": "bn_forward", "film": "film_forward"}
-_TRITON_MODULE = {"multi_bn": "multi_bn", "mixed_bn": "multi_bn", "film": "multi_bn"}
+_FORWARD = {"multi_bn": "bn_forward", "mixed_bn": "bn_forward", "film": "film_forward",
+            "pgd": "pgd_update"}
+_TRITON_MODULE = {"multi_bn": "multi_bn", "mixed_bn": "multi_bn", "film": "multi_bn",
+                  "pgd": "pgd"}
 # Preference per device type; the first backend with no reasons serves the call.
 _PREFERENCE = {"cuda": ("cuda", "triton", "eager"), "cpu": ("cpu", "eager")}
 
@@ -148,9 +150,13 @@ def choose(op: str, device: torch.device | str, tensors: tuple = ()) -> str:
 
 def select(op: str, device: torch.device | str, tensors: tuple = ()) -> ModuleType:
     """The backend object whose functions (`bn_forward`/`bn_backward` for the BN ops,
-    `film_forward`/`film_backward` for film) serve this call."""
+    `film_forward`/`film_backward` for film, `pgd_update`/`mifgsm_update` for pgd) serve
+    this call."""
     name = choose(op, device, tensors)
     if name == "eager":
+        if op == "pgd":
+            from .reference import pgd_eager
+            return pgd_eager
         from ._engine import eager
         return eager
     if name == "triton":

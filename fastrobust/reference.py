@@ -219,3 +219,109 @@ def _infer_k(*tensors) -> int:
     raise ValueError("num_branches is needed when weight and running stats are all None")
 
 
+
+
+# --- PGD steps (shared/DESIGN.md §2.5) ------------------------------------------------------
+# Out of place and written as the math reads; eps/alpha are floats or per-sample [N] tensors.
+# `pgd_eager` below runs the same math in place as the "eager" backend of the PGD ops.
+
+def _per_sample(v, x: Tensor) -> Tensor | float:
+    """A float stays a float; an [N] tensor becomes [N, 1, ..., 1] in x's dtype."""
+    if isinstance(v, Tensor):
+        return v.to(x.dtype).view((-1,) + (1,) * (x.dim() - 1))
+    return v
+
+
+def _sample_norm(t: Tensor) -> Tensor:
+    """Per-sample L2 norm, [N, 1, ..., 1], accumulated in fp32 (fp64 for fp64)."""
+    n = t.to(acc_dtype(t)).flatten(1).norm(dim=1)
+    return n.view((-1,) + (1,) * (t.dim() - 1))
+
+
+def pgd_step(x_adv: Tensor, grad: Tensor, x_nat: Tensor, eps, alpha, norm: str = "linf",
+             clip_min: float = 0.0, clip_max: float = 1.0) -> Tensor:
+    """One projected step. linf in torchattacks' order of operations (bitwise in fp32):
+        a = x_adv + α·sign(g);  δ = clamp(a − x_nat, −ε, ε);  clamp(x_nat + δ, lo, hi)
+    l2:  a = x_adv + α·g/max(‖g_n‖, 1e-12);  δ = a − x_nat;  δ·min(1, ε/‖δ_n‖);  clamp(x_nat + δ)
+    (‖δ_n‖ = 0 keeps δ, so ε = 0 leaves a sample at x_nat without a 0/0)."""
+    e, a_ = _per_sample(eps, x_adv), _per_sample(alpha, x_adv)
+    if norm == "linf":
+        a = x_adv + a_ * grad.sign()
+        if isinstance(e, Tensor):
+            delta = torch.minimum(torch.maximum(a - x_nat, -e), e)
+        else:
+            delta = torch.clamp(a - x_nat, min=-e, max=e)
+    elif norm == "l2":
+        step = (grad.to(acc_dtype(grad)) / _sample_norm(grad).clamp_min(1e-12)).to(x_adv.dtype)
+        delta = x_adv + a_ * step - x_nat
+        dn = _sample_norm(delta)
+        e_acc = e.to(dn.dtype) if isinstance(e, Tensor) else e
+        factor = torch.where(dn > e_acc, e_acc / dn.clamp_min(1e-30), torch.ones_like(dn))
+        delta = delta * factor.to(x_adv.dtype)
+    else:
+        raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
+    return torch.clamp(x_nat + delta, min=clip_min, max=clip_max)
+
+
+def mifgsm_step(x_adv: Tensor, grad: Tensor, momentum: Tensor, x_nat: Tensor, eps, alpha,
+                decay: float, clip_min: float = 0.0, clip_max: float = 1.0):
+    """MI-FGSM: buf = g/mean(|g_n|) + decay·buf (a sample whose gradient is all zero adds 0),
+    then the linf step with sign(buf). Returns (x_adv, buf)."""
+    mean_abs = grad.to(acc_dtype(grad)).abs().flatten(1).mean(dim=1)
+    mean_abs = mean_abs.view((-1,) + (1,) * (grad.dim() - 1))
+    scaled = torch.where(mean_abs > 0, grad / mean_abs.clamp_min(1e-38), 0.0).to(grad.dtype)
+    buf = scaled + momentum * decay
+    return pgd_step(x_adv, buf, x_nat, eps, alpha, "linf", clip_min, clip_max), buf
+
+
+def pgd_init(x_nat: Tensor, eps, noise: Tensor, radius_u: Tensor | None, norm: str = "linf",
+             clip_min: float = 0.0, clip_max: float = 1.0) -> Tensor:
+    """The random start from given noise: linf, noise ~ U(−1, 1) per element: x + ε·noise;
+    l2, noise ~ N(0, 1) per element and radius_u ~ U(0, 1) per sample: x + ε·u^(1/d)·z/‖z‖.
+    Both projected onto the ε-ball and clamped to [clip_min, clip_max]."""
+    if norm == "linf":
+        return pgd_step_raw(x_nat, noise, x_nat, eps, eps, clip_min, clip_max)
+    d = x_nat[0].numel()
+    e = eps if isinstance(eps, Tensor) else torch.full_like(radius_u, eps)
+    radius = e.to(radius_u.dtype) * radius_u.pow(1.0 / max(d, 1))
+    return pgd_step(x_nat, noise, x_nat, eps, radius, "l2", clip_min, clip_max)
+
+
+def pgd_step_raw(x_adv: Tensor, direction: Tensor, x_nat: Tensor, eps, alpha,
+                 clip_min: float, clip_max: float) -> Tensor:
+    """The linf step with the direction used as is instead of its sign (the linf random start:
+    direction = U(−1, 1) noise, alpha = eps)."""
+    e, a_ = _per_sample(eps, x_adv), _per_sample(alpha, x_adv)
+    a = x_adv + a_ * direction
+    lo = -e
+    delta = torch.minimum(torch.maximum(a - x_nat, lo), e) if isinstance(e, Tensor) \
+        else torch.clamp(a - x_nat, min=-e, max=e)
+    return torch.clamp(x_nat + delta, min=clip_min, max=clip_max)
+
+
+class _PgdEager:
+    """The "eager" backend of the PGD ops: the references above, written into place, with the
+    compiled kernels' signatures (csrc/cpu/pgd.h)."""
+
+    @staticmethod
+    def pgd_update(out, x_adv, grad, x_nat, eps_t, eps, alpha_t, alpha, mode, clip_min,
+                   clip_max) -> None:
+        e = eps if eps_t is None else eps_t
+        a = alpha if alpha_t is None else alpha_t
+        if mode == 2:
+            r = pgd_step_raw(x_adv, grad, x_nat, e, a, clip_min, clip_max)
+        else:
+            r = pgd_step(x_adv, grad, x_nat, e, a, "l2" if mode == 1 else "linf",
+                         clip_min, clip_max)
+        out.copy_(r)
+
+    @staticmethod
+    def mifgsm_update(x_adv, grad, buf, x_nat, eps_t, eps, alpha_t, alpha, decay, clip_min,
+                      clip_max) -> None:
+        r, b = mifgsm_step(x_adv, grad, buf, x_nat, eps if eps_t is None else eps_t,
+                           alpha if alpha_t is None else alpha_t, decay, clip_min, clip_max)
+        buf.copy_(b)
+        x_adv.copy_(r)
+
+
+pgd_eager = _PgdEager()

@@ -1,0 +1,196 @@
+"""Triton kernels of the PGD steps (shared/DESIGN.md §2.5).
+
+Every tensor has x_adv's shape and strides and keeps each sample in one dense block of memory
+(contiguous or channels_last; `fastrobust._ops` copies other layouts), so sample n is the flat
+range [n·S, (n+1)·S). Three kernels:
+
+  _linf_kernel    grid (N, ⌈S/BLOCK⌉): the elementwise linf step, in torchattacks' order of
+                  operations (bitwise equal to it in fp32), or the random start (SIGN=False)
+  _l2_kernel      grid (N,): one program per sample: Σg², then Σδ², then the update (the
+                  sample's second and third reads mostly hit cache)
+  _mifgsm_kernel  grid (N,): Σ|g|, then momentum and the linf step with sign(momentum)
+
+Loads are cast to the accumulation type at once (fp32, fp64 for fp64 inputs). Scalars reach
+the kernels as fp32 arguments; for fp64 inputs they come from small fp64 tensors instead, so
+fp64 keeps full precision. No allocation for fp16/bf16/fp32, no host sync.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..reference import acc_dtype
+
+LINF_SIGN, L2, LINF_RAW = 0, 1, 2  # modes of pgd_update (as in csrc/cpu/pgd.h)
+
+
+@triton.jit
+def _scalars(n, eps_ptr, alpha_ptr, par_ptr, eps, alpha, lo, hi, EPS_T: tl.constexpr,
+             ALPHA_T: tl.constexpr, PAR_T: tl.constexpr, ACC: tl.constexpr):
+    """eps, alpha (per sample or scalar) and the clip bounds of sample n, in ACC."""
+    if EPS_T:
+        e = tl.load(eps_ptr + n).to(ACC)
+    else:
+        e = tl.zeros([], ACC) + eps  # (the interpreter passes a Python float)
+    if ALPHA_T:
+        a = tl.load(alpha_ptr + n).to(ACC)
+    else:
+        a = tl.zeros([], ACC) + alpha
+    if PAR_T:
+        lo_ = tl.load(par_ptr).to(ACC)
+        hi_ = tl.load(par_ptr + 1).to(ACC)
+    else:
+        lo_ = tl.zeros([], ACC) + lo
+        hi_ = tl.zeros([], ACC) + hi
+    return e, a, lo_, hi_
+
+
+@triton.jit
+def _clamp(v, lo, hi):
+    # torch.clamp's order: max first, then min; a NaN passes through
+    v = tl.where(v < lo, lo, v)
+    return tl.where(v > hi, hi, v)
+
+
+@triton.jit
+def _sign(v):
+    # torch.sign: -1, 0 or 1 (0 for NaN)
+    return tl.where(v > 0, 1.0, tl.where(v < 0, -1.0, 0.0)).to(v.dtype)
+
+
+@triton.jit
+def _linf_kernel(out_ptr, xa_ptr, g_ptr, xn_ptr, eps_ptr, alpha_ptr, par_ptr, eps, alpha, lo,
+                 hi, S, EPS_T: tl.constexpr, ALPHA_T: tl.constexpr, PAR_T: tl.constexpr,
+                 SIGN: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < S
+    p = n * S + offs
+    e, a, lo_, hi_ = _scalars(n, eps_ptr, alpha_ptr, par_ptr, eps, alpha, lo, hi, EPS_T,
+                              ALPHA_T, PAR_T, ACC)
+    xa = tl.load(xa_ptr + p, mask=m, other=0.0).to(ACC)
+    g = tl.load(g_ptr + p, mask=m, other=0.0).to(ACC)
+    xn = tl.load(xn_ptr + p, mask=m, other=0.0).to(ACC)
+    if SIGN:
+        g = _sign(g)
+    adv = xa + a * g  # a·sign(g) is exact, so a fused multiply-add gives the same sum
+    delta = _clamp(adv - xn, -e, e)
+    r = _clamp(xn + delta, lo_, hi_)
+    tl.store(out_ptr + p, r.to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _l2_kernel(out_ptr, xa_ptr, g_ptr, xn_ptr, eps_ptr, alpha_ptr, par_ptr, eps, alpha, lo,
+               hi, S, EPS_T: tl.constexpr, ALPHA_T: tl.constexpr, PAR_T: tl.constexpr,
+               BLOCK: tl.constexpr, ACC: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64)
+    base = n * S
+    e, a, lo_, hi_ = _scalars(n, eps_ptr, alpha_ptr, par_ptr, eps, alpha, lo, hi, EPS_T,
+                              ALPHA_T, PAR_T, ACC)
+    acc = tl.zeros([BLOCK], ACC)
+    for s0 in range(0, S, BLOCK):
+        o = s0 + tl.arange(0, BLOCK)
+        g = tl.load(g_ptr + base + o, mask=o < S, other=0.0).to(ACC)
+        acc += g * g
+    step = a / tl.maximum(tl.sqrt(tl.sum(acc, 0)), 1e-12)
+    acc = tl.zeros([BLOCK], ACC)
+    for s0 in range(0, S, BLOCK):
+        o = s0 + tl.arange(0, BLOCK)
+        m = o < S
+        d = (tl.load(xa_ptr + base + o, mask=m, other=0.0).to(ACC)
+             + step * tl.load(g_ptr + base + o, mask=m, other=0.0).to(ACC)
+             - tl.load(xn_ptr + base + o, mask=m, other=0.0).to(ACC))
+        acc += d * d
+    dn = tl.sqrt(tl.sum(acc, 0))
+    f = tl.where(dn > e, e / tl.maximum(dn, 1e-30), 1.0)
+    for s0 in range(0, S, BLOCK):
+        o = s0 + tl.arange(0, BLOCK)
+        m = o < S
+        xn = tl.load(xn_ptr + base + o, mask=m, other=0.0).to(ACC)
+        d = (tl.load(xa_ptr + base + o, mask=m, other=0.0).to(ACC)
+             + step * tl.load(g_ptr + base + o, mask=m, other=0.0).to(ACC) - xn)
+        r = _clamp(xn + d * f, lo_, hi_)
+        tl.store(out_ptr + base + o, r.to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _mifgsm_kernel(xa_ptr, g_ptr, buf_ptr, xn_ptr, eps_ptr, alpha_ptr, par_ptr, eps, alpha,
+                   lo, hi, decay, S, EPS_T: tl.constexpr, ALPHA_T: tl.constexpr,
+                   PAR_T: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64)
+    base = n * S
+    e, a, lo_, hi_ = _scalars(n, eps_ptr, alpha_ptr, par_ptr, eps, alpha, lo, hi, EPS_T,
+                              ALPHA_T, PAR_T, ACC)
+    if PAR_T:
+        dec = tl.load(par_ptr + 2).to(ACC)
+    else:
+        dec = tl.zeros([], ACC) + decay
+    acc = tl.zeros([BLOCK], ACC)
+    for s0 in range(0, S, BLOCK):
+        o = s0 + tl.arange(0, BLOCK)
+        acc += tl.abs(tl.load(g_ptr + base + o, mask=o < S, other=0.0).to(ACC))
+    mean = tl.sum(acc, 0) / S
+    safe = tl.where(mean > 0, mean, 1.0)
+    for s0 in range(0, S, BLOCK):
+        o = s0 + tl.arange(0, BLOCK)
+        m = o < S
+        g = tl.load(g_ptr + base + o, mask=m, other=0.0).to(ACC)
+        b = tl.load(buf_ptr + base + o, mask=m, other=0.0).to(ACC)
+        b = tl.where(mean > 0, g / safe, 0.0) + b * dec
+        tl.store(buf_ptr + base + o, b.to(buf_ptr.dtype.element_ty), mask=m)
+        xa = tl.load(xa_ptr + base + o, mask=m, other=0.0).to(ACC)
+        xn = tl.load(xn_ptr + base + o, mask=m, other=0.0).to(ACC)
+        delta = _clamp(xa + a * _sign(b) - xn, -e, e)
+        r = _clamp(xn + delta, lo_, hi_)
+        tl.store(xa_ptr + base + o, r.to(xa_ptr.dtype.element_ty), mask=m)
+
+
+def _launch_args(x, eps_t, eps, alpha_t, alpha, clip_min, clip_max, decay=0.0):
+    """Pointer/scalar arguments shared by the kernels. fp64 inputs get their scalars as fp64
+    tensors (a kernel's float argument is fp32)."""
+    acc = acc_dtype(x)
+    f64 = acc == torch.float64
+    N = x.shape[0]
+    if f64:
+        eps_t = eps_t if eps_t is not None else x.new_full((N,), eps, dtype=acc)
+        alpha_t = alpha_t if alpha_t is not None else x.new_full((N,), alpha, dtype=acc)
+        par = torch.stack([x.new_full((), v, dtype=acc) for v in (clip_min, clip_max, decay)])
+    else:
+        par = x  # unused
+    ptrs = (eps_t if eps_t is not None else x, alpha_t if alpha_t is not None else x, par)
+    flags = dict(EPS_T=eps_t is not None, ALPHA_T=alpha_t is not None, PAR_T=f64,
+                 ACC=tl.float64 if f64 else tl.float32)
+    return ptrs, (float(eps), float(alpha), float(clip_min), float(clip_max)), flags
+
+
+def pgd_update(out, x_adv, grad, x_nat, eps_t, eps, alpha_t, alpha, mode, clip_min,
+               clip_max) -> None:
+    """out = clamp(x_nat + P(x_adv + alpha·dir(grad) − x_nat)); the signature of the C++
+    kernel (csrc/cpu/pgd.h)."""
+    if x_adv.numel() == 0:
+        return
+    N = x_adv.shape[0]
+    S = x_adv.numel() // N
+    ptrs, scal, flags = _launch_args(x_adv, eps_t, eps, alpha_t, alpha, clip_min, clip_max)
+    if mode == L2:
+        _l2_kernel[(N,)](out, x_adv, grad, x_nat, *ptrs, *scal, S, BLOCK=1024, **flags)
+    elif mode in (LINF_SIGN, LINF_RAW):
+        block = min(2048, triton.next_power_of_2(S))
+        _linf_kernel[(N, triton.cdiv(S, block))](out, x_adv, grad, x_nat, *ptrs, *scal, S,
+                                                 SIGN=mode == LINF_SIGN, BLOCK=block, **flags)
+    else:
+        raise ValueError(f"unknown pgd mode {mode}")
+
+
+def mifgsm_update(x_adv, grad, buf, x_nat, eps_t, eps, alpha_t, alpha, decay, clip_min,
+                  clip_max) -> None:
+    """MI-FGSM momentum and linf step, x_adv and buf in place."""
+    if x_adv.numel() == 0:
+        return
+    N = x_adv.shape[0]
+    S = x_adv.numel() // N
+    ptrs, scal, flags = _launch_args(x_adv, eps_t, eps, alpha_t, alpha, clip_min, clip_max,
+                                     decay)
+    _mifgsm_kernel[(N,)](x_adv, grad, buf, x_nat, *ptrs, *scal, float(decay), S, BLOCK=1024,
+                         **flags)
