@@ -1,0 +1,213 @@
+"""PGD, FGSM and MI-FGSM on the fused steps of `fastrobust.functional`.
+
+Every attack runs the model in eval mode and restores each submodule's mode afterwards; it
+takes input gradients with `torch.autograd.grad`, so parameter gradients are neither computed
+nor left in `.grad`. The step loop has no host sync: eps and alpha may be per-sample tensors
+and nothing is read back to the host.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import functional as FF
+
+_FORMATS = {None, torch.contiguous_format, torch.channels_last, torch.preserve_format}
+
+
+def cw_loss(logits: Tensor, y: Tensor, kappa: float = 0.0) -> Tensor:
+    """Carlini–Wagner margin loss for linf PGD ("CW∞"): mean of −clamp(z_y − max_{j≠y} z_j,
+    min=−kappa). Ascending it pushes the true logit below the best other one; with kappa = 0
+    a sample stops moving once it is misclassified."""
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1)
+    return -(true - other).clamp(min=-kappa).mean()
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Puts every submodule in eval mode and restores each one's own mode on exit."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+class Attack:
+    """Base class: the shared call signature, conditioning and bookkeeping.
+
+    ``atk(x, y, *, eps=None, branch=None, mix=None, context=None, **forward_kwargs)``:
+
+    - ``eps``: overrides the attack's eps for this call (float or per-sample ``[N]``);
+    - ``branch`` / ``mix``: routes every multi-branch BN of the model for the whole attack
+      (``fastrobust.nn.routing``), e.g. ``branch=1`` for OAT's adversarial branch;
+    - ``context``: any context manager entered once around the attack (e.g. a model's
+      FiLM condition, computed once rather than in every step);
+    - ``forward_kwargs``: passed to ``model(x, **forward_kwargs)``.
+
+    The result has x's memory format. ``memory_format``: the layout the model sees during the
+    attack; None picks channels_last for 4-D inputs on the CPU (the CPU convolutions and their
+    input gradients are much faster in it) and keeps x's layout otherwise.
+    """
+
+    def __init__(self, model: nn.Module, eps=8 / 255, alpha=2 / 255, steps: int = 10, *,
+                 random_start: bool = True, norm: str = "linf", loss: str | Callable = "ce",
+                 clip_min: float = 0.0, clip_max: float = 1.0,
+                 generator: torch.Generator | None = None, memory_format=None,
+                 cuda_graph: bool = False):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if int(steps) != steps or steps < 0:
+            raise ValueError(f"steps must be a non-negative integer, got {steps}")
+        if norm not in ("linf", "l2"):
+            raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
+        if memory_format not in _FORMATS:
+            raise ValueError(f"memory_format must be None or a torch.memory_format, "
+                             f"got {memory_format!r}")
+        if isinstance(loss, str):
+            if loss not in ("ce", "cw"):
+                raise ValueError(f"loss must be 'ce', 'cw' or a callable, got {loss!r}")
+            loss = {"ce": F.cross_entropy, "cw": cw_loss}[loss]
+        self.model, self.eps, self.alpha, self.steps = model, eps, alpha, int(steps)
+        self.random_start, self.norm, self.loss = random_start, norm, loss
+        self.clip_min, self.clip_max = float(clip_min), float(clip_max)
+        self.generator, self.memory_format, self.cuda_graph = generator, memory_format, cuda_graph
+
+    def __repr__(self) -> str:
+        eps = "per-sample" if isinstance(self.eps, Tensor) else f"{self.eps:.4g}"
+        return (f"{type(self).__name__}(eps={eps}, steps={self.steps}, norm={self.norm!r}, "
+                f"random_start={self.random_start})")
+
+    # -- the call --------------------------------------------------------------------------
+    def __call__(self, x: Tensor, y: Tensor, *, eps=None, branch=None, mix=None,
+                 context=None, **forward_kwargs) -> Tensor:
+        if not isinstance(x, Tensor) or x.dim() < 1 or not x.is_floating_point():
+            raise TypeError("x must be a floating-point [N, ...] tensor")
+        if not isinstance(y, Tensor) or y.shape[:1] != x.shape[:1]:
+            raise ValueError(f"y must be a [N] tensor with N = {x.shape[0]}")
+        eps = self.eps if eps is None else eps
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(eval_mode(self.model))
+            if branch is not None or mix is not None:
+                from ..nn import routing
+                stack.enter_context(routing(self.model, branch=branch, mix=mix))
+            if context is not None:
+                stack.enter_context(context)
+            x_nat = self._layout(x.detach())
+            if x_nat is x:
+                x_nat = x.detach()
+            x_adv = self._attack(x_nat, y, eps, forward_kwargs).detach()
+        if x_adv.stride() != x.stride():
+            x_adv = torch.empty_like(x).copy_(x_adv)
+        return x_adv
+
+    def _layout(self, x: Tensor) -> Tensor:
+        fmt = self.memory_format
+        if fmt is None:
+            fmt = torch.channels_last if (x.dim() == 4 and x.device.type == "cpu") else None
+        if fmt in (None, torch.preserve_format):
+            return x
+        return x.contiguous(memory_format=fmt)
+
+    def _gradient(self, x_adv: Tensor, y: Tensor, kw: dict) -> Tensor:
+        with torch.enable_grad():
+            loss = self.loss(self.model(x_adv, **kw), y)
+            return torch.autograd.grad(loss, x_adv)[0]
+
+    def _start(self, x_nat: Tensor, eps) -> Tensor:
+        if self.random_start:
+            x_adv = FF.pgd_init(x_nat, eps, norm=self.norm, clip_min=self.clip_min,
+                                clip_max=self.clip_max, generator=self.generator)
+        else:
+            x_adv = x_nat.clone()
+        return x_adv.requires_grad_(True)
+
+    def _step_size(self, eps):
+        return self.alpha
+
+    def _attack(self, x_nat: Tensor, y: Tensor, eps, kw: dict) -> Tensor:
+        raise NotImplementedError
+
+
+class PGD(Attack):
+    """Projected gradient descent (Madry et al.), torchattacks' ``PGD`` / ``PGDL2``:
+    ``PGD(model, eps=8/255, alpha=2/255, steps=10, random_start=True, norm="linf",
+    loss="ce")``; ``loss="cw"`` gives CW∞ (PGD on the margin loss). Each step is one fused
+    in-place kernel. ``cuda_graph=True`` (CUDA inputs) captures one step in a CUDA graph and
+    replays it for the remaining steps."""
+
+    def _attack(self, x_nat, y, eps, kw):
+        x_adv = self._start(x_nat, eps)
+        if self.cuda_graph and self.steps > 1:
+            return self._graphed(x_adv, x_nat, y, eps, kw)
+        alpha = self._step_size(eps)
+        for _ in range(self.steps):
+            grad = self._gradient(x_adv, y, kw)
+            FF.pgd_step_(x_adv, grad, x_nat, eps, alpha, norm=self.norm,
+                         clip_min=self.clip_min, clip_max=self.clip_max)
+        return x_adv
+
+    def _graphed(self, x_adv, x_nat, y, eps, kw):
+        """One eager warm-up step on a side stream, one captured step, then replays. The
+        graph lives for this call only, so routing and eps tensors of another call can never
+        be read through stale pointers."""
+        if x_adv.device.type != "cuda":
+            raise RuntimeError("cuda_graph=True needs CUDA inputs; got "
+                               f"{x_adv.device.type} tensors")
+
+        alpha = self._step_size(eps)
+
+        def step():
+            grad = self._gradient(x_adv, y, kw)
+            FF.pgd_step_(x_adv, grad, x_nat, eps, alpha, norm=self.norm,
+                         clip_min=self.clip_min, clip_max=self.clip_max)
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()  # warm-up: kernels compiled and autotuned outside the capture
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()  # the capture also performs step 2
+        for _ in range(self.steps - 2):
+            graph.replay()
+        return x_adv
+
+
+class FGSM(PGD):
+    """Fast gradient sign method: one linf step of size eps from the clean input
+    (torchattacks' ``FGSM``)."""
+
+    def __init__(self, model: nn.Module, eps=8 / 255, **kw):
+        kw.setdefault("random_start", False)
+        super().__init__(model, eps=eps, alpha=eps, steps=1, **kw)
+
+    def _step_size(self, eps):
+        return eps  # one step of size eps, also when a call overrides eps
+
+
+class MIFGSM(Attack):
+    """Momentum iterative FGSM (Dong et al.), torchattacks' ``MIFGSM``: ``MIFGSM(model,
+    eps=8/255, alpha=2/255, steps=10, decay=1.0)``; momentum and step in one fused kernel."""
+
+    def __init__(self, model: nn.Module, eps=8 / 255, alpha=2 / 255, steps: int = 10,
+                 decay: float = 1.0, *, random_start: bool = False, **kw):
+        super().__init__(model, eps, alpha, steps, random_start=random_start, norm="linf", **kw)
+        self.decay = float(decay)
+
+    def _attack(self, x_nat, y, eps, kw):
+        x_adv = self._start(x_nat, eps)
+        momentum = torch.zeros_like(x_adv)
+        for _ in range(self.steps):
+            grad = self._gradient(x_adv, y, kw)
+            FF.mifgsm_step_(x_adv, grad, momentum, x_nat, eps, self.alpha, self.decay,
+                            clip_min=self.clip_min, clip_max=self.clip_max)
+        return x_adv
