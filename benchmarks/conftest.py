@@ -42,10 +42,12 @@ DRAM_BYTES = 256 * 2**20  # far beyond the last-level cache: the machine's memor
 def record(benchmark, *, impl: str, nbytes: int, tensor_bytes: int, fused: bool = False):
     """Attach the byte model (nbytes moved by an ideal implementation) to a benchmark, with two
     copy bandwidths: at the op's tensor size (cache-resident when it fits) and at 256 MB (DRAM).
-    GB/s, fractions and speedups are filled in from the medians at the end of the session."""
-    benchmark.extra_info.update(impl=impl, bytes=nbytes, fused=fused,
-                                copy_GBps=round(copy_bandwidth(tensor_bytes), 1),
-                                copy_GBps_dram=round(copy_bandwidth(DRAM_BYTES), 1))
+    GB/s, fractions and speedups are filled in from the medians at the end of the session.
+    nbytes=0: no byte model (only medians and speedups are reported)."""
+    benchmark.extra_info.update(impl=impl, bytes=nbytes, fused=fused)
+    if nbytes:
+        benchmark.extra_info.update(copy_GBps=round(copy_bandwidth(tensor_bytes), 1),
+                                    copy_GBps_dram=round(copy_bandwidth(DRAM_BYTES), 1))
 
 
 def _annotate(items):
@@ -58,9 +60,10 @@ def _annotate(items):
     for entries in groups.values():
         fused = [med for med, info in entries if info["fused"]]
         for med, info in entries:
-            info["GBps"] = round(info["bytes"] / med / 1e9, 1)
-            info["frac_of_copy"] = round(info["GBps"] / info["copy_GBps"], 2)
-            info["frac_of_dram_copy"] = round(info["GBps"] / info["copy_GBps_dram"], 2)
+            if info.get("bytes"):  # no byte model (e.g. a whole attack): no GB/s
+                info["GBps"] = round(info["bytes"] / med / 1e9, 1)
+                info["frac_of_copy"] = round(info["GBps"] / info["copy_GBps"], 2)
+                info["frac_of_dram_copy"] = round(info["GBps"] / info["copy_GBps_dram"], 2)
             if fused and not info["fused"]:
                 info["fused_speedup"] = round(med / fused[0], 2)
         for med, info in entries:
@@ -82,8 +85,9 @@ def _rows(session):
     for group, entries in groups.items():
         for med, info in sorted(entries, key=lambda e: e[0]):
             speed = f"{info['fused_speedup']}x" if "fused_speedup" in info else ""
-            lines.append(f"| {group} | {info['impl']} | {med * 1e3:.3f} | {info['GBps']} | "
-                         f"{info['frac_of_copy']} | {info['frac_of_dram_copy']} | {speed} |")
+            lines.append(f"| {group} | {info['impl']} | {med * 1e3:.3f} | "
+                         f"{info.get('GBps', '-')} | {info.get('frac_of_copy', '-')} | "
+                         f"{info.get('frac_of_dram_copy', '-')} | {speed} |")
     return lines
 
 

@@ -20,8 +20,9 @@ def main(path):
             continue
         vs = info.get("speedup_vs", {})
         cells = [f"{vs[k]:.2f}x" if k in vs else "" for k in BASELINES]
-        print(f"| {b['group']} | {b['stats']['median'] * 1e3:.3f} | {info['GBps']} | "
-              f"{info['frac_of_copy']} | {info['frac_of_dram_copy']} | " + " | ".join(cells) + " |")
+        print(f"| {b['group']} | {b['stats']['median'] * 1e3:.3f} | {info.get('GBps', '-')} | "
+              f"{info.get('frac_of_copy', '-')} | {info.get('frac_of_dram_copy', '-')} | "
+              + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

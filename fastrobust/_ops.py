@@ -293,10 +293,20 @@ def _pgd_impl(x_adv, *tensors):
     return backends.select("pgd", x_adv.device, (x_adv,) + tensors)
 
 
-@torch.library.custom_op("fastrobust::pgd_step", mutates_args=("x_adv",))
-def pgd_step(x_adv: Tensor, grad: Tensor, x_nat: Tensor, eps_t: Optional[Tensor], eps: float,
-             alpha_t: Optional[Tensor], alpha: float, l2: bool, clip_min: float,
-             clip_max: float) -> None:
+# Registered with torch.library.define rather than custom_op: these mutating ops need no
+# autograd, and the plain dispatcher path costs ~4 µs a call against ~40 µs (measured), which
+# is most of a CIFAR-sized step.
+_lib = torch.library.Library("fastrobust", "FRAGMENT")
+_lib.define("pgd_step(Tensor(a!) x_adv, Tensor grad, Tensor x_nat, Tensor? eps_t, float eps, "
+            "Tensor? alpha_t, float alpha, bool l2, float clip_min, float clip_max) -> ()")
+_lib.define("pgd_init(Tensor(a!) noise, Tensor x_nat, Tensor? eps_t, float eps, "
+            "Tensor? radius, bool l2, float clip_min, float clip_max) -> ()")
+_lib.define("mifgsm_step(Tensor(a!) x_adv, Tensor grad, Tensor(b!) momentum, Tensor x_nat, "
+            "Tensor? eps_t, float eps, Tensor? alpha_t, float alpha, float decay, "
+            "float clip_min, float clip_max) -> ()")
+
+
+def _pgd_step(x_adv, grad, x_nat, eps_t, eps, alpha_t, alpha, l2, clip_min, clip_max):
     """x_adv ← clamp(x_nat + P_ε(x_adv + α·dir(grad) − x_nat), clip_min, clip_max), dir = sign
     (linf) or grad/‖grad_n‖ (l2). eps_t/alpha_t: per-sample [N] in the accumulation dtype,
     or None to use the floats. Odd layouts are copied into x_adv's (or a contiguous) one."""
@@ -308,14 +318,7 @@ def pgd_step(x_adv: Tensor, grad: Tensor, x_nat: Tensor, eps_t: Optional[Tensor]
         x_adv.copy_(work)
 
 
-@pgd_step.register_fake
-def _(x_adv, grad, x_nat, eps_t, eps, alpha_t, alpha, l2, clip_min, clip_max):
-    return None
-
-
-@torch.library.custom_op("fastrobust::pgd_init", mutates_args=("noise",))
-def pgd_init(noise: Tensor, x_nat: Tensor, eps_t: Optional[Tensor], eps: float,
-             radius: Optional[Tensor], l2: bool, clip_min: float, clip_max: float) -> None:
+def _pgd_init(noise, x_nat, eps_t, eps, radius, l2, clip_min, clip_max):
     """Turns noise (linf: U(−1, 1); l2: N(0, 1)) into the random start, in place: linf
     clamp(x_nat + P_ε(ε·noise)); l2 clamp(x_nat + P_ε(radius_n·noise/‖noise_n‖)); radius is
     per sample [N]."""
@@ -330,15 +333,8 @@ def pgd_init(noise: Tensor, x_nat: Tensor, eps_t: Optional[Tensor], eps: float,
         noise.copy_(work)
 
 
-@pgd_init.register_fake
-def _(noise, x_nat, eps_t, eps, radius, l2, clip_min, clip_max):
-    return None
-
-
-@torch.library.custom_op("fastrobust::mifgsm_step", mutates_args=("x_adv", "momentum"))
-def mifgsm_step(x_adv: Tensor, grad: Tensor, momentum: Tensor, x_nat: Tensor,
-                eps_t: Optional[Tensor], eps: float, alpha_t: Optional[Tensor], alpha: float,
-                decay: float, clip_min: float, clip_max: float) -> None:
+def _mifgsm_step(x_adv, grad, momentum, x_nat, eps_t, eps, alpha_t, alpha, decay, clip_min,
+                 clip_max):
     """momentum ← grad/mean(|grad_n|) + decay·momentum; then the linf step with
     sign(momentum). Both in place."""
     work = x_adv if flat_layout(x_adv) else x_adv.contiguous()
@@ -352,6 +348,11 @@ def mifgsm_step(x_adv: Tensor, grad: Tensor, momentum: Tensor, x_nat: Tensor,
         momentum.copy_(buf)
 
 
-@mifgsm_step.register_fake
-def _(x_adv, grad, momentum, x_nat, eps_t, eps, alpha_t, alpha, decay, clip_min, clip_max):
+def _no_result(*args):
     return None
+
+
+for _name, _fn in (("pgd_step", _pgd_step), ("pgd_init", _pgd_init),
+                   ("mifgsm_step", _mifgsm_step)):
+    _lib.impl(_name, _fn, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"fastrobust::{_name}", _no_result, lib=_lib)

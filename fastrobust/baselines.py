@@ -69,3 +69,54 @@ def eager_scaled_bn(y: Tensor, omega: Tensor, bn: nn.Module) -> Tensor:
     """AW-Net's filter scaling as written today: the conv output times ω[n, c] is written to
     memory, then normalized."""
     return bn(y * omega[:, :, None, None])
+
+
+# --- the torchattacks forms of the attack steps (their order of operations, in eager PyTorch) --
+
+def torchattacks_step(adv: Tensor, grad: Tensor, images: Tensor, eps, alpha,
+                      clip_min: float = 0.0, clip_max: float = 1.0) -> Tensor:
+    """torchattacks' PGD (linf) update: three temporaries and a fresh result each step. eps
+    may be a per-sample [N, 1, ...] tensor (torch.clamp takes tensor bounds)."""
+    adv = adv.detach() + alpha * grad.sign()
+    delta = torch.clamp(adv - images, min=-eps, max=eps)
+    return torch.clamp(images + delta, min=clip_min, max=clip_max).detach()
+
+
+def torchattacks_l2_step(adv: Tensor, grad: Tensor, images: Tensor, eps: float,
+                         alpha: float) -> Tensor:
+    """torchattacks' PGDL2 update (its 1e-10 added to the gradient norm)."""
+    n = adv.shape[0]
+    grad_norms = torch.norm(grad.view(n, -1), p=2, dim=1) + 1e-10
+    grad = grad / grad_norms.view(n, *([1] * (adv.dim() - 1)))
+    adv = adv.detach() + alpha * grad
+    delta = adv - images
+    delta_norms = torch.norm(delta.view(n, -1), p=2, dim=1)
+    factor = torch.min(eps / delta_norms, torch.ones_like(delta_norms))
+    delta = delta * factor.view(-1, *([1] * (adv.dim() - 1)))
+    return torch.clamp(images + delta, min=0, max=1).detach()
+
+
+def torchattacks_mifgsm_step(adv: Tensor, grad: Tensor, momentum: Tensor, images: Tensor,
+                             eps: float, alpha: float, decay: float = 1.0):
+    """torchattacks' MIFGSM update; returns (adv, momentum)."""
+    dims = tuple(range(1, adv.dim()))
+    grad = grad / torch.mean(torch.abs(grad), dim=dims, keepdim=True)
+    grad = grad + momentum * decay
+    return torchattacks_step(adv, grad, images, eps, alpha), grad
+
+
+def torchattacks_pgd(model: nn.Module, images: Tensor, labels: Tensor, eps: float = 8 / 255,
+                     alpha: float = 2 / 255, steps: int = 10, start: Tensor | None = None
+                     ) -> Tensor:
+    """torchattacks' PGD loop in eager PyTorch (cross-entropy, input gradients with
+    torch.autograd.grad). `start`: the random start, else torchattacks' own U(−ε, ε) draw."""
+    images = images.detach()
+    if start is None:
+        start = torch.clamp(images + torch.empty_like(images).uniform_(-eps, eps), 0, 1)
+    adv = start.clone().detach()
+    for _ in range(steps):
+        adv.requires_grad = True
+        cost = nn.functional.cross_entropy(model(adv), labels)
+        grad = torch.autograd.grad(cost, adv, retain_graph=False, create_graph=False)[0]
+        adv = torchattacks_step(adv, grad, images, eps, alpha)
+    return adv

@@ -287,6 +287,14 @@ def _strength(op: str, name: str, v, x: Tensor, nonnegative: bool):
     return None, f
 
 
+def _mutated(*tensors: Tensor) -> None:
+    """Bumps the version counters of tensors an op wrote in place, so autograd refuses a
+    backward through a graph that saved their old values (as for any in-place torch op)."""
+    if not torch.compiler.is_compiling():
+        for t in tensors:
+            torch.autograd.graph.increment_version(t)
+
+
 def _check_clip(op: str, clip_min: float, clip_max: float) -> tuple[float, float]:
     lo, hi = float(clip_min), float(clip_max)
     if not lo <= hi:
@@ -328,6 +336,7 @@ def pgd_step_(x_adv: Tensor, grad: Tensor, x_nat: Tensor, eps, alpha, *, norm: s
     with torch.no_grad():
         torch.ops.fastrobust.pgd_step(x_adv, grad, x_nat, eps_t, e, alpha_t, a, norm == "l2",
                                       lo, hi)
+    _mutated(x_adv)
     return x_adv
 
 
@@ -350,6 +359,7 @@ def mifgsm_step_(x_adv: Tensor, grad: Tensor, momentum_buf: Tensor, x_nat: Tenso
     with torch.no_grad():
         torch.ops.fastrobust.mifgsm_step(x_adv, grad, momentum_buf, x_nat, eps_t, e, alpha_t, a,
                                          d, lo, hi)
+    _mutated(x_adv, momentum_buf)
     return x_adv
 
 

@@ -7,14 +7,8 @@ from hypothesis import strategies as st
 
 from fastrobust import backends, reference
 from fastrobust import functional as F
-
-
-def torchattacks_linf(adv, grad, images, eps, alpha, lo=0.0, hi=1.0):
-    """torchattacks' PGD step, line for line in eager PyTorch (eps may be a per-sample
-    [N, 1, ...] tensor, which torch.clamp takes as a bound)."""
-    adv = adv.detach() + alpha * grad.sign()
-    delta = torch.clamp(adv - images, min=-eps, max=eps)
-    return torch.clamp(images + delta, min=lo, max=hi).detach()
+from fastrobust.baselines import torchattacks_mifgsm_step
+from fastrobust.baselines import torchattacks_step as torchattacks_linf
 
 
 def make(shape=(6, 3, 5, 7), dtype=torch.float32, lo=0.0, hi=1.0, eps=8 / 255, layout="contig"):
@@ -160,10 +154,7 @@ def test_mifgsm_is_torchattacks_mifgsm(backend):
     for _ in range(3):
         g = torch.randn_like(x)
         F.mifgsm_step_(ours, g, buf, x, 8 / 255, 2 / 255, 1.0)
-        grad = g / torch.mean(torch.abs(g), dim=(1, 2, 3), keepdim=True)
-        grad = grad + momentum * 1.0
-        momentum = grad
-        theirs = torchattacks_linf(theirs, grad, x, 8 / 255, 2 / 255)
+        theirs, momentum = torchattacks_mifgsm_step(theirs, g, momentum, x, 8 / 255, 2 / 255)
         torch.testing.assert_close(buf, momentum, atol=1e-5, rtol=1e-6)
         assert torch.equal(ours, theirs)
 
@@ -276,6 +267,22 @@ def test_leaf_that_requires_grad():
     adv.requires_grad_(True)
     F.pgd_step_(adv, g, x, 0.03, 0.01)
     assert adv.is_leaf and adv.requires_grad and adv.grad is None
+
+
+def test_in_place_update_is_seen_by_autograd():
+    """A graph that saved x_adv refuses to backpropagate after the in-place step, as for any
+    in-place torch op (the version counter moves)."""
+    adv, g, x = make()
+    w = torch.ones_like(adv, requires_grad=True)
+    loss = (w * adv).sum()  # saves adv for w's gradient
+    F.pgd_step_(adv, g, x, 0.03, 0.01)
+    with pytest.raises(RuntimeError, match="inplace"):
+        loss.backward()
+    buf, w2 = torch.zeros_like(x), torch.ones_like(x, requires_grad=True)
+    loss = (w2 * buf).sum()
+    F.mifgsm_step_(adv, g, buf, x, 0.03, 0.01)
+    with pytest.raises(RuntimeError, match="inplace"):
+        loss.backward()
 
 
 def test_empty_batch(backend):

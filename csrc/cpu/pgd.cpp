@@ -1,12 +1,16 @@
 // PGD steps on the CPU: one pass over memory for the linf step, and per-sample passes for the
 // l2 and MI-FGSM steps (a sample's reductions and its update run back to back on one thread,
-// so the second read of the sample comes from cache). No allocation, no host round trip.
+// so the second read of the sample comes from cache). No allocation, no host round trip. The
+// loops themselves are in pgd_leaf.inc.
 #include "pgd.h"
+
+// No fused multiply-add contraction in this file: x + α·d rounds like eager PyTorch, so every
+// backend gives the same random start and the linf step stays bitwise torchattacks' order.
+#pragma GCC optimize("fp-contract=off")
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <cmath>
 
 namespace fastrobust::cpu {
 namespace {
@@ -25,96 +29,80 @@ struct Args {
   T alpha_of(int64_t n) const { return alpha_t ? alpha_t[n] : alpha; }
 };
 
-// clamp(v, lo, hi) as torch.clamp computes it: max first, then min; NaN passes through.
+// The innermost loops, compiled for the baseline ISA and for AVX2+FMA; `leaves<T>()` picks one
+// at run time (as in multi_bn.cpp).
+namespace isa_base {
+#include "pgd_leaf.inc"
+}  // namespace isa_base
+#if defined(__GNUC__) && defined(__x86_64__)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace isa_avx2 {
+#include "pgd_leaf.inc"
+}  // namespace isa_avx2
+#pragma GCC pop_options
+#define FASTROBUST_PGD_AVX2 1
+#endif
+
 template <typename T>
-inline T clamp(T v, T lo, T hi) {
-  v = v < lo ? lo : v;
-  return v > hi ? hi : v;
-}
+struct Leaves {
+  decltype(&isa_base::linf_span<T, true>) linf_sign;
+  decltype(&isa_base::linf_span<T, false>) linf_raw;
+  decltype(&isa_base::l2_sample<T>) l2;
+  decltype(&isa_base::mifgsm_sample<T>) mifgsm;
+};
 
-// sign as torch.sign: -1, 0 or 1, and 0 for NaN.
 template <typename T>
-inline T sign(T v) {
-  return static_cast<T>((v > T(0)) - (v < T(0)));
+const Leaves<T>& leaves() {
+#define FASTROBUST_PGD_LEAVES(ns) \
+  Leaves<T> { ns::linf_span<T, true>, ns::linf_span<T, false>, ns::l2_sample<T>, ns::mifgsm_sample<T> }
+#ifdef FASTROBUST_PGD_AVX2
+  static const Leaves<T> l = (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+                                 ? FASTROBUST_PGD_LEAVES(isa_avx2)
+                                 : FASTROBUST_PGD_LEAVES(isa_base);
+#else
+  static const Leaves<T> l = FASTROBUST_PGD_LEAVES(isa_base);
+#endif
+#undef FASTROBUST_PGD_LEAVES
+  return l;
 }
 
-// The elementwise linf update of elements [i, stop) of sample n.
-template <typename T, bool SIGN>
-inline void linf_span(const Args<T>& a, const T* dir, int64_t n, int64_t i, int64_t stop) {
-  const T e = a.eps_of(n), al = a.alpha_of(n), ne = -e, lo = a.lo, hi = a.hi;
-#pragma omp simd
-  for (int64_t j = i; j < stop; ++j) {
-    const T d = SIGN ? sign(dir[j]) : dir[j];
-    const T step = al * d;  // exact for a sign, so an FMA cannot change the sum
-    const T adv = a.xa[j] + step;
-    const T delta = clamp(adv - a.xn[j], ne, e);
-    a.out[j] = clamp(a.xn[j] + delta, lo, hi);
-  }
-}
-
-template <typename T, bool SIGN>
-void linf(const Args<T>& a) {
+// linf: one pass over memory, split into chunks; a chunk may span samples.
+template <typename T>
+void linf(const Args<T>& a, bool sign) {
+  const auto leaf = sign ? leaves<T>().linf_sign : leaves<T>().linf_raw;
   const int64_t numel = a.N * a.S;
   at::parallel_for(0, numel, 1 << 15, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end;) {
       const int64_t n = i / a.S;
       const int64_t stop = std::min(end, (n + 1) * a.S);
-      linf_span<T, SIGN>(a, a.g, n, i, stop);
+      leaf(a.out + i, a.xa + i, a.g + i, a.xn + i, stop - i, a.eps_of(n), a.alpha_of(n), a.lo,
+           a.hi);
       i = stop;
     }
   });
 }
 
+// l2 and MI-FGSM: one sample per task, its reductions and update back to back.
 template <typename T>
 void l2(const Args<T>& a) {
+  const auto leaf = leaves<T>().l2;
   at::parallel_for(0, a.N, 1, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const int64_t o = n * a.S;
-      const T* g = a.g + o;
-      const T* xa = a.xa + o;
-      const T* xn = a.xn + o;
-      double gg = 0;
-#pragma omp simd reduction(+ : gg)
-      for (int64_t j = 0; j < a.S; ++j) gg += double(g[j]) * double(g[j]);
-      const T s = static_cast<T>(double(a.alpha_of(n)) / std::max(std::sqrt(gg), 1e-12));
-      double dd = 0;
-#pragma omp simd reduction(+ : dd)
-      for (int64_t j = 0; j < a.S; ++j) {
-        const double d = double(xa[j] + s * g[j] - xn[j]);
-        dd += d * d;
-      }
-      const double dn = std::sqrt(dd), e = double(a.eps_of(n));
-      const T f = dn > e ? static_cast<T>(e / dn) : T(1);
-      T* out = a.out + o;
-      const T lo = a.lo, hi = a.hi;
-#pragma omp simd
-      for (int64_t j = 0; j < a.S; ++j) {
-        const T delta = (xa[j] + s * g[j] - xn[j]) * f;
-        out[j] = clamp(xn[j] + delta, lo, hi);
-      }
+      leaf(a.out + o, a.xa + o, a.g + o, a.xn + o, a.S, a.eps_of(n), a.alpha_of(n), a.lo, a.hi);
     }
   });
 }
 
 template <typename T>
 void mifgsm(const Args<T>& a, T* buf, T decay) {
+  const auto leaf = leaves<T>().mifgsm;
   at::parallel_for(0, a.N, 1, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const int64_t o = n * a.S;
-      const T* g = a.g + o;
-      double sum = 0;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t j = 0; j < a.S; ++j) sum += std::abs(double(g[j]));
-      const T mean = static_cast<T>(sum / double(std::max<int64_t>(a.S, 1)));
-      T* b = buf + o;
-      if (mean > T(0)) {
-#pragma omp simd
-        for (int64_t j = 0; j < a.S; ++j) b[j] = g[j] / mean + b[j] * decay;
-      } else {  // an all-zero gradient adds nothing (instead of 0/0)
-#pragma omp simd
-        for (int64_t j = 0; j < a.S; ++j) b[j] = T(0) + b[j] * decay;
-      }
-      linf_span<T, true>(a, buf, n, o, o + a.S);
+      leaf(a.out + o, a.g + o, buf + o, a.xn + o, a.S, a.eps_of(n), a.alpha_of(n), decay, a.lo,
+           a.hi);
     }
   });
 }
@@ -172,9 +160,11 @@ void pgd_update(at::Tensor& out, const at::Tensor& x_adv, const at::Tensor& grad
   AT_DISPATCH_FLOATING_TYPES(x_adv.scalar_type(), "pgd_update", [&] {
     auto a = make_args<scalar_t>(out, x_adv, grad, x_nat, eps_t, eps, alpha_t, alpha,
                                  clip_min, clip_max);
-    if (mode == kLinfSign) linf<scalar_t, true>(a);
-    else if (mode == kLinfRaw) linf<scalar_t, false>(a);
-    else l2<scalar_t>(a);
+    if (mode == kL2) {
+      l2<scalar_t>(a);
+    } else {
+      linf<scalar_t>(a, mode == kLinfSign);
+    }
   });
 }
 
