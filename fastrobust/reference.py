@@ -225,7 +225,7 @@ def _infer_k(*tensors) -> int:
 # Out of place and written as the math reads; eps/alpha are floats or per-sample [N] tensors.
 # `pgd_eager` below runs the same math in place as the "eager" backend of the PGD ops.
 
-def _per_sample(v, x: Tensor) -> Tensor | float:
+def _strength_view(v, x: Tensor) -> Tensor | float:
     """A float stays a float; an [N] tensor becomes [N, 1, ..., 1] in x's dtype."""
     if isinstance(v, Tensor):
         return v.to(x.dtype).view((-1,) + (1,) * (x.dim() - 1))
@@ -244,7 +244,7 @@ def pgd_step(x_adv: Tensor, grad: Tensor, x_nat: Tensor, eps, alpha, norm: str =
         a = x_adv + α·sign(g);  δ = clamp(a − x_nat, −ε, ε);  clamp(x_nat + δ, lo, hi)
     l2:  a = x_adv + α·g/max(‖g_n‖, 1e-12);  δ = a − x_nat;  δ·min(1, ε/‖δ_n‖);  clamp(x_nat + δ)
     (‖δ_n‖ = 0 keeps δ, so ε = 0 leaves a sample at x_nat without a 0/0)."""
-    e, a_ = _per_sample(eps, x_adv), _per_sample(alpha, x_adv)
+    e, a_ = _strength_view(eps, x_adv), _strength_view(alpha, x_adv)
     if norm == "linf":
         a = x_adv + a_ * grad.sign()
         if isinstance(e, Tensor):
@@ -291,7 +291,7 @@ def pgd_step_raw(x_adv: Tensor, direction: Tensor, x_nat: Tensor, eps, alpha,
                  clip_min: float, clip_max: float) -> Tensor:
     """The linf step with the direction used as is instead of its sign (the linf random start:
     direction = U(−1, 1) noise, alpha = eps)."""
-    e, a_ = _per_sample(eps, x_adv), _per_sample(alpha, x_adv)
+    e, a_ = _strength_view(eps, x_adv), _strength_view(alpha, x_adv)
     a = x_adv + a_ * direction
     lo = -e
     delta = torch.minimum(torch.maximum(a - x_nat, lo), e) if isinstance(e, Tensor) \
