@@ -13,15 +13,20 @@ Groups:
                channels_last inputs); fused_nchw: the same attack in x's own layout (only the
                step is fused); eager_torchattacks: torchattacks' loop. Byte model: none (the
                convolutions dominate); compare the medians.
+  pgd10_dual   the same attack on the dual-BN form of that ResNet (every sample through the
+               adversarial branch, as OAT attacks): fused: convert_multi_bn + PGD(branch=1);
+               eager_oat_dual: the OAT repository's dual BN (slice, two BNs, cat) attacked by
+               torchattacks' loop.
 """
 import pytest
 import torch
 
 from fastrobust import functional as F
 from fastrobust.attacks import PGD
-from fastrobust.baselines import (torchattacks_l2_step, torchattacks_mifgsm_step,
-                                  torchattacks_pgd, torchattacks_step)
+from fastrobust.baselines import (to_eager_dual_bn, torchattacks_l2_step,
+                                  torchattacks_mifgsm_step, torchattacks_pgd, torchattacks_step)
 from fastrobust.models import resnet18
+from fastrobust.nn import convert_multi_bn
 from conftest import QUICK, record
 
 SHAPES = [(8, 3, 32, 32)] if QUICK else [(128, 3, 32, 32), (256, 3, 64, 64)]
@@ -66,25 +71,32 @@ def test_step(benchmark, group, impl, shape):
     benchmark(fn, adv, g, x, m)
 
 
-ATTACK_IMPLS = ["fused", "fused_nchw", "eager_torchattacks"]
+ATTACK_CASES = [("pgd10_attack", i) for i in ("fused", "fused_nchw", "eager_torchattacks")] + [
+    ("pgd10_dual", i) for i in ("fused", "eager_oat_dual")]
 
 
-@pytest.mark.parametrize("impl", ATTACK_IMPLS)
-def test_pgd10_attack(benchmark, impl):
+@pytest.mark.parametrize("group,impl", ATTACK_CASES, ids=[f"{g}-{i}" for g, i in ATTACK_CASES])
+def test_pgd10_attack(benchmark, group, impl):
     n, width, steps = (8, 4, 2) if QUICK else (128, 8, 10)
     model = resnet18(width=width).eval()
     x, y = torch.rand(n, 3, 32, 32), torch.randint(0, 10, (n,))
     start = F.pgd_init(x, EPS, generator=torch.Generator().manual_seed(0))
-    if impl == "eager_torchattacks":
+    if impl.startswith("eager"):
+        if group == "pgd10_dual":  # n_clean = 0: every sample through bn_adv
+            model = to_eager_dual_bn(model).eval()
+
         def run():
             return torchattacks_pgd(model, x, y, EPS, ALPHA, steps, start)
     else:
         fmt = None if impl == "fused" else torch.preserve_format
+        kw = {}
+        if group == "pgd10_dual":
+            model, kw = convert_multi_bn(model, 2).eval(), {"branch": 1}
         atk = PGD(model, EPS, ALPHA, steps, memory_format=fmt)
 
         def run():
-            return atk(x, y)
-    benchmark.group = f"pgd10_attack ResNet-18/w{width} {n}x3x32x32, {steps} steps"
+            return atk(x, y, **kw)
+    benchmark.group = f"{group} ResNet-18/w{width} {n}x3x32x32, {steps} steps"
     record(benchmark, impl=impl, nbytes=0, tensor_bytes=0, fused=impl == "fused")
     run()
-    benchmark.pedantic(run, rounds=3 if QUICK else 7, iterations=1, warmup_rounds=0)
+    benchmark.pedantic(run, rounds=3 if QUICK else 15, iterations=1, warmup_rounds=0)

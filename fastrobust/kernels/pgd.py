@@ -131,13 +131,13 @@ def _mifgsm_kernel(xa_ptr, g_ptr, buf_ptr, xn_ptr, eps_ptr, alpha_ptr, par_ptr, 
         o = s0 + tl.arange(0, BLOCK)
         acc += tl.abs(tl.load(g_ptr + base + o, mask=o < S, other=0.0).to(ACC))
     mean = tl.sum(acc, 0) / S
-    safe = tl.where(mean > 0, mean, 1.0)
+    div = tl.where(mean > 0, mean, 1.0)  # all-zero gradient: adds 0; a NaN stays NaN
     for s0 in range(0, S, BLOCK):
         o = s0 + tl.arange(0, BLOCK)
         m = o < S
         g = tl.load(g_ptr + base + o, mask=m, other=0.0).to(ACC)
         b = tl.load(buf_ptr + base + o, mask=m, other=0.0).to(ACC)
-        b = tl.where(mean > 0, g / safe, 0.0) + b * dec
+        b = g / div + b * dec
         tl.store(buf_ptr + base + o, b.to(buf_ptr.dtype.element_ty), mask=m)
         xa = tl.load(xa_ptr + base + o, mask=m, other=0.0).to(ACC)
         xn = tl.load(xn_ptr + base + o, mask=m, other=0.0).to(ACC)
