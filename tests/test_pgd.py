@@ -146,6 +146,15 @@ def test_mifgsm_matches_reference(backend, dtype, decay, eps_kind):
     assert torch.isfinite(got_b).all()
 
 
+def test_mifgsm_nan_gradient_stays_nan(backend):
+    """Only an all-zero gradient is special-cased; a NaN one is not hidden as a zero."""
+    adv, g, x = make()
+    g[1, 0, 0, 0] = float("nan")
+    buf = torch.zeros_like(x)
+    F.mifgsm_step_(adv.clone(), g, buf, x, 8 / 255, 2 / 255, 1.0)
+    assert torch.isnan(buf[1]).all() and torch.isfinite(buf[0]).all()
+
+
 def test_mifgsm_is_torchattacks_mifgsm(backend):
     """Three MI-FGSM steps against torchattacks' update, written in eager PyTorch."""
     adv, _, x = make()

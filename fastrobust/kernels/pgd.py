@@ -131,7 +131,7 @@ def _mifgsm_kernel(xa_ptr, g_ptr, buf_ptr, xn_ptr, eps_ptr, alpha_ptr, par_ptr, 
         o = s0 + tl.arange(0, BLOCK)
         acc += tl.abs(tl.load(g_ptr + base + o, mask=o < S, other=0.0).to(ACC))
     mean = tl.sum(acc, 0) / S
-    div = tl.where(mean > 0, mean, 1.0)  # all-zero gradient: adds 0; a NaN stays NaN
+    div = tl.where(mean == 0, 1.0, mean)  # all-zero gradient: adds 0; a NaN spreads
     for s0 in range(0, S, BLOCK):
         o = s0 + tl.arange(0, BLOCK)
         m = o < S
