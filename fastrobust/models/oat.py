@@ -1,0 +1,266 @@
+"""OAT-form CIFAR ResNets and Wide-ResNets: λ-conditioned FiLM after the block BNs and dual BN
+routed by λ (λ = 0 → the clean branch, λ ≠ 0 → the adversarial one), both through the fused
+`multi_batch_norm` (BN → FiLM → ReLU is one op).
+
+    model = oat_resnet18(num_classes=10)
+    with model.conditioned(lam):            # lam: a float or a per-sample [N] tensor
+        logits = model(x)                   # γ, β computed once here, not in every PGD step
+    logits = model(x, lam)                  # the same, for one call
+
+The encoding of λ (OAT's appendix E): the n-th value of the training set of λs maps to the n-th
+column of a random orthogonal (default, 128-d) or DCT matrix, or λ itself ("none"); a value
+between two of the set's values gets the linear interpolation of their codes. The matrix is a
+buffer, so it travels in the state dict.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..nn import FiLM, MultiBatchNorm2d, routing
+
+__all__ = ["S1", "LambdaEncoding", "OATResNet", "OATWideResNet", "oat_resnet18",
+           "oat_resnet34", "oat_wrn16_8", "oat_wrn28_10"]
+
+S1 = (0.0, 0.1, 0.2, 0.3, 0.4, 1.0)  # OAT's default training set of λ values
+
+
+class LambdaEncoding(nn.Module):
+    """λ → code: ``kind`` "ro" (random orthogonal, seeded), "dct" (orthonormal DCT-II) or
+    "none" (the scalar itself, dim 1). ``forward(lam [N]) -> [N, dim]``."""
+
+    def __init__(self, lambdas=S1, kind: str = "ro", dim: int = 128, seed: int = 0):
+        super().__init__()
+        if kind not in ("ro", "dct", "none"):
+            raise ValueError(f"encoding must be 'ro', 'dct' or 'none', got {kind!r}")
+        values = torch.tensor(sorted(set(float(v) for v in lambdas)), dtype=torch.float32)
+        if len(values) == 0:
+            raise ValueError("the set of λ values is empty")
+        if kind == "none":
+            dim = 1
+            codes = values[:, None].clone()
+        else:
+            if len(values) > dim:
+                raise ValueError(f"{len(values)} λ values need an encoding of at least that "
+                                 f"dimension, got dim={dim}")
+            if kind == "ro":
+                g = torch.Generator().manual_seed(seed)
+                q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=torch.float64))
+                mat = q
+            else:
+                n = torch.arange(dim, dtype=torch.float64)
+                mat = torch.cos(math.pi / dim * (n[None, :] + 0.5) * n[:, None])  # [k, n]
+                mat[0] *= math.sqrt(1 / dim)
+                mat[1:] *= math.sqrt(2 / dim)
+            codes = mat[:, :len(values)].T.float().contiguous()  # column n → code of value n
+        self.kind, self.dim = kind, dim
+        self.register_buffer("values", values)
+        self.register_buffer("codes", codes)
+
+    def forward(self, lam: Tensor) -> Tensor:
+        lam = lam.to(self.values.device, torch.float32)
+        v = self.values
+        if len(v) == 1:
+            return self.codes.expand(lam.shape[0], -1)
+        hi = torch.searchsorted(v, lam.clamp(v[0], v[-1])).clamp(1, len(v) - 1)
+        lo = hi - 1
+        w = ((lam - v[lo]) / (v[hi] - v[lo])).clamp(0, 1)[:, None]
+        return torch.lerp(self.codes[lo], self.codes[hi], w)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, dim={self.dim}, lambdas={self.values.tolist()}"
+
+
+class _Conditioned(nn.Module):
+    """Base of the OAT models: owns the encoding and the FiLM layers, and sets their γ, β and
+    the dual-BN routing for the calls inside `conditioned`."""
+
+    def _setup(self, lambdas, encoding: str, dim: int, dual_bn: bool, seed: int):
+        self.encoding = LambdaEncoding(lambdas, encoding, dim, seed)
+        self.dual_bn = dual_bn
+        self._films: list[FiLM] = []
+        self._state: dict[FiLM, tuple[Tensor, Tensor]] | None = None
+
+    def _bn(self, c: int) -> MultiBatchNorm2d:
+        return MultiBatchNorm2d(c, 2 if self.dual_bn else 1)
+
+    def _film(self, c: int) -> FiLM:
+        film = FiLM(c, self.encoding.dim)
+        self._films.append(film)
+        return film
+
+    def film_args(self, film: FiLM) -> dict:
+        if self._state is None:
+            raise RuntimeError(f"{type(self).__name__} needs λ: call model(x, lam) or run it "
+                               "inside `with model.conditioned(lam):`")
+        gamma, beta = self._state[film]
+        return {"film_gamma": gamma, "film_beta": beta}
+
+    @contextlib.contextmanager
+    def conditioned(self, lam, grad: bool = True):
+        """Conditions every call in the body on ``lam`` (a float, or a per-sample ``[N]``
+        tensor; a CPU tensor's distinct values are encoded once and gathered per sample, with
+        no device sync). Routes the dual BNs: λ = 0 → branch 0 (clean), else branch 1.
+        ``grad=False`` computes γ, β without a graph (for attacks and evaluation)."""
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            state, branch = self._condition(lam)
+        old, self._state = self._state, state
+        try:
+            with routing(self, branch=branch):
+                yield self
+        finally:
+            self._state = old
+
+    def _condition(self, lam):
+        device = self.encoding.codes.device
+        if isinstance(lam, Tensor) and lam.dim() == 1:
+            if lam.device.type == "cpu":
+                uniq, inv = torch.unique(lam.float(), return_inverse=True)
+                codes, inv = self.encoding(uniq.to(device)), inv.to(device)
+            else:
+                codes, inv = self.encoding(lam), None
+            branch = (lam != 0).long().to(device) if self.dual_bn else 0
+        else:
+            value = float(lam)
+            codes, inv = self.encoding(torch.tensor([value], device=device)), None
+            branch = int(value != 0) if self.dual_bn else 0
+        state = {}
+        for film in self._films:
+            gamma, beta = film.gamma_beta(codes)
+            if inv is not None:
+                gamma, beta = gamma[inv], beta[inv]
+            elif gamma.shape[0] == 1:
+                gamma, beta = gamma[0], beta[0]  # [C]: one condition for the whole batch
+            state[film] = (gamma, beta)
+        return state, branch
+
+    def forward(self, x: Tensor, lam=None) -> Tensor:
+        if lam is None:
+            if self._state is None:
+                raise RuntimeError(f"{type(self).__name__} needs λ: call model(x, lam) or run "
+                                   "it inside `with model.conditioned(lam):`")
+            return self._forward(x)
+        with self.conditioned(lam):
+            return self._forward(x)
+
+
+class _OATBasicBlock(nn.Module):
+    """conv → BN·FiLM·ReLU → conv → BN·FiLM, plus the shortcut (conv → BN, no FiLM), ReLU."""
+
+    def __init__(self, owner: _Conditioned, in_planes: int, planes: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1, self.film1 = owner._bn(planes), owner._film(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2, self.film2 = owner._bn(planes), owner._film(planes)
+        self.shortcut = None
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False),
+                                          owner._bn(planes))
+        self._owner = [owner]  # not a submodule
+
+    def forward(self, x: Tensor) -> Tensor:
+        own = self._owner[0]
+        out = self.bn1(self.conv1(x), activation="relu", **own.film_args(self.film1))
+        out = self.bn2(self.conv2(out), **own.film_args(self.film2))
+        return F.relu(out + (x if self.shortcut is None else self.shortcut(x)))
+
+
+class OATResNet(_Conditioned):
+    """CIFAR ResNet (3×3 stem, four stages, global pooling) in OAT form. ``width`` scales
+    every stage (64: the standard model); ``dual_bn=False`` gives one shared BN (the
+    ablation)."""
+
+    def __init__(self, blocks=(2, 2, 2, 2), num_classes: int = 10, width: int = 64,
+                 in_channels: int = 3, lambdas=S1, encoding: str = "ro", dim: int = 128,
+                 dual_bn: bool = True, seed: int = 0):
+        super().__init__()
+        self._setup(lambdas, encoding, dim, dual_bn, seed)
+        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        self.bn1 = self._bn(width)
+        layers, in_planes = [], width
+        for i, n in enumerate(blocks):
+            planes = width * 2 ** i
+            for j in range(n):
+                layers.append(_OATBasicBlock(self, in_planes, planes,
+                                             2 if (i > 0 and j == 0) else 1))
+                in_planes = planes
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(in_planes, num_classes)
+
+    def _forward(self, x: Tensor) -> Tensor:
+        out = self.layers(self.bn1(self.conv1(x), activation="relu"))
+        return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+class _OATWideBlock(nn.Module):
+    """Pre-activation: BN·FiLM·ReLU → conv → BN·FiLM·ReLU → dropout → conv, plus the
+    shortcut (the identity, or a 1×1 conv of the activated input)."""
+
+    def __init__(self, owner: _Conditioned, in_planes: int, planes: int, stride: int,
+                 drop: float):
+        super().__init__()
+        self.bn1, self.film1 = owner._bn(in_planes), owner._film(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn2, self.film2 = owner._bn(planes), owner._film(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.drop = drop
+        self.shortcut = (None if in_planes == planes and stride == 1
+                         else nn.Conv2d(in_planes, planes, 1, stride, bias=False))
+        self._owner = [owner]
+
+    def forward(self, x: Tensor) -> Tensor:
+        own = self._owner[0]
+        act = self.bn1(x, activation="relu", **own.film_args(self.film1))
+        sc = x if self.shortcut is None else self.shortcut(act)
+        out = self.bn2(self.conv1(act), activation="relu", **own.film_args(self.film2))
+        out = F.dropout(out, self.drop, self.training)
+        return self.conv2(out) + sc
+
+
+class OATWideResNet(_Conditioned):
+    """Wide-ResNet-depth-k (depth = 6n + 4) in OAT form; the final BN has no FiLM."""
+
+    def __init__(self, depth: int = 16, widen: int = 8, num_classes: int = 10,
+                 in_channels: int = 3, drop: float = 0.0, base: int = 16, lambdas=S1,
+                 encoding: str = "ro", dim: int = 128, dual_bn: bool = True, seed: int = 0):
+        super().__init__()
+        if (depth - 4) % 6:
+            raise ValueError(f"Wide-ResNet depth must be 6n + 4, got {depth}")
+        self._setup(lambdas, encoding, dim, dual_bn, seed)
+        n = (depth - 4) // 6
+        widths = [base, base * widen, 2 * base * widen, 4 * base * widen]
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
+        blocks, in_planes = [], widths[0]
+        for i, planes in enumerate(widths[1:]):
+            for j in range(n):
+                blocks.append(_OATWideBlock(self, in_planes, planes,
+                                            2 if (i > 0 and j == 0) else 1, drop))
+                in_planes = planes
+        self.blocks = nn.Sequential(*blocks)
+        self.bn = self._bn(in_planes)
+        self.fc = nn.Linear(in_planes, num_classes)
+
+    def _forward(self, x: Tensor) -> Tensor:
+        out = self.bn(self.blocks(self.conv1(x)), activation="relu")
+        return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+def oat_resnet18(num_classes: int = 10, width: int = 64, **kw) -> OATResNet:
+    return OATResNet((2, 2, 2, 2), num_classes, width, **kw)
+
+
+def oat_resnet34(num_classes: int = 10, width: int = 64, **kw) -> OATResNet:
+    return OATResNet((3, 4, 6, 3), num_classes, width, **kw)
+
+
+def oat_wrn16_8(num_classes: int = 10, **kw) -> OATWideResNet:
+    return OATWideResNet(16, 8, num_classes, **kw)
+
+
+def oat_wrn28_10(num_classes: int = 10, **kw) -> OATWideResNet:
+    return OATWideResNet(28, 10, num_classes, **kw)
