@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _ops  # noqa: F401 - registers torch.ops.fastrobust.*
+from . import _ops  # registers torch.ops.fastrobust.*; bn_forward picks the eager fast path
 from .reference import acc_dtype
 
 __all__ = ["multi_batch_norm", "mixed_batch_norm", "film", "channel_scale", "scale_filters",
@@ -141,10 +141,10 @@ def multi_batch_norm(x: Tensor, branch: Tensor, weight: Tensor | None = None,
     extras = [_per_sample_arg(op, n, t, x) for n, t in (
         ("input_scale", input_scale), ("film_gamma", film_gamma), ("film_beta", film_beta))]
     cumulative = momentum is None
-    y, _, _, *new = torch.ops.fastrobust.multi_bn_fwd(
+    y, _, _, *new = _ops.bn_forward(
         x, branch.long(), weight, bias, running_mean, running_var, num_batches_tracked, *extras,
         K, training, 0.0 if cumulative else float(momentum), cumulative, float(eps),
-        activation == "relu")
+        activation == "relu", False)
     _store_running(training, running_mean, running_var, num_batches_tracked, new)
     return y
 
@@ -193,10 +193,10 @@ def mixed_batch_norm(x: Tensor, mix: Tensor, weight: Tensor | None = None,
     extras = [_per_sample_arg(op, n, t, x) for n, t in (
         ("input_scale", input_scale), ("film_gamma", film_gamma), ("film_beta", film_beta))]
     cumulative = momentum is None
-    y, _, _, *new = torch.ops.fastrobust.mixed_bn_fwd(
+    y, _, _, *new = _ops.bn_forward(
         x, mix, weight, bias, running_mean, running_var, num_batches_tracked, *extras,
-        training, 0.0 if cumulative else float(momentum), cumulative, float(eps),
-        activation == "relu")
+        K, training, 0.0 if cumulative else float(momentum), cumulative, float(eps),
+        activation == "relu", True)
     _store_running(training, running_mean, running_var, num_batches_tracked, new)
     return y
 

@@ -100,13 +100,18 @@ def test_modes_restored_and_eval_during_attack():
 
 def test_no_parameter_gradients():
     model = small_cnn()
-    computed = []
+    model[0].bias.requires_grad_(False)  # a user's frozen parameter stays frozen
+    computed, seen = [], []
     for p in model.parameters():
-        p.register_hook(lambda g: computed.append(g))
+        if p.requires_grad:
+            p.register_hook(lambda g: computed.append(g))
+    model.register_forward_hook(
+        lambda m, i, o: seen.append(any(p.requires_grad for p in m.parameters())))
     for atk in (PGD(model, steps=2), FGSM(model), MIFGSM(model, steps=2)):
         atk(*data())
-    assert computed == []
+    assert computed == [] and seen and not any(seen)  # not even computed inside
     assert all(p.grad is None for p in model.parameters())
+    assert [p.requires_grad for p in model.parameters()] == [True, False] + [True] * 6
 
 
 def test_per_sample_eps_zero_leaves_clean(backend):

@@ -267,3 +267,31 @@ def test_negative_mix_in_training_is_an_error(backend):
     y = F.mixed_batch_norm(x, mix, None, None, rm, rv, training=False)
     torch.testing.assert_close(y, reference.mixed_batch_norm(x, mix, None, None, rm, rv,
                                                              training=False), **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("op", ["multi", "mixed"])
+@pytest.mark.parametrize("scale_grad", [False, True], ids=["x-only", "x+scale"])
+@pytest.mark.parametrize("case", CASES[:6], ids=str)
+def test_eval_input_gradient_only(backend, case, op, scale_grad):
+    """An attack's backward: running statistics, frozen parameters and FiLM, gradients for x
+    (and the input scale) only: the kernels' one-pass path against the reference."""
+    x, branch, w, b, rm, rv, _ = make_inputs(case, torch.float64)
+    w, b = w.detach(), b.detach()
+    extras = {k: v.detach() for k, v in _extras(*x.shape[:2], torch.float64,
+                                                ("scale", "gamma", "beta")).items()}
+    if scale_grad:
+        extras["input_scale"].requires_grad_(True)
+    route = branch if op == "multi" else \
+        torch.nn.functional.one_hot(branch, case.K).double() * 0.7 + 0.1
+    fn, ref = ((F.multi_batch_norm, reference.multi_batch_norm) if op == "multi"
+               else (F.mixed_batch_norm, reference.mixed_batch_norm))
+    kw = dict(training=False, activation="relu", **extras)
+    if op == "multi":
+        kw["num_branches"] = case.K
+    y = fn(x, route, w, b, rm, rv, **kw)
+    y_ref = ref(x, route, w, b, rm.clone(), rv.clone(), **kw)
+    gy = torch.randn_like(y)
+    inputs = (x, extras["input_scale"]) if scale_grad else (x,)
+    for g, g_ref in zip(torch.autograd.grad(y, inputs, gy), torch.autograd.grad(y_ref, inputs,
+                                                                                 gy)):
+        torch.testing.assert_close(g, g_ref, **TOL[torch.float64])

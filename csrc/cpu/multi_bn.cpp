@@ -54,6 +54,11 @@ std::pair<at::Tensor, View> as_view(const at::Tensor& x) {
     }
     return true;
   };
+  // One value per plane (1x1 maps, [N, C] inputs): a row of C values per sample is the walk
+  // that vectorizes, so take it even where the planes walk is also valid.
+  if (S == 1 && (C == 1 || x.stride(1) == 1)) {
+    return {x, View{Layout::ChannelsLast, N, C, S, x.stride(0)}};
+  }
   if ((C == 1 || x.stride(1) == S) && dense_spatial(1)) {
     return {x, View{Layout::Planes, N, C, S, x.stride(0)}};
   }
@@ -66,7 +71,9 @@ std::pair<at::Tensor, View> as_view(const at::Tensor& x) {
 
 // A tensor shaped like x with the same walk (same layout, dense).
 at::Tensor empty_like_view(const at::Tensor& x, const View& v) {
-  if (v.layout == Layout::ChannelsLast && x.dim() >= 3) {
+  // A contiguous x (also 1x1 maps walked as rows: the same memory order) gets a contiguous
+  // output, so the next layer sees the memory format it gave.
+  if (v.layout == Layout::ChannelsLast && x.dim() >= 3 && !x.is_contiguous()) {
     // channels-last for any number of spatial dims: permute to N, spatial..., C and back.
     std::vector<int64_t> perm{0};
     for (int64_t d = 2; d < x.dim(); ++d) perm.push_back(d);
@@ -155,13 +162,22 @@ struct PlaneValues {
   explicit PlaneValues(const View& v) : a(v.N * v.C), b(v.N * v.C) {}
 };
 
+// Elements per parallel task: below that, a pass runs on the calling thread instead of paying
+// a wake-up of the pool (~10 µs here) for a few microseconds of work.
+constexpr int64_t kGrainElems = 1 << 15;
+
+// Samples per task of a per-sample loop (at least kGrainElems elements).
+inline int64_t sample_grain(const View& v) {
+  return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(v.C * v.S, 1));
+}
+
 // Per-plane mean and M2. Planes are visited in memory order, a sample at a time: one streaming
 // pass (a channel's planes, C·S apart, would defeat the prefetchers once x leaves the cache).
 template <typename T>
 PlaneValues<T> plane_moments(const View& v, Walk<const T> x) {
   PlaneValues<T> pv(v);
   const auto& leaf = leaves<T>();
-  at::parallel_for(0, v.N, 1, [&](int64_t n0, int64_t n1) {
+  at::parallel_for(0, v.N, sample_grain(v), [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
       T* pa = &pv.a[n * v.C];
       T* pb = &pv.b[n * v.C];
@@ -180,7 +196,7 @@ PlaneValues<T> plane_grad_sums(const View& v, Walk<const T> dy, Walk<const T> x,
                                const T* ma, const T* md) {
   PlaneValues<T> pv(v);
   const auto& leaf = leaves<T>();
-  at::parallel_for(0, v.N, 1, [&](int64_t n0, int64_t n1) {
+  at::parallel_for(0, v.N, sample_grain(v), [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
       const int64_t o = n * v.C;
       const T* a = ma ? ma + o : nullptr;
@@ -204,12 +220,12 @@ void for_runs(const View& v, bool whole_samples, const F& fn) {
   const bool planes = v.layout == Layout::Planes;
   const int64_t per_sample = planes ? v.C : v.S, len = planes ? v.S : v.C;
   if (whole_samples) {
-    at::parallel_for(0, v.N, 1, [&](int64_t n0, int64_t n1) {
+    at::parallel_for(0, v.N, sample_grain(v), [&](int64_t n0, int64_t n1) {
       for (int64_t n = n0; n < n1; ++n) fn(n, int64_t(0), per_sample);
     });
     return;
   }
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(len, 1));
+  const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(len, 1));
   at::parallel_for(0, v.N * per_sample, grain, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1;) {
       const int64_t n = i / per_sample, j = i % per_sample;
@@ -578,6 +594,22 @@ std::vector<at::Tensor> bn_backward(const at::Tensor& dy_in, const at::Tensor& x
     const T* invstd = invstd_t.data_ptr<T>();
     const auto co = coefficients<T>(rt, v, p, e, mean, invstd);
     const int64_t NC = N * C;
+    // Running statistics and only the input gradient wanted (an attack's backward in eval
+    // mode): ∂L/∂u = A_in·γ·g, no per-plane sums needed, one pass.
+    if (!batch_stats && !need_mix && !need_w && !need_b && !need_g && !need_be) {
+      if (need_x || need_s) {
+        std::vector<T> P(NC), R(NC, T(0)), Sc(NC);
+        for (int64_t i = 0; i < NC; ++i) {
+          P[i] = T(co.Ap[i] * e.g(i));
+          Sc[i] = T(e.s(i));
+        }
+        backward_pass<T>(v, walk<const T>(dy, dyv), walk<const T>(x, v),
+                         walk<T>(dx, as_view(dx).second), P.data(), nullptr, R.data(),
+                         Sc.data(), relu ? co.A.data() : nullptr, relu ? co.D.data() : nullptr,
+                         need_s ? dscale.data_ptr<T>() : nullptr);
+      }
+      return;
+    }
     // Centre of the Σg·x sums, in x's units: the plane's mixture of branch means.
     std::vector<T> ctr(NC, T(0));
     for (int64_t n = 0; n < N; ++n) {
@@ -598,13 +630,15 @@ std::vector<at::Tensor> bn_backward(const at::Tensor& dy_in, const at::Tensor& x
                                       relu ? co.D.data() : nullptr);
     // Per plane: Z1 = Σdz, Zu = Σdz·u (dz = γ·g), and the FiLM gradients.
     std::vector<double> Z1(NC), Zu(NC);
+    T* dbeta_p = need_be ? dbeta.data_ptr<T>() : nullptr;
+    T* dgamma_p = need_g ? dgamma.data_ptr<T>() : nullptr;
     for (int64_t i = 0; i < NC; ++i) {
       const double s = e.s(i), g = e.g(i), sG2 = s * double(G.b[i]), sc = s * double(ctr[i]);
       const double G1 = double(G.a[i]);
       Z1[i] = g * G1;
       Zu[i] = g * sG2 + sc * Z1[i];
-      if (need_be) dbeta.data_ptr<T>()[i] = T(G1);
-      if (need_g) dgamma.data_ptr<T>()[i] = T(co.Ap[i] * (sG2 + sc * G1) + co.Dp[i] * G1);
+      if (dbeta_p) dbeta_p[i] = T(G1);
+      if (dgamma_p) dgamma_p[i] = T(co.Ap[i] * (sG2 + sc * G1) + co.Dp[i] * G1);
     }
     // Per branch: T1 = Σ M·dz (dbias), T2 = Σ M·dz·x̂ (dweight).
     std::vector<double> T1(K * C, 0.0), T2(K * C, 0.0);
@@ -627,10 +661,12 @@ std::vector<at::Tensor> bn_backward(const at::Tensor& dy_in, const at::Tensor& x
       for (int64_t e_ = 0; e_ < int64_t(rt.k.size()); ++e_) nnz[rt.k[e_]]++;
       for (int64_t k = 0; k < K; ++k) single[k] = batch_stats && nnz[k] == 1 && v.S == 1;
     }
+    T* dweight_p = need_w ? dweight.data_ptr<T>() : nullptr;
+    T* dbias_p = need_b ? dbias.data_ptr<T>() : nullptr;
     for (int64_t i = 0; i < K * C; ++i) {
       T2[i] = single[i / C] ? 0.0 : double(invstd[i]) * (T2[i] - double(mean[i]) * T1[i]);
-      if (need_w) dweight.data_ptr<T>()[i] = T(T2[i]);
-      if (need_b) dbias.data_ptr<T>()[i] = T(T1[i]);
+      if (dweight_p) dweight_p[i] = T(T2[i]);
+      if (dbias_p) dbias_p[i] = T(T1[i]);
     }
     // ∂L/∂u = P·g + Q·x + R (Q carries the input scale), dx = s·∂L/∂u.
     if (need_x || need_s) {

@@ -1,8 +1,9 @@
 """PGD, FGSM and MI-FGSM on the fused steps of `fastrobust.functional`.
 
 Every attack runs the model in eval mode and restores each submodule's mode afterwards; it
-takes input gradients with `torch.autograd.grad`, so parameter gradients are neither computed
-nor left in `.grad`. The step loop has no host sync: eps and alpha may be per-sample tensors
+turns ``requires_grad`` off on the model's parameters for the attack (restored after) and takes
+input gradients with `torch.autograd.grad`, so parameter gradients are neither computed nor
+left in `.grad`. The step loop has no host sync: eps and alpha may be per-sample tensors
 and nothing is read back to the host.
 """
 from __future__ import annotations
@@ -40,6 +41,20 @@ def eval_mode(model: nn.Module):
             m.training = training
 
 
+@contextlib.contextmanager
+def frozen_parameters(model: nn.Module):
+    """requires_grad off on every parameter of ``model`` for the body, then each restored: the
+    backward of an attack computes input gradients only."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
 class Attack:
     """Base class: the shared call signature, conditioning and bookkeeping.
 
@@ -53,8 +68,10 @@ class Attack:
     - ``forward_kwargs``: passed to ``model(x, **forward_kwargs)``.
 
     The result has x's memory format. ``memory_format``: the layout the model sees during the
-    attack; None picks channels_last for 4-D inputs on the CPU (the CPU convolutions and their
-    input gradients are much faster in it) and keeps x's layout otherwise.
+    attack; None picks channels_last for 4-D inputs of at least 16×16 on the CPU (the CPU
+    convolutions and their input gradients are much faster in it there; on smaller maps the
+    per-call conversion of the weights to that layout costs more than it saves) and keeps x's
+    layout otherwise.
     """
 
     def __init__(self, model: nn.Module, eps=8 / 255, alpha=2 / 255, steps: int = 10, *,
@@ -95,6 +112,7 @@ class Attack:
         eps = self.eps if eps is None else eps
         with contextlib.ExitStack() as stack:
             stack.enter_context(eval_mode(self.model))
+            stack.enter_context(frozen_parameters(self.model))
             if branch is not None or mix is not None:
                 from ..nn import routing
                 stack.enter_context(routing(self.model, branch=branch, mix=mix))
@@ -110,8 +128,9 @@ class Attack:
 
     def _layout(self, x: Tensor) -> Tensor:
         fmt = self.memory_format
-        if fmt is None:
-            fmt = torch.channels_last if (x.dim() == 4 and x.device.type == "cpu") else None
+        if fmt is None:  # see the class docstring
+            big = x.dim() == 4 and x.shape[-1] * x.shape[-2] >= 256
+            fmt = torch.channels_last if (big and x.device.type == "cpu") else None
         if fmt in (None, torch.preserve_format):
             return x
         return x.contiguous(memory_format=fmt)
