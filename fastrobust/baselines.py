@@ -120,3 +120,98 @@ def torchattacks_pgd(model: nn.Module, images: Tensor, labels: Tensor, eps: floa
         grad = torch.autograd.grad(cost, adv, retain_graph=False, create_graph=False)[0]
         adv = torchattacks_step(adv, grad, images, eps, alpha)
     return adv
+
+
+# --- OAT as the OAT repository writes it (for the training-step benchmark) ------------------
+
+def _oat_dual_bn_f(x: Tensor, n_clean: int, bn, training: bool) -> Tensor:
+    """Dual BN in the OAT repository's style over a MultiBatchNorm2d's parameters: the batch is
+    sorted clean-first, each slice goes through its own batch norm, results concatenated."""
+    def one(part, k):
+        return nn.functional.batch_norm(part, bn.running_mean[k], bn.running_var[k],
+                                        bn.weight[k], bn.bias[k], training, bn.momentum, bn.eps)
+    if bn.num_branches == 1:
+        return one(x, 0)
+    if n_clean == 0:
+        return one(x, 1)
+    if n_clean == x.shape[0]:
+        return one(x, 0)
+    return torch.cat([one(x[:n_clean], 0), one(x[n_clean:], 1)])
+
+
+def _eager_film(film, h: Tensor, codes: Tensor) -> Tensor:
+    """OAT's FiLM layer: the MLP runs on the per-sample λ codes in every forward."""
+    g = film.mlp(codes)
+    c = film.num_features
+    return h * g[:, :c, None, None] + g[:, c:, None, None]
+
+
+def eager_oat_forward(model, x: Tensor, codes: Tensor, n_clean: int) -> Tensor:
+    """The forward of an `OATResNet` computed the way the OAT repository computes it, with
+    the model's own parameters: slice + two BNs + cat for every dual BN, the FiLM MLPs run on
+    the per-sample codes at every call, FiLM and ReLU as separate passes."""
+    tr = model.training
+    relu = torch.relu
+    out = relu(_oat_dual_bn_f(model.conv1(x), n_clean, model.bn1, tr))
+    for blk in model.layers:
+        o = _eager_film(blk.film1, _oat_dual_bn_f(blk.conv1(out), n_clean, blk.bn1, tr), codes)
+        o = relu(o)
+        o = _eager_film(blk.film2, _oat_dual_bn_f(blk.conv2(o), n_clean, blk.bn2, tr), codes)
+        sc = out if blk.shortcut is None else _oat_dual_bn_f(blk.shortcut[0](out), n_clean,
+                                                             blk.shortcut[1], tr)
+        out = relu(o + sc)
+    return model.fc(nn.functional.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+def oat_linf_clamp(x: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+    """The OAT repository's projection: boolean masks and masked assignment (a host sync and
+    extra passes on a GPU)."""
+    idx = x < lo
+    x[idx] = lo[idx]
+    idx = x > hi
+    x[idx] = hi[idx]
+    return x
+
+
+def oat_pgd(forward, x: Tensor, y: Tensor, eps: float, alpha: float, steps: int,
+            start: Tensor) -> Tensor:
+    """The OAT repository's PGD: summed cross-entropy, x_adv += α·sign(g), mask projection
+    onto the ε-ball, clamp to [0, 1]; `forward` is the (eval-mode) model call."""
+    x_adv = start.clone()
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        loss = nn.functional.cross_entropy(forward(x_adv), y, reduction="sum")
+        grad = torch.autograd.grad(loss, x_adv)[0]
+        with torch.no_grad():
+            x_adv = x_adv.detach() + alpha * torch.sign(grad)
+            x_adv = torch.clamp(oat_linf_clamp(x_adv, x - eps, x + eps), 0, 1)
+    return x_adv
+
+
+def eager_oat_loss(model, x: Tensor, y: Tensor, lam: Tensor, eps: float, alpha: float,
+                   steps: int, start: Tensor, forward=eager_oat_forward) -> Tensor:
+    """OAT's loss of a batch sorted λ = 0 first, the OAT repository's way: per-sample codes,
+    the clean forward over the batch, the attack in eval mode with parameter gradients off,
+    the adversarial forward over the λ > 0 part. `start`: the random start of that part;
+    `forward`: eager_oat_forward or a compiled version of it."""
+    n_zero = int((lam == 0).sum())
+    codes = model.encoding(lam)
+    lc = nn.functional.cross_entropy(forward(model, x, codes, n_zero), y, reduction="none")
+    la = torch.zeros_like(lc)
+    if n_zero < len(y):
+        xs, ys, cs = x[n_zero:], y[n_zero:], codes[n_zero:]
+        was = model.training
+        flags = [p.requires_grad for p in model.parameters()]
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        try:
+            x_adv = oat_pgd(lambda z: forward(model, z, cs.detach(), 0), xs, ys, eps, alpha,
+                            steps, start)
+        finally:
+            for p, f in zip(model.parameters(), flags):
+                p.requires_grad_(f)
+            model.train(was)
+        la_adv = nn.functional.cross_entropy(forward(model, x_adv, cs, 0), ys, reduction="none")
+        la = torch.cat([la[:n_zero], la_adv])
+    return ((1 - lam) * lc + lam * la).mean()

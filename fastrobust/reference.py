@@ -266,8 +266,8 @@ def pgd_step(x_adv: Tensor, grad: Tensor, x_nat: Tensor, eps, alpha, norm: str =
 def mifgsm_step(x_adv: Tensor, grad: Tensor, momentum: Tensor, x_nat: Tensor, eps, alpha,
                 decay: float, clip_min: float = 0.0, clip_max: float = 1.0):
     """MI-FGSM: buf = g/mean(|g_n|) + decay·buf (a sample whose gradient is all zero divides
-    by 1, so it adds 0; a NaN makes the sample's momentum NaN), then the linf step with sign(buf). Returns
-    (x_adv, buf)."""
+    by 1, so it adds 0; a NaN makes the sample's momentum NaN), then the linf step with
+    sign(buf). Returns (x_adv, buf)."""
     mean_abs = grad.to(acc_dtype(grad)).abs().flatten(1).mean(dim=1)
     mean_abs = mean_abs.view((-1,) + (1,) * (grad.dim() - 1))
     divisor = torch.where(mean_abs == 0, torch.ones_like(mean_abs), mean_abs)

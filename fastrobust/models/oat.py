@@ -7,6 +7,14 @@ routed by λ (λ = 0 → the clean branch, λ ≠ 0 → the adversarial one), bo
         logits = model(x)                   # γ, β computed once here, not in every PGD step
     logits = model(x, lam)                  # the same, for one call
 
+OATS (``width_mults=(0.5, 0.75, 1.0)``): the same network, slimmable: every conv and the
+classifier use the first ``round(w·C)`` channels of their weights at width ``w``, each width
+has its own dual BNs (switchable BN), the FiLM MLPs are shared and their γ, β sliced.
+
+    model = oats_resnet34(width_mults=(0.5, 0.75, 1.0))
+    with model.at_width(0.5), model.conditioned(lam):
+        logits = model(x)
+
 The encoding of λ (OAT's appendix E): the n-th value of the training set of λs maps to the n-th
 column of a random orthogonal (default, 128-d) or DCT matrix, or λ itself ("none"); a value
 between two of the set's values gets the linear interpolation of their codes. The matrix is a
@@ -24,7 +32,8 @@ from torch import Tensor, nn
 from ..nn import FiLM, MultiBatchNorm2d, routing
 
 __all__ = ["S1", "LambdaEncoding", "OATResNet", "OATWideResNet", "oat_resnet18",
-           "oat_resnet34", "oat_wrn16_8", "oat_wrn28_10"]
+           "oat_resnet34", "oat_wrn16_8", "oat_wrn28_10", "oats_resnet18", "oats_resnet34",
+           "SlimConv2d", "SlimLinear", "SwitchableBN"]
 
 S1 = (0.0, 0.1, 0.2, 0.3, 0.4, 1.0)  # OAT's default training set of λ values
 
@@ -75,29 +84,100 @@ class LambdaEncoding(nn.Module):
         return f"kind={self.kind!r}, dim={self.dim}, lambdas={self.values.tolist()}"
 
 
+def slim(channels: int, width: float) -> int:
+    """Channels of a layer of ``channels`` at width multiplier ``width``."""
+    return max(1, int(round(channels * width)))
+
+
+class SlimConv2d(nn.Conv2d):
+    """A conv whose output channels follow the owner's current width (its first
+    ``slim(C_out, w)`` filters) and whose input channels follow its input."""
+
+    def __init__(self, owner, *args, **kw):
+        super().__init__(*args, **kw)
+        self._owner = [owner]
+
+    def forward(self, x: Tensor) -> Tensor:
+        cout = slim(self.out_channels, self._owner[0].width_mult)
+        w = self.weight[:cout, :x.shape[1]]
+        b = None if self.bias is None else self.bias[:cout]
+        return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+
+
+class SlimLinear(nn.Linear):
+    """A linear layer reading the first ``x.shape[1]`` input features."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight[:, :x.shape[1]], self.bias)
+
+
+class SwitchableBN(nn.Module):
+    """One multi-branch BN per width (slimmable networks' switchable BN), picked by the owner's
+    current width."""
+
+    def __init__(self, owner, channels: int, widths, num_branches: int):
+        super().__init__()
+        self.bns = nn.ModuleList(MultiBatchNorm2d(slim(channels, w), num_branches)
+                                 for w in widths)
+        self._owner = [owner]
+
+    def forward(self, x: Tensor, **kw) -> Tensor:
+        return self.bns[self._owner[0].width_index](x, **kw)
+
+
 class _Conditioned(nn.Module):
     """Base of the OAT models: owns the encoding and the FiLM layers, and sets their γ, β and
     the dual-BN routing for the calls inside `conditioned`."""
 
-    def _setup(self, lambdas, encoding: str, dim: int, dual_bn: bool, seed: int):
+    def _setup(self, lambdas, encoding: str, dim: int, dual_bn: bool, seed: int,
+               width_mults=None):
         self.encoding = LambdaEncoding(lambdas, encoding, dim, seed)
         self.dual_bn = dual_bn
+        self.width_mults = tuple(sorted(width_mults)) if width_mults else None
+        if self.width_mults and not all(0 < w <= 1 for w in self.width_mults):
+            raise ValueError(f"width multipliers must lie in (0, 1], got {width_mults}")
+        self.width_mult = self.width_mults[-1] if self.width_mults else 1.0
         self._films: list[FiLM] = []
         self._state: dict[FiLM, tuple[Tensor, Tensor]] | None = None
 
-    def _bn(self, c: int) -> MultiBatchNorm2d:
-        return MultiBatchNorm2d(c, 2 if self.dual_bn else 1)
+    @property
+    def width_index(self) -> int:
+        return self.width_mults.index(self.width_mult)
+
+    @contextlib.contextmanager
+    def at_width(self, width: float):
+        """Runs the calls in the body with the sub-network of width multiplier ``width``."""
+        if not self.width_mults or width not in self.width_mults:
+            raise ValueError(f"width {width} is not one of this model's widths "
+                             f"{self.width_mults}")
+        old, self.width_mult = self.width_mult, width
+        try:
+            yield self
+        finally:
+            self.width_mult = old
+
+    def _bn(self, c: int) -> nn.Module:
+        k = 2 if self.dual_bn else 1
+        return SwitchableBN(self, c, self.width_mults, k) if self.width_mults \
+            else MultiBatchNorm2d(c, k)
+
+    def _conv(self, *args, **kw) -> nn.Conv2d:
+        return SlimConv2d(self, *args, **kw) if self.width_mults else nn.Conv2d(*args, **kw)
 
     def _film(self, c: int) -> FiLM:
         film = FiLM(c, self.encoding.dim)
         self._films.append(film)
         return film
 
-    def film_args(self, film: FiLM) -> dict:
+    def film_args(self, film: FiLM, channels: int) -> dict:
+        """The fused BN's FiLM arguments for a layer that has ``channels`` channels now (fewer
+        than the FiLM's at a smaller width: the first ones)."""
         if self._state is None:
             raise RuntimeError(f"{type(self).__name__} needs λ: call model(x, lam) or run it "
                                "inside `with model.conditioned(lam):`")
         gamma, beta = self._state[film]
+        if channels != film.num_features:
+            gamma, beta = gamma[..., :channels], beta[..., :channels]
         return {"film_gamma": gamma, "film_beta": beta}
 
     @contextlib.contextmanager
@@ -153,34 +233,36 @@ class _OATBasicBlock(nn.Module):
 
     def __init__(self, owner: _Conditioned, in_planes: int, planes: int, stride: int):
         super().__init__()
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.conv1 = owner._conv(in_planes, planes, 3, stride, 1, bias=False)
         self.bn1, self.film1 = owner._bn(planes), owner._film(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.conv2 = owner._conv(planes, planes, 3, 1, 1, bias=False)
         self.bn2, self.film2 = owner._bn(planes), owner._film(planes)
         self.shortcut = None
         if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False),
+            self.shortcut = nn.Sequential(owner._conv(in_planes, planes, 1, stride, bias=False),
                                           owner._bn(planes))
         self._owner = [owner]  # not a submodule
 
     def forward(self, x: Tensor) -> Tensor:
         own = self._owner[0]
-        out = self.bn1(self.conv1(x), activation="relu", **own.film_args(self.film1))
-        out = self.bn2(self.conv2(out), **own.film_args(self.film2))
+        h = self.conv1(x)
+        out = self.bn1(h, activation="relu", **own.film_args(self.film1, h.shape[1]))
+        h = self.conv2(out)
+        out = self.bn2(h, **own.film_args(self.film2, h.shape[1]))
         return F.relu(out + (x if self.shortcut is None else self.shortcut(x)))
 
 
 class OATResNet(_Conditioned):
     """CIFAR ResNet (3×3 stem, four stages, global pooling) in OAT form. ``width`` scales
     every stage (64: the standard model); ``dual_bn=False`` gives one shared BN (the
-    ablation)."""
+    ablation); ``width_mults`` makes it OATS's slimmable network."""
 
     def __init__(self, blocks=(2, 2, 2, 2), num_classes: int = 10, width: int = 64,
                  in_channels: int = 3, lambdas=S1, encoding: str = "ro", dim: int = 128,
-                 dual_bn: bool = True, seed: int = 0):
+                 dual_bn: bool = True, seed: int = 0, width_mults=None):
         super().__init__()
-        self._setup(lambdas, encoding, dim, dual_bn, seed)
-        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        self._setup(lambdas, encoding, dim, dual_bn, seed, width_mults)
+        self.conv1 = self._conv(in_channels, width, 3, 1, 1, bias=False)
         self.bn1 = self._bn(width)
         layers, in_planes = [], width
         for i, n in enumerate(blocks):
@@ -190,7 +272,7 @@ class OATResNet(_Conditioned):
                                              2 if (i > 0 and j == 0) else 1))
                 in_planes = planes
         self.layers = nn.Sequential(*layers)
-        self.fc = nn.Linear(in_planes, num_classes)
+        self.fc = (SlimLinear if width_mults else nn.Linear)(in_planes, num_classes)
 
     def _forward(self, x: Tensor) -> Tensor:
         out = self.layers(self.bn1(self.conv1(x), activation="relu"))
@@ -215,9 +297,10 @@ class _OATWideBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         own = self._owner[0]
-        act = self.bn1(x, activation="relu", **own.film_args(self.film1))
+        act = self.bn1(x, activation="relu", **own.film_args(self.film1, x.shape[1]))
         sc = x if self.shortcut is None else self.shortcut(act)
-        out = self.bn2(self.conv1(act), activation="relu", **own.film_args(self.film2))
+        h = self.conv1(act)
+        out = self.bn2(h, activation="relu", **own.film_args(self.film2, h.shape[1]))
         out = F.dropout(out, self.drop, self.training)
         return self.conv2(out) + sc
 
@@ -256,6 +339,16 @@ def oat_resnet18(num_classes: int = 10, width: int = 64, **kw) -> OATResNet:
 
 def oat_resnet34(num_classes: int = 10, width: int = 64, **kw) -> OATResNet:
     return OATResNet((3, 4, 6, 3), num_classes, width, **kw)
+
+
+def oats_resnet18(num_classes: int = 10, width: int = 64, width_mults=(0.5, 0.75, 1.0),
+                  **kw) -> OATResNet:
+    return OATResNet((2, 2, 2, 2), num_classes, width, width_mults=width_mults, **kw)
+
+
+def oats_resnet34(num_classes: int = 10, width: int = 64, width_mults=(0.5, 0.75, 1.0),
+                  **kw) -> OATResNet:
+    return OATResNet((3, 4, 6, 3), num_classes, width, width_mults=width_mults, **kw)
 
 
 def oat_wrn16_8(num_classes: int = 10, **kw) -> OATWideResNet:

@@ -1,0 +1,79 @@
+"""One OAT training step (PGD-7 on the λ > 0 samples + the clean and adversarial forwards +
+backward) at the demo's scale: OAT ResNet-18 of width 16 on 8×8 digits, batch 64, λ from
+OAT's set, sorted λ = 0 first (as the OAT repository needs for its slicing).
+
+  fused               fastrobust: fused BN·FiLM·ReLU, dual BN routed per sample, FiLM γ, β
+                      once per condition, the fused PGD step (trainers.oat.oat_loss)
+  eager_oat           the OAT repository's form on the same weights (baselines.eager_oat_loss):
+                      slice + two BNs + cat, FiLM MLPs rerun at every call, mask projection
+  compiled_eager_oat  the same with its model forward under torch.compile
+
+Both are checked to give the same loss (fp32 tolerance) before anything is timed. The step
+ends after backward (the optimizer update is the same for both and left out).
+"""
+import copy
+
+import pytest
+import torch
+
+from fastrobust import functional as F
+from fastrobust.attacks import PGD
+from fastrobust.baselines import eager_oat_forward, eager_oat_loss
+from fastrobust.models import S1, oat_resnet18
+from fastrobust.nn import FiLM
+from fastrobust.trainers.oat import oat_loss
+from conftest import QUICK, record
+
+EPS, ALPHA = 0.3, 0.075
+IMPLS = ["fused", "eager_oat", "compiled_eager_oat"]
+
+
+def setup(n, width, steps):
+    torch.manual_seed(0)
+    model = oat_resnet18(10, width, in_channels=1).train()
+    with torch.no_grad():  # a trained-looking FiLM (identity init would hide its cost)
+        for f in model.modules():
+            if isinstance(f, FiLM):
+                f.mlp[2].weight.normal_(0, 0.05)
+    x, y = torch.rand(n, 1, 8, 8), torch.randint(0, 10, (n,))
+    g = torch.Generator().manual_seed(0)
+    lam = torch.tensor(S1)[torch.randint(len(S1), (n,), generator=g)].sort().values
+    n_adv = int((lam > 0).sum())
+    start = F.pgd_init(x[n - n_adv:], EPS, generator=torch.Generator().manual_seed(1))
+    return model, x, y, lam, start
+
+
+def make_step(impl, model, x, y, lam, start, steps):
+    if impl == "fused":
+        def step():
+            atk = PGD(model, EPS, ALPHA, steps, generator=torch.Generator().manual_seed(1))
+            loss = oat_loss(model, atk, x, y, lam)
+            model.zero_grad(set_to_none=True)
+            loss.backward()
+            return loss
+        return step
+    forward = torch.compile(eager_oat_forward) if impl.startswith("compiled") else \
+        eager_oat_forward
+
+    def step():
+        loss = eager_oat_loss(model, x, y, lam, EPS, ALPHA, steps, start, forward=forward)
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        return loss
+    return step
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_oat_train_step(benchmark, impl):
+    n, width, steps = (16, 4, 2) if QUICK else (64, 16, 7)
+    torch._dynamo.reset()
+    model, x, y, lam, start = setup(n, width, steps)
+    reference = copy.deepcopy(model)
+    step = make_step(impl, model, x, y, lam, start, steps)
+    # the same loss as the OAT repository's form on the same weights and inputs
+    want = make_step("eager_oat", reference, x, y, lam, start, steps)()
+    got = step()
+    torch.testing.assert_close(got, want, rtol=5e-5, atol=1e-6)
+    benchmark.group = f"oat_train_step ResNet-18/w{width} digits batch {n}, PGD-{steps}"
+    record(benchmark, impl=impl, nbytes=0, tensor_bytes=0, fused=impl == "fused")
+    benchmark.pedantic(step, rounds=3 if QUICK else 15, iterations=1, warmup_rounds=1)

@@ -1,0 +1,371 @@
+"""OAT models and trainer: shapes and parameter counts, the λ encoding and routing, FiLM γ, β
+computed once per condition, training, resume, divergence, and the paper's phenomena on the
+embedded digits data at small scale."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from fastrobust.models import (S1, LambdaEncoding, OATWideResNet, oat_resnet18, oat_resnet34,
+                               resnet18)
+from fastrobust.nn import FiLM, MultiBatchNorm2d
+from fastrobust.trainers.common import TrainingDiverged, load_checkpoint
+from fastrobust.trainers.oat import OATConfig, OATTrainer, oat_loss, sample_lambdas, sweep
+
+
+def nparams(m):
+    return sum(p.numel() for p in m.parameters())
+
+
+# --- models -------------------------------------------------------------------------------
+
+def test_resnet_shapes_and_parameter_count():
+    width, dim = 16, 128
+    m = oat_resnet18(10, width, in_channels=3, dim=dim)
+    assert m(torch.rand(4, 3, 32, 32), torch.tensor([0.0, 0.1, 0.4, 1.0])).shape == (4, 10)
+    # = the plain ResNet-18 + a second copy of every BN's affine + one FiLM MLP per block BN
+    plain = resnet18(10, width)
+    bn = sum(2 * b.num_features for b in plain.modules() if isinstance(b, nn.BatchNorm2d))
+    block_bns = [b.num_features for name, b in plain.named_modules()
+                 if isinstance(b, nn.BatchNorm2d) and name.split(".")[-1] in ("bn1", "bn2")
+                 and name.startswith("layers")]
+    film = sum(dim * 2 * c + 2 * c + 2 * c * 2 * c + 2 * c for c in block_bns)
+    assert len(block_bns) == 16
+    assert nparams(m) == nparams(plain) + bn + film
+    assert oat_resnet34(10, 8)(torch.rand(2, 3, 32, 32), 0.2).shape == (2, 10)
+
+
+def test_wide_resnet_shapes():
+    m = OATWideResNet(16, 2, 10, base=8, in_channels=1)
+    assert m(torch.rand(3, 1, 8, 8), 0.5).shape == (3, 10)
+    films = [x for x in m.modules() if isinstance(x, FiLM)]
+    bns = [x for x in m.modules() if isinstance(x, MultiBatchNorm2d)]
+    assert len(films) == 2 * 2 * 3 and len(bns) == len(films) + 1  # the final BN has no FiLM
+    with pytest.raises(ValueError, match="6n"):
+        OATWideResNet(15)
+
+
+def test_needs_lambda():
+    with pytest.raises(RuntimeError, match="needs λ"):
+        oat_resnet18(10, 8)(torch.rand(2, 3, 8, 8))
+
+
+# --- λ encoding ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["ro", "dct"])
+def test_encoding_orthonormal_and_exact(kind):
+    enc = LambdaEncoding(S1, kind, 128)
+    codes = enc.codes
+    torch.testing.assert_close(codes @ codes.T, torch.eye(len(S1)), atol=1e-5, rtol=0)
+    lam = torch.tensor(S1)
+    assert torch.equal(enc(lam), codes)  # seen values: exactly their columns
+    mid = enc(torch.tensor([0.05, 0.7]))  # unseen: between the neighbours' codes
+    torch.testing.assert_close(mid[0], (codes[0] + codes[1]) / 2)
+    torch.testing.assert_close(mid[1], (codes[4] + codes[5]) / 2)
+    if kind == "dct":  # value n ↦ column n of the orthonormal DCT-II matrix
+        k = torch.arange(128, dtype=torch.float64)
+        col2 = torch.cos(math.pi * k * (2 * 2 + 1) / (2 * 128)) * math.sqrt(2 / 128)
+        col2[0] = math.sqrt(1 / 128)
+        torch.testing.assert_close(codes[2], col2.float())
+
+
+def test_encoding_none_and_state_dict():
+    enc = LambdaEncoding(S1, "none")
+    assert enc(torch.tensor([0.3])).tolist() == [[pytest.approx(0.3)]]
+    a, b = oat_resnet18(10, 8, seed=1), oat_resnet18(10, 8, seed=2)
+    assert not torch.equal(a.encoding.codes, b.encoding.codes)
+    b.load_state_dict(a.state_dict())  # the matrix travels in the state dict
+    assert torch.equal(a.encoding.codes, b.encoding.codes)
+
+
+# --- routing and conditioning -------------------------------------------------------------
+
+def test_dual_bn_routed_by_lambda():
+    m = oat_resnet18(10, 8).train()
+    m(torch.rand(6, 3, 8, 8), torch.zeros(6))
+    assert m.bn1.num_batches_tracked.tolist() == [1, 0]
+    m(torch.rand(6, 3, 8, 8), torch.tensor([0.1, 0.2, 1.0, 0.3, 0.4, 1.0]))
+    assert m.bn1.num_batches_tracked.tolist() == [1, 1]
+    routes = []
+    m.bn1.register_forward_pre_hook(lambda mod, i: routes.append(mod._routing))
+    m(torch.rand(3, 3, 8, 8), torch.tensor([0.0, 0.5, 0.0]))
+    assert routes[-1][1].tolist() == [0, 1, 0]
+    m(torch.rand(3, 3, 8, 8), 0.0)
+    assert routes[-1] == ("branch", 0)
+    single = oat_resnet18(10, 8, dual_bn=False)
+    assert single.bn1.num_branches == 1
+    single(torch.rand(3, 3, 8, 8), torch.tensor([0.0, 0.5, 1.0]))
+
+
+def test_film_computed_once_per_condition():
+    """An attack inside `conditioned` runs the FiLM MLPs once, not in every PGD step."""
+    from fastrobust.attacks import PGD
+
+    m = oat_resnet18(10, 8)
+    calls = []
+    for f in m.modules():
+        if isinstance(f, FiLM):
+            f.mlp.register_forward_hook(lambda *a: calls.append(1))
+    lam = torch.tensor([0.1, 0.1, 1.0, 0.4])
+    with m.conditioned(lam, grad=False):
+        PGD(m, 0.1, 0.02, 5)(torch.rand(4, 3, 8, 8), torch.zeros(4, dtype=torch.long))
+    assert len(calls) == 16  # one MLP call per FiLM layer; the 5 steps reuse γ, β
+
+
+def test_per_sample_film_matches_one_at_a_time():
+    m = oat_resnet18(10, 8).eval()
+    with torch.no_grad():  # make FiLM do something
+        for f in m.modules():
+            if isinstance(f, FiLM):
+                f.mlp[2].weight.normal_(0, 0.1)
+    x = torch.rand(4, 3, 8, 8)
+    lam = torch.tensor([0.0, 0.1, 0.7, 1.0])
+    with torch.no_grad():
+        together = m(x, lam)
+        alone = torch.cat([m(x[i:i + 1], float(lam[i])) for i in range(4)])
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+    assert (together[0] - together[1]).abs().max() > 1e-3
+
+
+# --- training -----------------------------------------------------------------------------
+
+def tiny_cfg(tmp_path, **kw):
+    base = dict(width=4, epochs=2, batch_size=32, lr=0.05, eps=0.2, alpha=0.05, steps=2,
+                out=str(tmp_path), max_train_batches=4, eval_steps=2)
+    return OATConfig(**{**base, **kw})
+
+
+def test_lambda_sampling():
+    g = torch.Generator().manual_seed(0)
+    lam = sample_lambdas(6000, OATConfig(), g)
+    assert set(lam.tolist()) == set(torch.tensor(S1).tolist())
+    assert abs((lam == 0).float().mean() - 1 / 6) < 0.02
+    cont = sample_lambdas(6000, OATConfig(continuous=True), g)
+    assert (cont == 0).any() and len(set(cont.tolist())) > 4000
+
+
+def test_steps_decrease_the_loss(tmp_path):
+    tr = OATTrainer(tiny_cfg(tmp_path, lr=0.02), progress=False)
+    x, y = tr.data.train.x[:64], tr.data.train.y[:64]
+    lam = sample_lambdas(64, tr.cfg, torch.Generator().manual_seed(0))
+    first = float(tr.step(x, y, lam))
+    for _ in range(15):
+        last = float(tr.step(x, y, lam))
+    assert last < 0.7 * first
+
+
+def test_adversarial_loss_only_for_nonzero_lambda(tmp_path):
+    """λ = 0 everywhere: no attack is run and the loss is the clean cross-entropy."""
+    tr = OATTrainer(tiny_cfg(tmp_path), progress=False)
+    x, y = tr.data.train.x[:16], tr.data.train.y[:16]
+    ran = []
+    tr.attack.model.register_forward_pre_hook(lambda m, i: ran.append(m.training))
+    loss = oat_loss(tr.model, tr.attack, x, y, torch.zeros(16))
+    assert ran == [True]  # one forward, in train mode; no attack (those run in eval)
+    with tr.model.conditioned(torch.zeros(16)):
+        want = nn.functional.cross_entropy(tr.model(x), y)
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+
+
+def test_resume_is_exact(tmp_path):
+    full = OATTrainer(tiny_cfg(tmp_path / "full"), progress=False)
+    full.fit(log=lambda *a: None)
+    part = OATTrainer(tiny_cfg(tmp_path / "part", epochs=2), progress=False)
+    part.cfg.epochs = 1  # stop after one epoch, as if interrupted
+    part.fit(log=lambda *a: None)
+    resumed = OATTrainer(tiny_cfg(tmp_path / "part"), resume=True, progress=False)
+    assert resumed.epoch == 1
+    resumed.fit(log=lambda *a: None)
+    assert [h["losses"] for h in resumed.history] == [h["losses"] for h in full.history]
+    for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path):
+    tr = OATTrainer(tiny_cfg(tmp_path, epochs=3), progress=False)
+    tr.cfg.epochs = 1
+    tr.fit(log=lambda *a: None)
+    tr.cfg.epochs = 3
+    for g in tr.opt.param_groups:
+        g["lr"] = 1e30  # diverges at once
+    with pytest.raises(TrainingDiverged, match="last good checkpoint"):
+        tr.fit(log=lambda *a: None)
+    ck = load_checkpoint(str(tmp_path / "last.pt"))
+    assert ck["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+
+
+def test_cli_train_and_eval(tmp_path, capsys):
+    from fastrobust.cli import main
+
+    out = str(tmp_path / "run")
+    assert main(["train", "oat", "--width", "4", "--epochs", "1", "--batch-size", "64",
+                 "--steps", "1", "--eval-steps", "1", "--eps", "0.2", "--out", out,
+                 "--lambdas", "0", "0.5", "1"]) == 0
+    assert main(["eval", f"{out}/last.pt", "--lambdas", "0", "1", "--steps", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "SA %" in text and "results.json" in text
+    import json
+    res = json.load(open(f"{out}/results.json"))
+    assert [r["lambda"] for r in res["sweep"][""]] == [0, 1]
+    assert (tmp_path / "run" / "tradeoff.png").stat().st_size > 10_000
+
+
+# --- the paper's phenomena at small scale -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """OAT with dual BN and with one shared BN, same budget, on the digits data."""
+    out = {}
+    for dual in (True, False):
+        # ε 0.375 on the [0, 1] digits: large enough that clean and adversarial features
+        # differ as on CIFAR at 8/255 (a shared BN then loses clean accuracy)
+        cfg = OATConfig(width=16, epochs=15, batch_size=64, lr=0.05, eps=0.375, alpha=0.15625,
+                        steps=3,
+                        dual_bn=dual, eval_steps=5,
+                        out=str(tmp_path_factory.mktemp("dual" if dual else "single")))
+        tr = OATTrainer(cfg, progress=False)
+        tr.fit(log=lambda *a: None)
+        out[dual] = {r["lambda"]: r for r in sweep(tr.model.eval(), tr.data.test, cfg,
+                                                   lambdas=[0.0, 0.2, 1.0], progress=False)}
+    return out
+
+
+@pytest.mark.slow
+def test_tradeoff_follows_lambda(trained):
+    rows = trained[True]
+    assert rows[0.0]["SA"] > rows[1.0]["SA"]
+    assert rows[1.0]["RA"] > rows[0.0]["RA"]
+
+
+@pytest.mark.slow
+def test_dual_bn_keeps_clean_accuracy(trained):
+    assert trained[True][0.0]["SA"] > trained[False][0.0]["SA"]
+    assert math.isfinite(trained[False][1.0]["RA"])
+
+
+def test_fused_step_matches_the_oat_repository_form():
+    """Same weights, same batch (sorted λ = 0 first), same random start: the fused OAT loss
+    and the OAT repository's eager form agree within fp32 tolerance, and so do the
+    gradients."""
+    import copy
+
+    from fastrobust import functional as FF
+    from fastrobust.attacks import PGD
+    from fastrobust.baselines import eager_oat_loss
+
+    torch.manual_seed(0)
+    fused = oat_resnet18(10, 8, in_channels=1).train()
+    with torch.no_grad():
+        for f in fused.modules():
+            if isinstance(f, FiLM):
+                f.mlp[2].weight.normal_(0, 0.05)
+    eager = copy.deepcopy(fused)
+    x, y = torch.rand(24, 1, 8, 8), torch.randint(0, 10, (24,))
+    lam = torch.tensor([0.0] * 6 + [0.1, 0.2, 0.3, 0.4, 1.0, 1.0] * 3)
+    eps, alpha = 0.2, 0.05
+    start = FF.pgd_init(x[6:], eps, generator=torch.Generator().manual_seed(5))
+    atk = PGD(fused, eps, alpha, 3, generator=torch.Generator().manual_seed(5))
+    loss_f = oat_loss(fused, atk, x, y, lam)
+    loss_e = eager_oat_loss(eager, x, y, lam, eps, alpha, 3, start)
+    torch.testing.assert_close(loss_f, loss_e, rtol=2e-5, atol=1e-6)
+    loss_f.backward()
+    loss_e.backward()
+    for (name, a), b in zip(fused.named_parameters(), eager.parameters()):
+        # fp32 sums in another order (fused vs sliced BNs) through ~20 layers: compared
+        # relative to each gradient's largest entry (measured: at most 1.5e-5)
+        err = (a.grad - b.grad).abs().max() / b.grad.abs().max().clamp_min(1e-12)
+        assert err < 1e-4, (name, float(err))
+    for (name, a), b in zip(fused.named_buffers(), eager.buffers()):
+        if a.is_floating_point() and "running" in name:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+# --- OATS ---------------------------------------------------------------------------------
+
+def test_oats_width_switching():
+    from fastrobust.models import oats_resnet18
+    from fastrobust.models.oat import SwitchableBN
+
+    m = oats_resnet18(10, 8, in_channels=1).train()
+    assert nparams(m) > nparams(oat_resnet18(10, 8, in_channels=1))  # BNs per width
+    x, lam = torch.rand(6, 1, 8, 8), torch.tensor([0.0, 0.1, 0.2, 0.3, 0.4, 1.0])
+    outs = {}
+    for w in (0.5, 0.75, 1.0):
+        with m.at_width(w):
+            feats = []
+            h = m.conv1.register_forward_hook(lambda mod, i, o: feats.append(o.shape[1]))
+            outs[w] = m(x, lam)
+            h.remove()
+        assert feats == [round(8 * w)] and outs[w].shape == (6, 10)
+    assert not torch.allclose(outs[0.5], outs[1.0])
+    sbn = m.bn1
+    assert isinstance(sbn, SwitchableBN)
+    assert [b.num_batches_tracked.tolist() for b in sbn.bns] == [[1, 1]] * 3
+    with m.at_width(0.5):
+        m(x, torch.zeros(6))
+    assert [b.num_batches_tracked.tolist() for b in sbn.bns] == [[2, 1], [1, 1], [1, 1]]
+    assert m.width_mult == 1.0  # restored
+    with pytest.raises(ValueError, match="not one of"):
+        with m.at_width(0.6):
+            pass
+
+
+def test_oats_accumulates_gradients_over_widths(tmp_path):
+    """With lr 0 the parameters stay put and .grad keeps the step's accumulated gradient: it is
+    the sum of each width's gradient (eps 0: no randomness in the attack)."""
+    cfg = tiny_cfg(tmp_path, widths=(0.5, 1.0), lr=0.0, momentum=0.0, weight_decay=0.0,
+                   eps=0.0, alpha=0.0, steps=1)
+    tr = OATTrainer(cfg, progress=False)
+    x, y = tr.data.train.x[:16], tr.data.train.y[:16]
+    lam = torch.tensor([0.0, 0.1, 0.2, 1.0] * 4)
+    state = {k: v.clone() for k, v in tr.model.state_dict().items()}
+    tr.step(x, y, lam)
+    accumulated = {n: p.grad.clone() for n, p in tr.model.named_parameters()
+                   if p.grad is not None}
+    want = {}
+    for w in (0.5, 1.0):
+        tr.model.load_state_dict(state)  # the same BN statistics as in the step
+        tr.model.zero_grad(set_to_none=True)
+        with tr.model.at_width(w):
+            oat_loss(tr.model, tr.attack, x, y, lam).backward()
+        for n, p in tr.model.named_parameters():
+            if p.grad is not None:
+                want[n] = want.get(n, 0) + p.grad
+    assert accumulated.keys() == want.keys()
+    for n in want:
+        torch.testing.assert_close(accumulated[n], want[n], rtol=1e-5, atol=1e-7, msg=n)
+    # the second half of conv1's filters is trained only by the full width
+    w_half = tr.model.conv1.weight.shape[0] // 2
+    assert accumulated["conv1.weight"][w_half:].abs().sum() > 0
+
+
+def test_oats_calibration_touches_only_its_width(tmp_path):
+    from fastrobust.trainers.oat import calibrate
+
+    cfg = tiny_cfg(tmp_path, widths=(0.5, 1.0))
+    tr = OATTrainer(cfg, progress=False)
+    tr.fit(log=lambda *a: None)
+    bns = tr.model.bn1.bns
+    before = [b.running_mean.clone() for b in bns]
+    calibrate(tr.model, tr.data.train, cfg, width=0.5, batches=3, batch_size=32)
+    assert not torch.equal(bns[0].running_mean, before[0])
+    assert torch.equal(bns[1].running_mean, before[1])
+    # cumulative average over the calibration batches: 3 clean passes (both branches, λ
+    # sampled) + 3 adversarial passes (the adversarial branch)
+    assert bns[0].num_batches_tracked.tolist() == [3, 6]
+    assert bns[0].momentum == tr.model.bn1.bns[1].momentum == 0.1
+
+
+def test_cli_train_oats(tmp_path):
+    import json
+
+    from fastrobust.cli import main
+
+    out = str(tmp_path / "oats")
+    assert main(["train", "oats", "--width", "4", "--epochs", "1", "--batch-size", "128",
+                 "--steps", "1", "--eval-steps", "1", "--eps", "0.2", "--out", out,
+                 "--widths", "0.5", "1.0", "--lambdas", "0", "1"]) == 0
+    res = json.load(open(f"{out}/results.json"))
+    assert set(res["sweep"]) == {"width 0.5", "width 1"}
