@@ -259,10 +259,8 @@ class _BNFunction(torch.autograd.Function):
         x, route, weight, bias, mean, invstd, planes, scale, gamma, beta = ctx.saved_tensors
         ng = ctx.needs_input_grad
         flags = (ng[0], ctx.mixed and ng[1], ng[2], ng[3], ng[7], ng[8], ng[9])
-        grads = ctx.impl.bn_backward(
-            dy.contiguous() if not dy.is_contiguous() and not dy.is_contiguous(
-                memory_format=torch.channels_last) else dy,
-            x, None if ctx.mixed else route, route if ctx.mixed else None, weight, bias, mean,
+        grads = ctx.impl.bn_backward(  # every backend takes dy in any layout, as the op does
+            dy, x, None if ctx.mixed else route, route if ctx.mixed else None, weight, bias, mean,
             invstd, planes if ctx.mixed else x.new_empty(0), scale, gamma, beta, ctx.K,
             ctx.batch_stats, ctx.relu, flags)
         out = [g.to(dt) if f and g is not None else None

@@ -244,14 +244,10 @@ def pgd_step(x_adv: Tensor, grad: Tensor, x_nat: Tensor, eps, alpha, norm: str =
         a = x_adv + α·sign(g);  δ = clamp(a − x_nat, −ε, ε);  clamp(x_nat + δ, lo, hi)
     l2:  a = x_adv + α·g/max(‖g_n‖, 1e-12);  δ = a − x_nat;  δ·min(1, ε/‖δ_n‖);  clamp(x_nat + δ)
     (‖δ_n‖ = 0 keeps δ, so ε = 0 leaves a sample at x_nat without a 0/0)."""
+    if norm == "linf":  # the raw step with sign(g) as its direction
+        return pgd_step_raw(x_adv, grad.sign(), x_nat, eps, alpha, clip_min, clip_max)
     e, a_ = _strength_view(eps, x_adv), _strength_view(alpha, x_adv)
-    if norm == "linf":
-        a = x_adv + a_ * grad.sign()
-        if isinstance(e, Tensor):
-            delta = torch.minimum(torch.maximum(a - x_nat, -e), e)
-        else:
-            delta = torch.clamp(a - x_nat, min=-e, max=e)
-    elif norm == "l2":
+    if norm == "l2":
         step = (grad.to(acc_dtype(grad)) / _sample_norm(grad).clamp_min(1e-12)).to(x_adv.dtype)
         delta = x_adv + a_ * step - x_nat
         dn = _sample_norm(delta)
@@ -294,8 +290,7 @@ def pgd_step_raw(x_adv: Tensor, direction: Tensor, x_nat: Tensor, eps, alpha,
     direction = U(−1, 1) noise, alpha = eps)."""
     e, a_ = _strength_view(eps, x_adv), _strength_view(alpha, x_adv)
     a = x_adv + a_ * direction
-    lo = -e
-    delta = torch.minimum(torch.maximum(a - x_nat, lo), e) if isinstance(e, Tensor) \
+    delta = torch.minimum(torch.maximum(a - x_nat, -e), e) if isinstance(e, Tensor) \
         else torch.clamp(a - x_nat, min=-e, max=e)
     return torch.clamp(x_nat + delta, min=clip_min, max=clip_max)
 
