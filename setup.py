@@ -30,7 +30,7 @@ def _extensions():
              "install torch first and build with --no-build-isolation")
         return [], {}
 
-    cpu_sources = sorted(glob.glob("csrc/cpu/*.cpp")) + ["csrc/ops.cpp"]
+    cpu_sources = sorted(glob.glob("csrc/cpu/*.cpp")) + ["csrc/autograd.cpp", "csrc/ops.cpp"]
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
     cxx = ["-O3", "-std=c++17", "-fopenmp", "-fopenmp-simd"]
     # OpenMP: ATen's parallel_for is header code that only runs in parallel under -fopenmp;

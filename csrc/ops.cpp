@@ -3,6 +3,7 @@
 // are defined in fastrobust/_ops.py, which dispatches here through fastrobust/backends.py.
 #include <torch/extension.h>
 
+#include "autograd.h"
 #include "cpu/multi_bn.h"
 #include "cpu/pgd.h"
 #ifdef FASTROBUST_WITH_CUDA
@@ -15,6 +16,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "routed (branch) or mixed (mix) batch norm forward with fused extras (CPU)");
   m.def("bn_backward", &fastrobust::cpu::bn_backward,
         "routed or mixed batch norm backward (CPU)");
+  m.def("bn_autograd", &fastrobust::bn_autograd,
+        "routed or mixed batch norm with its autograd node in C++ (eager calls; running "
+        "stats updated in place)");
   m.def("film_forward", &fastrobust::cpu::film_forward, "FiLM y = gamma*x + beta (CPU)");
   m.def("film_backward", &fastrobust::cpu::film_backward, "FiLM backward (CPU)");
   m.def("pgd_update", &fastrobust::cpu::pgd_update,

@@ -230,15 +230,13 @@ def fast_path_ok(*tensors) -> bool:
 
 
 class _BNFunction(torch.autograd.Function):
-    """multi_bn_fwd / mixed_bn_fwd and their backward, without the custom-op layers."""
+    """multi_bn_fwd / mixed_bn_fwd and their backward, without the custom-op layers (for a
+    backend whose kernels have no C++ autograd node: Triton, eager)."""
 
     @staticmethod
-    def forward(ctx, x, route, weight, bias, running_mean, running_var, num_batches_tracked,
-                input_scale, film_gamma, film_beta, K, training, momentum, cumulative, eps,
-                relu, mixed):
-        op = "mixed_bn" if mixed else "multi_bn"
-        impl = _impl(op, x, *((route,) if mixed else ()), weight, bias, running_mean,
-                     running_var, input_scale, film_gamma, film_beta)
+    def forward(ctx, impl, x, route, weight, bias, running_mean, running_var,
+                num_batches_tracked, input_scale, film_gamma, film_beta, K, training, momentum,
+                cumulative, eps, relu, mixed):
         out = impl.bn_forward(x, None if mixed else route, route if mixed else None, weight,
                               bias, running_mean, running_var, num_batches_tracked,
                               input_scale, film_gamma, film_beta, K, training, momentum,
@@ -257,7 +255,7 @@ class _BNFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, *_):
         x, route, weight, bias, mean, invstd, planes, scale, gamma, beta = ctx.saved_tensors
-        ng = ctx.needs_input_grad
+        ng = ctx.needs_input_grad[1:]  # [0] is the backend
         flags = (ng[0], ctx.mixed and ng[1], ng[2], ng[3], ng[7], ng[8], ng[9])
         grads = ctx.impl.bn_backward(  # every backend takes dy in any layout, as the op does
             dy, x, None if ctx.mixed else route, route if ctx.mixed else None, weight, bias, mean,
@@ -266,24 +264,42 @@ class _BNFunction(torch.autograd.Function):
         out = [g.to(dt) if f and g is not None else None
                for g, f, dt in zip(grads, flags, ctx.dtypes)]
         dx, dmix, dw, db, ds, dg, dbe = out
-        return (dx, dmix, dw, db, None, None, None, ds, dg, dbe) + (None,) * 7
+        return (None, dx, dmix, dw, db, None, None, None, ds, dg, dbe) + (None,) * 7
 
 
-def bn_forward(x, route, weight, bias, running_mean, running_var, num_batches_tracked,
+def _store_running(training, running_mean, running_var, num_batches_tracked, new):
+    if training and running_mean is not None:
+        with torch.no_grad():
+            running_mean.copy_(new[0])
+            running_var.copy_(new[1])
+            if num_batches_tracked is not None:
+                num_batches_tracked.copy_(new[2])
+
+
+def batch_norm(x, route, weight, bias, running_mean, running_var, num_batches_tracked,
                input_scale, film_gamma, film_beta, K, training, momentum, cumulative, eps,
-               relu, mixed):
-    """(y, mean, invstd, new_running_mean, new_running_var, new_num_batches_tracked) of the
-    routed (mixed=False, route = branch) or mixed (route = mix) op, through the fast path
-    when it applies, else the registered op."""
+               relu, mixed) -> Tensor:
+    """y of the routed (mixed=False, route = branch) or mixed (route = mix) op; in training
+    the running stats are updated in place. Eager calls served by the C++ kernels take their
+    C++ autograd node (`fastrobust._C.bn_autograd`), other eager calls a Python
+    autograd.Function over the backend's kernels; traced calls (torch.compile) and calls with
+    tensor subclasses or modes the registered ops."""
     tensors = (x, route, weight, bias, running_mean, running_var, num_batches_tracked,
                input_scale, film_gamma, film_beta)
+    scalars = (K, training, momentum, cumulative, eps, relu, mixed)
     if fast_path_ok(*tensors):
-        return _BNFunction.apply(*tensors, K, training, momentum, cumulative, eps, relu, mixed)
-    if mixed:
-        return torch.ops.fastrobust.mixed_bn_fwd(*tensors, training, momentum, cumulative, eps,
-                                                 relu)[:6]
-    return torch.ops.fastrobust.multi_bn_fwd(*tensors, K, training, momentum, cumulative, eps,
-                                             relu)
+        impl = _impl("mixed_bn" if mixed else "multi_bn", x, *((route,) if mixed else ()),
+                     weight, bias, running_mean, running_var, input_scale, film_gamma, film_beta)
+        node = getattr(impl, "bn_autograd", None)
+        if node is not None:
+            return node(*tensors, *scalars)  # updates the running stats itself
+        y, _, _, *new = _BNFunction.apply(impl, *tensors, *scalars)
+    elif mixed:
+        y, _, _, *new = torch.ops.fastrobust.mixed_bn_fwd(*tensors, *scalars[1:6])[:6]
+    else:
+        y, _, _, *new = torch.ops.fastrobust.multi_bn_fwd(*tensors, *scalars[:6])
+    _store_running(training, running_mean, running_var, num_batches_tracked, new)
+    return y
 
 
 # --- film: per-sample affine; also channel_scale and scale_filters --------------------------

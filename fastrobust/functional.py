@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _ops  # registers torch.ops.fastrobust.*; bn_forward picks the eager fast path
+from . import _ops  # registers torch.ops.fastrobust.*; batch_norm picks the eager path
 from .reference import acc_dtype
 
 __all__ = ["multi_batch_norm", "mixed_batch_norm", "film", "channel_scale", "scale_filters",
@@ -76,15 +76,6 @@ def _check_bn_args(op, x, K, weight, bias, running_mean, running_var, momentum,
         raise ValueError(f"{op}: activation must be None or 'relu', got {activation!r}")
 
 
-def _store_running(training, running_mean, running_var, num_batches_tracked, new):
-    if training and running_mean is not None:
-        with torch.no_grad():
-            running_mean.copy_(new[0])
-            running_var.copy_(new[1])
-            if num_batches_tracked is not None:
-                num_batches_tracked.copy_(new[2])
-
-
 def multi_batch_norm(x: Tensor, branch: Tensor, weight: Tensor | None = None,
                      bias: Tensor | None = None, running_mean: Tensor | None = None,
                      running_var: Tensor | None = None, *, training: bool = False,
@@ -141,12 +132,10 @@ def multi_batch_norm(x: Tensor, branch: Tensor, weight: Tensor | None = None,
     extras = [_per_sample_arg(op, n, t, x) for n, t in (
         ("input_scale", input_scale), ("film_gamma", film_gamma), ("film_beta", film_beta))]
     cumulative = momentum is None
-    y, _, _, *new = _ops.bn_forward(
+    return _ops.batch_norm(
         x, branch.long(), weight, bias, running_mean, running_var, num_batches_tracked, *extras,
         K, training, 0.0 if cumulative else float(momentum), cumulative, float(eps),
         activation == "relu", False)
-    _store_running(training, running_mean, running_var, num_batches_tracked, new)
-    return y
 
 
 def mixed_batch_norm(x: Tensor, mix: Tensor, weight: Tensor | None = None,
@@ -193,12 +182,10 @@ def mixed_batch_norm(x: Tensor, mix: Tensor, weight: Tensor | None = None,
     extras = [_per_sample_arg(op, n, t, x) for n, t in (
         ("input_scale", input_scale), ("film_gamma", film_gamma), ("film_beta", film_beta))]
     cumulative = momentum is None
-    y, _, _, *new = _ops.bn_forward(
+    return _ops.batch_norm(
         x, mix, weight, bias, running_mean, running_var, num_batches_tracked, *extras,
         K, training, 0.0 if cumulative else float(momentum), cumulative, float(eps),
         activation == "relu", True)
-    _store_running(training, running_mean, running_var, num_batches_tracked, new)
-    return y
 
 
 def film(x: Tensor, gamma: Tensor | None = None, beta: Tensor | None = None) -> Tensor:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as TF
 from hypothesis import given, settings, strategies as st
 
-from fastrobust import functional as F, reference
+from fastrobust import backends, functional as F, reference
 
 # fp32: reductions over up to ~10^3 values in a different order than the reference
 # (≈ sqrt(n)·2^-24 relative); fp64 the same at 2^-53.
@@ -367,3 +367,58 @@ def test_random_shapes_match_reference(N, C, spatial, K, channels_last, data):
     gy = torch.randn_like(x)
     for g, g_ref in zip(_grads(y, (x, w), gy), _grads(y_ref, (x, w), gy)):
         torch.testing.assert_close(g, g_ref, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("extras", [False, True], ids=["plain", "scale_film_relu"])
+@pytest.mark.parametrize("mixed", [False, True], ids=["routed", "mixed"])
+def test_cpp_autograd_node_matches_registered_op(monkeypatch, mixed, extras, training):
+    """Eager calls served by the C++ kernels take the C++ autograd node (fastrobust._C
+    .bn_autograd): it must give bitwise what the registered op path gives (same kernels):
+    output, every gradient, a gradient asked for alone, running stats and counters."""
+    if backends.not_supported_reasons("cpu", "multi_bn", "cpu", (torch.empty(0),)):
+        pytest.skip("the C++ kernels are not built")
+    N, C, K = 6, 3, 3
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randn(N, C, 4, 3, generator=g, dtype=torch.float64) * 2 + 1
+    route = (torch.rand(N, K, generator=g, dtype=torch.float64) if mixed
+             else torch.tensor([0, 2, 2, 0, 2, 0]))
+    params = [torch.randn(K, C, generator=g, dtype=torch.float64) for _ in range(2)]
+    ext = [torch.rand(N, C, generator=g, dtype=torch.float64) + 0.5 for _ in range(3)]
+    dy = torch.randn(N, C, 4, 3, generator=g, dtype=torch.float64)
+    rm0 = torch.randn(K, C, generator=g, dtype=torch.float64)
+    rv0 = torch.rand(K, C, generator=g, dtype=torch.float64) + 0.5
+
+    def run(custom_op_path):
+        if custom_op_path:
+            monkeypatch.setenv("FASTROBUST_CUSTOM_OP_PATH", "1")
+        else:
+            monkeypatch.delenv("FASTROBUST_CUSTOM_OP_PATH", raising=False)
+        leaves = [t.clone().requires_grad_() for t in [x0] + params + (ext if extras else [])]
+        r = route.clone().requires_grad_() if mixed else route
+        rm, rv, nbt = rm0.clone(), rv0.clone(), torch.zeros(K, dtype=torch.long)
+        kw = dict(training=training, momentum=None, num_batches_tracked=nbt)
+        if extras:
+            kw.update(input_scale=leaves[3], film_gamma=leaves[4], film_beta=leaves[5],
+                      activation="relu")
+        fn = F.mixed_batch_norm if mixed else F.multi_batch_norm
+        with backends.use("cpu"):
+            version = rm._version
+            y = fn(leaves[0], r, leaves[1], leaves[2], rm, rv, **kw)
+            grads = torch.autograd.grad(y, leaves + ([r] if mixed else []), dy,
+                                        retain_graph=True)
+            alone = torch.autograd.grad(y, leaves[0], dy)[0]
+        node = y.grad_fn.name()
+        return y, grads, alone, (rm, rv, nbt), rm._version > version, node
+
+    y_a, grads_a, alone_a, run_a, bumped_a, node_a = run(False)
+    y_b, grads_b, alone_b, run_b, bumped_b, node_b = run(True)
+    assert "CppNode" in node_a and "BNFunction" in node_a, node_a  # the C++ node ran
+    assert "CppNode" not in node_b, node_b  # the registered op's autograd ran
+    assert torch.equal(y_a, y_b)
+    for ga, gb in zip(grads_a, grads_b):
+        assert torch.equal(ga, gb)
+    assert torch.equal(alone_a, grads_a[0]) and torch.equal(alone_b, grads_b[0])
+    for ta, tb in zip(run_a, run_b):
+        assert torch.equal(ta, tb)
+    assert bumped_a == bumped_b == training

@@ -384,8 +384,32 @@ void branch_stats(const Route& rt, const View& v, const PlaneValues<T>& pv, cons
     for (int64_t c = 0; c < C; ++c) var[k * C + c] /= nonzero(rt.total[k] * S);
 }
 
-// a = w·r, d = b - μ·a per (k, c); Ap, Dp per plane (z = Ap·u + Dp); A, D per plane in T
-// (f = A·x + D): the same code in forward and backward, so the ReLU mask is recomputed exactly.
+// out[0..C) = Σ_e w_e·t[k_e, 0..C) over sample n's routing entries (t: [K, C]). A sample
+// with one entry (every routed sample) is a copy or one product: the same value the sum from
+// zero gives, without the pass that zeroes `out`.
+inline void mix_row(const Route& rt, int64_t n, const double* t, int64_t C, double* out) {
+  const int64_t e0 = rt.start[n], e1 = rt.start[n + 1];
+  if (e1 - e0 == 1) {
+    const double w = rt.w[e0];
+    const double* tk = t + rt.k[e0] * C;
+    if (w == 1.0) {
+      std::copy(tk, tk + C, out);
+    } else {
+      for (int64_t c = 0; c < C; ++c) out[c] = w * tk[c];
+    }
+    return;
+  }
+  std::fill(out, out + C, 0.0);
+  for (int64_t e_ = e0; e_ < e1; ++e_) {
+    const double w = rt.w[e_];
+    const double* tk = t + rt.k[e_] * C;
+    for (int64_t c = 0; c < C; ++c) out[c] += w * tk[c];
+  }
+}
+
+// a = w·r, d = b - μ·a per (k, c); Ap, Dp per plane (z = Ap·u + Dp; kept only when asked
+// for); A, D per plane in T (f = A·x + D): the same code in forward and backward, so the ReLU
+// mask is recomputed exactly.
 template <typename T>
 struct Coefficients {
   std::vector<double> a, d, Ap, Dp;
@@ -394,7 +418,8 @@ struct Coefficients {
 
 template <typename T>
 Coefficients<T> coefficients(const Route& rt, const View& v, const Params<T>& p,
-                             const Extras<T>& e, const T* mean, const T* invstd) {
+                             const Extras<T>& e, const T* mean, const T* invstd,
+                             bool keep_planes) {
   const int64_t C = v.C, K = rt.K, NC = v.N * C;
   Coefficients<T> co;
   co.a.resize(K * C);
@@ -403,23 +428,32 @@ Coefficients<T> coefficients(const Route& rt, const View& v, const Params<T>& p,
     co.a[i] = p.w(i) * double(invstd[i]);
     co.d[i] = p.b(i) - double(mean[i]) * co.a[i];
   }
-  co.Ap.assign(NC, 0.0);
-  co.Dp.assign(NC, 0.0);
-  for (int64_t n = 0; n < v.N; ++n)
-    for (int64_t e_ = rt.start[n]; e_ < rt.start[n + 1]; ++e_) {
-      const double w = rt.w[e_];
-      const double* ak = &co.a[rt.k[e_] * C];
-      const double* dk = &co.d[rt.k[e_] * C];
-      for (int64_t c = 0; c < C; ++c) {
-        co.Ap[n * C + c] += w * ak[c];
-        co.Dp[n * C + c] += w * dk[c];
-      }
-    }
+  std::vector<double> row_a, row_d;
+  if (keep_planes) {
+    co.Ap.resize(NC);
+    co.Dp.resize(NC);
+  } else {
+    row_a.resize(C);
+    row_d.resize(C);
+  }
   co.A.resize(NC);
   co.D.resize(NC);
-  for (int64_t i = 0; i < NC; ++i) {
-    co.A[i] = T(co.Ap[i] * e.s(i) * e.g(i));
-    co.D[i] = T(co.Dp[i] * e.g(i) + e.b(i));
+  for (int64_t n = 0; n < v.N; ++n) {
+    const int64_t o = n * C;
+    double* ap = keep_planes ? &co.Ap[o] : row_a.data();
+    double* dp = keep_planes ? &co.Dp[o] : row_d.data();
+    mix_row(rt, n, co.a.data(), C, ap);
+    mix_row(rt, n, co.d.data(), C, dp);
+    T* A = &co.A[o];
+    T* D = &co.D[o];
+    const T* sp = e.scale ? e.scale + o : nullptr;
+    const T* gp = e.gamma ? e.gamma + o : nullptr;
+    const T* bp = e.beta ? e.beta + o : nullptr;
+    for (int64_t c = 0; c < C; ++c) {
+      const double s = sp ? double(sp[c]) : 1.0, g = gp ? double(gp[c]) : 1.0;
+      A[c] = T(ap[c] * s * g);
+      D[c] = T(dp[c] * g + (bp ? double(bp[c]) : 0.0));
+    }
   }
   return co;
 }
@@ -469,14 +503,15 @@ Route make_route(const OptTensor& branch, const OptTensor& mix, int64_t K, bool 
 
 // --- the BN family ----------------------------------------------------------------------------
 
-std::vector<at::Tensor> bn_forward(const at::Tensor& x_in, const OptTensor& branch,
+std::vector<at::Tensor> bn_forward_impl(const at::Tensor& x_in, const OptTensor& branch,
                                    const OptTensor& mix, const OptTensor& weight,
                                    const OptTensor& bias, const OptTensor& running_mean,
                                    const OptTensor& running_var,
                                    const OptTensor& num_batches_tracked,
                                    const OptTensor& input_scale, const OptTensor& film_gamma,
                                    const OptTensor& film_beta, int64_t K, bool training,
-                                   double momentum, bool cumulative, double eps, bool relu) {
+                                   double momentum, bool cumulative, double eps, bool relu,
+                                        bool running_in_place) {
   const char* op = branch ? "multi_batch_norm" : "mixed_batch_norm";
   check_bn(x_in, branch, mix, weight, bias, input_scale, film_gamma, film_beta, K, op);
   const int64_t C = x_in.size(1);
@@ -496,14 +531,19 @@ std::vector<at::Tensor> bn_forward(const at::Tensor& x_in, const OptTensor& bran
   const View yv = as_view(y).second;
   auto mean_t = at::empty({K, C}, x.options());
   auto invstd_t = at::empty({K, C}, x.options());
-  at::Tensor new_rm = x.new_empty({0}), new_rv = x.new_empty({0});
-  at::Tensor new_nbt = at::empty({0}, x.options().dtype(at::kLong));
+  // The updated running stats: new tensors (the registered op is functional), or written into
+  // the buffers themselves for the C++ autograd path.
+  at::Tensor new_rm, new_rv, new_nbt;
   if (update) {
-    new_rm = running_mean->clone();
-    new_rv = running_var->clone();
-    if (num_batches_tracked) new_nbt = num_batches_tracked->clone();
+    new_rm = running_in_place ? *running_mean : running_mean->clone();
+    new_rv = running_in_place ? *running_var : running_var->clone();
+    if (num_batches_tracked) {
+      TORCH_CHECK(!running_in_place || num_batches_tracked->is_contiguous(), op,
+                  ": num_batches_tracked must be contiguous");
+      new_nbt = running_in_place ? *num_batches_tracked : num_batches_tracked->clone();
+    }
   }
-  at::Tensor planes = x.new_empty({0});
+  at::Tensor planes;
   if (mix && batch_stats) planes = at::empty({2, v.N, C}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_forward", [&] {
     using T = scalar_t;
@@ -514,7 +554,7 @@ std::vector<at::Tensor> bn_forward(const at::Tensor& x_in, const OptTensor& bran
     T* invstd = invstd_t.data_ptr<T>();
     if (batch_stats) {
       const auto pv = plane_moments<T>(v, walk<const T>(x, v));
-      if (planes.numel()) {
+      if (planes.defined()) {
         std::copy(pv.a.begin(), pv.a.end(), planes.data_ptr<T>());
         std::copy(pv.b.begin(), pv.b.end(), planes.data_ptr<T>() + v.N * C);
       }
@@ -522,7 +562,7 @@ std::vector<at::Tensor> bn_forward(const at::Tensor& x_in, const OptTensor& bran
       branch_stats(rt, v, pv, e, bm, bv);
       T* rm = update ? new_rm.data_ptr<T>() : nullptr;
       T* rv = update ? new_rv.data_ptr<T>() : nullptr;
-      int64_t* nbt = new_nbt.numel() ? new_nbt.data_ptr<int64_t>() : nullptr;
+      int64_t* nbt = new_nbt.defined() ? new_nbt.data_ptr<int64_t>() : nullptr;
       for (int64_t k = 0; k < K; ++k) {
         const double m = rt.total[k] * double(v.S);  // the (weighted) number of values
         const bool upd = update && m >= 2;
@@ -546,13 +586,31 @@ std::vector<at::Tensor> bn_forward(const at::Tensor& x_in, const OptTensor& bran
         invstd[i] = T(1.0 / std::sqrt(double(rv[i]) + eps));
       }
     }
-    const auto co = coefficients<T>(rt, v, p, e, mean, invstd);
+    const auto co = coefficients<T>(rt, v, p, e, mean, invstd, false);
     affine_pass<T>(v, walk<const T>(x, v), walk<T>(y, yv), co.A.data(), co.D.data(), relu);
   });
+  if (running_in_place) new_rm = new_rv = new_nbt = at::Tensor();
   return {y, mean_t, invstd_t, new_rm, new_rv, new_nbt, planes};
 }
 
-std::vector<at::Tensor> bn_backward(const at::Tensor& dy_in, const at::Tensor& x_in,
+std::vector<at::Tensor> bn_forward(const at::Tensor& x, const OptTensor& branch,
+                                   const OptTensor& mix, const OptTensor& weight,
+                                   const OptTensor& bias, const OptTensor& running_mean,
+                                   const OptTensor& running_var,
+                                   const OptTensor& num_batches_tracked,
+                                   const OptTensor& input_scale, const OptTensor& film_gamma,
+                                   const OptTensor& film_beta, int64_t K, bool training,
+                                   double momentum, bool cumulative, double eps, bool relu) {
+  auto out = bn_forward_impl(x, branch, mix, weight, bias, running_mean, running_var,
+                             num_batches_tracked, input_scale, film_gamma, film_beta, K,
+                             training, momentum, cumulative, eps, relu, false);
+  for (size_t i = 3; i < out.size(); ++i)  // fresh empties: outputs must not alias
+    if (!out[i].defined()) out[i] = x.new_empty({0}, i == 5 ? x.options().dtype(at::kLong)
+                                                           : x.options());
+  return out;
+}
+
+std::vector<at::Tensor> bn_backward_impl(const at::Tensor& dy_in, const at::Tensor& x_in,
                                     const OptTensor& branch, const OptTensor& mix,
                                     const OptTensor& weight, const OptTensor& bias,
                                     const at::Tensor& mean_in, const at::Tensor& invstd_in,
@@ -570,10 +628,7 @@ std::vector<at::Tensor> bn_backward(const at::Tensor& dy_in, const at::Tensor& x
   auto [dy, dyv] = match_layout(dy_in, x, v);
   auto mean_t = mean_in.contiguous(), invstd_t = invstd_in.contiguous();
   auto opts = x.options();
-  // Fresh empties: the op's outputs must not alias each other.
-  auto empty = [&] { return x.new_empty({0}); };
-  at::Tensor dx = empty(), dmix = empty(), dweight = empty(), dbias = empty(),
-             dscale = empty(), dgamma = empty(), dbeta = empty();
+  at::Tensor dx, dmix, dweight, dbias, dscale, dgamma, dbeta;  // undefined: not needed
   if (need_x || need_s) dx = empty_like_view(x, v);
   if (need_mix) dmix = at::empty({N, K}, opts);
   if (need_w) dweight = at::empty({K, C}, opts);
@@ -584,7 +639,7 @@ std::vector<at::Tensor> bn_backward(const at::Tensor& dy_in, const at::Tensor& x
   if (need_mix && batch_stats)
     TORCH_CHECK(planes_in.sizes() == at::IntArrayRef({2, N, C}), op,
                 ": the mix gradient in training needs the forward's plane moments [2, N, C]");
-  auto planes = planes_in.contiguous();
+  auto planes = (need_mix && batch_stats) ? planes_in.contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_backward", [&] {
     using T = scalar_t;
     const Route rt = make_route<T>(branch, mix, K, false);
@@ -592,16 +647,26 @@ std::vector<at::Tensor> bn_backward(const at::Tensor& dy_in, const at::Tensor& x
     const Params<T> p{ptr<T>(weight), ptr<T>(bias)};
     const T* mean = mean_t.data_ptr<T>();
     const T* invstd = invstd_t.data_ptr<T>();
-    const auto co = coefficients<T>(rt, v, p, e, mean, invstd);
     const int64_t NC = N * C;
+    const bool eval_dx_only = !batch_stats && !need_mix && !need_w && !need_b && !need_g &&
+                              !need_be;
+    // Ap, Dp per plane are needed by the FiLM gradient only.
+    const auto co = coefficients<T>(rt, v, p, e, mean, invstd, need_g);
+    const T* sp_all = e.scale;
+    const T* gp_all = e.gamma;
+    std::vector<double> row(C), row2(C), row3(C);
     // Running statistics and only the input gradient wanted (an attack's backward in eval
     // mode): ∂L/∂u = A_in·γ·g, no per-plane sums needed, one pass.
-    if (!batch_stats && !need_mix && !need_w && !need_b && !need_g && !need_be) {
+    if (eval_dx_only) {
       if (need_x || need_s) {
-        std::vector<T> P(NC), R(NC, T(0)), Sc(NC);
-        for (int64_t i = 0; i < NC; ++i) {
-          P[i] = T(co.Ap[i] * e.g(i));
-          Sc[i] = T(e.s(i));
+        std::vector<T> P(NC), R(NC, T(0)), Sc(NC, T(1));
+        for (int64_t n = 0; n < N; ++n) {
+          const int64_t o = n * C;
+          mix_row(rt, n, co.a.data(), C, row.data());  // Ap
+          for (int64_t c = 0; c < C; ++c)
+            P[o + c] = T(row[c] * (gp_all ? double(gp_all[o + c]) : 1.0));
+          if (sp_all)
+            for (int64_t c = 0; c < C; ++c) Sc[o + c] = sp_all[o + c];
         }
         backward_pass<T>(v, walk<const T>(dy, dyv), walk<const T>(x, v),
                          walk<T>(dx, as_view(dx).second), P.data(), nullptr, R.data(),
@@ -611,47 +676,61 @@ std::vector<at::Tensor> bn_backward(const at::Tensor& dy_in, const at::Tensor& x
       return;
     }
     // Centre of the Σg·x sums, in x's units: the plane's mixture of branch means.
+    std::vector<double> mean_d(mean, mean + K * C);
     std::vector<T> ctr(NC, T(0));
     for (int64_t n = 0; n < N; ++n) {
       double tot = 0;
-      std::vector<double> cu(C, 0.0);
-      for (int64_t e_ = rt.start[n]; e_ < rt.start[n + 1]; ++e_) {
-        tot += rt.w[e_];
-        const T* mk = mean + rt.k[e_] * C;
-        for (int64_t c = 0; c < C; ++c) cu[c] += rt.w[e_] * double(mk[c]);
-      }
-      for (int64_t c = 0; c < C; ++c) {
-        const double s = e.s(n * C + c), u = cu[c] / nonzero(tot);
-        ctr[n * C + c] = s != 0 ? T(u / s) : T(0);
+      for (int64_t e_ = rt.start[n]; e_ < rt.start[n + 1]; ++e_) tot += rt.w[e_];
+      mix_row(rt, n, mean_d.data(), C, row.data());
+      const double tz = nonzero(tot);
+      if (tz != 1.0)  // a routed sample's total is 1: u = the branch mean, no division
+        for (int64_t c = 0; c < C; ++c) row[c] /= tz;
+      T* cn = &ctr[n * C];
+      if (sp_all) {
+        const T* sn = sp_all + n * C;
+        for (int64_t c = 0; c < C; ++c) {
+          const double s = double(sn[c]);
+          cn[c] = s != 0 ? T(row[c] / s) : T(0);
+        }
+      } else {
+        for (int64_t c = 0; c < C; ++c) cn[c] = T(row[c]);
       }
     }
     const auto G = plane_grad_sums<T>(v, walk<const T>(dy, dyv), walk<const T>(x, v),
                                       ctr.data(), relu ? co.A.data() : nullptr,
                                       relu ? co.D.data() : nullptr);
-    // Per plane: Z1 = Σdz, Zu = Σdz·u (dz = γ·g), and the FiLM gradients.
-    std::vector<double> Z1(NC), Zu(NC);
+    // Per plane: Z1 = Σdz, Zu = Σdz·u (dz = γ·g), and the FiLM gradients; per branch:
+    // T1 = Σ M·dz (dbias), T2 = Σ M·dz·x̂ (dweight). Z1, Zu are kept per plane only for the
+    // mix gradient.
+    std::vector<double> Z1(need_mix ? NC : C), Zu(need_mix ? NC : C);
+    std::vector<double> T1(K * C, 0.0), T2(K * C, 0.0);
     T* dbeta_p = need_be ? dbeta.data_ptr<T>() : nullptr;
     T* dgamma_p = need_g ? dgamma.data_ptr<T>() : nullptr;
-    for (int64_t i = 0; i < NC; ++i) {
-      const double s = e.s(i), g = e.g(i), sG2 = s * double(G.b[i]), sc = s * double(ctr[i]);
-      const double G1 = double(G.a[i]);
-      Z1[i] = g * G1;
-      Zu[i] = g * sG2 + sc * Z1[i];
-      if (dbeta_p) dbeta_p[i] = T(G1);
-      if (dgamma_p) dgamma_p[i] = T(co.Ap[i] * (sG2 + sc * G1) + co.Dp[i] * G1);
-    }
-    // Per branch: T1 = Σ M·dz (dbias), T2 = Σ M·dz·x̂ (dweight).
-    std::vector<double> T1(K * C, 0.0), T2(K * C, 0.0);
-    for (int64_t n = 0; n < N; ++n)
+    for (int64_t n = 0; n < N; ++n) {
+      const int64_t o = n * C;
+      double* z1 = need_mix ? &Z1[o] : Z1.data();
+      double* zu = need_mix ? &Zu[o] : Zu.data();
+      for (int64_t c = 0; c < C; ++c) {
+        const int64_t i = o + c;
+        const double s = sp_all ? double(sp_all[i]) : 1.0;
+        const double g = gp_all ? double(gp_all[i]) : 1.0;
+        const double sG2 = s * double(G.b[i]), sc = s * double(ctr[i]);
+        const double G1 = double(G.a[i]);
+        z1[c] = g * G1;
+        zu[c] = g * sG2 + sc * z1[c];
+        if (dbeta_p) dbeta_p[i] = T(G1);
+        if (dgamma_p) dgamma_p[i] = T(co.Ap[i] * (sG2 + sc * G1) + co.Dp[i] * G1);
+      }
       for (int64_t e_ = rt.start[n]; e_ < rt.start[n + 1]; ++e_) {
         const double w = rt.w[e_];
         double* t1 = &T1[rt.k[e_] * C];
         double* tu = &T2[rt.k[e_] * C];
         for (int64_t c = 0; c < C; ++c) {
-          t1[c] += w * Z1[n * C + c];
-          tu[c] += w * Zu[n * C + c];
+          t1[c] += w * z1[c];
+          tu[c] += w * zu[c];
         }
       }
+    }
     // A branch whose batch statistics come from one value has x̂ ≡ 0, hence a constant output:
     // exactly zero dweight and input gradient, which the sums (scaled by r = 1/sqrt(eps))
     // would only reach up to rounding.
@@ -671,12 +750,10 @@ std::vector<at::Tensor> bn_backward(const at::Tensor& dy_in, const at::Tensor& x
     // ∂L/∂u = P·g + Q·x + R (Q carries the input scale), dx = s·∂L/∂u.
     if (need_x || need_s) {
       std::vector<T> P(NC), Q, R(NC, T(0)), Sc(NC);
-      std::vector<double> bq, dr, a_in;
-      std::vector<double> ps(co.Ap);  // Σ_k M·a_in per plane
+      std::vector<double> bq, dr, a_in(co.a);  // a_in: zero for single-value branches
       if (batch_stats) {
         bq.assign(K * C, 0.0);
         dr.assign(K * C, 0.0);
-        a_in = co.a;  // zero for single-value branches (see above)
         for (int64_t k = 0; k < K; ++k) {
           const double m = nonzero(rt.total[k] * double(v.S));
           for (int64_t c = 0; c < C; ++c) {
@@ -687,30 +764,25 @@ std::vector<at::Tensor> bn_backward(const at::Tensor& dy_in, const at::Tensor& x
             dr[i] = a_in[i] * (r * T2[i] * double(mean[i]) - T1[i]) / m;
           }
         }
-        Q.assign(NC, T(0));
-        std::vector<double> qs(NC, 0.0), rs(NC, 0.0);
-        for (int64_t n = 0; n < N; ++n)
-          for (int64_t e_ = rt.start[n]; e_ < rt.start[n + 1]; ++e_) {
-            const double w = rt.w[e_];
-            const int64_t kC = rt.k[e_] * C;
-            for (int64_t c = 0; c < C; ++c) {
-              qs[n * C + c] += w * bq[kC + c];
-              rs[n * C + c] += w * dr[kC + c];
-            }
-          }
-        std::fill(ps.begin(), ps.end(), 0.0);
-        for (int64_t n = 0; n < N; ++n)
-          for (int64_t e_ = rt.start[n]; e_ < rt.start[n + 1]; ++e_)
-            for (int64_t c = 0; c < C; ++c)
-              ps[n * C + c] += rt.w[e_] * a_in[rt.k[e_] * C + c];
-        for (int64_t i = 0; i < NC; ++i) {
-          Q[i] = T(qs[i] * e.s(i));
-          R[i] = T(rs[i]);
-        }
+        Q.resize(NC);
       }
-      for (int64_t i = 0; i < NC; ++i) {
-        P[i] = T(ps[i] * e.g(i));
-        Sc[i] = T(e.s(i));
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t o = n * C;
+        mix_row(rt, n, a_in.data(), C, row.data());  // Σ_k M·a_in per plane
+        if (batch_stats) {
+          mix_row(rt, n, bq.data(), C, row2.data());
+          mix_row(rt, n, dr.data(), C, row3.data());
+        }
+        for (int64_t c = 0; c < C; ++c) {
+          const int64_t i = o + c;
+          const double s = sp_all ? double(sp_all[i]) : 1.0;
+          P[i] = T(row[c] * (gp_all ? double(gp_all[i]) : 1.0));
+          Sc[i] = T(s);
+          if (batch_stats) {
+            Q[i] = T(row2[c] * s);
+            R[i] = T(row3[c]);
+          }
+        }
       }
       backward_pass<T>(v, walk<const T>(dy, dyv), walk<const T>(x, v),
                        walk<T>(dx, as_view(dx).second), P.data(),
@@ -751,8 +823,24 @@ std::vector<at::Tensor> bn_backward(const at::Tensor& dy_in, const at::Tensor& x
         }
     }
   });
-  if (!need_x) dx = empty();
+  if (!need_x) dx = at::Tensor();
   return {dx, dmix, dweight, dbias, dscale, dgamma, dbeta};
+}
+
+std::vector<at::Tensor> bn_backward(const at::Tensor& dy, const at::Tensor& x,
+                                    const OptTensor& branch, const OptTensor& mix,
+                                    const OptTensor& weight, const OptTensor& bias,
+                                    const at::Tensor& mean, const at::Tensor& invstd,
+                                    const at::Tensor& planes, const OptTensor& input_scale,
+                                    const OptTensor& film_gamma, const OptTensor& film_beta,
+                                    int64_t K, bool batch_stats, bool relu,
+                                    std::vector<bool> needs) {
+  auto out = bn_backward_impl(dy, x, branch, mix, weight, bias, mean, invstd, planes,
+                              input_scale, film_gamma, film_beta, K, batch_stats, relu,
+                              std::move(needs));
+  for (auto& t : out)  // fresh empties: outputs must not alias
+    if (!t.defined()) t = x.new_empty({0}, x.options());
+  return out;
 }
 
 // --- FiLM -------------------------------------------------------------------------------------

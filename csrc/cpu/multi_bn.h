@@ -38,6 +38,30 @@ std::vector<at::Tensor> bn_backward(const at::Tensor& dy, const at::Tensor& x,
                                     int64_t num_branches, bool batch_stats, bool relu,
                                     std::vector<bool> needs);
 
+// The same two, for C++ callers (the autograd node in csrc/autograd.cpp): results that
+// bn_forward / bn_backward return as empty tensors are undefined here, and with
+// running_in_place the running stats (and num_batches_tracked) are updated in their own
+// buffers instead of coming back as new tensors.
+std::vector<at::Tensor> bn_forward_impl(const at::Tensor& x, const OptTensor& branch,
+                                        const OptTensor& mix, const OptTensor& weight,
+                                        const OptTensor& bias, const OptTensor& running_mean,
+                                        const OptTensor& running_var,
+                                        const OptTensor& num_batches_tracked,
+                                        const OptTensor& input_scale,
+                                        const OptTensor& film_gamma,
+                                        const OptTensor& film_beta, int64_t num_branches,
+                                        bool training, double momentum, bool cumulative,
+                                        double eps, bool relu, bool running_in_place);
+std::vector<at::Tensor> bn_backward_impl(const at::Tensor& dy, const at::Tensor& x,
+                                         const OptTensor& branch, const OptTensor& mix,
+                                         const OptTensor& weight, const OptTensor& bias,
+                                         const at::Tensor& mean, const at::Tensor& invstd,
+                                         const at::Tensor& planes,
+                                         const OptTensor& input_scale,
+                                         const OptTensor& film_gamma,
+                                         const OptTensor& film_beta, int64_t num_branches,
+                                         bool batch_stats, bool relu, std::vector<bool> needs);
+
 // y = gamma[n,c]·x + beta[n,c] ([N, C], either may be None).
 at::Tensor film_forward(const at::Tensor& x, const OptTensor& gamma, const OptTensor& beta);
 
