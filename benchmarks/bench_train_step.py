@@ -2,8 +2,12 @@
 backward) at the demo's scale: OAT ResNet-18 of width 16 on 8×8 digits, batch 64, λ from
 OAT's set, sorted λ = 0 first (as the OAT repository needs for its slicing).
 
-  fused               fastrobust: fused BN·FiLM·ReLU, dual BN routed per sample, FiLM γ, β
-                      once per condition, the fused PGD step (trainers.oat.oat_loss)
+  fused               fastrobust as its OAT trainer runs it on the CPU: fused BN·FiLM·ReLU
+                      (C++ autograd node), dual BN routed per sample, FiLM γ, β once per
+                      condition, the fused PGD step (trainers.oat.oat_loss), model and batch
+                      in channels_last
+  fused_nchw          the same with the model and batch left in NCHW (what the kernels alone
+                      give, without the CPU convolutions' faster layout)
   eager_oat           the OAT repository's form on the same weights (baselines.eager_oat_loss):
                       slice + two BNs + cat, FiLM MLPs rerun at every call, mask projection
   compiled_eager_oat  the same with its model forward under torch.compile
@@ -25,7 +29,7 @@ from fastrobust.trainers.oat import oat_loss
 from conftest import QUICK, record
 
 EPS, ALPHA = 0.3, 0.075
-IMPLS = ["fused", "eager_oat", "compiled_eager_oat"]
+IMPLS = ["fused", "fused_nchw", "eager_oat", "compiled_eager_oat"]
 
 
 def setup(n, width, steps):
@@ -44,7 +48,11 @@ def setup(n, width, steps):
 
 
 def make_step(impl, model, x, y, lam, start, steps):
-    if impl == "fused":
+    if impl.startswith("fused"):
+        if impl == "fused":  # as OATTrainer does on the CPU
+            model.to(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
+
         def step():
             atk = PGD(model, EPS, ALPHA, steps, generator=torch.Generator().manual_seed(1))
             loss = oat_loss(model, atk, x, y, lam)

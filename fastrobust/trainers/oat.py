@@ -65,6 +65,7 @@ class OATConfig:
     eval_unseen: tuple = UNSEEN
     max_train_batches: int = 0      # > 0: stop each epoch after that many batches (smoke runs)
     widths: tuple = ()              # OATS: width multipliers, e.g. (0.5, 0.75, 1.0); () = OAT
+    channels_last: bool | None = None  # model and batches in channels_last; None: on the CPU
 
     def validate(self) -> None:
         if self.arch not in ARCHS:
@@ -139,6 +140,11 @@ class OATTrainer:
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg, self.data.num_classes, self.data.in_channels)
         self.model.to(self.device)
+        self.memory_format = torch.contiguous_format
+        if cfg.channels_last or (cfg.channels_last is None and self.device.type == "cpu"):
+            # the CPU convolutions (forward and both gradients) are 10-35% faster in it
+            self.memory_format = torch.channels_last
+            self.model.to(memory_format=self.memory_format)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                    weight_decay=cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, cfg.epochs)
@@ -183,6 +189,7 @@ class OATTrainer:
             if i == n_batches:
                 break
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            x = x.contiguous(memory_format=self.memory_format)
             lam = sample_lambdas(len(y), cfg, self.gen)
             loss = self.step(x, y, lam)
             total += loss
