@@ -231,6 +231,9 @@ def test_film_module():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in film.parameters())
     g1, _ = film.gamma_beta(cond[0])  # one condition for the whole batch: [C]
     assert g1.shape == (3,)
+    index = torch.tensor([2, 0, 2, 2, 1, 3])  # distinct conditions gathered per sample
+    gi, bi = film.gamma_beta(cond, index)
+    assert torch.equal(gi, g[index]) and torch.equal(bi, b[index])
     with pytest.raises(ValueError, match="condition of size 5"):
         film(x, torch.randn(4, 4))
 

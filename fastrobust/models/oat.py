@@ -209,13 +209,10 @@ class _Conditioned(nn.Module):
             codes, inv = self.encoding(torch.tensor([value], device=device)), None
             branch = int(value != 0) if self.dual_bn else 0
         state = {}
+        if inv is None and codes.shape[0] == 1:
+            codes = codes[0]  # one condition for the whole batch: [C] γ, β
         for film in self._films:
-            gamma, beta = film.gamma_beta(codes)
-            if inv is not None:
-                gamma, beta = gamma[inv], beta[inv]
-            elif gamma.shape[0] == 1:
-                gamma, beta = gamma[0], beta[0]  # [C]: one condition for the whole batch
-            state[film] = (gamma, beta)
+            state[film] = film.gamma_beta(codes, inv)
         return state, branch
 
     def forward(self, x: Tensor, lam=None) -> Tensor:

@@ -227,12 +227,17 @@ class FiLM(nn.Module):
                 self.mlp[2].bias.copy_(torch.cat([torch.ones(num_features),
                                                   torch.zeros(num_features)]))
 
-    def gamma_beta(self, cond: Tensor) -> tuple[Tensor, Tensor]:
-        """(γ, β), each ``[N, C]`` (or ``[C]`` for a ``[cond_dim]`` condition)."""
+    def gamma_beta(self, cond: Tensor, index: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(γ, β), each ``[N, C]`` (or ``[C]`` for a ``[cond_dim]`` condition). ``index``
+        (int64 ``[M]``): ``cond`` holds distinct conditions and sample m gets those of
+        ``cond[index[m]]``; the MLP runs once per distinct condition and one gather serves γ
+        and β."""
         if cond.shape[-1] != self.cond_dim:
             raise ValueError(f"FiLM expects a condition of size {self.cond_dim} in its last "
                              f"dimension, got {list(cond.shape)}")
         out = self.mlp(cond)
+        if index is not None:
+            out = out[index]
         return out[..., :self.num_features], out[..., self.num_features:]
 
     def forward(self, x: Tensor, cond: Tensor) -> Tensor:
