@@ -112,7 +112,30 @@ struct BNFunction : public torch::autograd::Function<BNFunction> {
   }
 };
 
+// relu(a + b) in one pass (ATen's vectorized _add_relu), the residual junction of a ResNet
+// block; backward is one masked pass whose result is the gradient of both inputs.
+struct AddReluFunction : public torch::autograd::Function<AddReluFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& a, const at::Tensor& b) {
+    TORCH_CHECK(a.sizes() == b.sizes() && a.scalar_type() == b.scalar_type() &&
+                    a.device() == b.device(),
+                "add_relu: a and b must have the same shape, dtype and device");
+    auto y = at::_add_relu(a, b);
+    ctx->save_for_backward({y});
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto y = ctx->get_saved_variables()[0];
+    auto g = at::threshold_backward(grads[0], y, 0);
+    return {g, g};
+  }
+};
+
 }  // namespace
+
+at::Tensor add_relu(const at::Tensor& a, const at::Tensor& b) {
+  return AddReluFunction::apply(a, b);
+}
 
 at::Tensor bn_autograd(const at::Tensor& x, const at::Tensor& route, const OptTensor& weight,
                        const OptTensor& bias, const OptTensor& running_mean,

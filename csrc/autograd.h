@@ -20,4 +20,7 @@ at::Tensor bn_autograd(const at::Tensor& x, const at::Tensor& route,
                        bool training, double momentum, bool cumulative, double eps, bool relu,
                        bool mixed);
 
+// relu(a + b) for equal-shape a, b with a C++ autograd node (one pass each way).
+at::Tensor add_relu(const at::Tensor& a, const at::Tensor& b);
+
 }  // namespace fastrobust

@@ -19,6 +19,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bn_autograd", &fastrobust::bn_autograd,
         "routed or mixed batch norm with its autograd node in C++ (eager calls; running "
         "stats updated in place)");
+  m.def("add_relu", &fastrobust::add_relu,
+        "relu(a + b), one pass, with its autograd node in C++ (eager calls)");
   m.def("film_forward", &fastrobust::cpu::film_forward, "FiLM y = gamma*x + beta (CPU)");
   m.def("film_backward", &fastrobust::cpu::film_backward, "FiLM backward (CPU)");
   m.def("pgd_update", &fastrobust::cpu::pgd_update,

@@ -302,6 +302,19 @@ def batch_norm(x, route, weight, bias, running_mean, running_var, num_batches_tr
     return y
 
 
+def add_relu(a: Tensor, b: Tensor) -> Tensor:
+    """relu(a + b): a ResNet block's residual junction. Eager CPU calls with equal shapes and
+    dtypes take one fused pass each way (`fastrobust._C.add_relu`); everything else (CUDA,
+    torch.compile, which fuses it itself, a forced eager backend) the two plain ops."""
+    if (a.device.type == "cpu" and a.shape == b.shape and a.dtype == b.dtype
+            and b.device.type == "cpu" and backends.forced() in (None, "cpu")
+            and fast_path_ok(a, b)):
+        ext, _ = backends.extension()
+        if ext is not None and hasattr(ext, "add_relu"):
+            return ext.add_relu(a, b)
+    return torch.relu(a + b)
+
+
 # --- film: per-sample affine; also channel_scale and scale_filters --------------------------
 
 @torch.library.custom_op("fastrobust::film_fwd", mutates_args=())

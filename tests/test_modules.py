@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from fastrobust import reference
+from fastrobust import backends, reference
 from fastrobust.nn import (DualBatchNorm2d, FiLM, MixedBatchNorm2d, MultiBatchNorm2d, ScaledConvBN,
                            convert_multi_bn, routing)
 
@@ -315,3 +315,30 @@ def test_compile_fullgraph_fused_extras_and_mix():
         torch.testing.assert_close(p_c.grad, p_e.grad, **TOL32, msg=name)
     for (name, b_c), b_e in zip(model.named_buffers(), eager.buffers()):
         torch.testing.assert_close(b_c, b_e, **TOL32, msg=name)
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
+def test_add_relu_matches_plain_ops(fmt):
+    """The residual junction relu(a + b): the fused node gives the plain ops' bits, forward and
+    both gradients (a and b may alias, as an identity shortcut's input does); broadcasting
+    shapes take the plain ops."""
+    from fastrobust._ops import add_relu
+
+    a0 = torch.randn(5, 4, 6, 6).contiguous(memory_format=fmt)
+    b0 = torch.randn(5, 4, 6, 6).contiguous(memory_format=fmt)
+    dy = torch.randn(5, 4, 6, 6)
+    results = []
+    for fn in (add_relu, lambda a, b: torch.relu(a + b)):
+        a, b = a0.clone().requires_grad_(), b0.clone().requires_grad_()
+        y = fn(a, b)
+        results.append((y, *torch.autograd.grad(y, (a, b), dy)))
+    for got, want in zip(*results):
+        assert torch.equal(got, want)
+    assert results[0][0].is_contiguous(memory_format=fmt)
+    if backends.extension()[0] is not None:  # the fused node ran, not the fallback
+        assert "AddRelu" in results[0][0].grad_fn.name()
+    x = a0.clone().requires_grad_()  # both inputs the same tensor
+    gx, = torch.autograd.grad(add_relu(x, x), x, dy)
+    assert torch.equal(gx, 2 * torch.where(2 * a0 > 0, dy, 0.0))
+    c = torch.randn(4, 1, 1)  # broadcast: the plain ops
+    assert torch.equal(add_relu(a0, c), torch.relu(a0 + c))

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._ops import add_relu
 from ..nn import FiLM, MultiBatchNorm2d, routing
 
 __all__ = ["S1", "LambdaEncoding", "OATResNet", "OATWideResNet", "oat_resnet18",
@@ -246,7 +247,7 @@ class _OATBasicBlock(nn.Module):
         out = self.bn1(h, activation="relu", **own.film_args(self.film1, h.shape[1]))
         h = self.conv2(out)
         out = self.bn2(h, **own.film_args(self.film2, h.shape[1]))
-        return F.relu(out + (x if self.shortcut is None else self.shortcut(x)))
+        return add_relu(out, x if self.shortcut is None else self.shortcut(x))
 
 
 class OATResNet(_Conditioned):
