@@ -1,0 +1,228 @@
+"""Synchronized multi-branch batch norm for data-parallel training (torch.distributed, DDP).
+
+In training, `sync_multi_batch_norm` / `sync_mixed_batch_norm` normalize every rank's samples
+with the statistics of the *global* batch, per (branch, channel), as `nn.SyncBatchNorm` does
+for one branch:
+
+    forward   per rank: per-(k, c) weighted count, Σu and Σu² (u = input_scale·x; fp64) from
+              x's per-plane moments → ONE all-reduce of [K + 2·K·C] values → global mean and
+              biased variance → the fused op normalizes with them (BN·FiLM·ReLU in one pass,
+              any backend), running stats updated from the global statistics
+    backward  per rank: the fused op's backward with the statistics held fixed gives the
+              direct gradients and the per-(k, c) sums T1 = Σ M·dz and T2 = Σ M·dz·x̂ →
+              ONE all-reduce of [2·K·C] values → the statistics' share of ∂L/∂x (and of
+              ∂L/∂input_scale, ∂L/∂mix) added per plane: ∂L/∂u += Q·u + R
+
+A branch present on some ranks only, or on none, is handled by the sums (its count is the
+global one; a branch with no values keeps its running stats, as in the single-process op).
+dweight and dbias are each rank's own (DDP averages parameter gradients); dx is the gradient
+of the sum of every rank's loss, as nn.SyncBatchNorm's, so DDP's average gives the gradient of
+the global batch's mean loss.
+
+The per-plane moments and the correction of dx are plain PyTorch (two extra passes over x
+forward, one backward); the collectives, not the passes, are what a multi-GPU step waits on.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from . import backends
+from ._engine import routing_weights
+from .reference import acc_dtype, check_branch_values, check_mix_values, updated_running_stats
+
+__all__ = ["sync_multi_batch_norm", "sync_mixed_batch_norm", "sync_active"]
+
+
+def sync_active(process_group=None) -> bool:
+    """True when statistics would be synchronized: torch.distributed is initialized and the
+    group has more than one rank."""
+    return (dist.is_available() and dist.is_initialized()
+            and dist.get_world_size(process_group) > 1)
+
+
+def _bc(t: Tensor, ndim: int) -> Tensor:
+    return t.reshape(*t.shape, *([1] * (ndim - 2)))
+
+
+def _plane_moments(x: Tensor, acc) -> tuple[Tensor, Tensor]:
+    """Per-plane mean and M2 = Σ(x − mean)² ([N, C], acc dtype)."""
+    xf = x.to(acc)
+    dims = tuple(range(2, x.dim()))
+    if not dims:
+        return xf, torch.zeros_like(xf)
+    mean = xf.mean(dims)
+    return mean, (xf - _bc(mean, x.dim())).square().sum(dims)
+
+
+def _where(M: Tensor, t: Tensor) -> Tensor:
+    """M[n, k, None]·t with exact zeros where M is zero (a NaN sample stays out of branches it
+    has no weight in)."""
+    Mb = M[:, :, None]
+    return torch.where(Mb != 0, Mb * t, 0.0)
+
+
+class _SyncBN(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, route, weight, bias, running_mean, running_var, num_batches_tracked,
+                scale, gamma, beta, K, momentum, cumulative, eps, relu, mixed, group):
+        acc = acc_dtype(x)
+        branch, mix = (None, route) if mixed else (route, None)
+        if mixed:
+            check_mix_values(mix)
+        else:
+            check_branch_values(branch, K)
+        M = routing_weights(branch, mix, K, acc)                        # [N, K]
+        S = x[0, 0].numel() if x.shape[0] and x.shape[1] else 1
+        pmean, pm2 = _plane_moments(x, acc)                              # [N, C]
+        s = None if scale is None else scale.to(acc)
+        um, um2 = (pmean, pm2) if s is None else (s * pmean, s * s * pm2)
+        f64 = torch.float64
+        count = S * M.to(f64).sum(0)                                     # [K]
+        s1 = S * _where(M.to(f64), um.to(f64)[:, None, :]).sum(0)        # [K, C]
+        s2 = _where(M.to(f64), (um2.to(f64) + S * um.to(f64).square())[:, None, :]).sum(0)
+        payload = torch.cat([count, s1.flatten(), s2.flatten()])
+        dist.all_reduce(payload, group=group)                            # the one collective
+        C = x.shape[1]
+        count, s1, s2 = payload[:K], payload[K:K + K * C].view(K, C), payload[K + K * C:].view(K, C)
+        denom = torch.where(count != 0, count, 1.0)[:, None]
+        mean64 = s1 / denom
+        var64 = (s2 / denom - mean64.square()).clamp_min(0)
+        stat_dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+        mean, var = mean64.to(stat_dtype), var64.to(stat_dtype)
+        new_running = None
+        if running_mean is not None:
+            new_running = updated_running_stats(running_mean, running_var, num_batches_tracked,
+                                                mean64.to(acc), var64.to(acc), count.to(acc),
+                                                momentum, cumulative)
+        impl = backends.select("mixed_bn" if mixed else "multi_bn", x.device,
+                               (x, mix, weight, bias, mean, var, scale, gamma, beta))
+        y, mean_used, invstd, *_ = impl.bn_forward(
+            x, branch, mix, weight, bias, mean, var, None, scale, gamma, beta, K, False,
+            momentum, False, eps, relu)
+        ctx.save_for_backward(x, route, weight, bias, mean_used, invstd, scale, gamma, beta,
+                              pmean, pm2, count.to(acc), var64.to(acc))
+        ctx.impl, ctx.K, ctx.mixed, ctx.relu, ctx.group, ctx.S = impl, K, mixed, relu, group, S
+        ctx.dtypes = [None if t is None else t.dtype
+                      for t in (x, route, weight, bias, scale, gamma, beta)]
+        if new_running is not None:
+            with torch.no_grad():
+                running_mean.copy_(new_running[0])
+                running_var.copy_(new_running[1])
+                if num_batches_tracked is not None:
+                    num_batches_tracked.copy_(new_running[2])
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x, route, weight, bias, mean, invstd, scale, gamma, beta, pmean, pm2, count,
+         var) = ctx.saved_tensors
+        K, mixed, S = ctx.K, ctx.mixed, ctx.S
+        ng = ctx.needs_input_grad
+        need_x, need_mix, need_w, need_b = ng[0], mixed and ng[1], ng[2], ng[3]
+        need_s, need_g, need_be = ng[7], ng[8], ng[9]
+        branch, mix = (None, route) if mixed else (route, None)
+        acc = mean.dtype if mean.dtype == torch.float64 else torch.float32
+        # The fused backward with the statistics held fixed: direct terms and local T1, T2.
+        dx_d, dmix_d, T2, T1, ds_d, dg, dbe = ctx.impl.bn_backward(
+            dy, x, branch, mix, weight, bias, mean, invstd, x.new_empty(0), scale, gamma, beta,
+            K, False, ctx.relu, (need_x or need_s, need_mix, True, True, need_s, need_g,
+                                 need_be))
+        T1, T2 = T1.to(acc), T2.to(acc)
+        local_w, local_b = T2, T1
+        sums = torch.cat([T1.flatten(), T2.flatten()])
+        dist.all_reduce(sums, group=ctx.group)                           # the one collective
+        T1, T2 = sums[:T1.numel()].view_as(T1), sums[T1.numel():].view_as(T2)
+        M = routing_weights(branch, mix, K, acc)
+        r = invstd.to(acc)
+        mu = mean.to(acc)
+        a = r if weight is None else r * weight.to(acc)
+        m = torch.where(count != 0, count, 1.0)[:, None]                 # [K, 1]
+        # ∂L/∂u += Q·u + R per plane: the statistics' share, -Σ_k M·a/m·(T1 + x̂·T2).
+        Q = -_where(M, (a * r * T2 / m)[None]).sum(1)                    # [N, C]
+        R = -_where(M, (a * (T1 - r * mu * T2) / m)[None]).sum(1)
+        s = None if scale is None else scale.to(acc)
+        dx = dmix = ds = None
+        if need_x:
+            qx, rx = (Q, R) if s is None else (s * s * Q, s * R)
+            nd = x.dim()
+            dx = (dx_d.to(acc) + _bc(qx, nd) * x.to(acc) + _bc(rx, nd)).to(ctx.dtypes[0])
+        if need_s:  # Σ_s x·(Q·s·x + R) from the planes' Σx and Σx²
+            sx, sxx = S * pmean, pm2 + S * pmean.square()
+            ds = (ds_d.to(acc) + Q * s * sxx + R * sx).to(ctx.dtypes[4])
+        if need_mix:  # the statistics' share: -Σ_c a·[T1·(ū - μ) + ½·r·T2·(q - σ²)]/W
+            ub = pmean if s is None else s * pmean
+            q = (pm2 if s is None else s * s * pm2) / S
+            du = ub[:, None, :] - mu[None]                                # [N, K, C]
+            W = (count / S)
+            W = torch.where(W != 0, W, 1.0)[None, :, None]
+            stat = (a[None] * (T1[None] * du + 0.5 * r[None] * T2[None] *
+                               (q[:, None, :] + du.square() - var[None])) / W).sum(2)
+            dmix = (dmix_d.to(acc) - stat).to(ctx.dtypes[1])
+        dw = local_w.to(ctx.dtypes[2]) if need_w else None
+        db = local_b.to(ctx.dtypes[3]) if need_b else None
+        dg = dg.to(ctx.dtypes[5]) if need_g else None
+        dbe = dbe.to(ctx.dtypes[6]) if need_be else None
+        return (dx, dmix, dw, db, None, None, None, ds, dg, dbe) + (None,) * 7
+
+
+def _sync(op, x, route, weight, bias, running_mean, running_var, momentum, eps,
+          num_batches_tracked, input_scale, film_gamma, film_beta, activation, K, mixed,
+          process_group):
+    from .functional import _check_bn_args, _check_x, _per_sample_arg
+
+    _check_x(op, x)
+    _check_bn_args(op, x, K, weight, bias, running_mean, running_var, momentum,
+                   num_batches_tracked, True, activation)
+    extras = [_per_sample_arg(op, n, t, x) for n, t in (
+        ("input_scale", input_scale), ("film_gamma", film_gamma), ("film_beta", film_beta))]
+    cumulative = momentum is None
+    return _SyncBN.apply(x, route, weight, bias, running_mean, running_var,
+                         num_batches_tracked, *extras, K, 0.0 if cumulative else float(momentum),
+                         cumulative, float(eps), activation == "relu", mixed, process_group)
+
+
+def sync_multi_batch_norm(x: Tensor, branch: Tensor, weight: Tensor | None = None,
+                          bias: Tensor | None = None, running_mean: Tensor | None = None,
+                          running_var: Tensor | None = None, *, momentum: float | None = 0.1,
+                          eps: float = 1e-5, num_branches: int | None = None,
+                          num_batches_tracked: Tensor | None = None,
+                          input_scale: Tensor | None = None, film_gamma: Tensor | None = None,
+                          film_beta: Tensor | None = None, activation: str | None = None,
+                          process_group=None) -> Tensor:
+    """`functional.multi_batch_norm` in training with statistics over every rank of
+    ``process_group`` (the default group when None): one all-reduce forward, one backward.
+    Arguments as there; every rank must call it (a collective)."""
+    op = "sync_multi_batch_norm"
+    if not isinstance(branch, Tensor) or branch.dtype.is_floating_point or \
+            branch.shape != (x.shape[0],):
+        raise ValueError(f"{op}: branch must be an integer tensor of shape [N]")
+    K = num_branches
+    for t in (weight, bias, running_mean, running_var):
+        if K is None and isinstance(t, Tensor):
+            K = t.shape[0]
+    if K is None:
+        raise ValueError(f"{op}: pass num_branches when weight, bias and running stats are "
+                         "all None")
+    return _sync(op, x, branch.long(), weight, bias, running_mean, running_var, momentum, eps,
+                 num_batches_tracked, input_scale, film_gamma, film_beta, activation, K, False,
+                 process_group)
+
+
+def sync_mixed_batch_norm(x: Tensor, mix: Tensor, weight: Tensor | None = None,
+                          bias: Tensor | None = None, running_mean: Tensor | None = None,
+                          running_var: Tensor | None = None, *, momentum: float | None = 0.1,
+                          eps: float = 1e-5, num_batches_tracked: Tensor | None = None,
+                          input_scale: Tensor | None = None, film_gamma: Tensor | None = None,
+                          film_beta: Tensor | None = None, activation: str | None = None,
+                          process_group=None) -> Tensor:
+    """`functional.mixed_batch_norm` in training with mix-weighted statistics over every rank
+    of ``process_group``: one all-reduce forward, one backward. Arguments as there."""
+    op = "sync_mixed_batch_norm"
+    if not isinstance(mix, Tensor) or mix.dim() != 2 or mix.shape[0] != x.shape[0] or \
+            not mix.dtype.is_floating_point:
+        raise ValueError(f"{op}: mix must be a floating-point [N, K] tensor")
+    return _sync(op, x, mix, weight, bias, running_mean, running_var, momentum, eps,
+                 num_batches_tracked, input_scale, film_gamma, film_beta, activation,
+                 mix.shape[1], True, process_group)

@@ -1,0 +1,178 @@
+"""Synchronized multi-branch BN and the DDP trainer on this CPU: two processes with the gloo
+backend. The synchronized op on two half-batches must equal the single-process op on the
+whole batch (forward, every gradient, running stats), with exactly one all-reduce forward and
+one backward; a branch may be present on one rank only, or on none."""
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from fastrobust import distributed as D, functional as F
+from fastrobust.nn import MixedBatchNorm2d, MultiBatchNorm2d, SyncMixedBatchNorm2d, \
+    SyncMultiBatchNorm2d, convert_sync_multi_bn
+
+WORLD = 2
+# fp64: the synchronized statistics come from fp64 sums Σu, Σu² (E[u²] - E[u]², relative error
+# ~1e-16·mean²/var), the single-process op from per-plane two-pass moments; both orders of
+# summation differ, nothing else.
+TOL64 = dict(rtol=1e-8, atol=1e-10)
+
+
+def _spawn(fn, *args):
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(fn, args=(os.path.join(d, "store"), *args), nprocs=WORLD, join=True)
+
+
+def _init(rank, store):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
+                            world_size=WORLD)
+
+
+class _Counter:
+    """Counts torch.distributed.all_reduce calls (the op calls it through the module)."""
+
+    def __init__(self):
+        self.n, self._orig = 0, dist.all_reduce
+
+    def __enter__(self):
+        def counted(*a, **k):
+            self.n += 1
+            return self._orig(*a, **k)
+        dist.all_reduce = counted
+        return self
+
+    def __exit__(self, *exc):
+        dist.all_reduce = self._orig
+
+
+def _op_worker(rank, store, mixed, extras, placement):
+    _init(rank, store)
+    try:
+        f64 = torch.float64
+        g = torch.Generator().manual_seed(0)  # the same global batch on every rank
+        N, C, K, half = 8, 3, 3, 4
+        x = torch.randn(N, C, 5, 4, generator=g, dtype=f64) * 2 + 1
+        if mixed:
+            route = torch.rand(N, K, generator=g, dtype=f64)
+            if placement == "one_rank":  # branch 2 weighs only rank 1's samples
+                route[:half, 2] = 0
+            elif placement == "none":
+                route[:, 2] = 0
+        else:
+            route = {"one_rank": torch.tensor([0, 1, 0, 1, 2, 2, 1, 0]),
+                     "none": torch.tensor([0, 1, 0, 1, 1, 0, 1, 0]),
+                     "spread": torch.tensor([2, 1, 0, 2, 1, 0, 2, 1])}[placement]
+        w = torch.randn(K, C, generator=g, dtype=f64)
+        b = torch.randn(K, C, generator=g, dtype=f64)
+        ext = [torch.rand(N, C, generator=g, dtype=f64) + 0.5 for _ in range(3)]
+        dy = torch.randn(N, C, 5, 4, generator=g, dtype=f64)
+        rm0, rv0 = torch.randn(K, C, generator=g, dtype=f64), torch.rand(K, C, generator=g,
+                                                                          dtype=f64) + 0.5
+
+        def run(sync, sl):
+            leaves = [t.clone().requires_grad_() for t in [x[sl], w, b]]
+            xe = [t[sl].clone().requires_grad_() for t in ext] if extras else []
+            r = route[sl].clone()
+            if mixed:
+                r.requires_grad_()
+            rm, rv, nbt = rm0.clone(), rv0.clone(), torch.zeros(K, dtype=torch.long)
+            kw = dict(momentum=None, num_batches_tracked=nbt)
+            if extras:
+                kw.update(input_scale=xe[0], film_gamma=xe[1], film_beta=xe[2],
+                          activation="relu")
+            if sync:
+                fn = D.sync_mixed_batch_norm if mixed else D.sync_multi_batch_norm
+            else:
+                fn = F.mixed_batch_norm if mixed else F.multi_batch_norm
+                kw["training"] = True
+            with _Counter() as fwd:
+                y = fn(leaves[0], r, leaves[1], leaves[2], rm, rv, **kw)
+            inputs = leaves + xe + ([r] if mixed else [])
+            with _Counter() as bwd:
+                grads = torch.autograd.grad(y, inputs, dy[sl])
+            return y, list(grads), (rm, rv, nbt), (fwd.n, bwd.n)
+
+        y_ref, g_ref, run_ref, _ = run(False, slice(None))
+        mine = slice(rank * half, (rank + 1) * half)
+        y, grads, running, counts = run(True, mine)
+        assert counts == (1, 1), counts  # one all-reduce forward, one backward
+        torch.testing.assert_close(y, y_ref[mine], **TOL64)
+        torch.testing.assert_close(grads[0], g_ref[0][mine], **TOL64)  # dx
+        for i in (1, 2):  # dweight, dbias: each rank's share; their sum is the whole batch's
+            total = grads[i].clone()
+            dist.all_reduce(total)
+            torch.testing.assert_close(total, g_ref[i], **TOL64)
+        for got, want in zip(grads[3:], g_ref[3:]):  # input_scale, γ, β, mix: per sample
+            torch.testing.assert_close(got, want[mine], **TOL64)
+        for got, want in zip(running, run_ref):
+            torch.testing.assert_close(got, want, **TOL64)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("placement", ["spread", "one_rank", "none"])
+@pytest.mark.parametrize("extras", [False, True], ids=["plain", "scale_film_relu"])
+@pytest.mark.parametrize("mixed", [False, True], ids=["routed", "mixed"])
+def test_sync_op_equals_whole_batch(mixed, extras, placement):
+    _spawn(_op_worker, mixed, extras, placement)
+
+
+def _module_worker(rank, store):
+    _init(rank, store)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), MultiBatchNorm2d(4, 2),
+                                    torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3, padding=1),
+                                    MixedBatchNorm2d(4, 2))
+        sync = convert_sync_multi_bn(copy.deepcopy(model))
+        assert isinstance(sync[1], SyncMultiBatchNorm2d) and isinstance(sync[4],
+                                                                        SyncMixedBatchNorm2d)
+        x = torch.randn(8, 3, 6, 6)
+        branch = torch.tensor([0, 1, 1, 0, 1, 1, 0, 1])
+        mix = torch.rand(8, 2)
+        mine = slice(rank * 4, rank * 4 + 4)
+
+        def fwd(m, sl):
+            h = m[2](m[1](m[0](x[sl]), branch=branch[sl]))
+            return m[4](m[3](h), mix=mix[sl])
+
+        ref = fwd(model, slice(None))
+        ref.square().sum().backward()
+        with _Counter() as c:
+            out = fwd(sync, mine)
+            out.square().sum().backward()
+        assert c.n == 4  # two layers: one all-reduce each forward, one each backward
+        torch.testing.assert_close(out, ref[mine], rtol=1e-4, atol=1e-5)  # fp32
+        for p_ref, p in zip(model.parameters(), sync.parameters()):
+            total = p.grad.clone()
+            dist.all_reduce(total)
+            torch.testing.assert_close(total, p_ref.grad, rtol=1e-4, atol=1e-4)
+        for b_ref, b in zip(model.buffers(), sync.buffers()):
+            torch.testing.assert_close(b, b_ref, rtol=1e-5, atol=1e-6)
+        sync.eval()  # eval: running statistics, no collective
+        with _Counter() as c, torch.no_grad():
+            fwd(sync, mine)
+        assert c.n == 0
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sync_modules_and_conversion():
+    _spawn(_module_worker)
+
+
+def test_single_process_falls_back_to_the_plain_op():
+    """Without an initialized process group the synchronized module is the plain one."""
+    assert not D.sync_active()
+    torch.manual_seed(0)
+    plain = MultiBatchNorm2d(3, 2).train()
+    sync = convert_sync_multi_bn(torch.nn.Sequential(MultiBatchNorm2d(3, 2)))[0]
+    x, branch = torch.randn(6, 3, 4, 4), torch.tensor([0, 1, 1, 0, 1, 0])
+    assert torch.equal(sync(x, branch=branch), plain(x, branch=branch))
