@@ -149,21 +149,26 @@ def train(args) -> int:
     from fastrobust.trainers.oat import OATTrainer, report, sweep_all
 
     cfg = _oat_config(args)
-    widths = f", widths {list(cfg.widths)}" if cfg.widths else ""
-    print(f"{cfg.method.upper()} on {cfg.dataset}: {cfg.arch}{widths}, {cfg.epochs} epochs, "
-          f"PGD-{cfg.steps} "
-          f"(eps {cfg.eps:.4g}, alpha {cfg.alpha:.4g}), lambdas {list(cfg.lambdas)}"
-          f"{' (continuous)' if cfg.continuous else ''}; checkpoints in {cfg.out}")
     trainer = OATTrainer(cfg, resume=args.resume)
+    say = print if trainer.is_main else (lambda *a, **k: None)  # rank 0 speaks under DDP
+    widths = f", widths {list(cfg.widths)}" if cfg.widths else ""
+    ranks = f"; {trainer.world} ranks (DDP, global batch {cfg.batch_size})" \
+        if trainer.world > 1 else ""
+    say(f"{cfg.method.upper()} on {cfg.dataset}: {cfg.arch}{widths}, {cfg.epochs} epochs, "
+        f"PGD-{cfg.steps} "
+        f"(eps {cfg.eps:.4g}, alpha {cfg.alpha:.4g}), lambdas {list(cfg.lambdas)}"
+        f"{' (continuous)' if cfg.continuous else ''}; checkpoints in {cfg.out}{ranks}")
     if args.resume:
-        print(f"resumed after epoch {trainer.epoch}")
+        say(f"resumed after epoch {trainer.epoch}")
     try:
-        trainer.fit()
+        trainer.fit(log=say)
     except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
+        say(f"error: {e}", file=sys.stderr)
         return 2
-    rows = sweep_all(trainer.model.eval(), trainer.data.test, cfg)
-    report(rows, cfg, cfg.out, f"{cfg.method.upper()} {cfg.arch} on {cfg.dataset}")
+    if trainer.is_main:
+        rows = sweep_all(trainer.model.eval(), trainer.data.test, cfg)
+        report(rows, cfg, cfg.out, f"{cfg.method.upper()} {cfg.arch} on {cfg.dataset}")
+    trainer.close()
     return 0
 
 
@@ -245,6 +250,12 @@ def _add_oat_options(p):
     p.add_argument("--eval-steps", dest="eval_steps", type=int,
                    help=f"PGD steps of the final lambda sweep (default {d.eval_steps})")
     p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
+    p.add_argument("--no-random-start", dest="random_start", action="store_false",
+                   default=None, help="PGD starts from the clean input")
+    p.add_argument("--no-sync-bn", dest="sync_bn", action="store_false", default=None,
+                   help="under torchrun: per-rank BN statistics instead of the global batch's")
+    p.add_argument("--max-train-batches", dest="max_train_batches", type=int,
+                   help="stop each epoch after that many batches (smoke runs)")
 
 
 def main(argv=None) -> int:

@@ -52,13 +52,13 @@ class _Counter:
         dist.all_reduce = self._orig
 
 
-def _op_worker(rank, store, mixed, extras, placement):
+def _op_worker(rank, store, mixed, extras, placement, spatial=(5, 4)):
     _init(rank, store)
     try:
         f64 = torch.float64
         g = torch.Generator().manual_seed(0)  # the same global batch on every rank
         N, C, K, half = 8, 3, 3, 4
-        x = torch.randn(N, C, 5, 4, generator=g, dtype=f64) * 2 + 1
+        x = torch.randn(N, C, *spatial, generator=g, dtype=f64) * 2 + 1
         if mixed:
             route = torch.rand(N, K, generator=g, dtype=f64)
             if placement == "one_rank":  # branch 2 weighs only rank 1's samples
@@ -68,11 +68,12 @@ def _op_worker(rank, store, mixed, extras, placement):
         else:
             route = {"one_rank": torch.tensor([0, 1, 0, 1, 2, 2, 1, 0]),
                      "none": torch.tensor([0, 1, 0, 1, 1, 0, 1, 0]),
-                     "spread": torch.tensor([2, 1, 0, 2, 1, 0, 2, 1])}[placement]
+                     "spread": torch.tensor([2, 1, 0, 2, 1, 0, 2, 1]),
+                     "two_on_one_rank": torch.tensor([0, 1, 0, 1, 1, 1, 1, 1])}[placement]
         w = torch.randn(K, C, generator=g, dtype=f64)
         b = torch.randn(K, C, generator=g, dtype=f64)
         ext = [torch.rand(N, C, generator=g, dtype=f64) + 0.5 for _ in range(3)]
-        dy = torch.randn(N, C, 5, 4, generator=g, dtype=f64)
+        dy = torch.randn(N, C, *spatial, generator=g, dtype=f64)
         rm0, rv0 = torch.randn(K, C, generator=g, dtype=f64), torch.rand(K, C, generator=g,
                                                                           dtype=f64) + 0.5
 
@@ -122,6 +123,14 @@ def _op_worker(rank, store, mixed, extras, placement):
 @pytest.mark.parametrize("mixed", [False, True], ids=["routed", "mixed"])
 def test_sync_op_equals_whole_batch(mixed, extras, placement):
     _spawn(_op_worker, mixed, extras, placement)
+
+
+@pytest.mark.parametrize("spatial", [(1, 1), ()], ids=["1x1", "no_spatial"])
+@pytest.mark.parametrize("extras", [False, True], ids=["plain", "scale_film_relu"])
+def test_sync_op_one_value_per_plane(extras, spatial):
+    """1×1 maps and [N, C] inputs (a ResNet's last stage at 8×8 inputs): one value per plane,
+    with a branch that only one rank holds, twice."""
+    _spawn(_op_worker, False, extras, "two_on_one_rank", spatial)
 
 
 def _module_worker(rank, store):
@@ -176,3 +185,74 @@ def test_single_process_falls_back_to_the_plain_op():
     sync = convert_sync_multi_bn(torch.nn.Sequential(MultiBatchNorm2d(3, 2)))[0]
     x, branch = torch.randn(6, 3, 4, 4), torch.tensor([0, 1, 1, 0, 1, 0])
     assert torch.equal(sync(x, branch=branch), plain(x, branch=branch))
+
+
+def _trainer_worker(rank, store, out, widths, steps, batches, width):
+    _init(rank, store)
+    try:
+        from fastrobust.nn import SyncMultiBatchNorm2d
+        from fastrobust.trainers.oat import OATConfig, OATTrainer
+
+        def cfg(sub):
+            return OATConfig(dataset="digits", arch="resnet18", width=width, epochs=1,
+                             batch_size=64, max_train_batches=batches, steps=steps, eps=0.3,
+                             alpha=0.1, random_start=False, widths=widths,
+                             out=os.path.join(out, sub))
+        ddp = OATTrainer(cfg("ddp"), progress=False)
+        assert (ddp.rank, ddp.world) == (rank, WORLD)
+        assert any(isinstance(m, SyncMultiBatchNorm2d) for m in ddp.model.modules())
+        with _Counter() as c:
+            ddp.fit(log=lambda *a: None)
+        assert c.n > 0
+        if rank == 0:  # the same steps in one process on the global batches
+            ref = OATTrainer(cfg("single"), progress=False, distributed=False)
+            assert ref.world == 1
+            ref.fit(log=lambda *a: None)
+            assert len(ddp.history[0]["losses"]) == batches
+            torch.testing.assert_close(ddp.history[0]["losses"], ref.history[0]["losses"],
+                                       rtol=1e-5, atol=1e-6)
+            want = ref.model.state_dict()
+            for k, v in ddp.model.state_dict().items():
+                # fp32: the same sums in another order (measured ~1e-6 after three steps)
+                torch.testing.assert_close(v, want[k], rtol=1e-4, atol=1e-5,
+                                           msg=lambda m, k=k: f"{k}: {m}")
+            assert os.path.exists(os.path.join(out, "ddp", "last.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("widths, steps, batches, width", [
+    ((), 0, 3, 4), ((0.5, 1.0), 0, 2, 8), ((), 2, 1, 4)],
+    ids=["oat", "oats", "oat_pgd2_one_step"])
+def test_ddp_training_steps_equal_single_process(tmp_path, widths, steps, batches, width):
+    """OAT (and OATS) steps on two ranks with synchronized BN give the weights, running stats
+    and per-step losses of one process on the same global batches. The attack starts from the
+    clean input (random starts are per rank by design). Over several steps the attack is off
+    (x_adv = x, still through the adversarial branch): PGD's sign(∇) turns the last-bit
+    differences of a reordered sum into whole α steps on a few pixels, so trajectories with an
+    attack part after a step or two on any two machines; one PGD-2 step is compared. OATS at
+    width 8 for two steps: its half-width BNs on 1×1 maps see a handful of values per branch,
+    where fp32 rounding differences grow by ~10× a step."""
+    _spawn(_trainer_worker, str(tmp_path), widths, steps, batches, width)
+
+
+def test_torchrun_command_line(tmp_path):
+    """`torchrun --nproc-per-node=2 -m fastrobust train oat ...` trains data-parallel, and
+    rank 0 alone checkpoints, evaluates and writes the results."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           "--nproc-per-node=2", "-m", "fastrobust", "train", "oat", "--width", "4",
+           "--epochs", "1", "--batch-size", "64", "--steps", "1", "--max-train-batches", "2",
+           "--eval-steps", "1", "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    assert "2 ranks (DDP, global batch 64)" in r.stdout
+    assert r.stdout.count("epoch   1/1") == 1  # rank 0 logs, rank 1 stays quiet
+    assert (out / "last.pt").exists() and (out / "results.json").exists()
+    ck = torch.load(out / "last.pt", weights_only=False)
+    assert len(ck["rng"]["attack_per_rank"]) == 2

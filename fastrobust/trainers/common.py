@@ -109,3 +109,22 @@ def plot_tradeoff(path: str, curves: dict[str, list[dict]], title: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def distributed_context(device: str, enabled: bool | None = None):
+    """(rank, world_size, device) of this process. Under ``torchrun`` (WORLD_SIZE > 1 in the
+    environment) this initializes the default process group, NCCL for CUDA and gloo for the
+    CPU, and picks cuda:LOCAL_RANK; a group initialized by the caller is used as it is.
+    ``enabled=False`` forces a single process; None decides from the environment."""
+    import torch.distributed as dist
+
+    dev = torch.device(device)
+    initialized = dist.is_available() and dist.is_initialized()
+    if enabled is False or (not initialized and int(os.environ.get("WORLD_SIZE", "1")) <= 1):
+        return 0, 1, dev
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(dev)
+    if not initialized:
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), dev

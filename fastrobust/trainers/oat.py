@@ -28,8 +28,8 @@ from tqdm.auto import tqdm
 from .. import data as data_mod
 from ..attacks import PGD, evaluate
 from ..models import S1, OATWideResNet, oat_resnet18, oat_resnet34
-from .common import (check_finite, format_table, load_checkpoint, plot_tradeoff,
-                     save_checkpoint, write_json)
+from .common import (check_finite, distributed_context, format_table, load_checkpoint,
+                     plot_tradeoff, save_checkpoint, write_json)
 
 UNSEEN = (0.05, 0.15, 0.25, 0.5, 0.7, 0.9)  # λ values OAT's default set does not contain
 ARCHS = ("resnet18", "resnet34", "wrn")
@@ -66,6 +66,8 @@ class OATConfig:
     max_train_batches: int = 0      # > 0: stop each epoch after that many batches (smoke runs)
     widths: tuple = ()              # OATS: width multipliers, e.g. (0.5, 0.75, 1.0); () = OAT
     channels_last: bool | None = None  # model and batches in channels_last; None: on the CPU
+    random_start: bool = True       # PGD starts from a random point of the ε-ball
+    sync_bn: bool = True            # under DDP: batch statistics over the global batch
 
     def validate(self) -> None:
         if self.arch not in ARCHS:
@@ -109,13 +111,17 @@ def sample_lambdas(n: int, cfg: OATConfig, generator: torch.Generator) -> Tensor
     return choices[torch.randint(len(choices), (n,), generator=generator)]
 
 
-def oat_loss(model: nn.Module, attack: PGD, x: Tensor, y: Tensor, lam: Tensor) -> Tensor:
+def oat_loss(model: nn.Module, attack: PGD, x: Tensor, y: Tensor, lam: Tensor,
+             forward: nn.Module | None = None) -> Tensor:
     """OAT's loss of one batch (model in train mode): mean((1 − λ)·CE(x) + λ·CE(x_adv)). ``lam``
-    is a CPU tensor; x_adv is computed only for the samples with λ > 0."""
+    is a CPU tensor; x_adv is computed only for the samples with λ > 0. ``forward``: what the
+    two training forwards call (the DDP wrapper of ``model`` under DDP; ``model`` itself by
+    default); the attack runs on ``model`` directly."""
     dev = x.device
     lam_d = lam.to(dev)
+    forward = model if forward is None else forward
     with model.conditioned(lam):
-        lc = F.cross_entropy(model(x), y, reduction="none")
+        lc = F.cross_entropy(forward(x), y, reduction="none")
     adv = (lam > 0).nonzero().flatten()  # on the host: no device sync
     la = torch.zeros_like(lc)
     if len(adv):
@@ -124,18 +130,32 @@ def oat_loss(model: nn.Module, attack: PGD, x: Tensor, y: Tensor, lam: Tensor) -
         with model.conditioned(ls, grad=False):  # γ, β once for all PGD steps, no graph
             x_adv = attack(xs, ys)
         with model.conditioned(ls):
-            la = la.index_put((idx,), F.cross_entropy(model(x_adv), ys, reduction="none"))
+            la = la.index_put((idx,), F.cross_entropy(forward(x_adv), ys, reduction="none"))
     return ((1 - lam_d) * lc + lam_d * la).mean()
 
 
 class OATTrainer:
     """Builds the data, model, optimizer and schedule from a config and runs epochs, writing an
-    atomic checkpoint (``<out>/last.pt``) after each; ``resume=True`` continues from it."""
+    atomic checkpoint (``<out>/last.pt``) after each; ``resume=True`` continues from it.
 
-    def __init__(self, cfg: OATConfig, resume: bool = False, progress: bool = True):
+    Data-parallel under ``torchrun`` (or inside a process group the caller initialized;
+    ``distributed=False`` forces one process): every rank takes its slice of each global batch
+    (``batch_size`` is the global batch) and of its λ's, which are drawn for the global batch
+    from the run's seed, so the steps are those of one process on the global batch; each
+    rank's attack has its own random stream (seed + 1 + rank); the multi-branch BNs are
+    synchronized (``sync_bn``); the model is wrapped in DDP for the training forwards, while
+    the attack runs on the model itself. Rank 0 logs, writes checkpoints and evaluates."""
+
+    def __init__(self, cfg: OATConfig, resume: bool = False, progress: bool = True,
+                 distributed: bool | None = None):
         cfg.validate()
-        self.cfg, self.progress = cfg, progress
-        self.device = torch.device(cfg.device)
+        self.cfg = cfg
+        self.rank, self.world, self.device = distributed_context(cfg.device, distributed)
+        self.is_main = self.rank == 0
+        self.progress = progress and self.is_main
+        if cfg.batch_size < self.world:
+            raise ValueError(f"batch_size {cfg.batch_size} is the global batch; it must be at "
+                             f"least the number of ranks ({self.world})")
         self.data = data_mod.load(cfg.dataset, cfg.data_root)
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg, self.data.num_classes, self.data.in_channels)
@@ -145,24 +165,51 @@ class OATTrainer:
             # the CPU convolutions (forward and both gradients) are 10-35% faster in it
             self.memory_format = torch.channels_last
             self.model.to(memory_format=self.memory_format)
+        self.forward: nn.Module = self.model
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            from ..nn import convert_sync_multi_bn
+            if cfg.sync_bn:
+                convert_sync_multi_bn(self.model)
+            # Synchronized BNs keep the buffers equal on every rank: no broadcast per forward
+            # (the keyword was renamed in newer torch).
+            import inspect
+            kw = ("forward_sync_buffers" if "forward_sync_buffers" in
+                  inspect.signature(DistributedDataParallel).parameters else "broadcast_buffers")
+            self.forward = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda"
+                else None, **{kw: not cfg.sync_bn})
         self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                    weight_decay=cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, cfg.epochs)
         self.gen = torch.Generator().manual_seed(cfg.seed)  # shuffling and λ sampling
-        self.attack_gen = torch.Generator(self.device).manual_seed(cfg.seed + 1)
-        self.attack = PGD(self.model, cfg.eps, cfg.alpha, cfg.steps, generator=self.attack_gen)
+        self.attack_gen = torch.Generator(self.device).manual_seed(cfg.seed + 1 + self.rank)
+        self.attack = PGD(self.model, cfg.eps, cfg.alpha, cfg.steps, generator=self.attack_gen,
+                          random_start=cfg.random_start)
         self.epoch, self.history = 0, []
         self.checkpoint = os.path.join(cfg.out, "last.pt")
         if resume:
             self.load(self.checkpoint)
 
     # -- checkpoints -------------------------------------------------------------------------
+    def _attack_states(self) -> list:
+        state = self.attack_gen.get_state()
+        if self.world == 1:
+            return [state]
+        import torch.distributed as dist
+        states = [None] * self.world
+        dist.all_gather_object(states, state)
+        return states
+
     def state(self) -> dict:
+        attack = self._attack_states()  # every rank's stream (a collective under DDP)
         return {"kind": self.cfg.method, "config": dataclasses.asdict(self.cfg),
                 "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
                 "scheduler": self.sched.state_dict(), "epoch": self.epoch,
                 "history": self.history, "rng": {"data": self.gen.get_state(),
-                                                 "attack": self.attack_gen.get_state()}}
+                                                 "attack": attack[0],
+                                                 "attack_per_rank": attack}}
 
     def load(self, path: str) -> None:
         ck = load_checkpoint(path)  # on the CPU; the loads below copy to the device
@@ -170,8 +217,23 @@ class OATTrainer:
         self.opt.load_state_dict(ck["optimizer"])
         self.sched.load_state_dict(ck["scheduler"])
         self.gen.set_state(ck["rng"]["data"])
-        self.attack_gen.set_state(ck["rng"]["attack"])
+        per_rank = ck["rng"].get("attack_per_rank", [ck["rng"]["attack"]])
+        if len(per_rank) == self.world:  # the same number of ranks: each its own stream
+            self.attack_gen.set_state(per_rank[self.rank])
         self.epoch, self.history = ck["epoch"], ck["history"]
+
+    def close(self) -> None:
+        """Waits for every rank and ends the process group (under DDP)."""
+        if self.world > 1:
+            import torch.distributed as dist
+            dist.barrier()
+            dist.destroy_process_group()
+
+    def _all_sum(self, t: Tensor) -> Tensor:
+        if self.world > 1:
+            import torch.distributed as dist
+            dist.all_reduce(t)
+        return t
 
     # -- training ----------------------------------------------------------------------------
     def train_epoch(self) -> dict:
@@ -181,48 +243,67 @@ class OATTrainer:
                                    generator=self.gen)
         n_batches = len(batches) if not cfg.max_train_batches else min(len(batches),
                                                                        cfg.max_train_batches)
-        total = torch.zeros((), device=self.device)
         bar = tqdm(total=n_batches, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
                    disable=not self.progress, leave=False)
-        t0, losses = time.perf_counter(), []
+        t0, shares = time.perf_counter(), []
         for i, (x, y) in enumerate(batches):
             if i == n_batches:
                 break
+            n = len(y)
+            lam = sample_lambdas(n, cfg, self.gen)  # for the global batch: same on every rank
+            if n < self.world:  # a last batch too small to give every rank a sample
+                continue
+            if self.world > 1:  # this rank's slice of the batch and of its λ's
+                part = slice(n * self.rank // self.world, n * (self.rank + 1) // self.world)
+                x, y, lam = x[part], y[part], lam[part]
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             x = x.contiguous(memory_format=self.memory_format)
-            lam = sample_lambdas(len(y), cfg, self.gen)
-            loss = self.step(x, y, lam)
-            total += loss
-            losses.append(loss)
+            share = self.step(x, y, lam, n)
+            shares.append(share)
             bar.update(1)
             if i % 10 == 0 or i == n_batches - 1:  # one host read per ten steps
-                value = float(loss)
+                value = float(self._all_sum(share.clone()))
                 check_finite(value, f"at epoch {self.epoch + 1}, batch {i + 1}", self.checkpoint)
                 bar.set_postfix(loss=f"{value:.4f}")
         bar.close()
-        mean = float(total) / max(n_batches, 1)
+        # every step's loss over the global batch (one collective per epoch under DDP)
+        losses = self._all_sum(torch.stack(shares)) if shares else torch.zeros(0)
+        mean = float(losses.sum()) / max(n_batches, 1)
         check_finite(mean, f"in epoch {self.epoch + 1}", self.checkpoint)
         self.sched.step()
-        return {"epoch": self.epoch + 1, "loss": mean, "losses": [float(v) for v in losses],
+        return {"epoch": self.epoch + 1, "loss": mean, "losses": losses.tolist(),
                 "lr": self.opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
 
-    def step(self, x: Tensor, y: Tensor, lam: Tensor) -> Tensor:
-        """One optimizer step; OATS: the loss at every width, gradients accumulated. Returns
-        the (mean over widths) loss."""
+    def step(self, x: Tensor, y: Tensor, lam: Tensor, n_global: int | None = None) -> Tensor:
+        """One optimizer step on this rank's part (x, y, lam) of a global batch of
+        ``n_global`` samples; OATS: the loss at every width, gradients accumulated. Returns
+        this rank's share of the batch's mean loss (the loss itself in one process): each
+        rank's loss is weighted by its part of the batch, so DDP's average of the ranks'
+        gradients is the gradient of the global batch's mean loss, even for unequal parts."""
+        n_global = len(y) if n_global is None else n_global
+        weight = len(y) * self.world / n_global
         self.opt.zero_grad(set_to_none=True)
-        if not self.cfg.widths:
-            loss = oat_loss(self.model, self.attack, x, y, lam)
-            loss.backward()
-            self.opt.step()
-            return loss.detach()
-        total = torch.zeros((), device=x.device)
-        for w in self.cfg.widths:
-            with self.model.at_width(w):
-                loss = oat_loss(self.model, self.attack, x, y, lam)
+        widths = self.cfg.widths or (None,)
+
+        def loss_at(w):
+            with contextlib.nullcontext() if w is None else self.model.at_width(w):
+                return oat_loss(self.model, self.attack, x, y, lam, self.forward) * weight
+
+        if self.world > 1 and len(widths) > 1:
+            # DDP reduces the gradients once per backward, of the parameters that backward
+            # reaches, and a width's switchable BNs are reached by its own loss only: under
+            # DDP the widths' losses go into one backward (the same gradient, with every
+            # width's activations held at once).
+            total = torch.stack([loss_at(w) for w in widths]).sum()
+            total.backward()
+        else:  # one backward per width, gradients accumulated (OATS's Algorithm 2)
+            total = torch.zeros((), device=x.device)
+            for w in widths:
+                loss = loss_at(w)
                 loss.backward()
-            total += loss.detach()
+                total = total + loss.detach()
         self.opt.step()
-        return total / len(self.cfg.widths)
+        return total.detach() / (len(widths) * self.world)
 
     def fit(self, log=print) -> list[dict]:
         while self.epoch < self.cfg.epochs:
@@ -230,9 +311,11 @@ class OATTrainer:
             self.epoch += 1
             self.history.append({k: v for k, v in rec.items() if k != "losses"} |
                                 {"losses": rec["losses"]})
-            save_checkpoint(self.checkpoint, self.state())
-            log(f"epoch {rec['epoch']:>3}/{self.cfg.epochs}  loss {rec['loss']:.4f}  "
-                f"lr {rec['lr']:.4f}  {rec['seconds']:.1f}s")
+            state = self.state()  # a collective under DDP: every rank builds it
+            if self.is_main:
+                save_checkpoint(self.checkpoint, state)
+                log(f"epoch {rec['epoch']:>3}/{self.cfg.epochs}  loss {rec['loss']:.4f}  "
+                    f"lr {rec['lr']:.4f}  {rec['seconds']:.1f}s")
         return self.history
 
 
