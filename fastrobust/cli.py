@@ -217,6 +217,64 @@ def demo(args) -> int:
     return 0
 
 
+def train_afa(args) -> int:
+    from fastrobust.trainers.afa import AFAConfig, AFATrainer, evaluate_afa, report_afa
+    from fastrobust.trainers.common import TrainingDiverged
+
+    fields = AFAConfig.__dataclass_fields__
+    cfg = AFAConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
+    eps = ", ".join(f"{e:.4g}" for e in cfg.strengths().tolist())
+    print(f"AFA on {cfg.dataset}: ResNet-18 of width {cfg.width}, K={cfg.num_branches} "
+          f"strengths [{eps}], stage I {cfg.epochs} epochs ({cfg.schedule}, "
+          f"{cfg.adv_loss.upper()}-AT, PGD-{cfg.steps}), stage II {cfg.epochs2} epochs; "
+          f"checkpoints in {cfg.out}")
+    trainer = AFATrainer(cfg, resume=args.resume)
+    if args.resume:
+        print(f"resumed after stage-I epoch {trainer.epoch1}, stage-II epoch {trainer.epoch2}")
+    try:
+        trainer.fit()
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    result = evaluate_afa(trainer.model, trainer.data.test, cfg)
+    report_afa(result, cfg, cfg.out, f"AFA ResNet-18/w{cfg.width} on {cfg.dataset}")
+    return 0
+
+
+def _add_afa_options(p):
+    from fastrobust.trainers.afa import AFAConfig
+
+    d = AFAConfig()
+    p.add_argument("--dataset", choices=("digits", "cifar10", "svhn"),
+                   help="default digits (embedded)")
+    p.add_argument("--data-root", dest="data_root", help="directory with the data set's files")
+    p.add_argument("--width", type=int, help=f"ResNet base width (default {d.width})")
+    p.add_argument("--epochs", type=int, help=f"stage-I epochs (default {d.epochs})")
+    p.add_argument("--epochs2", type=int, help=f"stage-II epochs (default {d.epochs2})")
+    p.add_argument("--batch-size", dest="batch_size", type=int, help=f"default {d.batch_size}")
+    p.add_argument("--lr", type=float, help=f"stage-I learning rate (default {d.lr})")
+    p.add_argument("--lr2", type=float, help=f"stage-II learning rate (default {d.lr2})")
+    p.add_argument("--branches", dest="num_branches", type=int,
+                   help=f"K attack strengths, 0..max-eps (default {d.num_branches})")
+    p.add_argument("--max-eps", dest="max_eps", type=float, help="strongest ε (default 8/255)")
+    p.add_argument("--steps", type=int, help=f"PGD steps in training (default {d.steps})")
+    p.add_argument("--adv-loss", dest="adv_loss", choices=("pgd", "trades"),
+                   help="adversarial loss (default pgd: PGD-AT)")
+    p.add_argument("--trades-beta", dest="trades_beta", type=float,
+                   help=f"default {d.trades_beta}")
+    p.add_argument("--schedule", choices=("batched", "sequential"),
+                   help="stage I: one batched attack and pass (default) or the paper's "
+                   "sequential K passes")
+    p.add_argument("--seed", type=int, help=f"default {d.seed}")
+    p.add_argument("--device", help="cpu or cuda (default cpu)")
+    p.add_argument("--out", help=f"run directory (default {d.out})")
+    p.add_argument("--eval-steps", dest="eval_steps", type=int,
+                   help=f"PGD steps of the evaluation (default {d.eval_steps})")
+    p.add_argument("--max-train-batches", dest="max_train_batches", type=int,
+                   help="stop each epoch after that many batches (smoke runs)")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
+
+
 def _add_oat_options(p):
     from fastrobust.trainers.oat import OATConfig
 
@@ -274,7 +332,7 @@ def main(argv=None) -> int:
     p_demo.add_argument("--out", default="runs/demo", help="default runs/demo")
     p_demo.set_defaults(fn=demo)
 
-    p_train = sub.add_parser("train", help="train OAT or OATS")
+    p_train = sub.add_parser("train", help="train OAT, OATS or AFA")
     train_sub = p_train.add_subparsers(dest="method", required=True)
     p_oat = train_sub.add_parser("oat", help="Once-for-All Adversarial Training")
     _add_oat_options(p_oat)
@@ -285,6 +343,10 @@ def main(argv=None) -> int:
     p_oats.add_argument("--widths", type=float, nargs="+", default=[0.5, 0.75, 1.0],
                         help="width multipliers (default 0.5 0.75 1.0)")
     p_oats.set_defaults(fn=train)
+    p_afa = train_sub.add_parser("afa", help="AFA: K-way BN over attack strengths (stage I), "
+                                 "then the weight generator (stage II)")
+    _add_afa_options(p_afa)
+    p_afa.set_defaults(fn=train_afa)
 
     p_eval = sub.add_parser("eval", help="lambda sweep of a checkpoint (SA, RA, JSON, plot)")
     p_eval.add_argument("checkpoint", help="a trainer checkpoint, e.g. runs/oat/last.pt")

@@ -1,0 +1,396 @@
+"""The AFA trainer (Adaptive Feature Alignment): stage I trains a K-way BN network, one BN
+branch per attack strength ε_k (evenly spaced from 0 to ``max_eps``; branch 0 is clean); stage II
+freezes it and trains the weight generator whose per-sample W0 mixes BN_0 and BN_{K-1}.
+
+Stage I, batched (default): the K−1 adversarial copies of a batch are made by ONE attack with
+per-sample ε (sample n of copy k at ε_k, through branch k), then ONE forward/backward over the
+clean batch and all copies, each routed to its strength's branch:
+    L = CE(f(x; BN_0), y) + Σ_k L_adv,k      (PGD-AT: L_adv,k = CE(f(x_k; BN_k), y);
+                                              TRADES: β·KL(f(x; BN_0) ‖ f(x_k; BN_k)))
+The per-branch batch statistics are those of the paper's sequential schedule (Algorithm 1: one
+attack and one forward per strength), kept as ``schedule="sequential"``; both give the same loss.
+
+Stage II: inputs attacked at a random strength per sample (unknown to the model: ε ~ U(0,
+max_eps), clean with probability 1/K), cross-entropy only, the generator's parameters only; the
+base model stays in eval mode (its statistics frozen).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .. import data as data_mod
+from ..attacks import FGSM, PGD
+from ..attacks.attacks import eval_mode
+from ..models import afa_resnet18
+from .common import check_finite, format_table, load_checkpoint, save_checkpoint, write_json
+
+__all__ = ["AFAConfig", "AFATrainer", "RelativePGD", "stage1_loss", "evaluate_afa",
+           "report_afa"]
+
+
+@dataclass
+class AFAConfig:
+    """Everything an AFA run needs; stored in its checkpoints."""
+    dataset: str = "digits"
+    data_root: str | None = None
+    width: int = 64
+    epochs: int = 100               # stage I
+    epochs2: int = 20               # stage II
+    batch_size: int = 128
+    lr: float = 0.1
+    lr2: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    num_branches: int = 5           # K strengths, evenly spaced in [0, max_eps]
+    max_eps: float = 8 / 255
+    alpha_ratio: float = 0.25       # PGD step = ratio·ε (2/255 at 8/255)
+    steps: int = 7
+    adv_loss: str = "pgd"           # pgd (PGD-AT) | trades
+    trades_beta: float = 6.0
+    schedule: str = "batched"       # batched (one attack, one pass) | sequential (Alg. 1)
+    random_start: bool = True
+    wg_hidden: int = 32
+    seed: int = 0
+    device: str = "cpu"
+    out: str = "runs/afa"
+    eval_steps: int = 20
+    eval_fracs: tuple = (0.0, 0.125, 0.25, 0.5, 1.0)   # ε / max_eps: {0, 1, 2, 4, 8}/255
+    max_train_batches: int = 0
+    channels_last: bool | None = None
+
+    def validate(self) -> None:
+        if self.dataset not in data_mod.DATASETS:
+            raise ValueError(f"dataset must be one of {data_mod.DATASETS}, got {self.dataset!r}")
+        if self.num_branches < 2:
+            raise ValueError(f"num_branches must be >= 2, got {self.num_branches}")
+        if self.adv_loss not in ("pgd", "trades"):
+            raise ValueError(f"adv_loss must be 'pgd' or 'trades', got {self.adv_loss!r}")
+        if self.schedule not in ("batched", "sequential"):
+            raise ValueError(f"schedule must be 'batched' or 'sequential', got "
+                             f"{self.schedule!r}")
+        if self.epochs < 0 or self.epochs2 < 0 or self.batch_size < 1 or self.steps < 0:
+            raise ValueError("epochs, epochs2 and steps must be >= 0, batch_size >= 1")
+        if not self.max_eps > 0:
+            raise ValueError(f"max_eps must be > 0, got {self.max_eps}")
+
+    def strengths(self, device=None) -> Tensor:
+        """ε_k, k = 0..K−1 (ε_0 = 0: the clean branch)."""
+        return torch.linspace(0, self.max_eps, self.num_branches, device=device)
+
+
+class RelativePGD(PGD):
+    """linf PGD whose step is ``ratio``·ε, per sample when ε is (so one attack serves a batch
+    of mixed strengths)."""
+
+    def __init__(self, model: nn.Module, eps, ratio: float = 0.25, steps: int = 7, **kw):
+        super().__init__(model, eps=eps, alpha=None, steps=steps, **kw)
+        self.ratio = float(ratio)
+
+    def _step_size(self, eps):
+        return eps * self.ratio
+
+
+def _trades_kl(logits_adv: Tensor, p_clean: Tensor) -> Tensor:
+    """Σ_n KL(p_clean,n ‖ softmax(logits_adv,n)) (summed over the batch)."""
+    return F.kl_div(F.log_softmax(logits_adv, 1), p_clean, reduction="sum")
+
+
+def stage1_loss(model, x: Tensor, y: Tensor, cfg: AFAConfig,
+                generator: torch.Generator | None = None, schedule: str | None = None,
+                memory_format=torch.contiguous_format) -> Tensor:
+    """Stage I's loss of one batch (model in train mode, stage 1): CE on the clean batch
+    through BN_0 plus, for every strength k ≥ 1, the adversarial loss of the batch attacked at
+    ε_k through BN_k. ``schedule``: "batched" (one attack, one forward) or "sequential"."""
+    schedule = schedule or cfg.schedule
+    K, N, dev = cfg.num_branches, x.shape[0], x.device
+    eps = cfg.strengths(dev)
+    trades = cfg.adv_loss == "trades"
+
+    def attack(e, b, inputs, targets, p_clean=None):
+        loss = "ce" if p_clean is None else (lambda out, _y: _trades_kl(out, p_clean))
+        atk = RelativePGD(model, e, cfg.alpha_ratio, cfg.steps, random_start=cfg.random_start,
+                          loss=loss, generator=generator)
+        return atk(inputs, targets, branch=b)
+
+    p_clean = None
+    if trades:  # the attack's target distribution: the clean prediction (eval mode)
+        with torch.no_grad(), eval_mode(model):
+            p_clean = F.softmax(model(x, branch=0), 1)
+
+    if schedule == "batched":
+        br = torch.arange(1, K, device=dev).repeat_interleave(N)
+        e = eps[1:].repeat_interleave(N)
+        xs = torch.cat([x] * (K - 1)).contiguous(memory_format=memory_format)
+        ys = y.repeat(K - 1)
+        x_adv = attack(e, br, xs, ys, None if p_clean is None else p_clean.repeat(K - 1, 1))
+        inp = torch.cat([x, x_adv]).contiguous(memory_format=memory_format)
+        logits = model(inp, branch=torch.cat([torch.zeros_like(y), br]))
+        clean, adv = logits[:N], logits[N:]
+        lc = F.cross_entropy(clean, y)
+        if trades:
+            la = cfg.trades_beta * _trades_kl(adv, F.softmax(clean, 1).repeat(K - 1, 1)) / N
+        else:
+            la = F.cross_entropy(adv, ys, reduction="sum") / N
+        return lc + la
+    if schedule != "sequential":
+        raise ValueError(f"schedule must be 'batched' or 'sequential', got {schedule!r}")
+    total = torch.zeros((), device=dev)
+    advs = []
+    for k in range(1, K):  # Algorithm 1: strength k's attack and forward, through BN_k
+        x_adv = attack(float(eps[k]), k, x, y, p_clean)
+        advs.append(model(x_adv, branch=k))
+    clean = model(x, branch=0)
+    for logits_k in advs:
+        if trades:
+            total = total + cfg.trades_beta * _trades_kl(logits_k, F.softmax(clean, 1)) / N
+        else:
+            total = total + F.cross_entropy(logits_k, y)
+    return F.cross_entropy(clean, y) + total
+
+
+def random_strengths(n: int, cfg: AFAConfig, generator: torch.Generator) -> Tensor:
+    """Stage II's per-sample strengths: U(0, max_eps), and exactly 0 (clean) with probability
+    1/K (host tensor)."""
+    e = torch.rand(n, generator=generator) * cfg.max_eps
+    clean = torch.rand(n, generator=generator) < 1 / cfg.num_branches
+    return torch.where(clean, torch.zeros_like(e), e)
+
+
+class AFATrainer:
+    """Stage I then stage II, an atomic checkpoint (``<out>/last.pt``) after every epoch of
+    either; ``resume=True`` continues from it, in the stage it was in."""
+
+    def __init__(self, cfg: AFAConfig, resume: bool = False, progress: bool = True):
+        cfg.validate()
+        self.cfg, self.progress = cfg, progress
+        self.device = torch.device(cfg.device)
+        self.data = data_mod.load(cfg.dataset, cfg.data_root)
+        torch.manual_seed(cfg.seed)
+        self.model = afa_resnet18(self.data.num_classes, cfg.width, self.data.in_channels,
+                                  cfg.num_branches, cfg.wg_hidden).to(self.device)
+        self.memory_format = torch.contiguous_format
+        if cfg.channels_last or (cfg.channels_last is None and self.device.type == "cpu"):
+            self.memory_format = torch.channels_last
+            self.model.to(memory_format=self.memory_format)
+        base = [p for n, p in self.model.named_parameters() if not n.startswith("generator.")]
+        self.opt1 = torch.optim.SGD(base, lr=cfg.lr, momentum=cfg.momentum,
+                                    weight_decay=cfg.weight_decay)
+        e1 = max(cfg.epochs, 1)
+        self.sched1 = torch.optim.lr_scheduler.MultiStepLR(
+            self.opt1, [math.ceil(0.75 * e1), math.ceil(0.9 * e1)], 0.1)
+        self.opt2 = torch.optim.SGD(self.model.generator.parameters(), lr=cfg.lr2,
+                                    momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        self.sched2 = torch.optim.lr_scheduler.MultiStepLR(
+            self.opt2, [math.ceil(0.5 * max(cfg.epochs2, 1))], 0.1)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.attack_gen = torch.Generator(self.device).manual_seed(cfg.seed + 1)
+        self.epoch1 = self.epoch2 = 0
+        self.history: list[dict] = []
+        self.checkpoint = os.path.join(cfg.out, "last.pt")
+        if resume:
+            self.load(self.checkpoint)
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {"kind": "afa", "config": dataclasses.asdict(self.cfg),
+                "model": self.model.state_dict(), "stage": self.model.stage,
+                "opt1": self.opt1.state_dict(), "opt2": self.opt2.state_dict(),
+                "sched1": self.sched1.state_dict(), "sched2": self.sched2.state_dict(),
+                "epoch1": self.epoch1, "epoch2": self.epoch2, "history": self.history,
+                "rng": {"data": self.gen.get_state(), "attack": self.attack_gen.get_state()}}
+
+    def load(self, path: str) -> None:
+        ck = load_checkpoint(path)
+        if ck["stage"] == 2:
+            self.model.freeze_for_stage2()
+        self.model.load_state_dict(ck["model"])
+        self.opt1.load_state_dict(ck["opt1"])
+        self.opt2.load_state_dict(ck["opt2"])
+        self.sched1.load_state_dict(ck["sched1"])
+        self.sched2.load_state_dict(ck["sched2"])
+        self.gen.set_state(ck["rng"]["data"])
+        self.attack_gen.set_state(ck["rng"]["attack"])
+        self.epoch1, self.epoch2, self.history = ck["epoch1"], ck["epoch2"], ck["history"]
+
+    # -- training ----------------------------------------------------------------------------
+    def step1(self, x: Tensor, y: Tensor) -> Tensor:
+        self.opt1.zero_grad(set_to_none=True)
+        loss = stage1_loss(self.model, x, y, self.cfg, self.attack_gen,
+                           memory_format=self.memory_format)
+        loss.backward()
+        self.opt1.step()
+        return loss.detach()
+
+    def step2(self, x: Tensor, y: Tensor) -> Tensor:
+        eps = random_strengths(len(y), self.cfg, self.gen).to(self.device)
+        x_adv = RelativePGD(self.model, eps, self.cfg.alpha_ratio, self.cfg.steps,
+                            random_start=self.cfg.random_start, generator=self.attack_gen)(x, y)
+        self.opt2.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(self.model(x_adv), y)
+        loss.backward()
+        self.opt2.step()
+        return loss.detach()
+
+    def _epoch(self, stage: int) -> dict:
+        cfg = self.cfg
+        self.model.train()
+        batches = data_mod.Batches(self.data.train, cfg.batch_size, shuffle=True,
+                                   generator=self.gen)
+        n = len(batches) if not cfg.max_train_batches else min(len(batches),
+                                                                cfg.max_train_batches)
+        num = self.epoch1 + 1 if stage == 1 else self.epoch2 + 1
+        total = cfg.epochs if stage == 1 else cfg.epochs2
+        bar = tqdm(total=n, desc=f"stage {stage}, epoch {num}/{total}",
+                   disable=not self.progress, leave=False)
+        t0, losses = time.perf_counter(), []
+        for i, (x, y) in enumerate(batches):
+            if i == n:
+                break
+            x = x.to(self.device).contiguous(memory_format=self.memory_format)
+            y = y.to(self.device)
+            loss = self.step1(x, y) if stage == 1 else self.step2(x, y)
+            losses.append(loss)
+            bar.update(1)
+            if i % 10 == 0 or i == n - 1:
+                value = float(loss)
+                check_finite(value, f"in stage {stage}, epoch {num}, batch {i + 1}",
+                             self.checkpoint)
+                bar.set_postfix(loss=f"{value:.4f}")
+        bar.close()
+        mean = float(torch.stack(losses).mean()) if losses else float("nan")
+        check_finite(mean, f"in stage {stage}, epoch {num}", self.checkpoint)
+        (self.sched1 if stage == 1 else self.sched2).step()
+        return {"stage": stage, "epoch": num, "loss": mean, "seconds": time.perf_counter() - t0}
+
+    def fit(self, log=print) -> list[dict]:
+        while self.epoch1 < self.cfg.epochs:
+            rec = self._epoch(1)
+            self.epoch1 += 1
+            self._done(rec, log)
+        if self.model.stage == 1:
+            self.model.freeze_for_stage2()
+        while self.epoch2 < self.cfg.epochs2:
+            rec = self._epoch(2)
+            self.epoch2 += 1
+            self._done(rec, log)
+        return self.history
+
+    def _done(self, rec: dict, log) -> None:
+        self.history.append(rec)
+        save_checkpoint(self.checkpoint, self.state())
+        total = self.cfg.epochs if rec["stage"] == 1 else self.cfg.epochs2
+        log(f"stage {rec['stage']}  epoch {rec['epoch']:>3}/{total}  loss {rec['loss']:.4f}  "
+            f"{rec['seconds']:.1f}s")
+
+
+# -- evaluation --------------------------------------------------------------------------------
+
+def _rank(t: Tensor) -> Tensor:
+    r = torch.empty_like(t)
+    r[t.argsort()] = torch.arange(len(t), dtype=t.dtype, device=t.device)
+    return r
+
+
+def rank_correlation(a: Tensor, b: Tensor) -> float:
+    """Spearman's rank correlation of two 1-D tensors (ties broken by position)."""
+    ra, rb = _rank(a.double()), _rank(b.double())
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()).clamp_min(1e-30))
+
+
+@torch.no_grad()
+def _predict(model, x):
+    logits, w0 = model(x, return_weight=True)
+    return logits.argmax(1), w0
+
+
+def evaluate_afa(model, split, cfg: AFAConfig, batch_size: int = 256, progress: bool = True,
+                 steps: int | None = None, adaptive_weights=(0.1, 1.0, 10.0)) -> dict:
+    """Stage-II model (eval mode): accuracy and mean W1 = 1 − W0 under PGD-n at each strength
+    of ``cfg.eval_fracs``·max_eps (0: clean); FGSM and CW∞ at max_eps; the adaptive attack
+    (PGD on CE + c·BCE(W0, 0), pushing the generator towards the clean branch) at max_eps,
+    worst over ``adaptive_weights``; and W1's rank correlation with ε over every sample."""
+    model.eval()
+    steps = cfg.eval_steps if steps is None else steps
+    dev = next(model.parameters()).device
+    gen = torch.Generator(dev).manual_seed(0)
+    E = cfg.max_eps
+    attacks = {}
+    for f in cfg.eval_fracs:
+        e = f * E
+        attacks[f"PGD-{steps} eps={e:.4g}"] = (e, None if e == 0 else RelativePGD(
+            model, e, cfg.alpha_ratio, steps, generator=gen))
+    attacks[f"FGSM eps={E:.4g}"] = (E, FGSM(model, E))
+    attacks[f"CW-inf eps={E:.4g}"] = (E, RelativePGD(model, E, cfg.alpha_ratio, steps,
+                                                     loss="cw", generator=gen))
+    for c in adaptive_weights:
+        def loss(out, y, c=c):
+            logits, w0 = out
+            return F.cross_entropy(logits, y) + c * F.binary_cross_entropy(
+                w0, torch.zeros_like(w0))
+        attacks[f"adaptive c={c:g}"] = (E, RelativePGD(model, E, cfg.alpha_ratio, steps,
+                                                       loss=loss, generator=gen))
+    correct = {k: 0 for k in attacks}
+    w1_sum = {k: 0.0 for k in attacks}
+    eps_all, w1_all = [], []
+    n = 0
+    bar = tqdm(total=len(split), desc="AFA evaluation", disable=not progress, leave=False)
+    for x, y in data_mod.Batches(split, batch_size):
+        x, y = x.to(dev), y.to(dev)
+        for name, (e, atk) in attacks.items():
+            kw = {"return_weight": True} if name.startswith("adaptive") else {}
+            xa = x if atk is None else atk(x, y, **kw)
+            pred, w0 = _predict(model, xa)
+            correct[name] += int((pred == y).sum())
+            w1_sum[name] += float((1 - w0).sum())
+            if name.startswith("PGD"):
+                eps_all.append(torch.full((len(y),), e))
+                w1_all.append((1 - w0).cpu())
+        n += len(y)
+        bar.update(len(y))
+    bar.close()
+    rows = [{"attack": k, "eps": attacks[k][0], "acc": correct[k] / n, "W1": w1_sum[k] / n}
+            for k in attacks]
+    adaptive = [r for r in rows if r["attack"].startswith("adaptive")]
+    worst = min(adaptive, key=lambda r: r["acc"]) if adaptive else None
+    return {"rows": rows, "adaptive_worst": worst,
+            "w1_eps_rank_correlation": rank_correlation(torch.cat(eps_all), torch.cat(w1_all))}
+
+
+def report_afa(result: dict, cfg: AFAConfig, out: str, title: str) -> None:
+    """Table on the terminal, results.json, and the W1-versus-ε / accuracy-versus-ε plot."""
+    rows = result["rows"]
+    print(format_table([dict(r, pct=100 * r["acc"]) for r in rows],
+                       [("attack", "attack", "{}"), ("eps", "eps", "{:.4g}"),
+                        ("pct", "acc %", "{:.1f}"), ("W1", "mean W1", "{:.3f}")]))
+    print(f"W1 vs eps rank correlation (PGD, every sample): "
+          f"{result['w1_eps_rank_correlation']:+.3f}")
+    os.makedirs(out, exist_ok=True)
+    write_json(os.path.join(out, "results.json"), {"title": title, **result,
+                                                   "config": dataclasses.asdict(cfg)})
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    pgd = [r for r in rows if r["attack"].startswith("PGD")]
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.6))
+    eps = [r["eps"] for r in pgd]
+    ax[0].plot(eps, [r["W1"] for r in pgd], "o-")
+    ax[0].set(xlabel="attack strength ε (PGD)", ylabel="mean W1 (weight on BN_adv)",
+              title="the generator's weight vs ε")
+    ax[1].plot(eps, [100 * r["acc"] for r in pgd], "o-")
+    ax[1].set(xlabel="attack strength ε (PGD)", ylabel="accuracy %", title="accuracy vs ε")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "w1_vs_eps.png"), dpi=120)
+    plt.close(fig)
+    print(f"results: {os.path.join(out, 'results.json')}; plot: "
+          f"{os.path.join(out, 'w1_vs_eps.png')}")
