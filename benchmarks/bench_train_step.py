@@ -85,3 +85,70 @@ def test_oat_train_step(benchmark, impl):
     benchmark.group = f"oat_train_step ResNet-18/w{width} digits batch {n}, PGD-{steps}"
     record(benchmark, impl=impl, nbytes=0, tensor_bytes=0, fused=impl == "fused")
     benchmark.pedantic(step, rounds=3 if QUICK else 15, iterations=1, warmup_rounds=1)
+
+
+# --- AFA stage I: one batched attack and pass against the paper's K-pass schedule ----------
+
+AFA_IMPLS = ["fused", "fused_sequential", "eager_kpass", "compiled_eager_kpass"]
+
+
+def afa_setup(n, width):
+    from fastrobust.models import afa_resnet18
+    from fastrobust.trainers.afa import AFAConfig
+
+    torch.manual_seed(0)
+    cfg = AFAConfig(width=width, max_eps=EPS, steps=7)
+    model = afa_resnet18(10, width, in_channels=1).train()
+    x, y = torch.rand(n, 1, 8, 8), torch.randint(0, 10, (n,))
+    return cfg, model, x, y
+
+
+def afa_step(impl, cfg, model, x, y, steps):
+    from fastrobust.baselines import eager_afa_forward, eager_afa_stage1_loss
+    from fastrobust.trainers.afa import stage1_loss
+
+    cfg = copy.copy(cfg)
+    cfg.steps = steps
+    if impl.startswith("fused"):
+        model.to(memory_format=torch.channels_last)  # as AFATrainer does on the CPU
+        x = x.contiguous(memory_format=torch.channels_last)
+        schedule = "sequential" if impl == "fused_sequential" else "batched"
+
+        def step():
+            loss = stage1_loss(model, x, y, cfg, torch.Generator().manual_seed(1), schedule,
+                               memory_format=torch.channels_last)
+            model.zero_grad(set_to_none=True)
+            loss.backward()
+            return loss
+        return step
+    forward = torch.compile(eager_afa_forward) if impl.startswith("compiled") else \
+        eager_afa_forward
+    K, n = cfg.num_branches, len(y)
+    eps = cfg.strengths()
+    # the fused attack's random starts: one draw for the K-1 copies, from the same seed
+    starts = F.pgd_init(torch.cat([x] * (K - 1)), eps[1:].repeat_interleave(n),
+                        generator=torch.Generator().manual_seed(1)).split(n)
+
+    def step():
+        loss = eager_afa_stage1_loss(model, x, y, eps.tolist(), cfg.alpha_ratio, steps,
+                                     starts, forward=forward)
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        return loss
+    return step
+
+
+@pytest.mark.parametrize("impl", AFA_IMPLS)
+def test_afa_stage1_step(benchmark, impl):
+    n, width, steps = (16, 4, 2) if QUICK else (64, 16, 7)
+    torch._dynamo.reset()
+    cfg, model, x, y = afa_setup(n, width)
+    reference = copy.deepcopy(model)
+    step = afa_step(impl, cfg, model, x, y, steps)
+    want = afa_step("eager_kpass", cfg, reference, x, y, steps)()
+    got = step()
+    torch.testing.assert_close(got, want, rtol=5e-5, atol=1e-5)
+    benchmark.group = (f"afa_stage1_step ResNet-18/w{width} digits batch {n}, K=5, "
+                       f"PGD-{steps}")
+    record(benchmark, impl=impl, nbytes=0, tensor_bytes=0, fused=impl == "fused")
+    benchmark.pedantic(step, rounds=3 if QUICK else 10, iterations=1, warmup_rounds=1)

@@ -215,3 +215,55 @@ def eager_oat_loss(model, x: Tensor, y: Tensor, lam: Tensor, eps: float, alpha: 
         la_adv = nn.functional.cross_entropy(forward(model, x_adv, cs, 0), ys, reduction="none")
         la = torch.cat([la[:n_zero], la_adv])
     return ((1 - lam) * lc + lam * la).mean()
+
+
+# --- AFA stage I as users write it (for the training-step benchmark) -----------------------
+
+def _branch_bn(x: Tensor, bn, k: int, training: bool) -> Tensor:
+    """Branch k of a K-way MultiBatchNorm2d as its own nn.BatchNorm2d would compute it (the
+    running-stat rows are views, updated in place like a module's buffers)."""
+    return nn.functional.batch_norm(x, bn.running_mean[k], bn.running_var[k], bn.weight[k],
+                                    bn.bias[k], training, bn.momentum, bn.eps)
+
+
+def eager_afa_forward(model, x: Tensor, k: int) -> Tensor:
+    """An `AFAResNet`'s forward through branch k with plain ops: every BN its branch's
+    F.batch_norm, ReLU and the residual add as separate passes."""
+    tr = model.training
+    out = torch.relu(_branch_bn(model.conv1(x), model.bn1, k, tr))
+    for blk in model.layers:
+        o = torch.relu(_branch_bn(blk.conv1(out), blk.bn1, k, tr))
+        o = _branch_bn(blk.conv2(o), blk.bn2, k, tr)
+        sc = out if blk.shortcut is None else _branch_bn(blk.shortcut[0](out), blk.shortcut[1],
+                                                         k, tr)
+        out = torch.relu(o + sc)
+    return model.fc(nn.functional.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+def eager_afa_stage1_loss(model, x: Tensor, y: Tensor, strengths, alpha_ratio: float,
+                          steps: int, starts, forward=eager_afa_forward) -> Tensor:
+    """AFA's stage-I loss with the paper's sequential schedule (Algorithm 1) in eager
+    PyTorch: for every strength k ≥ 1, torchattacks' PGD loop (eval mode, parameters frozen)
+    through branch k from ``starts[k-1]`` and a training forward through branch k; then the
+    clean forward through branch 0. CE(clean) + Σ_k CE(adv_k)."""
+    total = 0.0
+    for k in range(1, len(strengths)):
+        eps = float(strengths[k])
+        was = model.training
+        flags = [p.requires_grad for p in model.parameters()]
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        try:
+            adv = starts[k - 1].clone()
+            for _ in range(steps):
+                adv.requires_grad_(True)
+                cost = nn.functional.cross_entropy(forward(model, adv, k), y)
+                grad = torch.autograd.grad(cost, adv)[0]
+                adv = torchattacks_step(adv.detach(), grad, x, eps, alpha_ratio * eps)
+        finally:
+            for p, f in zip(model.parameters(), flags):
+                p.requires_grad_(f)
+            model.train(was)
+        total = total + nn.functional.cross_entropy(forward(model, adv, k), y)
+    return nn.functional.cross_entropy(forward(model, x, 0), y) + total

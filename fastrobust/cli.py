@@ -223,21 +223,26 @@ def train_afa(args) -> int:
 
     fields = AFAConfig.__dataclass_fields__
     cfg = AFAConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
-    eps = ", ".join(f"{e:.4g}" for e in cfg.strengths().tolist())
-    print(f"AFA on {cfg.dataset}: ResNet-18 of width {cfg.width}, K={cfg.num_branches} "
-          f"strengths [{eps}], stage I {cfg.epochs} epochs ({cfg.schedule}, "
-          f"{cfg.adv_loss.upper()}-AT, PGD-{cfg.steps}), stage II {cfg.epochs2} epochs; "
-          f"checkpoints in {cfg.out}")
     trainer = AFATrainer(cfg, resume=args.resume)
+    say = print if trainer.is_main else (lambda *a, **k: None)  # rank 0 speaks under DDP
+    eps = ", ".join(f"{e:.4g}" for e in cfg.strengths().tolist())
+    ranks = f"; {trainer.world} ranks (DDP, global batch {cfg.batch_size})" \
+        if trainer.world > 1 else ""
+    say(f"AFA on {cfg.dataset}: ResNet-18 of width {cfg.width}, K={cfg.num_branches} "
+        f"strengths [{eps}], stage I {cfg.epochs} epochs ({cfg.schedule}, "
+        f"{cfg.adv_loss.upper()}-AT, PGD-{cfg.steps}), stage II {cfg.epochs2} epochs; "
+        f"checkpoints in {cfg.out}{ranks}")
     if args.resume:
-        print(f"resumed after stage-I epoch {trainer.epoch1}, stage-II epoch {trainer.epoch2}")
+        say(f"resumed after stage-I epoch {trainer.epoch1}, stage-II epoch {trainer.epoch2}")
     try:
-        trainer.fit()
+        trainer.fit(log=say)
     except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
+        say(f"error: {e}", file=sys.stderr)
         return 2
-    result = evaluate_afa(trainer.model, trainer.data.test, cfg)
-    report_afa(result, cfg, cfg.out, f"AFA ResNet-18/w{cfg.width} on {cfg.dataset}")
+    if trainer.is_main:
+        result = evaluate_afa(trainer.model, trainer.data.test, cfg)
+        report_afa(result, cfg, cfg.out, f"AFA ResNet-18/w{cfg.width} on {cfg.dataset}")
+    trainer.close()
     return 0
 
 
@@ -272,6 +277,8 @@ def _add_afa_options(p):
                    help=f"PGD steps of the evaluation (default {d.eval_steps})")
     p.add_argument("--max-train-batches", dest="max_train_batches", type=int,
                    help="stop each epoch after that many batches (smoke runs)")
+    p.add_argument("--no-sync-bn", dest="sync_bn", action="store_false", default=None,
+                   help="under torchrun: per-rank BN statistics instead of the global batch's")
     p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
 
 

@@ -26,7 +26,8 @@ def test_model_routing_and_mixing():
     m = afa_resnet18(10, 4, in_channels=1, num_branches=5).train()
     x = torch.rand(6, 1, 8, 8)
     assert m(x, branch=torch.tensor([0, 1, 2, 3, 4, 0])).shape == (6, 10)
-    bns = [b for b in m.modules() if isinstance(b, MultiBatchNorm2d)]
+    gen = {id(b) for b in m.generator.modules()}
+    bns = [b for b in m.modules() if isinstance(b, MultiBatchNorm2d) and id(b) not in gen]
     assert len(bns) == 20 and all(b.num_branches == 5 for b in bns)
     with pytest.raises(RuntimeError, match="stage 2"):
         m(x, branch=0, return_weight=True)
@@ -44,8 +45,8 @@ def test_model_routing_and_mixing():
     # W0 = 1 is BN_0 alone: the stage-II forward equals the stage-I forward through branch 0
     with torch.no_grad():
         m.eval()
-        m.generator.body[-1].bias.fill_(1e4)
-        m.generator.body[-1].weight.zero_()
+        m.generator.head[-1].bias.fill_(1e4)
+        m.generator.head[-1].weight.zero_()
         both = m(x)
         m.stage = 1
         torch.testing.assert_close(both, m(x, branch=0), rtol=1e-5, atol=1e-6)

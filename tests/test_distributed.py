@@ -237,22 +237,59 @@ def test_ddp_training_steps_equal_single_process(tmp_path, widths, steps, batche
     _spawn(_trainer_worker, str(tmp_path), widths, steps, batches, width)
 
 
-def test_torchrun_command_line(tmp_path):
-    """`torchrun --nproc-per-node=2 -m fastrobust train oat ...` trains data-parallel, and
-    rank 0 alone checkpoints, evaluates and writes the results."""
+@pytest.mark.parametrize("method", ["oat", "afa"])
+def test_torchrun_command_line(tmp_path, method):
+    """`torchrun --nproc-per-node=2 -m fastrobust train oat|afa ...` trains data-parallel,
+    and rank 0 alone checkpoints, evaluates and writes the results."""
     import subprocess
     import sys
 
     out = tmp_path / "run"
+    extra = (["--epochs", "1"] if method == "oat" else
+             ["--epochs", "1", "--epochs2", "1", "--max-eps", "0.3"])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           "--nproc-per-node=2", "-m", "fastrobust", "train", "oat", "--width", "4",
-           "--epochs", "1", "--batch-size", "64", "--steps", "1", "--max-train-batches", "2",
-           "--eval-steps", "1", "--out", str(out)]
+           "--nproc-per-node=2", "-m", "fastrobust", "train", method, "--width", "4",
+           "--batch-size", "64", "--steps", "1", "--max-train-batches", "2",
+           "--eval-steps", "1", "--out", str(out), *extra]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     assert "2 ranks (DDP, global batch 64)" in r.stdout
-    assert r.stdout.count("epoch   1/1") == 1  # rank 0 logs, rank 1 stays quiet
+    logged = [line for line in r.stdout.splitlines() if "epoch   1/1" in line]
+    assert len(logged) == (1 if method == "oat" else 2)  # rank 0 logs, rank 1 stays quiet
     assert (out / "last.pt").exists() and (out / "results.json").exists()
     ck = torch.load(out / "last.pt", weights_only=False)
     assert len(ck["rng"]["attack_per_rank"]) == 2
+
+
+def _afa_worker(rank, store, out):
+    _init(rank, store)
+    try:
+        from fastrobust.trainers.afa import AFAConfig, AFATrainer
+
+        def cfg(sub):
+            return AFAConfig(width=4, epochs=1, epochs2=1, batch_size=64, max_train_batches=2,
+                             steps=0, max_eps=0.3, random_start=False, lr2=0.1,
+                             out=os.path.join(out, sub))
+        ddp = AFATrainer(cfg("ddp"), progress=False)
+        assert ddp.world == WORLD
+        ddp.fit(log=lambda *a: None)
+        if rank == 0:
+            ref = AFATrainer(cfg("single"), progress=False, distributed=False)
+            ref.fit(log=lambda *a: None)
+            for h, g in zip(ddp.history, ref.history):
+                torch.testing.assert_close(h["losses"], g["losses"], rtol=1e-5, atol=1e-6)
+            want = ref.model.state_dict()
+            for k, v in ddp.model.state_dict().items():
+                torch.testing.assert_close(v, want[k], rtol=1e-4, atol=1e-5,
+                                           msg=lambda m, k=k: f"{k}: {m}")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_afa_both_stages_equal_single_process(tmp_path):
+    """AFA's stage I (batched K-way pass, the generator outside DDP) and stage II (DDP over the
+    generator alone, its BNs synchronized too) on two ranks give one process's weights and
+    losses; attack steps off, as for the OAT trainer above."""
+    _spawn(_afa_worker, str(tmp_path))

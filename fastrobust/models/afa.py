@@ -32,14 +32,18 @@ class WeightGenerator(nn.Module):
 
     def __init__(self, in_channels: int, hidden: int = 32):
         super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(in_channels, hidden, 3, 1, 1, bias=False), nn.BatchNorm2d(hidden),
-            nn.ReLU(), nn.Conv2d(hidden, hidden, 3, 2, 1, bias=False), nn.BatchNorm2d(hidden),
-            nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(hidden, hidden),
-            nn.ReLU(), nn.Linear(hidden, 1))
+        # one-branch BNs: the fused BN·ReLU, and synchronized under DDP like the others
+        self.conv1 = nn.Conv2d(in_channels, hidden, 3, 1, 1, bias=False)
+        self.bn1 = MultiBatchNorm2d(hidden, 1)
+        self.conv2 = nn.Conv2d(hidden, hidden, 3, 2, 1, bias=False)
+        self.bn2 = MultiBatchNorm2d(hidden, 1)
+        self.head = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 1))
 
     def forward(self, feature: Tensor) -> Tensor:
-        return torch.sigmoid(self.body(feature)).squeeze(1)
+        h = self.bn1(self.conv1(feature), branch=0, activation="relu")
+        h = self.bn2(self.conv2(h), branch=0, activation="relu")
+        pooled = nn.functional.adaptive_avg_pool2d(h, 1).flatten(1)
+        return torch.sigmoid(self.head(pooled)).squeeze(1)
 
 
 class _Block(nn.Module):
@@ -123,8 +127,9 @@ class AFAResNet(nn.Module):
     def train(self, mode: bool = True):
         super().train(mode)
         if self.stage == 2:  # the frozen base keeps its running statistics
+            own = {id(m) for m in self.generator.modules()}
             for m in self.modules():
-                if isinstance(m, MultiBatchNorm2d):
+                if isinstance(m, MultiBatchNorm2d) and id(m) not in own:
                     m.train(False)
         return self
 

@@ -31,7 +31,8 @@ from .. import data as data_mod
 from ..attacks import FGSM, PGD
 from ..attacks.attacks import eval_mode
 from ..models import afa_resnet18
-from .common import check_finite, format_table, load_checkpoint, save_checkpoint, write_json
+from .common import (DataParallel, check_finite, format_table, load_checkpoint,
+                     save_checkpoint, write_json)
 
 __all__ = ["AFAConfig", "AFATrainer", "RelativePGD", "stage1_loss", "evaluate_afa",
            "report_afa"]
@@ -66,6 +67,7 @@ class AFAConfig:
     eval_fracs: tuple = (0.0, 0.125, 0.25, 0.5, 1.0)   # ε / max_eps: {0, 1, 2, 4, 8}/255
     max_train_batches: int = 0
     channels_last: bool | None = None
+    sync_bn: bool = True            # under DDP: batch statistics over the global batch
 
     def validate(self) -> None:
         if self.dataset not in data_mod.DATASETS:
@@ -106,11 +108,15 @@ def _trades_kl(logits_adv: Tensor, p_clean: Tensor) -> Tensor:
 
 def stage1_loss(model, x: Tensor, y: Tensor, cfg: AFAConfig,
                 generator: torch.Generator | None = None, schedule: str | None = None,
-                memory_format=torch.contiguous_format) -> Tensor:
+                memory_format=torch.contiguous_format, forward: nn.Module | None = None
+                ) -> Tensor:
     """Stage I's loss of one batch (model in train mode, stage 1): CE on the clean batch
     through BN_0 plus, for every strength k ≥ 1, the adversarial loss of the batch attacked at
-    ε_k through BN_k. ``schedule``: "batched" (one attack, one forward) or "sequential"."""
+    ε_k through BN_k. ``schedule``: "batched" (one attack, one forward) or "sequential".
+    ``forward``: what the training forwards call (the DDP wrapper under DDP); the attacks run
+    on ``model`` itself."""
     schedule = schedule or cfg.schedule
+    forward = model if forward is None else forward
     K, N, dev = cfg.num_branches, x.shape[0], x.device
     eps = cfg.strengths(dev)
     trades = cfg.adv_loss == "trades"
@@ -133,7 +139,7 @@ def stage1_loss(model, x: Tensor, y: Tensor, cfg: AFAConfig,
         ys = y.repeat(K - 1)
         x_adv = attack(e, br, xs, ys, None if p_clean is None else p_clean.repeat(K - 1, 1))
         inp = torch.cat([x, x_adv]).contiguous(memory_format=memory_format)
-        logits = model(inp, branch=torch.cat([torch.zeros_like(y), br]))
+        logits = forward(inp, branch=torch.cat([torch.zeros_like(y), br]))
         clean, adv = logits[:N], logits[N:]
         lc = F.cross_entropy(clean, y)
         if trades:
@@ -147,8 +153,8 @@ def stage1_loss(model, x: Tensor, y: Tensor, cfg: AFAConfig,
     advs = []
     for k in range(1, K):  # Algorithm 1: strength k's attack and forward, through BN_k
         x_adv = attack(float(eps[k]), k, x, y, p_clean)
-        advs.append(model(x_adv, branch=k))
-    clean = model(x, branch=0)
+        advs.append(forward(x_adv, branch=k))
+    clean = forward(x, branch=0)
     for logits_k in advs:
         if trades:
             total = total + cfg.trades_beta * _trades_kl(logits_k, F.softmax(clean, 1)) / N
@@ -165,14 +171,21 @@ def random_strengths(n: int, cfg: AFAConfig, generator: torch.Generator) -> Tens
     return torch.where(clean, torch.zeros_like(e), e)
 
 
-class AFATrainer:
+class AFATrainer(DataParallel):
     """Stage I then stage II, an atomic checkpoint (``<out>/last.pt``) after every epoch of
-    either; ``resume=True`` continues from it, in the stage it was in."""
+    either; ``resume=True`` continues from it, in the stage it was in.
 
-    def __init__(self, cfg: AFAConfig, resume: bool = False, progress: bool = True):
+    Data-parallel under ``torchrun`` as the OAT trainer is (``batch_size`` is the global batch,
+    each rank its slice; stage II's random strengths drawn for the global batch; the K-way
+    BNs and the generator's BNs synchronized with ``sync_bn``; DDP over the base network in
+    stage I and over the generator in stage II; rank 0 logs, checkpoints and evaluates)."""
+
+    def __init__(self, cfg: AFAConfig, resume: bool = False, progress: bool = True,
+                 distributed: bool | None = None):
         cfg.validate()
-        self.cfg, self.progress = cfg, progress
-        self.device = torch.device(cfg.device)
+        self.cfg = cfg
+        self._setup_ranks(cfg.device, distributed, cfg.batch_size)
+        self.progress = progress and self.is_main
         self.data = data_mod.load(cfg.dataset, cfg.data_root)
         torch.manual_seed(cfg.seed)
         self.model = afa_resnet18(self.data.num_classes, cfg.width, self.data.in_channels,
@@ -181,6 +194,17 @@ class AFATrainer:
         if cfg.channels_last or (cfg.channels_last is None and self.device.type == "cpu"):
             self.memory_format = torch.channels_last
             self.model.to(memory_format=self.memory_format)
+        self.forward1 = self.forward2 = self.model
+        if self.world > 1:
+            from ..nn import convert_sync_multi_bn
+            if cfg.sync_bn:
+                convert_sync_multi_bn(self.model)
+            gen = list(self.model.generator.parameters())
+            for p in gen:  # stage I's DDP covers the base network (the generator is unused)
+                p.requires_grad_(False)
+            self.forward1 = self._ddp(self.model, cfg.sync_bn)
+            for p in gen:
+                p.requires_grad_(True)
         base = [p for n, p in self.model.named_parameters() if not n.startswith("generator.")]
         self.opt1 = torch.optim.SGD(base, lr=cfg.lr, momentum=cfg.momentum,
                                     weight_decay=cfg.weight_decay)
@@ -192,7 +216,7 @@ class AFATrainer:
         self.sched2 = torch.optim.lr_scheduler.MultiStepLR(
             self.opt2, [math.ceil(0.5 * max(cfg.epochs2, 1))], 0.1)
         self.gen = torch.Generator().manual_seed(cfg.seed)
-        self.attack_gen = torch.Generator(self.device).manual_seed(cfg.seed + 1)
+        self.attack_gen = torch.Generator(self.device).manual_seed(cfg.seed + 1 + self.rank)
         self.epoch1 = self.epoch2 = 0
         self.history: list[dict] = []
         self.checkpoint = os.path.join(cfg.out, "last.pt")
@@ -206,7 +230,8 @@ class AFATrainer:
                 "opt1": self.opt1.state_dict(), "opt2": self.opt2.state_dict(),
                 "sched1": self.sched1.state_dict(), "sched2": self.sched2.state_dict(),
                 "epoch1": self.epoch1, "epoch2": self.epoch2, "history": self.history,
-                "rng": {"data": self.gen.get_state(), "attack": self.attack_gen.get_state()}}
+                "rng": {"data": self.gen.get_state(),
+                        "attack_per_rank": self._gather(self.attack_gen.get_state())}}
 
     def load(self, path: str) -> None:
         ck = load_checkpoint(path)
@@ -218,27 +243,43 @@ class AFATrainer:
         self.sched1.load_state_dict(ck["sched1"])
         self.sched2.load_state_dict(ck["sched2"])
         self.gen.set_state(ck["rng"]["data"])
-        self.attack_gen.set_state(ck["rng"]["attack"])
+        per_rank = ck["rng"]["attack_per_rank"]
+        if len(per_rank) == self.world:  # the same number of ranks: each its own stream
+            self.attack_gen.set_state(per_rank[self.rank])
         self.epoch1, self.epoch2, self.history = ck["epoch1"], ck["epoch2"], ck["history"]
 
     # -- training ----------------------------------------------------------------------------
-    def step1(self, x: Tensor, y: Tensor) -> Tensor:
+    def _enter_stage2(self) -> None:
+        if self.model.stage == 1:
+            self.model.freeze_for_stage2()
+        if self.world > 1 and self.forward2 is self.model:  # DDP over the generator only
+            self.forward2 = self._ddp(self.model, self.cfg.sync_bn)
+
+    def step1(self, x: Tensor, y: Tensor, n_global: int | None = None) -> Tensor:
+        """One stage-I step on this rank's part of a global batch of ``n_global`` samples;
+        returns this rank's share of the batch's loss (the loss itself in one process)."""
+        weight = len(y) * self.world / (len(y) if n_global is None else n_global)
         self.opt1.zero_grad(set_to_none=True)
         loss = stage1_loss(self.model, x, y, self.cfg, self.attack_gen,
-                           memory_format=self.memory_format)
+                           memory_format=self.memory_format, forward=self.forward1) * weight
         loss.backward()
         self.opt1.step()
-        return loss.detach()
+        return loss.detach() / self.world
 
-    def step2(self, x: Tensor, y: Tensor) -> Tensor:
-        eps = random_strengths(len(y), self.cfg, self.gen).to(self.device)
-        x_adv = RelativePGD(self.model, eps, self.cfg.alpha_ratio, self.cfg.steps,
-                            random_start=self.cfg.random_start, generator=self.attack_gen)(x, y)
+    def step2(self, x: Tensor, y: Tensor, eps: Tensor | None = None,
+              n_global: int | None = None) -> Tensor:
+        """One stage-II step; ``eps``: per-sample strengths (drawn here when None)."""
+        weight = len(y) * self.world / (len(y) if n_global is None else n_global)
+        if eps is None:
+            eps = random_strengths(len(y), self.cfg, self.gen)
+        x_adv = RelativePGD(self.model, eps.to(self.device), self.cfg.alpha_ratio,
+                            self.cfg.steps, random_start=self.cfg.random_start,
+                            generator=self.attack_gen)(x, y)
         self.opt2.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(self.model(x_adv), y)
+        loss = F.cross_entropy(self.forward2(x_adv), y) * weight
         loss.backward()
         self.opt2.step()
-        return loss.detach()
+        return loss.detach() / self.world
 
     def _epoch(self, stage: int) -> dict:
         cfg = self.cfg
@@ -251,33 +292,42 @@ class AFATrainer:
         total = cfg.epochs if stage == 1 else cfg.epochs2
         bar = tqdm(total=n, desc=f"stage {stage}, epoch {num}/{total}",
                    disable=not self.progress, leave=False)
-        t0, losses = time.perf_counter(), []
+        t0, shares = time.perf_counter(), []
         for i, (x, y) in enumerate(batches):
             if i == n:
                 break
+            m = len(y)
+            eps = random_strengths(m, cfg, self.gen) if stage == 2 else None  # global batch
+            if m < self.world:
+                continue
+            if self.world > 1:
+                part = self._part(m)
+                x, y = x[part], y[part]
+                eps = None if eps is None else eps[part]
             x = x.to(self.device).contiguous(memory_format=self.memory_format)
             y = y.to(self.device)
-            loss = self.step1(x, y) if stage == 1 else self.step2(x, y)
-            losses.append(loss)
+            share = self.step1(x, y, m) if stage == 1 else self.step2(x, y, eps, m)
+            shares.append(share)
             bar.update(1)
             if i % 10 == 0 or i == n - 1:
-                value = float(loss)
+                value = float(self._all_sum(share.clone()))
                 check_finite(value, f"in stage {stage}, epoch {num}, batch {i + 1}",
                              self.checkpoint)
                 bar.set_postfix(loss=f"{value:.4f}")
         bar.close()
-        mean = float(torch.stack(losses).mean()) if losses else float("nan")
+        losses = self._all_sum(torch.stack(shares)) if shares else torch.zeros(0)
+        mean = float(losses.mean()) if len(losses) else float("nan")
         check_finite(mean, f"in stage {stage}, epoch {num}", self.checkpoint)
         (self.sched1 if stage == 1 else self.sched2).step()
-        return {"stage": stage, "epoch": num, "loss": mean, "seconds": time.perf_counter() - t0}
+        return {"stage": stage, "epoch": num, "loss": mean, "losses": losses.tolist(),
+                "seconds": time.perf_counter() - t0}
 
     def fit(self, log=print) -> list[dict]:
         while self.epoch1 < self.cfg.epochs:
             rec = self._epoch(1)
             self.epoch1 += 1
             self._done(rec, log)
-        if self.model.stage == 1:
-            self.model.freeze_for_stage2()
+        self._enter_stage2()
         while self.epoch2 < self.cfg.epochs2:
             rec = self._epoch(2)
             self.epoch2 += 1
@@ -286,7 +336,10 @@ class AFATrainer:
 
     def _done(self, rec: dict, log) -> None:
         self.history.append(rec)
-        save_checkpoint(self.checkpoint, self.state())
+        state = self.state()  # a collective under DDP: every rank builds it
+        if not self.is_main:
+            return
+        save_checkpoint(self.checkpoint, state)
         total = self.cfg.epochs if rec["stage"] == 1 else self.cfg.epochs2
         log(f"stage {rec['stage']}  epoch {rec['epoch']:>3}/{total}  loss {rec['loss']:.4f}  "
             f"{rec['seconds']:.1f}s")

@@ -128,3 +128,63 @@ def distributed_context(device: str, enabled: bool | None = None):
     if not initialized:
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size(), dev
+
+
+class DataParallel:
+    """Rank bookkeeping shared by the trainers (data-parallel under torchrun, see
+    `distributed_context`): ``rank``, ``world``, ``device``, ``is_main``; a batch's slice for
+    this rank; sums over the ranks; every rank's random state for the checkpoint."""
+
+    def _setup_ranks(self, device: str, distributed: bool | None, batch_size: int) -> None:
+        self.rank, self.world, self.device = distributed_context(device, distributed)
+        self.is_main = self.rank == 0
+        if batch_size < self.world:
+            raise ValueError(f"batch_size {batch_size} is the global batch; it must be at "
+                             f"least the number of ranks ({self.world})")
+
+    def _part(self, n: int) -> slice:
+        """This rank's contiguous slice of a global batch of n samples."""
+        return slice(n * self.rank // self.world, n * (self.rank + 1) // self.world)
+
+    def _all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            import torch.distributed as dist
+            dist.all_reduce(t)
+        return t
+
+    def _gather(self, obj) -> list:
+        """Every rank's ``obj`` (a collective under DDP)."""
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def _ddp(self, module: torch.nn.Module, sync_bn: bool) -> torch.nn.Module:
+        """``module`` in DistributedDataParallel (its parameters that require grad now);
+        synchronized BNs keep the buffers equal on every rank, so none are broadcast per
+        forward (the keyword was renamed in newer torch)."""
+        import inspect
+
+        from torch.nn.parallel import DistributedDataParallel
+        kw = ("forward_sync_buffers" if "forward_sync_buffers" in
+              inspect.signature(DistributedDataParallel).parameters else "broadcast_buffers")
+        return DistributedDataParallel(
+            module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            **{kw: not sync_bn})
+
+    def close(self) -> None:
+        """Waits for every rank, lets go of the DDP wrappers (their reducers hold the group)
+        and ends the process group (under DDP)."""
+        if self.world > 1:
+            import gc
+
+            import torch.distributed as dist
+            from torch.nn.parallel import DistributedDataParallel
+            dist.barrier()
+            for name, value in list(vars(self).items()):
+                if isinstance(value, DistributedDataParallel):
+                    setattr(self, name, value.module)
+            gc.collect()
+            dist.destroy_process_group()

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from .. import data as data_mod
 from ..attacks import PGD, evaluate
 from ..models import S1, OATWideResNet, oat_resnet18, oat_resnet34
-from .common import (check_finite, distributed_context, format_table, load_checkpoint,
+from .common import (DataParallel, check_finite, format_table, load_checkpoint,
                      plot_tradeoff, save_checkpoint, write_json)
 
 UNSEEN = (0.05, 0.15, 0.25, 0.5, 0.7, 0.9)  # λ values OAT's default set does not contain
@@ -134,7 +134,7 @@ def oat_loss(model: nn.Module, attack: PGD, x: Tensor, y: Tensor, lam: Tensor,
     return ((1 - lam_d) * lc + lam_d * la).mean()
 
 
-class OATTrainer:
+class OATTrainer(DataParallel):
     """Builds the data, model, optimizer and schedule from a config and runs epochs, writing an
     atomic checkpoint (``<out>/last.pt``) after each; ``resume=True`` continues from it.
 
@@ -150,12 +150,8 @@ class OATTrainer:
                  distributed: bool | None = None):
         cfg.validate()
         self.cfg = cfg
-        self.rank, self.world, self.device = distributed_context(cfg.device, distributed)
-        self.is_main = self.rank == 0
+        self._setup_ranks(cfg.device, distributed, cfg.batch_size)
         self.progress = progress and self.is_main
-        if cfg.batch_size < self.world:
-            raise ValueError(f"batch_size {cfg.batch_size} is the global batch; it must be at "
-                             f"least the number of ranks ({self.world})")
         self.data = data_mod.load(cfg.dataset, cfg.data_root)
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg, self.data.num_classes, self.data.in_channels)
@@ -167,19 +163,10 @@ class OATTrainer:
             self.model.to(memory_format=self.memory_format)
         self.forward: nn.Module = self.model
         if self.world > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
             from ..nn import convert_sync_multi_bn
             if cfg.sync_bn:
                 convert_sync_multi_bn(self.model)
-            # Synchronized BNs keep the buffers equal on every rank: no broadcast per forward
-            # (the keyword was renamed in newer torch).
-            import inspect
-            kw = ("forward_sync_buffers" if "forward_sync_buffers" in
-                  inspect.signature(DistributedDataParallel).parameters else "broadcast_buffers")
-            self.forward = DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda"
-                else None, **{kw: not cfg.sync_bn})
+            self.forward = self._ddp(self.model, cfg.sync_bn)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                    weight_decay=cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, cfg.epochs)
@@ -193,17 +180,8 @@ class OATTrainer:
             self.load(self.checkpoint)
 
     # -- checkpoints -------------------------------------------------------------------------
-    def _attack_states(self) -> list:
-        state = self.attack_gen.get_state()
-        if self.world == 1:
-            return [state]
-        import torch.distributed as dist
-        states = [None] * self.world
-        dist.all_gather_object(states, state)
-        return states
-
     def state(self) -> dict:
-        attack = self._attack_states()  # every rank's stream (a collective under DDP)
+        attack = self._gather(self.attack_gen.get_state())  # every rank's stream
         return {"kind": self.cfg.method, "config": dataclasses.asdict(self.cfg),
                 "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
                 "scheduler": self.sched.state_dict(), "epoch": self.epoch,
@@ -221,19 +199,6 @@ class OATTrainer:
         if len(per_rank) == self.world:  # the same number of ranks: each its own stream
             self.attack_gen.set_state(per_rank[self.rank])
         self.epoch, self.history = ck["epoch"], ck["history"]
-
-    def close(self) -> None:
-        """Waits for every rank and ends the process group (under DDP)."""
-        if self.world > 1:
-            import torch.distributed as dist
-            dist.barrier()
-            dist.destroy_process_group()
-
-    def _all_sum(self, t: Tensor) -> Tensor:
-        if self.world > 1:
-            import torch.distributed as dist
-            dist.all_reduce(t)
-        return t
 
     # -- training ----------------------------------------------------------------------------
     def train_epoch(self) -> dict:
@@ -254,7 +219,7 @@ class OATTrainer:
             if n < self.world:  # a last batch too small to give every rank a sample
                 continue
             if self.world > 1:  # this rank's slice of the batch and of its λ's
-                part = slice(n * self.rank // self.world, n * (self.rank + 1) // self.world)
+                part = self._part(n)
                 x, y, lam = x[part], y[part], lam[part]
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             x = x.contiguous(memory_format=self.memory_format)
