@@ -246,6 +246,65 @@ def train_afa(args) -> int:
     return 0
 
 
+def train_awnet(args) -> int:
+    from fastrobust.trainers.awnet import (AWNetConfig, AWNetTrainer, evaluate_awnet,
+                                           report_awnet)
+    from fastrobust.trainers.common import TrainingDiverged
+
+    fields = AWNetConfig.__dataclass_fields__
+    cfg = AWNetConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
+    teachers = (f"teachers {cfg.teacher_nat}, {cfg.teacher_adv}" if cfg.teacher_nat and
+                cfg.teacher_adv else f"teachers trained here ({cfg.teacher_epochs} epochs)")
+    print(f"AW-Net on {cfg.dataset}: ResNet-18 of width {cfg.width}, {cfg.epochs} epochs, "
+          f"PGD-{cfg.steps} (eps {cfg.eps:.4g}), tau {cfg.tau:g}, beta {cfg.beta:g}; {teachers}; "
+          f"checkpoints in {cfg.out}")
+    try:
+        trainer = AWNetTrainer(cfg, resume=args.resume)
+        if args.resume:
+            print(f"resumed after epoch {trainer.epoch}")
+        trainer.fit()
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    result = evaluate_awnet(trainer.model, trainer.data.test, cfg,
+                            baselines={"PGD-AT teacher": trainer.teacher_adv,
+                                       "standard teacher": trainer.teacher_nat})
+    report_awnet(result, cfg, cfg.out, f"AW-Net ResNet-18/w{cfg.width} on {cfg.dataset}")
+    return 0
+
+
+def _add_awnet_options(p):
+    from fastrobust.trainers.awnet import AWNetConfig
+
+    d = AWNetConfig()
+    p.add_argument("--dataset", choices=("digits", "cifar10", "svhn"),
+                   help="default digits (embedded)")
+    p.add_argument("--data-root", dest="data_root", help="directory with the data set's files")
+    p.add_argument("--width", type=int, help=f"ResNet base width (default {d.width})")
+    p.add_argument("--epochs", type=int, help=f"default {d.epochs}")
+    p.add_argument("--teacher-epochs", dest="teacher_epochs", type=int,
+                   help=f"epochs of the teachers trained here (default {d.teacher_epochs})")
+    p.add_argument("--teacher-nat", dest="teacher_nat",
+                   help="natural teacher: an nn.Module saved with torch.save (a fastrobust "
+                   "ResNet: its backbone is also the detector's feature extractor)")
+    p.add_argument("--teacher-adv", dest="teacher_adv", help="adversarial teacher (nn.Module)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, help=f"default {d.batch_size}")
+    p.add_argument("--lr", type=float, help=f"default {d.lr}")
+    p.add_argument("--eps", type=float, help="attack radius (default 8/255)")
+    p.add_argument("--alpha", type=float, help="attack step (default 2/255)")
+    p.add_argument("--steps", type=int, help=f"PGD steps in training (default {d.steps})")
+    p.add_argument("--tau", type=float, help=f"distillation temperature (default {d.tau})")
+    p.add_argument("--beta", type=float, help=f"signal exponent (default {d.beta})")
+    p.add_argument("--seed", type=int, help=f"default {d.seed}")
+    p.add_argument("--device", help="cpu or cuda (default cpu)")
+    p.add_argument("--out", help=f"run directory (default {d.out})")
+    p.add_argument("--eval-steps", dest="eval_steps", type=int,
+                   help=f"PGD steps of the evaluation (default {d.eval_steps})")
+    p.add_argument("--max-train-batches", dest="max_train_batches", type=int,
+                   help="stop each epoch after that many batches (smoke runs)")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
+
+
 def _add_afa_options(p):
     from fastrobust.trainers.afa import AFAConfig
 
@@ -339,7 +398,7 @@ def main(argv=None) -> int:
     p_demo.add_argument("--out", default="runs/demo", help="default runs/demo")
     p_demo.set_defaults(fn=demo)
 
-    p_train = sub.add_parser("train", help="train OAT, OATS or AFA")
+    p_train = sub.add_parser("train", help="train OAT, OATS, AFA or AW-Net")
     train_sub = p_train.add_subparsers(dest="method", required=True)
     p_oat = train_sub.add_parser("oat", help="Once-for-All Adversarial Training")
     _add_oat_options(p_oat)
@@ -354,6 +413,10 @@ def main(argv=None) -> int:
                                  "then the weight generator (stage II)")
     _add_afa_options(p_afa)
     p_afa.set_defaults(fn=train_afa)
+    p_aw = train_sub.add_parser("awnet", help="AW-Net: dynamic filter weights from an "
+                                "adversarial detector, MixBN, two-teacher distillation")
+    _add_awnet_options(p_aw)
+    p_aw.set_defaults(fn=train_awnet)
 
     p_eval = sub.add_parser("eval", help="lambda sweep of a checkpoint (SA, RA, JSON, plot)")
     p_eval.add_argument("checkpoint", help="a trainer checkpoint, e.g. runs/oat/last.pt")

@@ -1,0 +1,141 @@
+"""AW-Net (Adversarial Weight-Varied Network) form of the CIFAR ResNet-18.
+
+Two parts:
+
+- the dynamic-weight network: basic blocks whose two convolutions have their filters scaled
+  per sample by regulation signals ω_j[n, :] and whose BNs are MixBN (a clean and an
+  adversarial branch). conv(x, ω ⊙ W) = ω·conv(x, W) for a bias-free conv, so the scaling is
+  the fused input scale of the BN op (`ScaledConvBN`): the scaled output is never written;
+- the adversarial detector: a frozen feature extractor giving ψ per sample (512-d for a
+  standard ResNet-18), a type head (linear → softmax: P_type, clean vs adversarial) and one
+  signal head per scaled conv, ω_j = (tanh(W_j ψ) + 1)^β (β = 4 by default; the heads start at
+  zero, so ω = 1).
+
+MixBN: in training the sample type is known and routes hard (clean → BN_nat = branch 0,
+adversarial → BN_adv = branch 1); otherwise each BN is (1 − P)·BN_adv + P·BN_nat with the
+detector's P = P_type(clean), one `mixed_batch_norm` pass.
+
+    model = awnet_resnet18(extractor=teacher_features, feature_dim=512)
+    logits = model(x)                                   # soft MixBN from the detector
+    logits, type_logits = model(torch.cat([x, x_adv]), is_adv=types, return_type=True)
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .._ops import add_relu
+from ..nn import MultiBatchNorm2d, ScaledConvBN, routing
+from .resnet import ResNet
+
+__all__ = ["ResNetFeatures", "AdversarialDetector", "AWNetResNet", "awnet_resnet18"]
+
+NAT, ADV = 0, 1
+
+
+class ResNetFeatures(nn.Module):
+    """The pooled penultimate features of a `fastrobust.models.ResNet` (its classifier
+    dropped): [N, 8·width], 512 for the standard ResNet-18."""
+
+    def __init__(self, resnet: ResNet):
+        super().__init__()
+        self.net = resnet
+        self.dim = resnet.fc.in_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        r = self.net
+        out = r.layers(r.relu(r.bn1(r.conv1(x))))
+        return r.pool(out).flatten(1)
+
+
+class AdversarialDetector(nn.Module):
+    """ψ = extractor(x) (frozen: no gradient to its parameters, always in eval mode, but
+    differentiable in x so that white-box attacks see it), the type head and the signal
+    heads. ``forward(x) -> (type_logits [N, 2], [ω_j [N, C_j] for each scaled conv])``."""
+
+    def __init__(self, extractor: nn.Module, feature_dim: int, signal_channels, beta: float = 4.0):
+        super().__init__()
+        self.extractor = extractor
+        for p in self.extractor.parameters():
+            p.requires_grad_(False)
+        self.beta = float(beta)
+        self.type_head = nn.Linear(feature_dim, 2)
+        self.signal_heads = nn.ModuleList(nn.Linear(feature_dim, c) for c in signal_channels)
+        for h in self.signal_heads:  # ω = 1 at the start: the plain network
+            nn.init.zeros_(h.weight)
+            nn.init.zeros_(h.bias)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.extractor.train(False)  # frozen, statistics included
+        return self
+
+    def forward(self, x: Tensor):
+        psi = self.extractor(x)
+        omegas = [(torch.tanh(h(psi)) + 1).pow(self.beta) for h in self.signal_heads]
+        return self.type_head(psi), omegas
+
+
+class _AWBlock(nn.Module):
+    def __init__(self, in_planes: int, planes: int, stride: int):
+        super().__init__()
+        self.sc1 = ScaledConvBN(nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False),
+                                MultiBatchNorm2d(planes, 2))
+        self.sc2 = ScaledConvBN(nn.Conv2d(planes, planes, 3, 1, 1, bias=False),
+                                MultiBatchNorm2d(planes, 2))
+        self.shortcut = None
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False),
+                                          MultiBatchNorm2d(planes, 2))
+
+    def forward(self, x: Tensor, w1: Tensor, w2: Tensor) -> Tensor:
+        out = self.sc2(self.sc1(x, w1, activation="relu"), w2)
+        return add_relu(out, x if self.shortcut is None else self.shortcut(x))
+
+
+class AWNetResNet(nn.Module):
+    """The dynamic-weight CIFAR ResNet with MixBN and its adversarial detector."""
+
+    def __init__(self, extractor: nn.Module, feature_dim: int, blocks=(2, 2, 2, 2),
+                 num_classes: int = 10, width: int = 64, in_channels: int = 3,
+                 beta: float = 4.0):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        self.bn1 = MultiBatchNorm2d(width, 2)
+        layers, channels, in_planes = [], [], width
+        for i, n in enumerate(blocks):
+            planes = width * 2 ** i
+            for j in range(n):
+                layers.append(_AWBlock(in_planes, planes, 2 if (i > 0 and j == 0) else 1))
+                channels += [planes, planes]
+                in_planes = planes
+        self.layers = nn.ModuleList(layers)
+        self.fc = nn.Linear(in_planes, num_classes)
+        self.detector = AdversarialDetector(extractor, feature_dim, channels, beta)
+
+    @staticmethod
+    def mix_of(type_logits: Tensor) -> Tensor:
+        """[N, 2] MixBN weights from the type logits: P on BN_nat, 1 − P on BN_adv."""
+        return torch.softmax(type_logits, 1)
+
+    def forward(self, x: Tensor, is_adv: Tensor | None = None, return_type: bool = False):
+        """``is_adv`` (int/bool ``[N]``, training): hard MixBN routing by the known type;
+        None: soft mixing by the detector's P_type."""
+        type_logits, omegas = self.detector(x)
+        if is_adv is not None:
+            ctx = routing(self, branch=is_adv.long())
+        else:
+            ctx = routing(self, mix=self.mix_of(type_logits))
+        with ctx:
+            h = self.bn1(self.conv1(x), activation="relu")
+            for j, blk in enumerate(self.layers):
+                h = blk(h, omegas[2 * j], omegas[2 * j + 1])
+            logits = self.fc(nn.functional.adaptive_avg_pool2d(h, 1).flatten(1))
+        return (logits, type_logits) if return_type else logits
+
+
+def awnet_resnet18(extractor: nn.Module, feature_dim: int, num_classes: int = 10,
+                   width: int = 64, in_channels: int = 3, beta: float = 4.0) -> AWNetResNet:
+    """AW-Net ResNet-18 (CIFAR form) around a frozen feature extractor of ``feature_dim``."""
+    return AWNetResNet(extractor, feature_dim, (2, 2, 2, 2), num_classes, width, in_channels,
+                       beta)

@@ -1,0 +1,356 @@
+"""The AW-Net trainer: MTARD-style two-teacher distillation of the dynamic-weight network with
+MixBN, plus the adversarial detector's type loss.
+
+Each step: the student is attacked in eval mode (PGD-10, ε 8/255, α 2/255; soft MixBN from the
+detector, as at test time), then one training forward over [x; x_adv] with MixBN routed by the
+known type, and
+
+    L = CE(type head, clean/adv) + α_adv·τ²·KL(T_adv(x_adv) ‖ S(x_adv))
+                                 + α_nat·τ²·KL(T_nat(x) ‖ S(x))
+
+(temperature τ on both sides). α_adv, α_nat follow MTARD's normalized loss balance: each
+term's weight tracks its loss relative to its first value (the one lagging behind gets more),
+smoothed, summing to 2 — tensors on the device, no host read per step.
+
+Teachers: any `nn.Module` checkpoints (``teacher_nat``, ``teacher_adv``: a module saved with
+torch.save, or a fastrobust checkpoint holding one), or, when not given, a standard and a
+PGD-AT ResNet-18 that the trainer trains first (saved beside the run). The detector's frozen
+feature extractor is the natural teacher's backbone (which must then be a fastrobust ResNet).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .. import data as data_mod
+from ..attacks import FGSM, PGD, weighted_robust_accuracy
+from ..models import ResNet, ResNetFeatures, awnet_resnet18, resnet18
+from .common import (DataParallel, check_finite, format_table, load_checkpoint,
+                     save_checkpoint, write_json)
+
+__all__ = ["AWNetConfig", "AWNetTrainer", "LossBalance", "awnet_loss", "train_teacher",
+           "evaluate_awnet", "report_awnet"]
+
+
+@dataclass
+class AWNetConfig:
+    dataset: str = "digits"
+    data_root: str | None = None
+    width: int = 64
+    epochs: int = 100
+    teacher_epochs: int = 20        # for the teachers the trainer trains itself
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    eps: float = 8 / 255
+    alpha: float = 2 / 255
+    steps: int = 10
+    tau: float = 1.0
+    beta: float = 4.0
+    balance_rate: float = 0.1       # smoothing of MTARD's loss balance
+    teacher_nat: str | None = None  # paths of nn.Module checkpoints; None: trained here
+    teacher_adv: str | None = None
+    seed: int = 0
+    device: str = "cpu"
+    out: str = "runs/awnet"
+    eval_steps: int = 20
+    max_train_batches: int = 0
+    channels_last: bool | None = None
+
+    def validate(self) -> None:
+        if self.dataset not in data_mod.DATASETS:
+            raise ValueError(f"dataset must be one of {data_mod.DATASETS}, got {self.dataset!r}")
+        if self.epochs < 0 or self.teacher_epochs < 0 or self.batch_size < 1 or self.steps < 0:
+            raise ValueError("epochs, teacher_epochs and steps must be >= 0, batch_size >= 1")
+        if not self.tau > 0 or not self.beta > 0:
+            raise ValueError(f"tau and beta must be > 0, got {self.tau}, {self.beta}")
+
+
+class LossBalance(nn.Module):
+    """MTARD's normalized loss balance as device tensors: r = L / L_first for each term,
+    target α_adv = 2·r_adv / (r_adv + r_nat), α ← (1 − rate)·α + rate·target, α_nat = 2 − α_adv.
+    Buffers, so a checkpoint keeps them."""
+
+    def __init__(self, rate: float = 0.1):
+        super().__init__()
+        self.rate = float(rate)
+        self.register_buffer("first", torch.zeros(2))     # (L_adv, L_nat) of the first step
+        self.register_buffer("alpha_adv", torch.ones(()))
+
+    @torch.no_grad()
+    def update(self, l_adv: Tensor, l_nat: Tensor) -> tuple[Tensor, Tensor]:
+        cur = torch.stack([l_adv.detach(), l_nat.detach()]).to(self.first)
+        fresh = (self.first == 0).all()
+        self.first.copy_(torch.where(fresh, cur, self.first))
+        r = cur / self.first.clamp_min(1e-12)
+        target = 2 * r[0] / (r[0] + r[1]).clamp_min(1e-12)
+        self.alpha_adv.copy_(torch.where(fresh, self.alpha_adv,
+                                         (1 - self.rate) * self.alpha_adv + self.rate * target))
+        return self.alpha_adv.clone(), 2 - self.alpha_adv
+
+
+def _kd(student: Tensor, teacher: Tensor, tau: float) -> Tensor:
+    """τ²·KL(softmax(teacher/τ) ‖ softmax(student/τ)), batch mean."""
+    return tau * tau * F.kl_div(F.log_softmax(student / tau, 1), F.softmax(teacher / tau, 1),
+                                reduction="batchmean")
+
+
+def awnet_loss(model, teacher_nat: nn.Module, teacher_adv: nn.Module, x: Tensor, y: Tensor,
+               attack: PGD, balance: LossBalance, tau: float = 1.0, forward=None) -> Tensor:
+    """One AW-Net batch (model in train mode): the attack in eval mode on the whole model,
+    one training forward over [x; x_adv] routed by type, type loss + balanced distillation."""
+    forward = model if forward is None else forward
+    n = x.shape[0]
+    x_adv = attack(x, y)
+    types = torch.cat([torch.full((n,), 0, device=x.device), torch.full((n,), 1,
+                                                                       device=x.device)])
+    inp = torch.cat([x, x_adv])
+    logits, type_logits = forward(inp, is_adv=types, return_type=True)
+    with torch.no_grad():
+        t_nat, t_adv = teacher_nat(x), teacher_adv(x_adv)
+    l_nat = _kd(logits[:n], t_nat, tau)
+    l_adv = _kd(logits[n:], t_adv, tau)
+    a_adv, a_nat = balance.update(l_adv, l_nat)
+    return F.cross_entropy(type_logits, types) + a_adv * l_adv + a_nat * l_nat
+
+
+def train_teacher(data, cfg: AWNetConfig, adversarial: bool, device, progress: bool = True,
+                  log=print) -> ResNet:
+    """A standard (or PGD-AT) ResNet-18 of the run's width: SGD, cosine, ``teacher_epochs``."""
+    torch.manual_seed(cfg.seed + (2 if adversarial else 1))
+    model = resnet18(data.num_classes, cfg.width, data.in_channels).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                          weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(cfg.teacher_epochs, 1))
+    gen = torch.Generator().manual_seed(cfg.seed + 7)
+    atk = PGD(model, cfg.eps, cfg.alpha, cfg.steps,
+              generator=torch.Generator(device).manual_seed(cfg.seed + 8))
+    name = "PGD-AT" if adversarial else "standard"
+    for e in range(cfg.teacher_epochs):
+        model.train()
+        batches = data_mod.Batches(data.train, cfg.batch_size, shuffle=True, generator=gen)
+        n = len(batches) if not cfg.max_train_batches else min(len(batches),
+                                                                cfg.max_train_batches)
+        total = torch.zeros((), device=device)
+        for i, (x, y) in enumerate(tqdm(batches, total=n, leave=False, disable=not progress,
+                                        desc=f"{name} teacher, epoch {e + 1}")):
+            if i == n:
+                break
+            x, y = x.to(device), y.to(device)
+            if adversarial:
+                x = atk(x, y)
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.detach()
+        sched.step()
+        log(f"{name} teacher  epoch {e + 1:>3}/{cfg.teacher_epochs}  loss "
+            f"{float(total) / max(n, 1):.4f}")
+    return model.eval()
+
+
+def _load_module(path: str, device) -> nn.Module:
+    obj = torch.load(path, map_location=device, weights_only=False)
+    if isinstance(obj, dict) and isinstance(obj.get("module"), nn.Module):
+        obj = obj["module"]
+    if not isinstance(obj, nn.Module):
+        raise TypeError(f"{path}: expected an nn.Module saved with torch.save (or a dict with "
+                        f"its 'module'), got {type(obj).__name__}")
+    return obj.to(device).eval()
+
+
+class AWNetTrainer(DataParallel):
+    """Teachers (loaded or trained), then the AW-Net epochs with an atomic checkpoint
+    (``<out>/last.pt``) after each; ``resume=True`` continues from it."""
+
+    def __init__(self, cfg: AWNetConfig, resume: bool = False, progress: bool = True,
+                 log=print):
+        cfg.validate()
+        self.cfg = cfg
+        self._setup_ranks(cfg.device, False, cfg.batch_size)
+        self.progress = progress
+        self.data = data_mod.load(cfg.dataset, cfg.data_root)
+        self.teacher_nat = self._teacher(cfg.teacher_nat, "teacher_nat.pt", False, resume, log)
+        self.teacher_adv = self._teacher(cfg.teacher_adv, "teacher_adv.pt", True, resume, log)
+        if not isinstance(self.teacher_nat, ResNet):
+            raise TypeError("the detector's feature extractor is the natural teacher's "
+                            "backbone, so that teacher must be a fastrobust.models.ResNet; got "
+                            f"{type(self.teacher_nat).__name__}")
+        for t in (self.teacher_nat, self.teacher_adv):
+            for p in t.parameters():
+                p.requires_grad_(False)
+        torch.manual_seed(cfg.seed)
+        extractor = ResNetFeatures(copy.deepcopy(self.teacher_nat))
+        self.model = awnet_resnet18(extractor, extractor.dim, self.data.num_classes, cfg.width,
+                                    self.data.in_channels, cfg.beta).to(self.device)
+        self.memory_format = torch.contiguous_format
+        if cfg.channels_last or (cfg.channels_last is None and self.device.type == "cpu"):
+            self.memory_format = torch.channels_last
+            self.model.to(memory_format=self.memory_format)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                                   weight_decay=cfg.weight_decay)
+        E = max(cfg.epochs, 1)  # the paper's steps at 215, 260, 285 of 300 epochs
+        self.sched = torch.optim.lr_scheduler.MultiStepLR(
+            self.opt, [math.ceil(f * E) for f in (215 / 300, 260 / 300, 285 / 300)], 0.1)
+        self.balance = LossBalance(cfg.balance_rate).to(self.device)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.attack_gen = torch.Generator(self.device).manual_seed(cfg.seed + 1)
+        self.attack = PGD(self.model, cfg.eps, cfg.alpha, cfg.steps, generator=self.attack_gen)
+        self.epoch, self.history = 0, []
+        self.checkpoint = os.path.join(cfg.out, "last.pt")
+        if resume:
+            self.load(self.checkpoint)
+
+    def _teacher(self, path, name, adversarial, resume, log):
+        if path:
+            return _load_module(path, self.device)
+        own = os.path.join(self.cfg.out, name)
+        if resume and os.path.exists(own):
+            return _load_module(own, self.device)
+        model = train_teacher(self.data, self.cfg, adversarial, self.device, self.progress, log)
+        save_checkpoint(own, {"module": model})
+        return model
+
+    def state(self) -> dict:
+        return {"kind": "awnet", "config": dataclasses.asdict(self.cfg),
+                "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(), "balance": self.balance.state_dict(),
+                "epoch": self.epoch, "history": self.history,
+                "rng": {"data": self.gen.get_state(), "attack": self.attack_gen.get_state()}}
+
+    def load(self, path: str) -> None:
+        ck = load_checkpoint(path)
+        self.model.load_state_dict(ck["model"])
+        self.opt.load_state_dict(ck["optimizer"])
+        self.sched.load_state_dict(ck["scheduler"])
+        self.balance.load_state_dict(ck["balance"])
+        self.gen.set_state(ck["rng"]["data"])
+        self.attack_gen.set_state(ck["rng"]["attack"])
+        self.epoch, self.history = ck["epoch"], ck["history"]
+
+    def step(self, x: Tensor, y: Tensor) -> Tensor:
+        self.opt.zero_grad(set_to_none=True)
+        loss = awnet_loss(self.model, self.teacher_nat, self.teacher_adv, x, y, self.attack,
+                          self.balance, self.cfg.tau)
+        loss.backward()
+        self.opt.step()
+        return loss.detach()
+
+    def fit(self, log=print) -> list[dict]:
+        cfg = self.cfg
+        while self.epoch < cfg.epochs:
+            self.model.train()
+            batches = data_mod.Batches(self.data.train, cfg.batch_size, shuffle=True,
+                                       generator=self.gen)
+            n = len(batches) if not cfg.max_train_batches else min(len(batches),
+                                                                    cfg.max_train_batches)
+            t0, losses = time.perf_counter(), []
+            bar = tqdm(total=n, desc=f"AW-Net epoch {self.epoch + 1}/{cfg.epochs}",
+                       disable=not self.progress, leave=False)
+            for i, (x, y) in enumerate(batches):
+                if i == n:
+                    break
+                x = x.to(self.device).contiguous(memory_format=self.memory_format)
+                losses.append(self.step(x, y.to(self.device)))
+                bar.update(1)
+                if i % 10 == 0 or i == n - 1:
+                    value = float(losses[-1])
+                    check_finite(value, f"at epoch {self.epoch + 1}, batch {i + 1}",
+                                 self.checkpoint)
+                    bar.set_postfix(loss=f"{value:.4f}")
+            bar.close()
+            mean = float(torch.stack(losses).mean())
+            check_finite(mean, f"in epoch {self.epoch + 1}", self.checkpoint)
+            self.sched.step()
+            self.epoch += 1
+            rec = {"epoch": self.epoch, "loss": mean, "alpha_adv": float(self.balance.alpha_adv),
+                   "seconds": time.perf_counter() - t0}
+            self.history.append(rec)
+            save_checkpoint(self.checkpoint, self.state())
+            log(f"AW-Net epoch {self.epoch:>3}/{cfg.epochs}  loss {mean:.4f}  α_adv "
+                f"{rec['alpha_adv']:.3f}  {rec['seconds']:.1f}s")
+        return self.history
+
+
+@torch.no_grad()
+def _acc(model, x, y):
+    return int((model(x).argmax(1) == y).sum())
+
+
+def evaluate_awnet(model, split, cfg: AWNetConfig, batch_size: int = 256,
+                   progress: bool = True, steps: int | None = None, baselines=None) -> dict:
+    """SA and RA under FGSM, PGD-n and CW∞ (ε = cfg.eps), the weighted robust accuracy
+    0.5·SA + 0.5·RA(PGD-n), and the detector's accuracy on clean against PGD-n inputs; the
+    same SA/RA for every model of ``baselines`` ({name: module}) for comparison."""
+    steps = cfg.eval_steps if steps is None else steps
+    dev = next(model.parameters()).device
+    models = {"AW-Net": model, **(baselines or {})}
+    out = {}
+    for name, m in models.items():
+        m.eval()
+        gen = torch.Generator(dev).manual_seed(0)
+        attacks = {"FGSM": FGSM(m, cfg.eps), f"PGD-{steps}": PGD(m, cfg.eps, cfg.alpha, steps,
+                                                                   generator=gen),
+                   "CW-inf": PGD(m, cfg.eps, cfg.alpha, steps, loss="cw", generator=gen)}
+        counts = {"SA": 0, **{k: 0 for k in attacks}}
+        det, n = 0, 0
+        for x, y in tqdm(data_mod.Batches(split, batch_size), disable=not progress,
+                         leave=False, desc=f"evaluating {name}"):
+            x, y = x.to(dev), y.to(dev)
+            counts["SA"] += _acc(m, x, y)
+            for k, atk in attacks.items():
+                xa = atk(x, y)
+                counts[k] += _acc(m, xa, y)
+                if name == "AW-Net" and k.startswith("PGD"):
+                    with torch.no_grad():
+                        tc = m(x, return_type=True)[1].argmax(1)
+                        ta = m(xa, return_type=True)[1].argmax(1)
+                    det += int((tc == 0).sum()) + int((ta == 1).sum())
+            n += len(y)
+        row = {k: v / n for k, v in counts.items()}
+        row["W-robust"] = weighted_robust_accuracy(row["SA"], row[f"PGD-{steps}"])
+        if name == "AW-Net":
+            row["detector"] = det / (2 * n)
+        out[name] = row
+    return out
+
+
+def report_awnet(result: dict, cfg: AWNetConfig, out: str, title: str) -> None:
+    """Table on the terminal, results.json and a bar plot of the accuracies."""
+    keys = [k for k in next(iter(result.values())) if k != "detector"]
+    rows = [{"model": name, **{k: 100 * r[k] for k in keys},
+             "detector": 100 * r["detector"] if "detector" in r else None}
+            for name, r in result.items()]
+    print(format_table(rows, [("model", "model", "{}")] + [(k, f"{k} %", "{:.1f}") for k in keys]
+                       + [("detector", "detector %", "{:.1f}")]))
+    os.makedirs(out, exist_ok=True)
+    write_json(os.path.join(out, "results.json"), {"title": title, "results": result,
+                                                   "config": dataclasses.asdict(cfg)})
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    width = 0.8 / len(result)
+    for i, (name, r) in enumerate(result.items()):
+        ax.bar([j + i * width for j in range(len(keys))], [100 * r[k] for k in keys], width,
+               label=name)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))], keys)
+    ax.set(ylabel="accuracy %", title=title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "accuracy.png"), dpi=120)
+    plt.close(fig)
+    print(f"results: {os.path.join(out, 'results.json')}; plot: "
+          f"{os.path.join(out, 'accuracy.png')}")
