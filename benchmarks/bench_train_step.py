@@ -152,3 +152,66 @@ def test_afa_stage1_step(benchmark, impl):
                        f"PGD-{steps}")
     record(benchmark, impl=impl, nbytes=0, tensor_bytes=0, fused=impl == "fused")
     benchmark.pedantic(step, rounds=3 if QUICK else 10, iterations=1, warmup_rounds=1)
+
+
+# --- AW-Net: the fused step against the same network written with plain ops ---------------
+
+AW_IMPLS = ["fused", "eager_awnet"]
+AW_ALPHA = 0.075
+
+
+def aw_setup(n, width):
+    from fastrobust.models import ResNetFeatures, awnet_resnet18, resnet18
+
+    torch.manual_seed(0)
+    t_nat, t_adv = resnet18(10, width, 1).eval(), resnet18(10, width, 1).eval()
+    for t in (t_nat, t_adv):
+        t.requires_grad_(False)
+    extractor = ResNetFeatures(copy.deepcopy(t_nat))
+    model = awnet_resnet18(extractor, extractor.dim, 10, width, 1).train()
+    with torch.no_grad():  # trained-looking heads (zero ones give ω = 1 and P = 1/2)
+        for h in model.detector.signal_heads:
+            h.weight.normal_(0, 0.05)
+        model.detector.type_head.weight.normal_(0, 0.1)
+    x, y = torch.rand(n, 1, 8, 8), torch.randint(0, 10, (n,))
+    return model, t_nat, t_adv, x, y
+
+
+def aw_step(impl, model, t_nat, t_adv, x, y, steps):
+    from fastrobust.baselines import eager_awnet_loss
+    from fastrobust.trainers.awnet import LossBalance, awnet_loss
+
+    balance = LossBalance()
+    if impl == "fused":
+        model.to(memory_format=torch.channels_last)  # as AWNetTrainer does on the CPU
+        xs = x.contiguous(memory_format=torch.channels_last)
+
+        def step():
+            atk = PGD(model, EPS, AW_ALPHA, steps, generator=torch.Generator().manual_seed(1))
+            loss = awnet_loss(model, t_nat, t_adv, xs, y, atk, balance)
+            model.zero_grad(set_to_none=True)
+            loss.backward()
+            return loss
+        return step
+    start = F.pgd_init(x, EPS, generator=torch.Generator().manual_seed(1))
+
+    def step():
+        loss = eager_awnet_loss(model, t_nat, t_adv, x, y, EPS, AW_ALPHA, steps, start, balance)
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        return loss
+    return step
+
+
+@pytest.mark.parametrize("impl", AW_IMPLS)
+def test_awnet_step(benchmark, impl):
+    n, width, steps = (16, 4, 2) if QUICK else (64, 16, 10)
+    model, t_nat, t_adv, x, y = aw_setup(n, width)
+    reference = copy.deepcopy(model)
+    step = aw_step(impl, model, t_nat, t_adv, x, y, steps)
+    want = aw_step("eager_awnet", reference, t_nat, t_adv, x, y, steps)()
+    got = step()
+    torch.testing.assert_close(got, want, rtol=5e-5, atol=1e-5)
+    benchmark.group = f"awnet_step ResNet-18/w{width} digits batch {n}, PGD-{steps}"
+    record(benchmark, impl=impl, nbytes=0, tensor_bytes=0, fused=impl == "fused")
+    benchmark.pedantic(step, rounds=3 if QUICK else 10, iterations=1, warmup_rounds=1)

@@ -267,3 +267,75 @@ def eager_afa_stage1_loss(model, x: Tensor, y: Tensor, strengths, alpha_ratio: f
             model.train(was)
         total = total + nn.functional.cross_entropy(forward(model, adv, k), y)
     return nn.functional.cross_entropy(forward(model, x, 0), y) + total
+
+
+# --- AW-Net as it is written without fused ops (for the training-step benchmark) ----------
+
+def _mixbn_eager(x: Tensor, bn, n_clean: int | None, mix: Tensor | None,
+                 training: bool) -> Tensor:
+    """MixBN over a two-branch MultiBatchNorm2d's parameters: training, the batch sorted
+    clean-first, slice + two BNs + cat; otherwise the two BNs over the whole batch mixed,
+    (1 − P)·BN_adv(x) + P·BN_nat(x)."""
+    if mix is None:
+        return _oat_dual_bn_f(x, n_clean, bn, training)
+    nat = _branch_bn(x, bn, 0, False)
+    adv = _branch_bn(x, bn, 1, False)
+    return mix[:, 0, None, None, None] * nat + mix[:, 1, None, None, None] * adv
+
+
+def eager_awnet_forward(model, x: Tensor, n_clean: int | None = None) -> Tensor:
+    """An `AWNetResNet`'s forward with plain ops: every scaled conv's output multiplied by ω
+    and written out, MixBN as two BNs (sliced by type when ``n_clean`` is given, the batch
+    sorted clean-first; mixed by the detector's P otherwise), ReLU and the residual add apart."""
+    tr = model.training
+    type_logits, omegas = model.detector(x)
+    mix = None if n_clean is not None else torch.softmax(type_logits, 1)
+
+    def bn(h, m):
+        return _mixbn_eager(h, m, n_clean, mix, tr)
+
+    out = torch.relu(bn(model.conv1(x), model.bn1))
+    for j, blk in enumerate(model.layers):
+        w1, w2 = omegas[2 * j], omegas[2 * j + 1]
+        o = torch.relu(bn(blk.sc1.conv(out) * w1[:, :, None, None], blk.sc1.bn))
+        o = bn(blk.sc2.conv(o) * w2[:, :, None, None], blk.sc2.bn)
+        sc = out if blk.shortcut is None else bn(blk.shortcut[0](out), blk.shortcut[1])
+        out = torch.relu(o + sc)
+    return model.fc(nn.functional.adaptive_avg_pool2d(out, 1).flatten(1)), type_logits
+
+
+def eager_awnet_loss(model, teacher_nat, teacher_adv, x: Tensor, y: Tensor, eps: float,
+                     alpha: float, steps: int, start: Tensor, balance,
+                     tau: float = 1.0) -> Tensor:
+    """AW-Net's training loss the eager way: torchattacks' PGD loop on the eval-mode model
+    (soft MixBN), then one training forward over [x; x_adv] with MixBN sliced by type, type
+    CE + balanced τ²·KL to the two teachers."""
+    was = model.training
+    flags = [p.requires_grad for p in model.parameters()]
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        adv = start.clone()
+        for _ in range(steps):
+            adv.requires_grad_(True)
+            cost = nn.functional.cross_entropy(eager_awnet_forward(model, adv)[0], y)
+            grad = torch.autograd.grad(cost, adv)[0]
+            adv = torchattacks_step(adv.detach(), grad, x, eps, alpha)
+    finally:
+        for p, f in zip(model.parameters(), flags):
+            p.requires_grad_(f)
+        model.train(was)
+    n = x.shape[0]
+    logits, type_logits = eager_awnet_forward(model, torch.cat([x, adv]), n_clean=n)
+    types = torch.cat([torch.zeros(n, dtype=torch.long), torch.ones(n, dtype=torch.long)])
+    with torch.no_grad():
+        t_nat, t_adv = teacher_nat(x), teacher_adv(adv)
+
+    def kd(s, t):
+        return tau * tau * nn.functional.kl_div(nn.functional.log_softmax(s / tau, 1),
+                                                nn.functional.softmax(t / tau, 1),
+                                                reduction="batchmean")
+    l_nat, l_adv = kd(logits[:n], t_nat), kd(logits[n:], t_adv)
+    a_adv, a_nat = balance.update(l_adv, l_nat)
+    return nn.functional.cross_entropy(type_logits, types) + a_adv * l_adv + a_nat * l_nat

@@ -255,21 +255,27 @@ def train_awnet(args) -> int:
     cfg = AWNetConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
     teachers = (f"teachers {cfg.teacher_nat}, {cfg.teacher_adv}" if cfg.teacher_nat and
                 cfg.teacher_adv else f"teachers trained here ({cfg.teacher_epochs} epochs)")
-    print(f"AW-Net on {cfg.dataset}: ResNet-18 of width {cfg.width}, {cfg.epochs} epochs, "
-          f"PGD-{cfg.steps} (eps {cfg.eps:.4g}), tau {cfg.tau:g}, beta {cfg.beta:g}; {teachers}; "
-          f"checkpoints in {cfg.out}")
+    from fastrobust.trainers.common import distributed_context
+    rank, world, _ = distributed_context(cfg.device)
+    say = print if rank == 0 else (lambda *a, **k: None)  # rank 0 speaks under DDP
+    ranks = f"; {world} ranks (DDP, global batch {cfg.batch_size})" if world > 1 else ""
+    say(f"AW-Net on {cfg.dataset}: ResNet-18 of width {cfg.width}, {cfg.epochs} epochs, "
+        f"PGD-{cfg.steps} (eps {cfg.eps:.4g}), tau {cfg.tau:g}, beta {cfg.beta:g}; {teachers}; "
+        f"checkpoints in {cfg.out}{ranks}")
     try:
-        trainer = AWNetTrainer(cfg, resume=args.resume)
+        trainer = AWNetTrainer(cfg, resume=args.resume, log=say)
         if args.resume:
-            print(f"resumed after epoch {trainer.epoch}")
-        trainer.fit()
+            say(f"resumed after epoch {trainer.epoch}")
+        trainer.fit(log=say)
     except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
+        say(f"error: {e}", file=sys.stderr)
         return 2
-    result = evaluate_awnet(trainer.model, trainer.data.test, cfg,
-                            baselines={"PGD-AT teacher": trainer.teacher_adv,
-                                       "standard teacher": trainer.teacher_nat})
-    report_awnet(result, cfg, cfg.out, f"AW-Net ResNet-18/w{cfg.width} on {cfg.dataset}")
+    if trainer.is_main:
+        result = evaluate_awnet(trainer.model, trainer.data.test, cfg,
+                                baselines={"PGD-AT teacher": trainer.teacher_adv,
+                                           "standard teacher": trainer.teacher_nat})
+        report_awnet(result, cfg, cfg.out, f"AW-Net ResNet-18/w{cfg.width} on {cfg.dataset}")
+    trainer.close()
     return 0
 
 
@@ -302,6 +308,8 @@ def _add_awnet_options(p):
                    help=f"PGD steps of the evaluation (default {d.eval_steps})")
     p.add_argument("--max-train-batches", dest="max_train_batches", type=int,
                    help="stop each epoch after that many batches (smoke runs)")
+    p.add_argument("--no-sync-bn", dest="sync_bn", action="store_false", default=None,
+                   help="under torchrun: per-rank BN statistics instead of the global batch's")
     p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
 
 

@@ -55,6 +55,7 @@ class AWNetConfig:
     eps: float = 8 / 255
     alpha: float = 2 / 255
     steps: int = 10
+    random_start: bool = True
     tau: float = 1.0
     beta: float = 4.0
     balance_rate: float = 0.1       # smoothing of MTARD's loss balance
@@ -66,6 +67,7 @@ class AWNetConfig:
     eval_steps: int = 20
     max_train_batches: int = 0
     channels_last: bool | None = None
+    sync_bn: bool = True            # under DDP: MixBN statistics over the global batch
 
     def validate(self) -> None:
         if self.dataset not in data_mod.DATASETS:
@@ -88,8 +90,12 @@ class LossBalance(nn.Module):
         self.register_buffer("alpha_adv", torch.ones(()))
 
     @torch.no_grad()
-    def update(self, l_adv: Tensor, l_nat: Tensor) -> tuple[Tensor, Tensor]:
+    def update(self, l_adv: Tensor, l_nat: Tensor, reduce=None) -> tuple[Tensor, Tensor]:
+        """``reduce``: makes the two losses the global batch's (under DDP, a mean over the
+        ranks), so every rank keeps the same weights."""
         cur = torch.stack([l_adv.detach(), l_nat.detach()]).to(self.first)
+        if reduce is not None:
+            cur = reduce(cur)
         fresh = (self.first == 0).all()
         self.first.copy_(torch.where(fresh, cur, self.first))
         r = cur / self.first.clamp_min(1e-12)
@@ -106,9 +112,12 @@ def _kd(student: Tensor, teacher: Tensor, tau: float) -> Tensor:
 
 
 def awnet_loss(model, teacher_nat: nn.Module, teacher_adv: nn.Module, x: Tensor, y: Tensor,
-               attack: PGD, balance: LossBalance, tau: float = 1.0, forward=None) -> Tensor:
+               attack: PGD, balance: LossBalance, tau: float = 1.0, forward=None,
+               reduce=None) -> Tensor:
     """One AW-Net batch (model in train mode): the attack in eval mode on the whole model,
-    one training forward over [x; x_adv] routed by type, type loss + balanced distillation."""
+    one training forward over [x; x_adv] routed by type, type loss + balanced distillation.
+    ``forward``: what the training forward calls (the DDP wrapper under DDP); ``reduce``: see
+    `LossBalance.update`."""
     forward = model if forward is None else forward
     n = x.shape[0]
     x_adv = attack(x, y)
@@ -120,7 +129,7 @@ def awnet_loss(model, teacher_nat: nn.Module, teacher_adv: nn.Module, x: Tensor,
         t_nat, t_adv = teacher_nat(x), teacher_adv(x_adv)
     l_nat = _kd(logits[:n], t_nat, tau)
     l_adv = _kd(logits[n:], t_adv, tau)
-    a_adv, a_nat = balance.update(l_adv, l_nat)
+    a_adv, a_nat = balance.update(l_adv, l_nat, reduce)
     return F.cross_entropy(type_logits, types) + a_adv * l_adv + a_nat * l_nat
 
 
@@ -172,17 +181,23 @@ def _load_module(path: str, device) -> nn.Module:
 
 class AWNetTrainer(DataParallel):
     """Teachers (loaded or trained), then the AW-Net epochs with an atomic checkpoint
-    (``<out>/last.pt``) after each; ``resume=True`` continues from it."""
+    (``<out>/last.pt``) after each; ``resume=True`` continues from it.
+
+    Data-parallel under ``torchrun`` as the other trainers (each rank its slice of the global
+    batch, MixBN synchronized with ``sync_bn``, DDP for the training forward, the attack on the
+    model itself, MTARD's balance from the global losses; rank 0 logs and checkpoints).
+    Teachers the trainer trains itself are trained on every rank alike, from the same seed."""
 
     def __init__(self, cfg: AWNetConfig, resume: bool = False, progress: bool = True,
-                 log=print):
+                 log=print, distributed: bool | None = None):
         cfg.validate()
         self.cfg = cfg
-        self._setup_ranks(cfg.device, False, cfg.batch_size)
-        self.progress = progress
+        self._setup_ranks(cfg.device, distributed, cfg.batch_size)
+        self.progress = progress and self.is_main
+        say = log if self.is_main else (lambda *a, **k: None)
         self.data = data_mod.load(cfg.dataset, cfg.data_root)
-        self.teacher_nat = self._teacher(cfg.teacher_nat, "teacher_nat.pt", False, resume, log)
-        self.teacher_adv = self._teacher(cfg.teacher_adv, "teacher_adv.pt", True, resume, log)
+        self.teacher_nat = self._teacher(cfg.teacher_nat, "teacher_nat.pt", False, resume, say)
+        self.teacher_adv = self._teacher(cfg.teacher_adv, "teacher_adv.pt", True, resume, say)
         if not isinstance(self.teacher_nat, ResNet):
             raise TypeError("the detector's feature extractor is the natural teacher's "
                             "backbone, so that teacher must be a fastrobust.models.ResNet; got "
@@ -198,6 +213,12 @@ class AWNetTrainer(DataParallel):
         if cfg.channels_last or (cfg.channels_last is None and self.device.type == "cpu"):
             self.memory_format = torch.channels_last
             self.model.to(memory_format=self.memory_format)
+        self.forward = self.model
+        if self.world > 1:
+            from ..nn import convert_sync_multi_bn
+            if cfg.sync_bn:
+                convert_sync_multi_bn(self.model)
+            self.forward = self._ddp(self.model, cfg.sync_bn)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
                                    weight_decay=cfg.weight_decay)
@@ -206,8 +227,9 @@ class AWNetTrainer(DataParallel):
             self.opt, [math.ceil(f * E) for f in (215 / 300, 260 / 300, 285 / 300)], 0.1)
         self.balance = LossBalance(cfg.balance_rate).to(self.device)
         self.gen = torch.Generator().manual_seed(cfg.seed)
-        self.attack_gen = torch.Generator(self.device).manual_seed(cfg.seed + 1)
-        self.attack = PGD(self.model, cfg.eps, cfg.alpha, cfg.steps, generator=self.attack_gen)
+        self.attack_gen = torch.Generator(self.device).manual_seed(cfg.seed + 1 + self.rank)
+        self.attack = PGD(self.model, cfg.eps, cfg.alpha, cfg.steps, generator=self.attack_gen,
+                          random_start=cfg.random_start)
         self.epoch, self.history = 0, []
         self.checkpoint = os.path.join(cfg.out, "last.pt")
         if resume:
@@ -220,7 +242,8 @@ class AWNetTrainer(DataParallel):
         if resume and os.path.exists(own):
             return _load_module(own, self.device)
         model = train_teacher(self.data, self.cfg, adversarial, self.device, self.progress, log)
-        save_checkpoint(own, {"module": model})
+        if self.is_main:
+            save_checkpoint(own, {"module": model})
         return model
 
     def state(self) -> dict:
@@ -228,7 +251,8 @@ class AWNetTrainer(DataParallel):
                 "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
                 "scheduler": self.sched.state_dict(), "balance": self.balance.state_dict(),
                 "epoch": self.epoch, "history": self.history,
-                "rng": {"data": self.gen.get_state(), "attack": self.attack_gen.get_state()}}
+                "rng": {"data": self.gen.get_state(),
+                        "attack_per_rank": self._gather(self.attack_gen.get_state())}}
 
     def load(self, path: str) -> None:
         ck = load_checkpoint(path)
@@ -237,16 +261,25 @@ class AWNetTrainer(DataParallel):
         self.sched.load_state_dict(ck["scheduler"])
         self.balance.load_state_dict(ck["balance"])
         self.gen.set_state(ck["rng"]["data"])
-        self.attack_gen.set_state(ck["rng"]["attack"])
+        per_rank = ck["rng"]["attack_per_rank"]
+        if len(per_rank) == self.world:
+            self.attack_gen.set_state(per_rank[self.rank])
         self.epoch, self.history = ck["epoch"], ck["history"]
 
-    def step(self, x: Tensor, y: Tensor) -> Tensor:
+    def _mean_over_ranks(self, t: Tensor) -> Tensor:
+        return self._all_sum(t.clone()) / self.world
+
+    def step(self, x: Tensor, y: Tensor, n_global: int | None = None) -> Tensor:
+        """One step on this rank's part of a global batch; returns this rank's share of the
+        batch's loss (the loss itself in one process)."""
+        weight = len(y) * self.world / (len(y) if n_global is None else n_global)
         self.opt.zero_grad(set_to_none=True)
         loss = awnet_loss(self.model, self.teacher_nat, self.teacher_adv, x, y, self.attack,
-                          self.balance, self.cfg.tau)
+                          self.balance, self.cfg.tau, self.forward,
+                          self._mean_over_ranks if self.world > 1 else None) * weight
         loss.backward()
         self.opt.step()
-        return loss.detach()
+        return loss.detach() / self.world
 
     def fit(self, log=print) -> list[dict]:
         cfg = self.cfg
@@ -262,23 +295,32 @@ class AWNetTrainer(DataParallel):
             for i, (x, y) in enumerate(batches):
                 if i == n:
                     break
+                m = len(y)
+                if m < self.world:
+                    continue
+                if self.world > 1:
+                    part = self._part(m)
+                    x, y = x[part], y[part]
                 x = x.to(self.device).contiguous(memory_format=self.memory_format)
-                losses.append(self.step(x, y.to(self.device)))
+                losses.append(self.step(x, y.to(self.device), m))
                 bar.update(1)
                 if i % 10 == 0 or i == n - 1:
-                    value = float(losses[-1])
+                    value = float(self._all_sum(losses[-1].clone()))
                     check_finite(value, f"at epoch {self.epoch + 1}, batch {i + 1}",
                                  self.checkpoint)
                     bar.set_postfix(loss=f"{value:.4f}")
             bar.close()
-            mean = float(torch.stack(losses).mean())
+            mean = float(self._all_sum(torch.stack(losses)).mean())
             check_finite(mean, f"in epoch {self.epoch + 1}", self.checkpoint)
             self.sched.step()
             self.epoch += 1
             rec = {"epoch": self.epoch, "loss": mean, "alpha_adv": float(self.balance.alpha_adv),
                    "seconds": time.perf_counter() - t0}
             self.history.append(rec)
-            save_checkpoint(self.checkpoint, self.state())
+            state = self.state()  # a collective under DDP
+            if not self.is_main:
+                continue
+            save_checkpoint(self.checkpoint, state)
             log(f"AW-Net epoch {self.epoch:>3}/{cfg.epochs}  loss {mean:.4f}  α_adv "
                 f"{rec['alpha_adv']:.3f}  {rec['seconds']:.1f}s")
         return self.history
