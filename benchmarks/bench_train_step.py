@@ -155,8 +155,24 @@ def test_afa_stage1_step(benchmark, impl):
 
 
 # --- AW-Net: the fused step against the same network written with plain ops ---------------
+# fused: the library's AW-Net (BN folded into its frozen extractor's convs, ScaledConvBN,
+# fused MixBN, add+ReLU); eager_awnet: ω·conv written out, MixBN as two BNs, the extractor
+# the teacher network as it is, torchattacks' PGD loop.
 
 AW_IMPLS = ["fused", "eager_awnet"]
+
+
+def aw_eager_twin(model, t_nat, width):
+    """The same AW-Net with the extractor as the teacher network itself (BN passes and all),
+    as an eager implementation has it; every other weight copied from ``model``."""
+    from fastrobust.models import ResNetFeatures, awnet_resnet18
+
+    twin = awnet_resnet18(ResNetFeatures(copy.deepcopy(t_nat), fold_bn=False),
+                          model.detector.type_head.in_features, 10, width, 1)
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith("detector.extractor")}
+    missing, unexpected = twin.load_state_dict(own, strict=False)
+    assert not unexpected and all(k.startswith("detector.extractor") for k in missing)
+    return twin.train()
 AW_ALPHA = 0.075
 
 
@@ -207,7 +223,9 @@ def aw_step(impl, model, t_nat, t_adv, x, y, steps):
 def test_awnet_step(benchmark, impl):
     n, width, steps = (16, 4, 2) if QUICK else (64, 16, 10)
     model, t_nat, t_adv, x, y = aw_setup(n, width)
-    reference = copy.deepcopy(model)
+    reference = aw_eager_twin(model, t_nat, width)
+    if impl == "eager_awnet":
+        model = aw_eager_twin(model, t_nat, width)
     step = aw_step(impl, model, t_nat, t_adv, x, y, steps)
     want = aw_step("eager_awnet", reference, t_nat, t_adv, x, y, steps)()
     got = step()

@@ -21,6 +21,8 @@ detector's P = P_type(clean), one `mixed_batch_norm` pass.
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import Tensor, nn
 
@@ -35,17 +37,41 @@ NAT, ADV = 0, 1
 
 class ResNetFeatures(nn.Module):
     """The pooled penultimate features of a `fastrobust.models.ResNet` (its classifier
-    dropped): [N, 8·width], 512 for the standard ResNet-18."""
+    dropped): [N, 8·width], 512 for the standard ResNet-18. A frozen extractor never changes
+    its BN statistics, so by default (``fold_bn``) every BN is folded into the conv before it
+    (exact up to rounding; the attacks' forward and backward through ψ then skip 20 BN
+    passes each) and the residual add and ReLU are one pass."""
 
-    def __init__(self, resnet: ResNet):
+    def __init__(self, resnet: ResNet, fold_bn: bool = True):
         super().__init__()
-        self.net = resnet
         self.dim = resnet.fc.in_features
+        self.fold_bn = fold_bn
+        if not fold_bn:
+            self.net = resnet
+            return
+        from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+        def fold(conv, bn):  # on copies: the teacher's own modules stay as they are
+            return fuse_conv_bn_eval(copy.deepcopy(conv).eval(), copy.deepcopy(bn).eval())
+
+        self.stem = fold(resnet.conv1, resnet.bn1)
+        self.blocks = nn.ModuleList()
+        for blk in resnet.layers:
+            b = nn.Module()
+            b.c1, b.c2 = fold(blk.conv1, blk.bn1), fold(blk.conv2, blk.bn2)
+            b.sc = fold(blk.shortcut[0], blk.shortcut[1]) if len(blk.shortcut) else None
+            self.blocks.append(b)
 
     def forward(self, x: Tensor) -> Tensor:
-        r = self.net
-        out = r.layers(r.relu(r.bn1(r.conv1(x))))
-        return r.pool(out).flatten(1)
+        if not self.fold_bn:
+            r = self.net
+            out = r.layers(r.relu(r.bn1(r.conv1(x))))
+            return nn.functional.adaptive_avg_pool2d(out, 1).flatten(1)
+        out = torch.relu(self.stem(x))
+        for b in self.blocks:
+            h = b.c2(torch.relu(b.c1(out)))
+            out = add_relu(h, out if b.sc is None else b.sc(out))
+        return nn.functional.adaptive_avg_pool2d(out, 1).flatten(1)
 
 
 class AdversarialDetector(nn.Module):
