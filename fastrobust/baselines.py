@@ -5,6 +5,8 @@ gathered out, run through their own nn.BatchNorm2d, and put back together.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor, nn
 
@@ -113,12 +115,36 @@ def torchattacks_pgd(model: nn.Module, images: Tensor, labels: Tensor, eps: floa
     images = images.detach()
     if start is None:
         start = torch.clamp(images + torch.empty_like(images).uniform_(-eps, eps), 0, 1)
-    adv = start.clone().detach()
+    return torchattacks_loop(model, images, labels, start.detach(), eps, alpha, steps)
+
+
+@contextlib.contextmanager
+def attacking(model: nn.Module):
+    """What attack code does around its loop, the eager way: eval mode and parameters frozen
+    for the body, both restored after."""
+    was = model.training
+    flags = [p.requires_grad for p in model.parameters()]
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, f in zip(model.parameters(), flags):
+            p.requires_grad_(f)
+        model.train(was)
+
+
+def torchattacks_loop(forward, x: Tensor, y: Tensor, start: Tensor, eps, alpha,
+                      steps: int) -> Tensor:
+    """torchattacks' PGD loop from ``start``: mean CE of ``forward(adv)``, one
+    `torchattacks_step` per iteration."""
+    adv = start.clone()
     for _ in range(steps):
-        adv.requires_grad = True
-        cost = nn.functional.cross_entropy(model(adv), labels)
-        grad = torch.autograd.grad(cost, adv, retain_graph=False, create_graph=False)[0]
-        adv = torchattacks_step(adv, grad, images, eps, alpha)
+        adv.requires_grad_(True)
+        cost = nn.functional.cross_entropy(forward(adv), y)
+        grad = torch.autograd.grad(cost, adv)[0]
+        adv = torchattacks_step(adv.detach(), grad, x, eps, alpha)
     return adv
 
 
@@ -200,18 +226,9 @@ def eager_oat_loss(model, x: Tensor, y: Tensor, lam: Tensor, eps: float, alpha: 
     la = torch.zeros_like(lc)
     if n_zero < len(y):
         xs, ys, cs = x[n_zero:], y[n_zero:], codes[n_zero:]
-        was = model.training
-        flags = [p.requires_grad for p in model.parameters()]
-        model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        try:
+        with attacking(model):
             x_adv = oat_pgd(lambda z: forward(model, z, cs.detach(), 0), xs, ys, eps, alpha,
                             steps, start)
-        finally:
-            for p, f in zip(model.parameters(), flags):
-                p.requires_grad_(f)
-            model.train(was)
         la_adv = nn.functional.cross_entropy(forward(model, x_adv, cs, 0), ys, reduction="none")
         la = torch.cat([la[:n_zero], la_adv])
     return ((1 - lam) * lc + lam * la).mean()
@@ -249,22 +266,9 @@ def eager_afa_stage1_loss(model, x: Tensor, y: Tensor, strengths, alpha_ratio: f
     total = 0.0
     for k in range(1, len(strengths)):
         eps = float(strengths[k])
-        was = model.training
-        flags = [p.requires_grad for p in model.parameters()]
-        model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        try:
-            adv = starts[k - 1].clone()
-            for _ in range(steps):
-                adv.requires_grad_(True)
-                cost = nn.functional.cross_entropy(forward(model, adv, k), y)
-                grad = torch.autograd.grad(cost, adv)[0]
-                adv = torchattacks_step(adv.detach(), grad, x, eps, alpha_ratio * eps)
-        finally:
-            for p, f in zip(model.parameters(), flags):
-                p.requires_grad_(f)
-            model.train(was)
+        with attacking(model):
+            adv = torchattacks_loop(lambda z, k=k: forward(model, z, k), x, y, starts[k - 1],
+                                    eps, alpha_ratio * eps, steps)
         total = total + nn.functional.cross_entropy(forward(model, adv, k), y)
     return nn.functional.cross_entropy(forward(model, x, 0), y) + total
 
@@ -310,22 +314,9 @@ def eager_awnet_loss(model, teacher_nat, teacher_adv, x: Tensor, y: Tensor, eps:
     """AW-Net's training loss the eager way: torchattacks' PGD loop on the eval-mode model
     (soft MixBN), then one training forward over [x; x_adv] with MixBN sliced by type, type
     CE + balanced τ²·KL to the two teachers."""
-    was = model.training
-    flags = [p.requires_grad for p in model.parameters()]
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    try:
-        adv = start.clone()
-        for _ in range(steps):
-            adv.requires_grad_(True)
-            cost = nn.functional.cross_entropy(eager_awnet_forward(model, adv)[0], y)
-            grad = torch.autograd.grad(cost, adv)[0]
-            adv = torchattacks_step(adv.detach(), grad, x, eps, alpha)
-    finally:
-        for p, f in zip(model.parameters(), flags):
-            p.requires_grad_(f)
-        model.train(was)
+    with attacking(model):
+        adv = torchattacks_loop(lambda z: eager_awnet_forward(model, z)[0], x, y, start, eps,
+                                alpha, steps)
     n = x.shape[0]
     logits, type_logits = eager_awnet_forward(model, torch.cat([x, adv]), n_clean=n)
     types = torch.cat([torch.zeros(n, dtype=torch.long), torch.ones(n, dtype=torch.long)])

@@ -279,108 +279,22 @@ def train_awnet(args) -> int:
     return 0
 
 
-def _add_awnet_options(p):
-    from fastrobust.trainers.awnet import AWNetConfig
-
-    d = AWNetConfig()
-    p.add_argument("--dataset", choices=("digits", "cifar10", "svhn"),
-                   help="default digits (embedded)")
-    p.add_argument("--data-root", dest="data_root", help="directory with the data set's files")
-    p.add_argument("--width", type=int, help=f"ResNet base width (default {d.width})")
-    p.add_argument("--epochs", type=int, help=f"default {d.epochs}")
-    p.add_argument("--teacher-epochs", dest="teacher_epochs", type=int,
-                   help=f"epochs of the teachers trained here (default {d.teacher_epochs})")
-    p.add_argument("--teacher-nat", dest="teacher_nat",
-                   help="natural teacher: an nn.Module saved with torch.save (a fastrobust "
-                   "ResNet: its backbone is also the detector's feature extractor)")
-    p.add_argument("--teacher-adv", dest="teacher_adv", help="adversarial teacher (nn.Module)")
-    p.add_argument("--batch-size", dest="batch_size", type=int, help=f"default {d.batch_size}")
-    p.add_argument("--lr", type=float, help=f"default {d.lr}")
-    p.add_argument("--eps", type=float, help="attack radius (default 8/255)")
-    p.add_argument("--alpha", type=float, help="attack step (default 2/255)")
-    p.add_argument("--steps", type=int, help=f"PGD steps in training (default {d.steps})")
-    p.add_argument("--tau", type=float, help=f"distillation temperature (default {d.tau})")
-    p.add_argument("--beta", type=float, help=f"signal exponent (default {d.beta})")
-    p.add_argument("--seed", type=int, help=f"default {d.seed}")
-    p.add_argument("--device", help="cpu or cuda (default cpu)")
-    p.add_argument("--out", help=f"run directory (default {d.out})")
-    p.add_argument("--eval-steps", dest="eval_steps", type=int,
-                   help=f"PGD steps of the evaluation (default {d.eval_steps})")
-    p.add_argument("--max-train-batches", dest="max_train_batches", type=int,
-                   help="stop each epoch after that many batches (smoke runs)")
-    p.add_argument("--no-sync-bn", dest="sync_bn", action="store_false", default=None,
-                   help="under torchrun: per-rank BN statistics instead of the global batch's")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
-
-
-def _add_afa_options(p):
-    from fastrobust.trainers.afa import AFAConfig
-
-    d = AFAConfig()
-    p.add_argument("--dataset", choices=("digits", "cifar10", "svhn"),
-                   help="default digits (embedded)")
-    p.add_argument("--data-root", dest="data_root", help="directory with the data set's files")
-    p.add_argument("--width", type=int, help=f"ResNet base width (default {d.width})")
-    p.add_argument("--epochs", type=int, help=f"stage-I epochs (default {d.epochs})")
-    p.add_argument("--epochs2", type=int, help=f"stage-II epochs (default {d.epochs2})")
-    p.add_argument("--batch-size", dest="batch_size", type=int, help=f"default {d.batch_size}")
-    p.add_argument("--lr", type=float, help=f"stage-I learning rate (default {d.lr})")
-    p.add_argument("--lr2", type=float, help=f"stage-II learning rate (default {d.lr2})")
-    p.add_argument("--branches", dest="num_branches", type=int,
-                   help=f"K attack strengths, 0..max-eps (default {d.num_branches})")
-    p.add_argument("--max-eps", dest="max_eps", type=float, help="strongest ε (default 8/255)")
-    p.add_argument("--steps", type=int, help=f"PGD steps in training (default {d.steps})")
-    p.add_argument("--adv-loss", dest="adv_loss", choices=("pgd", "trades"),
-                   help="adversarial loss (default pgd: PGD-AT)")
-    p.add_argument("--trades-beta", dest="trades_beta", type=float,
-                   help=f"default {d.trades_beta}")
-    p.add_argument("--schedule", choices=("batched", "sequential"),
-                   help="stage I: one batched attack and pass (default) or the paper's "
-                   "sequential K passes")
-    p.add_argument("--seed", type=int, help=f"default {d.seed}")
-    p.add_argument("--device", help="cpu or cuda (default cpu)")
-    p.add_argument("--out", help=f"run directory (default {d.out})")
-    p.add_argument("--eval-steps", dest="eval_steps", type=int,
-                   help=f"PGD steps of the evaluation (default {d.eval_steps})")
-    p.add_argument("--max-train-batches", dest="max_train_batches", type=int,
-                   help="stop each epoch after that many batches (smoke runs)")
-    p.add_argument("--no-sync-bn", dest="sync_bn", action="store_false", default=None,
-                   help="under torchrun: per-rank BN statistics instead of the global batch's")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
-
-
-def _add_oat_options(p):
-    from fastrobust.trainers.oat import OATConfig
-
-    d = OATConfig()
+def _add_common_options(p, d, eval_what: str):
+    """The options every trainer shares (``d``: its config's defaults)."""
     p.add_argument("--dataset", choices=("digits", "cifar10", "svhn"),
                    help=f"data set (default {d.dataset}: embedded, no download)")
     p.add_argument("--data-root", dest="data_root", help="directory with the data set's files")
-    p.add_argument("--arch", choices=("resnet18", "resnet34", "wrn"),
-                   help=f"model (default {d.arch})")
     p.add_argument("--width", type=int, help=f"ResNet base width (default {d.width})")
-    p.add_argument("--depth", type=int, help=f"Wide-ResNet depth (default {d.depth})")
-    p.add_argument("--widen", type=int, help=f"Wide-ResNet widening (default {d.widen})")
     p.add_argument("--epochs", type=int, help=f"default {d.epochs}")
-    p.add_argument("--batch-size", dest="batch_size", type=int, help=f"default {d.batch_size}")
+    p.add_argument("--batch-size", dest="batch_size", type=int,
+                   help=f"global batch (default {d.batch_size})")
     p.add_argument("--lr", type=float, help=f"default {d.lr}")
-    p.add_argument("--weight-decay", dest="weight_decay", type=float,
-                   help=f"default {d.weight_decay}")
-    p.add_argument("--eps", type=float, help="attack radius (default 8/255)")
-    p.add_argument("--alpha", type=float, help="attack step (default 2/255)")
     p.add_argument("--steps", type=int, help=f"PGD steps in training (default {d.steps})")
-    p.add_argument("--lambdas", type=float, nargs="+", help=f"default {list(d.lambdas)}")
-    p.add_argument("--continuous", action="store_true", default=None,
-                   help="sample lambda from U(0, 1) instead of the set")
-    p.add_argument("--encoding", choices=("ro", "dct", "none"), help="lambda encoding")
-    p.add_argument("--dim", type=int, help=f"encoding dimension (default {d.dim})")
-    p.add_argument("--single-bn", dest="dual_bn", action="store_false", default=None,
-                   help="one shared BN instead of dual BN (the ablation)")
     p.add_argument("--seed", type=int, help=f"default {d.seed}")
     p.add_argument("--device", help="cpu or cuda (default cpu)")
     p.add_argument("--out", help=f"run directory (default {d.out})")
     p.add_argument("--eval-steps", dest="eval_steps", type=int,
-                   help=f"PGD steps of the final lambda sweep (default {d.eval_steps})")
+                   help=f"PGD steps of {eval_what} (default {d.eval_steps})")
     p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
     p.add_argument("--no-random-start", dest="random_start", action="store_false",
                    default=None, help="PGD starts from the clean input")
@@ -388,6 +302,64 @@ def _add_oat_options(p):
                    help="under torchrun: per-rank BN statistics instead of the global batch's")
     p.add_argument("--max-train-batches", dest="max_train_batches", type=int,
                    help="stop each epoch after that many batches (smoke runs)")
+
+
+def _add_awnet_options(p):
+    from fastrobust.trainers.awnet import AWNetConfig
+
+    d = AWNetConfig()
+    _add_common_options(p, d, "the evaluation")
+    p.add_argument("--teacher-epochs", dest="teacher_epochs", type=int,
+                   help=f"epochs of the teachers trained here (default {d.teacher_epochs})")
+    p.add_argument("--teacher-nat", dest="teacher_nat",
+                   help="natural teacher: an nn.Module saved with torch.save (a fastrobust "
+                   "ResNet: its backbone is also the detector's feature extractor)")
+    p.add_argument("--teacher-adv", dest="teacher_adv", help="adversarial teacher (nn.Module)")
+    p.add_argument("--eps", type=float, help="attack radius (default 8/255)")
+    p.add_argument("--alpha", type=float, help="attack step (default 2/255)")
+    p.add_argument("--tau", type=float, help=f"distillation temperature (default {d.tau})")
+    p.add_argument("--beta", type=float, help=f"signal exponent (default {d.beta})")
+
+
+def _add_afa_options(p):
+    from fastrobust.trainers.afa import AFAConfig
+
+    d = AFAConfig()
+    _add_common_options(p, d, "the evaluation")
+    p.add_argument("--epochs2", type=int, help=f"stage-II epochs (default {d.epochs2})")
+    p.add_argument("--lr2", type=float, help=f"stage-II learning rate (default {d.lr2})")
+    p.add_argument("--branches", dest="num_branches", type=int,
+                   help=f"K attack strengths, 0..max-eps (default {d.num_branches})")
+    p.add_argument("--max-eps", dest="max_eps", type=float, help="strongest ε (default 8/255)")
+    p.add_argument("--adv-loss", dest="adv_loss", choices=("pgd", "trades"),
+                   help="adversarial loss (default pgd: PGD-AT)")
+    p.add_argument("--trades-beta", dest="trades_beta", type=float,
+                   help=f"default {d.trades_beta}")
+    p.add_argument("--schedule", choices=("batched", "sequential"),
+                   help="stage I: one batched attack and pass (default) or the paper's "
+                   "sequential K passes")
+
+
+def _add_oat_options(p):
+    from fastrobust.trainers.oat import OATConfig
+
+    d = OATConfig()
+    _add_common_options(p, d, "the final lambda sweep")
+    p.add_argument("--arch", choices=("resnet18", "resnet34", "wrn"),
+                   help=f"model (default {d.arch})")
+    p.add_argument("--depth", type=int, help=f"Wide-ResNet depth (default {d.depth})")
+    p.add_argument("--widen", type=int, help=f"Wide-ResNet widening (default {d.widen})")
+    p.add_argument("--weight-decay", dest="weight_decay", type=float,
+                   help=f"default {d.weight_decay}")
+    p.add_argument("--eps", type=float, help="attack radius (default 8/255)")
+    p.add_argument("--alpha", type=float, help="attack step (default 2/255)")
+    p.add_argument("--lambdas", type=float, nargs="+", help=f"default {list(d.lambdas)}")
+    p.add_argument("--continuous", action="store_true", default=None,
+                   help="sample lambda from U(0, 1) instead of the set")
+    p.add_argument("--encoding", choices=("ro", "dct", "none"), help="lambda encoding")
+    p.add_argument("--dim", type=int, help=f"encoding dimension (default {d.dim})")
+    p.add_argument("--single-bn", dest="dual_bn", action="store_false", default=None,
+                   help="one shared BN instead of dual BN (the ablation)")
 
 
 def main(argv=None) -> int:

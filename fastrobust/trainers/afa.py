@@ -188,17 +188,11 @@ class AFATrainer(DataParallel):
         self.progress = progress and self.is_main
         self.data = data_mod.load(cfg.dataset, cfg.data_root)
         torch.manual_seed(cfg.seed)
-        self.model = afa_resnet18(self.data.num_classes, cfg.width, self.data.in_channels,
-                                  cfg.num_branches, cfg.wg_hidden).to(self.device)
-        self.memory_format = torch.contiguous_format
-        if cfg.channels_last or (cfg.channels_last is None and self.device.type == "cpu"):
-            self.memory_format = torch.channels_last
-            self.model.to(memory_format=self.memory_format)
+        self.model = self._place(afa_resnet18(self.data.num_classes, cfg.width,
+                                              self.data.in_channels, cfg.num_branches,
+                                              cfg.wg_hidden), cfg.channels_last, cfg.sync_bn)
         self.forward1 = self.forward2 = self.model
         if self.world > 1:
-            from ..nn import convert_sync_multi_bn
-            if cfg.sync_bn:
-                convert_sync_multi_bn(self.model)
             gen = list(self.model.generator.parameters())
             for p in gen:  # stage I's DDP covers the base network (the generator is unused)
                 p.requires_grad_(False)

@@ -207,18 +207,11 @@ class AWNetTrainer(DataParallel):
                 p.requires_grad_(False)
         torch.manual_seed(cfg.seed)
         extractor = ResNetFeatures(copy.deepcopy(self.teacher_nat))
-        self.model = awnet_resnet18(extractor, extractor.dim, self.data.num_classes, cfg.width,
-                                    self.data.in_channels, cfg.beta).to(self.device)
-        self.memory_format = torch.contiguous_format
-        if cfg.channels_last or (cfg.channels_last is None and self.device.type == "cpu"):
-            self.memory_format = torch.channels_last
-            self.model.to(memory_format=self.memory_format)
-        self.forward = self.model
-        if self.world > 1:
-            from ..nn import convert_sync_multi_bn
-            if cfg.sync_bn:
-                convert_sync_multi_bn(self.model)
-            self.forward = self._ddp(self.model, cfg.sync_bn)
+        self.model = self._place(awnet_resnet18(extractor, extractor.dim,
+                                                self.data.num_classes, cfg.width,
+                                                self.data.in_channels, cfg.beta),
+                                 cfg.channels_last, cfg.sync_bn)
+        self.forward = self._ddp(self.model, cfg.sync_bn) if self.world > 1 else self.model
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
                                    weight_decay=cfg.weight_decay)

@@ -142,6 +142,21 @@ class DataParallel:
             raise ValueError(f"batch_size {batch_size} is the global batch; it must be at "
                              f"least the number of ranks ({self.world})")
 
+    def _place(self, model: torch.nn.Module, channels_last: bool | None,
+               sync_bn: bool) -> torch.nn.Module:
+        """``model`` on the device, in channels_last where asked (None: on the CPU, whose
+        convolutions and their gradients are 10-35 % faster in it at these shapes; sets
+        ``memory_format`` for the batches), its multi-branch BNs synchronized under DDP."""
+        model.to(self.device)
+        self.memory_format = torch.contiguous_format
+        if channels_last or (channels_last is None and self.device.type == "cpu"):
+            self.memory_format = torch.channels_last
+            model.to(memory_format=self.memory_format)
+        if self.world > 1 and sync_bn:
+            from ..nn import convert_sync_multi_bn
+            convert_sync_multi_bn(model)
+        return model
+
     def _part(self, n: int) -> slice:
         """This rank's contiguous slice of a global batch of n samples."""
         return slice(n * self.rank // self.world, n * (self.rank + 1) // self.world)

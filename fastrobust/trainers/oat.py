@@ -154,18 +154,11 @@ class OATTrainer(DataParallel):
         self.progress = progress and self.is_main
         self.data = data_mod.load(cfg.dataset, cfg.data_root)
         torch.manual_seed(cfg.seed)
-        self.model = build_model(cfg, self.data.num_classes, self.data.in_channels)
-        self.model.to(self.device)
-        self.memory_format = torch.contiguous_format
-        if cfg.channels_last or (cfg.channels_last is None and self.device.type == "cpu"):
-            # the CPU convolutions (forward and both gradients) are 10-35% faster in it
-            self.memory_format = torch.channels_last
-            self.model.to(memory_format=self.memory_format)
+        self.model = self._place(build_model(cfg, self.data.num_classes,
+                                             self.data.in_channels), cfg.channels_last,
+                                 cfg.sync_bn)
         self.forward: nn.Module = self.model
         if self.world > 1:
-            from ..nn import convert_sync_multi_bn
-            if cfg.sync_bn:
-                convert_sync_multi_bn(self.model)
             self.forward = self._ddp(self.model, cfg.sync_bn)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                    weight_decay=cfg.weight_decay)
