@@ -133,43 +133,59 @@ def speed(args) -> int:
     return 0
 
 
+def _config(cls, args, tuples=()):
+    """A trainer config from the parsed options that were given (lists made tuples)."""
+    kw = {k: v for k, v in vars(args).items() if k in cls.__dataclass_fields__ and v is not None}
+    for key in tuples:
+        if key in kw:
+            kw[key] = tuple(kw[key])
+    return cls(**kw)
+
+
 def _oat_config(args):
     from fastrobust.trainers.oat import OATConfig
 
-    fields = OATConfig.__dataclass_fields__
-    kw = {k: v for k, v in vars(args).items() if k in fields and v is not None}
-    for key in ("lambdas", "eval_unseen", "widths"):
-        if key in kw:
-            kw[key] = tuple(kw[key])
-    return OATConfig(**kw)
+    return _config(OATConfig, args, ("lambdas", "eval_unseen", "widths"))
 
 
-def train(args) -> int:
-    from fastrobust.trainers.common import TrainingDiverged
-    from fastrobust.trainers.oat import OATTrainer, report, sweep_all
+def _train(args, cfg, make, describe: str, resumed, evaluate) -> int:
+    """What every train subcommand does: under torchrun only rank 0 speaks, checkpoints and
+    evaluates; a diverged run exits with status 2."""
+    from fastrobust.trainers.common import TrainingDiverged, distributed_context
 
-    cfg = _oat_config(args)
-    trainer = OATTrainer(cfg, resume=args.resume)
-    say = print if trainer.is_main else (lambda *a, **k: None)  # rank 0 speaks under DDP
-    widths = f", widths {list(cfg.widths)}" if cfg.widths else ""
-    ranks = f"; {trainer.world} ranks (DDP, global batch {cfg.batch_size})" \
-        if trainer.world > 1 else ""
-    say(f"{cfg.method.upper()} on {cfg.dataset}: {cfg.arch}{widths}, {cfg.epochs} epochs, "
-        f"PGD-{cfg.steps} "
-        f"(eps {cfg.eps:.4g}, alpha {cfg.alpha:.4g}), lambdas {list(cfg.lambdas)}"
-        f"{' (continuous)' if cfg.continuous else ''}; checkpoints in {cfg.out}{ranks}")
-    if args.resume:
-        say(f"resumed after epoch {trainer.epoch}")
+    rank, world, _ = distributed_context(cfg.device)
+    say = print if rank == 0 else (lambda *a, **k: None)
+    ranks = f"; {world} ranks (DDP, global batch {cfg.batch_size})" if world > 1 else ""
+    say(describe + ranks)
     try:
+        trainer = make(say)
+        if args.resume:
+            say(resumed(trainer))
         trainer.fit(log=say)
     except TrainingDiverged as e:
         say(f"error: {e}", file=sys.stderr)
         return 2
     if trainer.is_main:
-        rows = sweep_all(trainer.model.eval(), trainer.data.test, cfg)
-        report(rows, cfg, cfg.out, f"{cfg.method.upper()} {cfg.arch} on {cfg.dataset}")
+        evaluate(trainer)
     trainer.close()
     return 0
+
+
+def train(args) -> int:
+    from fastrobust.trainers.oat import OATTrainer, report, sweep_all
+
+    cfg = _oat_config(args)
+    widths = f", widths {list(cfg.widths)}" if cfg.widths else ""
+
+    def evaluate(trainer):
+        rows = sweep_all(trainer.model.eval(), trainer.data.test, cfg)
+        report(rows, cfg, cfg.out, f"{cfg.method.upper()} {cfg.arch} on {cfg.dataset}")
+    return _train(
+        args, cfg, lambda say: OATTrainer(cfg, resume=args.resume),
+        f"{cfg.method.upper()} on {cfg.dataset}: {cfg.arch}{widths}, {cfg.epochs} epochs, "
+        f"PGD-{cfg.steps} (eps {cfg.eps:.4g}, alpha {cfg.alpha:.4g}), lambdas "
+        f"{list(cfg.lambdas)}{' (continuous)' if cfg.continuous else ''}; checkpoints in "
+        f"{cfg.out}", lambda t: f"resumed after epoch {t.epoch}", evaluate)
 
 
 def evaluate_checkpoint(args) -> int:
@@ -219,64 +235,41 @@ def demo(args) -> int:
 
 def train_afa(args) -> int:
     from fastrobust.trainers.afa import AFAConfig, AFATrainer, evaluate_afa, report_afa
-    from fastrobust.trainers.common import TrainingDiverged
 
-    fields = AFAConfig.__dataclass_fields__
-    cfg = AFAConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
-    trainer = AFATrainer(cfg, resume=args.resume)
-    say = print if trainer.is_main else (lambda *a, **k: None)  # rank 0 speaks under DDP
+    cfg = _config(AFAConfig, args)
     eps = ", ".join(f"{e:.4g}" for e in cfg.strengths().tolist())
-    ranks = f"; {trainer.world} ranks (DDP, global batch {cfg.batch_size})" \
-        if trainer.world > 1 else ""
-    say(f"AFA on {cfg.dataset}: ResNet-18 of width {cfg.width}, K={cfg.num_branches} "
-        f"strengths [{eps}], stage I {cfg.epochs} epochs ({cfg.schedule}, "
-        f"{cfg.adv_loss.upper()}-AT, PGD-{cfg.steps}), stage II {cfg.epochs2} epochs; "
-        f"checkpoints in {cfg.out}{ranks}")
-    if args.resume:
-        say(f"resumed after stage-I epoch {trainer.epoch1}, stage-II epoch {trainer.epoch2}")
-    try:
-        trainer.fit(log=say)
-    except TrainingDiverged as e:
-        say(f"error: {e}", file=sys.stderr)
-        return 2
-    if trainer.is_main:
+
+    def evaluate(trainer):
         result = evaluate_afa(trainer.model, trainer.data.test, cfg)
         report_afa(result, cfg, cfg.out, f"AFA ResNet-18/w{cfg.width} on {cfg.dataset}")
-    trainer.close()
-    return 0
+    return _train(
+        args, cfg, lambda say: AFATrainer(cfg, resume=args.resume),
+        f"AFA on {cfg.dataset}: ResNet-18 of width {cfg.width}, K={cfg.num_branches} "
+        f"strengths [{eps}], stage I {cfg.epochs} epochs ({cfg.schedule}, "
+        f"{cfg.adv_loss.upper()}-AT, PGD-{cfg.steps}), stage II {cfg.epochs2} epochs; "
+        f"checkpoints in {cfg.out}",
+        lambda t: f"resumed after stage-I epoch {t.epoch1}, stage-II epoch {t.epoch2}",
+        evaluate)
 
 
 def train_awnet(args) -> int:
     from fastrobust.trainers.awnet import (AWNetConfig, AWNetTrainer, evaluate_awnet,
                                            report_awnet)
-    from fastrobust.trainers.common import TrainingDiverged
 
-    fields = AWNetConfig.__dataclass_fields__
-    cfg = AWNetConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
+    cfg = _config(AWNetConfig, args)
     teachers = (f"teachers {cfg.teacher_nat}, {cfg.teacher_adv}" if cfg.teacher_nat and
                 cfg.teacher_adv else f"teachers trained here ({cfg.teacher_epochs} epochs)")
-    from fastrobust.trainers.common import distributed_context
-    rank, world, _ = distributed_context(cfg.device)
-    say = print if rank == 0 else (lambda *a, **k: None)  # rank 0 speaks under DDP
-    ranks = f"; {world} ranks (DDP, global batch {cfg.batch_size})" if world > 1 else ""
-    say(f"AW-Net on {cfg.dataset}: ResNet-18 of width {cfg.width}, {cfg.epochs} epochs, "
-        f"PGD-{cfg.steps} (eps {cfg.eps:.4g}), tau {cfg.tau:g}, beta {cfg.beta:g}; {teachers}; "
-        f"checkpoints in {cfg.out}{ranks}")
-    try:
-        trainer = AWNetTrainer(cfg, resume=args.resume, log=say)
-        if args.resume:
-            say(f"resumed after epoch {trainer.epoch}")
-        trainer.fit(log=say)
-    except TrainingDiverged as e:
-        say(f"error: {e}", file=sys.stderr)
-        return 2
-    if trainer.is_main:
+
+    def evaluate(trainer):
         result = evaluate_awnet(trainer.model, trainer.data.test, cfg,
                                 baselines={"PGD-AT teacher": trainer.teacher_adv,
                                            "standard teacher": trainer.teacher_nat})
         report_awnet(result, cfg, cfg.out, f"AW-Net ResNet-18/w{cfg.width} on {cfg.dataset}")
-    trainer.close()
-    return 0
+    return _train(
+        args, cfg, lambda say: AWNetTrainer(cfg, resume=args.resume, log=say),
+        f"AW-Net on {cfg.dataset}: ResNet-18 of width {cfg.width}, {cfg.epochs} epochs, "
+        f"PGD-{cfg.steps} (eps {cfg.eps:.4g}), tau {cfg.tau:g}, beta {cfg.beta:g}; {teachers}; "
+        f"checkpoints in {cfg.out}", lambda t: f"resumed after epoch {t.epoch}", evaluate)
 
 
 def _add_common_options(p, d, eval_what: str):
