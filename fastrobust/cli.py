@@ -295,6 +295,10 @@ def _add_common_options(p, d, eval_what: str):
                    help="under torchrun: per-rank BN statistics instead of the global batch's")
     p.add_argument("--max-train-batches", dest="max_train_batches", type=int,
                    help="stop each epoch after that many batches (smoke runs)")
+    p.add_argument("--memory-format", dest="memory_format",
+                   choices=("auto", "channels_last", "contiguous"),
+                   help="layout of the model and batches (default auto: channels_last on the "
+                   "CPU unless a torch CPU bug could hit the model's 1x1 stride-2 convolutions)")
 
 
 def _add_awnet_options(p):

@@ -70,8 +70,9 @@ class Attack:
     The result has x's memory format. ``memory_format``: the layout the model sees during the
     attack; None picks channels_last for 4-D inputs of at least 16×16 on the CPU (the CPU
     convolutions and their input gradients are much faster in it there; on smaller maps the
-    per-call conversion of the weights to that layout costs more than it saves) and keeps x's
-    layout otherwise.
+    per-call conversion of the weights to that layout costs more than it saves), unless the
+    model has a convolution that torch's CPU channels_last bug could hit
+    (`fastrobust.memory_format`), and keeps x's layout otherwise.
     """
 
     def __init__(self, model: nn.Module, eps=8 / 255, alpha=2 / 255, steps: int = 10, *,
@@ -96,6 +97,7 @@ class Attack:
         self.random_start, self.norm, self.loss = random_start, norm, loss
         self.clip_min, self.clip_max = float(clip_min), float(clip_max)
         self.generator, self.memory_format, self.cuda_graph = generator, memory_format, cuda_graph
+        self._cl_safe = None
 
     def __repr__(self) -> str:
         eps = "per-sample" if isinstance(self.eps, Tensor) else f"{self.eps:.4g}"
@@ -130,7 +132,12 @@ class Attack:
         fmt = self.memory_format
         if fmt is None:  # see the class docstring
             big = x.dim() == 4 and x.shape[-1] * x.shape[-2] >= 256
-            fmt = torch.channels_last if (big and x.device.type == "cpu") else None
+            fmt = None
+            if big and x.device.type == "cpu":
+                if self._cl_safe is None:  # the model's convs, checked once per attack object
+                    from ..memory_format import cpu_channels_last_hazard
+                    self._cl_safe = cpu_channels_last_hazard(self.model) is None
+                fmt = torch.channels_last if self._cl_safe else None
         if fmt in (None, torch.preserve_format):
             return x
         return x.contiguous(memory_format=fmt)

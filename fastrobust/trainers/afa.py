@@ -66,7 +66,7 @@ class AFAConfig:
     eval_steps: int = 20
     eval_fracs: tuple = (0.0, 0.125, 0.25, 0.5, 1.0)   # ε / max_eps: {0, 1, 2, 4, 8}/255
     max_train_batches: int = 0
-    channels_last: bool | None = None
+    memory_format: str = "auto"     # auto | channels_last | contiguous (fastrobust.memory_format)
     sync_bn: bool = True            # under DDP: batch statistics over the global batch
 
     def validate(self) -> None:
@@ -190,7 +190,7 @@ class AFATrainer(DataParallel):
         torch.manual_seed(cfg.seed)
         self.model = self._place(afa_resnet18(self.data.num_classes, cfg.width,
                                               self.data.in_channels, cfg.num_branches,
-                                              cfg.wg_hidden), cfg.channels_last, cfg.sync_bn)
+                                              cfg.wg_hidden), cfg.memory_format, cfg.sync_bn)
         self.forward1 = self.forward2 = self.model
         if self.world > 1:
             gen = list(self.model.generator.parameters())

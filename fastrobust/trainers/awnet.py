@@ -66,7 +66,7 @@ class AWNetConfig:
     out: str = "runs/awnet"
     eval_steps: int = 20
     max_train_batches: int = 0
-    channels_last: bool | None = None
+    memory_format: str = "auto"     # auto | channels_last | contiguous (fastrobust.memory_format)
     sync_bn: bool = True            # under DDP: MixBN statistics over the global batch
 
     def validate(self) -> None:
@@ -210,7 +210,7 @@ class AWNetTrainer(DataParallel):
         self.model = self._place(awnet_resnet18(extractor, extractor.dim,
                                                 self.data.num_classes, cfg.width,
                                                 self.data.in_channels, cfg.beta),
-                                 cfg.channels_last, cfg.sync_bn)
+                                 cfg.memory_format, cfg.sync_bn)
         self.forward = self._ddp(self.model, cfg.sync_bn) if self.world > 1 else self.model
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,

@@ -142,15 +142,17 @@ class DataParallel:
             raise ValueError(f"batch_size {batch_size} is the global batch; it must be at "
                              f"least the number of ranks ({self.world})")
 
-    def _place(self, model: torch.nn.Module, channels_last: bool | None,
+    def _place(self, model: torch.nn.Module, memory_format: str | bool | None,
                sync_bn: bool) -> torch.nn.Module:
-        """``model`` on the device, in channels_last where asked (None: on the CPU, whose
-        convolutions and their gradients are 10-35 % faster in it at these shapes; sets
-        ``memory_format`` for the batches), its multi-branch BNs synchronized under DDP."""
+        """``model`` on the device in the memory format of `fastrobust.memory_format.choose`
+        ("auto": channels_last on the CPU unless a torch CPU bug could hit the model's
+        convolutions; sets ``memory_format`` for the batches), its multi-branch BNs
+        synchronized under DDP."""
+        from ..memory_format import choose
+
         model.to(self.device)
-        self.memory_format = torch.contiguous_format
-        if channels_last or (channels_last is None and self.device.type == "cpu"):
-            self.memory_format = torch.channels_last
+        self.memory_format = choose(model, self.device, memory_format)
+        if self.memory_format == torch.channels_last:
             model.to(memory_format=self.memory_format)
         if self.world > 1 and sync_bn:
             from ..nn import convert_sync_multi_bn

@@ -65,7 +65,7 @@ class OATConfig:
     eval_unseen: tuple = UNSEEN
     max_train_batches: int = 0      # > 0: stop each epoch after that many batches (smoke runs)
     widths: tuple = ()              # OATS: width multipliers, e.g. (0.5, 0.75, 1.0); () = OAT
-    channels_last: bool | None = None  # model and batches in channels_last; None: on the CPU
+    memory_format: str = "auto"     # auto | channels_last | contiguous (fastrobust.memory_format)
     random_start: bool = True       # PGD starts from a random point of the ε-ball
     sync_bn: bool = True            # under DDP: batch statistics over the global batch
 
@@ -155,7 +155,7 @@ class OATTrainer(DataParallel):
         self.data = data_mod.load(cfg.dataset, cfg.data_root)
         torch.manual_seed(cfg.seed)
         self.model = self._place(build_model(cfg, self.data.num_classes,
-                                             self.data.in_channels), cfg.channels_last,
+                                             self.data.in_channels), cfg.memory_format,
                                  cfg.sync_bn)
         self.forward: nn.Module = self.model
         if self.world > 1:
