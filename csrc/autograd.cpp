@@ -37,6 +37,26 @@ constexpr int64_t kForwardArgs = 17;  // the ten tensors and seven scalars of `f
 at::Tensor value(const OptTensor& t) { return t.has_value() ? *t : at::Tensor(); }
 OptTensor opt(const at::Tensor& t) { return t.defined() ? OptTensor(t) : c10::nullopt; }
 
+// Grad mode on during the backward means create_graph: the gradients must themselves be
+// differentiable (gradient penalties). fastrobust/_ops.py registers this op, whose body is the
+// BN family in plain torch ops (fastrobust/_engine.py: bn_grads_with_graph).
+std::vector<at::Tensor> grads_with_graph(AutogradContext* ctx, const at::Tensor& dy,
+                                         const variable_list& s, const std::vector<bool>& needs) {
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("fastrobust::bn_grads_with_graph", "")
+          .typed<std::vector<at::Tensor>(
+              const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&,
+              const OptTensor&, const at::Tensor&, const at::Tensor&, const OptTensor&,
+              const OptTensor&, const OptTensor&, int64_t, bool, double, bool, bool, int64_t)>();
+  int64_t bits = 0;
+  for (int i = 0; i < 7; ++i) bits |= needs[i] ? (int64_t(1) << i) : 0;
+  return op.call(dy, s[0], s[1], opt(s[2]), opt(s[3]), s[4], s[5], opt(s[7]), opt(s[8]),
+                 opt(s[9]), ctx->saved_data["K"].toInt(),
+                 ctx->saved_data["batch_stats"].toBool(), ctx->saved_data["eps"].toDouble(),
+                 ctx->saved_data["relu"].toBool(), ctx->saved_data["mixed"].toBool(), bits);
+}
+
 struct BNFunction : public torch::autograd::Function<BNFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& route,
                             const OptTensor& weight, const OptTensor& bias,
@@ -82,6 +102,7 @@ struct BNFunction : public torch::autograd::Function<BNFunction> {
     ctx->saved_data["batch_stats"] = training || !running_mean.has_value();
     ctx->saved_data["relu"] = relu;
     ctx->saved_data["mixed"] = mixed;
+    ctx->saved_data["eps"] = eps;
     ctx->saved_data["edges"] = edges;
     ctx->saved_data["dtypes"] = dtypes;
     return out[0];
@@ -97,7 +118,8 @@ struct BNFunction : public torch::autograd::Function<BNFunction> {
     for (int i = 0; i < 7; ++i)
       needs[i] = edges[i] >= 0 && ctx->needs_input_grad(size_t(edges[i]));
     needs[1] = needs[1] && mixed;  // a branch index has no gradient
-    auto g = kernels_for(x).backward(
+    auto g = at::GradMode::is_enabled() ? grads_with_graph(ctx, grads[0], s, needs)
+                                        : kernels_for(x).backward(
         grads[0], x, mixed ? c10::nullopt : opt(route), mixed ? opt(route) : c10::nullopt,
         opt(s[2]), opt(s[3]), s[4], s[5], s[6], opt(s[7]), opt(s[8]),
         opt(s[9]), ctx->saved_data["K"].toInt(), ctx->saved_data["batch_stats"].toBool(),

@@ -238,6 +238,58 @@ class Engine:
         return dx, dgamma, dbeta
 
 
+# --- the differentiable composite: double backward --------------------------------------------
+
+def bn_composite(x, branch, mix, weight, bias, mean, invstd, input_scale, film_gamma, film_beta,
+                 num_branches, batch_stats, eps, relu):
+    """y of the BN family in plain, differentiable torch ops: the forward math of
+    `Engine.bn_forward` over `TorchLeaves`, recorded by autograd. With ``batch_stats`` the
+    statistics are recomputed from x (so their dependence on x, the mix and the input scale is
+    in the graph); otherwise ``mean`` and ``invstd`` (the running statistics the forward used)
+    are constants. Serves the backward of every backend when a second derivative is asked for
+    (``create_graph=True``), see `bn_grads_with_graph`."""
+    acc = acc_dtype(x)
+    M = routing_weights(branch, mix, num_branches, acc)
+    s, gamma, beta = (None if t is None else t.to(acc)
+                      for t in (input_scale, film_gamma, film_beta))
+    if batch_stats:
+        pmean, pm2 = TorchLeaves.plane_moments(x, acc)
+        mean, var, _ = Engine.branch_stats(M, pmean, pm2, plane_size(x), s)
+        invstd = torch.rsqrt(var + eps)
+    *_, A, D = Engine.coefficients(M, weight, bias, mean.to(acc), invstd.to(acc), s, gamma,
+                                   beta)
+    return TorchLeaves.affine(x, A, D, relu)
+
+
+def bn_grads_with_graph(dy, x, route, weight, bias, mean, invstd, input_scale, film_gamma,
+                        film_beta, num_branches, batch_stats, eps, relu, mixed, needs):
+    """The BN family's input gradients as a differentiable function of the inputs and ``dy``
+    (for gradient penalties: ``torch.autograd.grad(..., create_graph=True)``). ``needs``: the
+    (x, mix, weight, bias, input_scale, film_gamma, film_beta) flags; returns those seven,
+    None where not needed. Every backend's backward calls this when grad mode is on during the
+    backward, so second derivatives are exact on all of them."""
+    args = (x, route if mixed else None, weight, bias, input_scale, film_gamma, film_beta)
+    wanted = [t for t, n in zip(args, needs) if n]
+    with torch.enable_grad():
+        # One graph input per argument (a view keeps the link to the caller's graph, which the
+        # second derivative needs; the same tensor passed twice gets two gradients).
+        leaves = [t.view_as(t) if t.requires_grad else t.detach().requires_grad_()
+                  for t in wanted]
+        it = iter(leaves)
+        x_, mix_, w_, b_, s_, g_, be_ = (next(it) if n else t for t, n in zip(args, needs))
+        y = bn_composite(x_, None if mixed else route, mix_, w_, b_, mean, invstd, s_, g_, be_,
+                         num_branches, batch_stats, eps, relu)
+        grads = torch.autograd.grad(y, leaves, dy, create_graph=True, allow_unused=True)
+    out = iter(grads)
+    result = []
+    for t, n in zip(args, needs):
+        g = next(out) if n else None
+        if n and g is None:
+            g = torch.zeros_like(t)
+        result.append(g)
+    return result
+
+
 # --- torch leaves: the eager backend -----------------------------------------------------------
 
 def _b(t: Tensor, nd: int) -> Tensor:

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from . import backends
+from ._engine import bn_grads_with_graph
 from .reference import acc_dtype
 
 # Bits of the `needs` argument of the backward ops: which gradients to compute.
@@ -179,6 +180,7 @@ def _bn_setup(ctx, inputs, output, mixed):
     ctx.num_branches = None if mixed else inputs[10]
     ctx.batch_stats = training or running_mean is None
     ctx.relu = relu
+    ctx.eps = inputs[-2]
     ctx.dtypes = [None if t is None else t.dtype
                   for t in (x, route, weight, bias, input_scale, film_gamma, film_beta)]
 
@@ -189,7 +191,12 @@ def _bn_backward(ctx, dy, *_grads_of_statistics, mixed):
     # Inputs: x, route, weight, bias, rm, rv, nbt, scale, gamma, beta, ...
     flags = (ng[0], mixed and ng[1], ng[2], ng[3], ng[7], ng[8], ng[9])
     needs = _needs(flags)
-    if mixed:
+    if torch.is_grad_enabled():  # create_graph: a backward that is itself differentiable
+        dx, dmix, dw, db, ds, dg, dbe = bn_grads_with_graph(
+            dy, x, route, weight, bias, mean, invstd, scale, gamma, beta,
+            route.shape[1] if mixed else ctx.num_branches, ctx.batch_stats, ctx.eps, ctx.relu,
+            mixed, flags)
+    elif mixed:
         dx, dmix, dw, db, ds, dg, dbe = torch.ops.fastrobust.mixed_bn_bwd(
             dy, x, route, weight, bias, mean, invstd, planes, scale, gamma, beta,
             ctx.batch_stats, ctx.relu, needs)
@@ -246,7 +253,7 @@ class _BNFunction(torch.autograd.Function):
         ctx.mark_non_differentiable(mean, invstd, *rest[:3])
         ctx.save_for_backward(x, route, weight, bias, mean, invstd, planes, input_scale,
                               film_gamma, film_beta)
-        ctx.impl, ctx.K, ctx.mixed, ctx.relu = impl, K, mixed, relu
+        ctx.impl, ctx.K, ctx.mixed, ctx.relu, ctx.eps = impl, K, mixed, relu, eps
         ctx.batch_stats = training or running_mean is None
         ctx.dtypes = [None if t is None else t.dtype
                       for t in (x, route, weight, bias, input_scale, film_gamma, film_beta)]
@@ -257,10 +264,15 @@ class _BNFunction(torch.autograd.Function):
         x, route, weight, bias, mean, invstd, planes, scale, gamma, beta = ctx.saved_tensors
         ng = ctx.needs_input_grad[1:]  # [0] is the backend
         flags = (ng[0], ctx.mixed and ng[1], ng[2], ng[3], ng[7], ng[8], ng[9])
-        grads = ctx.impl.bn_backward(  # every backend takes dy in any layout, as the op does
-            dy, x, None if ctx.mixed else route, route if ctx.mixed else None, weight, bias, mean,
-            invstd, planes if ctx.mixed else x.new_empty(0), scale, gamma, beta, ctx.K,
-            ctx.batch_stats, ctx.relu, flags)
+        if torch.is_grad_enabled():  # create_graph: a backward that is itself differentiable
+            grads = bn_grads_with_graph(dy, x, route, weight, bias, mean, invstd, scale, gamma,
+                                        beta, ctx.K, ctx.batch_stats, ctx.eps, ctx.relu,
+                                        ctx.mixed, flags)
+        else:
+            grads = ctx.impl.bn_backward(  # every backend takes dy in any layout
+                dy, x, None if ctx.mixed else route, route if ctx.mixed else None, weight, bias,
+                mean, invstd, planes if ctx.mixed else x.new_empty(0), scale, gamma, beta,
+                ctx.K, ctx.batch_stats, ctx.relu, flags)
         out = [g.to(dt) if f and g is not None else None
                for g, f, dt in zip(grads, flags, ctx.dtypes)]
         dx, dmix, dw, db, ds, dg, dbe = out
@@ -356,12 +368,32 @@ def _film_setup(ctx, inputs, output):
 def _film_backward(ctx, dy):
     x, gamma = ctx.saved_tensors
     nx, ng, nb = ctx.needs_input_grad
+    if torch.is_grad_enabled():  # create_graph: the same sums in differentiable torch ops
+        return film_grads_with_graph(dy, x, gamma, ctx.x_meta, (nx, ng, nb), ctx.dtypes)
     if x is None:  # no γ: dx = dy and dβ = Σ_s dy need no x; a zero-copy stand-in
         x = dy
     needs = _needs((nx, False, False, False, False, ng, nb))
     dx, dg, db = torch.ops.fastrobust.film_bwd(dy, x, gamma, needs)
     g_dt, b_dt = ctx.dtypes
     return (dx if nx else None, dg.to(g_dt) if ng else None, db.to(b_dt) if nb else None)
+
+
+def film_grads_with_graph(dy, x, gamma, x_meta, needs, dtypes):
+    """(dx, dγ, dβ) of y = γ·x + β as differentiable torch ops (double backward); x is None
+    when there is no γ."""
+    nx, ng, nb = needs
+    nd = len(x_meta[0])
+    dims = tuple(range(2, nd))
+    acc = acc_dtype(dy)
+
+    def per_plane(t):
+        return t.to(acc).sum(dims) if dims else t.to(acc)
+
+    dx = (dy * gamma.reshape(*gamma.shape, *([1] * (nd - 2))).to(dy.dtype) if gamma is not None
+          else dy).to(x_meta[1]) if nx else None
+    dg = per_plane(dy * x).to(dtypes[0]) if ng else None
+    db = per_plane(dy).to(dtypes[1]) if nb else None
+    return dx, dg, db
 
 
 film_fwd.register_autograd(_film_backward, setup_context=_film_setup)
@@ -448,6 +480,26 @@ def _mifgsm_step(x_adv, grad, momentum, x_nat, eps_t, eps, alpha_t, alpha, decay
         x_adv.copy_(work)
     if buf is not momentum:
         momentum.copy_(buf)
+
+
+# The C++ autograd node's backward calls this op when a second derivative is asked for
+# (grad mode on during the backward): its Python body is differentiable torch ops
+# (CompositeImplicitAutograd), so the gradients it returns carry their own graph.
+_lib.define("bn_grads_with_graph(Tensor dy, Tensor x, Tensor route, Tensor? weight, "
+            "Tensor? bias, Tensor mean, Tensor invstd, Tensor? input_scale, Tensor? film_gamma, "
+            "Tensor? film_beta, int num_branches, bool batch_stats, float eps, bool relu, "
+            "bool mixed, int needs) -> Tensor[]")
+
+
+def _bn_grads_op(dy, x, route, weight, bias, mean, invstd, input_scale, film_gamma, film_beta,
+                 num_branches, batch_stats, eps, relu, mixed, needs):
+    grads = bn_grads_with_graph(dy, x, route, weight, bias, mean, invstd, input_scale,
+                                film_gamma, film_beta, num_branches, batch_stats, eps, relu,
+                                mixed, _unpack(needs))
+    return [x.new_empty(0) if g is None else g for g in grads]
+
+
+_lib.impl("bn_grads_with_graph", _bn_grads_op, "CompositeImplicitAutograd")
 
 
 def _no_result(*args):

@@ -116,6 +116,13 @@ class _SyncBN(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        if torch.is_grad_enabled():
+            # The statistics' share of a second derivative would need differentiable
+            # all-reduces; refuse rather than drop the term.
+            raise NotImplementedError(
+                "sync_multi_batch_norm / sync_mixed_batch_norm: double backward "
+                "(create_graph=True, e.g. a gradient penalty) is not supported through the "
+                "synchronized BN; use sync_bn=False (per-rank statistics) for such losses")
         (x, route, weight, bias, mean, invstd, scale, gamma, beta, pmean, pm2, count,
          var) = ctx.saved_tensors
         K, mixed, S = ctx.K, ctx.mixed, ctx.S
