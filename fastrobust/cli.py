@@ -133,13 +133,57 @@ def speed(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``fastrobust train oat: error: --eps must be ...``,
+    exit status 2, no usage block and no traceback."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _flag(parser, field: str) -> str:
+    """The option that sets config field ``field`` (``--batch-size`` for batch_size)."""
+    for action in parser._actions:
+        if action.dest == field and action.option_strings:
+            return action.option_strings[0]
+    return field
+
+
 def _config(cls, args, tuples=()):
-    """A trainer config from the parsed options that were given (lists made tuples)."""
+    """The run's config from the options that were given, validated before any data is read
+    or model built; with --resume, the checkpoint's run with those options applied (a
+    differing one needs --override). Bad values end here with one line naming the flag."""
+    import os
+
+    from fastrobust.trainers.common import (CheckpointError, ConfigError, load_checkpoint,
+                                            resume_changes, resumed_config)
+
+    p = args.parser
     kw = {k: v for k, v in vars(args).items() if k in cls.__dataclass_fields__ and v is not None}
     for key in tuples:
         if key in kw:
             kw[key] = tuple(kw[key])
-    return cls(**kw)
+    given = set(kw)
+    cfg = cls(**kw)
+    try:
+        cfg.validate()
+        if not getattr(args, "resume", False):
+            return cfg
+        path = os.path.join(cfg.out, "last.pt")
+        ck = load_checkpoint(path, kind=args.kinds)
+        changes = resume_changes(ck["config"], cfg, given)
+        if changes and not args.override:
+            said = ", ".join(f"{_flag(p, k)} {new!r} (the run has {old!r})"
+                             for k, (old, new) in changes.items())
+            p.error(f"--resume: {said} differs from the run in {path}; pass --override to "
+                    "apply it to the rest of the run")
+        cfg = resumed_config(cls, ck["config"], cfg, given)
+        cfg.validate()
+        return cfg
+    except ConfigError as e:
+        p.error(f"{_flag(p, e.field)} {e.message}")
+    except CheckpointError as e:
+        p.error(f"--resume: {e}")
 
 
 def _oat_config(args):
@@ -157,13 +201,23 @@ def _train(args, cfg, make, describe: str, resumed, evaluate) -> int:
     say = print if rank == 0 else (lambda *a, **k: None)
     ranks = f"; {world} ranks (DDP, global batch {cfg.batch_size})" if world > 1 else ""
     say(describe + ranks)
+    from fastrobust.data import DataCorrupt, DataMissing
+    from fastrobust.trainers.common import CheckpointError
+
     try:
         trainer = make(say)
         if args.resume:
             say(resumed(trainer))
+            if trainer.resumed_changes:
+                say("  changed for the rest of the run: " + ", ".join(
+                    f"{k} {old!r} -> {new!r}"
+                    for k, (old, new) in trainer.resumed_changes.items()))
         trainer.fit(log=say)
     except TrainingDiverged as e:
-        say(f"error: {e}", file=sys.stderr)
+        say(f"{args.parser.prog}: error: {e}", file=sys.stderr)
+        return 2
+    except (CheckpointError, DataMissing, DataCorrupt) as e:
+        print(f"{args.parser.prog}: error: {e}", file=sys.stderr)
         return 2
     if trainer.is_main:
         evaluate(trainer)
@@ -193,7 +247,21 @@ def evaluate_checkpoint(args) -> int:
 
     from fastrobust.trainers.oat import model_from_checkpoint, report, sweep_all
 
-    model, cfg, ds = model_from_checkpoint(args.checkpoint, args.device)
+    from fastrobust.data import DataCorrupt, DataMissing
+    from fastrobust.trainers.common import CheckpointError, ConfigError, check_device
+
+    p = args.parser
+    if args.steps is not None and args.steps < 0:
+        p.error(f"--steps must be >= 0, got {args.steps}")
+    if args.lambdas is not None and not all(0 <= v <= 1 for v in args.lambdas):
+        p.error(f"--lambdas must lie in [0, 1], got {args.lambdas}")
+    try:
+        check_device(args.device)
+        model, cfg, ds = model_from_checkpoint(args.checkpoint, args.device)
+    except ConfigError as e:
+        p.error(f"--{e.field} {e.message}")
+    except (CheckpointError, DataMissing, DataCorrupt) as e:
+        p.error(str(e))
     if args.steps is not None:
         cfg.eval_steps = args.steps
     rows = sweep_all(model, ds.test, cfg, lambdas=args.lambdas, steps=cfg.eval_steps)
@@ -208,11 +276,17 @@ def demo(args) -> int:
     CPU, then SA and RA at seen and unseen λ, results.json and the trade-off plot."""
     from fastrobust.trainers.oat import OATConfig, OATTrainer, report, sweep
 
+    from fastrobust.trainers.common import ConfigError
+
     t0 = time.perf_counter()
-    info()
     cfg = OATConfig(dataset="digits", arch="resnet18", width=args.width, epochs=args.epochs,
                     batch_size=64, lr=0.05, eps=args.eps, alpha=args.eps / 4, steps=7,
                     out=args.out, seed=args.seed, eval_steps=7)
+    try:
+        cfg.validate()
+    except ConfigError as e:
+        args.parser.error(f"{_flag(args.parser, e.field)} {e.message}")
+    info()
     print(f"\nOAT on scikit-learn's digits (8x8, 1,437 train / 360 test images): ResNet-18 "
           f"of width {cfg.width} with dual BN and FiLM, {cfg.epochs} epochs, PGD-7 with "
           f"eps {cfg.eps:g} (pixels in [0, 1]), lambdas {list(cfg.lambdas)}\n")
@@ -288,7 +362,12 @@ def _add_common_options(p, d, eval_what: str):
     p.add_argument("--out", help=f"run directory (default {d.out})")
     p.add_argument("--eval-steps", dest="eval_steps", type=int,
                    help=f"PGD steps of {eval_what} (default {d.eval_steps})")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in <out>/last.pt with its configuration; a larger "
+                   "--epochs extends it (the schedule keeps decaying to the new end)")
+    p.add_argument("--override", action="store_true",
+                   help="with --resume: apply the options given here that differ from the "
+                   "run's (e.g. --lr, --eps) to the rest of the run; recorded in the checkpoint")
     p.add_argument("--no-random-start", dest="random_start", action="store_false",
                    default=None, help="PGD starts from the clean input")
     p.add_argument("--no-sync-bn", dest="sync_bn", action="store_false", default=None,
@@ -360,8 +439,8 @@ def _add_oat_options(p):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="fastrobust", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="fastrobust", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p_demo = sub.add_parser("demo", help="OAT on the embedded digits data (a few minutes), "
@@ -373,27 +452,27 @@ def main(argv=None) -> int:
                         "17 grey levels make 8/255 a non-attack)")
     p_demo.add_argument("--seed", type=int, default=0)
     p_demo.add_argument("--out", default="runs/demo", help="default runs/demo")
-    p_demo.set_defaults(fn=demo)
+    p_demo.set_defaults(fn=demo, parser=p_demo)
 
     p_train = sub.add_parser("train", help="train OAT, OATS, AFA or AW-Net")
     train_sub = p_train.add_subparsers(dest="method", required=True)
     p_oat = train_sub.add_parser("oat", help="Once-for-All Adversarial Training")
     _add_oat_options(p_oat)
-    p_oat.set_defaults(fn=train)
+    p_oat.set_defaults(fn=train, parser=p_oat, kinds=("oat", "oats"))
     p_oats = train_sub.add_parser("oats", help="OATS: OAT with slimmable widths and a "
                                   "switchable dual BN per width")
     _add_oat_options(p_oats)
     p_oats.add_argument("--widths", type=float, nargs="+", default=[0.5, 0.75, 1.0],
                         help="width multipliers (default 0.5 0.75 1.0)")
-    p_oats.set_defaults(fn=train)
+    p_oats.set_defaults(fn=train, parser=p_oats, kinds=("oat", "oats"))
     p_afa = train_sub.add_parser("afa", help="AFA: K-way BN over attack strengths (stage I), "
                                  "then the weight generator (stage II)")
     _add_afa_options(p_afa)
-    p_afa.set_defaults(fn=train_afa)
+    p_afa.set_defaults(fn=train_afa, parser=p_afa, kinds="afa")
     p_aw = train_sub.add_parser("awnet", help="AW-Net: dynamic filter weights from an "
                                 "adversarial detector, MixBN, two-teacher distillation")
     _add_awnet_options(p_aw)
-    p_aw.set_defaults(fn=train_awnet)
+    p_aw.set_defaults(fn=train_awnet, parser=p_aw, kinds="awnet")
 
     p_eval = sub.add_parser("eval", help="lambda sweep of a checkpoint (SA, RA, JSON, plot)")
     p_eval.add_argument("checkpoint", help="a trainer checkpoint, e.g. runs/oat/last.pt")
@@ -402,7 +481,7 @@ def main(argv=None) -> int:
                         help="lambda values (default: the training set and unseen ones)")
     p_eval.add_argument("--device", default="cpu")
     p_eval.add_argument("--out", help="where to write results (default: beside the checkpoint)")
-    p_eval.set_defaults(fn=evaluate_checkpoint)
+    p_eval.set_defaults(fn=evaluate_checkpoint, parser=p_eval)
 
     p_info = sub.add_parser("info", help="versions and the backend chosen for each op and device")
     p_info.set_defaults(fn=info)

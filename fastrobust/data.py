@@ -53,6 +53,15 @@ class DataMissing(FileNotFoundError):
     """A data set's files are not where they were looked for."""
 
 
+class DataCorrupt(ValueError):
+    """A data set's file is there but is not what its reader expects (one line naming it)."""
+
+
+def _corrupt(path: str, expected: str, err: BaseException) -> DataCorrupt:
+    why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return DataCorrupt(f"{path}: not {expected} ({type(err).__name__}: {why[:160]})")
+
+
 def load(name: str = "digits", root: str | None = None) -> Dataset:
     """Loads a data set by name (see the module docstring)."""
     if name == "digits":
@@ -102,10 +111,21 @@ def cifar10(root: str) -> Dataset:
     def read(files):
         xs, ys = [], []
         for f in files:
-            with open(os.path.join(directory, f), "rb") as fh:
-                batch = pickle.load(fh, encoding="bytes")
-            xs.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            ys.append(np.asarray(batch[b"labels"], dtype=np.int64))
+            path = os.path.join(directory, f)
+            expected = ("a CIFAR-10 python batch (a pickled dict with b'data' [n, 3072] uint8 "
+                        "and b'labels' [n])")
+            try:
+                with open(path, "rb") as fh:
+                    batch = pickle.load(fh, encoding="bytes")
+                data = np.asarray(batch[b"data"], dtype=np.uint8)
+                labels = np.asarray(batch[b"labels"], dtype=np.int64)
+                if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
+                    raise ValueError(f"data has shape {list(data.shape)} and {len(labels)} "
+                                     "labels")
+            except Exception as e:  # noqa: BLE001 - any reader failure names the file
+                raise _corrupt(path, expected, e) from None
+            xs.append(data.reshape(-1, 3, 32, 32))
+            ys.append(labels)
         x = torch.from_numpy(np.concatenate(xs)).float() / 255.0
         return Split(x, torch.from_numpy(np.concatenate(ys)))
 
@@ -120,10 +140,17 @@ def svhn(root: str) -> Dataset:
     from scipy.io import loadmat
 
     def read(f):
-        m = loadmat(os.path.join(root, f))
-        x = torch.from_numpy(np.ascontiguousarray(m["X"].transpose(3, 2, 0, 1))).float() / 255
-        y = torch.from_numpy(m["y"].astype(np.int64).reshape(-1)) % 10
-        return Split(x, y)
+        path = os.path.join(root, f)
+        try:
+            m = loadmat(path)
+            X, y = m["X"], m["y"]
+            if X.ndim != 4 or X.shape[:3] != (32, 32, 3) or y.size != X.shape[3]:
+                raise ValueError(f"X has shape {list(X.shape)} and y {y.size} labels")
+        except Exception as e:  # noqa: BLE001 - any reader failure names the file
+            raise _corrupt(path, "an SVHN .mat file (X [32, 32, 3, n] uint8, y [n, 1])",
+                           e) from None
+        x = torch.from_numpy(np.ascontiguousarray(X.transpose(3, 2, 0, 1))).float() / 255
+        return Split(x, torch.from_numpy(y.astype(np.int64).reshape(-1)) % 10)
 
     return Dataset("svhn", read(SVHN_FILES[0]), read(SVHN_FILES[1]), 10)
 

@@ -31,62 +31,59 @@ from .. import data as data_mod
 from ..attacks import FGSM, PGD
 from ..attacks.attacks import eval_mode
 from ..models import afa_resnet18
-from .common import (DataParallel, check_finite, format_table, load_checkpoint,
-                     save_checkpoint, write_json)
+from .common import (BaseConfig, BaseTrainer, CheckpointError, ConfigError, check_finite,
+                     check_number, format_table, load_checkpoint, save_checkpoint, write_json)
 
 __all__ = ["AFAConfig", "AFATrainer", "RelativePGD", "stage1_loss", "evaluate_afa",
            "report_afa"]
 
 
 @dataclass
-class AFAConfig:
-    """Everything an AFA run needs; stored in its checkpoints."""
-    dataset: str = "digits"
-    data_root: str | None = None
-    width: int = 64
+class AFAConfig(BaseConfig):
+    """Everything an AFA run needs (the shared fields in `BaseConfig`)."""
     epochs: int = 100               # stage I
     epochs2: int = 20               # stage II
-    batch_size: int = 128
-    lr: float = 0.1
     lr2: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
     num_branches: int = 5           # K strengths, evenly spaced in [0, max_eps]
     max_eps: float = 8 / 255
     alpha_ratio: float = 0.25       # PGD step = ratio·ε (2/255 at 8/255)
-    steps: int = 7
     adv_loss: str = "pgd"           # pgd (PGD-AT) | trades
     trades_beta: float = 6.0
     schedule: str = "batched"       # batched (one attack, one pass) | sequential (Alg. 1)
-    random_start: bool = True
     wg_hidden: int = 32
-    seed: int = 0
-    device: str = "cpu"
     out: str = "runs/afa"
-    eval_steps: int = 20
     eval_fracs: tuple = (0.0, 0.125, 0.25, 0.5, 1.0)   # ε / max_eps: {0, 1, 2, 4, 8}/255
-    max_train_batches: int = 0
-    memory_format: str = "auto"     # auto | channels_last | contiguous (fastrobust.memory_format)
-    sync_bn: bool = True            # under DDP: batch statistics over the global batch
 
     def validate(self) -> None:
-        if self.dataset not in data_mod.DATASETS:
-            raise ValueError(f"dataset must be one of {data_mod.DATASETS}, got {self.dataset!r}")
-        if self.num_branches < 2:
-            raise ValueError(f"num_branches must be >= 2, got {self.num_branches}")
+        super().validate()
+        check_number(self, "num_branches", 2, integer=True)
         if self.adv_loss not in ("pgd", "trades"):
-            raise ValueError(f"adv_loss must be 'pgd' or 'trades', got {self.adv_loss!r}")
+            raise ConfigError("adv_loss", f"must be 'pgd' or 'trades', got {self.adv_loss!r}")
         if self.schedule not in ("batched", "sequential"):
-            raise ValueError(f"schedule must be 'batched' or 'sequential', got "
-                             f"{self.schedule!r}")
-        if self.epochs < 0 or self.epochs2 < 0 or self.batch_size < 1 or self.steps < 0:
-            raise ValueError("epochs, epochs2 and steps must be >= 0, batch_size >= 1")
-        if not self.max_eps > 0:
-            raise ValueError(f"max_eps must be > 0, got {self.max_eps}")
+            raise ConfigError("schedule", f"must be 'batched' or 'sequential', got "
+                              f"{self.schedule!r}")
+        check_number(self, "epochs2", 0, integer=True)
+        check_number(self, "lr2", 0)
+        check_number(self, "max_eps", 0, 1, lo_open=True)
+        check_number(self, "alpha_ratio", 0, lo_open=True)
+        check_number(self, "trades_beta", 0)
+        check_number(self, "wg_hidden", 1, integer=True)
 
     def strengths(self, device=None) -> Tensor:
         """ε_k, k = 0..K−1 (ε_0 = 0: the clean branch)."""
         return torch.linspace(0, self.max_eps, self.num_branches, device=device)
+
+
+def stage1_schedule(opt, epochs: int):
+    """Stage I: lr ×0.1 at 75 % and 90 % of the epochs."""
+    E = max(epochs, 1)
+    return torch.optim.lr_scheduler.MultiStepLR(opt, [math.ceil(0.75 * E), math.ceil(0.9 * E)],
+                                                0.1)
+
+
+def stage2_schedule(opt, epochs: int):
+    """Stage II: lr ×0.1 at half the epochs."""
+    return torch.optim.lr_scheduler.MultiStepLR(opt, [math.ceil(0.5 * max(epochs, 1))], 0.1)
 
 
 class RelativePGD(PGD):
@@ -171,7 +168,7 @@ def random_strengths(n: int, cfg: AFAConfig, generator: torch.Generator) -> Tens
     return torch.where(clean, torch.zeros_like(e), e)
 
 
-class AFATrainer(DataParallel):
+class AFATrainer(BaseTrainer):
     """Stage I then stage II, an atomic checkpoint (``<out>/last.pt``) after every epoch of
     either; ``resume=True`` continues from it, in the stage it was in.
 
@@ -202,18 +199,17 @@ class AFATrainer(DataParallel):
         base = [p for n, p in self.model.named_parameters() if not n.startswith("generator.")]
         self.opt1 = torch.optim.SGD(base, lr=cfg.lr, momentum=cfg.momentum,
                                     weight_decay=cfg.weight_decay)
-        e1 = max(cfg.epochs, 1)
-        self.sched1 = torch.optim.lr_scheduler.MultiStepLR(
-            self.opt1, [math.ceil(0.75 * e1), math.ceil(0.9 * e1)], 0.1)
+        self.sched1 = stage1_schedule(self.opt1, cfg.epochs)
         self.opt2 = torch.optim.SGD(self.model.generator.parameters(), lr=cfg.lr2,
                                     momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        self.sched2 = torch.optim.lr_scheduler.MultiStepLR(
-            self.opt2, [math.ceil(0.5 * max(cfg.epochs2, 1))], 0.1)
+        self.sched2 = stage2_schedule(self.opt2, cfg.epochs2)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.attack_gen = torch.Generator(self.device).manual_seed(cfg.seed + 1 + self.rank)
         self.epoch1 = self.epoch2 = 0
         self.history: list[dict] = []
+        self.resumes: list[dict] = []
         self.checkpoint = os.path.join(cfg.out, "last.pt")
+        self._clean_out()
         if resume:
             self.load(self.checkpoint)
 
@@ -224,14 +220,18 @@ class AFATrainer(DataParallel):
                 "opt1": self.opt1.state_dict(), "opt2": self.opt2.state_dict(),
                 "sched1": self.sched1.state_dict(), "sched2": self.sched2.state_dict(),
                 "epoch1": self.epoch1, "epoch2": self.epoch2, "history": self.history,
+                "resumes": self.resumes,
                 "rng": {"data": self.gen.get_state(),
                         "attack_per_rank": self._gather(self.attack_gen.get_state())}}
 
     def load(self, path: str) -> None:
-        ck = load_checkpoint(path)
+        ck = load_checkpoint(path, kind="afa")
         if ck["stage"] == 2:
+            if self.cfg.epochs != ck["config"]["epochs"]:
+                raise CheckpointError(f"{path}: stage II has begun, so --epochs (stage I) can "
+                                      f"no longer change ({ck['config']['epochs']} in the run)")
             self.model.freeze_for_stage2()
-        self.model.load_state_dict(ck["model"])
+        self._load_weights(path, ck)
         self.opt1.load_state_dict(ck["opt1"])
         self.opt2.load_state_dict(ck["opt2"])
         self.sched1.load_state_dict(ck["sched1"])
@@ -241,6 +241,10 @@ class AFATrainer(DataParallel):
         if len(per_rank) == self.world:  # the same number of ranks: each its own stream
             self.attack_gen.set_state(per_rank[self.rank])
         self.epoch1, self.epoch2, self.history = ck["epoch1"], ck["epoch2"], ck["history"]
+        self.resumes = ck.get("resumes", [])
+        self._apply_resume(ck["config"], [
+            ("epochs", "lr", "opt1", "sched1", self.epoch1, stage1_schedule),
+            ("epochs2", "lr2", "opt2", "sched2", self.epoch2, stage2_schedule)])
 
     # -- training ----------------------------------------------------------------------------
     def _enter_stage2(self) -> None:
@@ -330,6 +334,7 @@ class AFATrainer(DataParallel):
 
     def _done(self, rec: dict, log) -> None:
         self.history.append(rec)
+        self._check_weights(f"after stage {rec['stage']}, epoch {rec['epoch']}")
         state = self.state()  # a collective under DDP: every rank builds it
         if not self.is_main:
             return

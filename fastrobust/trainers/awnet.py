@@ -34,48 +34,41 @@ from tqdm.auto import tqdm
 from .. import data as data_mod
 from ..attacks import FGSM, PGD, weighted_robust_accuracy
 from ..models import ResNet, ResNetFeatures, awnet_resnet18, resnet18
-from .common import (DataParallel, check_finite, format_table, load_checkpoint,
-                     save_checkpoint, write_json)
+from .common import (BaseConfig, BaseTrainer, CheckpointError, ConfigError, check_finite,
+                     check_number, format_table, load_checkpoint, save_checkpoint, write_json)
 
 __all__ = ["AWNetConfig", "AWNetTrainer", "LossBalance", "awnet_loss", "train_teacher",
            "evaluate_awnet", "report_awnet"]
 
 
 @dataclass
-class AWNetConfig:
-    dataset: str = "digits"
-    data_root: str | None = None
-    width: int = 64
+class AWNetConfig(BaseConfig):
+    """Everything an AW-Net run needs (the shared fields in `BaseConfig`)."""
     epochs: int = 100
     teacher_epochs: int = 20        # for the teachers the trainer trains itself
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
     eps: float = 8 / 255
     alpha: float = 2 / 255
     steps: int = 10
-    random_start: bool = True
     tau: float = 1.0
     beta: float = 4.0
     balance_rate: float = 0.1       # smoothing of MTARD's loss balance
     teacher_nat: str | None = None  # paths of nn.Module checkpoints; None: trained here
     teacher_adv: str | None = None
-    seed: int = 0
-    device: str = "cpu"
     out: str = "runs/awnet"
-    eval_steps: int = 20
-    max_train_batches: int = 0
-    memory_format: str = "auto"     # auto | channels_last | contiguous (fastrobust.memory_format)
-    sync_bn: bool = True            # under DDP: MixBN statistics over the global batch
 
     def validate(self) -> None:
-        if self.dataset not in data_mod.DATASETS:
-            raise ValueError(f"dataset must be one of {data_mod.DATASETS}, got {self.dataset!r}")
-        if self.epochs < 0 or self.teacher_epochs < 0 or self.batch_size < 1 or self.steps < 0:
-            raise ValueError("epochs, teacher_epochs and steps must be >= 0, batch_size >= 1")
-        if not self.tau > 0 or not self.beta > 0:
-            raise ValueError(f"tau and beta must be > 0, got {self.tau}, {self.beta}")
+        super().validate()
+        check_number(self, "teacher_epochs", 0, integer=True)
+        check_number(self, "eps", 0, 1)
+        check_number(self, "alpha", 0, 1)
+        check_number(self, "tau", 0, lo_open=True)
+        check_number(self, "beta", 0, lo_open=True)
+        check_number(self, "balance_rate", 0, 1, lo_open=True)
+        for name in ("teacher_nat", "teacher_adv"):
+            path = getattr(self, name)
+            if path is not None and not os.path.isfile(path):
+                raise ConfigError(name, f"must be a saved nn.Module file, got {path!r} "
+                                  "(no such file)")
 
 
 class LossBalance(nn.Module):
@@ -169,8 +162,19 @@ def train_teacher(data, cfg: AWNetConfig, adversarial: bool, device, progress: b
     return model.eval()
 
 
+def step_schedule(opt, epochs: int):
+    """The paper's lr steps (×0.1 at epochs 215, 260, 285 of 300) scaled to the run's length."""
+    E = max(epochs, 1)
+    return torch.optim.lr_scheduler.MultiStepLR(
+        opt, [math.ceil(f * E) for f in (215 / 300, 260 / 300, 285 / 300)], 0.1)
+
+
 def _load_module(path: str, device) -> nn.Module:
-    obj = torch.load(path, map_location=device, weights_only=False)
+    try:
+        obj = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any reader failure means a damaged file
+        raise CheckpointError(f"{path} is not a readable saved module "
+                              f"({type(e).__name__}: {str(e).strip()[:160]})") from None
     if isinstance(obj, dict) and isinstance(obj.get("module"), nn.Module):
         obj = obj["module"]
     if not isinstance(obj, nn.Module):
@@ -179,7 +183,7 @@ def _load_module(path: str, device) -> nn.Module:
     return obj.to(device).eval()
 
 
-class AWNetTrainer(DataParallel):
+class AWNetTrainer(BaseTrainer):
     """Teachers (loaded or trained), then the AW-Net epochs with an atomic checkpoint
     (``<out>/last.pt``) after each; ``resume=True`` continues from it.
 
@@ -215,16 +219,15 @@ class AWNetTrainer(DataParallel):
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
                                    weight_decay=cfg.weight_decay)
-        E = max(cfg.epochs, 1)  # the paper's steps at 215, 260, 285 of 300 epochs
-        self.sched = torch.optim.lr_scheduler.MultiStepLR(
-            self.opt, [math.ceil(f * E) for f in (215 / 300, 260 / 300, 285 / 300)], 0.1)
+        self.sched = step_schedule(self.opt, cfg.epochs)
         self.balance = LossBalance(cfg.balance_rate).to(self.device)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.attack_gen = torch.Generator(self.device).manual_seed(cfg.seed + 1 + self.rank)
         self.attack = PGD(self.model, cfg.eps, cfg.alpha, cfg.steps, generator=self.attack_gen,
                           random_start=cfg.random_start)
-        self.epoch, self.history = 0, []
+        self.epoch, self.history, self.resumes = 0, [], []
         self.checkpoint = os.path.join(cfg.out, "last.pt")
+        self._clean_out()
         if resume:
             self.load(self.checkpoint)
 
@@ -243,13 +246,13 @@ class AWNetTrainer(DataParallel):
         return {"kind": "awnet", "config": dataclasses.asdict(self.cfg),
                 "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
                 "scheduler": self.sched.state_dict(), "balance": self.balance.state_dict(),
-                "epoch": self.epoch, "history": self.history,
+                "epoch": self.epoch, "history": self.history, "resumes": self.resumes,
                 "rng": {"data": self.gen.get_state(),
                         "attack_per_rank": self._gather(self.attack_gen.get_state())}}
 
     def load(self, path: str) -> None:
-        ck = load_checkpoint(path)
-        self.model.load_state_dict(ck["model"])
+        ck = load_checkpoint(path, kind="awnet")
+        self._load_weights(path, ck)
         self.opt.load_state_dict(ck["optimizer"])
         self.sched.load_state_dict(ck["scheduler"])
         self.balance.load_state_dict(ck["balance"])
@@ -258,6 +261,9 @@ class AWNetTrainer(DataParallel):
         if len(per_rank) == self.world:
             self.attack_gen.set_state(per_rank[self.rank])
         self.epoch, self.history = ck["epoch"], ck["history"]
+        self.resumes = ck.get("resumes", [])
+        self._apply_resume(ck["config"], [("epochs", "lr", "opt", "sched", self.epoch,
+                                            step_schedule)])
 
     def _mean_over_ranks(self, t: Tensor) -> Tensor:
         return self._all_sum(t.clone()) / self.world
@@ -310,6 +316,7 @@ class AWNetTrainer(DataParallel):
             rec = {"epoch": self.epoch, "loss": mean, "alpha_adv": float(self.balance.alpha_adv),
                    "seconds": time.perf_counter() - t0}
             self.history.append(rec)
+            self._check_weights(f"after epoch {self.epoch}")
             state = self.state()  # a collective under DDP
             if not self.is_main:
                 continue

@@ -28,64 +28,62 @@ from tqdm.auto import tqdm
 from .. import data as data_mod
 from ..attacks import PGD, evaluate
 from ..models import S1, OATWideResNet, oat_resnet18, oat_resnet34
-from .common import (DataParallel, check_finite, format_table, load_checkpoint,
-                     plot_tradeoff, save_checkpoint, write_json)
+from .common import (BaseConfig, BaseTrainer, ConfigError, check_finite, check_number,
+                     format_table, load_checkpoint, plot_tradeoff, save_checkpoint, write_json)
 
 UNSEEN = (0.05, 0.15, 0.25, 0.5, 0.7, 0.9)  # λ values OAT's default set does not contain
 ARCHS = ("resnet18", "resnet34", "wrn")
 
 
 @dataclass
-class OATConfig:
-    """Everything a run needs; stored in its checkpoints, so ``--resume`` and ``eval`` rebuild
-    the same model."""
-    dataset: str = "digits"
-    data_root: str | None = None
+class OATConfig(BaseConfig):
+    """Everything an OAT/OATS run needs (the shared fields in `BaseConfig`)."""
     arch: str = "resnet18"          # resnet18 | resnet34 | wrn (depth, widen below)
-    width: int = 64                 # ResNet base width (64: the standard CIFAR model)
     depth: int = 16                 # Wide-ResNet depth (6n + 4) and widening factor
     widen: int = 8
     epochs: int = 30
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
     eps: float = 8 / 255
     alpha: float = 2 / 255
-    steps: int = 7
     lambdas: tuple = S1
     continuous: bool = False        # λ ~ U(0, 1) instead of the set
     encoding: str = "ro"            # ro | dct | none
     dim: int = 128
     dual_bn: bool = True
-    seed: int = 0
-    device: str = "cpu"
     out: str = "runs/oat"
     eval_steps: int = 7             # PGD-n of the final λ sweep
     eval_unseen: tuple = UNSEEN
-    max_train_batches: int = 0      # > 0: stop each epoch after that many batches (smoke runs)
     widths: tuple = ()              # OATS: width multipliers, e.g. (0.5, 0.75, 1.0); () = OAT
-    memory_format: str = "auto"     # auto | channels_last | contiguous (fastrobust.memory_format)
-    random_start: bool = True       # PGD starts from a random point of the ε-ball
-    sync_bn: bool = True            # under DDP: batch statistics over the global batch
 
     def validate(self) -> None:
+        super().validate()
         if self.arch not in ARCHS:
-            raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
-        if self.dataset not in data_mod.DATASETS:
-            raise ValueError(f"dataset must be one of {data_mod.DATASETS}, got {self.dataset!r}")
-        if not all(0 <= v <= 1 for v in self.lambdas) or 0 not in self.lambdas:
-            raise ValueError(f"lambdas must lie in [0, 1] and include 0, got {self.lambdas}")
-        if self.epochs < 1 or self.batch_size < 1 or self.steps < 0:
-            raise ValueError("epochs and batch_size must be >= 1 and steps >= 0")
+            raise ConfigError("arch", f"must be one of {ARCHS}, got {self.arch!r}")
+        check_number(self, "epochs", 1, integer=True)
+        check_number(self, "eps", 0, 1)
+        check_number(self, "alpha", 0, 1)
+        check_number(self, "dim", 1, integer=True)
+        if self.encoding not in ("ro", "dct", "none"):
+            raise ConfigError("encoding", f"must be 'ro', 'dct' or 'none', got "
+                              f"{self.encoding!r}")
+        lams = tuple(self.lambdas)
+        if (not lams or not all(isinstance(v, (int, float)) and 0 <= v <= 1 for v in lams)
+                or 0 not in lams):
+            raise ConfigError("lambdas", f"must lie in [0, 1] and include 0, got "
+                              f"{list(lams)}")
         if self.widths and self.arch == "wrn":
-            raise ValueError("OATS (widths) is implemented for the ResNets (resnet18, resnet34)")
+            raise ConfigError("widths", "(OATS) is implemented for the ResNets (resnet18, "
+                              "resnet34), not wrn")
         if self.widths and not all(0 < w <= 1 for w in self.widths):
-            raise ValueError(f"widths must lie in (0, 1], got {self.widths}")
+            raise ConfigError("widths", f"must lie in (0, 1], got {list(self.widths)}")
 
     @property
     def method(self) -> str:
         return "oats" if self.widths else "oat"
+
+
+def cosine_schedule(opt, epochs: int):
+    """SGD's cosine decay to 0 over ``epochs``."""
+    return torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
 
 
 def build_model(cfg: OATConfig, num_classes: int, in_channels: int) -> nn.Module:
@@ -134,7 +132,7 @@ def oat_loss(model: nn.Module, attack: PGD, x: Tensor, y: Tensor, lam: Tensor,
     return ((1 - lam_d) * lc + lam_d * la).mean()
 
 
-class OATTrainer(DataParallel):
+class OATTrainer(BaseTrainer):
     """Builds the data, model, optimizer and schedule from a config and runs epochs, writing an
     atomic checkpoint (``<out>/last.pt``) after each; ``resume=True`` continues from it.
 
@@ -162,13 +160,14 @@ class OATTrainer(DataParallel):
             self.forward = self._ddp(self.model, cfg.sync_bn)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                    weight_decay=cfg.weight_decay)
-        self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, cfg.epochs)
+        self.sched = cosine_schedule(self.opt, cfg.epochs)
         self.gen = torch.Generator().manual_seed(cfg.seed)  # shuffling and λ sampling
         self.attack_gen = torch.Generator(self.device).manual_seed(cfg.seed + 1 + self.rank)
         self.attack = PGD(self.model, cfg.eps, cfg.alpha, cfg.steps, generator=self.attack_gen,
                           random_start=cfg.random_start)
-        self.epoch, self.history = 0, []
+        self.epoch, self.history, self.resumes = 0, [], []
         self.checkpoint = os.path.join(cfg.out, "last.pt")
+        self._clean_out()
         if resume:
             self.load(self.checkpoint)
 
@@ -178,13 +177,14 @@ class OATTrainer(DataParallel):
         return {"kind": self.cfg.method, "config": dataclasses.asdict(self.cfg),
                 "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
                 "scheduler": self.sched.state_dict(), "epoch": self.epoch,
-                "history": self.history, "rng": {"data": self.gen.get_state(),
+                "history": self.history, "resumes": self.resumes,
+                "rng": {"data": self.gen.get_state(),
                                                  "attack": attack[0],
                                                  "attack_per_rank": attack}}
 
     def load(self, path: str) -> None:
-        ck = load_checkpoint(path)  # on the CPU; the loads below copy to the device
-        self.model.load_state_dict(ck["model"])
+        ck = load_checkpoint(path, kind=("oat", "oats"))  # on the CPU; loads copy to the device
+        self._load_weights(path, ck)
         self.opt.load_state_dict(ck["optimizer"])
         self.sched.load_state_dict(ck["scheduler"])
         self.gen.set_state(ck["rng"]["data"])
@@ -192,6 +192,9 @@ class OATTrainer(DataParallel):
         if len(per_rank) == self.world:  # the same number of ranks: each its own stream
             self.attack_gen.set_state(per_rank[self.rank])
         self.epoch, self.history = ck["epoch"], ck["history"]
+        self.resumes = ck.get("resumes", [])
+        self._apply_resume(ck["config"], [("epochs", "lr", "opt", "sched", self.epoch,
+                                            cosine_schedule)])
 
     # -- training ----------------------------------------------------------------------------
     def train_epoch(self) -> dict:
@@ -269,6 +272,7 @@ class OATTrainer(DataParallel):
             self.epoch += 1
             self.history.append({k: v for k, v in rec.items() if k != "losses"} |
                                 {"losses": rec["losses"]})
+            self._check_weights(f"after epoch {rec['epoch']}")
             state = self.state()  # a collective under DDP: every rank builds it
             if self.is_main:
                 save_checkpoint(self.checkpoint, state)
@@ -391,7 +395,7 @@ def report(rows_by_label: dict[str, list[dict]], cfg: OATConfig, out: str, title
 
 def model_from_checkpoint(path: str, device="cpu"):
     """(model, config, data set) rebuilt from a trainer checkpoint."""
-    ck = load_checkpoint(path)
+    ck = load_checkpoint(path, kind=("oat", "oats"))
     cfg_dict = dict(ck["config"])
     cfg_dict["lambdas"] = tuple(cfg_dict["lambdas"])
     cfg_dict["eval_unseen"] = tuple(cfg_dict["eval_unseen"])

@@ -1,0 +1,118 @@
+"""Every bad option of the command line: exit status 2, one line on stderr naming the flag, no
+traceback, and nothing trained (no checkpoint written)."""
+import os
+
+import pytest
+import torch
+
+from fastrobust.cli import main
+
+# (subcommand, arguments, a fragment the one line must hold)
+CASES = [
+    ("oat", ["--eps", "-0.1"], "--eps must be in [0, 1], got -0.1"),
+    ("oat", ["--eps", "nan"], "--eps must be finite"),
+    ("oat", ["--eps", "2"], "--eps must be in [0, 1]"),
+    ("oat", ["--alpha", "-0.1"], "--alpha must be in [0, 1], got -0.1"),
+    ("oat", ["--width", "0"], "--width must be >= 1, got 0"),
+    ("oat", ["--width", "-4"], "--width must be >= 1, got -4"),
+    ("oat", ["--width", "four"], "--width: invalid int value"),
+    ("oat", ["--lr", "nan"], "--lr must be finite"),
+    ("oat", ["--lr", "inf"], "--lr must be finite"),
+    ("oat", ["--lr", "-1"], "--lr must be >= 0"),
+    ("oat", ["--epochs", "0"], "--epochs must be >= 1"),
+    ("oat", ["--batch-size", "0"], "--batch-size must be >= 1"),
+    ("oat", ["--steps", "-1"], "--steps must be >= 0"),
+    ("oat", ["--eval-steps", "-2"], "--eval-steps must be >= 0"),
+    ("oat", ["--max-train-batches", "-1"], "--max-train-batches must be >= 0"),
+    ("oat", ["--seed", "-1"], "--seed must be >= 0"),
+    ("oat", ["--weight-decay", "-1"], "--weight-decay must be >= 0"),
+    ("oat", ["--lambdas", "0.5", "1"], "--lambdas must lie in [0, 1] and include 0"),
+    ("oat", ["--lambdas", "0", "1.5"], "--lambdas must lie in [0, 1]"),
+    ("oat", ["--dim", "0"], "--dim must be >= 1"),
+    ("oat", ["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"],
+     "--device"),
+    ("oat", ["--device", "gpu0"], "--device must be a torch device"),
+    ("oat", ["--memory-format", "nhwc"], "--memory-format: invalid choice"),
+    ("oat", ["--data-root", "/nonexistent/data"], "--data-root must be a directory"),
+    ("oat", ["--dataset", "mnist"], "--dataset: invalid choice"),
+    ("oats", ["--widths", "0", "1"], "--widths must lie in (0, 1]"),
+    ("oats", ["--arch", "wrn"], "--widths (OATS) is implemented for the ResNets"),
+    ("afa", ["--max-eps", "0"], "--max-eps must be in (0, 1]"),
+    ("afa", ["--branches", "1"], "--branches must be >= 2"),
+    ("afa", ["--lr2", "nan"], "--lr2 must be finite"),
+    ("afa", ["--epochs2", "-1"], "--epochs2 must be >= 0"),
+    ("awnet", ["--tau", "0"], "--tau must be > 0"),
+    ("awnet", ["--beta", "-1"], "--beta must be > 0"),
+    ("awnet", ["--teacher-nat", "/nonexistent.pt"], "--teacher-nat must be a saved nn.Module"),
+    ("awnet", ["--eps", "-1"], "--eps must be in [0, 1]"),
+]
+
+
+def _run(capsys, argv):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    return exc.value.code, err
+
+
+def _one_line(err: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.mark.parametrize("method, args, fragment", CASES,
+                         ids=[f"{m}{''.join(a)}" for m, a, _ in CASES])
+def test_bad_option(capsys, tmp_path, method, args, fragment):
+    out = tmp_path / "run"
+    code, err = _run(capsys, ["train", method, "--out", str(out), *args])
+    line = _one_line(err)
+    assert code == 2
+    assert line.startswith(f"fastrobust train {method}: error: "), line
+    assert fragment in line, line
+    assert not (out / "last.pt").exists()
+
+
+def test_out_is_a_file(capsys, tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    code, err = _run(capsys, ["train", "oat", "--out", str(f)])
+    assert code == 2 and "--out is a file, not a directory" in _one_line(err)
+
+
+def test_out_cannot_be_made(capsys, tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    code, err = _run(capsys, ["train", "oat", "--out", str(f / "sub")])
+    assert code == 2 and "--out is not a writable directory" in _one_line(err)
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00" * 100, os.urandom(2048)],
+                         ids=["empty", "zeros", "random"])
+def test_damaged_checkpoint(capsys, tmp_path, content):
+    ck = tmp_path / "last.pt"
+    ck.write_bytes(content)
+    code, err = _run(capsys, ["train", "oat", "--out", str(tmp_path), "--resume"])
+    line = _one_line(err)
+    assert code == 2 and str(ck) in line and "not a readable checkpoint" in line, line
+    code, err = _run(capsys, ["eval", str(ck)])
+    line = _one_line(err)
+    assert code == 2 and str(ck) in line and "not a readable checkpoint" in line, line
+
+
+def test_resume_without_checkpoint(capsys, tmp_path):
+    code, err = _run(capsys, ["train", "afa", "--out", str(tmp_path), "--resume"])
+    assert code == 2 and "no checkpoint at" in _one_line(err)
+
+
+def test_eval_bad_options(capsys, tmp_path):
+    code, err = _run(capsys, ["eval", str(tmp_path / "missing.pt")])
+    assert code == 2 and "no checkpoint at" in _one_line(err)
+    code, err = _run(capsys, ["eval", str(tmp_path / "x.pt"), "--steps", "-1"])
+    assert code == 2 and "--steps must be >= 0" in _one_line(err)
+
+
+def test_demo_bad_option(capsys):
+    code, err = _run(capsys, ["demo", "--width", "0"])
+    assert code == 2 and "fastrobust demo: error: --width must be >= 1" in _one_line(err)
