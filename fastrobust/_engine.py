@@ -91,12 +91,25 @@ class Engine:
         return mean, var, W * S
 
     @staticmethod
-    def coefficients(M, weight, bias, mean, invstd, scale, gamma, beta):
-        """Ap, Dp: the BN part, z = Ap·u + Dp; A, D: the whole op, f = A·x + D."""
+    def single_value_branches(M, S, batch_stats):
+        """[K, 1] bool: branches whose batch statistics come from one value (one sample, 1x1
+        maps), where x̂ is exactly 0: the output is exactly the bias, the input gradient 0."""
+        return (((M != 0).sum(0) == 1) & (S == 1) & batch_stats)[:, None]
+
+    @staticmethod
+    def coefficients(M, weight, bias, mean, invstd, scale, gamma, beta, single=None):
+        """Ap, Dp: the BN part, z = Ap·u + Dp; A, D: the whole op, f = A·x + D. ``single``
+        ([K, 1]): those branches' planes use a = 0, d = b (exactly the bias, where a·x + d
+        with a = w/sqrt(eps) would round); a and d stay the true per-branch values."""
         acc = mean.dtype
         a = invstd if weight is None else invstd * weight.to(acc)
         d = -mean * a if bias is None else bias.to(acc) - mean * a
-        Ap, Dp = to_planes(M, a), to_planes(M, d)
+        if single is not None:
+            b = torch.zeros_like(d) if bias is None else bias.to(acc).expand_as(d)
+            Ap = to_planes(M, torch.where(single, 0.0, a))
+            Dp = to_planes(M, torch.where(single, b, d))
+        else:
+            Ap, Dp = to_planes(M, a), to_planes(M, d)
         A = Ap if scale is None else Ap * scale
         D = Dp
         if gamma is not None:
@@ -137,7 +150,8 @@ class Engine:
         else:
             mean, var = running_mean.to(acc, copy=True), running_var.to(acc)
         invstd = torch.rsqrt(var + eps)
-        *_, A, D = self.coefficients(M, weight, bias, mean, invstd, s, gamma, beta)
+        single = self.single_value_branches(M, plane_size(x), training or running_mean is None)
+        *_, A, D = self.coefficients(M, weight, bias, mean, invstd, s, gamma, beta, single)
         y = self.leaves.affine(x, A, D, relu)
         return (y, mean, invstd, *new_running, planes)
 
@@ -153,7 +167,9 @@ class Engine:
         M = routing_weights(branch, mix, K, acc)
         s, gamma, beta = (None if t is None else t.to(acc)
                           for t in (input_scale, film_gamma, film_beta))
-        a, d, Ap, Dp, A, D = self.coefficients(M, weight, bias, mean, invstd, s, gamma, beta)
+        single = self.single_value_branches(M, S, batch_stats)
+        a, d, Ap, Dp, A, D = self.coefficients(M, weight, bias, mean, invstd, s, gamma, beta,
+                                               single)
         # Centre of the Σg·x sums, in x's units: the plane's mixture of branch means.
         cu = to_planes(M, mean) / _nonzero(M.sum(1))[:, None]
         c = cu if s is None else torch.where(s != 0, cu / _nonzero(s), 0.0)
@@ -166,7 +182,6 @@ class Engine:
         # A branch whose batch statistics come from one value has x̂ ≡ 0, hence a constant
         # output: exactly zero dweight and input gradient, which the sums above (scaled by
         # r = 1/sqrt(eps)) would only reach up to rounding.
-        single = (((M != 0).sum(0) == 1) & (S == 1) & batch_stats)[:, None]
         T2 = torch.where(single, 0.0, T2)
         def empty():  # a fresh one each time: the op's outputs must not alias each other
             return x.new_empty(0, dtype=acc)
@@ -256,8 +271,9 @@ def bn_composite(x, branch, mix, weight, bias, mean, invstd, input_scale, film_g
         pmean, pm2 = TorchLeaves.plane_moments(x, acc)
         mean, var, _ = Engine.branch_stats(M, pmean, pm2, plane_size(x), s)
         invstd = torch.rsqrt(var + eps)
+    single = Engine.single_value_branches(M, plane_size(x), batch_stats)
     *_, A, D = Engine.coefficients(M, weight, bias, mean.to(acc), invstd.to(acc), s, gamma,
-                                   beta)
+                                   beta, single)
     return TorchLeaves.affine(x, A, D, relu)
 
 

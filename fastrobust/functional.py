@@ -4,6 +4,9 @@ Value checks that would need a host sync on a device (out-of-range branch ids) h
 the kernels: at once on CPU, as an asynchronous device assert on CUDA."""
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 from torch import Tensor
 
@@ -11,7 +14,7 @@ from . import _ops  # registers torch.ops.fastrobust.*; batch_norm picks the eag
 from .reference import acc_dtype
 
 __all__ = ["multi_batch_norm", "mixed_batch_norm", "film", "channel_scale", "scale_filters",
-           "pgd_step_", "mifgsm_step_", "pgd_init"]
+           "add_relu", "pgd_step_", "mifgsm_step_", "pgd_init"]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -22,6 +25,9 @@ def _check_param(name: str, t: Tensor | None, x: Tensor, K: int) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a Tensor or None, got {type(t).__name__}")
     if t.shape != (K, x.shape[1]):
+        if t.dim() == 2 and t.shape[0] == K:  # the branches agree: x's channels do not
+            raise ValueError(f"x has {x.shape[1]} channels but {name} is "
+                             f"[num_branches, C] = {list(t.shape)}: C must match x.shape[1]")
         raise ValueError(f"{name} must have shape [num_branches, C] = [{K}, {x.shape[1]}], "
                          f"got {list(t.shape)}")
     if t.dtype not in _FLOATS:
@@ -57,10 +63,31 @@ def _check_x(op: str, x) -> None:
         raise TypeError(f"{op}: x must be floating point, got {x.dtype}")
 
 
+def _real(op: str, name: str, v) -> float:
+    """A plain real number (int, float, numpy scalar; not bool, str or a tensor) as float."""
+    if isinstance(v, (bool, str, bytes)) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{op}: {name} must be a number, got {type(v).__name__} {v!r}")
+    return float(v)
+
+
+def _check_eps_momentum(op: str, eps, momentum) -> tuple[float, float | None]:
+    e = _real(op, "eps", eps)
+    if not (e > 0 and math.isfinite(e)):
+        raise ValueError(f"{op}: eps must be a finite number > 0, got {eps}")
+    if momentum is None:
+        return e, None
+    m = _real(op, "momentum", momentum)
+    if not 0 <= m <= 1:
+        raise ValueError(f"{op}: momentum must be in [0, 1] or None, got {momentum}")
+    return e, m
+
+
 def _check_bn_args(op, x, K, weight, bias, running_mean, running_var, momentum,
                    num_batches_tracked, training, activation):
     if K < 1:
         raise ValueError(f"{op}: num_branches must be >= 1, got {K}")
+    if not isinstance(training, (bool, numbers.Integral)):
+        raise TypeError(f"{op}: training must be a bool, got {type(training).__name__}")
     for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
                     ("running_var", running_var)):
         _check_param(name, t, x, K)
@@ -129,13 +156,12 @@ def multi_batch_norm(x: Tensor, branch: Tensor, weight: Tensor | None = None,
                          "all None")
     _check_bn_args(op, x, K, weight, bias, running_mean, running_var, momentum,
                    num_batches_tracked, training, activation)
+    eps, momentum = _check_eps_momentum(op, eps, momentum)
     extras = [_per_sample_arg(op, n, t, x) for n, t in (
         ("input_scale", input_scale), ("film_gamma", film_gamma), ("film_beta", film_beta))]
-    cumulative = momentum is None
-    return _ops.batch_norm(
-        x, branch.long(), weight, bias, running_mean, running_var, num_batches_tracked, *extras,
-        K, training, 0.0 if cumulative else float(momentum), cumulative, float(eps),
-        activation == "relu", False)
+    return _batch_norm(x, branch.long(), weight, bias, running_mean, running_var,
+                       num_batches_tracked, extras, K, bool(training), momentum, eps,
+                       activation, False)
 
 
 def mixed_batch_norm(x: Tensor, mix: Tensor, weight: Tensor | None = None,
@@ -179,13 +205,31 @@ def mixed_batch_norm(x: Tensor, mix: Tensor, weight: Tensor | None = None,
     K = mix.shape[1]
     _check_bn_args(op, x, K, weight, bias, running_mean, running_var, momentum,
                    num_batches_tracked, training, activation)
+    eps, momentum = _check_eps_momentum(op, eps, momentum)
     extras = [_per_sample_arg(op, n, t, x) for n, t in (
         ("input_scale", input_scale), ("film_gamma", film_gamma), ("film_beta", film_beta))]
+    return _batch_norm(x, mix, weight, bias, running_mean, running_var, num_batches_tracked,
+                       extras, K, bool(training), momentum, eps, activation, True)
+
+
+def _batch_norm(x, route, weight, bias, running_mean, running_var, num_batches_tracked, extras,
+                K, training, momentum, eps, activation, mixed):
+    """The registered op on dense small tensors: a non-contiguous weight, bias or mix (all
+    legal) is made contiguous (a differentiable copy of a [K, C] / [N, K] tensor), and a
+    non-contiguous running statistic is updated through a contiguous copy that is written
+    back into the caller's tensor."""
+    route, weight, bias = (None if t is None else t.contiguous() for t in (route, weight, bias))
+    stats = (running_mean, running_var, num_batches_tracked)
+    work = [None if t is None else t.contiguous() for t in stats]
     cumulative = momentum is None
-    return _ops.batch_norm(
-        x, mix, weight, bias, running_mean, running_var, num_batches_tracked, *extras,
-        K, training, 0.0 if cumulative else float(momentum), cumulative, float(eps),
-        activation == "relu", True)
+    y = _ops.batch_norm(x, route, weight, bias, *work, *extras, K, training,
+                        0.0 if cumulative else momentum, cumulative, eps, activation == "relu",
+                        mixed)
+    with torch.no_grad():
+        for t, w in zip(stats, work):
+            if w is not t:
+                t.copy_(w)
+    return y
 
 
 def film(x: Tensor, gamma: Tensor | None = None, beta: Tensor | None = None) -> Tensor:
@@ -221,6 +265,18 @@ def scale_filters(weight: Tensor, omega: Tensor) -> Tensor:
     # As a [1, C_out, ...] activation, the filters are the channels.
     w = weight.unsqueeze(0) if weight.dim() > 1 else weight[None, :]
     return film(w, omega, None).squeeze(0)
+
+
+def add_relu(a: Tensor, b: Tensor) -> Tensor:
+    """relu(a + b), a ResNet block's residual junction, as one pass each way on the CPU (one
+    read of a and b, one write; the backward is one masked pass that serves both inputs).
+    Equal to ``torch.relu(a + b)`` bitwise, first and second derivatives included; inputs that
+    broadcast, differ in dtype or device, or run under torch.compile (which fuses the pair
+    itself) take the two plain ops."""
+    for name, t in (("a", a), ("b", b)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"add_relu: {name} must be a Tensor, got {type(t).__name__}")
+    return _ops.add_relu(a, b)
 
 
 # --- PGD steps (DESIGN §2.5) ------------------------------------------------------------------
@@ -263,11 +319,10 @@ def _strength(op: str, name: str, v, x: Tensor, nonnegative: bool):
             else:
                 torch._assert_async(ok, f"{op}: {name} must be >= 0")
         return t, 0.0
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
+    if isinstance(v, (bool, str, bytes)) or not isinstance(v, numbers.Real):
         raise TypeError(f"{op}: {name} must be a float or a per-sample tensor, "
-                        f"got {type(v).__name__}") from None
+                        f"got {type(v).__name__} {v!r}")
+    f = float(v)
     if f != f or f in (float("inf"), float("-inf")) or (nonnegative and f < 0):
         raise ValueError(f"{op}: {name} must be a finite{' non-negative' if nonnegative else ''}"
                          f" number, got {v}")

@@ -46,9 +46,11 @@ def check_mix_values(mix: Tensor) -> None:
     if mix.device.type == "cpu":
         if not bool(ok):
             raise ValueError("mixed_batch_norm: mix weights must be >= 0 when the statistics "
-                             f"are mix-weighted (training); smallest is {mix.min().item()}")
+                             "are mix-weighted (training, or no running statistics); smallest "
+                             f"is {mix.min().item()}")
     else:
-        torch._assert_async(ok, "mixed_batch_norm: mix weights must be >= 0 in training")
+        torch._assert_async(ok, "mixed_batch_norm: mix weights must be >= 0 with batch "
+                                "statistics")
 
 
 def _per_branch_sum(t: Tensor, branch: Tensor, num_branches: int) -> Tensor:

@@ -296,8 +296,8 @@ Route route_branch(const at::Tensor& branch, int64_t K) {
   r.w.assign(N, 1.0);
   r.total.assign(K, 0.0);
   for (int64_t n = 0; n < N; ++n) {
-    TORCH_CHECK(b[n] >= 0 && b[n] < K, "multi_batch_norm: branch id ", b[n], " at sample ", n,
-                " is out of range [0, ", K, ")");
+    TORCH_CHECK_VALUE(b[n] >= 0 && b[n] < K, "multi_batch_norm: branch id ", b[n],
+                      " at sample ", n, " is out of range [0, ", K, ")");
     r.start[n] = n;
     r.k[n] = b[n];
     r.total[b[n]] += 1.0;
@@ -318,8 +318,10 @@ Route route_mix(const at::Tensor& mix, bool check_nonneg) {
     r.start[n] = int64_t(r.k.size());
     for (int64_t k = 0; k < K; ++k) {
       const double w = double(m[n * K + k]);
-      TORCH_CHECK(!check_nonneg || !(w < 0), "mixed_batch_norm: mix weights must be >= 0 when "
-                  "the statistics are mix-weighted (training); mix[", n, ", ", k, "] = ", w);
+      TORCH_CHECK_VALUE(!check_nonneg || !(w < 0),
+                        "mixed_batch_norm: mix weights must be >= 0 when the statistics are "
+                        "mix-weighted (training, or no running statistics); mix[",
+                        n, ", ", k, "] = ", w);
       if (w == 0) continue;
       r.k.push_back(k);
       r.w.push_back(w);
@@ -416,10 +418,24 @@ struct Coefficients {
   std::vector<T> A, D;
 };
 
+// Branches whose batch statistics come from one value (one sample routed there, 1x1 maps): x̂
+// is exactly 0, so the output is exactly the bias and the input gradient exactly 0.
+std::vector<char> single_value_branches(const Route& rt, const View& v, bool batch_stats) {
+  std::vector<char> single(rt.K, 0);
+  if (!batch_stats || v.S != 1) return single;
+  std::vector<int64_t> nnz(rt.K, 0);
+  for (int64_t e_ = 0; e_ < int64_t(rt.k.size()); ++e_) nnz[rt.k[e_]]++;
+  for (int64_t k = 0; k < rt.K; ++k) single[k] = nnz[k] == 1;
+  return single;
+}
+
+// `single`: the planes use a = 0, d = b for those branches (exactly b instead of a·x + d with
+// a = w/sqrt(eps), which rounds); a and d themselves stay the true per-branch values (the mix
+// gradient of other samples needs them).
 template <typename T>
 Coefficients<T> coefficients(const Route& rt, const View& v, const Params<T>& p,
                              const Extras<T>& e, const T* mean, const T* invstd,
-                             bool keep_planes) {
+                             bool keep_planes, const std::vector<char>& single) {
   const int64_t C = v.C, K = rt.K, NC = v.N * C;
   Coefficients<T> co;
   co.a.resize(K * C);
@@ -428,6 +444,19 @@ Coefficients<T> coefficients(const Route& rt, const View& v, const Params<T>& p,
     co.a[i] = p.w(i) * double(invstd[i]);
     co.d[i] = p.b(i) - double(mean[i]) * co.a[i];
   }
+  const bool any_single = std::find(single.begin(), single.end(), 1) != single.end();
+  std::vector<double> a_pl, d_pl;
+  if (any_single) {
+    a_pl = co.a;
+    d_pl = co.d;
+    for (int64_t i = 0; i < K * C; ++i)
+      if (single[i / C]) {
+        a_pl[i] = 0.0;
+        d_pl[i] = p.b(i);
+      }
+  }
+  const double* a_src = any_single ? a_pl.data() : co.a.data();
+  const double* d_src = any_single ? d_pl.data() : co.d.data();
   std::vector<double> row_a, row_d;
   if (keep_planes) {
     co.Ap.resize(NC);
@@ -442,8 +471,8 @@ Coefficients<T> coefficients(const Route& rt, const View& v, const Params<T>& p,
     const int64_t o = n * C;
     double* ap = keep_planes ? &co.Ap[o] : row_a.data();
     double* dp = keep_planes ? &co.Dp[o] : row_d.data();
-    mix_row(rt, n, co.a.data(), C, ap);
-    mix_row(rt, n, co.d.data(), C, dp);
+    mix_row(rt, n, a_src, C, ap);
+    mix_row(rt, n, d_src, C, dp);
     T* A = &co.A[o];
     T* D = &co.D[o];
     const T* sp = e.scale ? e.scale + o : nullptr;
@@ -586,7 +615,8 @@ std::vector<at::Tensor> bn_forward_impl(const at::Tensor& x_in, const OptTensor&
         invstd[i] = T(1.0 / std::sqrt(double(rv[i]) + eps));
       }
     }
-    const auto co = coefficients<T>(rt, v, p, e, mean, invstd, false);
+    const auto single = single_value_branches(rt, v, batch_stats);
+    const auto co = coefficients<T>(rt, v, p, e, mean, invstd, false, single);
     affine_pass<T>(v, walk<const T>(x, v), walk<T>(y, yv), co.A.data(), co.D.data(), relu);
   });
   if (running_in_place) new_rm = new_rv = new_nbt = at::Tensor();
@@ -651,7 +681,8 @@ std::vector<at::Tensor> bn_backward_impl(const at::Tensor& dy_in, const at::Tens
     const bool eval_dx_only = !batch_stats && !need_mix && !need_w && !need_b && !need_g &&
                               !need_be;
     // Ap, Dp per plane are needed by the FiLM gradient only.
-    const auto co = coefficients<T>(rt, v, p, e, mean, invstd, need_g);
+    const std::vector<char> single = single_value_branches(rt, v, batch_stats);
+    const auto co = coefficients<T>(rt, v, p, e, mean, invstd, need_g, single);
     const T* sp_all = e.scale;
     const T* gp_all = e.gamma;
     std::vector<double> row(C), row2(C), row3(C);
@@ -734,12 +765,6 @@ std::vector<at::Tensor> bn_backward_impl(const at::Tensor& dy_in, const at::Tens
     // A branch whose batch statistics come from one value has x̂ ≡ 0, hence a constant output:
     // exactly zero dweight and input gradient, which the sums (scaled by r = 1/sqrt(eps))
     // would only reach up to rounding.
-    std::vector<char> single(K, 0);
-    {
-      std::vector<int64_t> nnz(K, 0);
-      for (int64_t e_ = 0; e_ < int64_t(rt.k.size()); ++e_) nnz[rt.k[e_]]++;
-      for (int64_t k = 0; k < K; ++k) single[k] = batch_stats && nnz[k] == 1 && v.S == 1;
-    }
     T* dweight_p = need_w ? dweight.data_ptr<T>() : nullptr;
     T* dbias_p = need_b ? dbias.data_ptr<T>() : nullptr;
     for (int64_t i = 0; i < K * C; ++i) {

@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 import contextlib
+import numbers
 
 import torch
 from torch import Tensor, nn
 
 from .. import functional as F
 
-__all__ = ["MultiBatchNorm2d", "DualBatchNorm2d", "MixedBatchNorm2d", "FiLM", "ScaledConvBN",
-           "convert_multi_bn", "routing"]
+__all__ = ["MultiBatchNorm2d", "MultiBatchNorm1d", "DualBatchNorm2d", "MixedBatchNorm2d",
+           "FiLM", "ScaledConvBN", "convert_multi_bn", "routing"]
 
 
 class MultiBatchNorm2d(nn.Module):
@@ -79,18 +80,53 @@ class MultiBatchNorm2d(nn.Module):
                     f"{type(self).__name__} has {self.num_branches} branches but no routing: "
                     "call bn(x, branch=...) / bn(x, mix=...) or wrap the model call in "
                     "`with fastrobust.nn.routing(model, branch=...)`")
-        if isinstance(branch, int):
+        if isinstance(branch, numbers.Integral) and not isinstance(branch, bool):
+            branch = int(branch)  # numpy integers route like ints
             if not 0 <= branch < self.num_branches:
                 raise ValueError(f"branch {branch} is out of range [0, {self.num_branches})")
             branch = torch.full((x.shape[0],), branch, dtype=torch.long, device=x.device)
+        elif not isinstance(branch, Tensor):
+            raise TypeError(f"branch must be an int or an int64 [N] tensor, got "
+                            f"{type(branch).__name__}")
         return "branch", branch
+
+    def __getstate__(self):
+        # A copy (deepcopy, pickle: an EMA model, a checkpoint) taken inside `routing` must not
+        # keep that routing: outside the context it would route silently.
+        state = dict(super().__getstate__())
+        state["_routing"] = None
+        return state
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A plain BatchNorm's [C] tensors (and scalar counter) load into every branch; a [C]
+        # of another size is left to torch's size-mismatch error, which names the key.
+        for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+            key, own = prefix + name, getattr(self, name)
+            if key in state_dict and own is not None and \
+                    state_dict[key].dim() == own.dim() - 1 and \
+                    tuple(state_dict[key].shape) == tuple(own.shape[1:]):
+                state_dict[key] = state_dict[key].expand_as(own).clone()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    _DIMS = (4,)  # input dims the module takes (nn.BatchNorm2d's)
+
+    def _check_input(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{type(self).__name__}: x must be a Tensor, got "
+                            f"{type(x).__name__}")
+        if x.dim() not in self._DIMS:
+            want = " or ".join(f"{d}D" for d in self._DIMS)
+            raise ValueError(f"{type(self).__name__} expects {want} input, got {x.dim()}D "
+                             f"input of shape {list(x.shape)}")
+        if x.shape[1] != self.num_features:
+            raise ValueError(f"{type(self).__name__}({self.num_features}): x has "
+                             f"{x.shape[1]} channels (shape {list(x.shape)}), expected "
+                             f"{self.num_features}")
 
     def forward(self, x: Tensor, branch: Tensor | int | None = None, mix: Tensor | None = None,
                 *, input_scale: Tensor | None = None, film_gamma: Tensor | None = None,
                 film_beta: Tensor | None = None, activation: str | None = None) -> Tensor:
-        if x.dim() != 4:
-            raise ValueError(f"{type(self).__name__} expects 4D input [N, C, H, W], "
-                             f"got {x.dim()}D input")
+        self._check_input(x)
         kind, route = self._route(x, branch, mix)
         kw = dict(training=self.training,
                   momentum=self.momentum, eps=self.eps,
@@ -104,14 +140,6 @@ class MultiBatchNorm2d(nn.Module):
                                       self.running_var, **kw)
         return F.multi_batch_norm(x, route, self.weight, self.bias, self.running_mean,
                                   self.running_var, num_branches=self.num_branches, **kw)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # A plain BatchNorm's [C] tensors (and scalar counter) load into every branch.
-        for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
-            key, own = prefix + name, getattr(self, name)
-            if key in state_dict and own is not None and state_dict[key].dim() == own.dim() - 1:
-                state_dict[key] = state_dict[key].expand_as(own).clone()
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, num_branches={self.num_branches}, eps={self.eps}, "
@@ -140,16 +168,49 @@ class DualBatchNorm2d(MultiBatchNorm2d):
         super().__init__(num_features, 2, **kwargs)
 
 
+class MultiBatchNorm1d(MultiBatchNorm2d):
+    """:class:`MultiBatchNorm2d` for ``nn.BatchNorm1d``'s inputs, ``[N, C]`` or ``[N, C, L]``
+    (statistics over the samples, and L)."""
+
+    _DIMS = (2, 3)
+
+
 def convert_multi_bn(module: nn.Module, num_branches: int = 2) -> nn.Module:
-    """Replaces every ``nn.BatchNorm2d`` in ``module`` by a :class:`MultiBatchNorm2d` with
-    ``num_branches`` branches, each starting from the original's parameters and statistics.
-    Converts in place and returns the module (a new one if ``module`` is itself a BN), like
-    ``nn.SyncBatchNorm.convert_sync_batchnorm``."""
-    if isinstance(module, nn.BatchNorm2d):
+    """Replaces every batch norm in ``module`` by a multi-branch one with ``num_branches``
+    branches, each starting from the original's parameters and statistics: ``nn.BatchNorm2d``
+    by :class:`MultiBatchNorm2d`, ``nn.BatchNorm1d`` by :class:`MultiBatchNorm1d`,
+    ``nn.SyncBatchNorm`` by :class:`~fastrobust.nn.SyncMultiBatchNorm2d` (4-D inputs). A lazy
+    BN that has not seen its input yet, and ``nn.BatchNorm3d``, are refused with a clear error
+    rather than left unconverted. Converts in place and returns the module (a new one if
+    ``module`` is itself a BN), like ``nn.SyncBatchNorm.convert_sync_batchnorm``."""
+    return _convert(module, num_branches, "")
+
+
+def _convert(module: nn.Module, num_branches: int, name: str) -> nn.Module:
+    where = f" ({name})" if name else ""
+    if isinstance(module, nn.modules.lazy.LazyModuleMixin) and \
+            isinstance(module, nn.modules.batchnorm._NormBase):
+        raise TypeError(f"convert_multi_bn: {type(module).__name__}{where} has not seen an "
+                        "input yet, so its number of channels is unknown: run one forward "
+                        "pass first (it then becomes a plain BN), then convert")
+    if isinstance(module, nn.BatchNorm3d):
+        raise TypeError(f"convert_multi_bn: {type(module).__name__}{where} is not supported "
+                        "(the multi-branch modules take [N, C], [N, C, L] and [N, C, H, W])")
+    cls = None
+    if isinstance(module, nn.SyncBatchNorm):
+        from .sync import SyncMultiBatchNorm2d
+        cls = SyncMultiBatchNorm2d
+    elif isinstance(module, nn.BatchNorm2d):
+        cls = MultiBatchNorm2d
+    elif isinstance(module, nn.BatchNorm1d):
+        cls = MultiBatchNorm1d
+    if cls is not None:
         ref = module.weight if module.weight is not None else module.running_mean
         kw = {} if ref is None else {"device": ref.device, "dtype": ref.dtype}
-        new = MultiBatchNorm2d(module.num_features, num_branches, module.eps, module.momentum,
-                               module.affine, module.track_running_stats, **kw)
+        if isinstance(module, nn.SyncBatchNorm):
+            kw["process_group"] = module.process_group
+        new = cls(module.num_features, num_branches, eps=module.eps, momentum=module.momentum,
+                  affine=module.affine, track_running_stats=module.track_running_stats, **kw)
         with torch.no_grad():
             for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
                 src, dst = getattr(module, name), getattr(new, name)
@@ -160,10 +221,10 @@ def convert_multi_bn(module: nn.Module, num_branches: int = 2) -> nn.Module:
                 new.bias.requires_grad_(module.bias.requires_grad)
         new.train(module.training)
         return new
-    for name, child in module.named_children():
-        new_child = convert_multi_bn(child, num_branches)
+    for child_name, child in module.named_children():
+        new_child = _convert(child, num_branches, f"{name}.{child_name}" if name else child_name)
         if new_child is not child:
-            setattr(module, name, new_child)
+            setattr(module, child_name, new_child)
     return module
 
 
@@ -177,7 +238,8 @@ def routing(model: nn.Module, branch: Tensor | int | None = None, mix: Tensor | 
             logits = model(x)
 
     ``branch`` is an int64 ``[N]`` tensor or one int for the whole batch; ``mix`` is ``[N, K]``.
-    Routing set before (an outer ``routing``) is restored on exit.
+    Routing set before (an outer ``routing``) is restored on exit. A copy of the model taken
+    in the body (``copy.deepcopy``, pickling) does not keep the routing.
     """
     mods = [m for m in model.modules() if isinstance(m, MultiBatchNorm2d)]
     if not mods:

@@ -25,9 +25,7 @@ class _Sync:
             return super().forward(x, branch, mix, input_scale=input_scale,
                                    film_gamma=film_gamma, film_beta=film_beta,
                                    activation=activation)
-        if x.dim() != 4:
-            raise ValueError(f"{type(self).__name__} expects 4D input [N, C, H, W], "
-                             f"got {x.dim()}D input")
+        self._check_input(x)
         kind, route = self._route(x, branch, mix)
         # In eval without running stats nothing is updated (they are None).
         kw = dict(momentum=self.momentum, eps=self.eps,
