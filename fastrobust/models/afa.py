@@ -20,7 +20,7 @@ import contextlib
 import torch
 from torch import Tensor, nn
 
-from .._ops import add_relu
+from ..functional import add_relu
 from ..nn import MultiBatchNorm2d, routing
 
 __all__ = ["WeightGenerator", "AFAResNet", "afa_resnet18"]

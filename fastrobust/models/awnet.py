@@ -26,7 +26,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from .._ops import add_relu
+from ..functional import add_relu
 from ..nn import MultiBatchNorm2d, ScaledConvBN, routing
 from .resnet import ResNet
 

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._ops import add_relu
+from ..functional import add_relu
 from ..nn import FiLM, MultiBatchNorm2d, routing
 
 __all__ = ["S1", "LambdaEncoding", "OATResNet", "OATWideResNet", "oat_resnet18",
