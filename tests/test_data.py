@@ -83,3 +83,46 @@ def test_batches():
     a = [y.tolist() for _, y in data.Batches(split, 4, True, torch.Generator().manual_seed(1))]
     b = [y.tolist() for _, y in data.Batches(split, 4, True, torch.Generator().manual_seed(1))]
     assert a == b and sorted(sum(a, [])) == list(range(10)) and sum(a, []) != list(range(10))
+
+
+@pytest.mark.parametrize("damage", ["garbage", "wrong_size", "no_labels"])
+def test_damaged_cifar_file_is_named(tmp_path, damage):
+    d = tmp_path / "cifar-10-batches-py"
+    _write_cifar(d)
+    bad = d / "data_batch_3"
+    if damage == "garbage":
+        bad.write_bytes(os.urandom(512))
+    elif damage == "wrong_size":
+        with open(bad, "wb") as f:
+            pickle.dump({b"data": np.zeros((4, 1000), np.uint8), b"labels": [0] * 4}, f)
+    else:
+        with open(bad, "wb") as f:
+            pickle.dump({b"data": np.zeros((4, 3072), np.uint8)}, f)
+    with pytest.raises(data.DataCorrupt) as e:
+        data.load("cifar10", str(tmp_path))
+    msg = str(e.value)
+    assert str(bad) in msg and "not a CIFAR-10 python batch" in msg and "\n" not in msg
+
+
+def test_damaged_svhn_file_is_named(tmp_path):
+    from scipy.io import savemat
+
+    savemat(str(tmp_path / "train_32x32.mat"),
+            {"X": np.zeros((32, 32, 3, 2), np.uint8), "y": np.ones((2, 1), np.uint8)})
+    (tmp_path / "test_32x32.mat").write_bytes(b"\x00garbage" * 40)
+    with pytest.raises(data.DataCorrupt) as e:
+        data.load("svhn", str(tmp_path))
+    assert str(tmp_path / "test_32x32.mat") in str(e.value) and "not an SVHN .mat file" in \
+        str(e.value)
+
+
+def test_damaged_data_file_is_one_cli_line(tmp_path, capsys):
+    from fastrobust.cli import main
+
+    d = tmp_path / "cifar-10-batches-py"
+    _write_cifar(d)
+    (d / "test_batch").write_bytes(b"")
+    code = main(["train", "oat", "--dataset", "cifar10", "--data-root", str(tmp_path),
+                 "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "test_batch" in err[0] and "Traceback" not in err[0]
