@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from fastrobust import functional as F
-from fastrobust.baselines import eager_bn_film_relu, eager_film, eager_scaled_bn, oat_dual_bn
+from baselines import eager_bn_film_relu, eager_film, eager_scaled_bn, oat_dual_bn
 from conftest import QUICK, record
 
 SHAPES = [(64, 16)] if QUICK else [(64, 32), (64, 16), (128, 16), (256, 8)]

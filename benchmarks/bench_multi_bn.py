@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from fastrobust import functional as F
-from fastrobust.baselines import eager_kway_bn, oat_dual_bn
+from baselines import eager_kway_bn, oat_dual_bn
 from conftest import QUICK, record
 
 # (C, H=W) along a CIFAR ResNet-18; C=64 at 16x16 is the target shape.

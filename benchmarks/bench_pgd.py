@@ -23,7 +23,7 @@ import torch
 
 from fastrobust import functional as F
 from fastrobust.attacks import PGD
-from fastrobust.baselines import (to_eager_dual_bn, torchattacks_l2_step,
+from baselines import (to_eager_dual_bn, torchattacks_l2_step,
                                   torchattacks_mifgsm_step, torchattacks_pgd, torchattacks_step)
 from fastrobust.models import resnet18
 from fastrobust.nn import convert_multi_bn

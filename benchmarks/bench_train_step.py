@@ -22,7 +22,7 @@ import torch
 
 from fastrobust import functional as F
 from fastrobust.attacks import PGD
-from fastrobust.baselines import eager_oat_forward, eager_oat_loss
+from baselines import eager_oat_forward, eager_oat_loss
 from fastrobust.models import S1, oat_resnet18
 from fastrobust.nn import FiLM
 from fastrobust.trainers.oat import oat_loss
@@ -104,7 +104,7 @@ def afa_setup(n, width):
 
 
 def afa_step(impl, cfg, model, x, y, steps):
-    from fastrobust.baselines import eager_afa_forward, eager_afa_stage1_loss
+    from baselines import eager_afa_forward, eager_afa_stage1_loss
     from fastrobust.trainers.afa import stage1_loss
 
     cfg = copy.copy(cfg)
@@ -194,7 +194,7 @@ def aw_setup(n, width):
 
 
 def aw_step(impl, model, t_nat, t_adv, x, y, steps):
-    from fastrobust.baselines import eager_awnet_loss
+    from baselines import eager_awnet_loss
     from fastrobust.trainers.awnet import LossBalance, awnet_loss
 
     balance = LossBalance()

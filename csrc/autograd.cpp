@@ -1,13 +1,16 @@
-// The routed / mixed batch norm's autograd node in C++, for eager calls that the C++ kernels
-// serve (fastrobust/_ops.py: batch_norm, its fast path). A Python autograd.Function costs about
-// 12 us a forward and 50 us a backward on top of the kernels, which at CIFAR-on-CPU sizes is
-// as much as the kernels themselves; this node costs one Python -> C++ call forward and none
-// backward. The registered ops (torch.compile, tensor subclasses, modes) do not come here.
-#include "autograd.h"
-
+// The one autograd of the fastrobust ops, registered for the Autograd key: eager calls,
+// torch.compile's traced graphs, opcheck and the synchronized BN all go through these nodes,
+// whatever kernel (CPU C++, Triton, eager) serves the device below them. Forward and backward
+// each call the registered ops through the dispatcher, so the backward of a CUDA call runs the
+// CUDA kernel and a traced backward records multi_bn_backward / film_backward.
+//
+// When grad mode is on during the backward (torch.autograd.grad(..., create_graph=True): a
+// gradient penalty), the gradients must themselves be differentiable: the BN family then calls
+// multi_bn_grads_with_graph (plain torch ops, fastrobust/_ops.py) and film computes its three
+// sums with ATen ops here.
 #include <torch/extension.h>
 
-#include "cpu/multi_bn.h"
+#include "spec.h"
 
 namespace fastrobust {
 namespace {
@@ -16,158 +19,265 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using OptTensor = c10::optional<at::Tensor>;
 
-struct Kernels {
-  decltype(&cpu::bn_forward_impl) forward;
-  decltype(&cpu::bn_backward_impl) backward;
-};
-
-Kernels kernels_for(const at::Tensor& x) {
-  TORCH_CHECK(x.device().is_cpu(), "bn_autograd: no C++ autograd path for ", x.device(),
-              " tensors (the Python path serves them)");
-  return {&cpu::bn_forward_impl, &cpu::bn_backward_impl};
-}
-
-// The ten tensor arguments, in order. The node's edges are those of the *defined* ones, so
-// an argument's edge index skips the None arguments before it.
-enum Arg { kX, kRoute, kWeight, kBias, kRunMean, kRunVar, kNbt, kScale, kGamma, kBeta, kTensors };
-// The differentiable ones, in the order of bn_backward's `needs` flags and results.
-constexpr Arg kGradArgs[7] = {kX, kRoute, kWeight, kBias, kScale, kGamma, kBeta};
-constexpr int64_t kForwardArgs = 17;  // the ten tensors and seven scalars of `forward`
-
 at::Tensor value(const OptTensor& t) { return t.has_value() ? *t : at::Tensor(); }
 OptTensor opt(const at::Tensor& t) { return t.defined() ? OptTensor(t) : c10::nullopt; }
 
-// Grad mode on during the backward means create_graph: the gradients must themselves be
-// differentiable (gradient penalties). fastrobust/_ops.py registers this op, whose body is the
-// BN family in plain torch ops (fastrobust/_engine.py: bn_grads_with_graph).
-std::vector<at::Tensor> grads_with_graph(AutogradContext* ctx, const at::Tensor& dy,
-                                         const variable_list& s, const std::vector<bool>& needs) {
-  static auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("fastrobust::bn_grads_with_graph", "")
-          .typed<std::vector<at::Tensor>(
-              const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&,
-              const OptTensor&, const at::Tensor&, const at::Tensor&, const OptTensor&,
-              const OptTensor&, const OptTensor&, int64_t, bool, double, bool, bool, int64_t)>();
-  int64_t bits = 0;
-  for (int i = 0; i < 7; ++i) bits |= needs[i] ? (int64_t(1) << i) : 0;
-  return op.call(dy, s[0], s[1], opt(s[2]), opt(s[3]), s[4], s[5], opt(s[7]), opt(s[8]),
-                 opt(s[9]), ctx->saved_data["K"].toInt(),
-                 ctx->saved_data["batch_stats"].toBool(), ctx->saved_data["eps"].toDouble(),
-                 ctx->saved_data["relu"].toBool(), ctx->saved_data["mixed"].toBool(), bits);
+// A node's edges are those of its *defined* tensor arguments, so an argument's edge index
+// skips the None arguments before it. Returns, per argument, its edge (or -1).
+template <size_t N>
+std::array<int64_t, N> edges_of(const std::array<at::Tensor, N>& args) {
+  std::array<int64_t, N> e{};
+  int64_t next = 0;
+  for (size_t i = 0; i < N; ++i) e[i] = args[i].defined() ? next++ : -1;
+  return e;
 }
 
-struct BNFunction : public torch::autograd::Function<BNFunction> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& route,
-                            const OptTensor& weight, const OptTensor& bias,
-                            const OptTensor& running_mean, const OptTensor& running_var,
-                            const OptTensor& num_batches_tracked, const OptTensor& input_scale,
-                            const OptTensor& film_gamma, const OptTensor& film_beta, int64_t K,
-                            bool training, double momentum, bool cumulative, double eps,
-                            bool relu, bool mixed) {
-    const Kernels kern = kernels_for(x);
-    const OptTensor branch = mixed ? c10::nullopt : OptTensor(route);
-    const OptTensor mix = mixed ? OptTensor(route) : c10::nullopt;
-    auto out = kern.forward(x, branch, mix, weight, bias, running_mean, running_var,
-                            num_batches_tracked, input_scale, film_gamma, film_beta, K, training,
-                            momentum, cumulative, eps, relu, /*running_in_place=*/true);
-    // out = {y, mean, invstd, -, -, -, plane_moments (mixed, batch statistics) or undefined};
-    // the running stats were updated in their buffers. Bump their version counters as an
-    // in-place op would (the kernel wrote through data pointers).
+c10::ScalarType dtype_or_undefined(const at::Tensor& t) {
+  return t.defined() ? t.scalar_type() : c10::ScalarType::Undefined;
+}
+
+// --- multi_bn -------------------------------------------------------------------------------
+
+using MultiBnSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+    const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+    const OptTensor&, int64_t, bool, double, bool, double, bool);
+using MultiBnBackwardSig =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+               at::Tensor>(const at::Tensor&, const at::Tensor&, const OptTensor&,
+                           const OptTensor&, const OptTensor&, const OptTensor&,
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                           const OptTensor&, const OptTensor&, const OptTensor&, int64_t, bool,
+                           bool, std::array<bool, kNumBNGrads>);
+using GradsWithGraphSig = std::vector<at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+    const OptTensor&, const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&,
+    const OptTensor&, int64_t, bool, double, bool, std::array<bool, kNumBNGrads>);
+
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+// The ten tensor arguments of multi_bn, in schema order.
+enum BnArg { kX, kBranch, kMix, kWeight, kBias, kRunMean, kRunVar, kNbt, kScale, kGamma, kBeta,
+             kBnTensors };
+// The argument of each BNGrad (spec.h), in that order.
+constexpr BnArg kGradArg[kNumBNGrads] = {kX, kMix, kWeight, kBias, kScale, kGamma, kBeta};
+constexpr size_t kBnArgs = 17;  // the schema's arguments: 11 tensors and 6 scalars
+
+struct MultiBn : public torch::autograd::Function<MultiBn> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x,
+                               const OptTensor& branch, const OptTensor& mix,
+                               const OptTensor& weight, const OptTensor& bias,
+                               const OptTensor& running_mean, const OptTensor& running_var,
+                               const OptTensor& num_batches_tracked,
+                               const OptTensor& input_scale, const OptTensor& film_gamma,
+                               const OptTensor& film_beta, int64_t K, bool training,
+                               double momentum, bool cumulative, double eps, bool relu) {
+    static const auto fwd = op<MultiBnSig>("fastrobust::multi_bn");
+    at::Tensor y, mean, invstd, planes;
+    {
+      at::AutoDispatchBelowADInplaceOrView below;
+      std::tie(y, mean, invstd, planes) =
+          fwd.call(x, branch, mix, weight, bias, running_mean, running_var,
+                   num_batches_tracked, input_scale, film_gamma, film_beta, K, training,
+                   momentum, cumulative, eps, relu);
+    }
+    // The running stats were written in place below the ADInplaceOrView key: bump their
+    // version counters as an in-place op would.
     if (training && running_mean.has_value() && running_var.has_value()) {
       for (const OptTensor* t : {&running_mean, &running_var, &num_batches_tracked})
         if (t->has_value()) (*t)->unsafeGetTensorImpl()->bump_version();
     }
-    const at::Tensor args[kTensors] = {x,
-                                       route,
-                                       value(weight),
-                                       value(bias),
-                                       value(running_mean),
-                                       value(running_var),
-                                       value(num_batches_tracked),
-                                       value(input_scale),
-                                       value(film_gamma),
-                                       value(film_beta)};
+    const std::array<at::Tensor, kBnTensors> args = {
+        x, value(branch), value(mix), value(weight), value(bias), value(running_mean),
+        value(running_var), value(num_batches_tracked), value(input_scale), value(film_gamma),
+        value(film_beta)};
+    const auto edge = edges_of(args);
     std::vector<int64_t> edges, dtypes;
-    int64_t edge = 0;
-    int64_t edge_of[kTensors];
-    for (int i = 0; i < kTensors; ++i) edge_of[i] = args[i].defined() ? edge++ : -1;
-    for (Arg a : kGradArgs) {
-      edges.push_back(edge_of[a]);
-      dtypes.push_back(args[a].defined() ? int64_t(args[a].scalar_type()) : -1);
+    for (BnArg a : kGradArg) {
+      edges.push_back(edge[a]);
+      dtypes.push_back(int64_t(dtype_or_undefined(args[a])));
     }
-    ctx->save_for_backward({x, route, args[kWeight], args[kBias], out[1], out[2], out[6],
-                            args[kScale], args[kGamma], args[kBeta]});
+    ctx->save_for_backward({x, args[kBranch], args[kMix], args[kWeight], args[kBias], mean,
+                            invstd, planes, args[kScale], args[kGamma], args[kBeta]});
     ctx->saved_data["K"] = K;
     ctx->saved_data["batch_stats"] = training || !running_mean.has_value();
     ctx->saved_data["relu"] = relu;
-    ctx->saved_data["mixed"] = mixed;
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["edges"] = edges;
     ctx->saved_data["dtypes"] = dtypes;
-    return out[0];
+    ctx->mark_non_differentiable({mean, invstd, planes});
+    return {y, mean, invstd, planes};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto bwd = op<MultiBnBackwardSig>("fastrobust::multi_bn_backward");
+    static const auto with_graph =
+        op<GradsWithGraphSig>("fastrobust::multi_bn_grads_with_graph");
     const auto s = ctx->get_saved_variables();
-    const at::Tensor &x = s[0], &route = s[1];
-    const bool mixed = ctx->saved_data["mixed"].toBool();
+    const at::Tensor &x = s[0], &mean = s[5], &invstd = s[6], &planes = s[7];
+    const OptTensor branch = opt(s[1]), mix = opt(s[2]), weight = opt(s[3]), bias = opt(s[4]),
+                    scale = opt(s[8]), gamma = opt(s[9]), beta = opt(s[10]);
     const auto edges = ctx->saved_data["edges"].toIntVector();
     const auto dtypes = ctx->saved_data["dtypes"].toIntVector();
-    std::vector<bool> needs(7);
-    for (int i = 0; i < 7; ++i)
+    const int64_t K = ctx->saved_data["K"].toInt();
+    const bool batch_stats = ctx->saved_data["batch_stats"].toBool();
+    const bool relu = ctx->saved_data["relu"].toBool();
+    std::array<bool, kNumBNGrads> needs{};
+    for (int i = 0; i < kNumBNGrads; ++i)
       needs[i] = edges[i] >= 0 && ctx->needs_input_grad(size_t(edges[i]));
-    needs[1] = needs[1] && mixed;  // a branch index has no gradient
-    auto g = at::GradMode::is_enabled() ? grads_with_graph(ctx, grads[0], s, needs)
-                                        : kernels_for(x).backward(
-        grads[0], x, mixed ? c10::nullopt : opt(route), mixed ? opt(route) : c10::nullopt,
-        opt(s[2]), opt(s[3]), s[4], s[5], s[6], opt(s[7]), opt(s[8]),
-        opt(s[9]), ctx->saved_data["K"].toInt(), ctx->saved_data["batch_stats"].toBool(),
-        ctx->saved_data["relu"].toBool(), needs);
-    variable_list result(kForwardArgs);
-    for (int i = 0; i < 7; ++i) {
+    // The gradient of y itself; grads of the statistics are ignored (not differentiable).
+    const at::Tensor& dy = grads[0];
+    std::vector<at::Tensor> g;
+    if (at::GradMode::is_enabled()) {
+      g = with_graph.call(dy, x, branch, mix, weight, bias, mean, invstd, scale, gamma, beta, K,
+                          batch_stats, ctx->saved_data["eps"].toDouble(), relu, needs);
+    } else {
+      auto r = bwd.call(dy, x, branch, mix, weight, bias, mean, invstd, planes, scale, gamma,
+                        beta, K, batch_stats, relu, needs);
+      g = {std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r),
+           std::get<4>(r), std::get<5>(r), std::get<6>(r)};
+    }
+    variable_list result(kBnArgs);
+    for (int i = 0; i < kNumBNGrads; ++i) {
       if (!needs[i]) continue;
       const auto dt = static_cast<at::ScalarType>(dtypes[i]);
-      result[kGradArgs[i]] = g[i].scalar_type() == dt ? g[i] : g[i].to(dt);
+      result[kGradArg[i]] = g[i].scalar_type() == dt ? g[i] : g[i].to(dt);
     }
     return result;
   }
 };
 
-// relu(a + b) in one pass (ATen's vectorized _add_relu), the residual junction of a ResNet
-// block; backward is one masked pass whose result is the gradient of both inputs.
-struct AddReluFunction : public torch::autograd::Function<AddReluFunction> {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_bn_autograd(
+    const at::Tensor& x, const OptTensor& branch, const OptTensor& mix,
+    const OptTensor& weight, const OptTensor& bias, const OptTensor& running_mean,
+    const OptTensor& running_var, const OptTensor& num_batches_tracked,
+    const OptTensor& input_scale, const OptTensor& film_gamma, const OptTensor& film_beta,
+    int64_t K, bool training, double momentum, bool cumulative, double eps, bool relu) {
+  auto out = MultiBn::apply(x, branch, mix, weight, bias, running_mean, running_var,
+                            num_batches_tracked, input_scale, film_gamma, film_beta, K,
+                            training, momentum, cumulative, eps, relu);
+  return {out[0], out[1], out[2], out[3]};
+}
+
+// --- film -----------------------------------------------------------------------------------
+
+using FilmSig = at::Tensor(const at::Tensor&, const OptTensor&, const OptTensor&);
+using FilmBackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const OptTensor&, std::array<bool, kNumFilmGrads>);
+
+// (dx, dgamma, dbeta) of y = gamma·x + beta as differentiable ATen ops (double backward).
+std::vector<at::Tensor> film_grads_with_graph(const at::Tensor& dy, const at::Tensor& x,
+                                              const at::Tensor& gamma,
+                                              std::array<bool, kNumFilmGrads> needs,
+                                              at::ScalarType x_dtype) {
+  const int64_t nd = dy.dim();
+  std::vector<int64_t> dims, per_plane(dy.sizes().begin(), dy.sizes().begin() + 2);
+  for (int64_t d = 2; d < nd; ++d) {
+    dims.push_back(d);
+    per_plane.push_back(1);
+  }
+  const auto acc = dy.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto sum_planes = [&](const at::Tensor& t) {
+    return dims.empty() ? t.to(acc) : t.to(acc).sum(dims);
+  };
+  at::Tensor dx, dg, db;
+  if (needs[kFilmX])
+    dx = (gamma.defined() ? dy * gamma.view(per_plane).to(dy.scalar_type()) : dy).to(x_dtype);
+  if (needs[kFilmGamma]) dg = sum_planes(dy * x);
+  if (needs[kFilmBeta]) db = sum_planes(dy);
+  return {dx, dg, db};
+}
+
+struct Film : public torch::autograd::Function<Film> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const OptTensor& gamma,
+                            const OptTensor& beta) {
+    static const auto fwd = op<FilmSig>("fastrobust::film");
+    at::Tensor y;
+    {
+      at::AutoDispatchBelowADInplaceOrView below;
+      y = fwd.call(x, gamma, beta);
+    }
+    const std::array<at::Tensor, 3> args = {x, value(gamma), value(beta)};
+    const auto edge = edges_of(args);
+    // x is needed only for dgamma, which exists only with a gamma.
+    ctx->save_for_backward({gamma ? x : at::Tensor(), value(gamma)});
+    ctx->saved_data["edges"] = std::vector<int64_t>(edge.begin(), edge.end());
+    ctx->saved_data["dtypes"] = std::vector<int64_t>{
+        int64_t(x.scalar_type()), int64_t(dtype_or_undefined(args[1])),
+        int64_t(dtype_or_undefined(args[2]))};
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto bwd = op<FilmBackwardSig>("fastrobust::film_backward");
+    const auto s = ctx->get_saved_variables();
+    const auto edges = ctx->saved_data["edges"].toIntVector();
+    const auto dtypes = ctx->saved_data["dtypes"].toIntVector();
+    std::array<bool, kNumFilmGrads> needs{};
+    for (int i = 0; i < kNumFilmGrads; ++i)
+      needs[i] = edges[i] >= 0 && ctx->needs_input_grad(size_t(edges[i]));
+    const at::Tensor& dy = grads[0];
+    const auto x_dtype = static_cast<at::ScalarType>(dtypes[0]);
+    std::vector<at::Tensor> g;
+    if (at::GradMode::is_enabled()) {
+      g = film_grads_with_graph(dy, s[0], s[1], needs, x_dtype);
+    } else {
+      // Without a gamma, dx = dy and dbeta = Σ dy need no x: dy stands in for it.
+      auto r = bwd.call(dy, s[0].defined() ? s[0] : dy, opt(s[1]), needs);
+      g = {std::get<0>(r), std::get<1>(r), std::get<2>(r)};
+    }
+    variable_list result(3);
+    for (int i = 0; i < kNumFilmGrads; ++i) {
+      if (!needs[i]) continue;
+      const auto dt = static_cast<at::ScalarType>(dtypes[i]);
+      result[i] = g[i].scalar_type() == dt ? g[i] : g[i].to(dt);
+    }
+    return result;
+  }
+};
+
+at::Tensor film_autograd(const at::Tensor& x, const OptTensor& gamma, const OptTensor& beta) {
+  return Film::apply(x, gamma, beta);
+}
+
+// --- add_relu: one pass forward; the backward is one masked pass serving both inputs ---------
+
+struct AddRelu : public torch::autograd::Function<AddRelu> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& a, const at::Tensor& b) {
     TORCH_CHECK(a.sizes() == b.sizes() && a.scalar_type() == b.scalar_type() &&
                     a.device() == b.device(),
                 "add_relu: a and b must have the same shape, dtype and device");
-    auto y = at::_add_relu(a, b);
+    static const auto fwd =
+        op<at::Tensor(const at::Tensor&, const at::Tensor&)>("fastrobust::add_relu");
+    at::Tensor y;
+    {
+      at::AutoDispatchBelowADInplaceOrView below;
+      y = fwd.call(a, b);
+    }
     ctx->save_for_backward({y});
     return y;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto y = ctx->get_saved_variables()[0];
-    auto g = at::threshold_backward(grads[0], y, 0);
+    auto g = at::threshold_backward(grads[0], y, 0);  // differentiable: ATen's own formula
     return {g, g};
   }
 };
 
-}  // namespace
-
-at::Tensor add_relu(const at::Tensor& a, const at::Tensor& b) {
-  return AddReluFunction::apply(a, b);
+at::Tensor add_relu_autograd(const at::Tensor& a, const at::Tensor& b) {
+  return AddRelu::apply(a, b);
 }
 
-at::Tensor bn_autograd(const at::Tensor& x, const at::Tensor& route, const OptTensor& weight,
-                       const OptTensor& bias, const OptTensor& running_mean,
-                       const OptTensor& running_var, const OptTensor& num_batches_tracked,
-                       const OptTensor& input_scale, const OptTensor& film_gamma,
-                       const OptTensor& film_beta, int64_t num_branches, bool training,
-                       double momentum, bool cumulative, double eps, bool relu, bool mixed) {
-  return BNFunction::apply(x, route, weight, bias, running_mean, running_var,
-                           num_batches_tracked, input_scale, film_gamma, film_beta, num_branches,
-                           training, momentum, cumulative, eps, relu, mixed);
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastrobust, Autograd, m) {
+  m.impl("multi_bn", &multi_bn_autograd);
+  m.impl("film", &film_autograd);
+  m.impl("add_relu", &add_relu_autograd);
 }
 
 }  // namespace fastrobust

@@ -1,35 +1,69 @@
-// fastrobust._C: the compiled kernels, exposed to Python with the same names and argument order
-// as their Triton and reference twins. The torch ops themselves (schemas, fake tensors, autograd)
-// are defined in fastrobust/_ops.py, which dispatches here through fastrobust/backends.py.
+// The fastrobust ops: every schema, defined once. Each op has one implementation per dispatch
+// key and one autograd:
+//
+//   schema (here)        CPU (C++)          CUDA (Triton)        other devices    Autograd
+//   multi_bn             cpu/register.cpp   backends/triton.py   backends/eager   autograd.cpp
+//   multi_bn_backward    cpu/register.cpp   backends/triton.py   backends/eager   -
+//   film, film_backward  cpu/register.cpp   backends/triton.py   backends/eager   autograd.cpp
+//   add_relu             cpu/register.cpp   (composite, C++)     (composite)      autograd.cpp
+//   pgd_step, pgd_init,  cpu/register.cpp   backends/triton.py   backends/eager   (no grad)
+//   mifgsm_step
+//
+// The fake (meta) implementations that torch.compile and opcheck trace with live in
+// fastrobust/_ops.py, as does multi_bn_grads_with_graph's body (plain torch ops, so that a
+// backward asked for with create_graph=True is itself differentiable).
 #include <torch/extension.h>
 
-#include "autograd.h"
-#include "cpu/multi_bn.h"
-#include "cpu/pgd.h"
-#ifdef FASTROBUST_WITH_CUDA
-#include "cuda/bindings.h"
-#endif
+#include "spec.h"
 
+TORCH_LIBRARY(fastrobust, m) {
+  // Routed (branch: int64 [N]) or soft-mixed (mix: float [N, K]) batch norm with the fused
+  // input scale, FiLM and ReLU; exactly one of branch and mix. In training the running stats
+  // (and num_batches_tracked) are updated in place. Returns (y, mean, invstd, planes): the
+  // [K, C] statistics y was normalized with, and x's per-plane mean and M2 [2, N, C] for a
+  // mixed call with batch statistics (empty otherwise).
+  m.def("multi_bn(Tensor x, Tensor? branch, Tensor? mix, Tensor? weight, Tensor? bias, "
+        "Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, "
+        "Tensor? input_scale, Tensor? film_gamma, Tensor? film_beta, int num_branches, "
+        "bool training, float momentum, bool cumulative, float eps, bool relu) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+  // The gradients (x, mix, weight, bias, input_scale, film_gamma, film_beta) asked for in
+  // `needs` (spec.h: BNGrad); the others come back empty. Parameter gradients are in the
+  // statistics' dtype.
+  m.def("multi_bn_backward(Tensor dy, Tensor x, Tensor? branch, Tensor? mix, Tensor? weight, "
+        "Tensor? bias, Tensor mean, Tensor invstd, Tensor planes, Tensor? input_scale, "
+        "Tensor? film_gamma, Tensor? film_beta, int num_branches, bool batch_stats, bool relu, "
+        "bool[7] needs) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The same gradients as differentiable torch ops (the backward under create_graph=True).
+  m.def("multi_bn_grads_with_graph(Tensor dy, Tensor x, Tensor? branch, Tensor? mix, "
+        "Tensor? weight, Tensor? bias, Tensor mean, Tensor invstd, Tensor? input_scale, "
+        "Tensor? film_gamma, Tensor? film_beta, int num_branches, bool batch_stats, float eps, "
+        "bool relu, bool[7] needs) -> Tensor[]");
+  // y = gamma[n,c]·x + beta[n,c], [N, C] gamma and beta (either may be None).
+  m.def("film(Tensor x, Tensor? gamma, Tensor? beta) -> Tensor");
+  m.def("film_backward(Tensor dy, Tensor x, Tensor? gamma, bool[3] needs) "
+        "-> (Tensor, Tensor, Tensor)");
+  // relu(a + b), equal shapes, dtypes and devices.
+  m.def("add_relu(Tensor a, Tensor b) -> Tensor");
+  // The PGD family, in place (no autograd: attack steps run under no_grad).
+  m.def("pgd_step(Tensor(a!) x_adv, Tensor grad, Tensor x_nat, Tensor? eps_t, float eps, "
+        "Tensor? alpha_t, float alpha, bool l2, float clip_min, float clip_max) -> ()");
+  m.def("pgd_init(Tensor(a!) noise, Tensor x_nat, Tensor? eps_t, float eps, Tensor? radius, "
+        "bool l2, float clip_min, float clip_max) -> ()");
+  m.def("mifgsm_step(Tensor(a!) x_adv, Tensor grad, Tensor(b!) momentum, Tensor x_nat, "
+        "Tensor? eps_t, float eps, Tensor? alpha_t, float alpha, float decay, float clip_min, "
+        "float clip_max) -> ()");
+}
+
+// Importing fastrobust._C loads this library, which registers the ops above; the module
+// itself only carries the shared declarations of spec.h.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "fastrobust compiled kernels (CPU C++; CUDA C++ where built)";
-  m.def("bn_forward", &fastrobust::cpu::bn_forward,
-        "routed (branch) or mixed (mix) batch norm forward with fused extras (CPU)");
-  m.def("bn_backward", &fastrobust::cpu::bn_backward,
-        "routed or mixed batch norm backward (CPU)");
-  m.def("bn_autograd", &fastrobust::bn_autograd,
-        "routed or mixed batch norm with its autograd node in C++ (eager calls; running "
-        "stats updated in place)");
-  m.def("add_relu", &fastrobust::add_relu,
-        "relu(a + b), one pass, with its autograd node in C++ (eager calls)");
-  m.def("film_forward", &fastrobust::cpu::film_forward, "FiLM y = gamma*x + beta (CPU)");
-  m.def("film_backward", &fastrobust::cpu::film_backward, "FiLM backward (CPU)");
-  m.def("pgd_update", &fastrobust::cpu::pgd_update,
-        "projected linf / l2 step or random start, written to out (CPU)");
-  m.def("mifgsm_update", &fastrobust::cpu::mifgsm_update,
-        "MI-FGSM momentum and linf step, in place (CPU)");
-#ifdef FASTROBUST_WITH_CUDA
-  // CUDA kernels live in the submodule `cuda`, under the same names as the CPU ones.
-  auto cuda = m.def_submodule("cuda", "CUDA C++ kernels");
-  fastrobust::cuda::register_bindings(cuda);
-#endif
+  m.doc() = "fastrobust: the op schemas and their C++ kernels (torch.ops.fastrobust)";
+  pybind11::tuple grads(size_t(fastrobust::kNumBNGrads));
+  for (size_t i = 0; i < size_t(fastrobust::kNumBNGrads); ++i)
+    grads[i] = pybind11::str(fastrobust::kBNGradNames[i]);
+  m.attr("BN_GRADS") = grads;
+  pybind11::dict modes;
+  for (int i = 0; i < 3; ++i) modes[fastrobust::kPgdModeNames[i]] = i;
+  m.attr("PGD_MODES") = modes;
 }

@@ -31,7 +31,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .reference import acc_dtype, check_branch_values, check_mix_values, no_running_update, \
+from ._spec import PgdMode
+from ._common import acc_dtype, check_branch_values, check_mix_values, no_running_update, \
     updated_running_stats
 
 
@@ -361,3 +362,60 @@ class TorchLeaves:
 
 
 eager = Engine(TorchLeaves())
+
+
+# --- the PGD family in torch ops: the eager backend of pgd_step / pgd_init / mifgsm_step -------
+
+def _per_sample_view(t: Tensor | None, v: float, x: Tensor):
+    """A per-sample [N] tensor as [N, 1, ..., 1] in x's dtype, else the float."""
+    return v if t is None else t.to(x.dtype).view((-1,) + (1,) * (x.dim() - 1))
+
+
+def _sample_norm(t: Tensor) -> Tensor:
+    """Per-sample L2 norm as [N, 1, ..., 1], accumulated in the accumulation dtype."""
+    return t.to(acc_dtype(t)).flatten(1).norm(dim=1).view((-1,) + (1,) * (t.dim() - 1))
+
+
+class PgdEngine:
+    """pgd_update / mifgsm_update with the signatures of the compiled kernels
+    (csrc/cpu/pgd.h), in torch ops, written into place."""
+
+    @staticmethod
+    @torch.no_grad()
+    def pgd_update(out, x_adv, grad, x_nat, eps_t, eps, alpha_t, alpha, mode, clip_min,
+                   clip_max) -> None:
+        e, a = _per_sample_view(eps_t, eps, x_adv), _per_sample_view(alpha_t, alpha, x_adv)
+        if mode == PgdMode.LINF_SIGN:
+            direction = grad.sign()
+        elif mode == PgdMode.LINF_RAW:
+            direction = grad
+        elif mode == PgdMode.L2:
+            direction = (grad.to(acc_dtype(grad)) / _sample_norm(grad).clamp_min(1e-12)
+                         ).to(x_adv.dtype)
+        else:
+            raise ValueError(f"unknown PGD mode {mode}")
+        delta = x_adv + a * direction - x_nat
+        if mode == PgdMode.L2:  # onto the l2 ball: δ·min(1, ε/‖δ_n‖)
+            dn = _sample_norm(delta)
+            e_acc = e.to(dn.dtype) if isinstance(e, Tensor) else e
+            factor = torch.where(dn > e_acc, e_acc / dn.clamp_min(1e-30), 1.0)
+            delta = delta * factor.to(x_adv.dtype)
+        elif isinstance(e, Tensor):
+            delta = torch.minimum(torch.maximum(delta, -e), e)
+        else:
+            delta = torch.clamp(delta, min=-e, max=e)
+        out.copy_(torch.clamp(x_nat + delta, min=clip_min, max=clip_max))
+
+    @staticmethod
+    @torch.no_grad()
+    def mifgsm_update(x_adv, grad, buf, x_nat, eps_t, eps, alpha_t, alpha, decay, clip_min,
+                      clip_max) -> None:
+        mean_abs = grad.to(acc_dtype(grad)).abs().flatten(1).mean(dim=1)
+        mean_abs = mean_abs.view((-1,) + (1,) * (grad.dim() - 1))
+        buf.copy_((grad / torch.where(mean_abs == 0, 1.0, mean_abs)).to(grad.dtype)
+                  + buf * decay)
+        PgdEngine.pgd_update(x_adv, x_adv, buf, x_nat, eps_t, eps, alpha_t, alpha,
+                             PgdMode.LINF_SIGN, clip_min, clip_max)
+
+
+pgd_eager = PgdEngine()

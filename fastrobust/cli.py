@@ -50,7 +50,7 @@ def info(_args=None) -> int:
 def speed(args) -> int:
     """Converts a small ResNet to dual BN, trains it a few steps on clean and perturbed halves of
     a batch, and compares the step time with the OAT-style eager dual BN."""
-    from fastrobust.baselines import oat_dual_bn, to_eager_dual_bn
+    from fastrobust._oat_eager import oat_dual_bn, to_eager_dual_bn
     from fastrobust.models import resnet18
     from fastrobust.nn import DualBatchNorm2d, MultiBatchNorm2d, convert_multi_bn, routing
 
@@ -380,6 +380,12 @@ def _add_common_options(p, d, eval_what: str):
                    "CPU unless a torch CPU bug could hit the model's 1x1 stride-2 convolutions)")
 
 
+def _add_oats_options(p):
+    _add_oat_options(p)
+    p.add_argument("--widths", type=float, nargs="+", default=[0.5, 0.75, 1.0],
+                   help="width multipliers (default 0.5 0.75 1.0)")
+
+
 def _add_awnet_options(p):
     from fastrobust.trainers.awnet import AWNetConfig
 
@@ -454,25 +460,14 @@ def main(argv=None) -> int:
     p_demo.add_argument("--out", default="runs/demo", help="default runs/demo")
     p_demo.set_defaults(fn=demo, parser=p_demo)
 
-    p_train = sub.add_parser("train", help="train OAT, OATS, AFA or AW-Net")
+    from fastrobust.trainers.registry import METHODS
+
+    p_train = sub.add_parser("train", help="train " + ", ".join(METHODS))
     train_sub = p_train.add_subparsers(dest="method", required=True)
-    p_oat = train_sub.add_parser("oat", help="Once-for-All Adversarial Training")
-    _add_oat_options(p_oat)
-    p_oat.set_defaults(fn=train, parser=p_oat, kinds=("oat", "oats"))
-    p_oats = train_sub.add_parser("oats", help="OATS: OAT with slimmable widths and a "
-                                  "switchable dual BN per width")
-    _add_oat_options(p_oats)
-    p_oats.add_argument("--widths", type=float, nargs="+", default=[0.5, 0.75, 1.0],
-                        help="width multipliers (default 0.5 0.75 1.0)")
-    p_oats.set_defaults(fn=train, parser=p_oats, kinds=("oat", "oats"))
-    p_afa = train_sub.add_parser("afa", help="AFA: K-way BN over attack strengths (stage I), "
-                                 "then the weight generator (stage II)")
-    _add_afa_options(p_afa)
-    p_afa.set_defaults(fn=train_afa, parser=p_afa, kinds="afa")
-    p_aw = train_sub.add_parser("awnet", help="AW-Net: dynamic filter weights from an "
-                                "adversarial detector, MixBN, two-teacher distillation")
-    _add_awnet_options(p_aw)
-    p_aw.set_defaults(fn=train_awnet, parser=p_aw, kinds="awnet")
+    for m in METHODS.values():
+        p_m = train_sub.add_parser(m.name, help=m.summary)
+        m.resolve(m.options)(p_m)
+        p_m.set_defaults(fn=m.resolve(m.run), parser=p_m, kinds=m.kinds)
 
     p_eval = sub.add_parser("eval", help="lambda sweep of a checkpoint (SA, RA, JSON, plot)")
     p_eval.add_argument("checkpoint", help="a trainer checkpoint, e.g. runs/oat/last.pt")

@@ -28,9 +28,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import backends
+from . import _ops  # noqa: F401 - registers the ops
 from ._engine import routing_weights
-from .reference import acc_dtype, check_branch_values, check_mix_values, updated_running_stats
+from ._common import acc_dtype, check_branch_values, check_mix_values, updated_running_stats
 
 __all__ = ["sync_multi_batch_norm", "sync_mixed_batch_norm", "sync_active"]
 
@@ -96,14 +96,13 @@ class _SyncBN(torch.autograd.Function):
             new_running = updated_running_stats(running_mean, running_var, num_batches_tracked,
                                                 mean64.to(acc), var64.to(acc), count.to(acc),
                                                 momentum, cumulative)
-        impl = backends.select("mixed_bn" if mixed else "multi_bn", x.device,
-                               (x, mix, weight, bias, mean, var, scale, gamma, beta))
-        y, mean_used, invstd, *_ = impl.bn_forward(
+        # Normalize with the global statistics: the BN op itself, in its running-stats mode.
+        y, mean_used, invstd, _ = torch.ops.fastrobust.multi_bn.default(
             x, branch, mix, weight, bias, mean, var, None, scale, gamma, beta, K, False,
             momentum, False, eps, relu)
         ctx.save_for_backward(x, route, weight, bias, mean_used, invstd, scale, gamma, beta,
                               pmean, pm2, count.to(acc), var64.to(acc))
-        ctx.impl, ctx.K, ctx.mixed, ctx.relu, ctx.group, ctx.S = impl, K, mixed, relu, group, S
+        ctx.K, ctx.mixed, ctx.relu, ctx.group, ctx.S = K, mixed, relu, group, S
         ctx.dtypes = [None if t is None else t.dtype
                       for t in (x, route, weight, bias, scale, gamma, beta)]
         if new_running is not None:
@@ -132,10 +131,11 @@ class _SyncBN(torch.autograd.Function):
         branch, mix = (None, route) if mixed else (route, None)
         acc = mean.dtype if mean.dtype == torch.float64 else torch.float32
         # The fused backward with the statistics held fixed: direct terms and local T1, T2.
-        dx_d, dmix_d, T2, T1, ds_d, dg, dbe = ctx.impl.bn_backward(
+        # (the BN op's own backward, with batch_stats=False)
+        dx_d, dmix_d, T2, T1, ds_d, dg, dbe = torch.ops.fastrobust.multi_bn_backward.default(
             dy, x, branch, mix, weight, bias, mean, invstd, x.new_empty(0), scale, gamma, beta,
-            K, False, ctx.relu, (need_x or need_s, need_mix, True, True, need_s, need_g,
-                                 need_be))
+            K, False, ctx.relu, [need_x or need_s, need_mix, True, True, need_s, need_g,
+                                 need_be])
         T1, T2 = T1.to(acc), T2.to(acc)
         local_w, local_b = T2, T1
         sums = torch.cat([T1.flatten(), T2.flatten()])

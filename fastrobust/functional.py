@@ -10,8 +10,8 @@ import numbers
 import torch
 from torch import Tensor
 
-from . import _ops  # registers torch.ops.fastrobust.*; batch_norm picks the eager path
-from .reference import acc_dtype
+from . import _ops  # the ops' Python side (fake impls, Python kernels)
+from ._spec import acc_dtype
 
 __all__ = ["multi_batch_norm", "mixed_batch_norm", "film", "channel_scale", "scale_filters",
            "add_relu", "pgd_step_", "mifgsm_step_", "pgd_init"]
@@ -222,9 +222,9 @@ def _batch_norm(x, route, weight, bias, running_mean, running_var, num_batches_t
     stats = (running_mean, running_var, num_batches_tracked)
     work = [None if t is None else t.contiguous() for t in stats]
     cumulative = momentum is None
-    y = _ops.batch_norm(x, route, weight, bias, *work, *extras, K, training,
-                        0.0 if cumulative else momentum, cumulative, eps, activation == "relu",
-                        mixed)
+    branch, mix = (None, route) if mixed else (route, None)
+    y = _ops.batch_norm(x, branch, mix, weight, bias, *work, *extras, K, training,
+                        0.0 if cumulative else momentum, cumulative, eps, activation == "relu")
     with torch.no_grad():
         for t, w in zip(stats, work):
             if w is not t:
@@ -241,7 +241,7 @@ def film(x: Tensor, gamma: Tensor | None = None, beta: Tensor | None = None) -> 
     op = "film"
     _check_x(op, x)
     g, b = _per_sample_arg(op, "gamma", gamma, x), _per_sample_arg(op, "beta", beta, x)
-    return torch.ops.fastrobust.film_fwd(x, g, b)
+    return _ops.film(x, g, b)
 
 
 def channel_scale(x: Tensor, scale: Tensor) -> Tensor:
@@ -376,8 +376,7 @@ def pgd_step_(x_adv: Tensor, grad: Tensor, x_nat: Tensor, eps, alpha, *, norm: s
     alpha_t, a = _strength(op, "alpha", alpha, x_adv, False)
     lo, hi = _check_clip(op, clip_min, clip_max)
     with torch.no_grad():
-        torch.ops.fastrobust.pgd_step(x_adv, grad, x_nat, eps_t, e, alpha_t, a, norm == "l2",
-                                      lo, hi)
+        _ops.pgd_step(x_adv, grad, x_nat, eps_t, e, alpha_t, a, norm == "l2", lo, hi)
     _mutated(x_adv)
     return x_adv
 
@@ -399,8 +398,7 @@ def mifgsm_step_(x_adv: Tensor, grad: Tensor, momentum_buf: Tensor, x_nat: Tenso
     _, d = _strength(op, "decay", decay, x_adv, False)
     lo, hi = _check_clip(op, clip_min, clip_max)
     with torch.no_grad():
-        torch.ops.fastrobust.mifgsm_step(x_adv, grad, momentum_buf, x_nat, eps_t, e, alpha_t, a,
-                                         d, lo, hi)
+        _ops.mifgsm_step(x_adv, grad, momentum_buf, x_nat, eps_t, e, alpha_t, a, d, lo, hi)
     _mutated(x_adv, momentum_buf)
     return x_adv
 
@@ -432,5 +430,5 @@ def pgd_init(x_nat: Tensor, eps, *, norm: str = "linf", clip_min: float = 0.0,
                            dtype=acc_dtype(x_nat))
             d = max(x_nat[0].numel() if x_nat.shape[0] else 1, 1)
             radius = u.pow(1.0 / d) * (eps_t if eps_t is not None else e)
-        torch.ops.fastrobust.pgd_init(noise, x_nat, eps_t, e, radius, norm == "l2", lo, hi)
+        _ops.pgd_init(noise, x_nat, eps_t, e, radius, norm == "l2", lo, hi)
     return noise

@@ -1,12 +1,9 @@
 """Plain-PyTorch references: the ground truth for tests and benchmarks.
 
-Written for clarity, not speed. `multi_batch_norm` is differentiable through autograd, so tests
-take its gradients as the truth. `multi_bn_forward` / `multi_bn_backward` are the same math as
-explicit forward and backward passes with the signatures of the compiled kernels; they are the
-"eager" backend that serves when no kernel can (e.g. CPU without `fastrobust._C`).
-
-The explicit forward/backward passes that serve as the "eager" backend live in
-`fastrobust._engine` (`eager`), over the same helpers.
+Written for clarity, not speed. Every function is differentiable through autograd, so tests
+take its gradients as the truth. Nothing in the package imports this module (the eager backend
+is `fastrobust._engine`); it shares with the package only the small helpers of
+`fastrobust._common` (the accumulation dtype, the range checks and the running-stat rule).
 
 Math (shared/DESIGN.md §2.1), for sample n routed to branch k = branch[n], channel c:
     μ_kc, σ²_kc = mean and biased variance over {x[n', c, s] : branch[n'] = k}
@@ -19,38 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-
-def acc_dtype(x: Tensor) -> torch.dtype:
-    """Statistics accumulate in fp32, or fp64 for fp64 inputs."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def check_branch_values(branch: Tensor, num_branches: int) -> None:
-    """Out-of-range branch ids are an error: raised at once on CPU, asserted asynchronously on
-    the device elsewhere (no host sync)."""
-    in_range = ((branch >= 0) & (branch < num_branches)).all()
-    if branch.device.type == "cpu":
-        if not bool(in_range):
-            bad = branch[(branch < 0) | (branch >= num_branches)]
-            raise ValueError(f"multi_batch_norm: branch ids out of range [0, {num_branches}): "
-                             f"{bad[:8].tolist()}")
-    else:
-        torch._assert_async(in_range,
-                            f"multi_batch_norm: branch id out of range [0, {num_branches})")
-
-
-def check_mix_values(mix: Tensor) -> None:
-    """Mix-weighted statistics need non-negative weights (a negative one can make a variance
-    negative): raised at once on CPU, asserted asynchronously on the device elsewhere."""
-    ok = (mix >= 0).all()
-    if mix.device.type == "cpu":
-        if not bool(ok):
-            raise ValueError("mixed_batch_norm: mix weights must be >= 0 when the statistics "
-                             "are mix-weighted (training, or no running statistics); smallest "
-                             f"is {mix.min().item()}")
-    else:
-        torch._assert_async(ok, "mixed_batch_norm: mix weights must be >= 0 with batch "
-                                "statistics")
+from ._common import acc_dtype, updated_running_stats
 
 
 def _per_branch_sum(t: Tensor, branch: Tensor, num_branches: int) -> Tensor:
@@ -70,34 +36,6 @@ def branch_moments(x: Tensor, branch: Tensor, num_branches: int):
     centered = xs - mean[branch][:, :, None]
     var = _per_branch_sum(centered.square().sum(2), branch, num_branches) / denom
     return count, mean, var
-
-
-@torch.no_grad()
-def updated_running_stats(running_mean, running_var, num_batches_tracked, mean, var, count,
-                          momentum: float, cumulative: bool):
-    """New (running_mean, running_var, num_batches_tracked): r ← (1-m)·r + m·stat for branches
-    with count ≥ 2; other branches keep their stats and counter. Cumulative (momentum=None)
-    uses m = 1/(batches seen by that branch). Without a counter, the third is empty."""
-    valid = count >= 2  # [K]
-    if cumulative:
-        m = 1.0 / (num_batches_tracked + 1).to(mean.dtype)
-    else:
-        m = torch.full_like(count, momentum, dtype=mean.dtype)
-    m = m[:, None]
-    unbiased = var * (count / (count - 1).clamp_min(1))[:, None]
-    rm, rv = running_mean.to(mean.dtype), running_var.to(mean.dtype)
-    new_mean = torch.where(valid[:, None], (1 - m) * rm + m * mean, rm)
-    new_var = torch.where(valid[:, None], (1 - m) * rv + m * unbiased, rv)
-    if num_batches_tracked is None:
-        new_count = count.new_empty(0, dtype=torch.long)
-    else:
-        new_count = num_batches_tracked + valid.to(num_batches_tracked.dtype)
-    return new_mean.to(running_mean.dtype), new_var.to(running_var.dtype), new_count
-
-
-def no_running_update(x: Tensor):
-    """The three empty tensors a forward returns when it updates no running stats."""
-    return (x.new_empty(0), x.new_empty(0), x.new_empty(0, dtype=torch.long))
 
 
 def _per_sample(t: Tensor, branch: Tensor, ndim: int) -> Tensor:
@@ -225,7 +163,6 @@ def _infer_k(*tensors) -> int:
 
 # --- PGD steps (shared/DESIGN.md §2.5) ------------------------------------------------------
 # Out of place and written as the math reads; eps/alpha are floats or per-sample [N] tensors.
-# `pgd_eager` below runs the same math in place as the "eager" backend of the PGD ops.
 
 def _strength_view(v, x: Tensor) -> Tensor | float:
     """A float stays a float; an [N] tensor becomes [N, 1, ..., 1] in x's dtype."""
@@ -295,31 +232,3 @@ def pgd_step_raw(x_adv: Tensor, direction: Tensor, x_nat: Tensor, eps, alpha,
     delta = torch.minimum(torch.maximum(a - x_nat, -e), e) if isinstance(e, Tensor) \
         else torch.clamp(a - x_nat, min=-e, max=e)
     return torch.clamp(x_nat + delta, min=clip_min, max=clip_max)
-
-
-class _PgdEager:
-    """The "eager" backend of the PGD ops: the references above, written into place, with the
-    compiled kernels' signatures (csrc/cpu/pgd.h)."""
-
-    @staticmethod
-    def pgd_update(out, x_adv, grad, x_nat, eps_t, eps, alpha_t, alpha, mode, clip_min,
-                   clip_max) -> None:
-        e = eps if eps_t is None else eps_t
-        a = alpha if alpha_t is None else alpha_t
-        if mode == 2:
-            r = pgd_step_raw(x_adv, grad, x_nat, e, a, clip_min, clip_max)
-        else:
-            r = pgd_step(x_adv, grad, x_nat, e, a, "l2" if mode == 1 else "linf",
-                         clip_min, clip_max)
-        out.copy_(r)
-
-    @staticmethod
-    def mifgsm_update(x_adv, grad, buf, x_nat, eps_t, eps, alpha_t, alpha, decay, clip_min,
-                      clip_max) -> None:
-        r, b = mifgsm_step(x_adv, grad, buf, x_nat, eps if eps_t is None else eps_t,
-                           alpha if alpha_t is None else alpha_t, decay, clip_min, clip_max)
-        buf.copy_(b)
-        x_adv.copy_(r)
-
-
-pgd_eager = _PgdEager()

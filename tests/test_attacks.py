@@ -10,7 +10,7 @@ from torch import nn
 from fastrobust import functional as FF
 from fastrobust.attacks import (FGSM, MIFGSM, PGD, accuracy, attack_suite, batches_of, cw_loss,
                                 evaluate, robust_accuracy, weighted_robust_accuracy)
-from fastrobust.baselines import torchattacks_mifgsm_step, torchattacks_pgd
+from baselines import torchattacks_mifgsm_step, torchattacks_pgd
 from fastrobust.nn import MultiBatchNorm2d, convert_multi_bn
 
 

@@ -149,6 +149,6 @@ def test_registered_op_double_backward():
     x, route, w, b, ext, rm, rv = _bn_inputs(False, True, g)
 
     def fn(x, w, b, s, ga, be):
-        return torch.ops.fastrobust.multi_bn_fwd(x, route, w, b, None, None, None, s, ga, be,
-                                                 2, True, 0.1, False, 1e-5, True)[0]
+        return torch.ops.fastrobust.multi_bn(x, route, None, w, b, None, None, None, s, ga, be,
+                                             2, True, 0.1, False, 1e-5, True)[0]
     assert torch.autograd.gradgradcheck(fn, (x, w, b, *ext), **GG)

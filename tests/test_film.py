@@ -99,16 +99,13 @@ def test_film_gradcheck_fp64(backend):
 def test_film_opcheck(backend):
     from torch.library import opcheck
 
-    from fastrobust._ops import _needs
-
     for layout in ("contiguous", "channels_last"):
         x = _x(layout, torch.float32)
         g, b = torch.randn(6, 5), torch.randn(6, 5)
         for gamma, beta in ((g, b), (g, None), (None, b)):
-            opcheck(torch.ops.fastrobust.film_fwd.default, (x, gamma, beta))
-        opcheck(torch.ops.fastrobust.film_bwd.default,
-                (torch.randn_like(x), x, g, _needs((True, False, False, False, False, True,
-                                                    True))))
+            opcheck(torch.ops.fastrobust.film.default, (x, gamma, beta))
+        opcheck(torch.ops.fastrobust.film_backward.default,
+                (torch.randn_like(x), x, g, [True, True, True]))
 
 
 def test_film_errors():

@@ -155,9 +155,9 @@ def test_mix_gradient_through_statistics_matters(backend):
     (g_ref,) = torch.autograd.grad(reference.mixed_batch_norm(x, mix, training=True), mix, gy)
     torch.testing.assert_close(g_train, g_ref, **TOL[torch.float64])
     with torch.no_grad():  # the direct term only: statistics held fixed
-        _, mean, invstd, *_ = torch.ops.fastrobust.mixed_bn_fwd(
-            x, mix, None, None, None, None, None, None, None, None, True, 0.1, False, 1e-5,
-            False)
+        _, mean, invstd, _ = torch.ops.fastrobust.multi_bn(
+            x, None, mix, None, None, None, None, None, None, None, None, 2, True, 0.1, False,
+            1e-5, False)
     xs = x.flatten(2)
     direct = torch.stack([(gy.flatten(2) * ((xs - mean[k][None, :, None])
                                              * invstd[k][None, :, None])).sum((1, 2))
@@ -201,7 +201,7 @@ def test_routed_extras_gradcheck_fp64(backend, training):
 def test_mixed_opcheck(backend):
     from torch.library import opcheck
 
-    from fastrobust._ops import _needs
+    from fastrobust._ops import needs as needs_of
 
     for case in (CASES[1], CASES[8], CASES[4]):
         x, _, w, b, rm, rv, nbt = make_inputs(case)
@@ -211,16 +211,18 @@ def test_mixed_opcheck(backend):
                              ((torch.rand(N, C) + 0.5, torch.randn(N, C), torch.randn(N, C)),
                               True)):
             for training in (True, False):
-                opcheck(torch.ops.fastrobust.mixed_bn_fwd.default,
-                        (x, mix, w, b, rm, rv, nbt, *extras, training, 0.1, False, 1e-5, relu))
-                _, mean, invstd, *_, planes = torch.ops.fastrobust.mixed_bn_fwd(
-                    x.detach(), mix, w, b, rm, rv, nbt, *extras, training, 0.1, False, 1e-5,
-                    relu)
+                opcheck(torch.ops.fastrobust.multi_bn.default,
+                        (x, None, mix, w, b, rm.clone(), rv.clone(), nbt.clone(), *extras,
+                         case.K, training, 0.1, False, 1e-5, relu))
+                _, mean, invstd, planes = torch.ops.fastrobust.multi_bn(
+                    x.detach(), None, mix, w, b, rm.clone(), rv.clone(), nbt.clone(), *extras,
+                    case.K, training, 0.1, False, 1e-5, relu)
                 has = extras[0] is not None
-                needs = _needs((True, True, True, True, has, has, has))
-                opcheck(torch.ops.fastrobust.mixed_bn_bwd.default,
-                        (torch.randn_like(x), x.detach(), mix, w.detach(), b.detach(), mean,
-                         invstd, planes, *extras, training, relu, needs))
+                needs = needs_of(x=True, mix=True, weight=True, bias=True, input_scale=has,
+                                 film_gamma=has, film_beta=has)
+                opcheck(torch.ops.fastrobust.multi_bn_backward.default,
+                        (torch.randn_like(x), x.detach(), None, mix, w.detach(), b.detach(),
+                         mean, invstd, planes, *extras, case.K, training, relu, needs))
 
 
 def test_input_scale_is_filter_scaling():

@@ -253,7 +253,7 @@ def test_fused_step_matches_the_oat_repository_form():
 
     from fastrobust import functional as FF
     from fastrobust.attacks import PGD
-    from fastrobust.baselines import eager_oat_loss
+    from baselines import eager_oat_loss
 
     torch.manual_seed(0)
     fused = oat_resnet18(10, 8, in_channels=1).train()

@@ -7,8 +7,8 @@ from hypothesis import strategies as st
 
 from fastrobust import backends, reference
 from fastrobust import functional as F
-from fastrobust.baselines import torchattacks_mifgsm_step
-from fastrobust.baselines import torchattacks_step as torchattacks_linf
+from baselines import torchattacks_mifgsm_step
+from baselines import torchattacks_step as torchattacks_linf
 
 
 def make(shape=(6, 3, 5, 7), dtype=torch.float32, lo=0.0, hi=1.0, eps=8 / 255, layout="contig"):

@@ -1,7 +1,9 @@
 // CPU kernels of the per-sample affine family (routed BN, mixed BN, their fused input scale /
-// FiLM / ReLU, and FiLM itself). Python registers them as the "cpu" backend of
-// torch.ops.fastrobust.{multi_bn,mixed_bn,film}_{fwd,bwd} (fastrobust/_ops.py); the argument
-// order and results are those of fastrobust._engine.Engine, the eager twin.
+// FiLM / ReLU, and FiLM itself): the CPU implementation of torch.ops.fastrobust.{multi_bn,
+// multi_bn_backward, film, film_backward} (registered in csrc/cpu/register.cpp). The argument
+// order is the ops' schema (csrc/ops.cpp) and that of fastrobust._engine.Engine, the eager
+// twin. They take x's dtype (float32/float64) for every floating tensor; register.cpp
+// converts other dtypes.
 #pragma once
 #include <torch/extension.h>
 

@@ -20,9 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference import acc_dtype
+from .._common import acc_dtype
 
-LINF_SIGN, L2, LINF_RAW = 0, 1, 2  # modes of pgd_update (as in csrc/cpu/pgd.h)
+from .._spec import PgdMode
 
 
 @triton.jit
@@ -173,12 +173,13 @@ def pgd_update(out, x_adv, grad, x_nat, eps_t, eps, alpha_t, alpha, mode, clip_m
     N = x_adv.shape[0]
     S = x_adv.numel() // N
     ptrs, scal, flags = _launch_args(x_adv, eps_t, eps, alpha_t, alpha, clip_min, clip_max)
-    if mode == L2:
+    if mode == PgdMode.L2:
         _l2_kernel[(N,)](out, x_adv, grad, x_nat, *ptrs, *scal, S, BLOCK=1024, **flags)
-    elif mode in (LINF_SIGN, LINF_RAW):
+    elif mode in (PgdMode.LINF_SIGN, PgdMode.LINF_RAW):
         block = min(2048, triton.next_power_of_2(S))
         _linf_kernel[(N, triton.cdiv(S, block))](out, x_adv, grad, x_nat, *ptrs, *scal, S,
-                                                 SIGN=mode == LINF_SIGN, BLOCK=block, **flags)
+                                                 SIGN=mode == PgdMode.LINF_SIGN, BLOCK=block,
+                                                 **flags)
     else:
         raise ValueError(f"unknown pgd mode {mode}")
 

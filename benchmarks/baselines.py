@@ -1,4 +1,4 @@
-"""The eager forms users write today, kept as the baselines of benchmarks and the demo.
+"""The eager forms users write today, the baselines of the benchmarks (and of a few tests).
 
 These are deliberately the slow, straightforward versions: each branch's samples are sliced or
 gathered out, run through their own nn.BatchNorm2d, and put back together.
@@ -10,10 +10,7 @@ import contextlib
 import torch
 from torch import Tensor, nn
 
-
-def oat_dual_bn(x: Tensor, n_clean: int, bn_clean: nn.Module, bn_adv: nn.Module) -> Tensor:
-    """The OAT repository's dual BN: the batch is sorted clean-first; slice, two BNs, cat."""
-    return torch.cat([bn_clean(x[:n_clean]), bn_adv(x[n_clean:])], 0)
+from fastrobust._oat_eager import EagerDualBatchNorm2d, oat_dual_bn, to_eager_dual_bn  # noqa: F401
 
 
 def eager_kway_bn(x: Tensor, indices: list[Tensor], bns) -> Tensor:
@@ -23,29 +20,6 @@ def eager_kway_bn(x: Tensor, indices: list[Tensor], bns) -> Tensor:
     for idx, bn in zip(indices, bns):
         out = out.index_copy(0, idx, bn(x.index_select(0, idx)))
     return out
-
-
-class EagerDualBatchNorm2d(nn.Module):
-    """OAT-style dual BN module: set `n_clean` (clean samples at the front of the batch)."""
-
-    def __init__(self, num_features: int):
-        super().__init__()
-        self.bn_clean = nn.BatchNorm2d(num_features)
-        self.bn_adv = nn.BatchNorm2d(num_features)
-        self.n_clean = 0
-
-    def forward(self, x: Tensor) -> Tensor:
-        return oat_dual_bn(x, self.n_clean, self.bn_clean, self.bn_adv)
-
-
-def to_eager_dual_bn(module: nn.Module) -> nn.Module:
-    """Replaces every nn.BatchNorm2d with an EagerDualBatchNorm2d (for comparisons)."""
-    for name, child in module.named_children():
-        if isinstance(child, nn.BatchNorm2d):
-            setattr(module, name, EagerDualBatchNorm2d(child.num_features))
-        else:
-            to_eager_dual_bn(child)
-    return module
 
 
 def eager_mixed_bn(x: Tensor, mix: Tensor, bns) -> Tensor:

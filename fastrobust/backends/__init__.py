@@ -1,0 +1,145 @@
+"""Which implementation serves each op on each device, and why the others do not.
+
+Every op is one schema (csrc/ops.cpp) with one kernel per dispatch key and one autograd
+(csrc/autograd.cpp); the dispatcher picks the kernel by the tensors' device:
+
+    cpu     C++ kernels (csrc/cpu), the CPU key's own                    backends/cpu.py
+    triton  Triton kernels (fastrobust/kernels), the CUDA key's           backends/triton.py
+    eager   plain PyTorch (fastrobust._engine), every other device        backends/eager.py
+
+`use(name)` forces one backend for a block: it registers that backend's implementations over
+the CPU and CUDA keys for the block's duration (process-wide, not per thread), so tests run
+every backend on CPU tensors (Triton under TRITON_INTERPRET=1). A forced backend that cannot
+serve a call raises with its reasons; nothing falls back silently. `describe()` prints the
+table (`fastrobust info`).
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import torch
+
+from . import cpu, eager, triton
+
+BACKENDS = ("eager", "cpu", "triton")
+OPS = ("multi_bn", "film", "add_relu", "pgd")
+_MODULES = {"eager": eager, "cpu": cpu, "triton": triton}
+# The schema ops of each family (csrc/ops.cpp).
+SCHEMAS = {"multi_bn": ("multi_bn", "multi_bn_backward"), "film": ("film", "film_backward"),
+           "add_relu": ("add_relu",), "pgd": ("pgd_step", "pgd_init", "mifgsm_step")}
+_FAMILY = {name: fam for fam, names in SCHEMAS.items() for name in names}
+_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+_forced: list[str] = []
+
+
+def _register_defaults() -> None:
+    """The Python-side kernels: eager for CompositeExplicitAutograd (any device without its
+    own kernel), Triton for CUDA where triton is installed. add_relu's composite is C++."""
+    lib = torch.library.Library("fastrobust", "IMPL")
+    for name, fn in eager.implementations().items():
+        if name != "add_relu":
+            lib.impl(name, fn, "CompositeExplicitAutograd")
+    if triton.missing() is None:
+        for name, fn in triton.implementations().items():
+            if name != "add_relu":
+                lib.impl(name, fn, "CUDA")
+    _libs.append(lib)
+
+
+_libs: list = []
+
+
+def not_supported_reasons(backend: str, op: str, device: torch.device | str) -> list[str]:
+    """Why `backend` cannot run the op family `op` on `device` (empty: it can)."""
+    if backend not in _MODULES:
+        raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
+    if op not in SCHEMAS:
+        raise ValueError(f"unknown op {op!r}; choose from {OPS}")
+    return _MODULES[backend].reasons(op, torch.device(device))
+
+
+def forced() -> str | None:
+    """The backend forced by `use(...)`, if any."""
+    return _forced[-1] if _forced else None
+
+
+def _refuse(backend: str, name: str, device: str, why: list[str]):
+    def refuse(*args, **kwargs):
+        raise RuntimeError(f"backend {backend!r} was forced but cannot run {name} on "
+                           f"{device}: " + "; ".join(why))
+    return refuse
+
+
+@contextlib.contextmanager
+def use(name: str | None):
+    """Forces a backend for the calls in the body (None: the automatic choice)."""
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose from {BACKENDS}")
+    lib = None
+    if name is not None:
+        lib = torch.library.Library("fastrobust", "IMPL")
+        impls = _MODULES[name].implementations()
+        with warnings.catch_warnings():  # overriding the C++ kernel is the point here
+            warnings.simplefilter("ignore")
+            for device, key in _KEYS.items():
+                if name == "cpu" and device == "cpu":
+                    continue  # the C++ kernels are the CPU key's own
+                for op_name in _FAMILY:
+                    why = not_supported_reasons(name, _FAMILY[op_name], device)
+                    fn = impls.get(op_name) if not why else None
+                    lib.impl(op_name, fn or _refuse(name, op_name, device, why), key)
+    _forced.append(name)
+    try:
+        yield
+    finally:
+        _forced.pop()
+        # The Library's registrations end with it (its finalizer deregisters them), which
+        # restores the kernels registered before.
+        del lib
+
+
+def choose(op: str, device: torch.device | str) -> str:
+    """The name of the backend that serves the op family `op` on `device`."""
+    device = torch.device(device)
+    name = forced()
+    if name is not None:
+        reasons = not_supported_reasons(name, op, device)
+        if reasons:
+            raise RuntimeError(f"backend {name!r} was forced but cannot run {op} on "
+                               f"{device.type}: " + "; ".join(reasons))
+        return name
+    if device.type == "cpu":
+        return "cpu"
+    if device.type == "cuda" and op != "add_relu" and triton.missing() is None:
+        return "triton"
+    return "eager"
+
+
+def table() -> list[dict]:
+    """One row per (op family, device): the backend that serves it and every other
+    backend's reasons."""
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    rows = []
+    for op in OPS:
+        for dev in devices:
+            try:
+                chosen = choose(op, dev)
+            except RuntimeError as e:
+                chosen = f"error: {e}"
+            rows.append({"op": op, "device": dev, "backend": chosen,
+                         "others": {b: not_supported_reasons(b, op, dev) or ["available"]
+                                    for b in BACKENDS if b != chosen}})
+    return rows
+
+
+def describe() -> str:
+    """The backend table as text (printed by `fastrobust info` and the demo)."""
+    lines = []
+    for row in table():
+        lines.append(f"{row['op']:<10} {row['device']:<5} -> {row['backend']}")
+        for b, why in row["others"].items():
+            lines.append(f"{'':<17}{b:<7} {'; '.join(why)}")
+    if forced():
+        lines.append(f"(forced: {forced()})")
+    return "\n".join(lines)

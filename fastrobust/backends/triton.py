@@ -1,0 +1,44 @@
+"""The Triton backend: fastrobust/kernels (one file per op family), registered from Python for
+the CUDA dispatch key. CPU tensors run under TRITON_INTERPRET=1 (Triton's interpreter, for
+tests) when this backend is forced with `fastrobust.backends.use("triton")`."""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+
+import torch
+
+from ._schema import implementations as _implementations
+
+NAME = "triton"
+SERVES = ("cuda", "cpu")
+_modules: dict = {}
+
+
+def missing() -> str | None:
+    """Why triton cannot be used at all (None: it can)."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    return None
+
+
+def reasons(op: str, device: torch.device) -> list[str]:
+    why = missing()
+    out = [why] if why else []
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        out.append("CPU tensors need TRITON_INTERPRET=1 (the interpreter, for tests)")
+    elif device.type not in ("cpu", "cuda"):
+        out.append(f"no Triton support for {device.type} tensors")
+    return out
+
+
+def _kernels(name: str):
+    mod = _modules.get(name)
+    if mod is None:
+        mod = _modules[name] = importlib.import_module(f"fastrobust.kernels.{name}")
+    return mod
+
+
+def implementations() -> dict:
+    return _implementations(lambda: _kernels("multi_bn"), lambda: _kernels("pgd"))
