@@ -1,0 +1,289 @@
+// The layout handling and the passes over the activation that the CPU kernels of the
+// per-sample affine family share (multi_bn.cpp: routed and mixed BN; film.cpp: FiLM): how a
+// tensor is walked ([N, C, S] planes or channels_last rows), the innermost loops compiled for
+// the baseline ISA and for AVX2+FMA (picked at run time), and the three passes built on them
+// (per-plane moments, per-plane gradient sums, the affine / backward-affine write).
+// Internal to csrc/cpu: everything is in an anonymous namespace of each including file.
+#pragma once
+#include <torch/extension.h>
+
+#include "multi_bn.h"  // OptTensor
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+namespace fastrobust::cpu {
+namespace {
+
+
+enum class Layout { Planes, ChannelsLast };
+
+struct View {
+  Layout layout;
+  int64_t N, C, S, sN;
+};
+
+// A tensor's data and batch stride.
+template <typename T>
+struct Walk {
+  T* p;
+  int64_t sN;
+  T* sample(int64_t n) const { return p + n * sN; }
+};
+
+// Returns x (or a contiguous copy) and how to walk it.
+std::pair<at::Tensor, View> as_view(const at::Tensor& x) {
+  const int64_t N = x.size(0), C = x.size(1);
+  const int64_t S = C == 0 ? 0 : (N == 0 ? 0 : x.numel() / (N * C));
+  // Spatial dims must be dense among themselves in either order.
+  auto dense_spatial = [&](int64_t inner) {
+    int64_t expect = inner;
+    for (int64_t d = x.dim() - 1; d >= 2; --d) {
+      if (x.size(d) != 1 && x.stride(d) != expect) return false;
+      expect *= x.size(d);
+    }
+    return true;
+  };
+  // One value per plane (1x1 maps, [N, C] inputs): a row of C values per sample is the walk
+  // that vectorizes, so take it even where the planes walk is also valid.
+  if (S == 1 && (C == 1 || x.stride(1) == 1)) {
+    return {x, View{Layout::ChannelsLast, N, C, S, x.stride(0)}};
+  }
+  if ((C == 1 || x.stride(1) == S) && dense_spatial(1)) {
+    return {x, View{Layout::Planes, N, C, S, x.stride(0)}};
+  }
+  if (x.stride(1) == 1 && dense_spatial(C)) {
+    return {x, View{Layout::ChannelsLast, N, C, S, x.stride(0)}};
+  }
+  auto xc = x.contiguous();
+  return {xc, View{Layout::Planes, N, C, S, xc.stride(0)}};
+}
+
+// A tensor shaped like x with the same walk (same layout, dense).
+at::Tensor empty_like_view(const at::Tensor& x, const View& v) {
+  // A contiguous x (also 1x1 maps walked as rows: the same memory order) gets a contiguous
+  // output, so the next layer sees the memory format it gave.
+  if (v.layout == Layout::ChannelsLast && x.dim() >= 3 && !x.is_contiguous()) {
+    // channels-last for any number of spatial dims: permute to N, spatial..., C and back.
+    std::vector<int64_t> perm{0};
+    for (int64_t d = 2; d < x.dim(); ++d) perm.push_back(d);
+    perm.push_back(1);
+    auto t = at::empty(x.permute(perm).sizes(), x.options());
+    std::vector<int64_t> inv(x.dim());
+    for (int64_t i = 0; i < x.dim(); ++i) inv[perm[i]] = i;
+    return t.permute(inv);
+  }
+  return at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+}
+
+// dy must have x's layout (its own batch stride is fine); it is copied into that layout when
+// autograd hands over something else (e.g. the stride-0 gradient of y.sum()).
+std::pair<at::Tensor, View> match_layout(const at::Tensor& t, const at::Tensor& like,
+                                         const View& v) {
+  auto [tt, tv] = as_view(t);
+  if (tv.layout == v.layout) return {tt, tv};
+  auto out = empty_like_view(like, v);
+  out.copy_(t);
+  return as_view(out);
+}
+
+template <typename T>
+Walk<T> walk(const at::Tensor& t, const View& v) {
+  return {t.data_ptr<std::remove_const_t<T>>(), v.sN};
+}
+
+// The backward pass's flags (see the leaf file).
+struct BwdFlags {
+  bool has_q, mask, dot;
+};
+
+// The innermost loops, compiled for the baseline ISA and for AVX2+FMA; `leaves<T>()` picks one
+// at run time, so one binary serves any x86-64 CPU at its best speed.
+namespace isa_base {
+#include "multi_bn_leaf.inc"
+}  // namespace isa_base
+#if defined(__GNUC__) && defined(__x86_64__)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace isa_avx2 {
+#include "multi_bn_leaf.inc"
+}  // namespace isa_avx2
+#pragma GCC pop_options
+#define FASTROBUST_HAVE_AVX2 1
+#endif
+
+template <typename T>
+struct Leaves {
+  decltype(&isa_base::planes_moments<T>) planes_moments;
+  decltype(&isa_base::rows_moments<T>) rows_moments;
+  decltype(&isa_base::planes_grad_sums<T>) planes_grad_sums;
+  decltype(&isa_base::rows_grad_sums<T>) rows_grad_sums;
+  decltype(&isa_base::planes_affine<T>) planes_affine;
+  decltype(&isa_base::rows_affine<T>) rows_affine;
+  decltype(&isa_base::planes_backward<T>) planes_backward;
+  decltype(&isa_base::rows_backward<T>) rows_backward;
+};
+
+#define FASTROBUST_LEAVES(ns)                                                              \
+  Leaves<T> {                                                                              \
+    ns::planes_moments<T>, ns::rows_moments<T>, ns::planes_grad_sums<T>,                   \
+        ns::rows_grad_sums<T>, ns::planes_affine<T>, ns::rows_affine<T>,                   \
+        ns::planes_backward<T>, ns::rows_backward<T>                                       \
+  }
+
+template <typename T>
+const Leaves<T>& leaves() {
+#ifdef FASTROBUST_HAVE_AVX2
+  static const Leaves<T> l = (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+                                 ? FASTROBUST_LEAVES(isa_avx2)
+                                 : FASTROBUST_LEAVES(isa_base);
+#else
+  static const Leaves<T> l = FASTROBUST_LEAVES(isa_base);
+#endif
+  return l;
+}
+
+// --- passes over the activation -------------------------------------------------------------
+
+// Per-plane [N, C] values, value (n, c) at n*C + c.
+template <typename T>
+struct PlaneValues {
+  std::vector<T> a, b;
+  explicit PlaneValues(const View& v) : a(v.N * v.C), b(v.N * v.C) {}
+};
+
+// Elements per parallel task: below that, a pass runs on the calling thread instead of paying
+// a wake-up of the pool (~10 µs here) for a few microseconds of work.
+constexpr int64_t kGrainElems = 1 << 15;
+
+// Samples per task of a per-sample loop (at least kGrainElems elements).
+inline int64_t sample_grain(const View& v) {
+  return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(v.C * v.S, 1));
+}
+
+// Per-plane mean and M2. Planes are visited in memory order, a sample at a time: one streaming
+// pass (a channel's planes, C·S apart, would defeat the prefetchers once x leaves the cache).
+template <typename T>
+PlaneValues<T> plane_moments(const View& v, Walk<const T> x) {
+  PlaneValues<T> pv(v);
+  const auto& leaf = leaves<T>();
+  at::parallel_for(0, v.N, sample_grain(v), [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      T* pa = &pv.a[n * v.C];
+      T* pb = &pv.b[n * v.C];
+      if (v.layout == Layout::Planes)
+        leaf.planes_moments(x.sample(n), v.C, v.S, pa, pb);
+      else
+        leaf.rows_moments(x.sample(n), v.S, v.C, pa, pb);
+    }
+  });
+  return pv;
+}
+
+// Per-plane Σg and Σg·(x - ctr[n, c]), g = dy (ReLU-masked by ma·x + md > 0 when ma is given).
+template <typename T>
+PlaneValues<T> plane_grad_sums(const View& v, Walk<const T> dy, Walk<const T> x, const T* ctr,
+                               const T* ma, const T* md) {
+  PlaneValues<T> pv(v);
+  const auto& leaf = leaves<T>();
+  at::parallel_for(0, v.N, sample_grain(v), [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const int64_t o = n * v.C;
+      const T* a = ma ? ma + o : nullptr;
+      const T* d = md ? md + o : nullptr;
+      if (v.layout == Layout::Planes)
+        leaf.planes_grad_sums(dy.sample(n), x.sample(n), v.C, v.S, ctr + o, a, d, &pv.a[o],
+                              &pv.b[o]);
+      else
+        leaf.rows_grad_sums(dy.sample(n), x.sample(n), v.S, v.C, ctr + o, a, d, &pv.a[o],
+                            &pv.b[o]);
+    }
+  });
+  return pv;
+}
+
+// Splits the elementwise work into runs of planes (or channels-last rows) of one sample, a leaf
+// call each: fn(n, first plane/row j, run length). `whole_samples` keeps each sample in one
+// chunk (for per-sample accumulators written from rows).
+template <typename F>
+void for_runs(const View& v, bool whole_samples, const F& fn) {
+  const bool planes = v.layout == Layout::Planes;
+  const int64_t per_sample = planes ? v.C : v.S, len = planes ? v.S : v.C;
+  if (whole_samples) {
+    at::parallel_for(0, v.N, sample_grain(v), [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n) fn(n, int64_t(0), per_sample);
+    });
+    return;
+  }
+  const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(len, 1));
+  at::parallel_for(0, v.N * per_sample, grain, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1;) {
+      const int64_t n = i / per_sample, j = i % per_sample;
+      const int64_t run = std::min(i1 - i, per_sample - j);
+      fn(n, j, run);
+      i += run;
+    }
+  });
+}
+
+// out = act(A[n,c]·x + D[n,c]).
+template <typename T>
+void affine_pass(const View& v, Walk<const T> x, Walk<T> out, const T* A, const T* D,
+                 bool relu) {
+  const auto& leaf = leaves<T>();
+  for_runs(v, false, [&](int64_t n, int64_t j, int64_t run) {
+    const int64_t o = n * v.C;
+    if (v.layout == Layout::Planes)
+      leaf.planes_affine(out.sample(n) + j * v.S, x.sample(n) + j * v.S, run, v.S, A + o + j,
+                         D + o + j, relu);
+    else
+      leaf.rows_affine(out.sample(n) + j * v.C, x.sample(n) + j * v.C, run, v.C, A + o, D + o,
+                       relu);
+  });
+}
+
+// v = P·g + Q·x + R, out = Sc·v, dot[n, c] += Σ x·v (all per plane; Q, ma, dot optional).
+template <typename T>
+void backward_pass(const View& v, Walk<const T> dy, Walk<const T> x, Walk<T> out, const T* P,
+                   const T* Q, const T* R, const T* Sc, const T* ma, const T* md, T* dot) {
+  const auto& leaf = leaves<T>();
+  const BwdFlags f{Q != nullptr, ma != nullptr, dot != nullptr};
+  const bool planes = v.layout == Layout::Planes;
+  for_runs(v, dot != nullptr && !planes, [&](int64_t n, int64_t j, int64_t run) {
+    const int64_t o = n * v.C;
+    auto at = [&](const T* p) -> const T* { return p ? p + o + (planes ? j : 0) : nullptr; };
+    T* dp = dot ? dot + o + (planes ? j : 0) : nullptr;
+    const int64_t off = j * (planes ? v.S : v.C);
+    const T* xs = (f.has_q || f.mask || f.dot) ? x.sample(n) + off : nullptr;
+    if (planes)
+      leaf.planes_backward(out.sample(n) + off, dy.sample(n) + off, xs, run, v.S, at(P), at(Q),
+                           at(R), at(Sc), at(ma), at(md), dp, f);
+    else
+      leaf.rows_backward(out.sample(n) + off, dy.sample(n) + off, xs, run, v.C, at(P), at(Q),
+                         at(R), at(Sc), at(ma), at(md), dp, f);
+  });
+}
+
+// --- argument checks --------------------------------------------------------------------------
+
+void check_float(const OptTensor& t, const at::Tensor& x, const char* op, const char* name,
+                 std::initializer_list<int64_t> shape) {
+  if (!t) return;
+  TORCH_CHECK(t->sizes() == at::IntArrayRef(shape), op, ": ", name, " must have shape ",
+              at::IntArrayRef(shape), ", got ", t->sizes());
+  TORCH_CHECK(t->scalar_type() == x.scalar_type(), op, " (cpu kernel): ", name, " dtype ",
+              t->scalar_type(), " differs from x dtype ", x.scalar_type());
+  TORCH_CHECK(t->is_contiguous(), op, " (cpu kernel): ", name, " must be contiguous");
+}
+
+template <typename T>
+const T* ptr(const OptTensor& t) {
+  return t ? t->data_ptr<T>() : nullptr;
+}
+
+}  // namespace
+}  // namespace fastrobust::cpu
