@@ -32,7 +32,7 @@ from ..attacks import FGSM, PGD
 from ..attacks.attacks import eval_mode
 from ..models import afa_resnet18
 from .common import (BaseConfig, BaseTrainer, CheckpointError, ConfigError, check_finite,
-                     check_number, format_table, load_checkpoint, save_checkpoint, write_json)
+                     check_number, format_table, load_checkpoint, write_json)
 
 __all__ = ["AFAConfig", "AFATrainer", "RelativePGD", "stage1_loss", "evaluate_afa",
            "report_afa"]
@@ -320,28 +320,23 @@ class AFATrainer(BaseTrainer):
         return {"stage": stage, "epoch": num, "loss": mean, "losses": losses.tolist(),
                 "seconds": time.perf_counter() - t0}
 
-    def fit(self, log=print) -> list[dict]:
-        while self.epoch1 < self.cfg.epochs:
+    def next_epoch(self) -> dict | None:
+        if self.epoch1 < self.cfg.epochs:
             rec = self._epoch(1)
             self.epoch1 += 1
-            self._done(rec, log)
-        self._enter_stage2()
-        while self.epoch2 < self.cfg.epochs2:
+            return rec
+        self._enter_stage2()  # idempotent: a run resumed in stage II is in it already
+        if self.epoch2 < self.cfg.epochs2:
             rec = self._epoch(2)
             self.epoch2 += 1
-            self._done(rec, log)
-        return self.history
+            return rec
+        return None
 
-    def _done(self, rec: dict, log) -> None:
-        self.history.append(rec)
-        self._check_weights(f"after stage {rec['stage']}, epoch {rec['epoch']}")
-        state = self.state()  # a collective under DDP: every rank builds it
-        if not self.is_main:
-            return
-        save_checkpoint(self.checkpoint, state)
+    def epoch_line(self, rec: dict) -> tuple[str, str]:
         total = self.cfg.epochs if rec["stage"] == 1 else self.cfg.epochs2
-        log(f"stage {rec['stage']}  epoch {rec['epoch']:>3}/{total}  loss {rec['loss']:.4f}  "
-            f"{rec['seconds']:.1f}s")
+        return (f"after stage {rec['stage']}, epoch {rec['epoch']}",
+                f"stage {rec['stage']}  epoch {rec['epoch']:>3}/{total}  "
+                f"loss {rec['loss']:.4f}  {rec['seconds']:.1f}s")
 
 
 # -- evaluation --------------------------------------------------------------------------------

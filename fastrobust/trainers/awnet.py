@@ -280,9 +280,9 @@ class AWNetTrainer(BaseTrainer):
         self.opt.step()
         return loss.detach() / self.world
 
-    def fit(self, log=print) -> list[dict]:
+    def next_epoch(self) -> dict | None:
         cfg = self.cfg
-        while self.epoch < cfg.epochs:
+        if self.epoch < cfg.epochs:
             self.model.train()
             batches = data_mod.Batches(self.data.train, cfg.batch_size, shuffle=True,
                                        generator=self.gen)
@@ -313,17 +313,17 @@ class AWNetTrainer(BaseTrainer):
             check_finite(mean, f"in epoch {self.epoch + 1}", self.checkpoint)
             self.sched.step()
             self.epoch += 1
-            rec = {"epoch": self.epoch, "loss": mean, "alpha_adv": float(self.balance.alpha_adv),
-                   "seconds": time.perf_counter() - t0}
-            self.history.append(rec)
-            self._check_weights(f"after epoch {self.epoch}")
-            state = self.state()  # a collective under DDP
-            if not self.is_main:
-                continue
-            save_checkpoint(self.checkpoint, state)
-            log(f"AW-Net epoch {self.epoch:>3}/{cfg.epochs}  loss {mean:.4f}  α_adv "
-                f"{rec['alpha_adv']:.3f}  {rec['seconds']:.1f}s")
-        return self.history
+            return {"epoch": self.epoch, "loss": mean,
+                    "alpha_adv": float(self.balance.alpha_adv),
+                    "seconds": time.perf_counter() - t0}
+        return None
+
+    def epoch_line(self, rec: dict) -> tuple[str, str]:
+        return (f"after epoch {rec['epoch']}",
+                f"AW-Net epoch {rec['epoch']:>3}/{self.cfg.epochs}  loss {rec['loss']:.4f}  "
+                f"α_adv {rec['alpha_adv']:.3f}  {rec['seconds']:.1f}s")
+
+
 
 
 @torch.no_grad()

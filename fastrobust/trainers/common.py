@@ -392,12 +392,40 @@ def distributed_context(device: str, enabled: bool | None = None):
 
 
 class BaseTrainer:
-    """What every trainer shares: rank bookkeeping (data-parallel under torchrun, see
+    """What every trainer shares: the fit loop (epochs, checkpoints, divergence stop, rank-0
+    logging), rank bookkeeping (data-parallel under torchrun, see
     `distributed_context`: ``rank``, ``world``, ``device``, ``is_main``; a batch's slice for
     this rank; sums over the ranks; every rank's random state for the checkpoint), model
     placement, the weights' finiteness check, and resuming with changed options."""
 
     resumed_changes: dict = {}  # what the last resume changed, {field: (run's, new)}
+
+    # -- the fit loop: a method provides next_epoch() and epoch_line(rec) ----------------------
+
+    def next_epoch(self) -> dict | None:
+        """Trains one epoch and advances the epoch counters; returns its record, or None when
+        the run is complete."""
+        raise NotImplementedError
+
+    def epoch_line(self, rec: dict) -> tuple[str, str]:
+        """(where, log line) of an epoch's record: "after epoch 3" for errors, the line rank 0
+        prints."""
+        raise NotImplementedError
+
+    def fit(self, log=print) -> list[dict]:
+        """Trains until the configured epochs are done. After every epoch: the weights'
+        finiteness check (a diverged run stops with the previous checkpoint kept), the
+        checkpoint (every rank builds the state, a collective under DDP; rank 0 writes it) and
+        one log line from rank 0. Returns the history of epoch records."""
+        while (rec := self.next_epoch()) is not None:
+            self.history.append(rec)
+            where, line = self.epoch_line(rec)
+            self._check_weights(where)
+            state = self.state()
+            if self.is_main:
+                save_checkpoint(self.checkpoint, state)
+                log(line)
+        return self.history
 
     def _clean_out(self) -> None:
         """Removes the temporary files a run killed mid-write left in its directory."""

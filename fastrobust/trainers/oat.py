@@ -29,7 +29,7 @@ from .. import data as data_mod
 from ..attacks import PGD, evaluate
 from ..models import S1, OATWideResNet, oat_resnet18, oat_resnet34
 from .common import (BaseConfig, BaseTrainer, ConfigError, check_finite, check_number,
-                     format_table, load_checkpoint, plot_tradeoff, save_checkpoint, write_json)
+                     format_table, load_checkpoint, plot_tradeoff, write_json)
 
 UNSEEN = (0.05, 0.15, 0.25, 0.5, 0.7, 0.9)  # λ values OAT's default set does not contain
 ARCHS = ("resnet18", "resnet34", "wrn")
@@ -266,19 +266,17 @@ class OATTrainer(BaseTrainer):
         self.opt.step()
         return total.detach() / (len(widths) * self.world)
 
-    def fit(self, log=print) -> list[dict]:
-        while self.epoch < self.cfg.epochs:
-            rec = self.train_epoch()
-            self.epoch += 1
-            self.history.append({k: v for k, v in rec.items() if k != "losses"} |
-                                {"losses": rec["losses"]})
-            self._check_weights(f"after epoch {rec['epoch']}")
-            state = self.state()  # a collective under DDP: every rank builds it
-            if self.is_main:
-                save_checkpoint(self.checkpoint, state)
-                log(f"epoch {rec['epoch']:>3}/{self.cfg.epochs}  loss {rec['loss']:.4f}  "
-                    f"lr {rec['lr']:.4f}  {rec['seconds']:.1f}s")
-        return self.history
+    def next_epoch(self) -> dict | None:
+        if self.epoch >= self.cfg.epochs:
+            return None
+        rec = self.train_epoch()
+        self.epoch += 1
+        return {k: v for k, v in rec.items() if k != "losses"} | {"losses": rec["losses"]}
+
+    def epoch_line(self, rec: dict) -> tuple[str, str]:
+        return (f"after epoch {rec['epoch']}",
+                f"epoch {rec['epoch']:>3}/{self.cfg.epochs}  loss {rec['loss']:.4f}  "
+                f"lr {rec['lr']:.4f}  {rec['seconds']:.1f}s")
 
 
 # -- evaluation --------------------------------------------------------------------------------
