@@ -63,17 +63,13 @@ def _fake_film_backward(dy, x, gamma, needs):
             x.new_empty((N, C) if needs[2] else (0,), dtype=acc))
 
 
-def _fake_add_relu(a, b):
-    return torch.empty_like(a)
-
-
 def _no_result(*args):
     return None
 
 
 for _name, _fn in (("multi_bn", _fake_multi_bn), ("multi_bn_backward", _fake_multi_bn_backward),
                    ("film", _fake_film), ("film_backward", _fake_film_backward),
-                   ("add_relu", _fake_add_relu), ("pgd_step", _no_result),
+                   ("pgd_step", _no_result),
                    ("pgd_init", _no_result), ("mifgsm_step", _no_result)):
     torch.library.register_fake(f"fastrobust::{_name}", _fn)
 

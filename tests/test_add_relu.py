@@ -42,3 +42,14 @@ def test_gradcheck_and_gradgradcheck(backend):
 def test_bad_input():
     with pytest.raises(TypeError, match="add_relu: b must be a Tensor"):
         F.add_relu(torch.ones(2), 1.0)
+
+
+def test_opcheck():
+    """The registered op: schema, fake tensors (its C++ composite serves them), autograd
+    registration and torch.compile's tracing."""
+    from torch.library import opcheck
+
+    a, b = torch.randn(3, 4, 5, requires_grad=True), torch.randn(3, 4, 5, requires_grad=True)
+    opcheck(torch.ops.fastrobust.add_relu.default, (a, b))
+    compiled = torch.compile(F.add_relu, fullgraph=True)
+    torch.testing.assert_close(compiled(a, b), torch.relu(a + b))
