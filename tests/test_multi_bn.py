@@ -237,6 +237,9 @@ def test_single_value_and_empty_branches(backend):
     torch.testing.assert_close(x.grad[2], torch.zeros(3, dtype=torch.float64), rtol=0, atol=1e-12)
 
 
+# Under the Triton interpreter a full fp64 Jacobian costs 1-1.5 min per case; there gradcheck
+# compares one random projection of it (fast_mode), which a wrong entry fails almost surely. The
+# eager and C++ backends, the same math, check the full Jacobian.
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_gradcheck_fp64(backend, training):
     x = torch.randn(5, 2, 3, 2, dtype=torch.float64, requires_grad=True)
@@ -250,7 +253,8 @@ def test_gradcheck_fp64(backend, training):
         return F.multi_batch_norm(x, branch, w, b, None if training else rm,
                                   None if training else rv, training=training)
 
-    assert torch.autograd.gradcheck(fn, (x, w, b), eps=1e-6, atol=1e-6)
+    assert torch.autograd.gradcheck(fn, (x, w, b), eps=1e-6, atol=1e-6,
+                                    fast_mode=backend == "triton")
 
 
 def test_opcheck(backend):
