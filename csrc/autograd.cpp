@@ -109,6 +109,9 @@ struct MultiBn : public torch::autograd::Function<MultiBn> {
     ctx->saved_data["edges"] = edges;
     ctx->saved_data["dtypes"] = dtypes;
     ctx->mark_non_differentiable({mean, invstd, planes});
+    // The statistics get no gradient: leaving their grads undefined (instead of zeros)
+    // spares three fills per backward.
+    ctx->set_materialize_grads(false);
     return {y, mean, invstd, planes};
   }
 
@@ -130,6 +133,7 @@ struct MultiBn : public torch::autograd::Function<MultiBn> {
       needs[i] = edges[i] >= 0 && ctx->needs_input_grad(size_t(edges[i]));
     // The gradient of y itself; grads of the statistics are ignored (not differentiable).
     const at::Tensor& dy = grads[0];
+    if (!dy.defined()) return variable_list(kBnArgs);  // y itself got no gradient
     std::vector<at::Tensor> g;
     if (at::GradMode::is_enabled()) {
       g = with_graph.call(dy, x, branch, mix, weight, bias, mean, invstd, scale, gamma, beta, K,

@@ -12,6 +12,13 @@ def acc_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def kernel_checks(device: torch.device) -> bool:
+    """True where the kernels check value ranges themselves (CUDA, and meta tensors, which
+    stand in for CUDA when launches are counted): a bad value poisons its sample with NaN
+    there instead of a device assert's extra launches."""
+    return device.type in ("cuda", "meta")
+
+
 def check_branch_values(branch: Tensor, num_branches: int) -> None:
     """Out-of-range branch ids are an error: raised at once on CPU, asserted asynchronously on
     the device elsewhere (no host sync)."""

@@ -404,7 +404,10 @@ class PgdEngine:
             delta = torch.minimum(torch.maximum(delta, -e), e)
         else:
             delta = torch.clamp(delta, min=-e, max=e)
-        out.copy_(torch.clamp(x_nat + delta, min=clip_min, max=clip_max))
+        result = torch.clamp(x_nat + delta, min=clip_min, max=clip_max)
+        if isinstance(e, Tensor) and e.device.type == "cuda":  # as the Triton kernels do
+            result = torch.where(e < 0, float("nan"), result)
+        out.copy_(result)
 
     @staticmethod
     @torch.no_grad()

@@ -33,11 +33,12 @@ def info(_args=None) -> int:
     import fastrobust
     from fastrobust import backends
 
-    try:
+    why = backends.triton.missing()
+    if why is None:
         import triton
         triton_version = triton.__version__
-    except ImportError:
-        triton_version = "not installed"
+    else:
+        triton_version = f"unavailable: {why}"
     print(f"fastrobust {fastrobust.__version__}")
     print(f"python {platform.python_version()}, torch {torch.__version__}, "
           f"triton {triton_version}, {torch.get_num_threads()} CPU threads, "

@@ -40,11 +40,28 @@ def _register_defaults() -> None:
     for name, fn in eager.implementations().items():
         if name != "add_relu":
             lib.impl(name, fn, "CompositeExplicitAutograd")
-    if triton.missing() is None:
-        for name, fn in triton.implementations().items():
-            if name != "add_relu":
-                lib.impl(name, fn, "CUDA")
+    why = triton.missing()
+    cuda_impls = triton.implementations() if why is None else {
+        name: _warn_once(fn, why) for name, fn in eager.implementations().items()}
+    for name, fn in cuda_impls.items():
+        if name != "add_relu":
+            lib.impl(name, fn, "CUDA")
     _libs.append(lib)
+
+
+_warned: list = []
+
+
+def _warn_once(fn, why: str):
+    """fn, saying once per process that CUDA tensors get the eager kernels (never silent)."""
+    def run(*args, **kwargs):
+        if not _warned:
+            _warned.append(True)
+            warnings.warn(f"fastrobust: {why}; the ops run their slow eager kernels on CUDA "
+                          "tensors (`fastrobust info` shows the backends)", RuntimeWarning,
+                          stacklevel=2)
+        return fn(*args, **kwargs)
+    return run
 
 
 _libs: list = []

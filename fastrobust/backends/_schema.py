@@ -40,7 +40,9 @@ def implementations(bn, pgd) -> dict:
             x, branch, mix, weight, bias, running_mean, running_var, num_batches_tracked,
             input_scale, film_gamma, film_beta, num_branches, training, momentum, cumulative,
             eps, relu)
-        if training and running_mean is not None and running_var is not None:
+        # (new_mean None: the backend updated the running stats in place itself)
+        if (training and running_mean is not None and running_var is not None
+                and new_mean is not None):
             running_mean.copy_(new_mean)
             running_var.copy_(new_var)
             if num_batches_tracked is not None and new_nbt.numel():

@@ -16,11 +16,23 @@ SERVES = ("cuda", "cpu")
 _modules: dict = {}
 
 
+_why: list = []
+
+
 def missing() -> str | None:
-    """Why triton cannot be used at all (None: it can)."""
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed"
-    return None
+    """Why triton cannot be used at all (None: it can): not installed, or failing to import
+    (the error is reported, never swallowed: `fastrobust info` prints it, and an op on CUDA
+    then warns once that it runs the eager kernels)."""
+    if not _why:
+        if importlib.util.find_spec("triton") is None:
+            _why.append("triton is not installed")
+        else:
+            try:
+                import triton  # noqa: F401
+                _why.append(None)
+            except Exception as e:  # a broken install must be reported, not fatal
+                _why.append(f"triton failed to import ({type(e).__name__}: {e})")
+    return _why[0]
 
 
 def reasons(op: str, device: torch.device) -> list[str]:
@@ -36,7 +48,11 @@ def reasons(op: str, device: torch.device) -> list[str]:
 def _kernels(name: str):
     mod = _modules.get(name)
     if mod is None:
-        mod = _modules[name] = importlib.import_module(f"fastrobust.kernels.{name}")
+        try:
+            mod = _modules[name] = importlib.import_module(f"fastrobust.kernels.{name}")
+        except Exception as e:  # the CUDA key is Triton's: say why it cannot run
+            raise RuntimeError(f"fastrobust: the Triton kernels fastrobust.kernels.{name} "
+                               f"failed to import ({type(e).__name__}: {e})") from e
     return mod
 
 

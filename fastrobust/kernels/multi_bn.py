@@ -1,20 +1,32 @@
 """Triton kernels of the per-sample affine family: routed BN, mixed BN, their fused extras
 (input scale, FiLM, ReLU) and FiLM / channel scale (shared/DESIGN.md §2.1-2.4).
 
-These are the passes over the activation ("leaves") of `fastrobust._engine.Engine`, which does
-the tiny per-(sample, branch, channel) math between them with torch ops on [N, K, C] tensors
-(no host sync). Every tensor is walked as [N, C, S] (S = prod(spatial)) with its own strides,
-so contiguous, channels_last and batch-sliced tensors need no copy. Four kernels:
+Every op of the family is y = act(A[n,c]·x + D[n,c]) with per-plane coefficients (a plane is one
+(n, c)); fastrobust/_engine.py derives the math. On a GPU a call is a fixed, small number of
+launches, and nothing of the [N, K, C] algebra runs as separate torch ops:
 
-  _plane_moments_kernel    per plane (n, c): mean and M2 = Σ(x - mean)² (blocks merged with
-                           Chan's formula: no Σx² cancellation)
-  _plane_grad_sums_kernel  per plane: Σg and Σg·(x - centre), g = dy masked by the ReLU, whose
-                           pre-activation A·x + D is recomputed from x
-  _affine_kernel           y = act(A[n,c]·x + D[n,c])
-  _backward_kernel         v = P·g + Q·x + R, dx = scale·v, and per-block Σx·v (the input
-                           scale's gradient), reduced with torch afterwards (deterministic)
+  forward   _moments_kernel   per (split, n, c): mean and M2 of x over a range of the plane
+                              (Chan's merge between blocks: no Σx² cancellation)
+            _bn_stats_kernel  per channel block, looping over the batch: the partials merged
+                              to per-(k, c) mean and variance (weighted by the routing), the
+                              running statistics updated in place, mean / invstd written and
+                              the per-plane coefficients A, D of the whole op
+            _affine_kernel    y = act(A·x + D)   (and num_batches_tracked += 1 where updated)
+  backward  _grad_sums_kernel per (split, n, c): Σg and Σg·(x − centre) (g = dy masked by the
+                              ReLU, recomputed from x), and Σ(x − centre), Σ(x − centre)² for
+                              the input scale's gradient
+            _bn_grads_kernel  per channel block: T1 = Σ M·dz, T2 = Σ M·dz·x̂ (dbias, dweight),
+                              dγ, dβ, d(input scale), per-block shares of d mix, and the
+                              per-plane P, Q, R of ∂L/∂u = P·g + Q·x + R
+            _dx_kernel        dx = s·(P·g + Q·x + R); sums d mix over the channel blocks
 
-Loads are cast to the accumulation type at once (fp32, fp64 for fp64 inputs).
+Routed BN K=5 forward: 3 launches, backward 3 (benchmarks/launch_counts.py prints them all;
+tests/test_launch_budget.py holds the budget). Sample and program offsets are int64, so any
+tensor size works. Loads are cast to the accumulation type at once (fp32, fp64 for fp64).
+
+Device-side checks: an out-of-range branch id, or a negative mix weight with batch
+statistics, makes that sample's output NaN (the host never reads a value on CUDA); on CPU
+tensors (the interpreter) the same inputs raise at once, as on every other backend.
 """
 from __future__ import annotations
 
@@ -22,119 +34,554 @@ import torch
 import triton
 import triton.language as tl
 
-from .._engine import Engine
+from .._common import acc_dtype, check_branch_values, check_mix_values
+from . import on_device
+
+
+# --- shared pieces ------------------------------------------------------------------------------
+
+@triton.jit
+def _safe(t):
+    return tl.where(t != 0, t, 1.0)
 
 
 @triton.jit
-def _plane_moments_kernel(x_ptr, mean_ptr, m2_ptr, C, S, sxn, sxc, sxs,
-                          BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr):
-    n = tl.program_id(0)
+def _tile(n, cs, ss, sn, sc, ss_):
+    """Offsets of the [BLOCK_S, BLOCK_C] tile (ss, cs) of sample n, in int64."""
+    return n * sn + cs.to(tl.int64)[None, :] * sc + ss.to(tl.int64)[:, None] * ss_
+
+
+@triton.jit
+def _route(ns, ks, N, K, br_ptr, sbr, mix_ptr, smn, smk, MIXED: tl.constexpr,
+           ACC: tl.constexpr):
+    """Routing weights M [BLOCK_N, BLOCK_K] of samples ns and whether each sample's routing
+    is valid (branch id in range; mix weights >= 0)."""
+    nmask = ns < N
+    kmask = ks < K
+    if MIXED:
+        M = tl.load(mix_ptr + ns[:, None] * smn + ks[None, :] * smk,
+                    mask=nmask[:, None] & kmask[None, :], other=0.0).to(ACC)
+        ok = tl.min(tl.where(kmask[None, :], M, 0.0), 1) >= 0
+    else:
+        b = tl.load(br_ptr + ns * sbr, mask=nmask, other=-1)
+        M = ((b[:, None] == ks[None, :]) & kmask[None, :]).to(ACC)
+        ok = (b >= 0) & (b < K)
+    return M, ok
+
+
+@triton.jit
+def _to_planes(M, t):
+    """Σ_k M[n,k]·t[k,c] → [BLOCK_N, BLOCK_C], exact zeros where M is zero."""
+    Mb = M[:, :, None]
+    return tl.sum(tl.where(Mb != 0, Mb * t[None, :, :], 0.0), 1)
+
+
+@triton.jit
+def _to_branches(M, t):
+    """Σ_n M[n,k]·t[n,c] → [BLOCK_K, BLOCK_C], exact zeros where M is zero."""
+    Mb = M[:, :, None]
+    return tl.sum(tl.where(Mb != 0, Mb * t[:, None, :], 0.0), 0)
+
+
+@triton.jit
+def _single_branches(ks, N, K, S, br_ptr, sbr, mix_ptr, smn, smk, MIXED: tl.constexpr,
+                     BLOCK_N: tl.constexpr, ACC: tl.constexpr):
+    """[BLOCK_K] bool: branches whose batch statistics come from one value (one sample with a
+    non-zero weight, one value per plane): there x̂ is exactly 0."""
+    nnz = tl.zeros([ks.shape[0]], ACC)
+    for n0 in range(0, N, BLOCK_N):
+        ns = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+        M, _ = _route(ns, ks, N, K, br_ptr, sbr, mix_ptr, smn, smk, MIXED, ACC)
+        nnz += tl.sum((M != 0).to(ACC), 0)
+    return (nnz == 1) & (S == 1)
+
+
+@triton.jit
+def _coefficients(ks, cs, K, C, mean_ptr, invstd_ptr, w_ptr, b_ptr, single,
+                  HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr):
+    """Per-(k, c) mean, invstd, a = w·invstd, d = b − mean·a and the values the planes use
+    (a_eff = 0, d_eff = b for single-value branches: exactly the bias)."""
+    kc = ks[:, None] * C + cs[None, :]
+    m = (ks < K)[:, None] & (cs < C)[None, :]
+    mu = tl.load(mean_ptr + kc, mask=m, other=0.0)
+    r = tl.load(invstd_ptr + kc, mask=m, other=0.0)
+    a = r
+    if HAS_W:
+        a = r * tl.load(w_ptr + kc, mask=m, other=0.0).to(ACC)
+    b = tl.zeros_like(a)
+    if HAS_B:
+        b = tl.load(b_ptr + kc, mask=m, other=0.0).to(ACC)
+    d = b - mu * a
+    a_eff = tl.where(single[:, None], 0.0, a)
+    d_eff = tl.where(single[:, None], b, d)
+    return mu, r, a, d, a_eff, d_eff, b
+
+
+@triton.jit
+def _extras(ns, cs, N, C, sc_ptr, g_ptr, be_ptr, SCALE: tl.constexpr, GAMMA: tl.constexpr,
+            BETA: tl.constexpr, ACC: tl.constexpr):
+    """Input scale, FiLM γ and β of planes (ns, cs), [BLOCK_N, BLOCK_C] (1 where absent; β 0)."""
+    off = ns[:, None] * C + cs[None, :]
+    m = (ns < N)[:, None] & (cs < C)[None, :]
+    one = tl.full(off.shape, 1.0, ACC)
+    s, g, be = one, one, one * 0.0
+    if SCALE:
+        s = tl.load(sc_ptr + off, mask=m, other=0.0).to(ACC)
+    if GAMMA:
+        g = tl.load(g_ptr + off, mask=m, other=0.0).to(ACC)
+    if BETA:
+        be = tl.load(be_ptr + off, mask=m, other=0.0).to(ACC)
+    return s, g, be
+
+
+@triton.jit
+def _centre(M, mu, s, SCALE: tl.constexpr):
+    """The centre of a plane's Σg·x sums, in x's units: its mixture of branch means."""
+    cu = _to_planes(M, mu) / _safe(tl.sum(M, 1))[:, None]
+    if SCALE:
+        cu = tl.where(s != 0, cu / _safe(s), 0.0)
+    return cu
+
+
+@triton.jit
+def _plane_moments(ns, cs, N, C, S, T, CHUNK, parts_ptr, x_ptr, sxn, sxc,
+                   FROM_X: tl.constexpr, ACC: tl.constexpr):
+    """x's per-plane mean and M2 [BLOCK_N, BLOCK_C], merged from T partials over splits of the
+    plane (or read from x itself when a plane is one value)."""
+    m = (ns < N)[:, None] & (cs < C)[None, :]
+    if FROM_X:
+        mean = tl.load(x_ptr + ns[:, None] * sxn + cs.to(tl.int64)[None, :] * sxc, mask=m,
+                       other=0.0).to(ACC)
+        m2 = tl.zeros_like(mean)
+    else:
+        NC = N * C
+        off = ns[:, None] * C + cs[None, :]
+        mean = tl.load(parts_ptr + off, mask=m, other=0.0)
+        m2 = tl.load(parts_ptr + T * NC + off, mask=m, other=0.0)
+        seen = tl.minimum(S, CHUNK).to(ACC)
+        for t in range(1, T):
+            cnt = tl.minimum(S - t * CHUNK, CHUNK).to(ACC)
+            bm = tl.load(parts_ptr + t * NC + off, mask=m, other=0.0)
+            bq = tl.load(parts_ptr + (T + t) * NC + off, mask=m, other=0.0)
+            tot = seen + cnt
+            delta = bm - mean
+            mean += delta * (cnt / tot)
+            m2 += bq + delta * delta * (seen * cnt / tot)
+            seen = tot
+    return mean, m2
+
+
+# --- forward ------------------------------------------------------------------------------------
+
+@triton.jit
+def _moments_kernel(x_ptr, parts_ptr, N, C, S, CHUNK, sxn, sxc, sxs,
+                    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64)
     cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    t = tl.program_id(2).to(tl.int64)
+    T = tl.num_programs(2)
     cmask = cs < C
+    base = x_ptr + n * sxn
+    start = t * CHUNK
+    end = tl.minimum(start + CHUNK, S)
     p_mean = tl.zeros([BLOCK_C], ACC)
     p_m2 = tl.zeros([BLOCK_C], ACC)
-    for s0 in range(0, S, BLOCK_S):
+    for s0 in range(start, end, BLOCK_S):
         ss = s0 + tl.arange(0, BLOCK_S)
-        mask = (ss < S)[:, None] & cmask[None, :]
-        v = tl.load(x_ptr + n * sxn + cs[None, :] * sxc + ss[:, None] * sxs,
-                    mask=mask, other=0.0).to(ACC)
+        mask = (ss < end)[:, None] & cmask[None, :]
+        v = tl.load(base + _tile(0, cs, ss, 0, sxc, sxs), mask=mask, other=0.0).to(ACC)
         zero = tl.zeros([BLOCK_C], ACC)
-        b_n = zero + tl.minimum(S - s0, BLOCK_S)  # values in this block
-        seen = zero + s0  # values merged so far
+        b_n = zero + tl.minimum(end - s0, BLOCK_S)  # values in this block
+        seen = zero + (s0 - start)  # values merged so far
         b_mean = tl.sum(v, 0) / b_n
         d = tl.where(mask, v - b_mean[None, :], 0.0)
         delta = b_mean - p_mean
         p_mean += delta * (b_n / (seen + b_n))
         p_m2 += tl.sum(d * d, 0) + delta * delta * (seen * b_n / (seen + b_n))
-    tl.store(mean_ptr + n * C + cs, p_mean, mask=cmask)
-    tl.store(m2_ptr + n * C + cs, p_m2, mask=cmask)
+    NC = N * C
+    off = t * NC + n * C + cs
+    tl.store(parts_ptr + off, p_mean, mask=cmask)
+    tl.store(parts_ptr + T * NC + off, p_m2, mask=cmask)
 
 
 @triton.jit
-def _plane_grad_sums_kernel(dy_ptr, x_ptr, center_ptr, ma_ptr, md_ptr, s1_ptr, s2_ptr,
-                            C, S, sdn, sdc, sds, sxn, sxc, sxs,
-                            MASK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-                            ACC: tl.constexpr):
-    n = tl.program_id(0)
-    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cs < C
-    ctr = tl.load(center_ptr + n * C + cs, mask=cmask, other=0.0)
-    if MASK:
-        ma = tl.load(ma_ptr + n * C + cs, mask=cmask, other=0.0)
-        md = tl.load(md_ptr + n * C + cs, mask=cmask, other=0.0)
-    s1 = tl.zeros([BLOCK_C], ACC)
-    s2 = tl.zeros([BLOCK_C], ACC)
-    for s0 in range(0, S, BLOCK_S):
-        ss = s0 + tl.arange(0, BLOCK_S)
-        mask = (ss < S)[:, None] & cmask[None, :]
-        g = tl.load(dy_ptr + n * sdn + cs[None, :] * sdc + ss[:, None] * sds,
-                    mask=mask, other=0.0).to(ACC)
-        x = tl.load(x_ptr + n * sxn + cs[None, :] * sxc + ss[:, None] * sxs,
-                    mask=mask, other=0.0).to(ACC)
-        if MASK:
-            g = tl.where(ma[None, :] * x + md[None, :] <= 0, 0.0, g)
-        s1 += tl.sum(g, 0)
-        s2 += tl.sum(g * tl.where(mask, x - ctr[None, :], 0.0), 0)
-    tl.store(s1_ptr + n * C + cs, s1, mask=cmask)
-    tl.store(s2_ptr + n * C + cs, s2, mask=cmask)
-
-
-@triton.jit
-def _affine_kernel(x_ptr, out_ptr, a_ptr, d_ptr, C, S, sxn, sxc, sxs, son, soc, sos, c_blocks,
-                   RELU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-                   ACC: tl.constexpr):
+def _bn_stats_kernel(parts_ptr, x_ptr, sxn, sxc, br_ptr, sbr, mix_ptr, smn, smk,
+                     sc_ptr, g_ptr, be_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr, nbt_ptr,
+                     mean_ptr, invstd_ptr, A_ptr, D_ptr, cnt_ptr, planes_ptr,
+                     N, C, S, T, CHUNK, K, momentum, eps, par_ptr,
+                     PAR_T: tl.constexpr, MIXED: tl.constexpr, BATCH: tl.constexpr,
+                     RUNNING: tl.constexpr,
+                     CUMULATIVE: tl.constexpr, FROM_X: tl.constexpr, PLANES: tl.constexpr,
+                     CHECK: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                     SCALE: tl.constexpr, GAMMA: tl.constexpr, BETA: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+                     ACC: tl.constexpr):
     pid = tl.program_id(0)
-    n = pid // c_blocks
+    cs = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+    ks = tl.arange(0, BLOCK_K)
+    cmask, kmask = cs < C, ks < K
+    kc = ks[:, None] * C + cs[None, :]
+    kcm = kmask[:, None] & cmask[None, :]
+    if PAR_T:  # fp64: the scalars come as fp64 values (a kernel's float argument is fp32)
+        momentum = tl.load(par_ptr)
+        eps = tl.load(par_ptr + 1)
+    if BATCH:
+        # One pass over the batch: each block of samples' weighted per-(k, c) mean and M2,
+        # merged into the running ones with Chan's formula (weights in values: W·S).
+        W = tl.zeros([BLOCK_K], ACC)
+        nnz = tl.zeros([BLOCK_K], ACC)
+        mean = tl.zeros([BLOCK_K, BLOCK_C], ACC)
+        m2 = tl.zeros([BLOCK_K, BLOCK_C], ACC)
+        for n0 in range(0, N, BLOCK_N):
+            ns = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+            M, _ = _route(ns, ks, N, K, br_ptr, sbr, mix_ptr, smn, smk, MIXED, ACC)
+            um, uq = _plane_moments(ns, cs, N, C, S, T, CHUNK, parts_ptr, x_ptr, sxn, sxc,
+                                    FROM_X, ACC)
+            if PLANES:
+                nc = ns[:, None] * C + cs[None, :]
+                ncm = (ns < N)[:, None] & cmask[None, :]
+                tl.store(planes_ptr + nc, um, mask=ncm)
+                tl.store(planes_ptr + N * C + nc, uq, mask=ncm)
+            s, _g, _b = _extras(ns, cs, N, C, sc_ptr, g_ptr, be_ptr, SCALE, False, False, ACC)
+            um = um * s
+            uq = uq * s * s
+            Wb = tl.sum(M, 0)
+            nnz += tl.sum((M != 0).to(ACC), 0)
+            mb = _to_branches(M, um) / _safe(Wb)[:, None]
+            dev = um[:, None, :] - mb[None, :, :]
+            Mb = M[:, :, None]
+            qb = tl.sum(tl.where(Mb != 0, Mb * (uq[:, None, :] + S * dev * dev), 0.0), 0)
+            tot = W + Wb
+            f = Wb / _safe(tot)
+            delta = mb - mean
+            mean += delta * f[:, None]
+            m2 += qb + delta * delta * (S * W * f)[:, None]
+            W = tot
+        count = W * S
+        var = m2 / _safe(count)[:, None]
+        if RUNNING:
+            valid = (count >= 2)[:, None]
+            if CUMULATIVE:
+                mom = 1.0 / (tl.load(nbt_ptr + ks, mask=kmask, other=0).to(ACC) + 1.0)
+                mom = mom[:, None]
+            else:
+                mom = momentum
+            rm = tl.load(rm_ptr + kc, mask=kcm, other=0.0)
+            rv = tl.load(rv_ptr + kc, mask=kcm, other=0.0)
+            unbiased = var * (count / tl.maximum(count - 1, 1.0))[:, None]
+            new_m = (1 - mom) * rm.to(ACC) + mom * mean
+            new_v = (1 - mom) * rv.to(ACC) + mom * unbiased
+            tl.store(rm_ptr + kc, new_m.to(rm_ptr.dtype.element_ty), mask=kcm & valid)
+            tl.store(rv_ptr + kc, new_v.to(rv_ptr.dtype.element_ty), mask=kcm & valid)
+            if pid == 0:  # num_batches_tracked is advanced by the next kernel, after all reads
+                tl.store(cnt_ptr + ks, count, mask=kmask)
+        single = (nnz == 1) & (S == 1)
+    else:
+        mean = tl.load(rm_ptr + kc, mask=kcm, other=0.0).to(ACC)
+        var = tl.load(rv_ptr + kc, mask=kcm, other=1.0).to(ACC)
+        single = ks < 0
+    if ACC == tl.float64:
+        invstd = 1.0 / tl.sqrt(var + eps)
+    else:  # IEEE-rounded, as torch.rsqrt's reference (tl.sqrt is sqrt.approx on GPU)
+        invstd = 1.0 / tl.sqrt_rn(var + eps)
+    tl.store(mean_ptr + kc, mean, mask=kcm)
+    tl.store(invstd_ptr + kc, invstd, mask=kcm)
+    _m, _r, _a, _d, a_eff, d_eff, _b0 = _coefficients(ks, cs, K, C, mean_ptr, invstd_ptr, w_ptr,
+                                                 b_ptr, single, HAS_W, HAS_B, ACC)
+    for n0 in range(0, N, BLOCK_N):
+        ns = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+        M, ok = _route(ns, ks, N, K, br_ptr, sbr, mix_ptr, smn, smk, MIXED, ACC)
+        s, g, be = _extras(ns, cs, N, C, sc_ptr, g_ptr, be_ptr, SCALE, GAMMA, BETA, ACC)
+        A = _to_planes(M, a_eff) * s * g
+        D = _to_planes(M, d_eff) * g + be
+        if CHECK:  # an invalid routing poisons its sample instead of passing silently
+            A = tl.where(ok[:, None], A, float("nan"))
+            D = tl.where(ok[:, None], D, float("nan"))
+        nc = ns[:, None] * C + cs[None, :]
+        ncm = (ns < N)[:, None] & cmask[None, :]
+        tl.store(A_ptr + nc, A, mask=ncm)
+        tl.store(D_ptr + nc, D, mask=ncm)
+
+
+@triton.jit
+def _affine_kernel(x_ptr, out_ptr, a_ptr, d_ptr, C, S, sxn, sxc, sxs, son, soc, sos, san,
+                   sac, sdn, sdc, c_blocks, nbt_ptr, cnt_ptr, K,
+                   HAS_A: tl.constexpr, HAS_D: tl.constexpr, RELU: tl.constexpr,
+                   COUNT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+                   BLOCK_S: tl.constexpr, ACC: tl.constexpr):
+    pid = tl.program_id(0)
+    n = (pid // c_blocks).to(tl.int64)
     cs = (pid % c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
     ss = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
     cmask = cs < C
     mask = (ss < S)[:, None] & cmask[None, :]
-    a = tl.load(a_ptr + n * C + cs, mask=cmask, other=0.0)
-    d = tl.load(d_ptr + n * C + cs, mask=cmask, other=0.0)
-    x = tl.load(x_ptr + n * sxn + cs[None, :] * sxc + ss[:, None] * sxs, mask=mask, other=0.0)
-    f = a[None, :] * x.to(ACC) + d[None, :]
+    x = tl.load(x_ptr + _tile(n, cs, ss, sxn, sxc, sxs), mask=mask,
+                other=0.0).to(ACC)
+    f = x
+    if HAS_A:
+        a = tl.load(a_ptr + n * san + cs.to(tl.int64) * sac, mask=cmask, other=0.0)
+        f = a.to(ACC)[None, :] * x
+    if HAS_D:
+        d = tl.load(d_ptr + n * sdn + cs.to(tl.int64) * sdc, mask=cmask, other=0.0)
+        f += d.to(ACC)[None, :]
     if RELU:
         f = tl.where(f <= 0, 0.0, f)
-    tl.store(out_ptr + n * son + cs[None, :] * soc + ss[:, None] * sos,
+    tl.store(out_ptr + _tile(n, cs, ss, son, soc, sos),
              f.to(out_ptr.dtype.element_ty), mask=mask)
+    if COUNT:  # a branch's counter advances when its running stats were updated
+        if (pid == 0) & (tl.program_id(1) == 0):
+            ks = tl.arange(0, BLOCK_K)
+            cnt = tl.load(cnt_ptr + ks, mask=ks < K, other=0.0)
+            old = tl.load(nbt_ptr + ks, mask=ks < K, other=0)
+            tl.store(nbt_ptr + ks, old + (cnt >= 2).to(old.dtype), mask=ks < K)
+
+
+# --- backward -----------------------------------------------------------------------------------
+
+@triton.jit
+def _grad_sums_kernel(dy_ptr, x_ptr, parts_ptr, parts2_ptr, br_ptr, sbr, mix_ptr, smn, smk,
+                      mean_ptr, invstd_ptr, w_ptr, b_ptr, sc_ptr, g_ptr, be_ptr,
+                      N, C, S, CHUNK, K, sdn, sdc, sds, sxn, sxc, sxs,
+                      MIXED: tl.constexpr, BN_MODE: tl.constexpr, SINGLE: tl.constexpr,
+                      RELU: tl.constexpr, SUMS_X: tl.constexpr, HAS_W: tl.constexpr,
+                      HAS_B: tl.constexpr, SCALE: tl.constexpr, GAMMA: tl.constexpr,
+                      BETA: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+                      BLOCK_S: tl.constexpr, ACC: tl.constexpr):
+    """Per (split, n, c): Σg, Σg·(x − c) (at parts2) and (SUMS_X) Σ(x − c), Σ(x − c)².
+    BN_MODE=False is FiLM's: centre 0, no mask."""
+    n = tl.program_id(0).to(tl.int64)
+    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    t = tl.program_id(2).to(tl.int64)
+    T = tl.num_programs(2)
+    cmask = cs < C
+    ctr = tl.zeros([BLOCK_C], ACC)
+    if BN_MODE:
+        ns = n + tl.arange(0, 1)
+        ks = tl.arange(0, BLOCK_K)
+        if SINGLE:
+            single = _single_branches(ks, N, K, S, br_ptr, sbr, mix_ptr, smn, smk, MIXED, 16,
+                                      ACC)
+        else:
+            single = ks < 0
+        M, _ = _route(ns, ks, N, K, br_ptr, sbr, mix_ptr, smn, smk, MIXED, ACC)
+        mu, _r, _a, _d, a_eff, d_eff, _b0 = _coefficients(ks, cs, K, C, mean_ptr, invstd_ptr, w_ptr,
+                                                     b_ptr, single, HAS_W, HAS_B, ACC)
+        s, g, be = _extras(ns, cs, N, C, sc_ptr, g_ptr, be_ptr, SCALE, GAMMA, BETA, ACC)
+        ctr = tl.sum(_centre(M, mu, s, SCALE), 0)
+        ma = tl.sum(_to_planes(M, a_eff) * s * g, 0)
+        md = tl.sum(_to_planes(M, d_eff) * g + be, 0)
+    start = t * CHUNK
+    end = tl.minimum(start + CHUNK, S)
+    s1 = tl.zeros([BLOCK_C], ACC)
+    s2 = tl.zeros([BLOCK_C], ACC)
+    e1 = tl.zeros([BLOCK_C], ACC)
+    e2 = tl.zeros([BLOCK_C], ACC)
+    for s0 in range(start, end, BLOCK_S):
+        ss = s0 + tl.arange(0, BLOCK_S)
+        mask = (ss < end)[:, None] & cmask[None, :]
+        gr = tl.load(dy_ptr + _tile(n, cs, ss, sdn, sdc, sds),
+                     mask=mask, other=0.0).to(ACC)
+        x = tl.load(x_ptr + _tile(n, cs, ss, sxn, sxc, sxs),
+                    mask=mask, other=0.0).to(ACC)
+        if RELU:
+            gr = tl.where(ma[None, :] * x + md[None, :] <= 0, 0.0, gr)
+        e = tl.where(mask, x - ctr[None, :], 0.0)
+        s1 += tl.sum(gr, 0)
+        s2 += tl.sum(gr * e, 0)
+        if SUMS_X:
+            e1 += tl.sum(e, 0)
+            e2 += tl.sum(e * e, 0)
+    NC = N * C
+    off = t * NC + n * C + cs
+    tl.store(parts_ptr + off, s1, mask=cmask)
+    tl.store(parts2_ptr + off, s2, mask=cmask)
+    if SUMS_X:
+        tl.store(parts_ptr + 2 * T * NC + off, e1, mask=cmask)
+        tl.store(parts_ptr + 3 * T * NC + off, e2, mask=cmask)
 
 
 @triton.jit
-def _backward_kernel(dy_ptr, x_ptr, out_ptr, p_ptr, q_ptr, r_ptr, sc_ptr, ma_ptr, md_ptr,
-                     dot_ptr, N, C, S, sdn, sdc, sds, sxn, sxc, sxs, son, soc, sos, c_blocks,
-                     HAS_Q: tl.constexpr, MASK: tl.constexpr, SCALE: tl.constexpr,
-                     DOT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-                     ACC: tl.constexpr):
+def _sum_parts(parts_ptr, j, ns, cs, N, C, T):
+    """Σ_t parts[j, t, ns, cs] → [BLOCK_N, BLOCK_C]."""
+    NC = N * C
+    off = ns[:, None] * C + cs[None, :]
+    m = (ns < N)[:, None] & (cs < C)[None, :]
+    acc = tl.load(parts_ptr + j * T * NC + off, mask=m, other=0.0)
+    for t in range(1, T):
+        acc += tl.load(parts_ptr + (j * T + t) * NC + off, mask=m, other=0.0)
+    return acc
+
+
+@triton.jit
+def _bn_grads_kernel(parts_ptr, planes_ptr, br_ptr, sbr, mix_ptr, smn, smk,
+                     mean_ptr, invstd_ptr, w_ptr, b_ptr, sc_ptr, g_ptr, be_ptr,
+                     dw_ptr, db_ptr, dg_ptr, dbe_ptr, ds_ptr, dmix_part_ptr,
+                     P_ptr, Q_ptr, R_ptr, A_ptr, D_ptr,
+                     N, C, S, T, K,
+                     MIXED: tl.constexpr, BATCH: tl.constexpr, RELU: tl.constexpr,
+                     NEED_PQR: tl.constexpr, NEED_G: tl.constexpr, NEED_BE: tl.constexpr,
+                     NEED_S: tl.constexpr, NEED_MIX: tl.constexpr, HAS_W: tl.constexpr,
+                     HAS_B: tl.constexpr, SCALE: tl.constexpr, GAMMA: tl.constexpr,
+                     BETA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     BLOCK_C: tl.constexpr, ACC: tl.constexpr):
     pid = tl.program_id(0)
-    n = pid // c_blocks
-    cs = (pid % c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cs = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+    ks = tl.arange(0, BLOCK_K)
+    cmask, kmask = cs < C, ks < K
+    kc = ks[:, None] * C + cs[None, :]
+    kcm = kmask[:, None] & cmask[None, :]
+    no_single = ks < 0
+    mu, r, a, d, _ae, _de, b = _coefficients(ks, cs, K, C, mean_ptr, invstd_ptr, w_ptr, b_ptr,
+                                          no_single, HAS_W, HAS_B, ACC)
+    # Pass 1: the per-(k, c) sums over the batch.
+    T1 = tl.zeros([BLOCK_K, BLOCK_C], ACC)
+    TU = tl.zeros([BLOCK_K, BLOCK_C], ACC)
+    VQ = tl.zeros([BLOCK_K, BLOCK_C], ACC)
+    W = tl.zeros([BLOCK_K], ACC)
+    nnz = tl.zeros([BLOCK_K], ACC)
+    for n0 in range(0, N, BLOCK_N):
+        ns = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+        M, _ = _route(ns, ks, N, K, br_ptr, sbr, mix_ptr, smn, smk, MIXED, ACC)
+        s, g, _b = _extras(ns, cs, N, C, sc_ptr, g_ptr, be_ptr, SCALE, GAMMA, False, ACC)
+        ctr = _centre(M, mu, s, SCALE)
+        G1 = _sum_parts(parts_ptr, 0, ns, cs, N, C, T)
+        G2 = _sum_parts(parts_ptr, 1, ns, cs, N, C, T)
+        Z1 = g * G1
+        Zu = g * (s * G2) + (s * ctr) * Z1  # Σ_s dz·u per plane
+        T1 += _to_branches(M, Z1)
+        TU += _to_branches(M, Zu)
+        W += tl.sum(M, 0)
+        nnz += tl.sum((M != 0).to(ACC), 0)
+        if NEED_MIX and BATCH:
+            pm, pq = _plane_moments(ns, cs, N, C, S, 1, S, planes_ptr, planes_ptr, 0, 0,
+                                    False, ACC)
+            um = pm * s
+            dev = um[:, None, :] - mu[None, :, :]
+            VQ += _to_branches_q(M, pq * s * s, dev, S)
+    single = ((nnz == 1) & (S == 1) & BATCH)[:, None]
+    T2 = tl.where(single, 0.0, r * (TU - mu * T1))
+    tl.store(dw_ptr + kc, T2, mask=kcm)
+    tl.store(db_ptr + kc, T1, mask=kcm)
+    a_eff = tl.where(single, 0.0, a)
+    d_eff = tl.where(single, b, d)
+    m = _safe(W * S)[:, None]
+    Qk = -a_eff * r * T2 / m
+    Rk = a_eff * (r * T2 * mu - T1) / m
+    Wk = _safe(W)[:, None]
+    var = VQ / m
+    # Pass 2: the per-plane results.
+    for n0 in range(0, N, BLOCK_N):
+        ns = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+        nc = ns[:, None] * C + cs[None, :]
+        ncm = (ns < N)[:, None] & cmask[None, :]
+        M, _ = _route(ns, ks, N, K, br_ptr, sbr, mix_ptr, smn, smk, MIXED, ACC)
+        s, g, be = _extras(ns, cs, N, C, sc_ptr, g_ptr, be_ptr, SCALE, GAMMA, BETA, ACC)
+        ctr = _centre(M, mu, s, SCALE)
+        G1 = _sum_parts(parts_ptr, 0, ns, cs, N, C, T)
+        G2 = _sum_parts(parts_ptr, 1, ns, cs, N, C, T)
+        Ap = _to_planes(M, a_eff)
+        Dp = _to_planes(M, d_eff)
+        if BATCH:
+            P = Ap * g
+            Q = _to_planes(M, Qk) * s
+            R = _to_planes(M, Rk)
+        else:
+            P = Ap * g
+            Q = tl.zeros_like(P)
+            R = tl.zeros_like(P)
+        if NEED_PQR:
+            tl.store(P_ptr + nc, P, mask=ncm)
+            tl.store(Q_ptr + nc, Q, mask=ncm)
+            tl.store(R_ptr + nc, R, mask=ncm)
+            if RELU:
+                tl.store(A_ptr + nc, Ap * s * g, mask=ncm)
+                tl.store(D_ptr + nc, Dp * g + be, mask=ncm)
+        sG2 = s * G2
+        sc = s * ctr
+        if NEED_BE:
+            tl.store(dbe_ptr + nc, G1, mask=ncm)
+        if NEED_G:
+            tl.store(dg_ptr + nc, Ap * (sG2 + sc * G1) + Dp * G1, mask=ncm)
+        if NEED_S:  # Σ_s x·(P·g + Q·x + R), from the plane's sums about the centre
+            E1 = _sum_parts(parts_ptr, 2, ns, cs, N, C, T)
+            E2 = _sum_parts(parts_ptr, 3, ns, cs, N, C, T)
+            sum_gx = G2 + ctr * G1
+            sum_x = S * ctr + E1
+            sum_xx = E2 + ctr * (2 * E1 + S * ctr)
+            tl.store(ds_ptr + nc, P * sum_gx + Q * sum_xx + R * sum_x, mask=ncm)
+        if NEED_MIX:
+            Z1 = g * G1
+            Zu = g * sG2 + sc * Z1
+            # Σ_c dz·BN_k(u), the direct term
+            dm = tl.sum(Zu[:, None, :] * a[None, :, :] + Z1[:, None, :] * d[None, :, :], 2)
+            if BATCH:  # and the path through the mix-weighted statistics
+                pm, pq = _plane_moments(ns, cs, N, C, S, 1, S, planes_ptr, planes_ptr, 0, 0,
+                                        False, ACC)
+                du = (pm * s)[:, None, :] - mu[None, :, :]
+                q = (pq * s * s)[:, None, :] / tl.maximum(S, 1) + du * du
+                dm -= tl.sum((a * T1 / Wk)[None, :, :] * du
+                             + (0.5 * a * r * T2 / Wk)[None, :, :] * (q - var[None, :, :]), 2)
+            nk = (pid.to(tl.int64) * N + ns[:, None]) * K + ks[None, :]
+            tl.store(dmix_part_ptr + nk, dm, mask=(ns < N)[:, None] & kmask[None, :])
+
+
+@triton.jit
+def _to_branches_q(M, uq, dev, S):
+    """Σ_n M[n,k]·(uq[n,c] + S·dev[n,k,c]²) → [BLOCK_K, BLOCK_C]."""
+    Mb = M[:, :, None]
+    return tl.sum(tl.where(Mb != 0, Mb * (uq[:, None, :] + S * dev * dev), 0.0), 0)
+
+
+@triton.jit
+def _dx_kernel(dy_ptr, x_ptr, out_ptr, p_ptr, q_ptr, r_ptr, sc_ptr, ma_ptr, md_ptr,
+               dmix_part_ptr, dmix_ptr, N, C, S, K, sdn, sdc, sds, sxn, sxc, sxs, son, soc,
+               sos, c_blocks, part_blocks,
+               DX: tl.constexpr, HAS_Q: tl.constexpr, MASK: tl.constexpr, SCALE: tl.constexpr,
+               DMIX: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+               BLOCK_S: tl.constexpr, ACC: tl.constexpr):
+    pid = tl.program_id(0)
+    n = (pid // c_blocks).to(tl.int64)
+    cb = pid % c_blocks
+    cs = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     sb = tl.program_id(1)
-    ss = sb * BLOCK_S + tl.arange(0, BLOCK_S)
-    cmask = cs < C
-    mask = (ss < S)[:, None] & cmask[None, :]
-    pc = n * C + cs
-    g = tl.load(dy_ptr + n * sdn + cs[None, :] * sdc + ss[:, None] * sds,
-                mask=mask, other=0.0).to(ACC)
-    if HAS_Q or MASK or DOT:
-        x = tl.load(x_ptr + n * sxn + cs[None, :] * sxc + ss[:, None] * sxs,
+    if DMIX:  # one program per sample sums its d mix over the stats kernel's channel blocks
+        if (cb == 0) & (sb == 0):
+            ks = tl.arange(0, BLOCK_K)
+            acc = tl.zeros([BLOCK_K], ACC)
+            for j in range(0, part_blocks):
+                acc += tl.load(dmix_part_ptr + (j * N + n) * K + ks, mask=ks < K, other=0.0)
+            tl.store(dmix_ptr + n * K + ks, acc, mask=ks < K)
+    if DX:
+        ss = sb * BLOCK_S + tl.arange(0, BLOCK_S)
+        cmask = cs < C
+        mask = (ss < S)[:, None] & cmask[None, :]
+        pc = n * C + cs
+        g = tl.load(dy_ptr + _tile(n, cs, ss, sdn, sdc, sds),
                     mask=mask, other=0.0).to(ACC)
-    if MASK:
-        ma = tl.load(ma_ptr + pc, mask=cmask, other=0.0)
-        md = tl.load(md_ptr + pc, mask=cmask, other=0.0)
-        g = tl.where(ma[None, :] * x + md[None, :] <= 0, 0.0, g)
-    v = tl.load(p_ptr + pc, mask=cmask, other=0.0)[None, :] * g \
-        + tl.load(r_ptr + pc, mask=cmask, other=0.0)[None, :]
-    if HAS_Q:
-        v += tl.load(q_ptr + pc, mask=cmask, other=0.0)[None, :] * x
-    if DOT:
-        tl.store(dot_ptr + sb * N * C + pc, tl.sum(tl.where(mask, x * v, 0.0), 0), mask=cmask)
-    if SCALE:
-        v = v * tl.load(sc_ptr + pc, mask=cmask, other=0.0)[None, :]
-    tl.store(out_ptr + n * son + cs[None, :] * soc + ss[:, None] * sos,
-             v.to(out_ptr.dtype.element_ty), mask=mask)
+        if HAS_Q or MASK:
+            x = tl.load(x_ptr + _tile(n, cs, ss, sxn, sxc, sxs),
+                        mask=mask, other=0.0).to(ACC)
+        if MASK:
+            ma = tl.load(ma_ptr + pc, mask=cmask, other=0.0)
+            md = tl.load(md_ptr + pc, mask=cmask, other=0.0)
+            g = tl.where(ma[None, :] * x + md[None, :] <= 0, 0.0, g)
+        v = tl.load(p_ptr + pc, mask=cmask, other=0.0)[None, :] * g \
+            + tl.load(r_ptr + pc, mask=cmask, other=0.0)[None, :]
+        if HAS_Q:
+            v += tl.load(q_ptr + pc, mask=cmask, other=0.0)[None, :] * x
+        if SCALE:
+            v = v * tl.load(sc_ptr + pc, mask=cmask, other=0.0).to(ACC)[None, :]
+        tl.store(out_ptr + _tile(n, cs, ss, son, soc, sos),
+                 v.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-# --- launch helpers -------------------------------------------------------------------------
+# --- launch helpers -----------------------------------------------------------------------------
+
+# A reduction over planes gets at least this many programs: when N·C is small the planes are
+# split along S (a GPU has 100+ SMs; the interpreter runs programs one by one, so tests set it
+# low to exercise the split).
+MIN_PROGRAMS = 512
+
 
 def _ncs(t: torch.Tensor) -> torch.Tensor:
     """View as [N, C, S]; only a layout that no view can express is copied."""
@@ -150,12 +597,34 @@ def _tl_acc(dtype: torch.dtype):
 
 
 def _blocks(t3: torch.Tensor, reduce: bool):
-    """Tile shape: along S when planes are contiguous, along C when channels are."""
+    """Tile shape (BLOCK_C, BLOCK_S): along S when planes are contiguous, along C when
+    channels are (channels_last, [N, C] inputs)."""
     C, S = t3.shape[1], t3.shape[2]
-    if t3.stride(1) == 1 and C > 1 and t3.stride(2) != 1:
+    if t3.stride(1) == 1 and C > 1 and (t3.stride(2) != 1 or S == 1):
         block_c = min(64, triton.next_power_of_2(C))
         return block_c, max(1, min(triton.next_power_of_2(S), 2048 // block_c))
     return 1, min(1024 if reduce else 2048, triton.next_power_of_2(max(S, 1)))
+
+
+def _splits(N: int, c_blocks: int, S: int, block_s: int) -> tuple[int, int]:
+    """(T, CHUNK): how a reduction over each plane is split along S so the grid has at least
+    MIN_PROGRAMS programs; CHUNK is a multiple of block_s."""
+    s_blocks = triton.cdiv(max(S, 1), block_s)
+    T = max(1, min(s_blocks, triton.cdiv(MIN_PROGRAMS, max(N * c_blocks, 1))))
+    chunk = triton.cdiv(s_blocks, T) * block_s
+    return triton.cdiv(max(S, 1), chunk), chunk
+
+
+def _stats_blocks(N: int, K: int, C: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, BLOCK_C) of the per-channel-block kernels: a [BLOCK_N, BLOCK_K,
+    BLOCK_C] tile of ≤ 1024 values (larger ones spill on sm_90 with every extra on, see
+    benchmarks/results/triton_aot.md); narrower channel blocks (more programs) for small C."""
+    block_k = triton.next_power_of_2(max(K, 1))
+    block_c = min(64, triton.next_power_of_2(max(C, 1)))
+    if C <= 256:
+        block_c = min(block_c, 16)
+    block_n = max(1, min(triton.next_power_of_2(max(N, 1)), 1024 // (block_k * block_c)))
+    return block_n, block_k, block_c
 
 
 def _like(x: torch.Tensor) -> torch.Tensor:
@@ -163,75 +632,223 @@ def _like(x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x, memory_format=torch.preserve_format)
 
 
-class TritonLeaves:
-    """The passes over the activation, as Triton kernels (see the module docstring)."""
+def _route_args(branch, mix, x):
+    if mix is not None:
+        return (x, 0, mix, mix.stride(0), mix.stride(1))
+    return (branch, branch.stride(0), x, 0, 0)
 
-    @staticmethod
-    def plane_moments(x, acc):
-        x3 = _ncs(x)
-        N, C, S = x3.shape
-        mean = torch.zeros(N, C, device=x.device, dtype=acc)
-        m2 = torch.zeros(N, C, device=x.device, dtype=acc)
-        if N * C * S:
+
+def _c(t):
+    return None if t is None else t.contiguous()
+
+
+def _check_routing(x, branch, mix, K, batch_stats):
+    """On CPU tensors (the interpreter) bad routing raises at once; on a GPU the kernels
+    poison the sample (no host sync)."""
+    if x.device.type != "cpu":
+        return
+    if branch is not None:
+        check_branch_values(branch, K)
+    elif batch_stats:
+        check_mix_values(mix)
+
+
+# --- the backend's functions (the argument order of fastrobust._engine.Engine) ---------------
+
+@torch.no_grad()
+def bn_forward(x, branch, mix, weight, bias, running_mean, running_var, num_batches_tracked,
+               input_scale, film_gamma, film_beta, num_branches, training, momentum, cumulative,
+               eps, relu):
+    """Returns (y, mean, invstd, None, None, None, planes): the running statistics are
+    updated in place by the kernels (None: nothing for the caller to copy)."""
+    K = num_branches
+    batch = training or running_mean is None
+    _check_routing(x, branch, mix, K, batch)
+    acc = acc_dtype(x)
+    x3 = _ncs(x)
+    N, C, S = x3.shape
+    dev = x.device
+    mean = torch.empty(K, C, device=dev, dtype=acc)
+    invstd = torch.empty(K, C, device=dev, dtype=acc)
+    mixed = mix is not None
+    planes = torch.empty((2, N, C) if mixed and batch else (0,), device=dev, dtype=acc)
+    y = _like(x)
+    if N * C == 0:
+        return y, mean.zero_(), invstd.zero_(), None, None, None, planes
+    running = training and running_mean is not None
+    rm, rv = running_mean, running_var
+    if running_mean is not None and not (rm.is_contiguous() and rv.is_contiguous()):
+        rm, rv = rm.contiguous(), rv.contiguous()  # written back below
+    nbt = num_batches_tracked if num_batches_tracked is not None and running else None
+    count = torch.empty(K if running else 0, device=dev, dtype=acc)
+    A = torch.empty(N, C, device=dev, dtype=acc)
+    D = torch.empty(N, C, device=dev, dtype=acc)
+    ACC = _tl_acc(acc)
+    with on_device(x):
+        from_x = S == 1
+        T, chunk = 1, max(S, 1)
+        parts = x  # unused unless the partials are needed
+        if batch and not from_x:
             block_c, block_s = _blocks(x3, True)
-            _plane_moments_kernel[(N, triton.cdiv(C, block_c))](
-                x3, mean, m2, C, S, *x3.stride(), BLOCK_C=block_c, BLOCK_S=block_s,
-                ACC=_tl_acc(acc))
-        return mean, m2
+            c_blocks = triton.cdiv(C, block_c)
+            T, chunk = _splits(N, c_blocks, S, block_s)
+            parts = torch.empty(2, T, N, C, device=dev, dtype=acc)
+            _moments_kernel[(N, c_blocks, T)](x3, parts, N, C, S, chunk, *x3.stride(),
+                                              BLOCK_C=block_c, BLOCK_S=block_s, ACC=ACC)
+        block_n, block_k, block_c = _stats_blocks(N, K, C)
+        par = x.new_tensor([momentum, eps], dtype=acc) if acc == torch.float64 else x
+        s, g, be = _c(input_scale), _c(film_gamma), _c(film_beta)
+        w, b = _c(weight), _c(bias)
+        _bn_stats_kernel[(triton.cdiv(C, block_c),)](
+            parts, x3, x3.stride(0), x3.stride(1), *_route_args(branch, mix, x), x if s is None
+            else s, x if g is None else g, x if be is None else be, x if w is None else w,
+            x if b is None else b, x if rm is None else rm, x if rv is None else rv,
+            x if nbt is None else nbt, mean, invstd, A, D, count, planes, N, C, S, T, chunk, K,
+            float(momentum), float(eps), par, PAR_T=acc == torch.float64, MIXED=mixed,
+            BATCH=batch, RUNNING=running,
+            CUMULATIVE=bool(cumulative) and nbt is not None, FROM_X=from_x,
+            PLANES=mixed and batch, CHECK=not mixed or batch, HAS_W=w is not None,
+            HAS_B=b is not None, SCALE=s is not None, GAMMA=g is not None, BETA=be is not None,
+            BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_C=block_c, ACC=ACC)
+        _affine(x3, _ncs(y), A, D, relu, nbt, count, K)
+    if rm is not running_mean and running:
+        running_mean.copy_(rm)
+        running_var.copy_(rv)
+    return y, mean, invstd, None, None, None, planes
 
-    @staticmethod
-    def grad_sums(dy, x, center, mask, acc):
-        x3, dy3 = _ncs(x), _ncs(dy)
-        N, C, S = x3.shape
-        s1 = torch.zeros(N, C, device=x.device, dtype=acc)
-        s2 = torch.zeros(N, C, device=x.device, dtype=acc)
-        if N * C * S:
-            ma, md = (center, center) if mask is None else (mask[0].contiguous(),
-                                                            mask[1].contiguous())
-            block_c, block_s = _blocks(x3, True)
-            _plane_grad_sums_kernel[(N, triton.cdiv(C, block_c))](
-                dy3, x3, center.contiguous(), ma, md, s1, s2, C, S, *dy3.stride(),
-                *x3.stride(), MASK=mask is not None, BLOCK_C=block_c, BLOCK_S=block_s,
-                ACC=_tl_acc(acc))
-        return s1, s2
 
-    @staticmethod
-    def affine(x, A, D, relu):
-        y = _like(x)
-        x3, y3 = _ncs(x), _ncs(y)
-        N, C, S = x3.shape
-        if N * C * S:
+def _affine(x3, y3, A, D, relu, nbt=None, count=None, K=0):
+    N, C, S = x3.shape
+    if N * C * S == 0:
+        return
+    block_c, block_s = _blocks(x3, False)
+    c_blocks = triton.cdiv(C, block_c)
+    dummy = x3
+    _affine_kernel[(N * c_blocks, triton.cdiv(S, block_s))](
+        x3, y3, dummy if A is None else A, dummy if D is None else D, C, S, *x3.stride(),
+        *y3.stride(), *((0, 0) if A is None else A.stride()),
+        *((0, 0) if D is None else D.stride()), c_blocks, dummy if nbt is None else nbt,
+        dummy if count is None else count, K, HAS_A=A is not None, HAS_D=D is not None,
+        RELU=relu, COUNT=nbt is not None, BLOCK_K=triton.next_power_of_2(max(K, 1)),
+        BLOCK_C=block_c, BLOCK_S=block_s, ACC=_tl_acc(acc_dtype(x3)))
+
+
+@torch.no_grad()
+def bn_backward(dy, x, branch, mix, weight, bias, mean, invstd, planes, input_scale, film_gamma,
+                film_beta, num_branches, batch_stats, relu, needs):
+    """needs = (x, mix, weight, bias, input_scale, film_gamma, film_beta) flags. Returns
+    (dx, dmix, dweight, dbias, dscale, dgamma, dbeta); an unneeded one is empty."""
+    need_x, need_mix, need_w, need_b, need_s, need_g, need_be = needs
+    K, C = mean.shape
+    acc = mean.dtype
+    ACC = _tl_acc(acc)
+    dev = x.device
+    x3, dy3 = _ncs(x), _ncs(dy)
+    N, S = x3.shape[0], x3.shape[2]
+    mixed = mix is not None
+
+    def empty():  # a fresh one each time: the op's outputs must not alias each other
+        return x.new_empty(0, dtype=acc)
+
+    dweight = torch.empty(K, C, device=dev, dtype=acc)
+    dbias = torch.empty(K, C, device=dev, dtype=acc)
+    nc = (N, C)
+    dgamma = torch.empty(nc, device=dev, dtype=acc) if need_g else empty()
+    dbeta = torch.empty(nc, device=dev, dtype=acc) if need_be else empty()
+    dscale = torch.empty(nc, device=dev, dtype=acc) if need_s else empty()
+    dmix = torch.empty(N, K, device=dev, dtype=acc) if need_mix else empty()
+    dx = _like(x) if need_x else x.new_empty(0)
+    if N * C * S == 0:
+        for t in (dweight, dbias, dgamma, dbeta, dscale, dmix):
+            t.zero_()
+        return (dx, dmix, dweight if need_w else empty(), dbias if need_b else empty(),
+                dscale, dgamma, dbeta)
+    s, g, be = _c(input_scale), _c(film_gamma), _c(film_beta)
+    w, b = _c(weight), _c(bias)
+    route = _route_args(branch, mix, x)
+    flags = dict(MIXED=mixed, HAS_W=w is not None, HAS_B=b is not None, SCALE=s is not None,
+                 GAMMA=g is not None, BETA=be is not None)
+    ptrs = (x if w is None else w, x if b is None else b, x if s is None else s,
+            x if g is None else g, x if be is None else be)
+    block_n, block_k, stats_c = _stats_blocks(N, K, C)
+    stats_blocks = triton.cdiv(C, stats_c)
+    need_pqr = need_x
+    P = torch.empty(nc if need_pqr else (0,), device=dev, dtype=acc)
+    Q = torch.empty(nc if need_pqr else (0,), device=dev, dtype=acc)
+    R = torch.empty(nc if need_pqr else (0,), device=dev, dtype=acc)
+    A = torch.empty(nc if need_pqr and relu else (0,), device=dev, dtype=acc)
+    D = torch.empty(nc if need_pqr and relu else (0,), device=dev, dtype=acc)
+    dmix_part = torch.empty((stats_blocks, N, K) if need_mix else (0,), device=dev, dtype=acc)
+    with on_device(x):
+        block_c, block_s = _blocks(x3, True)
+        c_blocks = triton.cdiv(C, block_c)
+        T, chunk = _splits(N, c_blocks, S, block_s)
+        parts = torch.empty(4 if need_s else 2, T, N, C, device=dev, dtype=acc)
+        _grad_sums_kernel[(N, c_blocks, T)](
+            dy3, x3, parts, parts[1], *route, mean, invstd, *ptrs, N, C, S, chunk, K, *dy3.stride(),
+            *x3.stride(), BN_MODE=True, SINGLE=batch_stats and S == 1, RELU=relu,
+            SUMS_X=need_s, BLOCK_K=block_k, BLOCK_C=block_c, BLOCK_S=block_s, ACC=ACC,
+            **flags)
+        _bn_grads_kernel[(stats_blocks,)](
+            parts, planes if planes.numel() else x, *route, mean, invstd, *ptrs, dweight, dbias,
+            dgamma, dbeta, dscale, dmix_part, P, Q, R, A, D, N, C, S, T, K, BATCH=batch_stats,
+            RELU=relu, NEED_PQR=need_pqr, NEED_G=need_g, NEED_BE=need_be, NEED_S=need_s,
+            NEED_MIX=need_mix, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_C=stats_c, ACC=ACC,
+            **flags)
+        if need_x or need_mix:
+            dx3 = _ncs(dx) if need_x else dy3
             block_c, block_s = _blocks(x3, False)
             c_blocks = triton.cdiv(C, block_c)
-            _affine_kernel[(N * c_blocks, triton.cdiv(S, block_s))](
-                x3, y3, A.contiguous(), D.contiguous(), C, S, *x3.stride(), *y3.stride(),
-                c_blocks, RELU=relu, BLOCK_C=block_c, BLOCK_S=block_s, ACC=_tl_acc(A.dtype))
-        return y
-
-    @staticmethod
-    def backward_affine(dy, x, P, Q, R, out_scale, mask, want_dot, acc):
-        dx = _like(x)
-        x3, dy3, dx3 = _ncs(x), _ncs(dy), _ncs(dx)
-        N, C, S = x3.shape
-        block_c, block_s = _blocks(x3, False)
-        c_blocks = triton.cdiv(C, block_c)
-        s_blocks = triton.cdiv(S, block_s)
-        dot = torch.zeros(s_blocks if want_dot else 0, N, C, device=x.device, dtype=acc)
-        if N * C * S:
-            P = P.contiguous()
-            ma, md = (P, P) if mask is None else (mask[0].contiguous(), mask[1].contiguous())
-            _backward_kernel[(N * c_blocks, s_blocks)](
-                dy3, x3, dx3, P, P if Q is None else Q.contiguous(), R.contiguous(),
-                P if out_scale is None else out_scale.contiguous(), ma, md,
-                dot if want_dot else P, N, C, S, *dy3.stride(), *x3.stride(), *dx3.stride(),
-                c_blocks, HAS_Q=Q is not None, MASK=mask is not None,
-                SCALE=out_scale is not None, DOT=want_dot, BLOCK_C=block_c, BLOCK_S=block_s,
-                ACC=_tl_acc(acc))
-        return dx, (dot.sum(0) if want_dot else None)
+            grid = (N * c_blocks, triton.cdiv(S, block_s) if need_x else 1)
+            _dx_kernel[grid](
+                dy3, x3, dx3, P, Q, R, x if s is None else s, A, D, dmix_part, dmix, N, C, S, K,
+                *dy3.stride(), *x3.stride(), *dx3.stride(), c_blocks, stats_blocks, DX=need_x,
+                HAS_Q=batch_stats, MASK=relu, SCALE=s is not None, DMIX=need_mix,
+                BLOCK_K=block_k, BLOCK_C=block_c, BLOCK_S=block_s, ACC=ACC)
+    return (dx, dmix, dweight if need_w else empty(), dbias if need_b else empty(), dscale,
+            dgamma, dbeta)
 
 
-engine = Engine(TritonLeaves())
-bn_forward = engine.bn_forward
-bn_backward = engine.bn_backward
-film_forward = engine.film_forward
-film_backward = engine.film_backward
+# --- FiLM / channel scale: one launch forward, at most two backward ---------------------------
+
+@torch.no_grad()
+def film_forward(x, gamma, beta):
+    """y = γ·x + β with [N, C] γ, β (either may be None), cast in the kernel."""
+    y = _like(x)
+    with on_device(x):
+        _affine(_ncs(x), _ncs(y), gamma, beta, False)
+    return y
+
+
+@torch.no_grad()
+def film_backward(dy, x, gamma, need_x, need_gamma, need_beta):
+    """Returns (dx, dgamma [N, C], dbeta [N, C]); an unneeded one is empty."""
+    acc = acc_dtype(x)
+    N, C = x.shape[:2]
+    dx, dgamma, dbeta = (x.new_empty(0, dtype=dt) for dt in (x.dtype, acc, acc))
+    with on_device(x):
+        if need_x:
+            dx = torch.empty_like(x, memory_format=torch.preserve_format)
+            _affine(_ncs(dy), _ncs(dx), gamma, None, False)
+        if need_gamma or need_beta:
+            x3, dy3 = _ncs(x), _ncs(dy)
+            S = x3.shape[2]
+            dbeta = torch.empty(N, C, device=x.device, dtype=acc)
+            dgamma = torch.empty(N, C, device=x.device, dtype=acc)
+            if N * C * S:
+                block_c, block_s = _blocks(x3, True)
+                _grad_sums_kernel[(N, triton.cdiv(C, block_c), 1)](
+                    dy3, x3, dbeta, dgamma, x, 0, x, 0, 0, x, x, x, x, x, x, x, N, C, S,
+                    max(S, 1), 1,
+                    *dy3.stride(), *x3.stride(), MIXED=False, BN_MODE=False, SINGLE=False,
+                    RELU=False, SUMS_X=False, HAS_W=False, HAS_B=False, SCALE=False,
+                    GAMMA=False, BETA=False, BLOCK_K=1, BLOCK_C=block_c, BLOCK_S=block_s,
+                    ACC=_tl_acc(acc))
+            else:
+                dbeta.zero_()
+                dgamma.zero_()
+            if not need_beta:
+                dbeta = x.new_empty(0, dtype=acc)
+            if not need_gamma:
+                dgamma = x.new_empty(0, dtype=acc)
+    return dx, dgamma, dbeta

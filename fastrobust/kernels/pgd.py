@@ -23,6 +23,7 @@ import triton.language as tl
 from .._common import acc_dtype
 
 from .._spec import PgdMode
+from . import on_device
 
 
 @triton.jit
@@ -60,6 +61,15 @@ def _sign(v):
 
 
 @triton.jit
+def _poison(r, e, EPS_T: tl.constexpr):
+    # A negative per-sample eps is an error that the device cannot raise without a host
+    # sync: the sample comes out NaN instead of silently wrong (CPU tensors raise at once).
+    if EPS_T:
+        r = tl.where(e < 0, float("nan"), r)
+    return r
+
+
+@triton.jit
 def _linf_kernel(out_ptr, xa_ptr, g_ptr, xn_ptr, eps_ptr, alpha_ptr, par_ptr, eps, alpha, lo,
                  hi, S, EPS_T: tl.constexpr, ALPHA_T: tl.constexpr, PAR_T: tl.constexpr,
                  SIGN: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
@@ -76,7 +86,7 @@ def _linf_kernel(out_ptr, xa_ptr, g_ptr, xn_ptr, eps_ptr, alpha_ptr, par_ptr, ep
         g = _sign(g)
     adv = xa + a * g  # a·sign(g) is exact, so a fused multiply-add gives the same sum
     delta = _clamp(adv - xn, -e, e)
-    r = _clamp(xn + delta, lo_, hi_)
+    r = _poison(_clamp(xn + delta, lo_, hi_), e, EPS_T)
     tl.store(out_ptr + p, r.to(out_ptr.dtype.element_ty), mask=m)
 
 
@@ -110,7 +120,7 @@ def _l2_kernel(out_ptr, xa_ptr, g_ptr, xn_ptr, eps_ptr, alpha_ptr, par_ptr, eps,
         xn = tl.load(xn_ptr + base + o, mask=m, other=0.0).to(ACC)
         d = (tl.load(xa_ptr + base + o, mask=m, other=0.0).to(ACC)
              + step * tl.load(g_ptr + base + o, mask=m, other=0.0).to(ACC) - xn)
-        r = _clamp(xn + d * f, lo_, hi_)
+        r = _poison(_clamp(xn + d * f, lo_, hi_), e, EPS_T)
         tl.store(out_ptr + base + o, r.to(out_ptr.dtype.element_ty), mask=m)
 
 
@@ -142,7 +152,7 @@ def _mifgsm_kernel(xa_ptr, g_ptr, buf_ptr, xn_ptr, eps_ptr, alpha_ptr, par_ptr, 
         xa = tl.load(xa_ptr + base + o, mask=m, other=0.0).to(ACC)
         xn = tl.load(xn_ptr + base + o, mask=m, other=0.0).to(ACC)
         delta = _clamp(xa + a * _sign(b) - xn, -e, e)
-        r = _clamp(xn + delta, lo_, hi_)
+        r = _poison(_clamp(xn + delta, lo_, hi_), e, EPS_T)
         tl.store(xa_ptr + base + o, r.to(xa_ptr.dtype.element_ty), mask=m)
 
 
@@ -173,6 +183,11 @@ def pgd_update(out, x_adv, grad, x_nat, eps_t, eps, alpha_t, alpha, mode, clip_m
     N = x_adv.shape[0]
     S = x_adv.numel() // N
     ptrs, scal, flags = _launch_args(x_adv, eps_t, eps, alpha_t, alpha, clip_min, clip_max)
+    with on_device(x_adv):
+        _launch_pgd(out, x_adv, grad, x_nat, ptrs, scal, flags, mode, N, S)
+
+
+def _launch_pgd(out, x_adv, grad, x_nat, ptrs, scal, flags, mode, N, S):
     if mode == PgdMode.L2:
         _l2_kernel[(N,)](out, x_adv, grad, x_nat, *ptrs, *scal, S, BLOCK=1024, **flags)
     elif mode in (PgdMode.LINF_SIGN, PgdMode.LINF_RAW):
@@ -193,5 +208,6 @@ def mifgsm_update(x_adv, grad, buf, x_nat, eps_t, eps, alpha_t, alpha, decay, cl
     S = x_adv.numel() // N
     ptrs, scal, flags = _launch_args(x_adv, eps_t, eps, alpha_t, alpha, clip_min, clip_max,
                                      decay)
-    _mifgsm_kernel[(N,)](x_adv, grad, buf, x_nat, *ptrs, *scal, float(decay), S, BLOCK=1024,
-                         **flags)
+    with on_device(x_adv):
+        _mifgsm_kernel[(N,)](x_adv, grad, buf, x_nat, *ptrs, *scal, float(decay), S,
+                             BLOCK=1024, **flags)

@@ -1,0 +1,136 @@
+"""The GPU path, checked without a GPU (shared/DESIGN.md §4): the launch budget of every op on
+CUDA (counted on meta tensors, benchmarks/launch_counts.py) and int64 sample offsets in the
+Triton kernels (on their compiled TTIR, benchmarks/aot_compile.py)."""
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import launch_counts as lc
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+pytestmark = pytest.mark.skipif(
+    __import__("fastrobust").backends.triton.missing() is not None, reason="triton missing")
+
+# shared/DESIGN.md §4 and the GPU-path issue: partial statistics → finalize → apply.
+BN_BUDGET = 3
+
+
+@pytest.mark.parametrize("kind", ["routed", "mixed"])
+@pytest.mark.parametrize("extras", [False, True], ids=["plain", "scale+film+relu"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("K", [2, 5])
+def test_bn_launch_budget(kind, extras, training, K):
+    fwd, bwd = lc.measure_bn(kind, K=K, extras=extras, training=training)
+    assert len(fwd) <= BN_BUDGET, fwd
+    assert len(bwd) <= BN_BUDGET, bwd
+    assert all(name.startswith("triton.") for name in fwd + bwd), fwd + bwd
+
+
+@pytest.mark.parametrize("shape", [(8, 16), (2, 4, 1, 1), (8, 16, 8, 8)], ids=str)
+def test_bn_launch_budget_shapes(shape):
+    """2-D inputs and one-value planes (statistics read from x) keep the budget too."""
+    x = torch.empty(shape, device="meta").requires_grad_()
+    w = torch.empty(3, shape[1], device="meta").requires_grad_()
+    b = torch.empty(3, shape[1], device="meta").requires_grad_()
+    branch = torch.zeros(shape[0], dtype=torch.long, device="meta")
+    from fastrobust import functional as F
+    with lc.counting() as c:
+        y = F.multi_batch_norm(x, branch, w, b, training=True, num_branches=3)
+    assert len(c.launches) <= BN_BUDGET, c.launches
+    with lc.counting() as c:
+        y.backward(torch.empty_like(y))
+    assert len(c.launches) <= BN_BUDGET, c.launches
+
+
+def test_film_launch_budget():
+    fwd, bwd = lc.measure_film()
+    assert fwd == ["triton._affine_kernel"]
+    assert len(bwd) <= 2, bwd
+
+
+@pytest.mark.parametrize("per_sample", [False, True], ids=["float", "per-sample"])
+@pytest.mark.parametrize("norm,budget", [("linf", 1), ("l2", 2)])
+def test_pgd_launch_budget(norm, budget, per_sample):
+    launches = lc.measure_pgd(norm, per_sample)
+    assert len(launches) <= budget, launches
+
+
+def test_mifgsm_launch_budget():
+    assert len(lc.measure_pgd(momentum=True)) <= 2
+
+
+def test_counter_sees_torch_ops():
+    """The counter is not blind: plain torch arithmetic on meta tensors is counted."""
+    x = torch.empty(4, 4, device="meta")
+    with lc.counting() as c:
+        (x * 2 + 1).sum()
+    assert c.launches == ["aten.mul", "aten.add", "aten.sum"]
+
+
+_IR_CHECK = textwrap.dedent("""
+    import os, sys, torch, triton, triton.language as tl
+    os.environ.pop("TRITON_INTERPRET", None)
+    sys.path.insert(0, sys.argv[1])
+    import aot_compile as aot
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    @triton.jit
+    def narrow(x_ptr, out_ptr, sxn, BLOCK: tl.constexpr):  # the bug: n * sxn in int32
+        n = tl.program_id(0)
+        offs = tl.arange(0, BLOCK)
+        tl.store(out_ptr + n * sxn + offs, tl.load(x_ptr + n * sxn + offs))
+
+    k = triton.compile(ASTSource(narrow, {"x_ptr": "*fp32", "out_ptr": "*fp32", "sxn": "i32",
+                                          "BLOCK": "constexpr"}, {"BLOCK": 64}),
+                       target=GPUTarget("cuda", 90, 32))
+    assert aot.int32_offsets(k.asm["ttir"]), "the check missed an int32 product"
+
+    def cases():
+        from fastrobust import functional as F
+        x = torch.empty(4, 8, 4, 4, device="meta").requires_grad_()
+        s = torch.empty(4, 8, device="meta").requires_grad_()
+        w = torch.empty(3, 8, device="meta").requires_grad_()
+        for mix in (None, torch.empty(4, 3, device="meta").requires_grad_()):
+            kw = dict(training=True, input_scale=s, film_gamma=s, film_beta=s,
+                      activation="relu")
+            y = (F.mixed_batch_norm(x, mix, w, w, **kw) if mix is not None else
+                 F.multi_batch_norm(x, torch.zeros(4, dtype=torch.long, device="meta"), w, w,
+                                    num_branches=3, **kw))
+            y.backward(torch.empty_like(y))
+        F.film(x, s, s).backward(torch.empty_like(x))
+        for norm in ("linf", "l2"):
+            F.pgd_step_(x.detach(), x.detach(), x.detach(), 0.1, 0.01, norm=norm)
+        F.mifgsm_step_(x.detach(), x.detach(), x.detach(), x.detach(), 0.1, 0.01)
+
+    found = aot.record([(torch.float32, cases)])
+    names = set()
+    for name, fn, sig, cons, attrs, options, dt in found.values():
+        k = triton.compile(ASTSource(fn, sig, cons, attrs), target=GPUTarget("cuda", 90, 32))
+        bad = aot.int32_offsets(k.asm["ttir"])
+        assert not bad, (name, bad[:3])
+        names.add(name)
+    print(" ".join(sorted(names)))
+""")
+
+
+def test_sample_offsets_are_int64(tmp_path):
+    """Every kernel computes sample (and split) offsets in int64: no i32 product of a program
+    id and a stride in the compiled TTIR. The check itself must catch `n * stride` in i32."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    script = tmp_path / "ir_check.py"  # triton.jit needs its kernels' source in a file
+    script.write_text(_IR_CHECK)
+    r = subprocess.run([sys.executable, str(script), str(BENCH)], capture_output=True,
+                       text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    names = set(r.stdout.split())
+    assert {"_moments_kernel", "_bn_stats_kernel", "_affine_kernel", "_grad_sums_kernel",
+            "_bn_grads_kernel", "_dx_kernel", "_linf_kernel", "_l2_kernel",
+            "_mifgsm_kernel"} <= names, names
