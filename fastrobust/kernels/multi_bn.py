@@ -615,15 +615,17 @@ def _splits(N: int, c_blocks: int, S: int, block_s: int) -> tuple[int, int]:
     return triton.cdiv(max(S, 1), chunk), chunk
 
 
-def _stats_blocks(N: int, K: int, C: int) -> tuple[int, int, int]:
+def _stats_blocks(N: int, K: int, C: int, values: int = 1024) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, BLOCK_C) of the per-channel-block kernels: a [BLOCK_N, BLOCK_K,
-    BLOCK_C] tile of ≤ 1024 values (larger ones spill on sm_90 with every extra on, see
+    BLOCK_C] tile of ≤ `values` values (1024 for the statistics kernel, 256 for the gradient
+    kernel, which holds more such tiles: larger ones spill on sm_90, see
     benchmarks/results/triton_aot.md); narrower channel blocks (more programs) for small C."""
     block_k = triton.next_power_of_2(max(K, 1))
     block_c = min(64, triton.next_power_of_2(max(C, 1)))
     if C <= 256:
         block_c = min(block_c, 16)
-    block_n = max(1, min(triton.next_power_of_2(max(N, 1)), 1024 // (block_k * block_c)))
+    block_c = max(1, min(block_c, values // block_k))
+    block_n = max(1, min(triton.next_power_of_2(max(N, 1)), values // (block_k * block_c)))
     return block_n, block_k, block_c
 
 
@@ -770,7 +772,7 @@ def bn_backward(dy, x, branch, mix, weight, bias, mean, invstd, planes, input_sc
                  GAMMA=g is not None, BETA=be is not None)
     ptrs = (x if w is None else w, x if b is None else b, x if s is None else s,
             x if g is None else g, x if be is None else be)
-    block_n, block_k, stats_c = _stats_blocks(N, K, C)
+    block_n, block_k, stats_c = _stats_blocks(N, K, C, values=256)
     stats_blocks = triton.cdiv(C, stats_c)
     need_pqr = need_x
     P = torch.empty(nc if need_pqr else (0,), device=dev, dtype=acc)
