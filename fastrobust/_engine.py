@@ -23,8 +23,9 @@ The derivation (weighted statistics; sums over n, s; m_k = S·Σ_n M_nk; a = w·
                - Σ_c a_k·[T1_k·(ū_nc - μ_k) + ½·r_k·T2_k·(Q_nkc/S - σ²_k)]/W_k   (training)
 with ū, Q_nkc = M2_u + S·(ū - μ_k)² the plane's mean and centred sum of squares.
 
-The eager backend runs this with torch leaves (`eager`); the Triton backend with Triton
-kernels (`fastrobust.kernels.multi_bn`). The C++ backend is the same algorithm in C++.
+The eager backend runs this with torch leaves (`eager`). The Triton backend
+(`fastrobust.kernels.multi_bn`) and the C++ backend implement the same algorithm in their own
+kernels (on CUDA the tiny math runs inside two per-channel-block Triton kernels).
 """
 from __future__ import annotations
 

@@ -329,7 +329,8 @@ def test_argument_errors():
 
 
 def test_no_host_sync_in_eager_path():
-    """The eager engine (also the Triton backend's small math) never reads a value on the host:
+    """The eager engine never reads a value on the host (the Triton path's launches are
+    checked on meta tensors in test_gpu_path):
     it runs on meta tensors, which have no data (`.item()`, masks or nonzero would raise)."""
     from fastrobust._engine import eager
 
