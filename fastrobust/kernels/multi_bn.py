@@ -431,9 +431,9 @@ def _bn_grads_kernel(parts_ptr, planes_ptr, br_ptr, sbr, mix_ptr, smn, smk,
     kc = ks[:, None] * C + cs[None, :]
     kcm = kmask[:, None] & cmask[None, :]
     no_single = ks < 0
-    mu, r, a, d, _ae, _de, b = _coefficients(ks, cs, K, C, mean_ptr, invstd_ptr, w_ptr, b_ptr,
-                                          no_single, HAS_W, HAS_B, ACC)
-    # Pass 1: the per-(k, c) sums over the batch.
+    mu = tl.load(mean_ptr + kc, mask=kcm, other=0.0)
+    # Pass 1: the per-(k, c) sums over the batch. The other coefficients are loaded after it:
+    # held across the loop, ptxas spilled them on sm_90.
     T1 = tl.zeros([BLOCK_K, BLOCK_C], ACC)
     TU = tl.zeros([BLOCK_K, BLOCK_C], ACC)
     VQ = tl.zeros([BLOCK_K, BLOCK_C], ACC)
@@ -458,6 +458,8 @@ def _bn_grads_kernel(parts_ptr, planes_ptr, br_ptr, sbr, mix_ptr, smn, smk,
             um = pm * s
             dev = um[:, None, :] - mu[None, :, :]
             VQ += _to_branches_q(M, pq * s * s, dev, S)
+    mu, r, a, d, _ae, _de, b = _coefficients(ks, cs, K, C, mean_ptr, invstd_ptr, w_ptr, b_ptr,
+                                          no_single, HAS_W, HAS_B, ACC)
     single = ((nnz == 1) & (S == 1) & BATCH)[:, None]
     T2 = tl.where(single, 0.0, r * (TU - mu * T1))
     tl.store(dw_ptr + kc, T2, mask=kcm)
@@ -544,13 +546,6 @@ def _dx_kernel(dy_ptr, x_ptr, out_ptr, p_ptr, q_ptr, r_ptr, sc_ptr, ma_ptr, md_p
     cb = pid % c_blocks
     cs = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     sb = tl.program_id(1)
-    if DMIX:  # one program per sample sums its d mix over the stats kernel's channel blocks
-        if (cb == 0) & (sb == 0):
-            ks = tl.arange(0, BLOCK_K)
-            acc = tl.zeros([BLOCK_K], ACC)
-            for j in range(0, part_blocks):
-                acc += tl.load(dmix_part_ptr + (j * N + n) * K + ks, mask=ks < K, other=0.0)
-            tl.store(dmix_ptr + n * K + ks, acc, mask=ks < K)
     if DX:
         ss = sb * BLOCK_S + tl.arange(0, BLOCK_S)
         cmask = cs < C
@@ -573,6 +568,14 @@ def _dx_kernel(dy_ptr, x_ptr, out_ptr, p_ptr, q_ptr, r_ptr, sc_ptr, ma_ptr, md_p
             v = v * tl.load(sc_ptr + pc, mask=cmask, other=0.0).to(ACC)[None, :]
         tl.store(out_ptr + _tile(n, cs, ss, son, soc, sos),
                  v.to(out_ptr.dtype.element_ty), mask=mask)
+    if DMIX:  # one program per sample sums its d mix over the stats kernel's channel blocks
+        # (after the dx tile: values held across this loop spilled on sm_80)
+        if (cb == 0) & (sb == 0):
+            ks = tl.arange(0, BLOCK_K)
+            acc = tl.zeros([BLOCK_K], ACC)
+            for j in range(0, part_blocks):
+                acc += tl.load(dmix_part_ptr + (j * N + n) * K + ks, mask=ks < K, other=0.0)
+            tl.store(dmix_ptr + n * K + ks, acc, mask=ks < K)
 
 
 # --- launch helpers -----------------------------------------------------------------------------
