@@ -25,6 +25,8 @@
 namespace fastrobust::cpu {
 namespace {
 
+#include "../bn_math.h"  // the per-element formulas the CUDA kernels share
+
 // --- routing --------------------------------------------------------------------------------
 
 // The nonzero routing weights of each sample (CSR): one entry (branch[n], 1) for a routed op,
@@ -129,8 +131,7 @@ void branch_stats(const Route& rt, const View& v, const PlaneValues<T>& pv, cons
       double* vk = &var[rt.k[e_] * C];
       for (int64_t c = 0; c < C; ++c) {
         const int64_t i = n * C + c;
-        const double s = e.s(i), d = s * double(pv.a[i]) - mk[c];
-        vk[c] += w * (s * s * double(pv.b[i]) + S * d * d);
+        vk[c] += plane_m2_share(w, e.s(i), double(pv.a[i]), double(pv.b[i]), mk[c], S);
       }
     }
   for (int64_t k = 0; k < K; ++k)
@@ -192,8 +193,8 @@ Coefficients<T> coefficients(const Route& rt, const View& v, const Params<T>& p,
   co.a.resize(K * C);
   co.d.resize(K * C);
   for (int64_t i = 0; i < K * C; ++i) {
-    co.a[i] = p.w(i) * double(invstd[i]);
-    co.d[i] = p.b(i) - double(mean[i]) * co.a[i];
+    co.a[i] = coef_a(p.w(i), double(invstd[i]));
+    co.d[i] = coef_d(p.b(i), double(mean[i]), co.a[i]);
   }
   const bool any_single = std::find(single.begin(), single.end(), 1) != single.end();
   std::vector<double> a_pl, d_pl;
@@ -231,8 +232,8 @@ Coefficients<T> coefficients(const Route& rt, const View& v, const Params<T>& p,
     const T* bp = e.beta ? e.beta + o : nullptr;
     for (int64_t c = 0; c < C; ++c) {
       const double s = sp ? double(sp[c]) : 1.0, g = gp ? double(gp[c]) : 1.0;
-      A[c] = T(ap[c] * s * g);
-      D[c] = T(dp[c] * g + (bp ? double(bp[c]) : 0.0));
+      A[c] = T(plane_A(ap[c], s, g));
+      D[c] = T(plane_D(dp[c], g, bp ? double(bp[c]) : 0.0));
     }
   }
   return co;
@@ -333,10 +334,10 @@ std::vector<at::Tensor> bn_forward_impl(const at::Tensor& x_in, const OptTensor&
         for (int64_t c = 0; c < C; ++c) {
           const int64_t i = k * C + c;
           mean[i] = T(bm[i]);
-          invstd[i] = T(1.0 / std::sqrt(bv[i] + eps));
+          invstd[i] = T(bn_invstd(bv[i], eps));
           if (upd) {
-            rm[i] = T((1 - mom) * double(rm[i]) + mom * bm[i]);
-            rv[i] = T((1 - mom) * double(rv[i]) + mom * bv[i] * m / (m - 1));
+            rm[i] = T(running_mean_update(double(rm[i]), mom, bm[i]));
+            rv[i] = T(running_var_update(double(rv[i]), mom, bv[i], m));
           }
         }
         if (upd && nbt) nbt[k] += 1;
@@ -346,7 +347,7 @@ std::vector<at::Tensor> bn_forward_impl(const at::Tensor& x_in, const OptTensor&
       const T* rv = running_var->data_ptr<T>();
       for (int64_t i = 0; i < K * C; ++i) {
         mean[i] = rm[i];
-        invstd[i] = T(1.0 / std::sqrt(double(rv[i]) + eps));
+        invstd[i] = T(bn_invstd(double(rv[i]), eps));
       }
     }
     const auto single = single_value_branches(rt, v, batch_stats);
@@ -479,12 +480,11 @@ std::vector<at::Tensor> bn_backward_impl(const at::Tensor& dy_in, const at::Tens
         const int64_t i = o + c;
         const double s = sp_all ? double(sp_all[i]) : 1.0;
         const double g = gp_all ? double(gp_all[i]) : 1.0;
-        const double sG2 = s * double(G.b[i]), sc = s * double(ctr[i]);
-        const double G1 = double(G.a[i]);
-        z1[c] = g * G1;
-        zu[c] = g * sG2 + sc * z1[c];
+        const double G1 = double(G.a[i]), G2 = double(G.b[i]), ct = double(ctr[i]);
+        z1[c] = plane_Z1(g, G1);
+        zu[c] = plane_Zu(g, s, s * ct, G1, G2);
         if (dbeta_p) dbeta_p[i] = T(G1);
-        if (dgamma_p) dgamma_p[i] = T(co.Ap[i] * (sG2 + sc * G1) + co.Dp[i] * G1);
+        if (dgamma_p) dgamma_p[i] = T(plane_dgamma(co.Ap[i], co.Dp[i], s, s * ct, G1, G2));
       }
       for (int64_t e_ = rt.start[n]; e_ < rt.start[n + 1]; ++e_) {
         const double w = rt.w[e_];
@@ -502,7 +502,8 @@ std::vector<at::Tensor> bn_backward_impl(const at::Tensor& dy_in, const at::Tens
     T* dweight_p = need_w ? dweight.data_ptr<T>() : nullptr;
     T* dbias_p = need_b ? dbias.data_ptr<T>() : nullptr;
     for (int64_t i = 0; i < K * C; ++i) {
-      T2[i] = single[i / C] ? 0.0 : double(invstd[i]) * (T2[i] - double(mean[i]) * T1[i]);
+      T2[i] = single[i / C] ? 0.0
+                            : branch_dweight(double(invstd[i]), T2[i], double(mean[i]), T1[i]);
       if (dweight_p) dweight_p[i] = T(T2[i]);
       if (dbias_p) dbias_p[i] = T(T1[i]);
     }
@@ -519,8 +520,8 @@ std::vector<at::Tensor> bn_backward_impl(const at::Tensor& dy_in, const at::Tens
             const int64_t i = k * C + c;
             const double r = invstd[i];
             if (single[k]) a_in[i] = 0;
-            bq[i] = -a_in[i] * r * T2[i] / m;
-            dr[i] = a_in[i] * (r * T2[i] * double(mean[i]) - T1[i]) / m;
+            bq[i] = branch_q(a_in[i], r, T2[i], m);
+            dr[i] = branch_r(a_in[i], r, T2[i], double(mean[i]), T1[i], m);
           }
         }
         Q.resize(NC);
@@ -574,8 +575,8 @@ std::vector<at::Tensor> bn_backward_impl(const at::Tensor& dy_in, const at::Tens
             if (batch_stats) {
               const double s = e.s(i), um = s * double(pm[i]), du = um - double(mean[kc]);
               const double q = s * s * double(pm2[i]) / Sd + du * du;
-              acc -= co.a[kc] * (T1[kc] * du + 0.5 * double(invstd[kc]) * T2[kc] *
-                                 (q - bv[kc])) / W;
+              acc -= dmix_stats_term(co.a[kc], T1[kc], du, double(invstd[kc]), T2[kc], q,
+                                     bv[kc], W);
             }
           }
           dm[n * K + k] = T(acc);

@@ -1,0 +1,130 @@
+// The small per-element math of the routed / mixed BN family (shared/DESIGN.md §2.1-2.4),
+// written once for the CPU kernels (csrc/cpu/multi_bn.cpp, in double) and the CUDA kernels
+// (csrc/cuda/multi_bn.cu, in float for float/half/bfloat16 inputs, double for double), so the
+// CPU tests cover the formulas both run. The derivation is in fastrobust/_engine.py.
+//
+// No include guard and no includes, by design (like pgd_math.h): each user includes it inside
+// its own namespace.
+#ifndef FASTROBUST_HD
+#if defined(__CUDACC__)
+#define FASTROBUST_HD __host__ __device__ __forceinline__
+#else
+#define FASTROBUST_HD inline
+#endif
+#endif
+
+// --- statistics -------------------------------------------------------------------------------
+
+// One part's share of a merged M2 (the closed form of Chan's parallel merge, without the
+// Σx² − (Σx)²/m cancellation), in the units of u = s·x: the part has S values of mean pm and
+// M2 pq (in x's units), weight w and input scale s; mk is the merged mean (in u's units).
+// A branch's M2 is the sum of this over its planes, a plane's over its chunks.
+template <typename T>
+FASTROBUST_HD T plane_m2_share(T w, T s, T pm, T pq, T mk, T S) {
+  const T d = s * pm - mk;
+  return w * (s * s * pq + S * d * d);
+}
+
+// 1/sqrt(var + eps) of a biased variance.
+template <typename T>
+FASTROBUST_HD T bn_invstd(T var, T eps) {
+  return T(1) / sqrt(var + eps);
+}
+
+// The running-statistics update of nn.BatchNorm: the mean with the batch mean, the variance
+// with the unbiased batch variance (count values, count ≥ 2).
+template <typename T>
+FASTROBUST_HD T running_mean_update(T old, T momentum, T batch_mean) {
+  return (T(1) - momentum) * old + momentum * batch_mean;
+}
+template <typename T>
+FASTROBUST_HD T running_var_update(T old, T momentum, T batch_var, T count) {
+  return (T(1) - momentum) * old + momentum * batch_var * count / (count - T(1));
+}
+
+// --- coefficients -----------------------------------------------------------------------------
+
+// Per branch: z = a·u + d with a = w·invstd, d = b − mean·a.
+template <typename T>
+FASTROBUST_HD T coef_a(T w, T invstd) {
+  return w * invstd;
+}
+template <typename T>
+FASTROBUST_HD T coef_d(T b, T mean, T a) {
+  return b - mean * a;
+}
+
+// Per plane, from its routing mixture Ap = Σ_k M·a, Dp = Σ_k M·d, its input scale s and FiLM
+// γ, β: f = A·x + D (the pre-activation the forward applies and the backward's ReLU mask).
+template <typename T>
+FASTROBUST_HD T plane_A(T Ap, T s, T g) {
+  return Ap * s * g;
+}
+template <typename T>
+FASTROBUST_HD T plane_D(T Dp, T g, T beta) {
+  return Dp * g + beta;
+}
+
+// y = relu?(A·x + D).
+template <typename T>
+FASTROBUST_HD T affine_act(T A, T x, T D, bool relu) {
+  const T f = A * x + D;
+  return (relu && f <= T(0)) ? T(0) : f;
+}
+
+// --- backward ---------------------------------------------------------------------------------
+
+// The ReLU-masked output gradient: g where the recomputed pre-activation A·x + D is > 0.
+template <typename T>
+FASTROBUST_HD T masked_grad(T dy, T A, T x, T D) {
+  return A * x + D <= T(0) ? T(0) : dy;
+}
+
+// A plane's Σdz and Σdz·u (dz = γ·g, u = s·x) from its sums about the centre ctr (in x's
+// units): G1 = Σg, G2 = Σg·(x − ctr); sc = s·ctr, the centre in u's units.
+template <typename T>
+FASTROBUST_HD T plane_Z1(T g, T G1) {
+  return g * G1;
+}
+template <typename T>
+FASTROBUST_HD T plane_Zu(T g, T s, T sc, T G1, T G2) {
+  return g * (s * G2) + sc * (g * G1);
+}
+
+// dweight of branch k: Σ M·dz·x̂ = invstd·(Σ M·dz·u − mean·Σ M·dz); dbias is T1 = Σ M·dz.
+template <typename T>
+FASTROBUST_HD T branch_dweight(T invstd, T TU, T mean, T T1) {
+  return invstd * (TU - mean * T1);
+}
+
+// ∂L/∂u = P·g + Q·x + R per plane (Q carries the input scale: Q = s·Σ M·q_k): the per-branch
+// q_k, r_k of the batch-statistics terms, with m the branch's weighted value count and a_in
+// the branch's a (0 for a single-value branch).
+template <typename T>
+FASTROBUST_HD T branch_q(T a_in, T invstd, T T2, T m) {
+  return -a_in * invstd * T2 / m;
+}
+template <typename T>
+FASTROBUST_HD T branch_r(T a_in, T invstd, T T2, T mean, T T1, T m) {
+  return a_in * (invstd * T2 * mean - T1) / m;
+}
+
+// dγ of a plane: Ap·Σg·u + Dp·Σg, from the sums about the centre (sc = s·ctr).
+template <typename T>
+FASTROBUST_HD T plane_dgamma(T Ap, T Dp, T s, T sc, T G1, T G2) {
+  return Ap * (s * G2 + sc * G1) + Dp * G1;
+}
+
+// One (plane, branch) term of ∂L/∂mix[n, k] through the mix-weighted statistics: du = the
+// plane's mean in u minus the branch mean, q = its mean square about the branch mean, var the
+// branch's biased variance, W the branch's total weight.
+template <typename T>
+FASTROBUST_HD T dmix_stats_term(T a, T T1, T du, T invstd, T T2, T q, T var, T W) {
+  return a * (T1 * du + T(0.5) * invstd * T2 * (q - var)) / W;
+}
+
+// The elementwise backward: v = P·g + Q·x + R (Q·x only with batch statistics).
+template <typename T>
+FASTROBUST_HD T bn_dxhat(T P, T g, T Q, T x, T R) {
+  return P * g + R + Q * x;
+}
