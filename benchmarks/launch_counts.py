@@ -169,6 +169,16 @@ def measure_film(gamma=True, beta=True, per_channel=False):
     return fwd, list(c.launches)
 
 
+def measure_add_relu():
+    a, b = _t(8, 16, 8, 8, requires_grad=True), _t(8, 16, 8, 8, requires_grad=True)
+    with counting() as c:
+        y = F.add_relu(a, b)
+    fwd = list(c.launches)
+    with counting() as c:  # grad(), not backward(): leaves sharing one gradient cost a copy
+        torch.autograd.grad(y, (a, b), torch.empty_like(y))
+    return fwd, list(c.launches)
+
+
 def measure_pgd(norm="linf", per_sample=False, momentum=False):
     x_adv, g, x_nat = _t(8, 3, 32, 32), _t(8, 3, 32, 32), _t(8, 3, 32, 32)
     eps = _t(8) if per_sample else 8 / 255
@@ -196,6 +206,8 @@ def table() -> list[tuple[str, int, int, list[str]]]:
     for per_channel in (False, True):
         f, b = measure_film(per_channel=per_channel)
         rows.append((f"film {'[C]' if per_channel else '[N, C]'}", len(f), len(b), f + ["|"] + b))
+    f, b = measure_add_relu()
+    rows.append(("add_relu", len(f), len(b), f + ["|"] + b))
     for norm in ("linf", "l2"):
         for per_sample in (False, True):
             launches = measure_pgd(norm, per_sample)

@@ -61,6 +61,13 @@ def test_pgd_launch_budget(norm, budget, per_sample):
     assert len(launches) <= budget, launches
 
 
+def test_add_relu_launch_budget():
+    """One fused pass forward (not add + relu), ATen's one masked pass backward."""
+    fwd, bwd = lc.measure_add_relu()
+    assert fwd == ["triton._add_relu_kernel"]
+    assert len(bwd) <= 1, bwd
+
+
 def test_mifgsm_launch_budget():
     assert len(lc.measure_pgd(momentum=True)) <= 2
 
