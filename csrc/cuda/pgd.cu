@@ -5,6 +5,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "../spec.h"
 #include "pgd_cuda.h"
 
 namespace fastrobust::cuda {
@@ -160,10 +161,10 @@ unsigned elementwise_blocks(int64_t total) {
 template <typename T>
 const char* pgd_typed(const PgdArgs& a, cudaStream_t s) {
   const unsigned blocks = elementwise_blocks(a.N * a.S);
-  if (a.mode == 2) {
+  if (a.mode == kL2) {
     l2_norms_kernel<T><<<unsigned(a.N), kThreads, 0, s>>>(a);
     l2_update_kernel<T><<<blocks, kThreads, 0, s>>>(a);
-  } else if (a.mode == 0) {
+  } else if (a.mode == kLinfSign) {
     linf_kernel<T, true><<<blocks, kThreads, 0, s>>>(a);
   } else {
     linf_kernel<T, false><<<blocks, kThreads, 0, s>>>(a);

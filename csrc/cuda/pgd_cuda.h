@@ -20,7 +20,7 @@ struct PgdArgs {
   void* scratch;        // [N] accumulation-type values: l2 and MI-FGSM per-sample scalars
   double eps, alpha, clip_min, clip_max, decay;
   int64_t N, S;
-  int mode;             // spec.h PgdMode: 0 linf sign, 1 linf raw, 2 l2
+  int mode;             // spec.h PgdMode: 0 linf sign, 1 l2, 2 linf raw (the random start)
   Dtype dtype;
 };
 
