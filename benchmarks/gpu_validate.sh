@@ -63,6 +63,9 @@ print("ok")
 PY
 step memcheck 120 compute-sanitizer --tool memcheck python "$OUT/sanitize_calls.py"
 step racecheck 120 compute-sanitizer --tool racecheck python "$OUT/sanitize_calls.py"
+# The CUDA C++ kernels (backend "cuda", selectable): against Triton, then under the sanitizer.
+step cuda_vs_triton 120 python benchmarks/gpu_cuda_vs_triton.py
+step cuda_memcheck 120 compute-sanitizer --tool memcheck python benchmarks/gpu_cuda_vs_triton.py --sanitize
 for fam in multi_bn mixed_bn film pgd train_step; do
   step "bench_$fam" 120 python -m pytest -q -p no:cacheprovider "benchmarks/bench_$fam.py" \
     --benchmark-json "$OUT/bench_$fam.json"

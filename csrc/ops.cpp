@@ -9,12 +9,22 @@
 //   pgd_step, pgd_init,  cpu/register.cpp   backends/triton.py   backends/eager   (no grad)
 //   mifgsm_step
 //
+// CUDA builds also carry CUDA C++ kernels for multi_bn(_backward), pgd_step and mifgsm_step
+// (csrc/cuda/register.cpp), selectable with fastrobust.backends.use("cuda").
+//
 // The fake (meta) implementations that torch.compile and opcheck trace with live in
 // fastrobust/_ops.py, as does multi_bn_grads_with_graph's body (plain torch ops, so that a
 // backward asked for with create_graph=True is itself differentiable).
 #include <torch/extension.h>
 
+#include "cpu/cuda_emulation.h"
 #include "spec.h"
+
+#ifdef FASTROBUST_WITH_CUDA
+namespace fastrobust::cuda {
+void register_python(pybind11::module& m);  // csrc/cuda/register.cpp
+}
+#endif
 
 TORCH_LIBRARY(fastrobust, m) {
   // Routed (branch: int64 [N]) or soft-mixed (mix: float [N, K]) batch norm with the fused
@@ -66,4 +76,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::dict modes;
   for (int i = 0; i < 3; ++i) modes[fastrobust::kPgdModeNames[i]] = i;
   m.attr("PGD_MODES") = modes;
+  // The CUDA BN kernels' bodies run on the host (csrc/cpu/cuda_emulation.cpp): for the tests.
+  m.def("_emulated_cuda_bn_forward", &fastrobust::cuda::emulated_bn_forward);
+  m.def("_emulated_cuda_bn_backward", &fastrobust::cuda::emulated_bn_backward);
+#ifdef FASTROBUST_WITH_CUDA
+  fastrobust::cuda::register_python(m);  // the CUDA C++ kernels, selectable (not the default)
+  m.attr("CUDA_KERNELS") = true;
+#else
+  m.attr("CUDA_KERNELS") = false;
+#endif
 }

@@ -6,6 +6,7 @@ Every op is one schema (csrc/ops.cpp) with one kernel per dispatch key and one a
     cpu     C++ kernels (csrc/cpu), the CPU key's own                    backends/cpu.py
     triton  Triton kernels (fastrobust/kernels), the CUDA key's           backends/triton.py
     eager   plain PyTorch (fastrobust._engine), every other device        backends/eager.py
+    cuda    CUDA C++ kernels (csrc/cuda), selectable only (CUDA builds)   backends/cuda.py
 
 `use(name)` forces one backend for a block: it registers that backend's implementations over
 the CPU and CUDA keys for the block's duration (process-wide, not per thread), so tests run
@@ -20,11 +21,11 @@ import warnings
 
 import torch
 
-from . import cpu, eager, triton
+from . import cpu, cuda, eager, triton
 
-BACKENDS = ("eager", "cpu", "triton")
+BACKENDS = ("eager", "cpu", "triton", "cuda")
 OPS = ("multi_bn", "film", "add_relu", "pgd")
-_MODULES = {"eager": eager, "cpu": cpu, "triton": triton}
+_MODULES = {"eager": eager, "cpu": cpu, "triton": triton, "cuda": cuda}
 # The schema ops of each family (csrc/ops.cpp).
 SCHEMAS = {"multi_bn": ("multi_bn", "multi_bn_backward"), "film": ("film", "film_backward"),
            "add_relu": ("add_relu",), "pgd": ("pgd_step", "pgd_init", "mifgsm_step")}
@@ -35,7 +36,8 @@ _forced: list[str] = []
 
 def _register_defaults() -> None:
     """The Python-side kernels: eager for CompositeExplicitAutograd (any device without its
-    own kernel), Triton for CUDA where triton is installed. add_relu's composite is C++."""
+    own kernel), Triton for CUDA where triton is installed (add_relu too: one launch instead
+    of add + relu). add_relu's composite is C++."""
     lib = torch.library.Library("fastrobust", "IMPL")
     for name, fn in eager.implementations().items():
         if name != "add_relu":
@@ -44,7 +46,7 @@ def _register_defaults() -> None:
     cuda_impls = triton.implementations() if why is None else {
         name: _warn_once(fn, why) for name, fn in eager.implementations().items()}
     for name, fn in cuda_impls.items():
-        if name != "add_relu":
+        if name != "add_relu" or why is None:
             lib.impl(name, fn, "CUDA")
     _libs.append(lib)
 
@@ -128,7 +130,7 @@ def choose(op: str, device: torch.device | str) -> str:
         return name
     if device.type == "cpu":
         return "cpu"
-    if device.type == "cuda" and op != "add_relu" and triton.missing() is None:
+    if device.type == "cuda" and triton.missing() is None:
         return "triton"
     return "eager"
 
