@@ -65,6 +65,10 @@ FASTROBUST_HD T plane_D(T Dp, T g, T beta) {
   return Dp * g + beta;
 }
 
+// The elementwise passes (affine_act, masked_grad, bn_dxhat) are the CUDA kernels'; the CPU
+// leaf loops (csrc/cpu/multi_bn_leaf.inc) write the same expressions inline, so that their
+// vectorized code stays exactly what was measured.
+
 // y = relu?(A·x + D).
 template <typename T>
 FASTROBUST_HD T affine_act(T A, T x, T D, bool relu) {

@@ -38,7 +38,8 @@ def _inputs(shape, K, mixed, dtype, layout, extras, training, running, seed=0):
         kw.update(branch=None, mix=mix)
     else:
         branch = torch.randint(0, K, (N,), generator=g)
-        branch[0] = K - 1
+        if N:
+            branch[0] = K - 1
         kw.update(branch=branch, mix=None)
     kw["weight"] = torch.randn(K, C, generator=g, dtype=dtype)
     kw["bias"] = torch.randn(K, C, generator=g, dtype=dtype)
@@ -195,3 +196,21 @@ def test_planes_ordering_covers_both_index_orders():
         out = _forward(_C._emulated_cuda_bn_forward, x, _clone(kw), 2, True, False, False)
         ref = _forward(OPS.multi_bn, x, _clone(kw), 2, True, False, False)
         torch.testing.assert_close(out[0], ref[0], **TOL[torch.float64])
+
+
+def test_counter_advances_with_fewer_elements_than_branches():
+    """The apply launch advances num_batches_tracked from its first K indices: it covers at
+    least K even when the batch has fewer runs (2 values, 3 branches)."""
+    x, kw = _inputs((2, 1), 3, True, torch.float64, "contiguous", (), True, True)
+    kw["mix"][:] = 1.0
+    kw_emu, kw_cpu = _clone(kw), _clone(kw)
+    _forward(_C._emulated_cuda_bn_forward, x, kw_emu, 3, True, False, False)
+    _forward(OPS.multi_bn, x, kw_cpu, 3, True, False, False)
+    assert torch.equal(kw_emu["num_batches_tracked"], kw_cpu["num_batches_tracked"])
+    assert torch.equal(kw_emu["num_batches_tracked"], kw["num_batches_tracked"] + 1)
+
+
+def test_empty_batch():
+    x, kw = _inputs((0, 3, 4, 4), 2, False, torch.float64, "contiguous", (), True, False)
+    out = _forward(_C._emulated_cuda_bn_forward, x, kw, 2, True, False, False)
+    assert out[0].shape == x.shape

@@ -35,7 +35,7 @@ void forward_t(const BnArgs& a) {
   using A = T;
   if (a.batch_stats) grid(a.splits * a.N * a.C, [&](int64_t i) { moments_body<T, A>(a, i); });
   grid(a.K * a.C, [&](int64_t i) { stats_body<T, A>(a, i); });
-  grid(a.N * a.C * runs(a), [&](int64_t i) { affine_body<T, A>(a, i); });
+  grid(affine_total(a), [&](int64_t i) { affine_body<T, A>(a, i); });
 }
 
 template <typename T>

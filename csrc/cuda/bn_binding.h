@@ -31,21 +31,29 @@ inline Dtype bn_dtype(const at::Tensor& x) {
   return Dtype::kFloat;
 }
 
+// The product of the spatial sizes (explicit: an empty batch cannot infer a -1).
+inline int64_t bn_spatial(const at::Tensor& t) {
+  int64_t S = 1;
+  for (int64_t d = 2; d < t.dim(); ++d) S *= t.size(d);
+  return S;
+}
+
 // An input as [N, C, S]: a view where one exists, else a contiguous copy.
 inline at::Tensor bn_ncs(const at::Tensor& t) {
   if (t.dim() == 2) return t.unsqueeze(2);
-  return t.reshape({t.size(0), t.size(1), -1});
+  return t.reshape({t.size(0), t.size(1), bn_spatial(t)});
 }
 
 // A new output like x, and its [N, C, S] view (x's layout when that flattens to a view).
 inline std::pair<at::Tensor, at::Tensor> bn_output(const at::Tensor& x) {
   at::Tensor y = at::empty_like(x);
   if (y.dim() == 2) return {y, y.unsqueeze(2)};
+  const int64_t S = bn_spatial(y);
   try {
-    return {y, y.view({y.size(0), y.size(1), -1})};
+    return {y, y.view({y.size(0), y.size(1), S})};
   } catch (const c10::Error&) {
     y = at::empty(x.sizes(), x.options());
-    return {y, y.view({y.size(0), y.size(1), -1})};
+    return {y, y.view({y.size(0), y.size(1), S})};
   }
 }
 

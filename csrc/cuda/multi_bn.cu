@@ -64,7 +64,7 @@ __global__ void __launch_bounds__(kThreads) stats_kernel(BnArgs a) {
 }
 template <typename T>
 __global__ void __launch_bounds__(kThreads) affine_kernel(BnArgs a) {
-  FASTROBUST_GRID_LOOP(a.N * a.C * runs(a)) affine_body<T, typename Acc<T>::type>(a, i);
+  FASTROBUST_GRID_LOOP(affine_total(a)) affine_body<T, typename Acc<T>::type>(a, i);
 }
 template <typename T>
 __global__ void __launch_bounds__(kThreads) grad_sums_kernel(BnArgs a) {
@@ -97,7 +97,7 @@ const char* forward_t(const BnArgs& a, cudaStream_t s) {
   if (a.batch_stats)
     moments_kernel<T><<<blocks(a.splits * a.N * a.C), kThreads, 0, s>>>(a);
   stats_kernel<T><<<blocks(a.K * a.C), kThreads, 0, s>>>(a);
-  affine_kernel<T><<<blocks(a.N * a.C * runs(a)), kThreads, 0, s>>>(a);
+  affine_kernel<T><<<blocks(affine_total(a)), kThreads, 0, s>>>(a);
   const cudaError_t e = cudaGetLastError();
   return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
 }

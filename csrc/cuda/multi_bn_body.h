@@ -261,12 +261,19 @@ FASTROBUST_HD void decode(const BnArgs& a, const int64_t* st, int64_t i, int64_t
   }
 }
 
+// The affine launch's index space: the runs, and at least K (for the counter).
+FASTROBUST_HD int64_t affine_total(const BnArgs& a) {
+  const int64_t planes = a.N * a.C * runs(a);
+  return planes > a.K ? planes : a.K;
+}
+
 // Index over the runs: y = act(A·x + D); indices below K also advance num_batches_tracked
 // (after every read of it, which happened in the statistics launch).
 template <typename T, typename A>
 FASTROBUST_HD void affine_body(const BnArgs& a, int64_t i) {
   const Work<A> w(a);
   if (a.update && a.nbt && a.batch_stats && i < a.K && w.count[i] >= A(2)) a.nbt[i] += 1;
+  if (i >= a.N * a.C * runs(a)) return;
   int64_t n, c, r;
   decode(a, a.sx, i, n, c, r);
   A Ap, Dp, Af, Df;

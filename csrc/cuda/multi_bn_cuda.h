@@ -54,8 +54,8 @@ struct BnArgs {
 // Chunks per plane: enough blocks for a GPU when N·C is small, chunks of at least 64 values.
 inline void bn_choose_splits(BnArgs& a) {
   const int64_t planes = a.N * a.C, want = 4096;
-  int64_t t = planes >= want ? 1 : (want + planes - 1) / planes;
-  const int64_t max_t = (a.S + 63) / 64;
+  int64_t t = (planes == 0 || planes >= want) ? 1 : (want + planes - 1) / planes;
+  const int64_t max_t = a.S > 64 ? (a.S + 63) / 64 : 1;
   t = t < 1 ? 1 : (t > max_t ? max_t : t);
   a.chunk = (a.S + t - 1) / t;
   a.splits = a.chunk ? (a.S + a.chunk - 1) / a.chunk : 1;
