@@ -3,15 +3,9 @@
 // (csrc/cuda/multi_bn.cu, in float for float/half/bfloat16 inputs, double for double), so the
 // CPU tests cover the formulas both run. The derivation is in fastrobust/_engine.py.
 //
-// No include guard and no includes, by design (like pgd_math.h): each user includes it inside
-// its own namespace.
-#ifndef FASTROBUST_HD
-#if defined(__CUDACC__)
-#define FASTROBUST_HD __host__ __device__ __forceinline__
-#else
-#define FASTROBUST_HD inline
-#endif
-#endif
+// No include guard and no includes but hd.h's macro, by design (like pgd_math.h): each user
+// includes it inside its own namespace.
+#include "hd.h"
 
 // --- statistics -------------------------------------------------------------------------------
 

@@ -2,16 +2,10 @@
 // leaves (csrc/cpu/pgd_leaf.inc) and the CUDA kernels (csrc/cuda/pgd.cu), so the CPU tests
 // cover the formulas both run.
 //
-// No include guard and no includes, by design: each user includes it inside its own
-// namespace (the CPU leaves once per ISA, under that ISA's target pragma), so no function
-// compiled for one ISA can be linked into another's path.
-#ifndef FASTROBUST_HD
-#if defined(__CUDACC__)
-#define FASTROBUST_HD __host__ __device__ __forceinline__
-#else
-#define FASTROBUST_HD inline
-#endif
-#endif
+// No include guard and no includes but hd.h's macro, by design: each user includes it inside
+// its own namespace (the CPU leaves once per ISA, under that ISA's target pragma), so no
+// function compiled for one ISA can be linked into another's path.
+#include "hd.h"
 
 // clamp(v, lo, hi) as torch.clamp computes it: max first, then min; NaN passes through.
 template <typename T>

@@ -9,6 +9,7 @@
 
 #include <cmath>
 
+#include "dtype_dispatch.cuh"
 #include "multi_bn_cuda.h"
 
 namespace fastrobust::cuda {
@@ -118,24 +119,14 @@ const char* backward_t(const BnArgs& a, bool needs_dx, cudaStream_t s) {
 
 const char* bn_forward(const BnArgs& a, void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
-  switch (a.dtype) {
-    case Dtype::kFloat: return forward_t<float>(a, s);
-    case Dtype::kDouble: return forward_t<double>(a, s);
-    case Dtype::kHalf: return forward_t<__half>(a, s);
-    case Dtype::kBFloat16: return forward_t<__nv_bfloat16>(a, s);
-  }
-  return "bn_forward: unsupported dtype";
+  return by_dtype(a.dtype, [&](auto t) { return forward_t<decltype(t)>(a, s); },
+                  "bn_forward: unsupported dtype");
 }
 
 const char* bn_backward(const BnArgs& a, bool needs_dx, void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
-  switch (a.dtype) {
-    case Dtype::kFloat: return backward_t<float>(a, needs_dx, s);
-    case Dtype::kDouble: return backward_t<double>(a, needs_dx, s);
-    case Dtype::kHalf: return backward_t<__half>(a, needs_dx, s);
-    case Dtype::kBFloat16: return backward_t<__nv_bfloat16>(a, needs_dx, s);
-  }
-  return "bn_backward: unsupported dtype";
+  return by_dtype(a.dtype, [&](auto t) { return backward_t<decltype(t)>(a, needs_dx, s); },
+                  "bn_backward: unsupported dtype");
 }
 
 }  // namespace fastrobust::cuda

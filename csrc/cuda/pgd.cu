@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include "../spec.h"
+#include "dtype_dispatch.cuh"
 #include "pgd_cuda.h"
 
 namespace fastrobust::cuda {
@@ -186,25 +187,15 @@ const char* mifgsm_typed(const PgdArgs& a, cudaStream_t s) {
 const char* pgd_update(const PgdArgs& a, void* stream) {
   if (a.N * a.S == 0) return nullptr;
   auto s = static_cast<cudaStream_t>(stream);
-  switch (a.dtype) {
-    case Dtype::kFloat: return pgd_typed<float>(a, s);
-    case Dtype::kDouble: return pgd_typed<double>(a, s);
-    case Dtype::kHalf: return pgd_typed<__half>(a, s);
-    case Dtype::kBFloat16: return pgd_typed<__nv_bfloat16>(a, s);
-  }
-  return "pgd_update: unsupported dtype";
+  return by_dtype(a.dtype, [&](auto t) { return pgd_typed<decltype(t)>(a, s); },
+                  "pgd_update: unsupported dtype");
 }
 
 const char* mifgsm_update(const PgdArgs& a, void* stream) {
   if (a.N * a.S == 0) return nullptr;
   auto s = static_cast<cudaStream_t>(stream);
-  switch (a.dtype) {
-    case Dtype::kFloat: return mifgsm_typed<float>(a, s);
-    case Dtype::kDouble: return mifgsm_typed<double>(a, s);
-    case Dtype::kHalf: return mifgsm_typed<__half>(a, s);
-    case Dtype::kBFloat16: return mifgsm_typed<__nv_bfloat16>(a, s);
-  }
-  return "mifgsm_update: unsupported dtype";
+  return by_dtype(a.dtype, [&](auto t) { return mifgsm_typed<decltype(t)>(a, s); },
+                  "mifgsm_update: unsupported dtype");
 }
 
 }  // namespace fastrobust::cuda
