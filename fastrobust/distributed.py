@@ -19,8 +19,13 @@ dweight and dbias are each rank's own (DDP averages parameter gradients); dx is 
 of the sum of every rank's loss, as nn.SyncBatchNorm's, so DDP's average gives the gradient of
 the global batch's mean loss.
 
-The per-plane moments and the correction of dx are plain PyTorch (two extra passes over x
-forward, one backward); the collectives, not the passes, are what a multi-GPU step waits on.
+Where the Triton kernels serve the BN op (CUDA; a forced 'triton' backend) the synchronized op
+runs through them too (fastrobust/kernels/multi_bn.py `sync_bn_forward`, `bn_backward` with
+`all_reduce`): forward moments → local payload → the all-reduce → one kernel that normalizes
+with the global statistics (3 launches), backward grad sums → local T1, T2 → the all-reduce →
+per-plane results → dx (4 launches); nothing on the host reads a value. Elsewhere (the CPU's
+C++ kernels, the eager backend) the per-plane moments and the correction of dx are plain
+PyTorch around the BN op.
 """
 from __future__ import annotations
 
@@ -63,12 +68,33 @@ def _where(M: Tensor, t: Tensor) -> Tensor:
     return torch.where(Mb != 0, Mb * t, 0.0)
 
 
+def _kernel_path(x: Tensor) -> bool:
+    """Whether the Triton kernels serve this call (where they serve the BN op: CUDA, or a
+    forced 'triton'); an empty local batch takes the eager path, whose collectives are the
+    same (one fp64 [K + 2·K·C] all-reduce forward, one [2·K·C] backward)."""
+    from . import backends
+    return x.numel() > 0 and backends.choose("multi_bn", x.device) == "triton"
+
+
 class _SyncBN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, route, weight, bias, running_mean, running_var, num_batches_tracked,
                 scale, gamma, beta, K, momentum, cumulative, eps, relu, mixed, group):
-        acc = acc_dtype(x)
         branch, mix = (None, route) if mixed else (route, None)
+        ctx.K, ctx.mixed, ctx.relu, ctx.group = K, mixed, relu, group
+        ctx.dtypes = [None if t is None else t.dtype
+                      for t in (x, route, weight, bias, scale, gamma, beta)]
+        ctx.kernels = _kernel_path(x)
+        if ctx.kernels:
+            from .kernels import multi_bn as kernels
+            y, mean, invstd, planes, payload = kernels.sync_bn_forward(
+                x, branch, mix, weight, bias, running_mean, running_var, num_batches_tracked,
+                scale, gamma, beta, K, momentum, cumulative, eps, relu,
+                lambda t: dist.all_reduce(t, group=group))
+            ctx.save_for_backward(x, route, weight, bias, mean, invstd, scale, gamma, beta,
+                                  planes, payload)
+            return y
+        acc = acc_dtype(x)
         if mixed:
             check_mix_values(mix)
         else:
@@ -102,9 +128,7 @@ class _SyncBN(torch.autograd.Function):
             momentum, False, eps, relu)
         ctx.save_for_backward(x, route, weight, bias, mean_used, invstd, scale, gamma, beta,
                               pmean, pm2, count.to(acc), var64.to(acc))
-        ctx.K, ctx.mixed, ctx.relu, ctx.group, ctx.S = K, mixed, relu, group, S
-        ctx.dtypes = [None if t is None else t.dtype
-                      for t in (x, route, weight, bias, scale, gamma, beta)]
+        ctx.S = S
         if new_running is not None:
             with torch.no_grad():
                 running_mean.copy_(new_running[0])
@@ -122,12 +146,15 @@ class _SyncBN(torch.autograd.Function):
                 "sync_multi_batch_norm / sync_mixed_batch_norm: double backward "
                 "(create_graph=True, e.g. a gradient penalty) is not supported through the "
                 "synchronized BN; use sync_bn=False (per-rank statistics) for such losses")
+        ng = ctx.needs_input_grad
+        need_x, need_mix, need_w, need_b = ng[0], ctx.mixed and ng[1], ng[2], ng[3]
+        need_s, need_g, need_be = ng[7], ng[8], ng[9]
+        if ctx.kernels:
+            return _SyncBN._kernel_backward(ctx, dy, need_x, need_mix, need_w, need_b, need_s,
+                                            need_g, need_be)
         (x, route, weight, bias, mean, invstd, scale, gamma, beta, pmean, pm2, count,
          var) = ctx.saved_tensors
         K, mixed, S = ctx.K, ctx.mixed, ctx.S
-        ng = ctx.needs_input_grad
-        need_x, need_mix, need_w, need_b = ng[0], mixed and ng[1], ng[2], ng[3]
-        need_s, need_g, need_be = ng[7], ng[8], ng[9]
         branch, mix = (None, route) if mixed else (route, None)
         acc = mean.dtype if mean.dtype == torch.float64 else torch.float32
         # The fused backward with the statistics held fixed: direct terms and local T1, T2.
@@ -171,6 +198,25 @@ class _SyncBN(torch.autograd.Function):
         db = local_b.to(ctx.dtypes[3]) if need_b else None
         dg = dg.to(ctx.dtypes[5]) if need_g else None
         dbe = dbe.to(ctx.dtypes[6]) if need_be else None
+        return (dx, dmix, dw, db, None, None, None, ds, dg, dbe) + (None,) * 7
+
+    @staticmethod
+    def _kernel_backward(ctx, dy, need_x, need_mix, need_w, need_b, need_s, need_g, need_be):
+        """The Triton backward: grad sums → local T1, T2 → the all-reduce → per-plane
+        results with the global sums → dx (4 launches and the collective)."""
+        from .kernels import multi_bn as kernels
+        x, route, weight, bias, mean, invstd, scale, gamma, beta, planes, payload = \
+            ctx.saved_tensors
+        branch, mix = (None, route) if ctx.mixed else (route, None)
+        group = ctx.group
+        grads = kernels.bn_backward(
+            dy, x, branch, mix, weight, bias, mean, invstd, planes, scale, gamma, beta, ctx.K,
+            True, ctx.relu, [need_x, need_mix, need_w, need_b, need_s, need_g, need_be],
+            all_reduce=lambda t: dist.all_reduce(t, group=group), payload=payload)
+        needs = (need_x, need_mix, need_w, need_b, need_s, need_g, need_be)
+        dx, dmix, dw, db, ds, dg, dbe = (
+            t.to(dt) if need else None
+            for t, need, dt in zip(grads, needs, ctx.dtypes))
         return (dx, dmix, dw, db, None, None, None, ds, dg, dbe) + (None,) * 7
 
 

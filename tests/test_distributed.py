@@ -52,8 +52,24 @@ class _Counter:
         dist.all_reduce = self._orig
 
 
-def _op_worker(rank, store, mixed, extras, placement, spatial=(5, 4)):
+def _op_worker(rank, store, mixed, extras, placement, spatial=(5, 4), backend=None,
+               channels_last=False):
+    """backend='triton': the synchronized op runs through the Triton kernels (under the
+    interpreter here), the single-process reference through the CPU's."""
     _init(rank, store)
+    from fastrobust import backends
+    from fastrobust.kernels import multi_bn as kernels
+    calls = []
+    kernel_fwd, kernel_bwd = kernels.sync_bn_forward, kernels.bn_backward
+
+    def counted(fn, name):
+        def run(*a, **k):
+            if name == "fwd" or k.get("all_reduce") is not None:
+                calls.append(name)
+            return fn(*a, **k)
+        return run
+    kernels.sync_bn_forward = counted(kernel_fwd, "fwd")
+    kernels.bn_backward = counted(kernel_bwd, "bwd")
     try:
         f64 = torch.float64
         g = torch.Generator().manual_seed(0)  # the same global batch on every rank
@@ -76,9 +92,13 @@ def _op_worker(rank, store, mixed, extras, placement, spatial=(5, 4)):
         dy = torch.randn(N, C, *spatial, generator=g, dtype=f64)
         rm0, rv0 = torch.randn(K, C, generator=g, dtype=f64), torch.rand(K, C, generator=g,
                                                                           dtype=f64) + 0.5
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+            dy = dy.contiguous(memory_format=torch.channels_last)
 
         def run(sync, sl):
-            leaves = [t.clone().requires_grad_() for t in [x[sl], w, b]]
+            leaves = [t.clone(memory_format=torch.preserve_format).requires_grad_()
+                      for t in [x[sl], w, b]]
             xe = [t[sl].clone().requires_grad_() for t in ext] if extras else []
             r = route[sl].clone()
             if mixed:
@@ -93,17 +113,20 @@ def _op_worker(rank, store, mixed, extras, placement, spatial=(5, 4)):
             else:
                 fn = F.mixed_batch_norm if mixed else F.multi_batch_norm
                 kw["training"] = True
-            with _Counter() as fwd:
-                y = fn(leaves[0], r, leaves[1], leaves[2], rm, rv, **kw)
-            inputs = leaves + xe + ([r] if mixed else [])
-            with _Counter() as bwd:
-                grads = torch.autograd.grad(y, inputs, dy[sl])
+            with backends.use(backend if sync else None):
+                with _Counter() as fwd:
+                    y = fn(leaves[0], r, leaves[1], leaves[2], rm, rv, **kw)
+                inputs = leaves + xe + ([r] if mixed else [])
+                with _Counter() as bwd:
+                    grads = torch.autograd.grad(y, inputs, dy[sl])
             return y, list(grads), (rm, rv, nbt), (fwd.n, bwd.n)
 
         y_ref, g_ref, run_ref, _ = run(False, slice(None))
         mine = slice(rank * half, (rank + 1) * half)
         y, grads, running, counts = run(True, mine)
         assert counts == (1, 1), counts  # one all-reduce forward, one backward
+        # the kernels served the synchronized op exactly where the Triton backend was forced
+        assert calls == (["fwd", "bwd"] if backend == "triton" else []), calls
         torch.testing.assert_close(y, y_ref[mine], **TOL64)
         torch.testing.assert_close(grads[0], g_ref[0][mine], **TOL64)  # dx
         for i in (1, 2):  # dweight, dbias: each rank's share; their sum is the whole batch's
@@ -115,6 +138,7 @@ def _op_worker(rank, store, mixed, extras, placement, spatial=(5, 4)):
         for got, want in zip(running, run_ref):
             torch.testing.assert_close(got, want, **TOL64)
     finally:
+        kernels.sync_bn_forward, kernels.bn_backward = kernel_fwd, kernel_bwd
         dist.destroy_process_group()
 
 
@@ -131,6 +155,23 @@ def test_sync_op_one_value_per_plane(extras, spatial):
     """1×1 maps and [N, C] inputs (a ResNet's last stage at 8×8 inputs): one value per plane,
     with a branch that only one rank holds, twice."""
     _spawn(_op_worker, False, extras, "two_on_one_rank", spatial)
+
+
+@pytest.mark.parametrize("case", [
+    (False, False, "one_rank", (5, 4)), (False, True, "spread", (5, 4)),
+    (True, False, "one_rank", (5, 4)), (True, True, "none", (5, 4)),
+    (False, True, "two_on_one_rank", (1, 1)), (True, True, "spread", ()),
+    (True, True, "one_rank", (3, 3), True)],
+    ids=["routed-plain-one_rank", "routed-extras-spread", "mixed-plain-one_rank",
+         "mixed-extras-none", "routed-extras-1x1", "mixed-extras-no_spatial",
+         "mixed-extras-channels_last"])
+def test_sync_op_through_triton_kernels(case):
+    """The synchronized op through the Triton kernels (CUDA's path: 3 launches and the
+    all-reduce forward, 4 and the all-reduce backward) equals the single-process op on the
+    whole batch: forward, every gradient, running statistics and counters. channels_last
+    and [N, C] inputs take the kernels' channel tiles (BLOCK_C > 1, masked at C=3)."""
+    mixed, extras, placement, spatial, *cl = case
+    _spawn(_op_worker, mixed, extras, placement, spatial, "triton", bool(cl and cl[0]))
 
 
 def _module_worker(rank, store):

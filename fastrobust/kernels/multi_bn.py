@@ -105,16 +105,57 @@ def _coefficients(ks, cs, K, C, mean_ptr, invstd_ptr, w_ptr, b_ptr, single,
     m = (ks < K)[:, None] & (cs < C)[None, :]
     mu = tl.load(mean_ptr + kc, mask=m, other=0.0)
     r = tl.load(invstd_ptr + kc, mask=m, other=0.0)
+    a, d, b = _affine_of(kc, m, mu, r, w_ptr, b_ptr, HAS_W, HAS_B, ACC)
+    a_eff = tl.where(single[:, None], 0.0, a)
+    d_eff = tl.where(single[:, None], b, d)
+    return mu, r, a, d, a_eff, d_eff, b
+
+
+@triton.jit
+def _affine_of(kc, m, mu, r, w_ptr, b_ptr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+               ACC: tl.constexpr):
+    """a = w·invstd, d = b − mean·a and b per (k, c)."""
     a = r
     if HAS_W:
         a = r * tl.load(w_ptr + kc, mask=m, other=0.0).to(ACC)
     b = tl.zeros_like(a)
     if HAS_B:
         b = tl.load(b_ptr + kc, mask=m, other=0.0).to(ACC)
-    d = b - mu * a
-    a_eff = tl.where(single[:, None], 0.0, a)
-    d_eff = tl.where(single[:, None], b, d)
-    return mu, r, a, d, a_eff, d_eff, b
+    return a, b - mu * a, b
+
+
+@triton.jit
+def _invstd(var, eps, ACC: tl.constexpr):
+    if ACC == tl.float64:
+        return 1.0 / tl.sqrt(var + eps)
+    else:  # IEEE-rounded, as torch.rsqrt's reference (tl.sqrt is sqrt.approx on GPU)
+        return 1.0 / tl.sqrt_rn(var + eps)
+
+
+@triton.jit
+def _update_running(rm_ptr, rv_ptr, kc, kcm, mean, var, count, mom, ACC: tl.constexpr):
+    """Running mean and unbiased variance of branches with at least two values."""
+    valid = (count >= 2)[:, None]
+    rm = tl.load(rm_ptr + kc, mask=kcm, other=0.0)
+    rv = tl.load(rv_ptr + kc, mask=kcm, other=0.0)
+    unbiased = var * (count / tl.maximum(count - 1, 1.0))[:, None]
+    new_m = (1 - mom) * rm.to(ACC) + mom * mean
+    new_v = (1 - mom) * rv.to(ACC) + mom * unbiased
+    tl.store(rm_ptr + kc, new_m.to(rm_ptr.dtype.element_ty), mask=kcm & valid)
+    tl.store(rv_ptr + kc, new_v.to(rv_ptr.dtype.element_ty), mask=kcm & valid)
+
+
+@triton.jit
+def _global_stats(pay_ptr, ks, kc, kcm, K, C, ACC: tl.constexpr):
+    """Per-(k, c) count, mean and biased variance from the all-reduced fp64 payload
+    [count K | Σu K·C | Σu² K·C] of the synchronized BN."""
+    cnt = tl.load(pay_ptr + ks, mask=ks < K, other=0.0)
+    s1 = tl.load(pay_ptr + K + kc, mask=kcm, other=0.0)
+    s2 = tl.load(pay_ptr + K + K * C + kc, mask=kcm, other=0.0)
+    den = tl.where(cnt != 0, cnt, 1.0)[:, None]
+    mean = s1 / den
+    var = tl.maximum(s2 / den - mean * mean, 0.0)
+    return cnt.to(ACC), mean.to(ACC), var.to(ACC)
 
 
 @triton.jit
@@ -207,9 +248,10 @@ def _moments_kernel(x_ptr, parts_ptr, N, C, S, CHUNK, sxn, sxc, sxs,
 @triton.jit
 def _bn_stats_kernel(parts_ptr, x_ptr, sxn, sxc, br_ptr, sbr, mix_ptr, smn, smk,
                      sc_ptr, g_ptr, be_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr, nbt_ptr,
-                     mean_ptr, invstd_ptr, A_ptr, D_ptr, cnt_ptr, planes_ptr,
+                     mean_ptr, invstd_ptr, A_ptr, D_ptr, cnt_ptr, planes_ptr, pay_ptr,
                      N, C, S, T, CHUNK, K, momentum, eps, par_ptr,
-                     PAR_T: tl.constexpr, MIXED: tl.constexpr, BATCH: tl.constexpr,
+                     SYNC: tl.constexpr, PAR_T: tl.constexpr, MIXED: tl.constexpr,
+                     BATCH: tl.constexpr,
                      RUNNING: tl.constexpr,
                      CUMULATIVE: tl.constexpr, FROM_X: tl.constexpr, PLANES: tl.constexpr,
                      CHECK: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
@@ -259,20 +301,28 @@ def _bn_stats_kernel(parts_ptr, x_ptr, sxn, sxc, br_ptr, sbr, mix_ptr, smn, smk,
             W = tot
         count = W * S
         var = m2 / _safe(count)[:, None]
+        if SYNC == 1:
+            # The synchronized BN's local pass: this rank's count, Σu = count·mean and
+            # Σu² = M2 + count·mean² per (k, c), in fp64, for the all-reduce; and a copy of
+            # num_batches_tracked for the apply kernel's cumulative momentum (it advances
+            # the counter while other programs would still read it).
+            c64 = count.to(tl.float64)
+            mean64 = mean.to(tl.float64)
+            tl.store(pay_ptr + K + kc, c64[:, None] * mean64, mask=kcm)
+            tl.store(pay_ptr + K + K * C + kc,
+                     m2.to(tl.float64) + c64[:, None] * mean64 * mean64, mask=kcm)
+            if pid == 0:
+                tl.store(pay_ptr + ks, c64, mask=kmask)
+                if CUMULATIVE:
+                    tl.store(cnt_ptr + ks, tl.load(nbt_ptr + ks, mask=kmask, other=0).to(ACC),
+                             mask=kmask)
         if RUNNING:
-            valid = (count >= 2)[:, None]
             if CUMULATIVE:
                 mom = 1.0 / (tl.load(nbt_ptr + ks, mask=kmask, other=0).to(ACC) + 1.0)
                 mom = mom[:, None]
             else:
                 mom = momentum
-            rm = tl.load(rm_ptr + kc, mask=kcm, other=0.0)
-            rv = tl.load(rv_ptr + kc, mask=kcm, other=0.0)
-            unbiased = var * (count / tl.maximum(count - 1, 1.0))[:, None]
-            new_m = (1 - mom) * rm.to(ACC) + mom * mean
-            new_v = (1 - mom) * rv.to(ACC) + mom * unbiased
-            tl.store(rm_ptr + kc, new_m.to(rm_ptr.dtype.element_ty), mask=kcm & valid)
-            tl.store(rv_ptr + kc, new_v.to(rv_ptr.dtype.element_ty), mask=kcm & valid)
+            _update_running(rm_ptr, rv_ptr, kc, kcm, mean, var, count, mom, ACC)
             if pid == 0:  # num_batches_tracked is advanced by the next kernel, after all reads
                 tl.store(cnt_ptr + ks, count, mask=kmask)
         single = (nnz == 1) & (S == 1)
@@ -280,10 +330,23 @@ def _bn_stats_kernel(parts_ptr, x_ptr, sxn, sxc, br_ptr, sbr, mix_ptr, smn, smk,
         mean = tl.load(rm_ptr + kc, mask=kcm, other=0.0).to(ACC)
         var = tl.load(rv_ptr + kc, mask=kcm, other=1.0).to(ACC)
         single = ks < 0
-    if ACC == tl.float64:
-        invstd = 1.0 / tl.sqrt(var + eps)
-    else:  # IEEE-rounded, as torch.rsqrt's reference (tl.sqrt is sqrt.approx on GPU)
-        invstd = 1.0 / tl.sqrt_rn(var + eps)
+    if SYNC == 0:
+        _bn_stats_tail(br_ptr, sbr, mix_ptr, smn, smk, sc_ptr, g_ptr, be_ptr, w_ptr, b_ptr,
+                       mean_ptr, invstd_ptr, A_ptr, D_ptr, mean, var, single, ks, cs, kc, kcm,
+                       N, C, K, eps, MIXED, CHECK, HAS_W, HAS_B, SCALE, GAMMA, BETA, BLOCK_N,
+                       ACC)
+
+
+@triton.jit
+def _bn_stats_tail(br_ptr, sbr, mix_ptr, smn, smk, sc_ptr, g_ptr, be_ptr, w_ptr, b_ptr,
+                   mean_ptr, invstd_ptr, A_ptr, D_ptr, mean, var, single, ks, cs, kc, kcm,
+                   N, C, K, eps, MIXED: tl.constexpr, CHECK: tl.constexpr,
+                   HAS_W: tl.constexpr, HAS_B: tl.constexpr, SCALE: tl.constexpr,
+                   GAMMA: tl.constexpr, BETA: tl.constexpr, BLOCK_N: tl.constexpr,
+                   ACC: tl.constexpr):
+    """mean / invstd stored and the per-plane coefficients A, D of the whole op."""
+    cmask = cs < C
+    invstd = _invstd(var, eps, ACC)
     tl.store(mean_ptr + kc, mean, mask=kcm)
     tl.store(invstd_ptr + kc, invstd, mask=kcm)
     _m, _r, _a, _d, a_eff, d_eff, _b0 = _coefficients(ks, cs, K, C, mean_ptr, invstd_ptr, w_ptr,
@@ -334,6 +397,68 @@ def _affine_kernel(x_ptr, out_ptr, a_ptr, d_ptr, C, S, sxn, sxc, sxs, son, soc, 
             cnt = tl.load(cnt_ptr + ks, mask=ks < K, other=0.0)
             old = tl.load(nbt_ptr + ks, mask=ks < K, other=0)
             tl.store(nbt_ptr + ks, old + (cnt >= 2).to(old.dtype), mask=ks < K)
+
+
+@triton.jit
+def _sync_apply_kernel(x_ptr, out_ptr, pay_ptr, br_ptr, sbr, mix_ptr, smn, smk, sc_ptr, g_ptr,
+                       be_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr, nbt_ptr, old_ptr, mean_ptr,
+                       invstd_ptr, N, C, S, K, sxn, sxc, sxs, son, soc, sos, c_blocks,
+                       momentum, eps, par_ptr,
+                       PAR_T: tl.constexpr, MIXED: tl.constexpr, RUNNING: tl.constexpr,
+                       CUMULATIVE: tl.constexpr, COUNT: tl.constexpr, CHECK: tl.constexpr,
+                       HAS_W: tl.constexpr, HAS_B: tl.constexpr, SCALE: tl.constexpr,
+                       GAMMA: tl.constexpr, BETA: tl.constexpr, RELU: tl.constexpr,
+                       BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+                       ACC: tl.constexpr):
+    """The synchronized BN after its all-reduce, in one pass: every program derives the
+    global per-(k, c) statistics of its channels from the payload (K·BLOCK_C values), its
+    sample's coefficients A, D from them, and writes y = act(A·x + D). The programs of
+    sample 0's first spatial block also store mean / invstd and update the running
+    statistics of their channels (each (k, c) has one writer; nothing else reads them here)."""
+    pid = tl.program_id(0)
+    n = (pid // c_blocks).to(tl.int64)
+    cb = pid % c_blocks
+    cs = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    sb = tl.program_id(1)
+    ks = tl.arange(0, BLOCK_K)
+    cmask, kmask = cs < C, ks < K
+    kc = ks[:, None] * C + cs[None, :]
+    kcm = kmask[:, None] & cmask[None, :]
+    if PAR_T:
+        momentum = tl.load(par_ptr)
+        eps = tl.load(par_ptr + 1)
+    count, mean, var = _global_stats(pay_ptr, ks, kc, kcm, K, C, ACC)
+    invstd = _invstd(var, eps, ACC)
+    first = (n == 0) & (sb == 0)
+    tl.store(mean_ptr + kc, mean, mask=kcm & first)
+    tl.store(invstd_ptr + kc, invstd, mask=kcm & first)
+    if RUNNING:
+        if CUMULATIVE:  # the counter as the local pass copied it (program 0 advances it)
+            mom = (1.0 / (tl.load(old_ptr + ks, mask=kmask, other=0.0) + 1.0))[:, None]
+        else:
+            mom = momentum
+        _update_running(rm_ptr, rv_ptr, kc, kcm & first, mean, var, count, mom, ACC)
+        if COUNT:
+            cnt0 = first & (cb == 0)
+            old = tl.load(nbt_ptr + ks, mask=kmask & cnt0, other=0)
+            tl.store(nbt_ptr + ks, old + (count >= 2).to(old.dtype), mask=kmask & cnt0)
+    a, d, _b = _affine_of(kc, kcm, mean, invstd, w_ptr, b_ptr, HAS_W, HAS_B, ACC)
+    ns = n + tl.arange(0, 1)
+    M, ok = _route(ns, ks, N, K, br_ptr, sbr, mix_ptr, smn, smk, MIXED, ACC)
+    s, g, be = _extras(ns, cs, N, C, sc_ptr, g_ptr, be_ptr, SCALE, GAMMA, BETA, ACC)
+    A = _to_planes(M, a) * s * g  # [1, BLOCK_C]
+    D = _to_planes(M, d) * g + be
+    if CHECK:
+        A = tl.where(ok[:, None], A, float("nan"))
+        D = tl.where(ok[:, None], D, float("nan"))
+    ss = sb * BLOCK_S + tl.arange(0, BLOCK_S)
+    mask = (ss < S)[:, None] & cmask[None, :]
+    x = tl.load(x_ptr + _tile(n, cs, ss, sxn, sxc, sxs), mask=mask, other=0.0).to(ACC)
+    f = A * x + D
+    if RELU:
+        f = tl.where(f <= 0, 0.0, f)
+    tl.store(out_ptr + _tile(n, cs, ss, son, soc, sos), f.to(out_ptr.dtype.element_ty),
+             mask=mask)
 
 
 # --- backward -----------------------------------------------------------------------------------
@@ -416,9 +541,10 @@ def _sum_parts(parts_ptr, j, ns, cs, N, C, T):
 def _bn_grads_kernel(parts_ptr, planes_ptr, br_ptr, sbr, mix_ptr, smn, smk,
                      mean_ptr, invstd_ptr, w_ptr, b_ptr, sc_ptr, g_ptr, be_ptr,
                      dw_ptr, db_ptr, dg_ptr, dbe_ptr, ds_ptr, dmix_part_ptr,
-                     P_ptr, Q_ptr, R_ptr, A_ptr, D_ptr,
+                     P_ptr, Q_ptr, R_ptr, A_ptr, D_ptr, pay_ptr, fpay_ptr,
                      N, C, S, T, K,
-                     MIXED: tl.constexpr, BATCH: tl.constexpr, RELU: tl.constexpr,
+                     SYNC: tl.constexpr, MIXED: tl.constexpr, BATCH: tl.constexpr,
+                     RELU: tl.constexpr,
                      NEED_PQR: tl.constexpr, NEED_G: tl.constexpr, NEED_BE: tl.constexpr,
                      NEED_S: tl.constexpr, NEED_MIX: tl.constexpr, HAS_W: tl.constexpr,
                      HAS_B: tl.constexpr, SCALE: tl.constexpr, GAMMA: tl.constexpr,
@@ -432,45 +558,80 @@ def _bn_grads_kernel(parts_ptr, planes_ptr, br_ptr, sbr, mix_ptr, smn, smk,
     kcm = kmask[:, None] & cmask[None, :]
     no_single = ks < 0
     mu = tl.load(mean_ptr + kc, mask=kcm, other=0.0)
-    # Pass 1: the per-(k, c) sums over the batch. The other coefficients are loaded after it:
-    # held across the loop, ptxas spilled them on sm_90.
-    T1 = tl.zeros([BLOCK_K, BLOCK_C], ACC)
-    TU = tl.zeros([BLOCK_K, BLOCK_C], ACC)
-    VQ = tl.zeros([BLOCK_K, BLOCK_C], ACC)
-    W = tl.zeros([BLOCK_K], ACC)
-    nnz = tl.zeros([BLOCK_K], ACC)
-    for n0 in range(0, N, BLOCK_N):
-        ns = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
-        M, _ = _route(ns, ks, N, K, br_ptr, sbr, mix_ptr, smn, smk, MIXED, ACC)
-        s, g, _b = _extras(ns, cs, N, C, sc_ptr, g_ptr, be_ptr, SCALE, GAMMA, False, ACC)
-        ctr = _centre(M, mu, s, SCALE)
-        G1 = _sum_parts(parts_ptr, 0, ns, cs, N, C, T)
-        G2 = _sum_parts(parts_ptr, 1, ns, cs, N, C, T)
-        Z1 = g * G1
-        Zu = g * (s * G2) + (s * ctr) * Z1  # Σ_s dz·u per plane
-        T1 += _to_branches(M, Z1)
-        TU += _to_branches(M, Zu)
-        W += tl.sum(M, 0)
-        nnz += tl.sum((M != 0).to(ACC), 0)
-        if NEED_MIX and BATCH:
-            pm, pq = _plane_moments(ns, cs, N, C, S, 1, S, planes_ptr, planes_ptr, 0, 0,
-                                    False, ACC)
-            um = pm * s
-            dev = um[:, None, :] - mu[None, :, :]
-            VQ += _to_branches_q(M, pq * s * s, dev, S)
+    if SYNC == 2:
+        # The synchronized BN after its backward all-reduce: the global T1, T2 (payload
+        # [2, K, C]) and the forward's global counts and variance replace pass 1's sums.
+        T1 = tl.load(pay_ptr + kc, mask=kcm, other=0.0)
+        T2 = tl.load(pay_ptr + K * C + kc, mask=kcm, other=0.0)
+        count, _gm, var = _global_stats(fpay_ptr, ks, kc, kcm, K, C, ACC)
+        W = count / S
+    else:
+        # Pass 1: the per-(k, c) sums over the batch. The other coefficients are loaded after it:
+        # held across the loop, ptxas spilled them on sm_90.
+        T1 = tl.zeros([BLOCK_K, BLOCK_C], ACC)
+        TU = tl.zeros([BLOCK_K, BLOCK_C], ACC)
+        VQ = tl.zeros([BLOCK_K, BLOCK_C], ACC)
+        W = tl.zeros([BLOCK_K], ACC)
+        nnz = tl.zeros([BLOCK_K], ACC)
+        for n0 in range(0, N, BLOCK_N):
+            ns = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+            M, _ = _route(ns, ks, N, K, br_ptr, sbr, mix_ptr, smn, smk, MIXED, ACC)
+            s, g, _b = _extras(ns, cs, N, C, sc_ptr, g_ptr, be_ptr, SCALE, GAMMA, False, ACC)
+            ctr = _centre(M, mu, s, SCALE)
+            G1 = _sum_parts(parts_ptr, 0, ns, cs, N, C, T)
+            G2 = _sum_parts(parts_ptr, 1, ns, cs, N, C, T)
+            Z1 = g * G1
+            Zu = g * (s * G2) + (s * ctr) * Z1  # Σ_s dz·u per plane
+            T1 += _to_branches(M, Z1)
+            TU += _to_branches(M, Zu)
+            W += tl.sum(M, 0)
+            nnz += tl.sum((M != 0).to(ACC), 0)
+            if NEED_MIX and BATCH:
+                pm, pq = _plane_moments(ns, cs, N, C, S, 1, S, planes_ptr, planes_ptr, 0, 0,
+                                        False, ACC)
+                um = pm * s
+                dev = um[:, None, :] - mu[None, :, :]
+                VQ += _to_branches_q(M, pq * s * s, dev, S)
+        var = VQ / _safe(W * S)[:, None]
     mu, r, a, d, _ae, _de, b = _coefficients(ks, cs, K, C, mean_ptr, invstd_ptr, w_ptr, b_ptr,
                                           no_single, HAS_W, HAS_B, ACC)
-    single = ((nnz == 1) & (S == 1) & BATCH)[:, None]
-    T2 = tl.where(single, 0.0, r * (TU - mu * T1))
-    tl.store(dw_ptr + kc, T2, mask=kcm)
-    tl.store(db_ptr + kc, T1, mask=kcm)
-    a_eff = tl.where(single, 0.0, a)
-    d_eff = tl.where(single, b, d)
+    if SYNC == 2:
+        a_eff = a
+        d_eff = d
+    else:
+        single = ((nnz == 1) & (S == 1) & BATCH)[:, None]
+        T2 = tl.where(single, 0.0, r * (TU - mu * T1))
+        tl.store(dw_ptr + kc, T2, mask=kcm)
+        tl.store(db_ptr + kc, T1, mask=kcm)
+        if SYNC == 1:  # this rank's sums, for the all-reduce
+            tl.store(pay_ptr + kc, T1, mask=kcm)
+            tl.store(pay_ptr + K * C + kc, T2, mask=kcm)
+        a_eff = tl.where(single, 0.0, a)
+        d_eff = tl.where(single, b, d)
+    if SYNC != 1:
+        _bn_grads_pass2(parts_ptr, planes_ptr, br_ptr, sbr, mix_ptr, smn, smk, sc_ptr, g_ptr,
+                        be_ptr, dg_ptr, dbe_ptr, ds_ptr, dmix_part_ptr, P_ptr, Q_ptr, R_ptr,
+                        A_ptr, D_ptr, T1, T2, W, var, mu, r, a, d, a_eff, d_eff, pid, ks, cs,
+                        N, C, S, T, K, MIXED, BATCH, RELU, NEED_PQR, NEED_G, NEED_BE, NEED_S,
+                        NEED_MIX, SCALE, GAMMA, BETA, BLOCK_N, ACC)
+
+
+@triton.jit
+def _bn_grads_pass2(parts_ptr, planes_ptr, br_ptr, sbr, mix_ptr, smn, smk, sc_ptr, g_ptr,
+                    be_ptr, dg_ptr, dbe_ptr, ds_ptr, dmix_part_ptr, P_ptr, Q_ptr, R_ptr, A_ptr,
+                    D_ptr, T1, T2, W, var, mu, r, a, d, a_eff, d_eff, pid, ks, cs, N, C, S, T,
+                    K, MIXED: tl.constexpr, BATCH: tl.constexpr, RELU: tl.constexpr,
+                    NEED_PQR: tl.constexpr, NEED_G: tl.constexpr, NEED_BE: tl.constexpr,
+                    NEED_S: tl.constexpr, NEED_MIX: tl.constexpr, SCALE: tl.constexpr,
+                    GAMMA: tl.constexpr, BETA: tl.constexpr, BLOCK_N: tl.constexpr,
+                    ACC: tl.constexpr):
+    """Pass 2 of the gradient kernel: the per-plane results (var: the per-(k, c) variance,
+    used by d mix's path through the statistics)."""
+    cmask, kmask = cs < C, ks < K
     m = _safe(W * S)[:, None]
     Qk = -a_eff * r * T2 / m
     Rk = a_eff * (r * T2 * mu - T1) / m
     Wk = _safe(W)[:, None]
-    var = VQ / m
     # Pass 2: the per-plane results.
     for n0 in range(0, N, BLOCK_N):
         ns = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -681,45 +842,115 @@ def bn_forward(x, branch, mix, weight, bias, running_mean, running_var, num_batc
     if N * C == 0:
         return y, mean.zero_(), invstd.zero_(), None, None, None, planes
     running = training and running_mean is not None
-    rm, rv = running_mean, running_var
-    if running_mean is not None and not (rm.is_contiguous() and rv.is_contiguous()):
-        rm, rv = rm.contiguous(), rv.contiguous()  # written back below
+    rm, rv = _contiguous_running(running_mean, running_var)
     nbt = num_batches_tracked if num_batches_tracked is not None and running else None
     count = torch.empty(K if running else 0, device=dev, dtype=acc)
     A = torch.empty(N, C, device=dev, dtype=acc)
     D = torch.empty(N, C, device=dev, dtype=acc)
-    ACC = _tl_acc(acc)
     with on_device(x):
-        from_x = S == 1
-        T, chunk = 1, max(S, 1)
-        parts = x  # unused unless the partials are needed
-        if batch and not from_x:
-            block_c, block_s = _blocks(x3, True)
-            c_blocks = triton.cdiv(C, block_c)
-            T, chunk = _splits(N, c_blocks, S, block_s)
-            parts = torch.empty(2, T, N, C, device=dev, dtype=acc)
-            _moments_kernel[(N, c_blocks, T)](x3, parts, N, C, S, chunk, *x3.stride(),
-                                              BLOCK_C=block_c, BLOCK_S=block_s, ACC=ACC)
-        block_n, block_k, block_c = _stats_blocks(N, K, C)
-        par = x.new_tensor([momentum, eps], dtype=acc) if acc == torch.float64 else x
-        s, g, be = _c(input_scale), _c(film_gamma), _c(film_beta)
-        w, b = _c(weight), _c(bias)
-        _bn_stats_kernel[(triton.cdiv(C, block_c),)](
-            parts, x3, x3.stride(0), x3.stride(1), *_route_args(branch, mix, x), x if s is None
-            else s, x if g is None else g, x if be is None else be, x if w is None else w,
-            x if b is None else b, x if rm is None else rm, x if rv is None else rv,
-            x if nbt is None else nbt, mean, invstd, A, D, count, planes, N, C, S, T, chunk, K,
-            float(momentum), float(eps), par, PAR_T=acc == torch.float64, MIXED=mixed,
-            BATCH=batch, RUNNING=running,
-            CUMULATIVE=bool(cumulative) and nbt is not None, FROM_X=from_x,
-            PLANES=mixed and batch, CHECK=not mixed or batch, HAS_W=w is not None,
-            HAS_B=b is not None, SCALE=s is not None, GAMMA=g is not None, BETA=be is not None,
-            BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_C=block_c, ACC=ACC)
+        _stats(x, x3, branch, mix, input_scale, film_gamma, film_beta, weight, bias, rm, rv,
+               nbt, mean, invstd, A, D, count, planes, x, K, momentum, eps, batch, running,
+               cumulative, sync=0)
         _affine(x3, _ncs(y), A, D, relu, nbt, count, K)
     if rm is not running_mean and running:
         running_mean.copy_(rm)
         running_var.copy_(rv)
     return y, mean, invstd, None, None, None, planes
+
+
+def _contiguous_running(rm, rv):
+    """The running statistics as the kernels write them (written back when copied)."""
+    if rm is not None and not (rm.is_contiguous() and rv.is_contiguous()):
+        return rm.contiguous(), rv.contiguous()
+    return rm, rv
+
+
+def _stats(x, x3, branch, mix, s, g, be, w, b, rm, rv, nbt, mean, invstd, A, D, count, planes,
+           pay, K, momentum, eps, batch, running, cumulative, sync):
+    """The moments kernel (batch statistics of planes with more than one value) and the
+    statistics kernel; sync=1: its synchronized BN's local pass (payload to `pay`)."""
+    N, C, S = x3.shape
+    acc = mean.dtype
+    from_x = S == 1
+    T, chunk = 1, max(S, 1)
+    parts = x  # unused unless the partials are needed
+    if batch and not from_x:
+        block_c, block_s = _blocks(x3, True)
+        c_blocks = triton.cdiv(C, block_c)
+        T, chunk = _splits(N, c_blocks, S, block_s)
+        parts = torch.empty(2, T, N, C, device=x.device, dtype=acc)
+        _moments_kernel[(N, c_blocks, T)](x3, parts, N, C, S, chunk, *x3.stride(),
+                                          BLOCK_C=block_c, BLOCK_S=block_s, ACC=_tl_acc(acc))
+    block_n, block_k, block_c = _stats_blocks(N, K, C)
+    par = x.new_tensor([momentum, eps], dtype=acc) if acc == torch.float64 else x
+    s, g, be, w, b = _c(s), _c(g), _c(be), _c(w), _c(b)
+    mixed = mix is not None
+    _bn_stats_kernel[(triton.cdiv(C, block_c),)](
+        parts, x3, x3.stride(0), x3.stride(1), *_route_args(branch, mix, x), x if s is None
+        else s, x if g is None else g, x if be is None else be, x if w is None else w,
+        x if b is None else b, x if rm is None else rm, x if rv is None else rv,
+        x if nbt is None else nbt, mean, invstd, A, D, count, planes, pay, N, C, S, T, chunk,
+        K, float(momentum), float(eps), par, SYNC=sync, PAR_T=acc == torch.float64,
+        MIXED=mixed, BATCH=batch, RUNNING=running,
+        CUMULATIVE=bool(cumulative) and nbt is not None, FROM_X=from_x,
+        PLANES=mixed and batch, CHECK=not mixed or batch, HAS_W=w is not None,
+        HAS_B=b is not None, SCALE=s is not None, GAMMA=g is not None, BETA=be is not None,
+        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_C=block_c, ACC=_tl_acc(acc))
+
+
+@torch.no_grad()
+def sync_bn_forward(x, branch, mix, weight, bias, running_mean, running_var,
+                    num_batches_tracked, input_scale, film_gamma, film_beta, num_branches,
+                    momentum, cumulative, eps, relu, all_reduce):
+    """The synchronized BN's forward in training (fastrobust.distributed): the moments and
+    the statistics kernel's local pass write this rank's fp64 payload [count K | Σu K·C |
+    Σu² K·C], ``all_reduce(payload)`` sums it over the ranks in place, and one kernel
+    normalizes with the global statistics (and updates the running ones). Three launches
+    and the collective; nothing on the host reads a value. x must not be empty.
+    Returns (y, mean, invstd, planes, payload)."""
+    K = num_branches
+    _check_routing(x, branch, mix, K, True)
+    acc = acc_dtype(x)
+    x3 = _ncs(x)
+    N, C, S = x3.shape
+    dev = x.device
+    mean = torch.empty(K, C, device=dev, dtype=acc)
+    invstd = torch.empty(K, C, device=dev, dtype=acc)
+    mixed = mix is not None
+    planes = torch.empty((2, N, C) if mixed else (0,), device=dev, dtype=acc)
+    pay = torch.empty(K + 2 * K * C, device=dev, dtype=torch.float64)
+    y = _like(x)
+    running = running_mean is not None
+    rm, rv = _contiguous_running(running_mean, running_var)
+    nbt = num_batches_tracked if num_batches_tracked is not None and running else None
+    cumulative = bool(cumulative) and nbt is not None
+    old = torch.empty(K if cumulative else 0, device=dev, dtype=acc)
+    with on_device(x):
+        _stats(x, x3, branch, mix, input_scale, None, None, None, None, None, None, nbt, mean,
+               invstd, x, x, old, planes, pay, K, momentum, eps, True, False, cumulative,
+               sync=1)
+        all_reduce(pay)
+        s, g, be = _c(input_scale), _c(film_gamma), _c(film_beta)
+        w, b = _c(weight), _c(bias)
+        y3 = _ncs(y)
+        block_c, block_s = _blocks(x3, False)
+        c_blocks = triton.cdiv(C, block_c)
+        par = x.new_tensor([momentum, eps], dtype=acc) if acc == torch.float64 else x
+        _sync_apply_kernel[(N * c_blocks, triton.cdiv(max(S, 1), block_s))](
+            x3, y3, pay, *_route_args(branch, mix, x), x if s is None else s,
+            x if g is None else g, x if be is None else be, x if w is None else w,
+            x if b is None else b, x if rm is None else rm, x if rv is None else rv,
+            x if nbt is None else nbt, old, mean, invstd, N, C, S, K, *x3.stride(),
+            *y3.stride(), c_blocks, float(momentum), float(eps), par,
+            PAR_T=acc == torch.float64, MIXED=mixed, RUNNING=running, CUMULATIVE=cumulative,
+            COUNT=nbt is not None, CHECK=True, HAS_W=w is not None, HAS_B=b is not None,
+            SCALE=s is not None, GAMMA=g is not None, BETA=be is not None, RELU=relu,
+            BLOCK_K=triton.next_power_of_2(max(K, 1)), BLOCK_C=block_c, BLOCK_S=block_s,
+            ACC=_tl_acc(acc))
+    if rm is not running_mean and running:
+        running_mean.copy_(rm)
+        running_var.copy_(rv)
+    return y, mean, invstd, planes, pay
 
 
 def _affine(x3, y3, A, D, relu, nbt=None, count=None, K=0):
@@ -740,9 +971,18 @@ def _affine(x3, y3, A, D, relu, nbt=None, count=None, K=0):
 
 @torch.no_grad()
 def bn_backward(dy, x, branch, mix, weight, bias, mean, invstd, planes, input_scale, film_gamma,
-                film_beta, num_branches, batch_stats, relu, needs):
+                film_beta, num_branches, batch_stats, relu, needs, *, all_reduce=None,
+                payload=None):
     """needs = (x, mix, weight, bias, input_scale, film_gamma, film_beta) flags. Returns
-    (dx, dmix, dweight, dbias, dscale, dgamma, dbeta); an unneeded one is empty."""
+    (dx, dmix, dweight, dbias, dscale, dgamma, dbeta); an unneeded one is empty.
+
+    The synchronized BN's backward (fastrobust.distributed) passes ``all_reduce`` and its
+    forward's all-reduced ``payload``: the gradient kernel's first pass writes this rank's
+    T1, T2 ([2, K, C], also dbias and dweight: each rank's own), ``all_reduce`` sums them
+    over the ranks, and its second pass gives the per-plane results with the global sums and
+    counts (batch_stats must be True): four launches and the collective. x must not be
+    empty."""
+    sync = all_reduce is not None
     need_x, need_mix, need_w, need_b, need_s, need_g, need_be = needs
     K, C = mean.shape
     acc = mean.dtype
@@ -791,15 +1031,28 @@ def bn_backward(dy, x, branch, mix, weight, bias, mean, invstd, planes, input_sc
         parts = torch.empty(4 if need_s else 2, T, N, C, device=dev, dtype=acc)
         _grad_sums_kernel[(N, c_blocks, T)](
             dy3, x3, parts, parts[1], *route, mean, invstd, *ptrs, N, C, S, chunk, K, *dy3.stride(),
-            *x3.stride(), BN_MODE=True, SINGLE=batch_stats and S == 1, RELU=relu,
+            *x3.stride(), BN_MODE=True, SINGLE=batch_stats and S == 1 and not sync, RELU=relu,
             SUMS_X=need_s, BLOCK_K=block_k, BLOCK_C=block_c, BLOCK_S=block_s, ACC=ACC,
             **flags)
-        _bn_grads_kernel[(stats_blocks,)](
-            parts, planes if planes.numel() else x, *route, mean, invstd, *ptrs, dweight, dbias,
-            dgamma, dbeta, dscale, dmix_part, P, Q, R, A, D, N, C, S, T, K, BATCH=batch_stats,
-            RELU=relu, NEED_PQR=need_pqr, NEED_G=need_g, NEED_BE=need_be, NEED_S=need_s,
-            NEED_MIX=need_mix, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_C=stats_c, ACC=ACC,
-            **flags)
+        pay = torch.empty(2, K, C, device=dev, dtype=acc) if sync else x
+        for mode in ((1, 2) if sync else (0,)):
+            if mode == 2:
+                all_reduce(pay)
+            # the local pass (mode 1) computes T1, T2 only: what only pass 2 reads is off, and
+            # half the samples per step (ptxas spilled 4 B on sm_90 for mixed + extras, K=5)
+            part = dict(RELU=relu, NEED_PQR=need_pqr, NEED_G=need_g, NEED_BE=need_be,
+                        NEED_S=need_s, NEED_MIX=need_mix, **flags)
+            if mode == 1:
+                part.update({k: False for k in ("RELU", "NEED_PQR", "NEED_G", "NEED_BE",
+                                                "NEED_S", "NEED_MIX", "HAS_W", "HAS_B",
+                                                "BETA")})
+            _bn_grads_kernel[(stats_blocks,)](
+                parts, planes if planes.numel() else x, *route, mean, invstd, *ptrs, dweight,
+                dbias, dgamma, dbeta, dscale, dmix_part, P, Q, R, A, D, pay,
+                x if payload is None else payload, N, C, S, T, K, SYNC=mode,
+                BATCH=batch_stats and mode != 1,
+                BLOCK_N=max(1, block_n // 2) if mode == 1 else block_n, BLOCK_K=block_k,
+                BLOCK_C=stats_c, ACC=ACC, **part)
         if need_x or need_mix:
             dx3 = _ncs(dx) if need_x else dy3
             block_c, block_s = _blocks(x3, False)
