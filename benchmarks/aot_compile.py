@@ -148,6 +148,44 @@ def _bn_case(N, C, H, cl, K, extras, mixed, training, dtype):
     return run
 
 
+def sync_cases(full: bool):
+    """The synchronized BN's kernels (fastrobust.distributed on CUDA: local pass, apply, the
+    two-pass gradient kernel) over the same shapes and layouts, training only, fp32/bf16
+    (fp16 with `full`)."""
+    cases = []
+    for dtype in (torch.float32, torch.bfloat16) + ((torch.float16,) if full else ()):
+        for i, (N, C, H) in enumerate(SHAPES):
+            for cl in ((False, True) if H else (False,)):
+                for K in ((2, 5) if full or i == 0 else (5,)):
+                    for extras in (False, True):
+                        for mixed in (False, True):
+                            cases.append((dtype, _sync_case(N, C, H, cl, K, extras, mixed,
+                                                            dtype)))
+    return cases
+
+
+def _sync_case(N, C, H, cl, K, extras, mixed, dtype):
+    def run():
+        from fastrobust import distributed as D
+        shape = (N, C, H, H) if H else (N, C)
+        x = _t(shape, dtype, cl, grad=True)
+        w, b = _t((K, C), torch.float32, grad=True), _t((K, C), torch.float32, grad=True)
+        rm, rv = _t((K, C), torch.float32), _t((K, C), torch.float32)
+        kw = dict(momentum=0.1, eps=1e-5)
+        if extras:
+            kw.update(input_scale=_t((N, C), dtype, grad=True),
+                      film_gamma=_t((N, C), dtype, grad=True),
+                      film_beta=_t((N, C), dtype, grad=True), activation="relu")
+        with lc._one_rank():
+            if mixed:
+                y = D.sync_mixed_batch_norm(x, _t((N, K), torch.float32, grad=True), w, b, rm,
+                                            rv, **kw)
+            else:
+                y = D.sync_multi_batch_norm(x, _t((N,), torch.int64), w, b, rm, rv, **kw)
+            y.backward(torch.empty_like(y))
+    return run
+
+
 def film_cases():
     cases = []
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
@@ -274,7 +312,8 @@ def main():
     ap.add_argument("--limit", type=int, default=0, help="compile only the first N (timing)")
     args = ap.parse_args()
     t0 = time.time()
-    found = record(bn_cases(args.full) + film_cases() + add_relu_cases() + pgd_cases())
+    found = record(bn_cases(args.full) + sync_cases(args.full) + film_cases() + add_relu_cases()
+                   + pgd_cases())
     if args.count_only:
         from collections import Counter
         print(len(found), Counter(v[0] for v in found.values()))
@@ -314,7 +353,8 @@ def main():
         f"triton {triton.__version__}, torch {torch.__version__}. Every specialization the "
         "launchers produce for the representative shapes (BN: N=256 at C=256 32², 64 16², "
         "256 8², 512 4², 2-D [256, 2048], NCHW and channels_last, K=2 and 5, input scale + "
-        "FiLM + ReLU on and off, routed and mixed, training and eval, fp32/bf16/fp16; FiLM; "
+        "FiLM + ReLU on and off, routed and mixed, training and eval, fp32/bf16/fp16; the "
+        "synchronized BN's kernels at the same shapes, training, fp32/bf16; FiLM; "
         "add_relu; PGD: 256×3×32² and 256×3×224², every mode, float and per-sample ε; fp16 "
         "and K=2 at the first shape only unless --full), compiled for sm_90, the fp32 ones also for "
         "sm_80; registers and spills from ptxas -v.",

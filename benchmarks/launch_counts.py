@@ -156,6 +156,50 @@ def measure_bn(kind, **case):
     return fwd, list(c.launches)
 
 
+@contextlib.contextmanager
+def _one_rank():
+    """The synchronized BN as one rank of a CUDA job sees it: the kernel path taken (the
+    tensors are meta here), each torch.distributed.all_reduce recorded in the yielded list
+    instead of run."""
+    import torch.distributed as dist
+    from fastrobust import distributed as D
+
+    collectives: list[str] = []
+    saved = D._kernel_path, dist.all_reduce
+    D._kernel_path = lambda x: True
+    dist.all_reduce = lambda t, *a, **k: collectives.append("all_reduce")
+    try:
+        yield collectives
+    finally:
+        D._kernel_path, dist.all_reduce = saved
+
+
+def measure_sync(kind, K=2, N=8, C=16, H=8, extras=False):
+    """(forward launches, backward launches, forward all-reduces, backward all-reduces) of one
+    synchronized BN call (fastrobust.distributed) through autograd."""
+    from fastrobust import distributed as D
+
+    x = _t(N, C, H, H, requires_grad=True)
+    w, b = _t(K, C, requires_grad=True), _t(K, C, requires_grad=True)
+    rm, rv = torch.zeros(K, C, device="meta"), torch.ones(K, C, device="meta")
+    kw = dict(momentum=0.1, eps=1e-5)
+    if extras:
+        kw.update(input_scale=_t(N, C, requires_grad=True), film_gamma=_t(N, C, requires_grad=True),
+                  film_beta=_t(N, C, requires_grad=True), activation="relu")
+    branch = torch.zeros(N, dtype=torch.long, device="meta")
+    mix = _t(N, K, requires_grad=True)
+    with _one_rank() as collectives:
+        with counting() as c:
+            if kind == "routed":
+                y = D.sync_multi_batch_norm(x, branch, w, b, rm, rv, **kw)
+            else:
+                y = D.sync_mixed_batch_norm(x, mix, w, b, rm, rv, **kw)
+        fwd, n_fwd = list(c.launches), len(collectives)
+        with counting() as c:
+            y.backward(torch.empty_like(y))
+        return fwd, list(c.launches), n_fwd, len(collectives) - n_fwd
+
+
 def measure_film(gamma=True, beta=True, per_channel=False):
     x = _t(8, 16, 8, 8, requires_grad=True)
     shape = (16,) if per_channel else (8, 16)
@@ -203,6 +247,13 @@ def table() -> list[tuple[str, int, int, list[str]]]:
                        f"{' +scale+film+relu' if extras else ''}" \
                        f"{'' if training else ' eval'}"
                 rows.append((name, len(f), len(b), f + ["|"] + b))
+    for kind in ("routed", "mixed"):
+        for extras in (False, True):
+            K = 5 if kind == "routed" else 2
+            f, b, rf, rb = measure_sync(kind, K=K, extras=extras)
+            rows.append((f"sync {kind} bn K={K}{' +scale+film+relu' if extras else ''}",
+                         len(f), len(b), f + ["all_reduce"] * rf + ["|"] + b
+                         + ["all_reduce"] * rb))
     for per_channel in (False, True):
         f, b = measure_film(per_channel=per_channel)
         rows.append((f"film {'[C]' if per_channel else '[N, C]'}", len(f), len(b), f + ["|"] + b))
@@ -219,6 +270,7 @@ def table() -> list[tuple[str, int, int, list[str]]]:
 
 
 def main():
+    print("(all_reduce: a collective of the synchronized BN, not counted in fwd / bwd)")
     print(f"{'case':<34} {'fwd':>4} {'bwd':>4}  launches")
     for name, f, b, launches in table():
         detail = ", ".join(f"{k}x{v}" if v > 1 else k for k, v in Counter(launches).items())

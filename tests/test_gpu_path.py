@@ -48,6 +48,23 @@ def test_bn_launch_budget_shapes(shape):
     assert len(c.launches) <= BN_BUDGET, c.launches
 
 
+# The synchronized BN (fastrobust.distributed) on CUDA: the BN's forward budget and one
+# all-reduce; backward one launch over the BN's budget (the gradient kernel runs before the
+# all-reduce for this rank's T1, T2 and after it for the per-plane results) and one all-reduce.
+SYNC_BWD_BUDGET = BN_BUDGET + 1
+
+
+@pytest.mark.parametrize("kind", ["routed", "mixed"])
+@pytest.mark.parametrize("extras", [False, True], ids=["plain", "scale+film+relu"])
+def test_sync_bn_launch_budget(kind, extras):
+    fwd, bwd, fwd_reduces, bwd_reduces = lc.measure_sync(kind, K=5 if kind == "routed" else 2,
+                                                         extras=extras)
+    assert (fwd_reduces, bwd_reduces) == (1, 1)
+    assert len(fwd) <= BN_BUDGET, fwd
+    assert len(bwd) <= SYNC_BWD_BUDGET, bwd
+    assert all(name.startswith("triton.") for name in fwd + bwd), fwd + bwd
+
+
 def test_film_launch_budget():
     fwd, bwd = lc.measure_film()
     assert fwd == ["triton._affine_kernel"]
