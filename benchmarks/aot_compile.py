@@ -149,8 +149,8 @@ def _bn_case(N, C, H, cl, K, extras, mixed, training, dtype):
 
 
 def sync_cases(full: bool):
-    """The synchronized BN's kernels (fastrobust.distributed on CUDA: local pass, apply, the
-    two-pass gradient kernel) over the same shapes and layouts, training only, fp32/bf16
+    """The synchronized BN's kernels (fastrobust.distributed on CUDA: the local passes, the
+    apply and the dx kernel after each all-reduce) over the same shapes and layouts, training only, fp32/bf16
     (fp16 with `full`)."""
     cases = []
     for dtype in (torch.float32, torch.bfloat16) + ((torch.float16,) if full else ()):

@@ -23,7 +23,8 @@ Where the Triton kernels serve the BN op (CUDA; a forced 'triton' backend) the s
 runs through them too (fastrobust/kernels/multi_bn.py `sync_bn_forward`, `bn_backward` with
 `all_reduce`): forward moments → local payload → the all-reduce → one kernel that normalizes
 with the global statistics (3 launches), backward grad sums → local T1, T2 → the all-reduce →
-per-plane results → dx (4 launches); nothing on the host reads a value. Elsewhere (the CPU's
+one kernel that works out the per-plane results from the global sums and writes dx (3
+launches); nothing on the host reads a value. Elsewhere (the CPU's
 C++ kernels, the eager backend) the per-plane moments and the correction of dx are plain
 PyTorch around the BN op.
 """
@@ -202,8 +203,8 @@ class _SyncBN(torch.autograd.Function):
 
     @staticmethod
     def _kernel_backward(ctx, dy, need_x, need_mix, need_w, need_b, need_s, need_g, need_be):
-        """The Triton backward: grad sums → local T1, T2 → the all-reduce → per-plane
-        results with the global sums → dx (4 launches and the collective)."""
+        """The Triton backward: grad sums → local T1, T2 → the all-reduce → the per-plane
+        results from the global sums and dx in one kernel (3 launches and the collective)."""
         from .kernels import multi_bn as kernels
         x, route, weight, bias, mean, invstd, scale, gamma, beta, planes, payload = \
             ctx.saved_tensors

@@ -53,7 +53,7 @@ class _Counter:
 
 
 def _op_worker(rank, store, mixed, extras, placement, spatial=(5, 4), backend=None,
-               channels_last=False):
+               channels_last=False, C=3):
     """backend='triton': the synchronized op runs through the Triton kernels (under the
     interpreter here), the single-process reference through the CPU's."""
     _init(rank, store)
@@ -73,7 +73,7 @@ def _op_worker(rank, store, mixed, extras, placement, spatial=(5, 4), backend=No
     try:
         f64 = torch.float64
         g = torch.Generator().manual_seed(0)  # the same global batch on every rank
-        N, C, K, half = 8, 3, 3, 4
+        N, K, half = 8, 3, 4
         x = torch.randn(N, C, *spatial, generator=g, dtype=f64) * 2 + 1
         if mixed:
             route = torch.rand(N, K, generator=g, dtype=f64)
@@ -161,17 +161,18 @@ def test_sync_op_one_value_per_plane(extras, spatial):
     (False, False, "one_rank", (5, 4)), (False, True, "spread", (5, 4)),
     (True, False, "one_rank", (5, 4)), (True, True, "none", (5, 4)),
     (False, True, "two_on_one_rank", (1, 1)), (True, True, "spread", ()),
-    (True, True, "one_rank", (3, 3), True)],
+    (True, True, "one_rank", (3, 3), True), (True, True, "spread", (2, 2), False, 20)],
     ids=["routed-plain-one_rank", "routed-extras-spread", "mixed-plain-one_rank",
          "mixed-extras-none", "routed-extras-1x1", "mixed-extras-no_spatial",
-         "mixed-extras-channels_last"])
+         "mixed-extras-channels_last", "mixed-extras-20_channels"])
 def test_sync_op_through_triton_kernels(case):
     """The synchronized op through the Triton kernels (CUDA's path: 3 launches and the
-    all-reduce forward, 4 and the all-reduce backward) equals the single-process op on the
-    whole batch: forward, every gradient, running statistics and counters. channels_last
-    and [N, C] inputs take the kernels' channel tiles (BLOCK_C > 1, masked at C=3)."""
-    mixed, extras, placement, spatial, *cl = case
-    _spawn(_op_worker, mixed, extras, placement, spatial, "triton", bool(cl and cl[0]))
+    all-reduce each way) equals the single-process op on the whole batch: forward, every
+    gradient, running statistics and counters. channels_last and [N, C] inputs take the
+    kernels' channel tiles (BLOCK_C > 1, masked at C=3); at 20 channels the backward's d mix
+    sums two channel blocks (16 and a masked 4)."""
+    mixed, extras, placement, spatial, cl, channels = case + (False, 3)[len(case) - 4:]
+    _spawn(_op_worker, mixed, extras, placement, spatial, "triton", cl, channels)
 
 
 def _module_worker(rank, store):

@@ -541,8 +541,7 @@ def _sum_parts(parts_ptr, j, ns, cs, N, C, T):
 def _bn_grads_kernel(parts_ptr, planes_ptr, br_ptr, sbr, mix_ptr, smn, smk,
                      mean_ptr, invstd_ptr, w_ptr, b_ptr, sc_ptr, g_ptr, be_ptr,
                      dw_ptr, db_ptr, dg_ptr, dbe_ptr, ds_ptr, dmix_part_ptr,
-                     P_ptr, Q_ptr, R_ptr, A_ptr, D_ptr, pay_ptr, fpay_ptr,
-                     N, C, S, T, K,
+                     P_ptr, Q_ptr, R_ptr, A_ptr, D_ptr, pay_ptr, N, C, S, T, K,
                      SYNC: tl.constexpr, MIXED: tl.constexpr, BATCH: tl.constexpr,
                      RELU: tl.constexpr,
                      NEED_PQR: tl.constexpr, NEED_G: tl.constexpr, NEED_BE: tl.constexpr,
@@ -558,62 +557,57 @@ def _bn_grads_kernel(parts_ptr, planes_ptr, br_ptr, sbr, mix_ptr, smn, smk,
     kcm = kmask[:, None] & cmask[None, :]
     no_single = ks < 0
     mu = tl.load(mean_ptr + kc, mask=kcm, other=0.0)
-    if SYNC == 2:
-        # The synchronized BN after its backward all-reduce: the global T1, T2 (payload
-        # [2, K, C]) and the forward's global counts and variance replace pass 1's sums.
-        T1 = tl.load(pay_ptr + kc, mask=kcm, other=0.0)
-        T2 = tl.load(pay_ptr + K * C + kc, mask=kcm, other=0.0)
-        count, _gm, var = _global_stats(fpay_ptr, ks, kc, kcm, K, C, ACC)
-        W = count / S
-    else:
-        # Pass 1: the per-(k, c) sums over the batch. The other coefficients are loaded after it:
-        # held across the loop, ptxas spilled them on sm_90.
-        T1 = tl.zeros([BLOCK_K, BLOCK_C], ACC)
-        TU = tl.zeros([BLOCK_K, BLOCK_C], ACC)
-        VQ = tl.zeros([BLOCK_K, BLOCK_C], ACC)
-        W = tl.zeros([BLOCK_K], ACC)
-        nnz = tl.zeros([BLOCK_K], ACC)
-        for n0 in range(0, N, BLOCK_N):
-            ns = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
-            M, _ = _route(ns, ks, N, K, br_ptr, sbr, mix_ptr, smn, smk, MIXED, ACC)
-            s, g, _b = _extras(ns, cs, N, C, sc_ptr, g_ptr, be_ptr, SCALE, GAMMA, False, ACC)
-            ctr = _centre(M, mu, s, SCALE)
-            G1 = _sum_parts(parts_ptr, 0, ns, cs, N, C, T)
-            G2 = _sum_parts(parts_ptr, 1, ns, cs, N, C, T)
-            Z1 = g * G1
-            Zu = g * (s * G2) + (s * ctr) * Z1  # Σ_s dz·u per plane
-            T1 += _to_branches(M, Z1)
-            TU += _to_branches(M, Zu)
-            W += tl.sum(M, 0)
-            nnz += tl.sum((M != 0).to(ACC), 0)
-            if NEED_MIX and BATCH:
-                pm, pq = _plane_moments(ns, cs, N, C, S, 1, S, planes_ptr, planes_ptr, 0, 0,
-                                        False, ACC)
-                um = pm * s
-                dev = um[:, None, :] - mu[None, :, :]
-                VQ += _to_branches_q(M, pq * s * s, dev, S)
-        var = VQ / _safe(W * S)[:, None]
+    # Pass 1: the per-(k, c) sums over the batch. The other coefficients are loaded after it:
+    # held across the loop, ptxas spilled them on sm_90.
+    T1 = tl.zeros([BLOCK_K, BLOCK_C], ACC)
+    TU = tl.zeros([BLOCK_K, BLOCK_C], ACC)
+    VQ = tl.zeros([BLOCK_K, BLOCK_C], ACC)
+    W = tl.zeros([BLOCK_K], ACC)
+    nnz = tl.zeros([BLOCK_K], ACC)
+    for n0 in range(0, N, BLOCK_N):
+        ns = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+        M, _ = _route(ns, ks, N, K, br_ptr, sbr, mix_ptr, smn, smk, MIXED, ACC)
+        s, g, _b = _extras(ns, cs, N, C, sc_ptr, g_ptr, be_ptr, SCALE, GAMMA, False, ACC)
+        ctr = _centre(M, mu, s, SCALE)
+        G1 = _sum_parts(parts_ptr, 0, ns, cs, N, C, T)
+        G2 = _sum_parts(parts_ptr, 1, ns, cs, N, C, T)
+        Z1 = g * G1
+        Zu = g * (s * G2) + (s * ctr) * Z1  # Σ_s dz·u per plane
+        T1 += _to_branches(M, Z1)
+        TU += _to_branches(M, Zu)
+        W += tl.sum(M, 0)
+        nnz += tl.sum((M != 0).to(ACC), 0)
+        if NEED_MIX and BATCH:
+            pm, pq = _plane_moments(ns, cs, N, C, S, 1, S, planes_ptr, planes_ptr, 0, 0,
+                                    False, ACC)
+            um = pm * s
+            dev = um[:, None, :] - mu[None, :, :]
+            VQ += _to_branches_q(M, pq * s * s, dev, S)
+    var = VQ / _safe(W * S)[:, None]
     mu, r, a, d, _ae, _de, b = _coefficients(ks, cs, K, C, mean_ptr, invstd_ptr, w_ptr, b_ptr,
                                           no_single, HAS_W, HAS_B, ACC)
-    if SYNC == 2:
-        a_eff = a
-        d_eff = d
+    single = ((nnz == 1) & (S == 1) & BATCH)[:, None]
+    T2 = tl.where(single, 0.0, r * (TU - mu * T1))
+    tl.store(dw_ptr + kc, T2, mask=kcm)
+    tl.store(db_ptr + kc, T1, mask=kcm)
+    if SYNC:  # the synchronized BN's local pass: this rank's sums, for the all-reduce
+        tl.store(pay_ptr + kc, T1, mask=kcm)
+        tl.store(pay_ptr + K * C + kc, T2, mask=kcm)
     else:
-        single = ((nnz == 1) & (S == 1) & BATCH)[:, None]
-        T2 = tl.where(single, 0.0, r * (TU - mu * T1))
-        tl.store(dw_ptr + kc, T2, mask=kcm)
-        tl.store(db_ptr + kc, T1, mask=kcm)
-        if SYNC == 1:  # this rank's sums, for the all-reduce
-            tl.store(pay_ptr + kc, T1, mask=kcm)
-            tl.store(pay_ptr + K * C + kc, T2, mask=kcm)
         a_eff = tl.where(single, 0.0, a)
         d_eff = tl.where(single, b, d)
-    if SYNC != 1:
         _bn_grads_pass2(parts_ptr, planes_ptr, br_ptr, sbr, mix_ptr, smn, smk, sc_ptr, g_ptr,
                         be_ptr, dg_ptr, dbe_ptr, ds_ptr, dmix_part_ptr, P_ptr, Q_ptr, R_ptr,
                         A_ptr, D_ptr, T1, T2, W, var, mu, r, a, d, a_eff, d_eff, pid, ks, cs,
                         N, C, S, T, K, MIXED, BATCH, RELU, NEED_PQR, NEED_G, NEED_BE, NEED_S,
                         NEED_MIX, SCALE, GAMMA, BETA, BLOCK_N, ACC)
+
+
+@triton.jit
+def _qr_coefficients(T1, T2, W, S, mu, r, a_eff):
+    """Q_k, R_k of dx = P·g + Q·x + R per (k, c) (before the planes' mixing) and W made safe."""
+    m = _safe(W * S)[:, None]
+    return -a_eff * r * T2 / m, a_eff * (r * T2 * mu - T1) / m, _safe(W)[:, None]
 
 
 @triton.jit
@@ -625,67 +619,85 @@ def _bn_grads_pass2(parts_ptr, planes_ptr, br_ptr, sbr, mix_ptr, smn, smk, sc_pt
                     NEED_S: tl.constexpr, NEED_MIX: tl.constexpr, SCALE: tl.constexpr,
                     GAMMA: tl.constexpr, BETA: tl.constexpr, BLOCK_N: tl.constexpr,
                     ACC: tl.constexpr):
-    """Pass 2 of the gradient kernel: the per-plane results (var: the per-(k, c) variance,
-    used by d mix's path through the statistics)."""
-    cmask, kmask = cs < C, ks < K
-    m = _safe(W * S)[:, None]
-    Qk = -a_eff * r * T2 / m
-    Rk = a_eff * (r * T2 * mu - T1) / m
-    Wk = _safe(W)[:, None]
-    # Pass 2: the per-plane results.
+    """Pass 2 of the gradient kernel: the per-plane results, BLOCK_N samples at a time."""
+    kmask = ks < K
+    Qk, Rk, Wk = _qr_coefficients(T1, T2, W, S, mu, r, a_eff)
     for n0 in range(0, N, BLOCK_N):
         ns = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
-        nc = ns[:, None] * C + cs[None, :]
-        ncm = (ns < N)[:, None] & cmask[None, :]
-        M, _ = _route(ns, ks, N, K, br_ptr, sbr, mix_ptr, smn, smk, MIXED, ACC)
-        s, g, be = _extras(ns, cs, N, C, sc_ptr, g_ptr, be_ptr, SCALE, GAMMA, BETA, ACC)
-        ctr = _centre(M, mu, s, SCALE)
-        G1 = _sum_parts(parts_ptr, 0, ns, cs, N, C, T)
-        G2 = _sum_parts(parts_ptr, 1, ns, cs, N, C, T)
-        Ap = _to_planes(M, a_eff)
-        Dp = _to_planes(M, d_eff)
-        if BATCH:
-            P = Ap * g
-            Q = _to_planes(M, Qk) * s
-            R = _to_planes(M, Rk)
-        else:
-            P = Ap * g
-            Q = tl.zeros_like(P)
-            R = tl.zeros_like(P)
-        if NEED_PQR:
-            tl.store(P_ptr + nc, P, mask=ncm)
-            tl.store(Q_ptr + nc, Q, mask=ncm)
-            tl.store(R_ptr + nc, R, mask=ncm)
-            if RELU:
-                tl.store(A_ptr + nc, Ap * s * g, mask=ncm)
-                tl.store(D_ptr + nc, Dp * g + be, mask=ncm)
-        sG2 = s * G2
-        sc = s * ctr
-        if NEED_BE:
-            tl.store(dbe_ptr + nc, G1, mask=ncm)
-        if NEED_G:
-            tl.store(dg_ptr + nc, Ap * (sG2 + sc * G1) + Dp * G1, mask=ncm)
-        if NEED_S:  # Σ_s x·(P·g + Q·x + R), from the plane's sums about the centre
-            E1 = _sum_parts(parts_ptr, 2, ns, cs, N, C, T)
-            E2 = _sum_parts(parts_ptr, 3, ns, cs, N, C, T)
-            sum_gx = G2 + ctr * G1
-            sum_x = S * ctr + E1
-            sum_xx = E2 + ctr * (2 * E1 + S * ctr)
-            tl.store(ds_ptr + nc, P * sum_gx + Q * sum_xx + R * sum_x, mask=ncm)
+        _p, _q, _r, _a, _d, dm = _plane_grads(
+            parts_ptr, planes_ptr, br_ptr, sbr, mix_ptr, smn, smk, sc_ptr, g_ptr, be_ptr,
+            dg_ptr, dbe_ptr, ds_ptr, P_ptr, Q_ptr, R_ptr, A_ptr, D_ptr, ns, cs, ks, N, C, S, T,
+            K, T1, T2, Wk, var, mu, r, a, d, a_eff, d_eff, Qk, Rk, True, MIXED, BATCH, RELU,
+            NEED_PQR, NEED_G, NEED_BE, NEED_S, NEED_MIX, SCALE, GAMMA, BETA, ACC)
         if NEED_MIX:
-            Z1 = g * G1
-            Zu = g * sG2 + sc * Z1
-            # Σ_c dz·BN_k(u), the direct term
-            dm = tl.sum(Zu[:, None, :] * a[None, :, :] + Z1[:, None, :] * d[None, :, :], 2)
-            if BATCH:  # and the path through the mix-weighted statistics
-                pm, pq = _plane_moments(ns, cs, N, C, S, 1, S, planes_ptr, planes_ptr, 0, 0,
-                                        False, ACC)
-                du = (pm * s)[:, None, :] - mu[None, :, :]
-                q = (pq * s * s)[:, None, :] / tl.maximum(S, 1) + du * du
-                dm -= tl.sum((a * T1 / Wk)[None, :, :] * du
-                             + (0.5 * a * r * T2 / Wk)[None, :, :] * (q - var[None, :, :]), 2)
             nk = (pid.to(tl.int64) * N + ns[:, None]) * K + ks[None, :]
             tl.store(dmix_part_ptr + nk, dm, mask=(ns < N)[:, None] & kmask[None, :])
+
+
+@triton.jit
+def _plane_grads(parts_ptr, planes_ptr, br_ptr, sbr, mix_ptr, smn, smk, sc_ptr, g_ptr, be_ptr,
+                 dg_ptr, dbe_ptr, ds_ptr, P_ptr, Q_ptr, R_ptr, A_ptr, D_ptr, ns, cs, ks, N, C, S,
+                 T, K, T1, T2, Wk, var, mu, r, a, d, a_eff, d_eff, Qk, Rk, write,
+                 MIXED: tl.constexpr, BATCH: tl.constexpr, RELU: tl.constexpr,
+                 NEED_PQR: tl.constexpr, NEED_G: tl.constexpr, NEED_BE: tl.constexpr, NEED_S: tl.constexpr,
+                 NEED_MIX: tl.constexpr, SCALE: tl.constexpr, GAMMA: tl.constexpr,
+                 BETA: tl.constexpr, ACC: tl.constexpr):
+    """The results of planes (ns, cs) from the per-(k, c) sums T1, T2 (var: the per-(k, c)
+    variance, for d mix's path through the statistics): returns dx's P, Q, R, the ReLU mask's
+    affine A, D ([BLOCK_N, BLOCK_C]) and d mix over these channels ([BLOCK_N, BLOCK_K]);
+    stores d γ, d β and d scale where `write` (and, NEED_PQR, P, Q, R and A, D for RELU: the
+    gradient kernel's pass 2 stores them as soon as they are known, which keeps its
+    registers within budget)."""
+    nc = ns[:, None] * C + cs[None, :]
+    ncm = (ns < N)[:, None] & (cs < C)[None, :] & write
+    M, _ = _route(ns, ks, N, K, br_ptr, sbr, mix_ptr, smn, smk, MIXED, ACC)
+    s, g, be = _extras(ns, cs, N, C, sc_ptr, g_ptr, be_ptr, SCALE, GAMMA, BETA, ACC)
+    ctr = _centre(M, mu, s, SCALE)
+    G1 = _sum_parts(parts_ptr, 0, ns, cs, N, C, T)
+    G2 = _sum_parts(parts_ptr, 1, ns, cs, N, C, T)
+    Ap = _to_planes(M, a_eff)
+    Dp = _to_planes(M, d_eff)
+    P = Ap * g
+    if BATCH:
+        Q = _to_planes(M, Qk) * s
+        R = _to_planes(M, Rk)
+    else:
+        Q = tl.zeros_like(P)
+        R = tl.zeros_like(P)
+    if NEED_PQR:
+        tl.store(P_ptr + nc, P, mask=ncm)
+        tl.store(Q_ptr + nc, Q, mask=ncm)
+        tl.store(R_ptr + nc, R, mask=ncm)
+        if RELU:
+            tl.store(A_ptr + nc, Ap * s * g, mask=ncm)
+            tl.store(D_ptr + nc, Dp * g + be, mask=ncm)
+    sG2 = s * G2
+    sc = s * ctr
+    if NEED_BE:
+        tl.store(dbe_ptr + nc, G1, mask=ncm)
+    if NEED_G:
+        tl.store(dg_ptr + nc, Ap * (sG2 + sc * G1) + Dp * G1, mask=ncm)
+    if NEED_S:  # Σ_s x·(P·g + Q·x + R), from the plane's sums about the centre
+        E1 = _sum_parts(parts_ptr, 2, ns, cs, N, C, T)
+        E2 = _sum_parts(parts_ptr, 3, ns, cs, N, C, T)
+        sum_gx = G2 + ctr * G1
+        sum_x = S * ctr + E1
+        sum_xx = E2 + ctr * (2 * E1 + S * ctr)
+        tl.store(ds_ptr + nc, P * sum_gx + Q * sum_xx + R * sum_x, mask=ncm)
+    dm = tl.zeros([ns.shape[0], ks.shape[0]], ACC)
+    if NEED_MIX:
+        Z1 = g * G1
+        Zu = g * sG2 + sc * Z1
+        # Σ_c dz·BN_k(u), the direct term
+        dm = tl.sum(Zu[:, None, :] * a[None, :, :] + Z1[:, None, :] * d[None, :, :], 2)
+        if BATCH:  # and the path through the mix-weighted statistics
+            pm, pq = _plane_moments(ns, cs, N, C, S, 1, S, planes_ptr, planes_ptr, 0, 0,
+                                    False, ACC)
+            du = (pm * s)[:, None, :] - mu[None, :, :]
+            q = (pq * s * s)[:, None, :] / tl.maximum(S, 1) + du * du
+            dm -= tl.sum((a * T1 / Wk)[None, :, :] * du
+                         + (0.5 * a * r * T2 / Wk)[None, :, :] * (q - var[None, :, :]), 2)
+    return P, Q, R, Ap * s * g, Dp * g + be, dm
 
 
 @triton.jit
@@ -693,6 +705,27 @@ def _to_branches_q(M, uq, dev, S):
     """Σ_n M[n,k]·(uq[n,c] + S·dev[n,k,c]²) → [BLOCK_K, BLOCK_C]."""
     Mb = M[:, :, None]
     return tl.sum(tl.where(Mb != 0, Mb * (uq[:, None, :] + S * dev * dev), 0.0), 0)
+
+
+@triton.jit
+def _dx_tile(dy_ptr, x_ptr, out_ptr, n, cs, ss, C, S, sdn, sdc, sds, sxn, sxc, sxs, son, soc,
+             sos, P, Q, R, sc, ma, md, HAS_Q: tl.constexpr, MASK: tl.constexpr,
+             SCALE: tl.constexpr, ACC: tl.constexpr):
+    """dx of sample n's tile (ss, cs): (P·g + Q·x + R)·scale, g = dy where the ReLU passed
+    (ma·x + md > 0); the coefficients are [1, BLOCK_C] rows."""
+    mask = (ss < S)[:, None] & (cs < C)[None, :]
+    g = tl.load(dy_ptr + _tile(n, cs, ss, sdn, sdc, sds), mask=mask, other=0.0).to(ACC)
+    if HAS_Q or MASK:
+        x = tl.load(x_ptr + _tile(n, cs, ss, sxn, sxc, sxs), mask=mask, other=0.0).to(ACC)
+    if MASK:
+        g = tl.where(ma * x + md <= 0, 0.0, g)
+    v = P * g + R
+    if HAS_Q:
+        v += Q * x
+    if SCALE:
+        v = v * sc
+    tl.store(out_ptr + _tile(n, cs, ss, son, soc, sos), v.to(out_ptr.dtype.element_ty),
+             mask=mask)
 
 
 @triton.jit
@@ -710,25 +743,19 @@ def _dx_kernel(dy_ptr, x_ptr, out_ptr, p_ptr, q_ptr, r_ptr, sc_ptr, ma_ptr, md_p
     if DX:
         ss = sb * BLOCK_S + tl.arange(0, BLOCK_S)
         cmask = cs < C
-        mask = (ss < S)[:, None] & cmask[None, :]
         pc = n * C + cs
-        g = tl.load(dy_ptr + _tile(n, cs, ss, sdn, sdc, sds),
-                    mask=mask, other=0.0).to(ACC)
-        if HAS_Q or MASK:
-            x = tl.load(x_ptr + _tile(n, cs, ss, sxn, sxc, sxs),
-                        mask=mask, other=0.0).to(ACC)
-        if MASK:
-            ma = tl.load(ma_ptr + pc, mask=cmask, other=0.0)
-            md = tl.load(md_ptr + pc, mask=cmask, other=0.0)
-            g = tl.where(ma[None, :] * x + md[None, :] <= 0, 0.0, g)
-        v = tl.load(p_ptr + pc, mask=cmask, other=0.0)[None, :] * g \
-            + tl.load(r_ptr + pc, mask=cmask, other=0.0)[None, :]
+        P = tl.load(p_ptr + pc, mask=cmask, other=0.0)[None, :]
+        R = tl.load(r_ptr + pc, mask=cmask, other=0.0)[None, :]
+        Q, sc, ma, md = P, P, P, P  # stand-ins where the flag is off
         if HAS_Q:
-            v += tl.load(q_ptr + pc, mask=cmask, other=0.0)[None, :] * x
+            Q = tl.load(q_ptr + pc, mask=cmask, other=0.0)[None, :]
         if SCALE:
-            v = v * tl.load(sc_ptr + pc, mask=cmask, other=0.0).to(ACC)[None, :]
-        tl.store(out_ptr + _tile(n, cs, ss, son, soc, sos),
-                 v.to(out_ptr.dtype.element_ty), mask=mask)
+            sc = tl.load(sc_ptr + pc, mask=cmask, other=0.0).to(ACC)[None, :]
+        if MASK:
+            ma = tl.load(ma_ptr + pc, mask=cmask, other=0.0)[None, :]
+            md = tl.load(md_ptr + pc, mask=cmask, other=0.0)[None, :]
+        _dx_tile(dy_ptr, x_ptr, out_ptr, n, cs, ss, C, S, sdn, sdc, sds, sxn, sxc, sxs, son,
+                 soc, sos, P, Q, R, sc, ma, md, HAS_Q, MASK, SCALE, ACC)
     if DMIX:  # one program per sample sums its d mix over the stats kernel's channel blocks
         # (after the dx tile: values held across this loop spilled on sm_80)
         if (cb == 0) & (sb == 0):
@@ -737,6 +764,81 @@ def _dx_kernel(dy_ptr, x_ptr, out_ptr, p_ptr, q_ptr, r_ptr, sc_ptr, ma_ptr, md_p
             for j in range(0, part_blocks):
                 acc += tl.load(dmix_part_ptr + (j * N + n) * K + ks, mask=ks < K, other=0.0)
             tl.store(dmix_ptr + n * K + ks, acc, mask=ks < K)
+
+
+@triton.jit
+def _sync_grad_coefficients(pay_ptr, fpay_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, ks, cs, K,
+                            C, S, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr):
+    """Per-(k, c) values of the synchronized backward after its all-reduce: the global T1,
+    T2 (payload [2, K, C]), the forward's global counts and variance (its payload), the
+    coefficients and Q_k, R_k."""
+    kc = ks[:, None] * C + cs[None, :]
+    kcm = (ks < K)[:, None] & (cs < C)[None, :]
+    T1 = tl.load(pay_ptr + kc, mask=kcm, other=0.0)
+    T2 = tl.load(pay_ptr + K * C + kc, mask=kcm, other=0.0)
+    count, _gm, var = _global_stats(fpay_ptr, ks, kc, kcm, K, C, ACC)
+    mu, r, a, d, _ae, _de, _b = _coefficients(ks, cs, K, C, mean_ptr, invstd_ptr, w_ptr, b_ptr,
+                                             ks < 0, HAS_W, HAS_B, ACC)
+    Qk, Rk, Wk = _qr_coefficients(T1, T2, count / S, S, mu, r, a)
+    return T1, T2, Wk, var, mu, r, a, d, Qk, Rk
+
+
+@triton.jit
+def _sync_dx_kernel(dy_ptr, x_ptr, out_ptr, parts_ptr, planes_ptr, br_ptr, sbr, mix_ptr, smn,
+                    smk, mean_ptr, invstd_ptr, w_ptr, b_ptr, sc_ptr, g_ptr, be_ptr, dg_ptr,
+                    dbe_ptr, ds_ptr, dmix_ptr, pay_ptr, fpay_ptr, N, C, S, T, K, sdn, sdc, sds,
+                    sxn, sxc, sxs, son, soc, sos, c_blocks,
+                    DX: tl.constexpr, MIXED: tl.constexpr, RELU: tl.constexpr,
+                    NEED_G: tl.constexpr, NEED_BE: tl.constexpr, NEED_S: tl.constexpr,
+                    NEED_MIX: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                    SCALE: tl.constexpr, GAMMA: tl.constexpr, BETA: tl.constexpr,
+                    BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+                    BLOCK_CM: tl.constexpr, ACC: tl.constexpr):
+    """The synchronized BN's backward after its all-reduce: the gradient kernel's pass 2 and
+    dx in one launch. Every program works out the per-(k, c) coefficients of its channels
+    from the global sums (K·BLOCK_C values), its plane's P, Q, R from them, and writes its dx
+    tile; the first spatial block also writes the plane's d γ, d β and d scale, and each
+    sample's first program sums its d mix over all channels, BLOCK_CM at a time."""
+    pid = tl.program_id(0)
+    n = (pid // c_blocks).to(tl.int64)
+    cb = pid % c_blocks
+    sb = tl.program_id(1)
+    ns = n + tl.arange(0, 1)
+    ks = tl.arange(0, BLOCK_K)
+    cs = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    T1, T2, Wk, var, mu, r, a, d, Qk, Rk = _sync_grad_coefficients(
+        pay_ptr, fpay_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, ks, cs, K, C, S, HAS_W, HAS_B,
+        ACC)
+    P, Q, R, A, D, _dm = _plane_grads(
+        parts_ptr, planes_ptr, br_ptr, sbr, mix_ptr, smn, smk, sc_ptr, g_ptr, be_ptr, dg_ptr,
+        dbe_ptr, ds_ptr, dg_ptr, dg_ptr, dg_ptr, dg_ptr, dg_ptr, ns, cs, ks, N, C, S, T, K, T1,
+        T2, Wk, var, mu, r, a, d, a, d, Qk, Rk, sb == 0, MIXED, True, RELU, False, NEED_G,
+        NEED_BE, NEED_S, False, SCALE, GAMMA, BETA, ACC)
+    if DX:
+        sc = P
+        if SCALE:
+            sc = tl.load(sc_ptr + ns[:, None] * C + cs[None, :], mask=(cs < C)[None, :],
+                         other=0.0).to(ACC)
+        ss = sb * BLOCK_S + tl.arange(0, BLOCK_S)
+        _dx_tile(dy_ptr, x_ptr, out_ptr, n, cs, ss, C, S, sdn, sdc, sds, sxn, sxc, sxs, son,
+                 soc, sos, P, Q, R, sc, A, D, True, RELU, SCALE, ACC)
+    if NEED_MIX:
+        if (cb == 0) & (sb == 0):
+            acc = tl.zeros([1, BLOCK_K], ACC)
+            for c0 in range(0, C, BLOCK_CM):
+                cm = c0 + tl.arange(0, BLOCK_CM)
+                T1m, T2m, Wm, vm, mum, rm, am, dm_, Qm, Rm = _sync_grad_coefficients(
+                    pay_ptr, fpay_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, ks, cm, K, C, S,
+                    HAS_W, HAS_B, ACC)
+                _p, _q, _r, _a, _d, dm = _plane_grads(
+                    parts_ptr, planes_ptr, br_ptr, sbr, mix_ptr, smn, smk, sc_ptr, g_ptr, be_ptr,
+                    dg_ptr, dbe_ptr, ds_ptr, dg_ptr, dg_ptr, dg_ptr, dg_ptr, dg_ptr, ns, cm, ks,
+                    N, C, S, T, K, T1m, T2m, Wm, vm, mum, rm, am, dm_, am, dm_, Qm, Rm, False,
+                    MIXED, True, False, False, False, False, False, True, SCALE, GAMMA, False,
+                    ACC)
+                acc += dm
+            ks1 = ks + tl.zeros([1, BLOCK_K], tl.int32)
+            tl.store(dmix_ptr + n * K + ks1, acc, mask=ks1 < K)
 
 
 # --- launch helpers -----------------------------------------------------------------------------
@@ -830,15 +932,9 @@ def bn_forward(x, branch, mix, weight, bias, running_mean, running_var, num_batc
     K = num_branches
     batch = training or running_mean is None
     _check_routing(x, branch, mix, K, batch)
-    acc = acc_dtype(x)
-    x3 = _ncs(x)
+    x3, y, mean, invstd, planes = _forward_outputs(x, mix, K, batch)
     N, C, S = x3.shape
-    dev = x.device
-    mean = torch.empty(K, C, device=dev, dtype=acc)
-    invstd = torch.empty(K, C, device=dev, dtype=acc)
-    mixed = mix is not None
-    planes = torch.empty((2, N, C) if mixed and batch else (0,), device=dev, dtype=acc)
-    y = _like(x)
+    dev, acc = x.device, mean.dtype
     if N * C == 0:
         return y, mean.zero_(), invstd.zero_(), None, None, None, planes
     running = training and running_mean is not None
@@ -856,6 +952,19 @@ def bn_forward(x, branch, mix, weight, bias, running_mean, running_var, num_batc
         running_mean.copy_(rm)
         running_var.copy_(rv)
     return y, mean, invstd, None, None, None, planes
+
+
+def _forward_outputs(x, mix, K, batch):
+    """x as [N, C, S], and the forward's outputs: y, mean, invstd ([K, C]) and the planes'
+    moments ([2, N, C], mixed BN with batch statistics; else empty)."""
+    acc = acc_dtype(x)
+    x3 = _ncs(x)
+    N, C = x3.shape[:2]
+    mean = torch.empty(K, C, device=x.device, dtype=acc)
+    invstd = torch.empty(K, C, device=x.device, dtype=acc)
+    planes = torch.empty((2, N, C) if mix is not None and batch else (0,), device=x.device,
+                         dtype=acc)
+    return x3, _like(x), mean, invstd, planes
 
 
 def _contiguous_running(rm, rv):
@@ -910,16 +1019,11 @@ def sync_bn_forward(x, branch, mix, weight, bias, running_mean, running_var,
     Returns (y, mean, invstd, planes, payload)."""
     K = num_branches
     _check_routing(x, branch, mix, K, True)
-    acc = acc_dtype(x)
-    x3 = _ncs(x)
+    x3, y, mean, invstd, planes = _forward_outputs(x, mix, K, True)
     N, C, S = x3.shape
-    dev = x.device
-    mean = torch.empty(K, C, device=dev, dtype=acc)
-    invstd = torch.empty(K, C, device=dev, dtype=acc)
+    dev, acc = x.device, mean.dtype
     mixed = mix is not None
-    planes = torch.empty((2, N, C) if mixed else (0,), device=dev, dtype=acc)
     pay = torch.empty(K + 2 * K * C, device=dev, dtype=torch.float64)
-    y = _like(x)
     running = running_mean is not None
     rm, rv = _contiguous_running(running_mean, running_var)
     nbt = num_batches_tracked if num_batches_tracked is not None and running else None
@@ -979,9 +1083,9 @@ def bn_backward(dy, x, branch, mix, weight, bias, mean, invstd, planes, input_sc
     The synchronized BN's backward (fastrobust.distributed) passes ``all_reduce`` and its
     forward's all-reduced ``payload``: the gradient kernel's first pass writes this rank's
     T1, T2 ([2, K, C], also dbias and dweight: each rank's own), ``all_reduce`` sums them
-    over the ranks, and its second pass gives the per-plane results with the global sums and
-    counts (batch_stats must be True): four launches and the collective. x must not be
-    empty."""
+    over the ranks, and `_sync_dx_kernel` works out each plane's results from the global
+    sums and counts and writes dx (batch_stats must be True): three launches and the
+    collective. x must not be empty."""
     sync = all_reduce is not None
     need_x, need_mix, need_w, need_b, need_s, need_g, need_be = needs
     K, C = mean.shape
@@ -1017,13 +1121,14 @@ def bn_backward(dy, x, branch, mix, weight, bias, mean, invstd, planes, input_sc
             x if g is None else g, x if be is None else be)
     block_n, block_k, stats_c = _stats_blocks(N, K, C, values=256)
     stats_blocks = triton.cdiv(C, stats_c)
-    need_pqr = need_x
+    need_pqr = need_x and not sync  # the synchronized dx kernel works them out itself
     P = torch.empty(nc if need_pqr else (0,), device=dev, dtype=acc)
     Q = torch.empty(nc if need_pqr else (0,), device=dev, dtype=acc)
     R = torch.empty(nc if need_pqr else (0,), device=dev, dtype=acc)
     A = torch.empty(nc if need_pqr and relu else (0,), device=dev, dtype=acc)
     D = torch.empty(nc if need_pqr and relu else (0,), device=dev, dtype=acc)
-    dmix_part = torch.empty((stats_blocks, N, K) if need_mix else (0,), device=dev, dtype=acc)
+    dmix_part = torch.empty((stats_blocks, N, K) if need_mix and not sync else (0,), device=dev,
+                            dtype=acc)
     with on_device(x):
         block_c, block_s = _blocks(x3, True)
         c_blocks = triton.cdiv(C, block_c)
@@ -1035,29 +1140,40 @@ def bn_backward(dy, x, branch, mix, weight, bias, mean, invstd, planes, input_sc
             SUMS_X=need_s, BLOCK_K=block_k, BLOCK_C=block_c, BLOCK_S=block_s, ACC=ACC,
             **flags)
         pay = torch.empty(2, K, C, device=dev, dtype=acc) if sync else x
-        for mode in ((1, 2) if sync else (0,)):
-            if mode == 2:
-                all_reduce(pay)
-            # the local pass (mode 1) computes T1, T2 only: what only pass 2 reads is off, and
-            # half the samples per step (ptxas spilled 4 B on sm_90 for mixed + extras, K=5)
-            part = dict(RELU=relu, NEED_PQR=need_pqr, NEED_G=need_g, NEED_BE=need_be,
-                        NEED_S=need_s, NEED_MIX=need_mix, **flags)
-            if mode == 1:
-                part.update({k: False for k in ("RELU", "NEED_PQR", "NEED_G", "NEED_BE",
-                                                "NEED_S", "NEED_MIX", "HAS_W", "HAS_B",
-                                                "BETA")})
-            _bn_grads_kernel[(stats_blocks,)](
-                parts, planes if planes.numel() else x, *route, mean, invstd, *ptrs, dweight,
-                dbias, dgamma, dbeta, dscale, dmix_part, P, Q, R, A, D, pay,
-                x if payload is None else payload, N, C, S, T, K, SYNC=mode,
-                BATCH=batch_stats and mode != 1,
-                BLOCK_N=max(1, block_n // 2) if mode == 1 else block_n, BLOCK_K=block_k,
-                BLOCK_C=stats_c, ACC=ACC, **part)
-        if need_x or need_mix:
-            dx3 = _ncs(dx) if need_x else dy3
-            block_c, block_s = _blocks(x3, False)
+        # the synchronized BN's local pass (SYNC=1) computes T1, T2 only: what only pass 2
+        # reads is off, and half the samples per step (ptxas spilled 4 B on sm_90 for mixed +
+        # extras, K=5)
+        part = dict(RELU=relu, NEED_PQR=need_pqr, NEED_G=need_g, NEED_BE=need_be,
+                    NEED_S=need_s, NEED_MIX=need_mix, **flags)
+        if sync:
+            part.update({k: False for k in ("RELU", "NEED_PQR", "NEED_G", "NEED_BE", "NEED_S",
+                                            "NEED_MIX", "HAS_W", "HAS_B", "BETA")})
+        _bn_grads_kernel[(stats_blocks,)](
+            parts, planes if planes.numel() else x, *route, mean, invstd, *ptrs, dweight, dbias,
+            dgamma, dbeta, dscale, dmix_part, P, Q, R, A, D, pay, N, C, S, T, K, SYNC=sync,
+            BATCH=batch_stats and not sync,
+            BLOCK_N=max(1, block_n // 2) if sync else block_n, BLOCK_K=block_k,
+            BLOCK_C=stats_c, ACC=ACC, **part)
+        block_c, block_s = _blocks(x3, False)
+        c_blocks = triton.cdiv(C, block_c)
+        dx3 = _ncs(dx) if need_x else dy3
+        if sync:  # at most 256 per-(k, c) values and 1024 of x a program (wider tiles spilled)
+            block_c = max(1, min(block_c, 256 // block_k))
+            block_s = max(1, min(triton.next_power_of_2(max(S, 1)), 1024 // block_c))
             c_blocks = triton.cdiv(C, block_c)
-            grid = (N * c_blocks, triton.cdiv(S, block_s) if need_x else 1)
+        grid = (N * c_blocks, triton.cdiv(S, block_s) if need_x else 1)
+        if sync:
+            all_reduce(pay)
+            if need_x or need_mix or need_g or need_be or need_s:
+                # pass 2 with the global sums and counts, and dx, in one launch
+                _sync_dx_kernel[grid](
+                    dy3, x3, dx3, parts, planes if planes.numel() else x, *route, mean, invstd,
+                    *ptrs, dgamma, dbeta, dscale, dmix, pay, payload, N, C, S, T, K,
+                    *dy3.stride(), *x3.stride(), *dx3.stride(), c_blocks, DX=need_x,
+                    RELU=relu, NEED_G=need_g, NEED_BE=need_be, NEED_S=need_s,
+                    NEED_MIX=need_mix, BLOCK_K=block_k, BLOCK_C=block_c, BLOCK_S=block_s,
+                    BLOCK_CM=stats_c, ACC=ACC, **flags)
+        elif need_x or need_mix:
             _dx_kernel[grid](
                 dy3, x3, dx3, P, Q, R, x if s is None else s, A, D, dmix_part, dmix, N, C, S, K,
                 *dy3.stride(), *x3.stride(), *dx3.stride(), c_blocks, stats_blocks, DX=need_x,
