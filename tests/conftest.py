@@ -14,6 +14,11 @@ import torch  # noqa: E402
 
 from fastrobust import backends  # noqa: E402
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest-xdist runs one worker per core (pyproject's addopts): one thread each, so the
+    # workers do not compete for the cores.
+    torch.set_num_threads(1)
+
 # FASTROBUST_REQUIRE_BACKENDS=cpu,triton (CI sets it) turns a missing backend into a failure
 # instead of a skip, so a broken build cannot pass as "skipped".
 _REQUIRED = {b for b in os.environ.get("FASTROBUST_REQUIRE_BACKENDS", "").split(",") if b}
