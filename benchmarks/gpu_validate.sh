@@ -35,9 +35,11 @@ step() {  # step NAME TIMEOUT_S CMD...: runs CMD, logs, records pass/fail and se
 
 step build 300 python -m pip install -q --no-build-isolation -e ".[test,bench,gpu]"
 step info 60 fastrobust info
-# The suite with CUDA visible: the backend tests run the CPU-tensor paths as in CI, and the
-# CUDA key (Triton) serves every op called on CUDA tensors by the modules and trainers.
-step tests 240 python -m pytest -q -x -p no:cacheprovider
+# The suite as in CI (Triton under the interpreter for the CPU-tensor backend tests), one
+# worker per core; then every op on CUDA tensors with the compiled kernels
+# (tests/test_devices.py's cuda cases, TRITON_INTERPRET=0).
+step tests 240 python -m pytest -q -x -n auto -p no:cacheprovider
+step devices 180 env TRITON_INTERPRET=0 python -m pytest -q -p no:cacheprovider tests/test_devices.py
 step launch_counts 60 python benchmarks/launch_counts.py
 cat > "$OUT/sanitize_calls.py" <<'PY'
 import torch

@@ -46,3 +46,17 @@ def backend(request):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def devices():
+    """cpu, and cuda where this machine has a GPU (skipped otherwise), as pytest params."""
+    cuda = [] if torch.cuda.is_available() else [
+        pytest.mark.skip(reason="no CUDA device here (benchmarks/gpu_validate.sh runs these "
+                                "on a GPU)")]
+    return [pytest.param("cpu", id="cpu"), pytest.param("cuda", marks=cuda, id="cuda")]
+
+
+@pytest.fixture(params=devices())
+def device(request):
+    """The device a test's tensors live on; the ops take their default dispatch there."""
+    return request.param
