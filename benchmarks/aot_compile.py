@@ -211,7 +211,8 @@ def add_relu_cases():
 def pgd_cases():
     cases = []
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        for shape in ((256, 3, 32, 32), (256, 3, 224, 224)):
+        # N=8: the split l2 / MI-FGSM (few samples: partial sums, then the update)
+        for shape in ((256, 3, 32, 32), (256, 3, 224, 224), (8, 3, 32, 32), (8, 3, 224, 224)):
             for per_sample in (False, True):
                 def run(dtype=dtype, shape=shape, per_sample=per_sample):
                     xa, g, xn = _t(shape, dtype), _t(shape, dtype), _t(shape, dtype)

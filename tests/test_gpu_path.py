@@ -128,9 +128,11 @@ _IR_CHECK = textwrap.dedent("""
                                     num_branches=3, **kw))
             y.backward(torch.empty_like(y))
         F.film(x, s, s).backward(torch.empty_like(x))
-        for norm in ("linf", "l2"):
-            F.pgd_step_(x.detach(), x.detach(), x.detach(), 0.1, 0.01, norm=norm)
-        F.mifgsm_step_(x.detach(), x.detach(), x.detach(), x.detach(), 0.1, 0.01)
+        big = torch.empty(2, 3, 32, 32, device="meta")  # 2 samples: the split l2 / MI-FGSM
+        for t in (x.detach(), big):
+            for norm in ("linf", "l2"):
+                F.pgd_step_(t, t, t, 0.1, 0.01, norm=norm)
+            F.mifgsm_step_(t, t, t.clone(), t, 0.1, 0.01)
 
     sync = [(torch.float32, aot._sync_case(4, 8, 4, False, 3, True, mixed, torch.float32))
             for mixed in (False, True)]
@@ -158,4 +160,5 @@ def test_sample_offsets_are_int64(tmp_path):
     names = set(r.stdout.split())
     assert {"_moments_kernel", "_bn_stats_kernel", "_affine_kernel", "_grad_sums_kernel",
             "_bn_grads_kernel", "_dx_kernel", "_linf_kernel", "_l2_kernel",
-            "_mifgsm_kernel", "_sync_apply_kernel", "_sync_dx_kernel"} <= names, names
+            "_mifgsm_kernel", "_sync_apply_kernel", "_sync_dx_kernel", "_sample_sums_kernel",
+            "_l2_split_kernel", "_mifgsm_split_kernel"} <= names, names

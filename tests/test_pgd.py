@@ -146,6 +146,48 @@ def test_mifgsm_matches_reference(backend, dtype, decay, eps_kind):
     assert torch.isfinite(got_b).all()
 
 
+@pytest.fixture
+def split_kernels(monkeypatch):
+    """The Triton l2 / MI-FGSM steps in their split form: each sample's sums in chunks (on a
+    GPU: fewer than MIN_PROGRAMS / 2 samples, chunks of BLOCK=1024; here chunks of 16 of the
+    105 values of a sample)."""
+    from fastrobust.kernels import pgd as kernels
+    monkeypatch.setattr(kernels, "BLOCK", 16)
+    with backends.use("triton"):
+        yield kernels
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("eps_kind", ["float", "per_sample"])
+@pytest.mark.parametrize("clip", CLIPS[:2], ids=str)
+def test_split_l2_matches_reference(split_kernels, dtype, eps_kind, clip):
+    """‖δ‖² from Σd², Σd·g and Σg² of one pass: within the same few ulps as the direct sum;
+    samples that are projected, that are not, with ε = 0 and with an all-zero gradient."""
+    lo, hi = clip
+    adv, g, x = make(dtype=dtype, lo=lo, hi=hi, eps=0.5)
+    g[1] = 0
+    assert split_kernels._split(x.shape[0], x[0].numel())[0] == 7
+    eps = 0.5 if eps_kind == "float" else per_sample(x.shape[0], dtype, 0.5)
+    want = reference.pgd_step(adv, g, x, eps, 0.125, "l2", lo, hi)
+    got = F.pgd_step_(adv.clone(), g, x, eps, 0.125, norm="l2", clip_min=lo, clip_max=hi)
+    tol = 4e-7 if dtype == torch.float32 else 1e-15
+    torch.testing.assert_close(got, want, atol=2 * 4 * tol, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_split_mifgsm_matches_reference(split_kernels, dtype):
+    adv, g, x = make(dtype=dtype)
+    g[2] = 0
+    buf = torch.randn_like(x)
+    eps = per_sample(x.shape[0], dtype)
+    want_x, want_b = reference.mifgsm_step(adv, g, buf, x, eps, 2 / 255, 0.5)
+    got_x, got_b = adv.clone(), buf.clone()
+    F.mifgsm_step_(got_x, g, got_b, x, eps, 2 / 255, 0.5)
+    tol = 1e-6 if dtype == torch.float32 else 1e-14
+    torch.testing.assert_close(got_b, want_b, atol=tol, rtol=tol)
+    torch.testing.assert_close(got_x, want_x, atol=0, rtol=0)
+
+
 def test_mifgsm_nan_gradient_stays_nan(backend):
     """Only an all-zero gradient is special-cased; a NaN one is not hidden as a zero."""
     adv, g, x = make()

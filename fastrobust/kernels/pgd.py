@@ -10,6 +10,14 @@ range [n·S, (n+1)·S). Three kernels:
                   sample's second and third reads mostly hit cache)
   _mifgsm_kernel  grid (N,): Σ|g|, then momentum and the linf step with sign(momentum)
 
+With fewer samples than MIN_PROGRAMS (a GPU has 100+ SMs; 8 samples would use 8), l2 and
+MI-FGSM split each sample into T chunks instead, in two launches: _sample_sums_kernel (grid
+(N, T): the chunk's partial sums) and _l2_split_kernel / _mifgsm_split_kernel (grid (N, T):
+each program adds up its sample's T partials, in order, and updates its chunk). The split l2
+gets ‖δ‖² = Σd² + 2·step·Σd·g + step²·Σg² (d = x_adv − x_nat) from the same pass as Σg²; for
+a PGD iterate inside the ball (‖d‖ ≤ ε) with step α its rounding error is ~2^-24·(ε² + α²),
+as small as the direct sum's against ε² where the projection is decided.
+
 Loads are cast to the accumulation type at once (fp32, fp64 for fp64 inputs). Scalars reach
 the kernels as fp32 arguments; for fp64 inputs they come from small fp64 tensors instead, so
 fp64 keeps full precision. No allocation for fp16/bf16/fp32, no host sync.
@@ -91,6 +99,20 @@ def _linf_kernel(out_ptr, xa_ptr, g_ptr, xn_ptr, eps_ptr, alpha_ptr, par_ptr, ep
 
 
 @triton.jit
+def _l2_apply(out_ptr, xa_ptr, g_ptr, xn_ptr, base, start, end, step, f, e, lo_, hi_,
+              EPS_T: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """out = clamp(x_nat + f·(x_adv + step·g − x_nat)) over [start, end) of the sample."""
+    for s0 in range(start, end, BLOCK):
+        o = s0 + tl.arange(0, BLOCK)
+        m = o < end
+        xn = tl.load(xn_ptr + base + o, mask=m, other=0.0).to(ACC)
+        d = (tl.load(xa_ptr + base + o, mask=m, other=0.0).to(ACC)
+             + step * tl.load(g_ptr + base + o, mask=m, other=0.0).to(ACC) - xn)
+        r = _poison(_clamp(xn + d * f, lo_, hi_), e, EPS_T)
+        tl.store(out_ptr + base + o, r.to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
 def _l2_kernel(out_ptr, xa_ptr, g_ptr, xn_ptr, eps_ptr, alpha_ptr, par_ptr, eps, alpha, lo,
                hi, S, EPS_T: tl.constexpr, ALPHA_T: tl.constexpr, PAR_T: tl.constexpr,
                BLOCK: tl.constexpr, ACC: tl.constexpr):
@@ -114,14 +136,34 @@ def _l2_kernel(out_ptr, xa_ptr, g_ptr, xn_ptr, eps_ptr, alpha_ptr, par_ptr, eps,
         acc += d * d
     dn = tl.sqrt(tl.sum(acc, 0))
     f = tl.where(dn > e, e / tl.maximum(dn, 1e-30), 1.0)
-    for s0 in range(0, S, BLOCK):
+    _l2_apply(out_ptr, xa_ptr, g_ptr, xn_ptr, base, 0, S, step, f, e, lo_, hi_, EPS_T, BLOCK,
+              ACC)
+
+
+@triton.jit
+def _mifgsm_apply(xa_ptr, g_ptr, buf_ptr, xn_ptr, base, start, end, div, dec, e, a, lo_, hi_,
+                  EPS_T: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """buf = g/div + dec·buf, then the linf step with sign(buf), over [start, end)."""
+    for s0 in range(start, end, BLOCK):
         o = s0 + tl.arange(0, BLOCK)
-        m = o < S
+        m = o < end
+        g = tl.load(g_ptr + base + o, mask=m, other=0.0).to(ACC)
+        b = tl.load(buf_ptr + base + o, mask=m, other=0.0).to(ACC)
+        b = g / div + b * dec
+        tl.store(buf_ptr + base + o, b.to(buf_ptr.dtype.element_ty), mask=m)
+        xa = tl.load(xa_ptr + base + o, mask=m, other=0.0).to(ACC)
         xn = tl.load(xn_ptr + base + o, mask=m, other=0.0).to(ACC)
-        d = (tl.load(xa_ptr + base + o, mask=m, other=0.0).to(ACC)
-             + step * tl.load(g_ptr + base + o, mask=m, other=0.0).to(ACC) - xn)
-        r = _poison(_clamp(xn + d * f, lo_, hi_), e, EPS_T)
-        tl.store(out_ptr + base + o, r.to(out_ptr.dtype.element_ty), mask=m)
+        delta = _clamp(xa + a * _sign(b) - xn, -e, e)
+        r = _poison(_clamp(xn + delta, lo_, hi_), e, EPS_T)
+        tl.store(xa_ptr + base + o, r.to(xa_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _decay(par_ptr, decay, PAR_T: tl.constexpr, ACC: tl.constexpr):
+    if PAR_T:
+        return tl.load(par_ptr + 2).to(ACC)
+    else:
+        return tl.zeros([], ACC) + decay
 
 
 @triton.jit
@@ -132,28 +174,120 @@ def _mifgsm_kernel(xa_ptr, g_ptr, buf_ptr, xn_ptr, eps_ptr, alpha_ptr, par_ptr, 
     base = n * S
     e, a, lo_, hi_ = _scalars(n, eps_ptr, alpha_ptr, par_ptr, eps, alpha, lo, hi, EPS_T,
                               ALPHA_T, PAR_T, ACC)
-    if PAR_T:
-        dec = tl.load(par_ptr + 2).to(ACC)
-    else:
-        dec = tl.zeros([], ACC) + decay
+    dec = _decay(par_ptr, decay, PAR_T, ACC)
     acc = tl.zeros([BLOCK], ACC)
     for s0 in range(0, S, BLOCK):
         o = s0 + tl.arange(0, BLOCK)
         acc += tl.abs(tl.load(g_ptr + base + o, mask=o < S, other=0.0).to(ACC))
     mean = tl.sum(acc, 0) / S
     div = tl.where(mean == 0, 1.0, mean)  # all-zero gradient: adds 0; a NaN spreads
-    for s0 in range(0, S, BLOCK):
+    _mifgsm_apply(xa_ptr, g_ptr, buf_ptr, xn_ptr, base, 0, S, div, dec, e, a, lo_, hi_, EPS_T,
+                  BLOCK, ACC)
+
+
+# --- the split forms (few samples) ----------------------------------------------------------
+
+@triton.jit
+def _sample_sums_kernel(xa_ptr, g_ptr, xn_ptr, parts_ptr, N, S, CHUNK, L2: tl.constexpr,
+                        BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """Partial sums of chunk t of sample n into parts [3, T, N]: l2 Σg², Σd·g, Σd²
+    (d = x_adv − x_nat); MI-FGSM Σ|g| (row 0)."""
+    n = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(1).to(tl.int64)
+    T = tl.num_programs(1)
+    base = n * S
+    start = t * CHUNK
+    end = tl.minimum(start + CHUNK, S)
+    a1 = tl.zeros([BLOCK], ACC)
+    a2 = tl.zeros([BLOCK], ACC)
+    a3 = tl.zeros([BLOCK], ACC)
+    for s0 in range(start, end, BLOCK):
         o = s0 + tl.arange(0, BLOCK)
-        m = o < S
+        m = o < end
         g = tl.load(g_ptr + base + o, mask=m, other=0.0).to(ACC)
-        b = tl.load(buf_ptr + base + o, mask=m, other=0.0).to(ACC)
-        b = g / div + b * dec
-        tl.store(buf_ptr + base + o, b.to(buf_ptr.dtype.element_ty), mask=m)
-        xa = tl.load(xa_ptr + base + o, mask=m, other=0.0).to(ACC)
-        xn = tl.load(xn_ptr + base + o, mask=m, other=0.0).to(ACC)
-        delta = _clamp(xa + a * _sign(b) - xn, -e, e)
-        r = _poison(_clamp(xn + delta, lo_, hi_), e, EPS_T)
-        tl.store(xa_ptr + base + o, r.to(xa_ptr.dtype.element_ty), mask=m)
+        if L2:
+            d = (tl.load(xa_ptr + base + o, mask=m, other=0.0).to(ACC)
+                 - tl.load(xn_ptr + base + o, mask=m, other=0.0).to(ACC))
+            a1 += g * g
+            a2 += g * d
+            a3 += d * d
+        else:
+            a1 += tl.abs(g)
+    tl.store(parts_ptr + t * N + n, tl.sum(a1, 0))
+    if L2:
+        tl.store(parts_ptr + (T + t) * N + n, tl.sum(a2, 0))
+        tl.store(parts_ptr + (2 * T + t) * N + n, tl.sum(a3, 0))
+
+
+@triton.jit
+def _sum_of_parts(parts_ptr, row, n, N, T, BLOCK_T: tl.constexpr):
+    ts = tl.arange(0, BLOCK_T)
+    return tl.sum(tl.load(parts_ptr + (row * T + ts) * N + n, mask=ts < T, other=0.0), 0)
+
+
+@triton.jit
+def _l2_split_kernel(out_ptr, xa_ptr, g_ptr, xn_ptr, parts_ptr, eps_ptr, alpha_ptr, par_ptr,
+                     eps, alpha, lo, hi, N, S, CHUNK, EPS_T: tl.constexpr,
+                     ALPHA_T: tl.constexpr, PAR_T: tl.constexpr, BLOCK_T: tl.constexpr,
+                     BLOCK: tl.constexpr, ACC: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(1).to(tl.int64)
+    T = tl.num_programs(1)
+    e, a, lo_, hi_ = _scalars(n, eps_ptr, alpha_ptr, par_ptr, eps, alpha, lo, hi, EPS_T,
+                              ALPHA_T, PAR_T, ACC)
+    gg = _sum_of_parts(parts_ptr, 0, n, N, T, BLOCK_T)
+    gd = _sum_of_parts(parts_ptr, 1, n, N, T, BLOCK_T)
+    dd = _sum_of_parts(parts_ptr, 2, n, N, T, BLOCK_T)
+    step = a / tl.maximum(tl.sqrt(gg), 1e-12)
+    dn = tl.sqrt(tl.maximum(dd + step * (2 * gd + step * gg), 0.0))
+    f = tl.where(dn > e, e / tl.maximum(dn, 1e-30), 1.0)
+    start = t * CHUNK
+    _l2_apply(out_ptr, xa_ptr, g_ptr, xn_ptr, n * S, start, tl.minimum(start + CHUNK, S), step,
+              f, e, lo_, hi_, EPS_T, BLOCK, ACC)
+
+
+@triton.jit
+def _mifgsm_split_kernel(xa_ptr, g_ptr, buf_ptr, xn_ptr, parts_ptr, eps_ptr, alpha_ptr,
+                         par_ptr, eps, alpha, lo, hi, decay, N, S, CHUNK, EPS_T: tl.constexpr,
+                         ALPHA_T: tl.constexpr, PAR_T: tl.constexpr, BLOCK_T: tl.constexpr,
+                         BLOCK: tl.constexpr, ACC: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(1).to(tl.int64)
+    T = tl.num_programs(1)
+    e, a, lo_, hi_ = _scalars(n, eps_ptr, alpha_ptr, par_ptr, eps, alpha, lo, hi, EPS_T,
+                              ALPHA_T, PAR_T, ACC)
+    dec = _decay(par_ptr, decay, PAR_T, ACC)
+    mean = _sum_of_parts(parts_ptr, 0, n, N, T, BLOCK_T) / S
+    div = tl.where(mean == 0, 1.0, mean)
+    start = t * CHUNK
+    _mifgsm_apply(xa_ptr, g_ptr, buf_ptr, xn_ptr, n * S, start, tl.minimum(start + CHUNK, S),
+                  div, dec, e, a, lo_, hi_, EPS_T, BLOCK, ACC)
+
+
+# A per-sample reduction with fewer than half this many samples is split along S so it gets
+# about this many programs (two waves of an H100's 132 SMs); 0 turns the split off.
+MIN_PROGRAMS = 264
+BLOCK = 1024
+
+
+def _split(N: int, S: int) -> tuple[int, int]:
+    """(T, CHUNK): chunks per sample (1: the one-program-per-sample kernels) and their
+    length, a multiple of BLOCK."""
+    blocks = triton.cdiv(S, BLOCK)
+    T = max(1, min(blocks, MIN_PROGRAMS // max(N, 1)))
+    chunk = triton.cdiv(blocks, T) * BLOCK
+    return triton.cdiv(S, chunk), chunk
+
+
+def _sums(x_adv, grad, x_nat, N, S, T, chunk, l2):
+    parts = torch.empty(3 if l2 else 1, T, N, device=x_adv.device, dtype=acc_dtype(x_adv))
+    _sample_sums_kernel[(N, T)](x_adv, grad, x_nat, parts, N, S, chunk, L2=l2, BLOCK=BLOCK,
+                                ACC=_tl_acc(x_adv))
+    return parts
+
+
+def _tl_acc(x):
+    return tl.float64 if acc_dtype(x) == torch.float64 else tl.float32
 
 
 def _launch_args(x, eps_t, eps, alpha_t, alpha, clip_min, clip_max, decay=0.0):
@@ -189,7 +323,13 @@ def pgd_update(out, x_adv, grad, x_nat, eps_t, eps, alpha_t, alpha, mode, clip_m
 
 def _launch_pgd(out, x_adv, grad, x_nat, ptrs, scal, flags, mode, N, S):
     if mode == PgdMode.L2:
-        _l2_kernel[(N,)](out, x_adv, grad, x_nat, *ptrs, *scal, S, BLOCK=1024, **flags)
+        T, chunk = _split(N, S)
+        if T == 1:
+            _l2_kernel[(N,)](out, x_adv, grad, x_nat, *ptrs, *scal, S, BLOCK=BLOCK, **flags)
+        else:
+            parts = _sums(x_adv, grad, x_nat, N, S, T, chunk, True)
+            _l2_split_kernel[(N, T)](out, x_adv, grad, x_nat, parts, *ptrs, *scal, N, S, chunk,
+                                     BLOCK_T=triton.next_power_of_2(T), BLOCK=BLOCK, **flags)
     elif mode in (PgdMode.LINF_SIGN, PgdMode.LINF_RAW):
         block = min(2048, triton.next_power_of_2(S))
         _linf_kernel[(N, triton.cdiv(S, block))](out, x_adv, grad, x_nat, *ptrs, *scal, S,
@@ -208,6 +348,14 @@ def mifgsm_update(x_adv, grad, buf, x_nat, eps_t, eps, alpha_t, alpha, decay, cl
     S = x_adv.numel() // N
     ptrs, scal, flags = _launch_args(x_adv, eps_t, eps, alpha_t, alpha, clip_min, clip_max,
                                      decay)
+    T, chunk = _split(N, S)
     with on_device(x_adv):
-        _mifgsm_kernel[(N,)](x_adv, grad, buf, x_nat, *ptrs, *scal, float(decay), S,
-                             BLOCK=1024, **flags)
+        if T == 1:
+            _mifgsm_kernel[(N,)](x_adv, grad, buf, x_nat, *ptrs, *scal, float(decay), S,
+                                 BLOCK=BLOCK, **flags)
+        else:
+            parts = _sums(x_adv, grad, x_nat, N, S, T, chunk, False)
+            _mifgsm_split_kernel[(N, T)](x_adv, grad, buf, x_nat, parts, *ptrs, *scal,
+                                         float(decay), N, S, chunk,
+                                         BLOCK_T=triton.next_power_of_2(T), BLOCK=BLOCK,
+                                         **flags)
