@@ -226,15 +226,22 @@ def _sum_of_parts(parts_ptr, row, n, N, T, BLOCK_T: tl.constexpr):
 
 
 @triton.jit
+def _split_program(eps_ptr, alpha_ptr, par_ptr, eps, alpha, lo, hi, EPS_T: tl.constexpr,
+                   ALPHA_T: tl.constexpr, PAR_T: tl.constexpr, ACC: tl.constexpr):
+    """A split kernel's program: sample n, chunk t of T, and the sample's scalars."""
+    n = tl.program_id(0).to(tl.int64)
+    e, a, lo_, hi_ = _scalars(n, eps_ptr, alpha_ptr, par_ptr, eps, alpha, lo, hi, EPS_T,
+                              ALPHA_T, PAR_T, ACC)
+    return n, tl.program_id(1).to(tl.int64), tl.num_programs(1), e, a, lo_, hi_
+
+
+@triton.jit
 def _l2_split_kernel(out_ptr, xa_ptr, g_ptr, xn_ptr, parts_ptr, eps_ptr, alpha_ptr, par_ptr,
                      eps, alpha, lo, hi, N, S, CHUNK, EPS_T: tl.constexpr,
                      ALPHA_T: tl.constexpr, PAR_T: tl.constexpr, BLOCK_T: tl.constexpr,
                      BLOCK: tl.constexpr, ACC: tl.constexpr):
-    n = tl.program_id(0).to(tl.int64)
-    t = tl.program_id(1).to(tl.int64)
-    T = tl.num_programs(1)
-    e, a, lo_, hi_ = _scalars(n, eps_ptr, alpha_ptr, par_ptr, eps, alpha, lo, hi, EPS_T,
-                              ALPHA_T, PAR_T, ACC)
+    n, t, T, e, a, lo_, hi_ = _split_program(eps_ptr, alpha_ptr, par_ptr, eps, alpha, lo, hi,
+                                             EPS_T, ALPHA_T, PAR_T, ACC)
     gg = _sum_of_parts(parts_ptr, 0, n, N, T, BLOCK_T)
     gd = _sum_of_parts(parts_ptr, 1, n, N, T, BLOCK_T)
     dd = _sum_of_parts(parts_ptr, 2, n, N, T, BLOCK_T)
@@ -251,11 +258,8 @@ def _mifgsm_split_kernel(xa_ptr, g_ptr, buf_ptr, xn_ptr, parts_ptr, eps_ptr, alp
                          par_ptr, eps, alpha, lo, hi, decay, N, S, CHUNK, EPS_T: tl.constexpr,
                          ALPHA_T: tl.constexpr, PAR_T: tl.constexpr, BLOCK_T: tl.constexpr,
                          BLOCK: tl.constexpr, ACC: tl.constexpr):
-    n = tl.program_id(0).to(tl.int64)
-    t = tl.program_id(1).to(tl.int64)
-    T = tl.num_programs(1)
-    e, a, lo_, hi_ = _scalars(n, eps_ptr, alpha_ptr, par_ptr, eps, alpha, lo, hi, EPS_T,
-                              ALPHA_T, PAR_T, ACC)
+    n, t, T, e, a, lo_, hi_ = _split_program(eps_ptr, alpha_ptr, par_ptr, eps, alpha, lo, hi,
+                                             EPS_T, ALPHA_T, PAR_T, ACC)
     dec = _decay(par_ptr, decay, PAR_T, ACC)
     mean = _sum_of_parts(parts_ptr, 0, n, N, T, BLOCK_T) / S
     div = tl.where(mean == 0, 1.0, mean)
