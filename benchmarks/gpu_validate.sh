@@ -38,7 +38,7 @@ step info 60 fastrobust info
 # The suite as in CI (Triton under the interpreter for the CPU-tensor backend tests), one
 # worker per core; then every op on CUDA tensors with the compiled kernels
 # (tests/test_devices.py's cuda cases, TRITON_INTERPRET=0).
-step tests 240 python -m pytest -q -x -n auto -p no:cacheprovider
+step tests 240 python -m pytest -q -x -n auto --maxprocesses=8 -p no:cacheprovider
 step devices 180 env TRITON_INTERPRET=0 python -m pytest -q -p no:cacheprovider tests/test_devices.py
 step launch_counts 60 python benchmarks/launch_counts.py
 cat > "$OUT/sanitize_calls.py" <<'PY'
