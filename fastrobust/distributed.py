@@ -210,11 +210,11 @@ class _SyncBN(torch.autograd.Function):
             ctx.saved_tensors
         branch, mix = (None, route) if ctx.mixed else (route, None)
         group = ctx.group
+        needs = (need_x, need_mix, need_w, need_b, need_s, need_g, need_be)
         grads = kernels.bn_backward(
             dy, x, branch, mix, weight, bias, mean, invstd, planes, scale, gamma, beta, ctx.K,
-            True, ctx.relu, [need_x, need_mix, need_w, need_b, need_s, need_g, need_be],
-            all_reduce=lambda t: dist.all_reduce(t, group=group), payload=payload)
-        needs = (need_x, need_mix, need_w, need_b, need_s, need_g, need_be)
+            True, ctx.relu, needs, all_reduce=lambda t: dist.all_reduce(t, group=group),
+            payload=payload)
         dx, dmix, dw, db, ds, dg, dbe = (
             t.to(dt) if need else None
             for t, need, dt in zip(grads, needs, ctx.dtypes))

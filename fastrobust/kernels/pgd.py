@@ -283,15 +283,11 @@ def _split(N: int, S: int) -> tuple[int, int]:
     return triton.cdiv(S, chunk), chunk
 
 
-def _sums(x_adv, grad, x_nat, N, S, T, chunk, l2):
+def _sums(x_adv, grad, x_nat, N, S, T, chunk, l2, flags):
     parts = torch.empty(3 if l2 else 1, T, N, device=x_adv.device, dtype=acc_dtype(x_adv))
     _sample_sums_kernel[(N, T)](x_adv, grad, x_nat, parts, N, S, chunk, L2=l2, BLOCK=BLOCK,
-                                ACC=_tl_acc(x_adv))
+                                ACC=flags["ACC"])
     return parts
-
-
-def _tl_acc(x):
-    return tl.float64 if acc_dtype(x) == torch.float64 else tl.float32
 
 
 def _launch_args(x, eps_t, eps, alpha_t, alpha, clip_min, clip_max, decay=0.0):
@@ -331,7 +327,7 @@ def _launch_pgd(out, x_adv, grad, x_nat, ptrs, scal, flags, mode, N, S):
         if T == 1:
             _l2_kernel[(N,)](out, x_adv, grad, x_nat, *ptrs, *scal, S, BLOCK=BLOCK, **flags)
         else:
-            parts = _sums(x_adv, grad, x_nat, N, S, T, chunk, True)
+            parts = _sums(x_adv, grad, x_nat, N, S, T, chunk, True, flags)
             _l2_split_kernel[(N, T)](out, x_adv, grad, x_nat, parts, *ptrs, *scal, N, S, chunk,
                                      BLOCK_T=triton.next_power_of_2(T), BLOCK=BLOCK, **flags)
     elif mode in (PgdMode.LINF_SIGN, PgdMode.LINF_RAW):
@@ -358,7 +354,7 @@ def mifgsm_update(x_adv, grad, buf, x_nat, eps_t, eps, alpha_t, alpha, decay, cl
             _mifgsm_kernel[(N,)](x_adv, grad, buf, x_nat, *ptrs, *scal, float(decay), S,
                                  BLOCK=BLOCK, **flags)
         else:
-            parts = _sums(x_adv, grad, x_nat, N, S, T, chunk, False)
+            parts = _sums(x_adv, grad, x_nat, N, S, T, chunk, False, flags)
             _mifgsm_split_kernel[(N, T)](x_adv, grad, buf, x_nat, parts, *ptrs, *scal,
                                          float(decay), N, S, chunk,
                                          BLOCK_T=triton.next_power_of_2(T), BLOCK=BLOCK,
