@@ -430,18 +430,21 @@ def _sync_apply_kernel(x_ptr, out_ptr, pay_ptr, br_ptr, sbr, mix_ptr, smn, smk, 
     count, mean, var = _global_stats(pay_ptr, ks, kc, kcm, K, C, ACC)
     invstd = _invstd(var, eps, ACC)
     first = (n == 0) & (sb == 0)
-    tl.store(mean_ptr + kc, mean, mask=kcm & first)
-    tl.store(invstd_ptr + kc, invstd, mask=kcm & first)
+    # (tl.where, not `kcm & first`: triton 3.9's interpreter rejects a mask that & made of a
+    # tensor and a scalar bool)
+    kcm1 = tl.where(first, kcm, False)
+    tl.store(mean_ptr + kc, mean, mask=kcm1)
+    tl.store(invstd_ptr + kc, invstd, mask=kcm1)
     if RUNNING:
         if CUMULATIVE:  # the counter as the local pass copied it (program 0 advances it)
             mom = (1.0 / (tl.load(old_ptr + ks, mask=kmask, other=0.0) + 1.0))[:, None]
         else:
             mom = momentum
-        _update_running(rm_ptr, rv_ptr, kc, kcm & first, mean, var, count, mom, ACC)
+        _update_running(rm_ptr, rv_ptr, kc, kcm1, mean, var, count, mom, ACC)
         if COUNT:
-            cnt0 = first & (cb == 0)
-            old = tl.load(nbt_ptr + ks, mask=kmask & cnt0, other=0)
-            tl.store(nbt_ptr + ks, old + (count >= 2).to(old.dtype), mask=kmask & cnt0)
+            km0 = tl.where(first & (cb == 0), kmask, False)
+            old = tl.load(nbt_ptr + ks, mask=km0, other=0)
+            tl.store(nbt_ptr + ks, old + (count >= 2).to(old.dtype), mask=km0)
     a, d, _b = _affine_of(kc, kcm, mean, invstd, w_ptr, b_ptr, HAS_W, HAS_B, ACC)
     ns = n + tl.arange(0, 1)
     M, ok = _route(ns, ks, N, K, br_ptr, sbr, mix_ptr, smn, smk, MIXED, ACC)
@@ -649,7 +652,7 @@ def _plane_grads(parts_ptr, planes_ptr, br_ptr, sbr, mix_ptr, smn, smk, sc_ptr, 
     gradient kernel's pass 2 stores them as soon as they are known, which keeps its
     registers within budget)."""
     nc = ns[:, None] * C + cs[None, :]
-    ncm = (ns < N)[:, None] & (cs < C)[None, :] & write
+    ncm = tl.where(write, (ns < N)[:, None] & (cs < C)[None, :], False)  # (as kcm1 above)
     M, _ = _route(ns, ks, N, K, br_ptr, sbr, mix_ptr, smn, smk, MIXED, ACC)
     s, g, be = _extras(ns, cs, N, C, sc_ptr, g_ptr, be_ptr, SCALE, GAMMA, BETA, ACC)
     ctr = _centre(M, mu, s, SCALE)
