@@ -187,13 +187,21 @@ def _sync_case(N, C, H, cl, K, extras, mixed, dtype):
 
 
 def film_cases():
+    """[N, C] and [C] (per-channel) γ, β, mixed, on NCHW, channels_last and 2-D inputs, and a
+    batch of 8 (the backward then splits each plane over S and sums the splits)."""
     cases = []
+    forms = (((256, 64), (256, 64)), ((64,), (64,)), ((64,), (256, 64)))
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        for cl in (False, True):
-            def run(dtype=dtype, cl=cl):
-                x = _t((256, 64, 16, 16), dtype, cl, grad=True)
-                y = F.film(x, _t((256, 64), dtype, grad=True), _t((256, 64), dtype, grad=True))
-                y.backward(torch.empty_like(y))
+        for shape, cl in (((256, 64, 16, 16), False), ((256, 64, 16, 16), True),
+                          ((8, 64, 32, 32), False), ((256, 64), False)):
+            def run(dtype=dtype, shape=shape, cl=cl):
+                x = _t(shape, dtype, cl, grad=True)
+                N = shape[0]
+                for g, b in forms:
+                    g = (N,) + g[1:] if len(g) == 2 else g
+                    b = (N,) + b[1:] if len(b) == 2 else b
+                    y = F.film(x, _t(g, dtype, grad=True), _t(b, dtype, grad=True))
+                    y.backward(torch.empty_like(y))
             cases.append((dtype, run))
     return cases
 

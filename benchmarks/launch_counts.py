@@ -38,7 +38,7 @@ _FREE = {
     aten.select.int, aten.slice.Tensor, aten.alias.default, aten.detach.default,
     aten.transpose.int, aten.lift_fresh.default, aten.sym_size.int, aten.sym_stride.int,
     aten.sym_numel.default, aten.is_contiguous.default, aten.is_contiguous.memory_format,
-    aten.sym_storage_offset.default, aten.reshape.default,
+    aten.sym_storage_offset.default, aten.reshape.default, aten.unbind.int,
 }
 
 
@@ -200,11 +200,16 @@ def measure_sync(kind, K=2, N=8, C=16, H=8, extras=False):
         return fwd, list(c.launches), n_fwd, len(collectives) - n_fwd
 
 
-def measure_film(gamma=True, beta=True, per_channel=False):
-    x = _t(8, 16, 8, 8, requires_grad=True)
-    shape = (16,) if per_channel else (8, 16)
-    g = _t(*shape, requires_grad=True) if gamma else None
-    b = _t(*shape, requires_grad=True) if beta else None
+def measure_film(gamma="NC", beta="NC", per_channel=False, shape=(8, 16, 8, 8),
+                 channels_last=False):
+    """gamma, beta: "NC" ([N, C]), "C" ([C]) or None; per_channel=True makes both "C"."""
+    x = _t(*shape, requires_grad=True, channels_last=channels_last)
+    N, C = shape[:2]
+    kind = {"NC": (N, C), "C": (C,)}
+    if per_channel:
+        gamma, beta = ("C" if gamma else None), ("C" if beta else None)
+    g = None if gamma is None else _t(*kind[gamma], requires_grad=True)
+    b = None if beta is None else _t(*kind[beta], requires_grad=True)
     with counting() as c:
         y = F.film(x, g, b)
     fwd = list(c.launches)

@@ -170,28 +170,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_bn_autograd(
 
 using FilmSig = at::Tensor(const at::Tensor&, const OptTensor&, const OptTensor&);
 using FilmBackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const OptTensor&, std::array<bool, kNumFilmGrads>);
+    const at::Tensor&, const at::Tensor&, const OptTensor&, std::array<bool, kNumFilmGrads>,
+    std::array<bool, 2>);
 
-// (dx, dgamma, dbeta) of y = gamma·x + beta as differentiable ATen ops (double backward).
+// (dx, dgamma, dbeta) of y = gamma·x + beta as differentiable ATen ops (double backward); a
+// per-channel ([C]) gamma or beta gets its gradient summed over the batch as well.
 std::vector<at::Tensor> film_grads_with_graph(const at::Tensor& dy, const at::Tensor& x,
                                               const at::Tensor& gamma,
                                               std::array<bool, kNumFilmGrads> needs,
+                                              std::array<bool, 2> per_channel,
                                               at::ScalarType x_dtype) {
   const int64_t nd = dy.dim();
-  std::vector<int64_t> dims, per_plane(dy.sizes().begin(), dy.sizes().begin() + 2);
+  std::vector<int64_t> planes, channels{0}, shape(dy.sizes().begin(), dy.sizes().begin() + 2);
   for (int64_t d = 2; d < nd; ++d) {
-    dims.push_back(d);
-    per_plane.push_back(1);
+    planes.push_back(d);
+    channels.push_back(d);
+    shape.push_back(1);
   }
   const auto acc = dy.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto sum_planes = [&](const at::Tensor& t) {
+  auto reduce = [&](const at::Tensor& t, bool per_c) {
+    const auto& dims = per_c ? channels : planes;
     return dims.empty() ? t.to(acc) : t.to(acc).sum(dims);
   };
   at::Tensor dx, dg, db;
-  if (needs[kFilmX])
-    dx = (gamma.defined() ? dy * gamma.view(per_plane).to(dy.scalar_type()) : dy).to(x_dtype);
-  if (needs[kFilmGamma]) dg = sum_planes(dy * x);
-  if (needs[kFilmBeta]) db = sum_planes(dy);
+  if (needs[kFilmX]) {
+    auto gshape = shape;
+    if (gamma.defined() && gamma.dim() == 1) gshape[0] = 1;
+    dx = (gamma.defined() ? dy * gamma.view(gshape).to(dy.scalar_type()) : dy).to(x_dtype);
+  }
+  if (needs[kFilmGamma]) dg = reduce(dy * x, per_channel[0]);
+  if (needs[kFilmBeta]) db = reduce(dy, per_channel[1]);
   return {dx, dg, db};
 }
 
@@ -212,6 +220,8 @@ struct Film : public torch::autograd::Function<Film> {
     ctx->saved_data["dtypes"] = std::vector<int64_t>{
         int64_t(x.scalar_type()), int64_t(dtype_or_undefined(args[1])),
         int64_t(dtype_or_undefined(args[2]))};
+    ctx->saved_data["per_channel"] = std::vector<int64_t>{
+        gamma && gamma->dim() == 1, beta && beta->dim() == 1};
     return y;
   }
 
@@ -220,6 +230,8 @@ struct Film : public torch::autograd::Function<Film> {
     const auto s = ctx->get_saved_variables();
     const auto edges = ctx->saved_data["edges"].toIntVector();
     const auto dtypes = ctx->saved_data["dtypes"].toIntVector();
+    const auto pc = ctx->saved_data["per_channel"].toIntVector();
+    const std::array<bool, 2> per_channel{pc[0] != 0, pc[1] != 0};
     std::array<bool, kNumFilmGrads> needs{};
     for (int i = 0; i < kNumFilmGrads; ++i)
       needs[i] = edges[i] >= 0 && ctx->needs_input_grad(size_t(edges[i]));
@@ -227,10 +239,10 @@ struct Film : public torch::autograd::Function<Film> {
     const auto x_dtype = static_cast<at::ScalarType>(dtypes[0]);
     std::vector<at::Tensor> g;
     if (at::GradMode::is_enabled()) {
-      g = film_grads_with_graph(dy, s[0], s[1], needs, x_dtype);
+      g = film_grads_with_graph(dy, s[0], s[1], needs, per_channel, x_dtype);
     } else {
       // Without a gamma, dx = dy and dbeta = Σ dy need no x: dy stands in for it.
-      auto r = bwd.call(dy, s[0].defined() ? s[0] : dy, opt(s[1]), needs);
+      auto r = bwd.call(dy, s[0].defined() ? s[0] : dy, opt(s[1]), needs, per_channel);
       g = {std::get<0>(r), std::get<1>(r), std::get<2>(r)};
     }
     variable_list result(3);

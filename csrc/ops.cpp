@@ -49,9 +49,12 @@ TORCH_LIBRARY(fastrobust, m) {
         "Tensor? weight, Tensor? bias, Tensor mean, Tensor invstd, Tensor? input_scale, "
         "Tensor? film_gamma, Tensor? film_beta, int num_branches, bool batch_stats, float eps, "
         "bool relu, bool[7] needs) -> Tensor[]");
-  // y = gamma[n,c]·x + beta[n,c], [N, C] gamma and beta (either may be None).
+  // y = gamma[n,c]·x + beta[n,c]; gamma and beta are each [N, C] (per sample) or [C] (per
+  // channel), either may be None. film_backward returns (dx, dgamma, dbeta) for `needs`
+  // (spec.h: FilmGrad); `per_channel` says which of gamma, beta are [C]: their gradients are
+  // then [C] (summed over the batch inside the kernels), the others [N, C].
   m.def("film(Tensor x, Tensor? gamma, Tensor? beta) -> Tensor");
-  m.def("film_backward(Tensor dy, Tensor x, Tensor? gamma, bool[3] needs) "
+  m.def("film_backward(Tensor dy, Tensor x, Tensor? gamma, bool[3] needs, bool[2] per_channel) "
         "-> (Tensor, Tensor, Tensor)");
   // relu(a + b), equal shapes, dtypes and devices.
   m.def("add_relu(Tensor a, Tensor b) -> Tensor");

@@ -14,7 +14,7 @@ enum BNGrad : int { kGradX, kGradMix, kGradWeight, kGradBias, kGradScale, kGradG
 inline constexpr const char* kBNGradNames[kNumBNGrads] = {
     "x", "mix", "weight", "bias", "input_scale", "film_gamma", "film_beta"};
 
-// film_backward(..., bool[3] needs) -> (dx, dgamma, dbeta).
+// film_backward(..., bool[3] needs, bool[2] per_channel) -> (dx, dgamma, dbeta).
 enum FilmGrad : int { kFilmX, kFilmGamma, kFilmBeta, kNumFilmGrads };
 
 // The modes of the PGD update kernels (pgd_update in csrc/cpu/pgd.h and kernels/pgd.py).

@@ -228,30 +228,38 @@ class Engine:
 
     # -- FiLM / channel scale ----------------------------------------------------------------
 
-    @torch.no_grad()
-    def film_forward(self, x, gamma, beta):
-        """y = γ·x + β with [N, C] γ, β (either may be None)."""
+    @staticmethod
+    def _film_coefficient(t, x, fill):
+        """γ or β as [N, C] in the accumulation type (a [C] one broadcast over the batch)."""
         acc = acc_dtype(x)
         N, C = x.shape[:2]
-        A = torch.ones(N, C, dtype=acc, device=x.device) if gamma is None else gamma.to(acc)
-        D = torch.zeros(N, C, dtype=acc, device=x.device) if beta is None else beta.to(acc)
-        return self.leaves.affine(x, A, D, False)
+        if t is None:
+            return torch.full((N, C), fill, dtype=acc, device=x.device)
+        return t.to(acc).expand(N, C)
 
     @torch.no_grad()
-    def film_backward(self, dy, x, gamma, need_x, need_gamma, need_beta):
-        """Returns (dx, dgamma [N, C], dbeta [N, C]); an unneeded one is empty."""
+    def film_forward(self, x, gamma, beta):
+        """y = γ·x + β with [N, C] or [C] γ, β (either may be None)."""
+        return self.leaves.affine(x, self._film_coefficient(gamma, x, 1.0),
+                                  self._film_coefficient(beta, x, 0.0), False)
+
+    @torch.no_grad()
+    def film_backward(self, dy, x, gamma, need_x, need_gamma, need_beta,
+                      per_channel_gamma=False, per_channel_beta=False):
+        """Returns (dx, dgamma, dbeta); an unneeded one is empty. dgamma (dbeta) is [C],
+        summed over the batch, when per_channel_gamma (per_channel_beta), else [N, C]."""
         acc = acc_dtype(x)
         N, C = x.shape[:2]
         dx, dgamma, dbeta = (x.new_empty(0, dtype=dt) for dt in (x.dtype, acc, acc))
         if need_x:
-            A = torch.ones(N, C, dtype=acc, device=x.device) if gamma is None else gamma.to(acc)
+            A = self._film_coefficient(gamma, x, 1.0)
             dx = self.leaves.affine(dy, A, torch.zeros_like(A), False)
             dx = dx.to(x.dtype)
         if need_gamma or need_beta:
             G1, G2 = self.leaves.grad_sums(dy, x, torch.zeros(N, C, dtype=acc, device=x.device),
                                            None, acc)
-            dgamma = G2 if need_gamma else dgamma
-            dbeta = G1 if need_beta else dbeta
+            dgamma = (G2.sum(0) if per_channel_gamma else G2) if need_gamma else dgamma
+            dbeta = (G1.sum(0) if per_channel_beta else G1) if need_beta else dbeta
         return dx, dgamma, dbeta
 
 

@@ -55,12 +55,13 @@ def _fake_film(x, gamma, beta):
     return torch.empty_like(x)
 
 
-def _fake_film_backward(dy, x, gamma, needs):
+def _fake_film_backward(dy, x, gamma, needs, per_channel):
     acc = acc_dtype(x)
     N, C = x.shape[:2]
+    shape = [(C,) if pc else (N, C) for pc in per_channel]
     return (torch.empty_like(x) if needs[0] else x.new_empty(0),
-            x.new_empty((N, C) if needs[1] else (0,), dtype=acc),
-            x.new_empty((N, C) if needs[2] else (0,), dtype=acc))
+            x.new_empty(shape[0] if needs[1] else (0,), dtype=acc),
+            x.new_empty(shape[1] if needs[2] else (0,), dtype=acc))
 
 
 def _no_result(*args):

@@ -37,9 +37,11 @@ def _check_param(name: str, t: Tensor | None, x: Tensor, K: int) -> None:
         raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
 
 
-def _per_sample_arg(op: str, name: str, t: Tensor | None, x: Tensor) -> Tensor | None:
-    """An [N, C] or [C] per-(sample, channel) tensor, returned as a dense [N, C] (a [C] one is
-    broadcast over the batch; autograd sums its gradient back)."""
+def _per_sample_arg(op: str, name: str, t: Tensor | None, x: Tensor,
+                    keep_per_channel: bool = False) -> Tensor | None:
+    """An [N, C] or [C] per-(sample, channel) tensor, returned dense: a [C] one as is with
+    ``keep_per_channel`` (the op takes it and sums its gradient over the batch itself), else
+    broadcast to [N, C] (autograd then sums its gradient back)."""
     if t is None:
         return None
     if not isinstance(t, Tensor):
@@ -52,7 +54,9 @@ def _per_sample_arg(op: str, name: str, t: Tensor | None, x: Tensor) -> Tensor |
         raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
     if t.device != x.device:
         raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
-    return (t.expand(N, C) if t.dim() == 1 else t).contiguous()
+    if t.dim() == 1 and not keep_per_channel:
+        t = t.expand(N, C)
+    return t.contiguous()
 
 
 def _check_x(op: str, x) -> None:
@@ -241,7 +245,8 @@ def film(x: Tensor, gamma: Tensor | None = None, beta: Tensor | None = None) -> 
     ``film_beta`` arguments of :func:`multi_batch_norm` (one pass instead of two)."""
     op = "film"
     _check_x(op, x)
-    g, b = _per_sample_arg(op, "gamma", gamma, x), _per_sample_arg(op, "beta", beta, x)
+    g, b = (_per_sample_arg(op, name, t, x, keep_per_channel=True)
+            for name, t in (("gamma", gamma), ("beta", beta)))
     return _ops.film(x, g, b)
 
 

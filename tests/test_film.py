@@ -22,14 +22,15 @@ def _x(layout, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
-@pytest.mark.parametrize("form", ["NC", "C", "gamma_only", "beta_only"])
+@pytest.mark.parametrize("form", ["NC", "C", "gamma_only", "beta_only", "C_gamma", "C_beta"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_film_matches_reference(backend, layout, form, dtype):
     x = _x(layout, dtype).requires_grad_()
     N, C = x.shape[:2]
-    shape = (C,) if form == "C" else (N, C)
-    gamma = None if form == "beta_only" else torch.randn(shape, dtype=dtype).requires_grad_()
-    beta = None if form == "gamma_only" else torch.randn(shape, dtype=dtype).requires_grad_()
+    shapes = {"C": ((C,), (C,)), "C_gamma": ((C,), (N, C)), "C_beta": ((N, C), (C,))}
+    g_shape, b_shape = shapes.get(form, ((N, C), (N, C)))
+    gamma = None if form == "beta_only" else torch.randn(g_shape, dtype=dtype).requires_grad_()
+    beta = None if form == "gamma_only" else torch.randn(b_shape, dtype=dtype).requires_grad_()
     y = F.film(x, gamma, beta)
     y_ref = reference.film(x, gamma, beta)
     torch.testing.assert_close(y, y_ref, **TOL[dtype])
@@ -42,6 +43,22 @@ def test_film_matches_reference(backend, layout, form, dtype):
                            torch.autograd.grad(y_ref, inputs, gy), inputs):
         assert g.shape == t.shape
         torch.testing.assert_close(g, g_ref, **TOL[dtype])
+
+
+@pytest.mark.parametrize("form", ["NC", "C", "C_gamma"])
+def test_film_split_planes(backend, form):
+    """Planes long enough that the Triton backward splits each one over S (3 partial sums per
+    plane, summed by its second launch); [C] γ, β are summed over the batch as well."""
+    x = torch.randn(2, 3, 48, 48, dtype=torch.float64, requires_grad=True)
+    g = torch.randn((3,) if form != "NC" else (2, 3), dtype=torch.float64, requires_grad=True)
+    b = torch.randn((3,) if form == "C" else (2, 3), dtype=torch.float64, requires_grad=True)
+    y, y_ref = F.film(x, g, b), reference.film(x, g, b)
+    torch.testing.assert_close(y, y_ref, **TOL[torch.float64])
+    gy = torch.randn_like(y)
+    for d, d_ref in zip(torch.autograd.grad(y, (x, g, b), gy),
+                        torch.autograd.grad(y_ref, (x, g, b), gy)):
+        assert d.shape == d_ref.shape
+        torch.testing.assert_close(d, d_ref, **TOL[torch.float64])
 
 
 def test_film_plain_expression(backend):
@@ -101,11 +118,22 @@ def test_film_opcheck(backend):
 
     for layout in ("contiguous", "channels_last"):
         x = _x(layout, torch.float32)
-        g, b = torch.randn(6, 5), torch.randn(6, 5)
-        for gamma, beta in ((g, b), (g, None), (None, b)):
+        g, b, gc, bc = torch.randn(6, 5), torch.randn(6, 5), torch.randn(5), torch.randn(5)
+        for gamma, beta in ((g, b), (g, None), (None, b), (gc, bc), (gc, b), (None, bc)):
             opcheck(torch.ops.fastrobust.film.default, (x, gamma, beta))
-        opcheck(torch.ops.fastrobust.film_backward.default,
-                (torch.randn_like(x), x, g, [True, True, True]))
+        for gamma, per_channel in ((g, [False, False]), (gc, [True, True]), (gc, [True, False]),
+                                   (g, [False, True])):
+            opcheck(torch.ops.fastrobust.film_backward.default,
+                    (torch.randn_like(x), x, gamma, [True, True, True], per_channel))
+
+
+def test_film_backward_per_channel_must_match_gamma(backend):
+    """The op refuses a per_channel flag that contradicts gamma's shape (no silently wrong
+    gradient shape)."""
+    x = torch.randn(4, 3, 2, 2)
+    for gamma, flag in ((torch.randn(3), False), (torch.randn(4, 3), True)):
+        with pytest.raises(RuntimeError, match="per_channel"):
+            torch.ops.fastrobust.film_backward(x, x, gamma, [True, True, True], [flag, False])
 
 
 def test_film_errors():

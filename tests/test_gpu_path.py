@@ -64,10 +64,18 @@ def test_sync_bn_launch_budget(kind, extras):
     assert all(name.startswith("triton.") for name in fwd + bwd), fwd + bwd
 
 
-def test_film_launch_budget():
-    fwd, bwd = lc.measure_film()
+@pytest.mark.parametrize("gamma,beta", [("NC", "NC"), ("C", "C"), ("C", "NC"), ("NC", "C"),
+                                        ("C", None), (None, "C"), ("NC", None)])
+@pytest.mark.parametrize("shape,channels_last", [((8, 16, 8, 8), False), ((8, 16, 8, 8), True),
+                                                 ((256, 64), False), ((2, 4, 64, 64), False)],
+                         ids=["nchw", "channels_last", "2d", "few-planes"])
+def test_film_launch_budget(gamma, beta, shape, channels_last):
+    """1 launch forward, ≤ 2 backward, per-channel ([C]) γ, β included: no copy of a
+    broadcast γ forward, its gradient summed over the batch by the kernels' second launch."""
+    fwd, bwd = lc.measure_film(gamma, beta, shape=shape, channels_last=channels_last)
     assert fwd == ["triton._affine_kernel"]
     assert len(bwd) <= 2, bwd
+    assert bwd[0] == "triton._film_grad_kernel", bwd
 
 
 @pytest.mark.parametrize("per_sample", [False, True], ids=["float", "per-sample"])
@@ -128,6 +136,8 @@ _IR_CHECK = textwrap.dedent("""
                                     num_branches=3, **kw))
             y.backward(torch.empty_like(y))
         F.film(x, s, s).backward(torch.empty_like(x))
+        c = torch.empty(8, device="meta").requires_grad_()  # [C]: partials summed over n
+        F.film(x, c, s).backward(torch.empty_like(x))
         big = torch.empty(2, 3, 32, 32, device="meta")  # 2 samples: the split l2 / MI-FGSM
         for t in (x.detach(), big):
             for norm in ("linf", "l2"):
@@ -161,4 +171,5 @@ def test_sample_offsets_are_int64(tmp_path):
     assert {"_moments_kernel", "_bn_stats_kernel", "_affine_kernel", "_grad_sums_kernel",
             "_bn_grads_kernel", "_dx_kernel", "_linf_kernel", "_l2_kernel",
             "_mifgsm_kernel", "_sync_apply_kernel", "_sync_dx_kernel", "_sample_sums_kernel",
-            "_l2_split_kernel", "_mifgsm_split_kernel"} <= names, names
+            "_l2_split_kernel", "_mifgsm_split_kernel", "_film_grad_kernel",
+            "_film_reduce_kernel"} <= names, names

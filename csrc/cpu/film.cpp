@@ -1,5 +1,6 @@
-// CPU kernels of FiLM, y = gamma[n,c]·x + beta[n,c] (shared/DESIGN.md §2.3): one affine pass
-// forward; backward one affine pass for dx and one pass of per-plane sums for dgamma, dbeta.
+// CPU kernels of FiLM, y = gamma[n,c]·x + beta[n,c] (shared/DESIGN.md §2.3), gamma and beta
+// [N, C] or [C]: one affine pass forward; backward one affine pass for dx and one pass of
+// per-plane sums for dgamma, dbeta (summed over the batch for a [C] one).
 #include "multi_bn.h"
 
 #include <algorithm>
@@ -8,19 +9,59 @@
 #include "passes.h"
 
 namespace fastrobust::cpu {
+namespace {
+
+// gamma or beta: [N, C] or [C], x's dtype, contiguous.
+void check_coefficient(const OptTensor& t, const at::Tensor& x, const char* name) {
+  if (!t) return;
+  const int64_t N = x.size(0), C = x.size(1);
+  check_float(t, x, "film", name, t->dim() == 1 ? std::initializer_list<int64_t>{C}
+                                                 : std::initializer_list<int64_t>{N, C});
+}
+
+// The [N, C] coefficients of t (a [C] one repeated per sample), `fill` where t is None.
+template <typename T>
+std::vector<T> per_plane(const OptTensor& t, int64_t N, int64_t C, T fill) {
+  std::vector<T> out(N * C, fill);
+  if (!t) return out;
+  const T* p = t->data_ptr<T>();
+  for (int64_t n = 0; n < N; ++n)
+    std::copy(p + (t->dim() == 1 ? 0 : n * C), p + (t->dim() == 1 ? C : (n + 1) * C),
+              out.begin() + n * C);
+  return out;
+}
+
+// Per-plane sums [N, C] as the gradient tensor: [C] (summed over n in order) or [N, C].
+template <typename T>
+at::Tensor planes_to_grad(const std::vector<T>& sums, int64_t N, int64_t C, bool per_channel,
+                          const at::Tensor& x) {
+  if (!per_channel) {
+    auto g = at::empty({N, C}, x.options());
+    std::copy(sums.begin(), sums.end(), g.data_ptr<T>());
+    return g;
+  }
+  auto g = at::empty({C}, x.options());
+  T* out = g.data_ptr<T>();
+  for (int64_t c = 0; c < C; ++c) {
+    double acc = 0;  // N terms; fp64 accumulation costs nothing at this size
+    for (int64_t n = 0; n < N; ++n) acc += double(sums[n * C + c]);
+    out[c] = T(acc);
+  }
+  return g;
+}
+
+}  // namespace
 
 at::Tensor film_forward(const at::Tensor& x_in, const OptTensor& gamma, const OptTensor& beta) {
   TORCH_CHECK(x_in.dim() >= 2, "film: x must be [N, C, *spatial]");
   const int64_t N = x_in.size(0), C = x_in.size(1);
-  check_float(gamma, x_in, "film", "gamma", {N, C});
-  check_float(beta, x_in, "film", "beta", {N, C});
+  check_coefficient(gamma, x_in, "gamma");
+  check_coefficient(beta, x_in, "beta");
   auto [x, v] = as_view(x_in);
   auto y = empty_like_view(x, v);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "film_forward", [&] {
     using T = scalar_t;
-    std::vector<T> A(N * C, T(1)), D(N * C, T(0));
-    if (gamma) std::copy(gamma->data_ptr<T>(), gamma->data_ptr<T>() + N * C, A.begin());
-    if (beta) std::copy(beta->data_ptr<T>(), beta->data_ptr<T>() + N * C, D.begin());
+    const auto A = per_plane<T>(gamma, N, C, T(1)), D = per_plane<T>(beta, N, C, T(0));
     affine_pass<T>(v, walk<const T>(x, v), walk<T>(y, as_view(y).second), A.data(), D.data(),
                    false);
   });
@@ -29,10 +70,13 @@ at::Tensor film_forward(const at::Tensor& x_in, const OptTensor& gamma, const Op
 
 std::vector<at::Tensor> film_backward(const at::Tensor& dy_in, const at::Tensor& x_in,
                                       const OptTensor& gamma, bool need_x, bool need_gamma,
-                                      bool need_beta) {
+                                      bool need_beta, bool per_channel_gamma,
+                                      bool per_channel_beta) {
   TORCH_CHECK(x_in.dim() >= 2, "film: x must be [N, C, *spatial]");
   const int64_t N = x_in.size(0), C = x_in.size(1);
-  check_float(gamma, x_in, "film", "gamma", {N, C});
+  check_coefficient(gamma, x_in, "gamma");
+  TORCH_CHECK(!gamma || (gamma->dim() == 1) == per_channel_gamma,
+              "film_backward: per_channel[0] must say whether gamma is [C]");
   auto [x, v] = as_view(x_in);
   auto [dy, dyv] = match_layout(dy_in, x, v);
   at::Tensor dx = x.new_empty({0}), dgamma = x.new_empty({0}), dbeta = x.new_empty({0});
@@ -40,8 +84,7 @@ std::vector<at::Tensor> film_backward(const at::Tensor& dy_in, const at::Tensor&
     using T = scalar_t;
     if (need_x) {
       dx = empty_like_view(x, v);
-      std::vector<T> A(N * C, T(1)), D(N * C, T(0));
-      if (gamma) std::copy(gamma->data_ptr<T>(), gamma->data_ptr<T>() + N * C, A.begin());
+      const auto A = per_plane<T>(gamma, N, C, T(1)), D = per_plane<T>(OptTensor(), N, C, T(0));
       affine_pass<T>(v, walk<const T>(dy, dyv), walk<T>(dx, as_view(dx).second), A.data(),
                      D.data(), false);
     }
@@ -49,14 +92,8 @@ std::vector<at::Tensor> film_backward(const at::Tensor& dy_in, const at::Tensor&
       std::vector<T> zero(N * C, T(0));
       const auto G = plane_grad_sums<T>(v, walk<const T>(dy, dyv), walk<const T>(x, v),
                                         zero.data(), nullptr, nullptr);
-      if (need_gamma) {
-        dgamma = at::empty({N, C}, x.options());
-        std::copy(G.b.begin(), G.b.end(), dgamma.data_ptr<T>());
-      }
-      if (need_beta) {
-        dbeta = at::empty({N, C}, x.options());
-        std::copy(G.a.begin(), G.a.end(), dbeta.data_ptr<T>());
-      }
+      if (need_gamma) dgamma = planes_to_grad<T>(G.b, N, C, per_channel_gamma, x);
+      if (need_beta) dbeta = planes_to_grad<T>(G.a, N, C, per_channel_beta, x);
     }
   });
   return {dx, dgamma, dbeta};

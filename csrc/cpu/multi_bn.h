@@ -64,12 +64,14 @@ std::vector<at::Tensor> bn_backward_impl(const at::Tensor& dy, const at::Tensor&
                                          const OptTensor& film_beta, int64_t num_branches,
                                          bool batch_stats, bool relu, std::vector<bool> needs);
 
-// y = gamma[n,c]·x + beta[n,c] ([N, C], either may be None).
+// y = gamma[n,c]·x + beta[n,c]; gamma, beta [N, C] or [C] (per channel), either may be None.
 at::Tensor film_forward(const at::Tensor& x, const OptTensor& gamma, const OptTensor& beta);
 
-// Returns {dx, dgamma, dbeta}; unneeded ones empty.
+// Returns {dx, dgamma, dbeta}; unneeded ones empty. dgamma (dbeta) is [C], summed over the
+// batch, when per_channel_gamma (per_channel_beta), else [N, C].
 std::vector<at::Tensor> film_backward(const at::Tensor& dy, const at::Tensor& x,
                                       const OptTensor& gamma, bool need_x, bool need_gamma,
-                                      bool need_beta);
+                                      bool need_beta, bool per_channel_gamma,
+                                      bool per_channel_beta);
 
 }  // namespace fastrobust::cpu

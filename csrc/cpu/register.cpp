@@ -91,15 +91,16 @@ at::Tensor film(const at::Tensor& x, const OptTensor& gamma, const OptTensor& be
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> film_backward_cpu(
     const at::Tensor& dy, const at::Tensor& x, const OptTensor& gamma,
-    std::array<bool, kNumFilmGrads> needs) {
+    std::array<bool, kNumFilmGrads> needs, std::array<bool, 2> per_channel) {
   const OptTensor dyo = dy;
   std::vector<at::Tensor> g;
   if (native(x, {&dyo, &gamma})) {
-    g = film_backward(dy, x, gamma, needs[kFilmX], needs[kFilmGamma], needs[kFilmBeta]);
+    g = film_backward(dy, x, gamma, needs[kFilmX], needs[kFilmGamma], needs[kFilmBeta],
+                      per_channel[0], per_channel[1]);
   } else {
     const auto dt = acc_type(x);
     g = film_backward(dy.to(dt), x.to(dt), as(gamma, dt), needs[kFilmX], needs[kFilmGamma],
-                      needs[kFilmBeta]);
+                      needs[kFilmBeta], per_channel[0], per_channel[1]);
     if (needs[kFilmX]) g[0] = g[0].to(x.scalar_type());
   }
   return {g[0], g[1], g[2]};

@@ -29,6 +29,11 @@ def _like(t: Tensor, ref: Tensor) -> Tensor:
     return t if t.stride() == ref.stride() else torch.empty_like(ref).copy_(t)
 
 
+def _check_per_channel(gamma, per_channel):
+    if gamma is not None and (gamma.dim() == 1) != bool(per_channel[0]):
+        raise RuntimeError("film_backward: per_channel[0] must say whether gamma is [C]")
+
+
 def implementations(bn, pgd) -> dict:
     """{op name: function with the op's schema}; `bn()` / `pgd()` return the kernel objects
     (called at each use, so a backend can import them lazily)."""
@@ -59,8 +64,9 @@ def implementations(bn, pgd) -> dict:
     def film(x, gamma, beta):
         return bn().film_forward(x, gamma, beta)
 
-    def film_backward(dy, x, gamma, needs):
-        return tuple(bn().film_backward(dy, x, gamma, *needs))
+    def film_backward(dy, x, gamma, needs, per_channel):
+        _check_per_channel(gamma, per_channel)
+        return tuple(bn().film_backward(dy, x, gamma, *needs, *per_channel))
 
     def add_relu(a, b):
         return torch.relu(a + b)
