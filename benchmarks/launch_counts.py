@@ -73,6 +73,7 @@ class LaunchCounter(TorchDispatchMode):
         super().__init__()
         self.impls = impls
         self.launches: list[str] = []
+        self.grids: list[tuple[str, tuple]] = []  # (kernel, grid) of each Triton launch
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -99,6 +100,7 @@ def counting(record_only: bool = False):
     def recorder(fn):
         def run(*args, grid=None, warmup=False, **kwargs):
             counter.launches.append(f"triton.{getattr(fn, '__name__', '?')}")
+            counter.grids.append((getattr(fn, "__name__", "?"), tuple(grid)))
         return run
 
     for cls in ([] if record_only else _launcher_classes()):

@@ -96,6 +96,59 @@ def test_mifgsm_launch_budget():
     assert len(lc.measure_pgd(momentum=True)) <= 2
 
 
+# CUDA's grid limits: axis x 2³¹ − 1 programs, y and z 65,535 each.
+GRID_LIMITS = (2**31 - 1, 65535, 65535)
+
+
+def _big_cases():
+    """Calls whose old grids passed axis y's limit (shapes on meta tensors, nothing
+    allocated): NCHW with C = 70,000 (one channel per program on y), a channels_last
+    1500 x 1500 map (70,313 spatial blocks on y), a PGD sample of 147 M values."""
+    from fastrobust import functional as F
+
+    def bn(shape, cl):
+        x = lc._t(*shape, requires_grad=True, channels_last=cl)
+        C = shape[1]
+        w, b = lc._t(2, C, requires_grad=True), lc._t(2, C, requires_grad=True)
+        s = lc._t(shape[0], C, requires_grad=True)
+        branch = torch.zeros(shape[0], dtype=torch.long, device="meta")
+        y = F.multi_batch_norm(x, branch, w, b, training=True, num_branches=2, input_scale=s,
+                               film_gamma=s, film_beta=s, activation="relu")
+        y.backward(torch.empty_like(y))
+        F.film(x, s, s[0]).backward(torch.empty_like(y))
+
+    def sync(shape, cl):
+        from fastrobust import distributed as D
+        x = lc._t(*shape, requires_grad=True, channels_last=cl)
+        w = lc._t(2, shape[1], requires_grad=True)
+        with lc._one_rank():
+            y = D.sync_multi_batch_norm(x, torch.zeros(shape[0], dtype=torch.long,
+                                                       device="meta"), w, w)
+            y.backward(torch.empty_like(y))
+
+    def pgd():
+        t = lc._t(1, 3, 7000, 7000)
+        F.pgd_step_(t, t, t, 0.1, 0.01, norm="linf")
+
+    return {"nchw-C70000": lambda: bn((2, 70000, 2, 2), False),
+            "channels_last-1500x1500": lambda: bn((1, 64, 1500, 1500), True),
+            "sync-nchw-C70000": lambda: sync((2, 70000, 2, 2), False),
+            "sync-channels_last-1500x1500": lambda: sync((1, 64, 1500, 1500), True),
+            "pgd-147M": pgd}
+
+
+@pytest.mark.parametrize("case", list(_big_cases()))
+def test_grids_within_cuda_limits(case):
+    """No launch asks for more programs on an axis than CUDA allows (sample, channel and
+    spatial blocks share axis x; splits, bounded by MIN_PROGRAMS, use y)."""
+    with lc.counting() as c:
+        _big_cases()[case]()
+    assert c.grids, "no launch recorded"
+    for name, grid in c.grids:
+        assert all(g <= lim for g, lim in zip(grid, GRID_LIMITS)), (name, grid)
+        assert all(g >= 1 for g in grid), (name, grid)
+
+
 def test_counter_sees_torch_ops():
     """The counter is not blind: plain torch arithmetic on meta tensors is counted."""
     x = torch.empty(4, 4, device="meta")

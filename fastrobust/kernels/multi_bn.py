@@ -57,6 +57,24 @@ def _tile(n, cs, ss, sn, sc, ss_):
 
 
 @triton.jit
+def _plane_block(c_blocks):
+    """(n, channel block) of this program on grid axis 0, numbered channel block first: N and
+    C/BLOCK_C share the axis that takes 2³¹ − 1 programs (y and z take only 65,535)."""
+    pid = tl.program_id(0)
+    return (pid // c_blocks).to(tl.int64), pid % c_blocks
+
+
+@triton.jit
+def _plane_tile(c_blocks, s_blocks):
+    """(n, channel block, spatial block) of this program on grid axis 0 alone, the spatial
+    block fastest (consecutive programs read consecutive memory of a plane)."""
+    pid = tl.program_id(0)
+    sb = pid % s_blocks
+    pc = pid // s_blocks
+    return (pc // c_blocks).to(tl.int64), pc % c_blocks, sb
+
+
+@triton.jit
 def _route(ns, ks, N, K, br_ptr, sbr, mix_ptr, smn, smk, MIXED: tl.constexpr,
            ACC: tl.constexpr):
     """Routing weights M [BLOCK_N, BLOCK_K] of samples ns and whether each sample's routing
@@ -220,12 +238,12 @@ def _plane_moments(ns, cs, N, C, S, T, CHUNK, parts_ptr, x_ptr, sxn, sxc,
 # --- forward ------------------------------------------------------------------------------------
 
 @triton.jit
-def _moments_kernel(x_ptr, parts_ptr, N, C, S, CHUNK, sxn, sxc, sxs,
+def _moments_kernel(x_ptr, parts_ptr, N, C, S, CHUNK, c_blocks, sxn, sxc, sxs,
                     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr):
-    n = tl.program_id(0).to(tl.int64)
-    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    t = tl.program_id(2).to(tl.int64)
-    T = tl.num_programs(2)
+    n, cb = _plane_block(c_blocks)
+    cs = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    t = tl.program_id(1).to(tl.int64)
+    T = tl.num_programs(1)
     cmask = cs < C
     base = x_ptr + n * sxn
     start = t * CHUNK
@@ -373,14 +391,13 @@ def _bn_stats_tail(br_ptr, sbr, mix_ptr, smn, smk, sc_ptr, g_ptr, be_ptr, w_ptr,
 
 @triton.jit
 def _affine_kernel(x_ptr, out_ptr, a_ptr, d_ptr, C, S, sxn, sxc, sxs, son, soc, sos, san,
-                   sac, sdn, sdc, c_blocks, nbt_ptr, cnt_ptr, K,
+                   sac, sdn, sdc, c_blocks, s_blocks, nbt_ptr, cnt_ptr, K,
                    HAS_A: tl.constexpr, HAS_D: tl.constexpr, RELU: tl.constexpr,
                    COUNT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
                    BLOCK_S: tl.constexpr, ACC: tl.constexpr):
-    pid = tl.program_id(0)
-    n = (pid // c_blocks).to(tl.int64)
-    cs = (pid % c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
-    ss = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+    n, cb, sb = _plane_tile(c_blocks, s_blocks)
+    cs = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    ss = sb * BLOCK_S + tl.arange(0, BLOCK_S)
     cmask = cs < C
     mask = (ss < S)[:, None] & cmask[None, :]
     x = tl.load(x_ptr + _tile(n, cs, ss, sxn, sxc, sxs), mask=mask,
@@ -397,7 +414,7 @@ def _affine_kernel(x_ptr, out_ptr, a_ptr, d_ptr, C, S, sxn, sxc, sxs, son, soc, 
     tl.store(out_ptr + _tile(n, cs, ss, son, soc, sos),
              f.to(out_ptr.dtype.element_ty), mask=mask)
     if COUNT:  # a branch's counter advances when its running stats were updated
-        if (pid == 0) & (tl.program_id(1) == 0):
+        if tl.program_id(0) == 0:
             ks = tl.arange(0, BLOCK_K)
             cnt = tl.load(cnt_ptr + ks, mask=ks < K, other=0.0)
             old = tl.load(nbt_ptr + ks, mask=ks < K, other=0)
@@ -408,7 +425,7 @@ def _affine_kernel(x_ptr, out_ptr, a_ptr, d_ptr, C, S, sxn, sxc, sxs, son, soc, 
 def _sync_apply_kernel(x_ptr, out_ptr, pay_ptr, br_ptr, sbr, mix_ptr, smn, smk, sc_ptr, g_ptr,
                        be_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr, nbt_ptr, old_ptr, mean_ptr,
                        invstd_ptr, N, C, S, K, sxn, sxc, sxs, son, soc, sos, c_blocks,
-                       momentum, eps, par_ptr,
+                       s_blocks, momentum, eps, par_ptr,
                        PAR_T: tl.constexpr, MIXED: tl.constexpr, RUNNING: tl.constexpr,
                        CUMULATIVE: tl.constexpr, COUNT: tl.constexpr, CHECK: tl.constexpr,
                        HAS_W: tl.constexpr, HAS_B: tl.constexpr, SCALE: tl.constexpr,
@@ -420,11 +437,8 @@ def _sync_apply_kernel(x_ptr, out_ptr, pay_ptr, br_ptr, sbr, mix_ptr, smn, smk, 
     sample's coefficients A, D from them, and writes y = act(A·x + D). The programs of
     sample 0's first spatial block also store mean / invstd and update the running
     statistics of their channels (each (k, c) has one writer; nothing else reads them here)."""
-    pid = tl.program_id(0)
-    n = (pid // c_blocks).to(tl.int64)
-    cb = pid % c_blocks
+    n, cb, sb = _plane_tile(c_blocks, s_blocks)
     cs = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    sb = tl.program_id(1)
     ks = tl.arange(0, BLOCK_K)
     cmask, kmask = cs < C, ks < K
     kc = ks[:, None] * C + cs[None, :]
@@ -474,35 +488,31 @@ def _sync_apply_kernel(x_ptr, out_ptr, pay_ptr, br_ptr, sbr, mix_ptr, smn, smk, 
 @triton.jit
 def _grad_sums_kernel(dy_ptr, x_ptr, parts_ptr, parts2_ptr, br_ptr, sbr, mix_ptr, smn, smk,
                       mean_ptr, invstd_ptr, w_ptr, b_ptr, sc_ptr, g_ptr, be_ptr,
-                      N, C, S, CHUNK, K, sdn, sdc, sds, sxn, sxc, sxs,
-                      MIXED: tl.constexpr, BN_MODE: tl.constexpr, SINGLE: tl.constexpr,
+                      N, C, S, CHUNK, K, c_blocks, sdn, sdc, sds, sxn, sxc, sxs,
+                      MIXED: tl.constexpr, SINGLE: tl.constexpr,
                       RELU: tl.constexpr, SUMS_X: tl.constexpr, HAS_W: tl.constexpr,
                       HAS_B: tl.constexpr, SCALE: tl.constexpr, GAMMA: tl.constexpr,
                       BETA: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
                       BLOCK_S: tl.constexpr, ACC: tl.constexpr):
-    """Per (split, n, c): Σg, Σg·(x − c) (at parts2) and (SUMS_X) Σ(x − c), Σ(x − c)².
-    BN_MODE=False is FiLM's: centre 0, no mask."""
-    n = tl.program_id(0).to(tl.int64)
-    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    t = tl.program_id(2).to(tl.int64)
-    T = tl.num_programs(2)
+    """Per (split, n, c): Σg, Σg·(x − c) (at parts2) and (SUMS_X) Σ(x − c), Σ(x − c)²."""
+    n, cb = _plane_block(c_blocks)
+    cs = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    t = tl.program_id(1).to(tl.int64)
+    T = tl.num_programs(1)
     cmask = cs < C
-    ctr = tl.zeros([BLOCK_C], ACC)
-    if BN_MODE:
-        ns = n + tl.arange(0, 1)
-        ks = tl.arange(0, BLOCK_K)
-        if SINGLE:
-            single = _single_branches(ks, N, K, S, br_ptr, sbr, mix_ptr, smn, smk, MIXED, 16,
-                                      ACC)
-        else:
-            single = ks < 0
-        M, _ = _route(ns, ks, N, K, br_ptr, sbr, mix_ptr, smn, smk, MIXED, ACC)
-        mu, _r, _a, _d, a_eff, d_eff, _b0 = _coefficients(ks, cs, K, C, mean_ptr, invstd_ptr, w_ptr,
-                                                     b_ptr, single, HAS_W, HAS_B, ACC)
-        s, g, be = _extras(ns, cs, N, C, sc_ptr, g_ptr, be_ptr, SCALE, GAMMA, BETA, ACC)
-        ctr = tl.sum(_centre(M, mu, s, SCALE), 0)
-        ma = tl.sum(_to_planes(M, a_eff) * s * g, 0)
-        md = tl.sum(_to_planes(M, d_eff) * g + be, 0)
+    ns = n + tl.arange(0, 1)
+    ks = tl.arange(0, BLOCK_K)
+    if SINGLE:
+        single = _single_branches(ks, N, K, S, br_ptr, sbr, mix_ptr, smn, smk, MIXED, 16, ACC)
+    else:
+        single = ks < 0
+    M, _ = _route(ns, ks, N, K, br_ptr, sbr, mix_ptr, smn, smk, MIXED, ACC)
+    mu, _r, _a, _d, a_eff, d_eff, _b0 = _coefficients(ks, cs, K, C, mean_ptr, invstd_ptr,
+                                                      w_ptr, b_ptr, single, HAS_W, HAS_B, ACC)
+    s, g, be = _extras(ns, cs, N, C, sc_ptr, g_ptr, be_ptr, SCALE, GAMMA, BETA, ACC)
+    ctr = tl.sum(_centre(M, mu, s, SCALE), 0)
+    ma = tl.sum(_to_planes(M, a_eff) * s * g, 0)
+    md = tl.sum(_to_planes(M, d_eff) * g + be, 0)
     start = t * CHUNK
     end = tl.minimum(start + CHUNK, S)
     s1 = tl.zeros([BLOCK_C], ACC)
@@ -739,15 +749,12 @@ def _dx_tile(dy_ptr, x_ptr, out_ptr, n, cs, ss, C, S, sdn, sdc, sds, sxn, sxc, s
 @triton.jit
 def _dx_kernel(dy_ptr, x_ptr, out_ptr, p_ptr, q_ptr, r_ptr, sc_ptr, ma_ptr, md_ptr,
                dmix_part_ptr, dmix_ptr, N, C, S, K, sdn, sdc, sds, sxn, sxc, sxs, son, soc,
-               sos, c_blocks, part_blocks,
+               sos, c_blocks, s_blocks, part_blocks,
                DX: tl.constexpr, HAS_Q: tl.constexpr, MASK: tl.constexpr, SCALE: tl.constexpr,
                DMIX: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
                BLOCK_S: tl.constexpr, ACC: tl.constexpr):
-    pid = tl.program_id(0)
-    n = (pid // c_blocks).to(tl.int64)
-    cb = pid % c_blocks
+    n, cb, sb = _plane_tile(c_blocks, s_blocks)
     cs = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    sb = tl.program_id(1)
     if DX:
         ss = sb * BLOCK_S + tl.arange(0, BLOCK_S)
         cmask = cs < C
@@ -795,7 +802,7 @@ def _sync_grad_coefficients(pay_ptr, fpay_ptr, mean_ptr, invstd_ptr, w_ptr, b_pt
 def _sync_dx_kernel(dy_ptr, x_ptr, out_ptr, parts_ptr, planes_ptr, br_ptr, sbr, mix_ptr, smn,
                     smk, mean_ptr, invstd_ptr, w_ptr, b_ptr, sc_ptr, g_ptr, be_ptr, dg_ptr,
                     dbe_ptr, ds_ptr, dmix_ptr, pay_ptr, fpay_ptr, N, C, S, T, K, sdn, sdc, sds,
-                    sxn, sxc, sxs, son, soc, sos, c_blocks,
+                    sxn, sxc, sxs, son, soc, sos, c_blocks, s_blocks,
                     DX: tl.constexpr, MIXED: tl.constexpr, RELU: tl.constexpr,
                     NEED_G: tl.constexpr, NEED_BE: tl.constexpr, NEED_S: tl.constexpr,
                     NEED_MIX: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
@@ -807,10 +814,7 @@ def _sync_dx_kernel(dy_ptr, x_ptr, out_ptr, parts_ptr, planes_ptr, br_ptr, sbr, 
     from the global sums (K·BLOCK_C values), its plane's P, Q, R from them, and writes its dx
     tile; the first spatial block also writes the plane's d γ, d β and d scale, and each
     sample's first program sums its d mix over all channels, BLOCK_CM at a time."""
-    pid = tl.program_id(0)
-    n = (pid // c_blocks).to(tl.int64)
-    cb = pid % c_blocks
-    sb = tl.program_id(1)
+    n, cb, sb = _plane_tile(c_blocks, s_blocks)
     ns = n + tl.arange(0, 1)
     ks = tl.arange(0, BLOCK_K)
     cs = cb * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -887,6 +891,19 @@ def _splits(N: int, c_blocks: int, S: int, block_s: int) -> tuple[int, int]:
     T = max(1, min(s_blocks, triton.cdiv(MIN_PROGRAMS, max(N * c_blocks, 1))))
     chunk = triton.cdiv(s_blocks, T) * block_s
     return triton.cdiv(max(S, 1), chunk), chunk
+
+
+MAX_GRID_X = 2**31 - 1  # CUDA's limit on grid axis x (y and z: 65,535)
+
+
+def _tiles_grid(N: int, c_blocks: int, s_blocks: int) -> tuple[int]:
+    """The 1-D grid of a per-tile kernel (`_plane_tile`): every (n, channel block, spatial
+    block) on axis x."""
+    tiles = N * c_blocks * s_blocks
+    if tiles > MAX_GRID_X:
+        raise ValueError(f"fastrobust: x has {tiles} tiles of at most {MAX_GRID_X} that one "
+                         "Triton launch can address; split the batch")
+    return (max(tiles, 1),)
 
 
 def _stats_blocks(N: int, K: int, C: int, values: int = 1024) -> tuple[int, int, int]:
@@ -996,7 +1013,7 @@ def _stats(x, x3, branch, mix, s, g, be, w, b, rm, rv, nbt, mean, invstd, A, D, 
         c_blocks = triton.cdiv(C, block_c)
         T, chunk = _splits(N, c_blocks, S, block_s)
         parts = torch.empty(2, T, N, C, device=x.device, dtype=acc)
-        _moments_kernel[(N, c_blocks, T)](x3, parts, N, C, S, chunk, *x3.stride(),
+        _moments_kernel[(N * c_blocks, T)](x3, parts, N, C, S, chunk, c_blocks, *x3.stride(),
                                           BLOCK_C=block_c, BLOCK_S=block_s, ACC=_tl_acc(acc))
     block_n, block_k, block_c = _stats_blocks(N, K, C)
     par = x.new_tensor([momentum, eps], dtype=acc) if acc == torch.float64 else x
@@ -1048,12 +1065,13 @@ def sync_bn_forward(x, branch, mix, weight, bias, running_mean, running_var,
         block_c, block_s = _blocks(x3, False)
         c_blocks = triton.cdiv(C, block_c)
         par = x.new_tensor([momentum, eps], dtype=acc) if acc == torch.float64 else x
-        _sync_apply_kernel[(N * c_blocks, triton.cdiv(max(S, 1), block_s))](
+        s_blocks = triton.cdiv(max(S, 1), block_s)
+        _sync_apply_kernel[_tiles_grid(N, c_blocks, s_blocks)](
             x3, y3, pay, *_route_args(branch, mix, x), x if s is None else s,
             x if g is None else g, x if be is None else be, x if w is None else w,
             x if b is None else b, x if rm is None else rm, x if rv is None else rv,
             x if nbt is None else nbt, old, mean, invstd, N, C, S, K, *x3.stride(),
-            *y3.stride(), c_blocks, float(momentum), float(eps), par,
+            *y3.stride(), c_blocks, s_blocks, float(momentum), float(eps), par,
             PAR_T=acc == torch.float64, MIXED=mixed, RUNNING=running, CUMULATIVE=cumulative,
             COUNT=nbt is not None, CHECK=True, HAS_W=w is not None, HAS_B=b is not None,
             SCALE=s is not None, GAMMA=g is not None, BETA=be is not None, RELU=relu,
@@ -1070,12 +1088,13 @@ def _affine(x3, y3, A, D, relu, nbt=None, count=None, K=0):
     if N * C * S == 0:
         return
     block_c, block_s = _blocks(x3, False)
-    c_blocks = triton.cdiv(C, block_c)
+    c_blocks, s_blocks = triton.cdiv(C, block_c), triton.cdiv(S, block_s)
     dummy = x3
-    _affine_kernel[(N * c_blocks, triton.cdiv(S, block_s))](
+    _affine_kernel[_tiles_grid(N, c_blocks, s_blocks)](
         x3, y3, dummy if A is None else A, dummy if D is None else D, C, S, *x3.stride(),
         *y3.stride(), *((0, 0) if A is None else A.stride()),
-        *((0, 0) if D is None else D.stride()), c_blocks, dummy if nbt is None else nbt,
+        *((0, 0) if D is None else D.stride()), c_blocks, s_blocks,
+        dummy if nbt is None else nbt,
         dummy if count is None else count, K, HAS_A=A is not None, HAS_D=D is not None,
         RELU=relu, COUNT=nbt is not None, BLOCK_K=triton.next_power_of_2(max(K, 1)),
         BLOCK_C=block_c, BLOCK_S=block_s, ACC=_tl_acc(acc_dtype(x3)))
@@ -1142,9 +1161,10 @@ def bn_backward(dy, x, branch, mix, weight, bias, mean, invstd, planes, input_sc
         c_blocks = triton.cdiv(C, block_c)
         T, chunk = _splits(N, c_blocks, S, block_s)
         parts = torch.empty(4 if need_s else 2, T, N, C, device=dev, dtype=acc)
-        _grad_sums_kernel[(N, c_blocks, T)](
-            dy3, x3, parts, parts[1], *route, mean, invstd, *ptrs, N, C, S, chunk, K, *dy3.stride(),
-            *x3.stride(), BN_MODE=True, SINGLE=batch_stats and S == 1 and not sync, RELU=relu,
+        _grad_sums_kernel[(N * c_blocks, T)](
+            dy3, x3, parts, parts[1], *route, mean, invstd, *ptrs, N, C, S, chunk, K, c_blocks,
+            *dy3.stride(),
+            *x3.stride(), SINGLE=batch_stats and S == 1 and not sync, RELU=relu,
             SUMS_X=need_s, BLOCK_K=block_k, BLOCK_C=block_c, BLOCK_S=block_s, ACC=ACC,
             **flags)
         pay = torch.empty(2, K, C, device=dev, dtype=acc) if sync else x
@@ -1165,11 +1185,12 @@ def bn_backward(dy, x, branch, mix, weight, bias, mean, invstd, planes, input_sc
         block_c, block_s = _blocks(x3, False)
         c_blocks = triton.cdiv(C, block_c)
         dx3 = _ncs(dx) if need_x else dy3
-        if sync:  # at most 256 per-(k, c) values and 1024 of x a program (wider tiles spilled)
+        if sync:  # at most 256 per-(k, c) values and 512 of x a program (wider tiles spilled)
             block_c = max(1, min(block_c, 256 // block_k))
-            block_s = max(1, min(triton.next_power_of_2(max(S, 1)), 1024 // block_c))
+            block_s = max(1, min(triton.next_power_of_2(max(S, 1)), 512 // block_c))
             c_blocks = triton.cdiv(C, block_c)
-        grid = (N * c_blocks, triton.cdiv(S, block_s) if need_x else 1)
+        s_blocks = triton.cdiv(S, block_s) if need_x else 1
+        grid = _tiles_grid(N, c_blocks, s_blocks)
         if sync:
             all_reduce(pay)
             if need_x or need_mix or need_g or need_be or need_s:
@@ -1177,14 +1198,15 @@ def bn_backward(dy, x, branch, mix, weight, bias, mean, invstd, planes, input_sc
                 _sync_dx_kernel[grid](
                     dy3, x3, dx3, parts, planes if planes.numel() else x, *route, mean, invstd,
                     *ptrs, dgamma, dbeta, dscale, dmix, pay, payload, N, C, S, T, K,
-                    *dy3.stride(), *x3.stride(), *dx3.stride(), c_blocks, DX=need_x,
+                    *dy3.stride(), *x3.stride(), *dx3.stride(), c_blocks, s_blocks, DX=need_x,
                     RELU=relu, NEED_G=need_g, NEED_BE=need_be, NEED_S=need_s,
                     NEED_MIX=need_mix, BLOCK_K=block_k, BLOCK_C=block_c, BLOCK_S=block_s,
                     BLOCK_CM=stats_c, ACC=ACC, **flags)
         elif need_x or need_mix:
             _dx_kernel[grid](
                 dy3, x3, dx3, P, Q, R, x if s is None else s, A, D, dmix_part, dmix, N, C, S, K,
-                *dy3.stride(), *x3.stride(), *dx3.stride(), c_blocks, stats_blocks, DX=need_x,
+                *dy3.stride(), *x3.stride(), *dx3.stride(), c_blocks, s_blocks, stats_blocks,
+                DX=need_x,
                 HAS_Q=batch_stats, MASK=relu, SCALE=s is not None, DMIX=need_mix,
                 BLOCK_K=block_k, BLOCK_C=block_c, BLOCK_S=block_s, ACC=ACC)
     return (dx, dmix, dweight if need_w else empty(), dbias if need_b else empty(), dscale,
@@ -1201,9 +1223,8 @@ def _film_grad_kernel(dy_ptr, x_ptr, dx_ptr, g_ptr, sgn, sgc, pg_ptr, pb_ptr, N,
                       ACC: tl.constexpr):
     """Per (plane block, split t), over its chunk of S: dx = γ·dy (DX) and the partial sums
     Σdy·x (SUM_G, at pg[t, n, c]) and Σdy (SUM_B, at pb[t, n, c])."""
-    pid = tl.program_id(0)
-    n = (pid // c_blocks).to(tl.int64)
-    cs = (pid % c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    n, cb = _plane_block(c_blocks)
+    cs = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     t = tl.program_id(1).to(tl.int64)
     T = tl.num_programs(1)
     cmask = cs < C

@@ -79,10 +79,13 @@ def _poison(r, e, EPS_T: tl.constexpr):
 
 @triton.jit
 def _linf_kernel(out_ptr, xa_ptr, g_ptr, xn_ptr, eps_ptr, alpha_ptr, par_ptr, eps, alpha, lo,
-                 hi, S, EPS_T: tl.constexpr, ALPHA_T: tl.constexpr, PAR_T: tl.constexpr,
-                 SIGN: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
-    n = tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+                 hi, S, s_blocks, EPS_T: tl.constexpr, ALPHA_T: tl.constexpr,
+                 PAR_T: tl.constexpr, SIGN: tl.constexpr, BLOCK: tl.constexpr,
+                 ACC: tl.constexpr):
+    # (sample, block) on grid axis x alone, the block fastest: axis y takes only 65,535
+    pid = tl.program_id(0)
+    n = (pid // s_blocks).to(tl.int64)
+    offs = (pid % s_blocks) * BLOCK + tl.arange(0, BLOCK)
     m = offs < S
     p = n * S + offs
     e, a, lo_, hi_ = _scalars(n, eps_ptr, alpha_ptr, par_ptr, eps, alpha, lo, hi, EPS_T,
@@ -332,9 +335,12 @@ def _launch_pgd(out, x_adv, grad, x_nat, ptrs, scal, flags, mode, N, S):
                                      BLOCK_T=triton.next_power_of_2(T), BLOCK=BLOCK, **flags)
     elif mode in (PgdMode.LINF_SIGN, PgdMode.LINF_RAW):
         block = min(2048, triton.next_power_of_2(S))
-        _linf_kernel[(N, triton.cdiv(S, block))](out, x_adv, grad, x_nat, *ptrs, *scal, S,
-                                                 SIGN=mode == PgdMode.LINF_SIGN, BLOCK=block,
-                                                 **flags)
+        s_blocks = triton.cdiv(S, block)
+        if N * s_blocks > 2**31 - 1:
+            raise ValueError(f"fastrobust: x_adv has {N * s_blocks} blocks of {block}, more "
+                             "than one Triton launch can address; split the batch")
+        _linf_kernel[(N * s_blocks,)](out, x_adv, grad, x_nat, *ptrs, *scal, S, s_blocks,
+                                      SIGN=mode == PgdMode.LINF_SIGN, BLOCK=block, **flags)
     else:
         raise ValueError(f"unknown pgd mode {mode}")
 
