@@ -58,6 +58,9 @@ def _extensions():
 
     class Build(cpp_extension.BuildExtension):
         def run(self):
+            if not cpp_extension.is_ninja_available():
+                _say("ninja not found: the sources compile one after another (pip install "
+                     "ninja first for a parallel build)")
             super().run()
             _say("built " + ", ".join(e.name for e in self.extensions))
 
