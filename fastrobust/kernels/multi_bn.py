@@ -75,6 +75,17 @@ def _plane_tile(c_blocks, s_blocks):
 
 
 @triton.jit
+def _plane_split(c_blocks, C, S, CHUNK, BLOCK_C: tl.constexpr):
+    """A split reduction's program: (n, channels, their mask, split t, splits T, start, end of
+    its range of S), the plane block on axis 0 (`_plane_block`), the split on axis 1."""
+    n, cb = _plane_block(c_blocks)
+    cs = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    t = tl.program_id(1).to(tl.int64)
+    start = t * CHUNK
+    return n, cs, cs < C, t, tl.num_programs(1), start, tl.minimum(start + CHUNK, S)
+
+
+@triton.jit
 def _route(ns, ks, N, K, br_ptr, sbr, mix_ptr, smn, smk, MIXED: tl.constexpr,
            ACC: tl.constexpr):
     """Routing weights M [BLOCK_N, BLOCK_K] of samples ns and whether each sample's routing
@@ -240,14 +251,8 @@ def _plane_moments(ns, cs, N, C, S, T, CHUNK, parts_ptr, x_ptr, sxn, sxc,
 @triton.jit
 def _moments_kernel(x_ptr, parts_ptr, N, C, S, CHUNK, c_blocks, sxn, sxc, sxs,
                     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr):
-    n, cb = _plane_block(c_blocks)
-    cs = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    t = tl.program_id(1).to(tl.int64)
-    T = tl.num_programs(1)
-    cmask = cs < C
+    n, cs, cmask, t, T, start, end = _plane_split(c_blocks, C, S, CHUNK, BLOCK_C)
     base = x_ptr + n * sxn
-    start = t * CHUNK
-    end = tl.minimum(start + CHUNK, S)
     p_mean = tl.zeros([BLOCK_C], ACC)
     p_m2 = tl.zeros([BLOCK_C], ACC)
     for s0 in range(start, end, BLOCK_S):
@@ -495,11 +500,7 @@ def _grad_sums_kernel(dy_ptr, x_ptr, parts_ptr, parts2_ptr, br_ptr, sbr, mix_ptr
                       BETA: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
                       BLOCK_S: tl.constexpr, ACC: tl.constexpr):
     """Per (split, n, c): Σg, Σg·(x − c) (at parts2) and (SUMS_X) Σ(x − c), Σ(x − c)²."""
-    n, cb = _plane_block(c_blocks)
-    cs = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    t = tl.program_id(1).to(tl.int64)
-    T = tl.num_programs(1)
-    cmask = cs < C
+    n, cs, cmask, t, T, start, end = _plane_split(c_blocks, C, S, CHUNK, BLOCK_C)
     ns = n + tl.arange(0, 1)
     ks = tl.arange(0, BLOCK_K)
     if SINGLE:
@@ -513,8 +514,6 @@ def _grad_sums_kernel(dy_ptr, x_ptr, parts_ptr, parts2_ptr, br_ptr, sbr, mix_ptr
     ctr = tl.sum(_centre(M, mu, s, SCALE), 0)
     ma = tl.sum(_to_planes(M, a_eff) * s * g, 0)
     md = tl.sum(_to_planes(M, d_eff) * g + be, 0)
-    start = t * CHUNK
-    end = tl.minimum(start + CHUNK, S)
     s1 = tl.zeros([BLOCK_C], ACC)
     s2 = tl.zeros([BLOCK_C], ACC)
     e1 = tl.zeros([BLOCK_C], ACC)
@@ -1223,16 +1222,10 @@ def _film_grad_kernel(dy_ptr, x_ptr, dx_ptr, g_ptr, sgn, sgc, pg_ptr, pb_ptr, N,
                       ACC: tl.constexpr):
     """Per (plane block, split t), over its chunk of S: dx = γ·dy (DX) and the partial sums
     Σdy·x (SUM_G, at pg[t, n, c]) and Σdy (SUM_B, at pb[t, n, c])."""
-    n, cb = _plane_block(c_blocks)
-    cs = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    t = tl.program_id(1).to(tl.int64)
-    T = tl.num_programs(1)
-    cmask = cs < C
+    n, cs, cmask, t, T, start, end = _plane_split(c_blocks, C, S, CHUNK, BLOCK_C)
     g = tl.full([BLOCK_C], 1.0, ACC)
     if GAMMA:
         g = tl.load(g_ptr + n * sgn + cs.to(tl.int64) * sgc, mask=cmask, other=0.0).to(ACC)
-    start = t * CHUNK
-    end = tl.minimum(start + CHUNK, S)
     sg = tl.zeros([BLOCK_C], ACC)
     sb = tl.zeros([BLOCK_C], ACC)
     for s0 in range(start, end, BLOCK_S):
