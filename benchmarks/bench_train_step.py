@@ -71,8 +71,18 @@ def make_step(impl, model, x, y, lam, start, steps):
     return step
 
 
+def _skip_whole_step_compile(impl):
+    """The smoke run (BENCH_QUICK) leaves out torch.compile of a whole training step: measured
+    on 2 cores, 98 s (OAT) and 91 s (AFA) with a warm inductor cache, 244 s and 204 s cold
+    with the two side by side: most of CI's benchmark stage, for a baseline that is not this
+    library's code. The timed run keeps it."""
+    if QUICK and impl.startswith("compiled_"):
+        pytest.skip("torch.compile of a whole training step: timed runs only (minutes cold)")
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_oat_train_step(benchmark, impl):
+    _skip_whole_step_compile(impl)
     n, width, steps = (16, 4, 2) if QUICK else (64, 16, 7)
     torch._dynamo.reset()
     model, x, y, lam, start = setup(n, width, steps)
@@ -140,6 +150,7 @@ def afa_step(impl, cfg, model, x, y, steps):
 
 @pytest.mark.parametrize("impl", AFA_IMPLS)
 def test_afa_stage1_step(benchmark, impl):
+    _skip_whole_step_compile(impl)
     n, width, steps = (16, 4, 2) if QUICK else (64, 16, 7)
     torch._dynamo.reset()
     cfg, model, x, y = afa_setup(n, width)
