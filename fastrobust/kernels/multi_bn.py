@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from .._common import acc_dtype, check_branch_values, check_mix_values
-from . import on_device
+from . import on_device, tiles_grid
 
 
 # --- shared pieces ------------------------------------------------------------------------------
@@ -892,17 +892,10 @@ def _splits(N: int, c_blocks: int, S: int, block_s: int) -> tuple[int, int]:
     return triton.cdiv(max(S, 1), chunk), chunk
 
 
-MAX_GRID_X = 2**31 - 1  # CUDA's limit on grid axis x (y and z: 65,535)
-
-
 def _tiles_grid(N: int, c_blocks: int, s_blocks: int) -> tuple[int]:
     """The 1-D grid of a per-tile kernel (`_plane_tile`): every (n, channel block, spatial
     block) on axis x."""
-    tiles = N * c_blocks * s_blocks
-    if tiles > MAX_GRID_X:
-        raise ValueError(f"fastrobust: x has {tiles} tiles of at most {MAX_GRID_X} that one "
-                         "Triton launch can address; split the batch")
-    return (max(tiles, 1),)
+    return tiles_grid("x", N, c_blocks, s_blocks)
 
 
 def _stats_blocks(N: int, K: int, C: int, values: int = 1024) -> tuple[int, int, int]:
@@ -1162,8 +1155,7 @@ def bn_backward(dy, x, branch, mix, weight, bias, mean, invstd, planes, input_sc
         parts = torch.empty(4 if need_s else 2, T, N, C, device=dev, dtype=acc)
         _grad_sums_kernel[(N * c_blocks, T)](
             dy3, x3, parts, parts[1], *route, mean, invstd, *ptrs, N, C, S, chunk, K, c_blocks,
-            *dy3.stride(),
-            *x3.stride(), SINGLE=batch_stats and S == 1 and not sync, RELU=relu,
+            *dy3.stride(), *x3.stride(), SINGLE=batch_stats and S == 1 and not sync, RELU=relu,
             SUMS_X=need_s, BLOCK_K=block_k, BLOCK_C=block_c, BLOCK_S=block_s, ACC=ACC,
             **flags)
         pay = torch.empty(2, K, C, device=dev, dtype=acc) if sync else x
@@ -1248,11 +1240,11 @@ def _film_grad_kernel(dy_ptr, x_ptr, dx_ptr, g_ptr, sgn, sgc, pg_ptr, pb_ptr, N,
 
 
 @triton.jit
-def _film_reduce_kernel(pg_ptr, pb_ptr, dg_ptr, db_ptr, N, C, T, SUM_G: tl.constexpr,
+def _film_reduce_kernel(parts_ptr, dg_ptr, db_ptr, N, C, T, SUM_G: tl.constexpr,
                         SUM_B: tl.constexpr, PC_G: tl.constexpr, PC_B: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
-    """Per channel block: the partials [T, N, C] summed over the splits t (and over the batch
-    for a per-channel result, PC_*) into dγ, dβ ([C] or [N, C])."""
+    """Per channel block: the partials parts[0 (γ) / 1 (β), T, N, C] summed over the splits
+    (and over the batch for a per-channel result, PC_*) into dγ, dβ ([C] or [N, C])."""
     cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cs < C
     acc_g = tl.zeros([BLOCK_N, BLOCK_C], ACC)  # per-channel results: one row sum at the end
@@ -1261,19 +1253,14 @@ def _film_reduce_kernel(pg_ptr, pb_ptr, dg_ptr, db_ptr, N, C, T, SUM_G: tl.const
         ns = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         m = (ns < N)[:, None] & cmask[None, :]
         off = ns[:, None] * C + cs[None, :]
-        tg = tl.zeros([BLOCK_N, BLOCK_C], ACC)
-        tb = tl.zeros([BLOCK_N, BLOCK_C], ACC)
-        for t in range(0, T):
-            if SUM_G:
-                tg += tl.load(pg_ptr + t * N * C + off, mask=m, other=0.0)
-            if SUM_B:
-                tb += tl.load(pb_ptr + t * N * C + off, mask=m, other=0.0)
         if SUM_G:
+            tg = _sum_parts(parts_ptr, 0, ns, cs, N, C, T)
             if PC_G:
                 acc_g += tg
             else:
                 tl.store(dg_ptr + off, tg, mask=m)
         if SUM_B:
+            tb = _sum_parts(parts_ptr, 1, ns, cs, N, C, T)
             if PC_B:
                 acc_b += tb
             else:
@@ -1346,6 +1333,6 @@ def film_backward(dy, x, gamma, need_x, need_gamma, need_beta, per_channel_gamma
             rc = min(64, triton.next_power_of_2(C))
             rn = max(1, min(triton.next_power_of_2(N), 512 // rc))
             _film_reduce_kernel[(triton.cdiv(C, rc),)](
-                pg, pb, dgamma, dbeta, N, C, T, SUM_G=need_gamma, SUM_B=need_beta,
+                parts, dgamma, dbeta, N, C, T, SUM_G=need_gamma, SUM_B=need_beta,
                 PC_G=pc[0], PC_B=pc[1], BLOCK_N=rn, BLOCK_C=rc, ACC=_tl_acc(acc))
     return dx, dgamma, dbeta

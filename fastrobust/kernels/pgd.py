@@ -31,7 +31,7 @@ import triton.language as tl
 from .._common import acc_dtype
 
 from .._spec import PgdMode
-from . import on_device
+from . import on_device, tiles_grid
 
 
 @triton.jit
@@ -336,10 +336,7 @@ def _launch_pgd(out, x_adv, grad, x_nat, ptrs, scal, flags, mode, N, S):
     elif mode in (PgdMode.LINF_SIGN, PgdMode.LINF_RAW):
         block = min(2048, triton.next_power_of_2(S))
         s_blocks = triton.cdiv(S, block)
-        if N * s_blocks > 2**31 - 1:
-            raise ValueError(f"fastrobust: x_adv has {N * s_blocks} blocks of {block}, more "
-                             "than one Triton launch can address; split the batch")
-        _linf_kernel[(N * s_blocks,)](out, x_adv, grad, x_nat, *ptrs, *scal, S, s_blocks,
+        _linf_kernel[tiles_grid("x_adv", N, s_blocks)](out, x_adv, grad, x_nat, *ptrs, *scal, S, s_blocks,
                                       SIGN=mode == PgdMode.LINF_SIGN, BLOCK=block, **flags)
     else:
         raise ValueError(f"unknown pgd mode {mode}")
