@@ -1240,6 +1240,18 @@ def _film_grad_kernel(dy_ptr, x_ptr, dx_ptr, g_ptr, sgn, sgc, pg_ptr, pb_ptr, N,
 
 
 @triton.jit
+def _split_sums(parts_ptr, j, ns, cs, N, C, T, acc, out_ptrs, m, PER_CHANNEL: tl.constexpr):
+    """Samples ns of partials j summed over the splits: added to acc (per-channel results,
+    returned) or stored at out_ptrs (per-sample)."""
+    tot = _sum_parts(parts_ptr, j, ns, cs, N, C, T)
+    if PER_CHANNEL:
+        acc += tot
+    else:
+        tl.store(out_ptrs, tot, mask=m)
+    return acc
+
+
+@triton.jit
 def _film_reduce_kernel(parts_ptr, dg_ptr, db_ptr, N, C, T, SUM_G: tl.constexpr,
                         SUM_B: tl.constexpr, PC_G: tl.constexpr, PC_B: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
@@ -1254,17 +1266,9 @@ def _film_reduce_kernel(parts_ptr, dg_ptr, db_ptr, N, C, T, SUM_G: tl.constexpr,
         m = (ns < N)[:, None] & cmask[None, :]
         off = ns[:, None] * C + cs[None, :]
         if SUM_G:
-            tg = _sum_parts(parts_ptr, 0, ns, cs, N, C, T)
-            if PC_G:
-                acc_g += tg
-            else:
-                tl.store(dg_ptr + off, tg, mask=m)
+            acc_g = _split_sums(parts_ptr, 0, ns, cs, N, C, T, acc_g, dg_ptr + off, m, PC_G)
         if SUM_B:
-            tb = _sum_parts(parts_ptr, 1, ns, cs, N, C, T)
-            if PC_B:
-                acc_b += tb
-            else:
-                tl.store(db_ptr + off, tb, mask=m)
+            acc_b = _split_sums(parts_ptr, 1, ns, cs, N, C, T, acc_b, db_ptr + off, m, PC_B)
     if SUM_G and PC_G:
         tl.store(dg_ptr + cs, tl.sum(acc_g, 0), mask=cmask)
     if SUM_B and PC_B:
