@@ -1,83 +1,119 @@
 #!/usr/bin/env bash
-# One command for the day a GPU is lent (H100/H200): build with the CUDA toolkit, the whole
-# test suite, compute-sanitizer on a few calls, the launch counts, the benchmarks, and one
-# results file benchmarks/results/gpu-<gpu>-<date>.md. Run from the repository root:
+# One command for the day a GPU is lent (H100/H200), from the repository root:
 #
-#     bash benchmarks/gpu_validate.sh
+#     bash benchmarks/gpu_validate.sh [--bench]
 #
-# Each step's output goes to $OUT (default benchmarks/results/gpu-run/) and the summary file;
-# a failing step is recorded and the script goes on, so one run shows everything.
+# It builds fastrobust._C in place for this GPU's architecture with the torch and triton the
+# machine has (no install, no network), then:
+#   memory_order  the static check of every Triton kernel (benchmarks/memory_order_check.py)
+#   tests         the whole suite on CPU tensors (Triton under the interpreter), in parallel with
+#   gpu_tests     every CUDA test with the compiled kernels (TRITON_INTERPRET=0): the training
+#                 shapes of tests/test_gpu_correctness.py (each call three times, bitwise) and
+#                 tests/test_devices.py, on every backend that serves CUDA tensors
+#   memcheck, initcheck, racecheck
+#                 compute-sanitizer on benchmarks/gpu_sanitize_calls.py (every kernel, Triton and
+#                 CUDA C++); any report fails the step
+#   launch_counts launches per op
+#   --bench: ops (benchmarks/gpu_ops.py) and train_step (benchmarks/gpu_train_step.py)
+# A failing step is recorded and the script goes on, so one run shows everything; the exit code
+# is 1 if any step failed. The summary goes to benchmarks/results/gpu-<gpu>-<date>.md and, with
+# the logs (logs.tar.gz) and the benchmark JSON, to $OUT (default benchmarks/results/gpu-run).
+# About 5 minutes on an H200 without --bench.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+BENCH=0
+[ "${1:-}" = "--bench" ] && BENCH=1
 OUT=${OUT:-benchmarks/results/gpu-run}
-mkdir -p "$OUT"
+LOGS="$OUT/logs"
+mkdir -p "$LOGS"
+PY=${PYTHON:-python3}
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr ' ' '-')
 gpu=${gpu:-unknown-gpu}
+arch=$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
 summary="benchmarks/results/gpu-${gpu}-$(date +%F).md"
+failed=0
+t_start=$SECONDS
+
 step() {  # step NAME TIMEOUT_S CMD...: runs CMD, logs, records pass/fail and seconds
   local name=$1 limit=$2; shift 2
   local t0=$SECONDS
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
-  local rc=$?
-  echo "| $name | $([ $rc -eq 0 ] && echo ok || echo "FAILED (rc $rc)") | $((SECONDS - t0)) s |" \
-    >> "$summary"
-  tail -n 3 "$OUT/$name.log"
+  timeout "$limit" "$@" > "$LOGS/$name.log" 2>&1
+  record "$name" $? $((SECONDS - t0))
 }
+record() {  # record NAME RC SECONDS
+  local result="ok"
+  if [ "$2" -ne 0 ]; then result="FAILED (rc $2)"; failed=1; fi
+  local last
+  last=$(grep -E "passed|failed|ERROR SUMMARY|error|kernels checked|launched" \
+         "$LOGS/$1.log" 2>/dev/null | tail -n 1 | tr '|' '/' | cut -c1-120)
+  echo "| $1 | $result | $3 s | ${last:-} |" >> "$summary"
+  echo "[$(($SECONDS - t_start)) s] $1: $result ($3 s) ${last:-}"
+}
+
 {
   echo "# GPU validation: $gpu, $(date +%F)"
   echo
-  python -c "import torch, triton; print(f'torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton.__version__}')"
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  echo "- $($PY -c "import torch, triton; print(f'torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton.__version__}')")"
+  echo "- $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader)"
+  echo "- commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (with uncommitted changes)')"
   echo
-  echo "| step | result | time |"
-  echo "|---|---|---|"
+  echo "| step | result | time | last line |"
+  echo "|---|---|---|---|"
 } > "$summary"
 
-step build 300 python -m pip install -q --no-build-isolation -e ".[test,bench,gpu]"
-step info 60 fastrobust info
-# The suite as in CI (Triton under the interpreter for the CPU-tensor backend tests), one
-# worker per core; then every op on CUDA tensors with the compiled kernels
-# (tests/test_devices.py's cuda cases, TRITON_INTERPRET=0).
-step tests 240 python -m pytest -q -x -n auto --maxprocesses=8 -p no:cacheprovider
-step devices 180 env TRITON_INTERPRET=0 python -m pytest -q -p no:cacheprovider tests/test_devices.py
-step launch_counts 60 python benchmarks/launch_counts.py
-cat > "$OUT/sanitize_calls.py" <<'PY'
-import torch
-from fastrobust import functional as F
-x = torch.randn(8, 16, 8, 8, device="cuda", requires_grad=True)
-w = torch.randn(3, 16, device="cuda", requires_grad=True)
-b = torch.zeros(3, 16, device="cuda", requires_grad=True)
-s = torch.rand(8, 16, device="cuda", requires_grad=True)
-rm, rv = torch.zeros(3, 16, device="cuda"), torch.ones(3, 16, device="cuda")
-br = torch.randint(0, 3, (8,), device="cuda")
-y = F.multi_batch_norm(x, br, w, b, rm, rv, training=True, input_scale=s, film_gamma=s,
-                       film_beta=s, activation="relu")
-y.sum().backward()
-mix = torch.rand(8, 3, device="cuda", requires_grad=True)
-F.mixed_batch_norm(x, mix, w, b, rm, rv, training=True).sum().backward()
-F.film(x, s, s).sum().backward()
-xa, g, xn = (torch.rand(8, 3, 32, 32, device="cuda") for _ in range(3))
-for norm in ("linf", "l2"):
-    F.pgd_step_(xa, g, xn, 8 / 255, 2 / 255, norm=norm)
-F.mifgsm_step_(xa, g, torch.zeros_like(xa), xn, 8 / 255, 2 / 255)
-torch.cuda.synchronize()
-print("ok")
-PY
-step memcheck 120 compute-sanitizer --tool memcheck python "$OUT/sanitize_calls.py"
-step racecheck 120 compute-sanitizer --tool racecheck python "$OUT/sanitize_calls.py"
-# The CUDA C++ kernels (backend "cuda", selectable): against Triton, then under the sanitizer.
-step cuda_vs_triton 120 python benchmarks/gpu_cuda_vs_triton.py
-step cuda_memcheck 120 compute-sanitizer --tool memcheck python benchmarks/gpu_cuda_vs_triton.py --sanitize
-for fam in multi_bn mixed_bn film pgd train_step; do
-  step "bench_$fam" 120 python -m pytest -q -p no:cacheprovider "benchmarks/bench_$fam.py" \
-    --benchmark-json "$OUT/bench_$fam.json"
+step build 300 env TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS=$(( $(nproc) > 2 ? $(nproc) - 2 : 1 )) \
+  $PY setup.py build_ext --inplace
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+step info 60 $PY -m fastrobust info
+step memory_order 60 $PY benchmarks/memory_order_check.py
+
+# The CPU suite (interpreter; the CUDA cases skip themselves there) beside the CUDA tests.
+t0=$SECONDS
+TRITON_INTERPRET=1 timeout 420 $PY -m pytest -q -n 8 -p no:cacheprovider \
+  > "$LOGS/tests.log" 2>&1 &
+cpu_suite=$!
+step gpu_tests 420 env TRITON_INTERPRET=0 $PY -m pytest -q -n 4 -p no:cacheprovider \
+  tests/test_gpu_correctness.py tests/test_devices.py
+wait $cpu_suite
+record tests $? $((SECONDS - t0))
+
+for tool in memcheck initcheck racecheck; do
+  step "$tool" 180 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 TRITON_INTERPRET=0 \
+    compute-sanitizer --tool "$tool" --error-exitcode 1 $PY benchmarks/gpu_sanitize_calls.py
 done
+step launch_counts 60 $PY benchmarks/launch_counts.py
+
+if [ "$BENCH" = 1 ]; then
+  step ops 240 $PY benchmarks/gpu_ops.py --json "$OUT/ops.json"
+  step train_step 420 $PY benchmarks/gpu_train_step.py --json "$OUT/train_step.json"
+fi
+
 {
   echo
-  echo "Logs and pytest-benchmark JSON in $OUT/. Launch counts:"
+  echo "Total $((SECONDS - t_start)) s. Failures and errors:"
   echo
   echo '```'
-  cat "$OUT/launch_counts.log"
+  grep -hE "^(FAILED|ERROR)|= .*(failed|error)" "$LOGS/tests.log" "$LOGS/gpu_tests.log" \
+    2>/dev/null | head -n 40
+  grep -h "ERROR SUMMARY" "$LOGS"/memcheck.log "$LOGS"/initcheck.log "$LOGS"/racecheck.log \
+    2>/dev/null
+  echo '```'
+  for b in ops train_step; do
+    if [ -f "$LOGS/$b.log" ]; then
+      echo
+      echo "### $b"
+      echo
+      sed -n '/^|/p' "$LOGS/$b.log"
+    fi
+  done
+  echo
+  echo "Launch counts:"
+  echo
+  echo '```'
+  cat "$LOGS/launch_counts.log"
   echo '```'
 } >> "$summary"
-echo "wrote $summary"
+cp "$summary" "$OUT/summary.md"
+tar -czf "$OUT/logs.tar.gz" -C "$OUT" logs && rm -rf "$LOGS"
+echo "wrote $summary (total $((SECONDS - t_start)) s)"
+exit $failed

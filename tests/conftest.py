@@ -43,16 +43,37 @@ def backend(request):
         yield request.param
 
 
+def opcheck_utils(backend: str) -> tuple[str, ...]:
+    """The `torch.library.opcheck` checks for an op run with `backend` forced on CPU tensors:
+    all of them for the CPU's own kernels; for another backend all but the eager-vs-traced
+    gradient comparison (test_aot_dispatch_dynamic): `backends.use` forces the eager calls,
+    while a traced graph's ops reach the dispatcher's kernel, so it would compare two
+    backends' rounding rather than the registration."""
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor")
+    return checks + (("test_aot_dispatch_dynamic",) if backend == "cpu" else ())
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
 
 
+def cuda_skip_reason() -> str | None:
+    """Why the CUDA cases cannot run here (None: they can): no GPU, or the Triton interpreter
+    (CUDA tensors must meet the compiled kernels: run them with TRITON_INTERPRET=0, as
+    benchmarks/gpu_validate.sh does)."""
+    if not torch.cuda.is_available():
+        return "no CUDA device here (benchmarks/gpu_validate.sh runs these on a GPU)"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return "TRITON_INTERPRET=1: the CUDA cases run with the compiled kernels " \
+               "(TRITON_INTERPRET=0)"
+    return None
+
+
 def devices():
     """cpu, and cuda where this machine has a GPU (skipped otherwise), as pytest params."""
-    cuda = [] if torch.cuda.is_available() else [
-        pytest.mark.skip(reason="no CUDA device here (benchmarks/gpu_validate.sh runs these "
-                                "on a GPU)")]
+    why = cuda_skip_reason()
+    cuda = [pytest.mark.skip(reason=why)] if why else []
     return [pytest.param("cpu", id="cpu"), pytest.param("cuda", marks=cuda, id="cuda")]
 
 

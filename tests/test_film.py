@@ -8,6 +8,7 @@ import torch
 
 from fastrobust import functional as F, reference
 from test_multi_bn import TOL
+from conftest import opcheck_utils
 
 LAYOUTS = ["contiguous", "channels_last", "batch_slice", "no_spatial"]
 
@@ -120,11 +121,13 @@ def test_film_opcheck(backend):
         x = _x(layout, torch.float32)
         g, b, gc, bc = torch.randn(6, 5), torch.randn(6, 5), torch.randn(5), torch.randn(5)
         for gamma, beta in ((g, b), (g, None), (None, b), (gc, bc), (gc, b), (None, bc)):
-            opcheck(torch.ops.fastrobust.film.default, (x, gamma, beta))
+            opcheck(torch.ops.fastrobust.film.default, (x, gamma, beta),
+                    test_utils=opcheck_utils(backend))
         for gamma, per_channel in ((g, [False, False]), (gc, [True, True]), (gc, [True, False]),
                                    (g, [False, True])):
             opcheck(torch.ops.fastrobust.film_backward.default,
-                    (torch.randn_like(x), x, gamma, [True, True, True], per_channel))
+                    (torch.randn_like(x), x, gamma, [True, True, True], per_channel),
+                    test_utils=opcheck_utils(backend))
 
 
 def test_film_backward_per_channel_must_match_gamma(backend):

@@ -9,6 +9,7 @@ import torch
 
 from fastrobust import functional as F, reference
 from test_multi_bn import CASES, TOL, _grads, make_inputs
+from conftest import opcheck_utils
 
 
 def _extras(N, C, dtype, which=("scale", "gamma", "beta"), form="NC"):
@@ -218,7 +219,8 @@ def test_mixed_opcheck(backend):
             for training in (True, False):
                 opcheck(torch.ops.fastrobust.multi_bn.default,
                         (x, None, mix, w, b, rm.clone(), rv.clone(), nbt.clone(), *extras,
-                         case.K, training, 0.1, False, 1e-5, relu))
+                         case.K, training, 0.1, False, 1e-5, relu),
+                        test_utils=opcheck_utils(backend))
                 _, mean, invstd, planes = torch.ops.fastrobust.multi_bn(
                     x.detach(), None, mix, w, b, rm.clone(), rv.clone(), nbt.clone(), *extras,
                     case.K, training, 0.1, False, 1e-5, relu)
@@ -227,7 +229,8 @@ def test_mixed_opcheck(backend):
                                  film_gamma=has, film_beta=has)
                 opcheck(torch.ops.fastrobust.multi_bn_backward.default,
                         (torch.randn_like(x), x.detach(), None, mix, w.detach(), b.detach(),
-                         mean, invstd, planes, *extras, case.K, training, relu, needs))
+                         mean, invstd, planes, *extras, case.K, training, relu, needs),
+                        test_utils=opcheck_utils(backend))
 
 
 def test_input_scale_is_filter_scaling():

@@ -10,6 +10,7 @@ import torch.nn.functional as TF
 from hypothesis import given, settings, strategies as st
 
 from fastrobust import backends, functional as F, reference
+from conftest import opcheck_utils
 
 # fp32: reductions over up to ~10^3 values in a different order than the reference
 # (≈ sqrt(n)·2^-24 relative); fp64 the same at 2^-53.
@@ -271,7 +272,8 @@ def test_opcheck(backend):
             for training in (True, False):
                 args = (x, branch, None, w, b, rm.clone(), rv.clone(), nbt.clone(), *extras,
                         case.K, training, 0.1, False, 1e-5, relu)
-                opcheck(torch.ops.fastrobust.multi_bn.default, args)
+                opcheck(torch.ops.fastrobust.multi_bn.default, args,
+                        test_utils=opcheck_utils(backend))
             _, mean, invstd, planes = torch.ops.fastrobust.multi_bn(
                 x.detach(), branch, None, w, b, rm.clone(), rv.clone(), nbt.clone(), *extras,
                 case.K, True, 0.1, False, 1e-5, relu)
@@ -279,7 +281,8 @@ def test_opcheck(backend):
             needs = needs_of(x=True, weight=True, bias=True, input_scale=has, film_gamma=has)
             opcheck(torch.ops.fastrobust.multi_bn_backward.default,
                     (torch.randn_like(x), x.detach(), branch, None, w.detach(), b.detach(),
-                     mean, invstd, planes, *extras, case.K, True, relu, needs))
+                     mean, invstd, planes, *extras, case.K, True, relu, needs),
+                    test_utils=opcheck_utils(backend))
 
 
 def test_nan_in_nan_out(backend):

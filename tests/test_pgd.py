@@ -9,6 +9,7 @@ from fastrobust import backends, reference
 from fastrobust import functional as F
 from baselines import torchattacks_mifgsm_step
 from baselines import torchattacks_step as torchattacks_linf
+from conftest import opcheck_utils
 
 
 def make(shape=(6, 3, 5, 7), dtype=torch.float32, lo=0.0, hi=1.0, eps=8 / 255, layout="contig"):
@@ -289,12 +290,15 @@ def test_opcheck(backend):
     e = torch.tensor([0.0, 0.1, 0.2])
     for l2 in (False, True):
         torch.library.opcheck(torch.ops.fastrobust.pgd_step.default,
-                              (adv.clone(), g, x, e, 0.0, None, 0.05, l2, 0.0, 1.0))
+                              (adv.clone(), g, x, e, 0.0, None, 0.05, l2, 0.0, 1.0),
+                              test_utils=opcheck_utils(backend))
     torch.library.opcheck(torch.ops.fastrobust.mifgsm_step.default,
                           (adv.clone(), g, torch.zeros_like(x), x, None, 0.1, None, 0.05, 1.0,
-                           0.0, 1.0))
+                           0.0, 1.0),
+                          test_utils=opcheck_utils(backend))
     torch.library.opcheck(torch.ops.fastrobust.pgd_init.default,
-                          (torch.rand_like(x) * 2 - 1, x, None, 0.1, None, False, 0.0, 1.0))
+                          (torch.rand_like(x) * 2 - 1, x, None, 0.1, None, False, 0.0, 1.0),
+                          test_utils=opcheck_utils(backend))
 
 
 def test_compiles_fullgraph(backend):

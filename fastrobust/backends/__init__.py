@@ -1,25 +1,29 @@
 """Which implementation serves each op on each device, and why the others do not.
 
 Every op is one schema (csrc/ops.cpp) with one kernel per dispatch key and one autograd
-(csrc/autograd.cpp); the dispatcher picks the kernel by the tensors' device:
+(csrc/autograd.cpp); the dispatcher picks the kernel by the tensors' device, and nothing
+registers over a kernel after import:
 
     cpu     C++ kernels (csrc/cpu), the CPU key's own                    backends/cpu.py
     triton  Triton kernels (fastrobust/kernels), the CUDA key's           backends/triton.py
     eager   plain PyTorch (fastrobust._engine), every other device        backends/eager.py
     cuda    CUDA C++ kernels (csrc/cuda), selectable only (CUDA builds)   backends/cuda.py
 
-`use(name)` forces one backend for a block: it registers that backend's implementations over
-the CPU and CUDA keys for the block's duration (process-wide, not per thread), so tests run
-every backend on CPU tensors (Triton under TRITON_INTERPRET=1). A forced backend that cannot
-serve a call raises with its reasons; nothing falls back silently. `describe()` prints the
-table (`fastrobust info`).
+`use(name)` runs one backend's kernels for the calls made in a block by the current thread, for
+tests, benchmarks and debugging: a dispatch mode (a torch mechanism that is per thread)
+receives each fastrobust op below its autograd and calls that backend's kernel directly;
+registrations are never touched, so other threads and the code after the block see the
+dispatcher's own choice. A forced backend that cannot serve a call raises with its reasons;
+nothing falls back silently. `describe()` prints the table (`fastrobust info`).
 """
 from __future__ import annotations
 
 import contextlib
+import threading
 import warnings
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import cpu, cuda, eager, triton
 
@@ -30,8 +34,7 @@ _MODULES = {"eager": eager, "cpu": cpu, "triton": triton, "cuda": cuda}
 SCHEMAS = {"multi_bn": ("multi_bn", "multi_bn_backward"), "film": ("film", "film_backward"),
            "add_relu": ("add_relu",), "pgd": ("pgd_step", "pgd_init", "mifgsm_step")}
 _FAMILY = {name: fam for fam, names in SCHEMAS.items() for name in names}
-_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
-_forced: list[str] = []
+_local = threading.local()  # .forced: this thread's stack of `use` blocks
 
 
 def _register_defaults() -> None:
@@ -78,44 +81,72 @@ def not_supported_reasons(backend: str, op: str, device: torch.device | str) -> 
     return _MODULES[backend].reasons(op, torch.device(device))
 
 
+def _stack() -> list:
+    if not hasattr(_local, "forced"):
+        _local.forced = []
+    return _local.forced
+
+
 def forced() -> str | None:
-    """The backend forced by `use(...)`, if any."""
-    return _forced[-1] if _forced else None
+    """The backend forced by `use(...)` in this thread, if any."""
+    stack = _stack()
+    return stack[-1] if stack else None
 
 
-def _refuse(backend: str, name: str, device: str, why: list[str]):
-    def refuse(*args, **kwargs):
-        raise RuntimeError(f"backend {backend!r} was forced but cannot run {name} on "
-                           f"{device}: " + "; ".join(why))
-    return refuse
+def _device_of(args) -> torch.device:
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a.device
+    return torch.device("cpu")
+
+
+class _Forced(TorchDispatchMode):
+    """Sends this thread's fastrobust ops (below their autograd) to one backend's kernels;
+    every other op runs as usual (higher-order operators of traced graphs too: what they
+    call is not forced)."""
+
+    supports_higher_order_operators = True
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.name = name
+        self.impls = _MODULES[name].implementations()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if (getattr(func, "namespace", None) != "fastrobust"
+                or forced() != self.name  # (a use(None) inside)
+                or any(t is not torch.Tensor for t in types)):  # fake / traced tensors
+            return func(*args, **kwargs)
+        op_name = func._schema.name.split("::", 1)[1]
+        device = _device_of(args)
+        why = not_supported_reasons(self.name, _FAMILY[op_name], device)
+        if not why and self.name == "cpu":
+            return func(*args, **kwargs)  # the C++ kernels are the CPU key's own
+        fn = self.impls.get(op_name)
+        if why or fn is None:
+            why = why or [f"no {self.name} kernel for {op_name}"]
+            raise RuntimeError(f"backend {self.name!r} was forced but cannot run {op_name} on "
+                               f"{device.type}: " + "; ".join(why))
+        return fn(*args, **kwargs)
 
 
 @contextlib.contextmanager
 def use(name: str | None):
-    """Forces a backend for the calls in the body (None: the automatic choice)."""
+    """Runs `name`'s kernels for the fastrobust ops this thread calls in the body (None: the
+    dispatcher's choice). Per thread; registrations are not changed."""
     if name is not None and name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose from {BACKENDS}")
-    lib = None
-    if name is not None:
-        lib = torch.library.Library("fastrobust", "IMPL")
-        impls = _MODULES[name].implementations()
-        with warnings.catch_warnings():  # overriding the C++ kernel is the point here
-            warnings.simplefilter("ignore")
-            for device, key in _KEYS.items():
-                if name == "cpu" and device == "cpu":
-                    continue  # the C++ kernels are the CPU key's own
-                for op_name in _FAMILY:
-                    why = not_supported_reasons(name, _FAMILY[op_name], device)
-                    fn = impls.get(op_name) if not why else None
-                    lib.impl(op_name, fn or _refuse(name, op_name, device, why), key)
-    _forced.append(name)
+    stack = _stack()
+    stack.append(name)
     try:
-        yield
+        if name is None:
+            yield
+        else:
+            with _Forced(name):
+                yield
     finally:
-        _forced.pop()
-        # The Library's registrations end with it (its finalizer deregisters them), which
-        # restores the kernels registered before.
-        del lib
+        stack.pop()
 
 
 def choose(op: str, device: torch.device | str) -> str:

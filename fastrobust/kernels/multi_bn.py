@@ -140,9 +140,14 @@ def _coefficients(ks, cs, K, C, mean_ptr, invstd_ptr, w_ptr, b_ptr, single,
     mu = tl.load(mean_ptr + kc, mask=m, other=0.0)
     r = tl.load(invstd_ptr + kc, mask=m, other=0.0)
     a, d, b = _affine_of(kc, m, mu, r, w_ptr, b_ptr, HAS_W, HAS_B, ACC)
-    a_eff = tl.where(single[:, None], 0.0, a)
-    d_eff = tl.where(single[:, None], b, d)
+    a_eff, d_eff = _effective(a, d, b, single)
     return mu, r, a, d, a_eff, d_eff, b
+
+
+@triton.jit
+def _effective(a, d, b, single):
+    """a, d as the planes use them: 0 and the bias for single-value branches ([BLOCK_K])."""
+    return tl.where(single[:, None], 0.0, a), tl.where(single[:, None], b, d)
 
 
 @triton.jit
@@ -372,13 +377,16 @@ def _bn_stats_tail(br_ptr, sbr, mix_ptr, smn, smk, sc_ptr, g_ptr, be_ptr, w_ptr,
                    HAS_W: tl.constexpr, HAS_B: tl.constexpr, SCALE: tl.constexpr,
                    GAMMA: tl.constexpr, BETA: tl.constexpr, BLOCK_N: tl.constexpr,
                    ACC: tl.constexpr):
-    """mean / invstd stored and the per-plane coefficients A, D of the whole op."""
+    """mean / invstd stored and the per-plane coefficients A, D of the whole op. The
+    coefficients come from the registers that were stored, never from a load of mean_ptr /
+    invstd_ptr: other threads of this program stored them, and nothing orders those stores
+    before a load on a GPU (docs/backends.md, "Memory ordering")."""
     cmask = cs < C
     invstd = _invstd(var, eps, ACC)
     tl.store(mean_ptr + kc, mean, mask=kcm)
     tl.store(invstd_ptr + kc, invstd, mask=kcm)
-    _m, _r, _a, _d, a_eff, d_eff, _b0 = _coefficients(ks, cs, K, C, mean_ptr, invstd_ptr, w_ptr,
-                                                 b_ptr, single, HAS_W, HAS_B, ACC)
+    a, d, b = _affine_of(kc, kcm, mean, invstd, w_ptr, b_ptr, HAS_W, HAS_B, ACC)
+    a_eff, d_eff = _effective(a, d, b, single)
     for n0 in range(0, N, BLOCK_N):
         ns = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         M, ok = _route(ns, ks, N, K, br_ptr, sbr, mix_ptr, smn, smk, MIXED, ACC)
@@ -603,16 +611,15 @@ def _bn_grads_kernel(parts_ptr, planes_ptr, br_ptr, sbr, mix_ptr, smn, smk,
     var = VQ / _safe(W * S)[:, None]
     mu, r, a, d, _ae, _de, b = _coefficients(ks, cs, K, C, mean_ptr, invstd_ptr, w_ptr, b_ptr,
                                           no_single, HAS_W, HAS_B, ACC)
-    single = ((nnz == 1) & (S == 1) & BATCH)[:, None]
-    T2 = tl.where(single, 0.0, r * (TU - mu * T1))
+    single = (nnz == 1) & (S == 1) & BATCH
+    T2 = tl.where(single[:, None], 0.0, r * (TU - mu * T1))
     tl.store(dw_ptr + kc, T2, mask=kcm)
     tl.store(db_ptr + kc, T1, mask=kcm)
     if SYNC:  # the synchronized BN's local pass: this rank's sums, for the all-reduce
         tl.store(pay_ptr + kc, T1, mask=kcm)
         tl.store(pay_ptr + K * C + kc, T2, mask=kcm)
     else:
-        a_eff = tl.where(single, 0.0, a)
-        d_eff = tl.where(single, b, d)
+        a_eff, d_eff = _effective(a, d, b, single)
         _bn_grads_pass2(parts_ptr, planes_ptr, br_ptr, sbr, mix_ptr, smn, smk, sc_ptr, g_ptr,
                         be_ptr, dg_ptr, dbe_ptr, ds_ptr, dmix_part_ptr, P_ptr, Q_ptr, R_ptr,
                         A_ptr, D_ptr, T1, T2, W, var, mu, r, a, d, a_eff, d_eff, pid, ks, cs,

@@ -1,0 +1,149 @@
+"""Small calls that together launch every GPU kernel of the package once, for
+compute-sanitizer (benchmarks/gpu_validate.sh runs this file under --tool memcheck, initcheck
+and racecheck and fails the step on any report):
+
+  Triton   routed / mixed BN, training and eval, with and without every extra (input scale,
+           FiLM, ReLU), NCHW and channels_last, planes split along S and one-value planes,
+           fp32, bf16 and fp64; the synchronized BN's three kernels (an identity all-reduce:
+           one process); FiLM [N, C] and [C] (direct and split reductions); add_relu; the PGD
+           steps (linf, l2 and MI-FGSM, one program per sample and split), pgd_init
+  CUDA C++ the same BN and PGD calls through backends.use("cuda"), where the build has them
+
+Sizes are small: the sanitizer runs kernels 10-100x slower. Run with PYTORCH_NO_CUDA_MEMORY_CACHING=1
+so every tensor is a fresh allocation (with the caching allocator a read of memory nothing
+wrote in this call can look initialized, written by an earlier tensor there).
+
+    python benchmarks/gpu_sanitize_calls.py [--backend triton|cuda|all]
+
+(`TRITON_INTERPRET=1 ... --device cpu --backend triton` runs the same calls on the CPU, to
+check the script itself.)
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import torch
+
+from fastrobust import backends, functional as F
+
+DEV = "cuda"
+
+
+def bn_calls(dtype=torch.float32):
+    """Routed and mixed, training and eval, extras on and off, both layouts, K = 2 and 5,
+    a spatial size the reduction splits (N·C small) and one-value planes."""
+    g = torch.Generator(device=DEV).manual_seed(0)
+    for mixed, training, extras, cl, (N, C, H), K in itertools.product(
+            (False, True), (True, False), (False, True), (False, True),
+            ((8, 24, 8), (4, 40, 1), (2, 3, 33)), (2, 5)):
+        x = torch.randn(N, C, H, H, device=DEV, generator=g).to(dtype)
+        if cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x.requires_grad_()
+        w = torch.randn(K, C, device=DEV, generator=g, requires_grad=True)
+        b = torch.randn(K, C, device=DEV, generator=g, requires_grad=True)
+        rm = torch.zeros(K, C, device=DEV)
+        rv = torch.ones(K, C, device=DEV)
+        nbt = torch.zeros(K, dtype=torch.long, device=DEV)
+        kw = dict(training=training, num_batches_tracked=nbt, momentum=None)
+        leaves = [x, w, b]
+        if extras:
+            ext = [(torch.rand(N, C, device=DEV, generator=g) + .5).requires_grad_()
+                   for _ in range(3)]
+            kw.update(input_scale=ext[0], film_gamma=ext[1], film_beta=ext[2],
+                      activation="relu")
+            leaves += ext
+        if mixed:
+            mix = torch.rand(N, K, device=DEV, generator=g).requires_grad_()
+            y = F.mixed_batch_norm(x, mix, w, b, rm, rv, **kw)
+            leaves.append(mix)
+        else:
+            br = torch.randint(0, K, (N,), device=DEV, generator=g)
+            y = F.multi_batch_norm(x, br, w, b, rm, rv, num_branches=K, **kw)
+        torch.autograd.grad(y, leaves, torch.randn_like(y))
+
+
+def sync_calls():
+    """The synchronized BN's kernels with an identity all-reduce (one process)."""
+    from fastrobust.kernels import multi_bn as kernels
+    g = torch.Generator(device=DEV).manual_seed(1)
+    for mixed, extras in itertools.product((False, True), (False, True)):
+        N, C, K = 8, 24, 2
+        x = torch.randn(N, C, 6, 6, device=DEV, generator=g)
+        w, b = torch.randn(K, C, device=DEV, generator=g), torch.randn(K, C, device=DEV,
+                                                                        generator=g)
+        rm, rv = torch.zeros(K, C, device=DEV), torch.ones(K, C, device=DEV)
+        nbt = torch.zeros(K, dtype=torch.long, device=DEV)
+        branch = None if mixed else torch.randint(0, K, (N,), device=DEV, generator=g)
+        mix = torch.rand(N, K, device=DEV, generator=g) if mixed else None
+        ext = ([torch.rand(N, C, device=DEV, generator=g) + .5 for _ in range(3)]
+               if extras else [None] * 3)
+        y, mean, invstd, planes, pay = kernels.sync_bn_forward(
+            x, branch, mix, w, b, rm, rv, nbt, *ext, K, 0.1, False, 1e-5, extras,
+            lambda t: None)
+        needs = (True, mixed, True, True, extras, extras, extras)
+        kernels.bn_backward(torch.randn_like(y), x, branch, mix, w, b, mean, invstd, planes,
+                            *ext, K, True, extras, needs, all_reduce=lambda t: None,
+                            payload=pay)
+
+
+def film_calls():
+    g = torch.Generator(device=DEV).manual_seed(2)
+    for (N, C, H), per_channel in itertools.product(((8, 16, 8), (2, 3, 40)), (False, True)):
+        x = torch.randn(N, C, H, H, device=DEV, generator=g, requires_grad=True)
+        shape = (C,) if per_channel else (N, C)
+        gamma = torch.randn(shape, device=DEV, generator=g, requires_grad=True)
+        beta = torch.randn(shape, device=DEV, generator=g, requires_grad=True)
+        y = F.film(x, gamma, beta)
+        torch.autograd.grad(y, (x, gamma, beta), torch.randn_like(y))
+    a, b = (torch.randn(4, 8, 5, 5, device=DEV, generator=g) for _ in range(2))
+    F.add_relu(a, b)
+
+
+def pgd_calls(dtype=torch.float32, init=True):
+    """One program per sample (N large) and the split forms (N small), per-sample eps."""
+    g = torch.Generator(device=DEV).manual_seed(3)
+    for N in (300, 4):
+        xn = torch.rand(N, 3, 8, 8, device=DEV, generator=g).to(dtype)
+        xa = xn.clone()
+        grad = torch.randn(xn.shape, device=DEV, generator=g).to(dtype)
+        eps = torch.full((N,), 8 / 255, device=DEV)
+        for norm in ("linf", "l2"):
+            F.pgd_step_(xa, grad, xn, eps, 2 / 255, norm=norm)
+            if init:  # (no CUDA C++ kernel: the cuda backend refuses it)
+                F.pgd_init(xn, 8 / 255, norm=norm)
+        F.mifgsm_step_(xa, grad, torch.zeros_like(xa), xn, 8 / 255, 2 / 255)
+
+
+def run(backend: str | None):
+    with backends.use(backend):
+        for dtype in (torch.float32, torch.bfloat16, torch.float64):
+            bn_calls(dtype)
+            pgd_calls(dtype, init=backend != "cuda")
+        if backend in (None, "triton"):
+            film_calls()
+            sync_calls()
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def main():
+    global DEV
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--backend", default="all", choices=["triton", "cuda", "all"])
+    ap.add_argument("--device", default="cuda")
+    args = ap.parse_args()
+    DEV = args.device
+    names = ["triton", "cuda"] if args.backend == "all" else [args.backend]
+    for name in names:
+        why = backends.not_supported_reasons(name, "multi_bn", torch.device(DEV))
+        if why:
+            print(f"{name}: skipped ({'; '.join(why)})")
+            continue
+        run(name)
+        print(f"{name}: every kernel launched")
+
+
+if __name__ == "__main__":
+    main()
