@@ -68,7 +68,7 @@ def bn_calls(dtype=torch.float32, full=True):
 
 def sync_calls():
     """The synchronized BN's kernels with an identity all-reduce (one process)."""
-    from fastrobust.kernels import multi_bn as kernels
+    from fastrobust.kernels import multi_bn as kernels, sync_bn
     g = torch.Generator(device=DEV).manual_seed(1)
     for mixed, extras in itertools.product((False, True), (False, True)):
         N, C, K = 8, 24, 2
@@ -81,7 +81,7 @@ def sync_calls():
         mix = torch.rand(N, K, device=DEV, generator=g) if mixed else None
         ext = ([torch.rand(N, C, device=DEV, generator=g) + .5 for _ in range(3)]
                if extras else [None] * 3)
-        y, mean, invstd, planes, pay = kernels.sync_bn_forward(
+        y, mean, invstd, planes, pay = sync_bn.sync_bn_forward(
             x, branch, mix, w, b, rm, rv, nbt, *ext, K, 0.1, False, 1e-5, extras,
             lambda t: None)
         needs = (True, mixed, True, True, extras, extras, extras)

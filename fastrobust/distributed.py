@@ -20,7 +20,7 @@ of the sum of every rank's loss, as nn.SyncBatchNorm's, so DDP's average gives t
 the global batch's mean loss.
 
 Where the Triton kernels serve the BN op (CUDA; a forced 'triton' backend) the synchronized op
-runs through them too (fastrobust/kernels/multi_bn.py `sync_bn_forward`, `bn_backward` with
+runs through them too (fastrobust/kernels/sync_bn.py `sync_bn_forward`, multi_bn.py `bn_backward` with
 `all_reduce`): forward moments → local payload → the all-reduce → one kernel that normalizes
 with the global statistics (3 launches), backward grad sums → local T1, T2 → the all-reduce →
 one kernel that works out the per-plane results from the global sums and writes dx (3
@@ -87,8 +87,8 @@ class _SyncBN(torch.autograd.Function):
                       for t in (x, route, weight, bias, scale, gamma, beta)]
         ctx.kernels = _kernel_path(x)
         if ctx.kernels:
-            from .kernels import multi_bn as kernels
-            y, mean, invstd, planes, payload = kernels.sync_bn_forward(
+            from .kernels import sync_bn
+            y, mean, invstd, planes, payload = sync_bn.sync_bn_forward(
                 x, branch, mix, weight, bias, running_mean, running_var, num_batches_tracked,
                 scale, gamma, beta, K, momentum, cumulative, eps, relu,
                 lambda t: dist.all_reduce(t, group=group))

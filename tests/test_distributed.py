@@ -58,9 +58,9 @@ def _op_worker(rank, store, mixed, extras, placement, spatial=(5, 4), backend=No
     interpreter here), the single-process reference through the CPU's."""
     _init(rank, store)
     from fastrobust import backends
-    from fastrobust.kernels import multi_bn as kernels
+    from fastrobust.kernels import multi_bn as kernels, sync_bn
     calls = []
-    kernel_fwd, kernel_bwd = kernels.sync_bn_forward, kernels.bn_backward
+    kernel_fwd, kernel_bwd = sync_bn.sync_bn_forward, kernels.bn_backward
 
     def counted(fn, name):
         def run(*a, **k):
@@ -68,7 +68,7 @@ def _op_worker(rank, store, mixed, extras, placement, spatial=(5, 4), backend=No
                 calls.append(name)
             return fn(*a, **k)
         return run
-    kernels.sync_bn_forward = counted(kernel_fwd, "fwd")
+    sync_bn.sync_bn_forward = counted(kernel_fwd, "fwd")
     kernels.bn_backward = counted(kernel_bwd, "bwd")
     try:
         f64 = torch.float64
@@ -138,7 +138,7 @@ def _op_worker(rank, store, mixed, extras, placement, spatial=(5, 4), backend=No
         for got, want in zip(running, run_ref):
             torch.testing.assert_close(got, want, **TOL64)
     finally:
-        kernels.sync_bn_forward, kernels.bn_backward = kernel_fwd, kernel_bwd
+        sync_bn.sync_bn_forward, kernels.bn_backward = kernel_fwd, kernel_bwd
         dist.destroy_process_group()
 
 

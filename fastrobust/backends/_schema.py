@@ -34,9 +34,11 @@ def _check_per_channel(gamma, per_channel):
         raise RuntimeError("film_backward: per_channel[0] must say whether gamma is [C]")
 
 
-def implementations(bn, pgd) -> dict:
-    """{op name: function with the op's schema}; `bn()` / `pgd()` return the kernel objects
-    (called at each use, so a backend can import them lazily)."""
+def implementations(bn, pgd, film=None) -> dict:
+    """{op name: function with the op's schema}; `bn()` / `pgd()` / `film()` (default:
+    `bn`) return the kernel objects (called at each use, so a backend can import them
+    lazily)."""
+    film_kernels = film or bn
 
     def multi_bn(x, branch, mix, weight, bias, running_mean, running_var, num_batches_tracked,
                  input_scale, film_gamma, film_beta, num_branches, training, momentum,
@@ -62,11 +64,11 @@ def implementations(bn, pgd) -> dict:
         return tuple(g if g is not None else x.new_empty(0) for g in grads)
 
     def film(x, gamma, beta):
-        return bn().film_forward(x, gamma, beta)
+        return film_kernels().film_forward(x, gamma, beta)
 
     def film_backward(dy, x, gamma, needs, per_channel):
         _check_per_channel(gamma, per_channel)
-        return tuple(bn().film_backward(dy, x, gamma, *needs, *per_channel))
+        return tuple(film_kernels().film_backward(dy, x, gamma, *needs, *per_channel))
 
     def add_relu(a, b):
         return torch.relu(a + b)

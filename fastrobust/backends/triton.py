@@ -57,6 +57,7 @@ def _kernels(name: str):
 
 
 def implementations() -> dict:
-    impls = _implementations(lambda: _kernels("multi_bn"), lambda: _kernels("pgd"))
+    impls = _implementations(lambda: _kernels("multi_bn"), lambda: _kernels("pgd"),
+                             lambda: _kernels("film"))
     impls["add_relu"] = lambda a, b: _kernels("elementwise").add_relu(a, b)
     return impls

@@ -8,6 +8,7 @@ import triton
 import triton.language as tl
 
 from . import on_device
+from ._plan import launch
 
 BLOCK = 1024
 
@@ -37,5 +38,5 @@ def add_relu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     total = a.numel()
     if total:
         with on_device(a):
-            _add_relu_kernel[(triton.cdiv(total, BLOCK),)](a, b, out, total, BLOCK=BLOCK)
+            launch(_add_relu_kernel, (triton.cdiv(total, BLOCK),), a, b, out, total, BLOCK=BLOCK)
     return out

@@ -1,5 +1,6 @@
-"""Triton kernels of the per-sample affine family: routed BN, mixed BN, their fused extras
-(input scale, FiLM, ReLU) and FiLM / channel scale (shared/DESIGN.md §2.1-2.4).
+"""Triton kernels of routed and mixed BN with their fused extras (input scale, FiLM, ReLU;
+shared/DESIGN.md §2.1-2.4). The synchronized BN's kernels are in sync_bn.py, FiLM / channel
+scale in film.py, the jit helpers they share in _bn_parts.py and _common.py.
 
 Every op of the family is y = act(A[n,c]·x + D[n,c]) with per-plane coefficients (a plane is one
 (n, c)); fastrobust/_engine.py derives the math. On a GPU a call is a fixed, small number of
@@ -20,11 +21,6 @@ launches, and nothing of the [N, K, C] algebra runs as separate torch ops:
                               per-plane P, Q, R of ∂L/∂u = P·g + Q·x + R
             _dx_kernel        dx = s·(P·g + Q·x + R); sums d mix over the channel blocks
 
-  film      _affine_kernel forward ([C] γ, β read through stride-0 views, never copied);
-            backward _film_grad_kernel (dx = γ·dy and the per-plane Σdy·x, Σdy in one pass)
-            and, when a plane is split over S or γ / β is [C], _film_reduce_kernel (the
-            partials summed over the splits and, for [C], over the batch)
-
 Routed BN K=5 forward: 3 launches, backward 3 (benchmarks/launch_counts.py prints them all;
 tests/test_launch_budget.py holds the budget). Sample and program offsets are int64, so any
 tensor size works. Loads are cast to the accumulation type at once (fp32, fp64 for fp64).
@@ -39,216 +35,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import acc_dtype, check_branch_values, check_mix_values
-from . import on_device, tiles_grid
-
-
-# --- shared pieces ------------------------------------------------------------------------------
-
-@triton.jit
-def _safe(t):
-    return tl.where(t != 0, t, 1.0)
-
-
-@triton.jit
-def _tile(n, cs, ss, sn, sc, ss_):
-    """Offsets of the [BLOCK_S, BLOCK_C] tile (ss, cs) of sample n, in int64."""
-    return n * sn + cs.to(tl.int64)[None, :] * sc + ss.to(tl.int64)[:, None] * ss_
-
-
-@triton.jit
-def _plane_block(c_blocks):
-    """(n, channel block) of this program on grid axis 0, numbered channel block first: N and
-    C/BLOCK_C share the axis that takes 2³¹ − 1 programs (y and z take only 65,535)."""
-    pid = tl.program_id(0)
-    return (pid // c_blocks).to(tl.int64), pid % c_blocks
-
-
-@triton.jit
-def _plane_tile(c_blocks, s_blocks):
-    """(n, channel block, spatial block) of this program on grid axis 0 alone, the spatial
-    block fastest (consecutive programs read consecutive memory of a plane)."""
-    pid = tl.program_id(0)
-    sb = pid % s_blocks
-    pc = pid // s_blocks
-    return (pc // c_blocks).to(tl.int64), pc % c_blocks, sb
-
-
-@triton.jit
-def _plane_split(c_blocks, C, S, CHUNK, BLOCK_C: tl.constexpr):
-    """A split reduction's program: (n, channels, their mask, split t, splits T, start, end of
-    its range of S), the plane block on axis 0 (`_plane_block`), the split on axis 1."""
-    n, cb = _plane_block(c_blocks)
-    cs = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    t = tl.program_id(1).to(tl.int64)
-    start = t * CHUNK
-    return n, cs, cs < C, t, tl.num_programs(1), start, tl.minimum(start + CHUNK, S)
-
-
-@triton.jit
-def _route(ns, ks, N, K, br_ptr, sbr, mix_ptr, smn, smk, MIXED: tl.constexpr,
-           ACC: tl.constexpr):
-    """Routing weights M [BLOCK_N, BLOCK_K] of samples ns and whether each sample's routing
-    is valid (branch id in range; mix weights >= 0)."""
-    nmask = ns < N
-    kmask = ks < K
-    if MIXED:
-        M = tl.load(mix_ptr + ns[:, None] * smn + ks[None, :] * smk,
-                    mask=nmask[:, None] & kmask[None, :], other=0.0).to(ACC)
-        ok = tl.min(tl.where(kmask[None, :], M, 0.0), 1) >= 0
-    else:
-        b = tl.load(br_ptr + ns * sbr, mask=nmask, other=-1)
-        M = ((b[:, None] == ks[None, :]) & kmask[None, :]).to(ACC)
-        ok = (b >= 0) & (b < K)
-    return M, ok
-
-
-@triton.jit
-def _to_planes(M, t):
-    """Σ_k M[n,k]·t[k,c] → [BLOCK_N, BLOCK_C], exact zeros where M is zero."""
-    Mb = M[:, :, None]
-    return tl.sum(tl.where(Mb != 0, Mb * t[None, :, :], 0.0), 1)
-
-
-@triton.jit
-def _to_branches(M, t):
-    """Σ_n M[n,k]·t[n,c] → [BLOCK_K, BLOCK_C], exact zeros where M is zero."""
-    Mb = M[:, :, None]
-    return tl.sum(tl.where(Mb != 0, Mb * t[:, None, :], 0.0), 0)
-
-
-@triton.jit
-def _single_branches(ks, N, K, S, br_ptr, sbr, mix_ptr, smn, smk, MIXED: tl.constexpr,
-                     BLOCK_N: tl.constexpr, ACC: tl.constexpr):
-    """[BLOCK_K] bool: branches whose batch statistics come from one value (one sample with a
-    non-zero weight, one value per plane): there x̂ is exactly 0."""
-    nnz = tl.zeros([ks.shape[0]], ACC)
-    for n0 in range(0, N, BLOCK_N):
-        ns = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
-        M, _ = _route(ns, ks, N, K, br_ptr, sbr, mix_ptr, smn, smk, MIXED, ACC)
-        nnz += tl.sum((M != 0).to(ACC), 0)
-    return (nnz == 1) & (S == 1)
-
-
-@triton.jit
-def _coefficients(ks, cs, K, C, mean_ptr, invstd_ptr, w_ptr, b_ptr, single,
-                  HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr):
-    """Per-(k, c) mean, invstd, a = w·invstd, d = b − mean·a and the values the planes use
-    (a_eff = 0, d_eff = b for single-value branches: exactly the bias)."""
-    kc = ks[:, None] * C + cs[None, :]
-    m = (ks < K)[:, None] & (cs < C)[None, :]
-    mu = tl.load(mean_ptr + kc, mask=m, other=0.0)
-    r = tl.load(invstd_ptr + kc, mask=m, other=0.0)
-    a, d, b = _affine_of(kc, m, mu, r, w_ptr, b_ptr, HAS_W, HAS_B, ACC)
-    a_eff, d_eff = _effective(a, d, b, single)
-    return mu, r, a, d, a_eff, d_eff, b
-
-
-@triton.jit
-def _effective(a, d, b, single):
-    """a, d as the planes use them: 0 and the bias for single-value branches ([BLOCK_K])."""
-    return tl.where(single[:, None], 0.0, a), tl.where(single[:, None], b, d)
-
-
-@triton.jit
-def _affine_of(kc, m, mu, r, w_ptr, b_ptr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-               ACC: tl.constexpr):
-    """a = w·invstd, d = b − mean·a and b per (k, c)."""
-    a = r
-    if HAS_W:
-        a = r * tl.load(w_ptr + kc, mask=m, other=0.0).to(ACC)
-    b = tl.zeros_like(a)
-    if HAS_B:
-        b = tl.load(b_ptr + kc, mask=m, other=0.0).to(ACC)
-    return a, b - mu * a, b
-
-
-@triton.jit
-def _invstd(var, eps, ACC: tl.constexpr):
-    if ACC == tl.float64:
-        return 1.0 / tl.sqrt(var + eps)
-    else:  # IEEE-rounded, as torch.rsqrt's reference (tl.sqrt is sqrt.approx on GPU)
-        return 1.0 / tl.sqrt_rn(var + eps)
-
-
-@triton.jit
-def _update_running(rm_ptr, rv_ptr, kc, kcm, mean, var, count, mom, ACC: tl.constexpr):
-    """Running mean and unbiased variance of branches with at least two values."""
-    valid = (count >= 2)[:, None]
-    rm = tl.load(rm_ptr + kc, mask=kcm, other=0.0)
-    rv = tl.load(rv_ptr + kc, mask=kcm, other=0.0)
-    unbiased = var * (count / tl.maximum(count - 1, 1.0))[:, None]
-    new_m = (1 - mom) * rm.to(ACC) + mom * mean
-    new_v = (1 - mom) * rv.to(ACC) + mom * unbiased
-    tl.store(rm_ptr + kc, new_m.to(rm_ptr.dtype.element_ty), mask=kcm & valid)
-    tl.store(rv_ptr + kc, new_v.to(rv_ptr.dtype.element_ty), mask=kcm & valid)
-
-
-@triton.jit
-def _global_stats(pay_ptr, ks, kc, kcm, K, C, ACC: tl.constexpr):
-    """Per-(k, c) count, mean and biased variance from the all-reduced fp64 payload
-    [count K | Σu K·C | Σu² K·C] of the synchronized BN."""
-    cnt = tl.load(pay_ptr + ks, mask=ks < K, other=0.0)
-    s1 = tl.load(pay_ptr + K + kc, mask=kcm, other=0.0)
-    s2 = tl.load(pay_ptr + K + K * C + kc, mask=kcm, other=0.0)
-    den = tl.where(cnt != 0, cnt, 1.0)[:, None]
-    mean = s1 / den
-    var = tl.maximum(s2 / den - mean * mean, 0.0)
-    return cnt.to(ACC), mean.to(ACC), var.to(ACC)
-
-
-@triton.jit
-def _extras(ns, cs, N, C, sc_ptr, g_ptr, be_ptr, SCALE: tl.constexpr, GAMMA: tl.constexpr,
-            BETA: tl.constexpr, ACC: tl.constexpr):
-    """Input scale, FiLM γ and β of planes (ns, cs), [BLOCK_N, BLOCK_C] (1 where absent; β 0)."""
-    off = ns[:, None] * C + cs[None, :]
-    m = (ns < N)[:, None] & (cs < C)[None, :]
-    one = tl.full(off.shape, 1.0, ACC)
-    s, g, be = one, one, one * 0.0
-    if SCALE:
-        s = tl.load(sc_ptr + off, mask=m, other=0.0).to(ACC)
-    if GAMMA:
-        g = tl.load(g_ptr + off, mask=m, other=0.0).to(ACC)
-    if BETA:
-        be = tl.load(be_ptr + off, mask=m, other=0.0).to(ACC)
-    return s, g, be
-
-
-@triton.jit
-def _centre(M, mu, s, SCALE: tl.constexpr):
-    """The centre of a plane's Σg·x sums, in x's units: its mixture of branch means."""
-    cu = _to_planes(M, mu) / _safe(tl.sum(M, 1))[:, None]
-    if SCALE:
-        cu = tl.where(s != 0, cu / _safe(s), 0.0)
-    return cu
-
-
-@triton.jit
-def _plane_moments(ns, cs, N, C, S, T, CHUNK, parts_ptr, x_ptr, sxn, sxc,
-                   FROM_X: tl.constexpr, ACC: tl.constexpr):
-    """x's per-plane mean and M2 [BLOCK_N, BLOCK_C], merged from T partials over splits of the
-    plane (or read from x itself when a plane is one value)."""
-    m = (ns < N)[:, None] & (cs < C)[None, :]
-    if FROM_X:
-        mean = tl.load(x_ptr + ns[:, None] * sxn + cs.to(tl.int64)[None, :] * sxc, mask=m,
-                       other=0.0).to(ACC)
-        m2 = tl.zeros_like(mean)
-    else:
-        NC = N * C
-        off = ns[:, None] * C + cs[None, :]
-        mean = tl.load(parts_ptr + off, mask=m, other=0.0)
-        m2 = tl.load(parts_ptr + T * NC + off, mask=m, other=0.0)
-        seen = tl.minimum(S, CHUNK).to(ACC)
-        for t in range(1, T):
-            cnt = tl.minimum(S - t * CHUNK, CHUNK).to(ACC)
-            bm = tl.load(parts_ptr + t * NC + off, mask=m, other=0.0)
-            bq = tl.load(parts_ptr + (T + t) * NC + off, mask=m, other=0.0)
-            tot = seen + cnt
-            delta = bm - mean
-            mean += delta * (cnt / tot)
-            m2 += bq + delta * delta * (seen * cnt / tot)
-            seen = tot
-    return mean, m2
+from .._common import acc_dtype
+from . import on_device
+from ._plan import launch
+from ._bn_parts import (_affine_of, _centre, _check_routing, _coefficients, _dx_tile,
+                        _effective, _extras, _invstd, _plane_grads, _plane_moments,
+                        _qr_coefficients, _route, _route_args, _single_branches, _stats_blocks,
+                        _to_branches, _to_branches_q, _to_planes, _update_running)
+from ._common import (_blocks, _c, _like, _ncs, _plane_split, _plane_tile, _safe, _splits,
+                      _sum_parts, _tile, _tiles_grid, _tl_acc)
 
 
 # --- forward ------------------------------------------------------------------------------------
@@ -434,68 +229,6 @@ def _affine_kernel(x_ptr, out_ptr, a_ptr, d_ptr, C, S, sxn, sxc, sxs, son, soc, 
             tl.store(nbt_ptr + ks, old + (cnt >= 2).to(old.dtype), mask=ks < K)
 
 
-@triton.jit
-def _sync_apply_kernel(x_ptr, out_ptr, pay_ptr, br_ptr, sbr, mix_ptr, smn, smk, sc_ptr, g_ptr,
-                       be_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr, nbt_ptr, old_ptr, mean_ptr,
-                       invstd_ptr, N, C, S, K, sxn, sxc, sxs, son, soc, sos, c_blocks,
-                       s_blocks, momentum, eps, par_ptr,
-                       PAR_T: tl.constexpr, MIXED: tl.constexpr, RUNNING: tl.constexpr,
-                       CUMULATIVE: tl.constexpr, COUNT: tl.constexpr, CHECK: tl.constexpr,
-                       HAS_W: tl.constexpr, HAS_B: tl.constexpr, SCALE: tl.constexpr,
-                       GAMMA: tl.constexpr, BETA: tl.constexpr, RELU: tl.constexpr,
-                       BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-                       ACC: tl.constexpr):
-    """The synchronized BN after its all-reduce, in one pass: every program derives the
-    global per-(k, c) statistics of its channels from the payload (K·BLOCK_C values), its
-    sample's coefficients A, D from them, and writes y = act(A·x + D). The programs of
-    sample 0's first spatial block also store mean / invstd and update the running
-    statistics of their channels (each (k, c) has one writer; nothing else reads them here)."""
-    n, cb, sb = _plane_tile(c_blocks, s_blocks)
-    cs = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    ks = tl.arange(0, BLOCK_K)
-    cmask, kmask = cs < C, ks < K
-    kc = ks[:, None] * C + cs[None, :]
-    kcm = kmask[:, None] & cmask[None, :]
-    if PAR_T:
-        momentum = tl.load(par_ptr)
-        eps = tl.load(par_ptr + 1)
-    count, mean, var = _global_stats(pay_ptr, ks, kc, kcm, K, C, ACC)
-    invstd = _invstd(var, eps, ACC)
-    first = (n == 0) & (sb == 0)
-    # (tl.where, not `kcm & first`: triton 3.9's interpreter rejects a mask that & made of a
-    # tensor and a scalar bool)
-    kcm1 = tl.where(first, kcm, False)
-    tl.store(mean_ptr + kc, mean, mask=kcm1)
-    tl.store(invstd_ptr + kc, invstd, mask=kcm1)
-    if RUNNING:
-        if CUMULATIVE:  # the counter as the local pass copied it (program 0 advances it)
-            mom = (1.0 / (tl.load(old_ptr + ks, mask=kmask, other=0.0) + 1.0))[:, None]
-        else:
-            mom = momentum
-        _update_running(rm_ptr, rv_ptr, kc, kcm1, mean, var, count, mom, ACC)
-        if COUNT:
-            km0 = tl.where(first & (cb == 0), kmask, False)
-            old = tl.load(nbt_ptr + ks, mask=km0, other=0)
-            tl.store(nbt_ptr + ks, old + (count >= 2).to(old.dtype), mask=km0)
-    a, d, _b = _affine_of(kc, kcm, mean, invstd, w_ptr, b_ptr, HAS_W, HAS_B, ACC)
-    ns = n + tl.arange(0, 1)
-    M, ok = _route(ns, ks, N, K, br_ptr, sbr, mix_ptr, smn, smk, MIXED, ACC)
-    s, g, be = _extras(ns, cs, N, C, sc_ptr, g_ptr, be_ptr, SCALE, GAMMA, BETA, ACC)
-    A = _to_planes(M, a) * s * g  # [1, BLOCK_C]
-    D = _to_planes(M, d) * g + be
-    if CHECK:
-        A = tl.where(ok[:, None], A, float("nan"))
-        D = tl.where(ok[:, None], D, float("nan"))
-    ss = sb * BLOCK_S + tl.arange(0, BLOCK_S)
-    mask = (ss < S)[:, None] & cmask[None, :]
-    x = tl.load(x_ptr + _tile(n, cs, ss, sxn, sxc, sxs), mask=mask, other=0.0).to(ACC)
-    f = A * x + D
-    if RELU:
-        f = tl.where(f <= 0, 0.0, f)
-    tl.store(out_ptr + _tile(n, cs, ss, son, soc, sos), f.to(out_ptr.dtype.element_ty),
-             mask=mask)
-
-
 # --- backward -----------------------------------------------------------------------------------
 
 @triton.jit
@@ -548,18 +281,6 @@ def _grad_sums_kernel(dy_ptr, x_ptr, parts_ptr, parts2_ptr, br_ptr, sbr, mix_ptr
     if SUMS_X:
         tl.store(parts_ptr + 2 * T * NC + off, e1, mask=cmask)
         tl.store(parts_ptr + 3 * T * NC + off, e2, mask=cmask)
-
-
-@triton.jit
-def _sum_parts(parts_ptr, j, ns, cs, N, C, T):
-    """Σ_t parts[j, t, ns, cs] → [BLOCK_N, BLOCK_C]."""
-    NC = N * C
-    off = ns[:, None] * C + cs[None, :]
-    m = (ns < N)[:, None] & (cs < C)[None, :]
-    acc = tl.load(parts_ptr + j * T * NC + off, mask=m, other=0.0)
-    for t in range(1, T):
-        acc += tl.load(parts_ptr + (j * T + t) * NC + off, mask=m, other=0.0)
-    return acc
 
 
 @triton.jit
@@ -628,13 +349,6 @@ def _bn_grads_kernel(parts_ptr, planes_ptr, br_ptr, sbr, mix_ptr, smn, smk,
 
 
 @triton.jit
-def _qr_coefficients(T1, T2, W, S, mu, r, a_eff):
-    """Q_k, R_k of dx = P·g + Q·x + R per (k, c) (before the planes' mixing) and W made safe."""
-    m = _safe(W * S)[:, None]
-    return -a_eff * r * T2 / m, a_eff * (r * T2 * mu - T1) / m, _safe(W)[:, None]
-
-
-@triton.jit
 def _bn_grads_pass2(parts_ptr, planes_ptr, br_ptr, sbr, mix_ptr, smn, smk, sc_ptr, g_ptr,
                     be_ptr, dg_ptr, dbe_ptr, ds_ptr, dmix_part_ptr, P_ptr, Q_ptr, R_ptr, A_ptr,
                     D_ptr, T1, T2, W, var, mu, r, a, d, a_eff, d_eff, pid, ks, cs, N, C, S, T,
@@ -656,100 +370,6 @@ def _bn_grads_pass2(parts_ptr, planes_ptr, br_ptr, sbr, mix_ptr, smn, smk, sc_pt
         if NEED_MIX:
             nk = (pid.to(tl.int64) * N + ns[:, None]) * K + ks[None, :]
             tl.store(dmix_part_ptr + nk, dm, mask=(ns < N)[:, None] & kmask[None, :])
-
-
-@triton.jit
-def _plane_grads(parts_ptr, planes_ptr, br_ptr, sbr, mix_ptr, smn, smk, sc_ptr, g_ptr, be_ptr,
-                 dg_ptr, dbe_ptr, ds_ptr, P_ptr, Q_ptr, R_ptr, A_ptr, D_ptr, ns, cs, ks, N, C, S,
-                 T, K, T1, T2, Wk, var, mu, r, a, d, a_eff, d_eff, Qk, Rk, write,
-                 MIXED: tl.constexpr, BATCH: tl.constexpr, RELU: tl.constexpr,
-                 NEED_PQR: tl.constexpr, NEED_G: tl.constexpr, NEED_BE: tl.constexpr, NEED_S: tl.constexpr,
-                 NEED_MIX: tl.constexpr, SCALE: tl.constexpr, GAMMA: tl.constexpr,
-                 BETA: tl.constexpr, ACC: tl.constexpr):
-    """The results of planes (ns, cs) from the per-(k, c) sums T1, T2 (var: the per-(k, c)
-    variance, for d mix's path through the statistics): returns dx's P, Q, R, the ReLU mask's
-    affine A, D ([BLOCK_N, BLOCK_C]) and d mix over these channels ([BLOCK_N, BLOCK_K]);
-    stores d γ, d β and d scale where `write` (and, NEED_PQR, P, Q, R and A, D for RELU: the
-    gradient kernel's pass 2 stores them as soon as they are known, which keeps its
-    registers within budget)."""
-    nc = ns[:, None] * C + cs[None, :]
-    ncm = tl.where(write, (ns < N)[:, None] & (cs < C)[None, :], False)  # (as kcm1 above)
-    M, _ = _route(ns, ks, N, K, br_ptr, sbr, mix_ptr, smn, smk, MIXED, ACC)
-    s, g, be = _extras(ns, cs, N, C, sc_ptr, g_ptr, be_ptr, SCALE, GAMMA, BETA, ACC)
-    ctr = _centre(M, mu, s, SCALE)
-    G1 = _sum_parts(parts_ptr, 0, ns, cs, N, C, T)
-    G2 = _sum_parts(parts_ptr, 1, ns, cs, N, C, T)
-    Ap = _to_planes(M, a_eff)
-    Dp = _to_planes(M, d_eff)
-    P = Ap * g
-    if BATCH:
-        Q = _to_planes(M, Qk) * s
-        R = _to_planes(M, Rk)
-    else:
-        Q = tl.zeros_like(P)
-        R = tl.zeros_like(P)
-    if NEED_PQR:
-        tl.store(P_ptr + nc, P, mask=ncm)
-        tl.store(Q_ptr + nc, Q, mask=ncm)
-        tl.store(R_ptr + nc, R, mask=ncm)
-        if RELU:
-            tl.store(A_ptr + nc, Ap * s * g, mask=ncm)
-            tl.store(D_ptr + nc, Dp * g + be, mask=ncm)
-    sG2 = s * G2
-    sc = s * ctr
-    if NEED_BE:
-        tl.store(dbe_ptr + nc, G1, mask=ncm)
-    if NEED_G:
-        tl.store(dg_ptr + nc, Ap * (sG2 + sc * G1) + Dp * G1, mask=ncm)
-    if NEED_S:  # Σ_s x·(P·g + Q·x + R), from the plane's sums about the centre
-        E1 = _sum_parts(parts_ptr, 2, ns, cs, N, C, T)
-        E2 = _sum_parts(parts_ptr, 3, ns, cs, N, C, T)
-        sum_gx = G2 + ctr * G1
-        sum_x = S * ctr + E1
-        sum_xx = E2 + ctr * (2 * E1 + S * ctr)
-        tl.store(ds_ptr + nc, P * sum_gx + Q * sum_xx + R * sum_x, mask=ncm)
-    dm = tl.zeros([ns.shape[0], ks.shape[0]], ACC)
-    if NEED_MIX:
-        Z1 = g * G1
-        Zu = g * sG2 + sc * Z1
-        # Σ_c dz·BN_k(u), the direct term
-        dm = tl.sum(Zu[:, None, :] * a[None, :, :] + Z1[:, None, :] * d[None, :, :], 2)
-        if BATCH:  # and the path through the mix-weighted statistics
-            pm, pq = _plane_moments(ns, cs, N, C, S, 1, S, planes_ptr, planes_ptr, 0, 0,
-                                    False, ACC)
-            du = (pm * s)[:, None, :] - mu[None, :, :]
-            q = (pq * s * s)[:, None, :] / tl.maximum(S, 1) + du * du
-            dm -= tl.sum((a * T1 / Wk)[None, :, :] * du
-                         + (0.5 * a * r * T2 / Wk)[None, :, :] * (q - var[None, :, :]), 2)
-    return P, Q, R, Ap * s * g, Dp * g + be, dm
-
-
-@triton.jit
-def _to_branches_q(M, uq, dev, S):
-    """Σ_n M[n,k]·(uq[n,c] + S·dev[n,k,c]²) → [BLOCK_K, BLOCK_C]."""
-    Mb = M[:, :, None]
-    return tl.sum(tl.where(Mb != 0, Mb * (uq[:, None, :] + S * dev * dev), 0.0), 0)
-
-
-@triton.jit
-def _dx_tile(dy_ptr, x_ptr, out_ptr, n, cs, ss, C, S, sdn, sdc, sds, sxn, sxc, sxs, son, soc,
-             sos, P, Q, R, sc, ma, md, HAS_Q: tl.constexpr, MASK: tl.constexpr,
-             SCALE: tl.constexpr, ACC: tl.constexpr):
-    """dx of sample n's tile (ss, cs): (P·g + Q·x + R)·scale, g = dy where the ReLU passed
-    (ma·x + md > 0); the coefficients are [1, BLOCK_C] rows."""
-    mask = (ss < S)[:, None] & (cs < C)[None, :]
-    g = tl.load(dy_ptr + _tile(n, cs, ss, sdn, sdc, sds), mask=mask, other=0.0).to(ACC)
-    if HAS_Q or MASK:
-        x = tl.load(x_ptr + _tile(n, cs, ss, sxn, sxc, sxs), mask=mask, other=0.0).to(ACC)
-    if MASK:
-        g = tl.where(ma * x + md <= 0, 0.0, g)
-    v = P * g + R
-    if HAS_Q:
-        v += Q * x
-    if SCALE:
-        v = v * sc
-    tl.store(out_ptr + _tile(n, cs, ss, son, soc, sos), v.to(out_ptr.dtype.element_ty),
-             mask=mask)
 
 
 @triton.jit
@@ -785,164 +405,6 @@ def _dx_kernel(dy_ptr, x_ptr, out_ptr, p_ptr, q_ptr, r_ptr, sc_ptr, ma_ptr, md_p
             for j in range(0, part_blocks):
                 acc += tl.load(dmix_part_ptr + (j * N + n) * K + ks, mask=ks < K, other=0.0)
             tl.store(dmix_ptr + n * K + ks, acc, mask=ks < K)
-
-
-@triton.jit
-def _sync_grad_coefficients(pay_ptr, fpay_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, ks, cs, K,
-                            C, S, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr):
-    """Per-(k, c) values of the synchronized backward after its all-reduce: the global T1,
-    T2 (payload [2, K, C]), the forward's global counts and variance (its payload), the
-    coefficients and Q_k, R_k."""
-    kc = ks[:, None] * C + cs[None, :]
-    kcm = (ks < K)[:, None] & (cs < C)[None, :]
-    T1 = tl.load(pay_ptr + kc, mask=kcm, other=0.0)
-    T2 = tl.load(pay_ptr + K * C + kc, mask=kcm, other=0.0)
-    count, _gm, var = _global_stats(fpay_ptr, ks, kc, kcm, K, C, ACC)
-    mu, r, a, d, _ae, _de, _b = _coefficients(ks, cs, K, C, mean_ptr, invstd_ptr, w_ptr, b_ptr,
-                                             ks < 0, HAS_W, HAS_B, ACC)
-    Qk, Rk, Wk = _qr_coefficients(T1, T2, count / S, S, mu, r, a)
-    return T1, T2, Wk, var, mu, r, a, d, Qk, Rk
-
-
-@triton.jit
-def _sync_dx_kernel(dy_ptr, x_ptr, out_ptr, parts_ptr, planes_ptr, br_ptr, sbr, mix_ptr, smn,
-                    smk, mean_ptr, invstd_ptr, w_ptr, b_ptr, sc_ptr, g_ptr, be_ptr, dg_ptr,
-                    dbe_ptr, ds_ptr, dmix_ptr, pay_ptr, fpay_ptr, N, C, S, T, K, sdn, sdc, sds,
-                    sxn, sxc, sxs, son, soc, sos, c_blocks, s_blocks,
-                    DX: tl.constexpr, MIXED: tl.constexpr, RELU: tl.constexpr,
-                    NEED_G: tl.constexpr, NEED_BE: tl.constexpr, NEED_S: tl.constexpr,
-                    NEED_MIX: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                    SCALE: tl.constexpr, GAMMA: tl.constexpr, BETA: tl.constexpr,
-                    BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-                    BLOCK_CM: tl.constexpr, ACC: tl.constexpr):
-    """The synchronized BN's backward after its all-reduce: the gradient kernel's pass 2 and
-    dx in one launch. Every program works out the per-(k, c) coefficients of its channels
-    from the global sums (K·BLOCK_C values), its plane's P, Q, R from them, and writes its dx
-    tile; the first spatial block also writes the plane's d γ, d β and d scale, and each
-    sample's first program sums its d mix over all channels, BLOCK_CM at a time."""
-    n, cb, sb = _plane_tile(c_blocks, s_blocks)
-    ns = n + tl.arange(0, 1)
-    ks = tl.arange(0, BLOCK_K)
-    cs = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    T1, T2, Wk, var, mu, r, a, d, Qk, Rk = _sync_grad_coefficients(
-        pay_ptr, fpay_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, ks, cs, K, C, S, HAS_W, HAS_B,
-        ACC)
-    P, Q, R, A, D, _dm = _plane_grads(
-        parts_ptr, planes_ptr, br_ptr, sbr, mix_ptr, smn, smk, sc_ptr, g_ptr, be_ptr, dg_ptr,
-        dbe_ptr, ds_ptr, dg_ptr, dg_ptr, dg_ptr, dg_ptr, dg_ptr, ns, cs, ks, N, C, S, T, K, T1,
-        T2, Wk, var, mu, r, a, d, a, d, Qk, Rk, sb == 0, MIXED, True, RELU, False, NEED_G,
-        NEED_BE, NEED_S, False, SCALE, GAMMA, BETA, ACC)
-    if DX:
-        sc = P
-        if SCALE:
-            sc = tl.load(sc_ptr + ns[:, None] * C + cs[None, :], mask=(cs < C)[None, :],
-                         other=0.0).to(ACC)
-        ss = sb * BLOCK_S + tl.arange(0, BLOCK_S)
-        _dx_tile(dy_ptr, x_ptr, out_ptr, n, cs, ss, C, S, sdn, sdc, sds, sxn, sxc, sxs, son,
-                 soc, sos, P, Q, R, sc, A, D, True, RELU, SCALE, ACC)
-    if NEED_MIX:
-        if (cb == 0) & (sb == 0):
-            acc = tl.zeros([1, BLOCK_K], ACC)
-            for c0 in range(0, C, BLOCK_CM):
-                cm = c0 + tl.arange(0, BLOCK_CM)
-                T1m, T2m, Wm, vm, mum, rm, am, dm_, Qm, Rm = _sync_grad_coefficients(
-                    pay_ptr, fpay_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, ks, cm, K, C, S,
-                    HAS_W, HAS_B, ACC)
-                _p, _q, _r, _a, _d, dm = _plane_grads(
-                    parts_ptr, planes_ptr, br_ptr, sbr, mix_ptr, smn, smk, sc_ptr, g_ptr, be_ptr,
-                    dg_ptr, dbe_ptr, ds_ptr, dg_ptr, dg_ptr, dg_ptr, dg_ptr, dg_ptr, ns, cm, ks,
-                    N, C, S, T, K, T1m, T2m, Wm, vm, mum, rm, am, dm_, am, dm_, Qm, Rm, False,
-                    MIXED, True, False, False, False, False, False, True, SCALE, GAMMA, False,
-                    ACC)
-                acc += dm
-            ks1 = ks + tl.zeros([1, BLOCK_K], tl.int32)
-            tl.store(dmix_ptr + n * K + ks1, acc, mask=ks1 < K)
-
-
-# --- launch helpers -----------------------------------------------------------------------------
-
-# A reduction over planes gets at least this many programs: when N·C is small the planes are
-# split along S (a GPU has 100+ SMs; the interpreter runs programs one by one, so tests set it
-# low to exercise the split).
-MIN_PROGRAMS = 512
-
-
-def _ncs(t: torch.Tensor) -> torch.Tensor:
-    """View as [N, C, S]; only a layout that no view can express is copied."""
-    N, C = t.shape[0], t.shape[1]
-    try:
-        return t.view(N, C, -1) if t.dim() != 2 else t.unsqueeze(2)
-    except RuntimeError:
-        return t.reshape(N, C, -1)
-
-
-def _tl_acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _blocks(t3: torch.Tensor, reduce: bool):
-    """Tile shape (BLOCK_C, BLOCK_S): along S when planes are contiguous, along C when
-    channels are (channels_last, [N, C] inputs)."""
-    C, S = t3.shape[1], t3.shape[2]
-    if t3.stride(1) == 1 and C > 1 and (t3.stride(2) != 1 or S == 1):
-        block_c = min(64, triton.next_power_of_2(C))
-        return block_c, max(1, min(triton.next_power_of_2(S), 2048 // block_c))
-    return 1, min(1024 if reduce else 2048, triton.next_power_of_2(max(S, 1)))
-
-
-def _splits(N: int, c_blocks: int, S: int, block_s: int) -> tuple[int, int]:
-    """(T, CHUNK): how a reduction over each plane is split along S so the grid has at least
-    MIN_PROGRAMS programs; CHUNK is a multiple of block_s."""
-    s_blocks = triton.cdiv(max(S, 1), block_s)
-    T = max(1, min(s_blocks, triton.cdiv(MIN_PROGRAMS, max(N * c_blocks, 1))))
-    chunk = triton.cdiv(s_blocks, T) * block_s
-    return triton.cdiv(max(S, 1), chunk), chunk
-
-
-def _tiles_grid(N: int, c_blocks: int, s_blocks: int) -> tuple[int]:
-    """The 1-D grid of a per-tile kernel (`_plane_tile`): every (n, channel block, spatial
-    block) on axis x."""
-    return tiles_grid("x", N, c_blocks, s_blocks)
-
-
-def _stats_blocks(N: int, K: int, C: int, values: int = 1024) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, BLOCK_C) of the per-channel-block kernels: a [BLOCK_N, BLOCK_K,
-    BLOCK_C] tile of ≤ `values` values (1024 for the statistics kernel, 256 for the gradient
-    kernel, which holds more such tiles: larger ones spill on sm_90, see
-    benchmarks/results/triton_aot.md); narrower channel blocks (more programs) for small C."""
-    block_k = triton.next_power_of_2(max(K, 1))
-    block_c = min(64, triton.next_power_of_2(max(C, 1)))
-    if C <= 256:
-        block_c = min(block_c, 16)
-    block_c = max(1, min(block_c, values // block_k))
-    block_n = max(1, min(triton.next_power_of_2(max(N, 1)), values // (block_k * block_c)))
-    return block_n, block_k, block_c
-
-
-def _like(x: torch.Tensor) -> torch.Tensor:
-    """An output shaped and laid out like x (dense)."""
-    return torch.empty_like(x, memory_format=torch.preserve_format)
-
-
-def _route_args(branch, mix, x):
-    if mix is not None:
-        return (x, 0, mix, mix.stride(0), mix.stride(1))
-    return (branch, branch.stride(0), x, 0, 0)
-
-
-def _c(t):
-    return None if t is None else t.contiguous()
-
-
-def _check_routing(x, branch, mix, K, batch_stats):
-    """On CPU tensors (the interpreter) bad routing raises at once; on a GPU the kernels
-    poison the sample (no host sync)."""
-    if x.device.type != "cpu":
-        return
-    if branch is not None:
-        check_branch_values(branch, K)
-    elif batch_stats:
-        check_mix_values(mix)
 
 
 # --- the backend's functions (the argument order of fastrobust._engine.Engine) ---------------
@@ -1012,74 +474,22 @@ def _stats(x, x3, branch, mix, s, g, be, w, b, rm, rv, nbt, mean, invstd, A, D, 
         c_blocks = triton.cdiv(C, block_c)
         T, chunk = _splits(N, c_blocks, S, block_s)
         parts = torch.empty(2, T, N, C, device=x.device, dtype=acc)
-        _moments_kernel[(N * c_blocks, T)](x3, parts, N, C, S, chunk, c_blocks, *x3.stride(),
-                                          BLOCK_C=block_c, BLOCK_S=block_s, ACC=_tl_acc(acc))
+        launch(_moments_kernel, (N * c_blocks, T), x3, parts, N, C, S, chunk, c_blocks,
+               *x3.stride(), BLOCK_C=block_c, BLOCK_S=block_s, ACC=_tl_acc(acc))
     block_n, block_k, block_c = _stats_blocks(N, K, C)
     par = x.new_tensor([momentum, eps], dtype=acc) if acc == torch.float64 else x
     s, g, be, w, b = _c(s), _c(g), _c(be), _c(w), _c(b)
     mixed = mix is not None
-    _bn_stats_kernel[(triton.cdiv(C, block_c),)](
-        parts, x3, x3.stride(0), x3.stride(1), *_route_args(branch, mix, x), x if s is None
-        else s, x if g is None else g, x if be is None else be, x if w is None else w,
-        x if b is None else b, x if rm is None else rm, x if rv is None else rv,
-        x if nbt is None else nbt, mean, invstd, A, D, count, planes, pay, N, C, S, T, chunk,
-        K, float(momentum), float(eps), par, SYNC=sync, PAR_T=acc == torch.float64,
-        MIXED=mixed, BATCH=batch, RUNNING=running,
-        CUMULATIVE=bool(cumulative) and nbt is not None, FROM_X=from_x,
-        PLANES=mixed and batch, CHECK=not mixed or batch, HAS_W=w is not None,
-        HAS_B=b is not None, SCALE=s is not None, GAMMA=g is not None, BETA=be is not None,
-        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_C=block_c, ACC=_tl_acc(acc))
-
-
-@torch.no_grad()
-def sync_bn_forward(x, branch, mix, weight, bias, running_mean, running_var,
-                    num_batches_tracked, input_scale, film_gamma, film_beta, num_branches,
-                    momentum, cumulative, eps, relu, all_reduce):
-    """The synchronized BN's forward in training (fastrobust.distributed): the moments and
-    the statistics kernel's local pass write this rank's fp64 payload [count K | Σu K·C |
-    Σu² K·C], ``all_reduce(payload)`` sums it over the ranks in place, and one kernel
-    normalizes with the global statistics (and updates the running ones). Three launches
-    and the collective; nothing on the host reads a value. x must not be empty.
-    Returns (y, mean, invstd, planes, payload)."""
-    K = num_branches
-    _check_routing(x, branch, mix, K, True)
-    x3, y, mean, invstd, planes = _forward_outputs(x, mix, K, True)
-    N, C, S = x3.shape
-    dev, acc = x.device, mean.dtype
-    mixed = mix is not None
-    pay = torch.empty(K + 2 * K * C, device=dev, dtype=torch.float64)
-    running = running_mean is not None
-    rm, rv = _contiguous_running(running_mean, running_var)
-    nbt = num_batches_tracked if num_batches_tracked is not None and running else None
-    cumulative = bool(cumulative) and nbt is not None
-    old = torch.empty(K if cumulative else 0, device=dev, dtype=acc)
-    with on_device(x):
-        _stats(x, x3, branch, mix, input_scale, None, None, None, None, None, None, nbt, mean,
-               invstd, x, x, old, planes, pay, K, momentum, eps, True, False, cumulative,
-               sync=1)
-        all_reduce(pay)
-        s, g, be = _c(input_scale), _c(film_gamma), _c(film_beta)
-        w, b = _c(weight), _c(bias)
-        y3 = _ncs(y)
-        block_c, block_s = _blocks(x3, False)
-        c_blocks = triton.cdiv(C, block_c)
-        par = x.new_tensor([momentum, eps], dtype=acc) if acc == torch.float64 else x
-        s_blocks = triton.cdiv(max(S, 1), block_s)
-        _sync_apply_kernel[_tiles_grid(N, c_blocks, s_blocks)](
-            x3, y3, pay, *_route_args(branch, mix, x), x if s is None else s,
-            x if g is None else g, x if be is None else be, x if w is None else w,
-            x if b is None else b, x if rm is None else rm, x if rv is None else rv,
-            x if nbt is None else nbt, old, mean, invstd, N, C, S, K, *x3.stride(),
-            *y3.stride(), c_blocks, s_blocks, float(momentum), float(eps), par,
-            PAR_T=acc == torch.float64, MIXED=mixed, RUNNING=running, CUMULATIVE=cumulative,
-            COUNT=nbt is not None, CHECK=True, HAS_W=w is not None, HAS_B=b is not None,
-            SCALE=s is not None, GAMMA=g is not None, BETA=be is not None, RELU=relu,
-            BLOCK_K=triton.next_power_of_2(max(K, 1)), BLOCK_C=block_c, BLOCK_S=block_s,
-            ACC=_tl_acc(acc))
-    if rm is not running_mean and running:
-        running_mean.copy_(rm)
-        running_var.copy_(rv)
-    return y, mean, invstd, planes, pay
+    launch(_bn_stats_kernel, (triton.cdiv(C, block_c),), parts, x3, x3.stride(0), x3.stride(1),
+           *_route_args(branch, mix, x), x if s is None else s, x if g is None else g,
+           x if be is None else be, x if w is None else w, x if b is None else b,
+           x if rm is None else rm, x if rv is None else rv, x if nbt is None else nbt, mean,
+           invstd, A, D, count, planes, pay, N, C, S, T, chunk, K, float(momentum), float(eps),
+           par, SYNC=sync, PAR_T=acc == torch.float64, MIXED=mixed, BATCH=batch, RUNNING=running,
+           CUMULATIVE=bool(cumulative) and nbt is not None, FROM_X=from_x, PLANES=mixed and batch,
+           CHECK=not mixed or batch, HAS_W=w is not None, HAS_B=b is not None, SCALE=s is not None,
+           GAMMA=g is not None, BETA=be is not None, BLOCK_N=block_n, BLOCK_K=block_k,
+           BLOCK_C=block_c, ACC=_tl_acc(acc))
 
 
 def _affine(x3, y3, A, D, relu, nbt=None, count=None, K=0):
@@ -1089,14 +499,13 @@ def _affine(x3, y3, A, D, relu, nbt=None, count=None, K=0):
     block_c, block_s = _blocks(x3, False)
     c_blocks, s_blocks = triton.cdiv(C, block_c), triton.cdiv(S, block_s)
     dummy = x3
-    _affine_kernel[_tiles_grid(N, c_blocks, s_blocks)](
-        x3, y3, dummy if A is None else A, dummy if D is None else D, C, S, *x3.stride(),
-        *y3.stride(), *((0, 0) if A is None else A.stride()),
-        *((0, 0) if D is None else D.stride()), c_blocks, s_blocks,
-        dummy if nbt is None else nbt,
-        dummy if count is None else count, K, HAS_A=A is not None, HAS_D=D is not None,
-        RELU=relu, COUNT=nbt is not None, BLOCK_K=triton.next_power_of_2(max(K, 1)),
-        BLOCK_C=block_c, BLOCK_S=block_s, ACC=_tl_acc(acc_dtype(x3)))
+    launch(_affine_kernel, _tiles_grid(N, c_blocks, s_blocks), x3, y3, dummy if A is None else A,
+           dummy if D is None else D, C, S, *x3.stride(), *y3.stride(),
+           *((0, 0) if A is None else A.stride()), *((0, 0) if D is None else D.stride()),
+           c_blocks, s_blocks, dummy if nbt is None else nbt, dummy if count is None else count, K,
+           HAS_A=A is not None, HAS_D=D is not None, RELU=relu, COUNT=nbt is not None,
+           BLOCK_K=triton.next_power_of_2(max(K, 1)), BLOCK_C=block_c, BLOCK_S=block_s,
+           ACC=_tl_acc(acc_dtype(x3)))
 
 
 @torch.no_grad()
@@ -1160,11 +569,10 @@ def bn_backward(dy, x, branch, mix, weight, bias, mean, invstd, planes, input_sc
         c_blocks = triton.cdiv(C, block_c)
         T, chunk = _splits(N, c_blocks, S, block_s)
         parts = torch.empty(4 if need_s else 2, T, N, C, device=dev, dtype=acc)
-        _grad_sums_kernel[(N * c_blocks, T)](
-            dy3, x3, parts, parts[1], *route, mean, invstd, *ptrs, N, C, S, chunk, K, c_blocks,
-            *dy3.stride(), *x3.stride(), SINGLE=batch_stats and S == 1 and not sync, RELU=relu,
-            SUMS_X=need_s, BLOCK_K=block_k, BLOCK_C=block_c, BLOCK_S=block_s, ACC=ACC,
-            **flags)
+        launch(_grad_sums_kernel, (N * c_blocks, T), dy3, x3, parts, parts[1], *route, mean,
+               invstd, *ptrs, N, C, S, chunk, K, c_blocks, *dy3.stride(), *x3.stride(),
+               SINGLE=batch_stats and S == 1 and not sync, RELU=relu, SUMS_X=need_s,
+               BLOCK_K=block_k, BLOCK_C=block_c, BLOCK_S=block_s, ACC=ACC, **flags)
         pay = torch.empty(2, K, C, device=dev, dtype=acc) if sync else x
         # the synchronized BN's local pass (SYNC=1) computes T1, T2 only: what only pass 2
         # reads is off, and half the samples per step (ptxas spilled 4 B on sm_90 for mixed +
@@ -1174,12 +582,11 @@ def bn_backward(dy, x, branch, mix, weight, bias, mean, invstd, planes, input_sc
         if sync:
             part.update({k: False for k in ("RELU", "NEED_PQR", "NEED_G", "NEED_BE", "NEED_S",
                                             "NEED_MIX", "HAS_W", "HAS_B", "BETA")})
-        _bn_grads_kernel[(stats_blocks,)](
-            parts, planes if planes.numel() else x, *route, mean, invstd, *ptrs, dweight, dbias,
-            dgamma, dbeta, dscale, dmix_part, P, Q, R, A, D, pay, N, C, S, T, K, SYNC=sync,
-            BATCH=batch_stats and not sync,
-            BLOCK_N=max(1, block_n // 2) if sync else block_n, BLOCK_K=block_k,
-            BLOCK_C=stats_c, ACC=ACC, **part)
+        launch(_bn_grads_kernel, (stats_blocks,), parts, planes if planes.numel() else x, *route,
+               mean, invstd, *ptrs, dweight, dbias, dgamma, dbeta, dscale, dmix_part, P, Q, R, A,
+               D, pay, N, C, S, T, K, SYNC=sync, BATCH=batch_stats and not sync,
+               BLOCK_N=max(1, block_n // 2) if sync else block_n, BLOCK_K=block_k, BLOCK_C=stats_c,
+               ACC=ACC, **part)
         block_c, block_s = _blocks(x3, False)
         c_blocks = triton.cdiv(C, block_c)
         dx3 = _ncs(dx) if need_x else dy3
@@ -1190,160 +597,21 @@ def bn_backward(dy, x, branch, mix, weight, bias, mean, invstd, planes, input_sc
         s_blocks = triton.cdiv(S, block_s) if need_x else 1
         grid = _tiles_grid(N, c_blocks, s_blocks)
         if sync:
+            from .sync_bn import _sync_dx_kernel
             all_reduce(pay)
             if need_x or need_mix or need_g or need_be or need_s:
                 # pass 2 with the global sums and counts, and dx, in one launch
-                _sync_dx_kernel[grid](
-                    dy3, x3, dx3, parts, planes if planes.numel() else x, *route, mean, invstd,
-                    *ptrs, dgamma, dbeta, dscale, dmix, pay, payload, N, C, S, T, K,
-                    *dy3.stride(), *x3.stride(), *dx3.stride(), c_blocks, s_blocks, DX=need_x,
-                    RELU=relu, NEED_G=need_g, NEED_BE=need_be, NEED_S=need_s,
-                    NEED_MIX=need_mix, BLOCK_K=block_k, BLOCK_C=block_c, BLOCK_S=block_s,
-                    BLOCK_CM=stats_c, ACC=ACC, **flags)
+                launch(_sync_dx_kernel, grid, dy3, x3, dx3, parts, planes if planes.numel() else x,
+                       *route, mean, invstd, *ptrs, dgamma, dbeta, dscale, dmix, pay, payload, N,
+                       C, S, T, K, *dy3.stride(), *x3.stride(), *dx3.stride(), c_blocks, s_blocks,
+                       DX=need_x, RELU=relu, NEED_G=need_g, NEED_BE=need_be, NEED_S=need_s,
+                       NEED_MIX=need_mix, BLOCK_K=block_k, BLOCK_C=block_c, BLOCK_S=block_s,
+                       BLOCK_CM=stats_c, ACC=ACC, **flags)
         elif need_x or need_mix:
-            _dx_kernel[grid](
-                dy3, x3, dx3, P, Q, R, x if s is None else s, A, D, dmix_part, dmix, N, C, S, K,
-                *dy3.stride(), *x3.stride(), *dx3.stride(), c_blocks, s_blocks, stats_blocks,
-                DX=need_x,
-                HAS_Q=batch_stats, MASK=relu, SCALE=s is not None, DMIX=need_mix,
-                BLOCK_K=block_k, BLOCK_C=block_c, BLOCK_S=block_s, ACC=ACC)
+            launch(_dx_kernel, grid, dy3, x3, dx3, P, Q, R, x if s is None else s, A, D, dmix_part,
+                   dmix, N, C, S, K, *dy3.stride(), *x3.stride(), *dx3.stride(), c_blocks,
+                   s_blocks, stats_blocks, DX=need_x, HAS_Q=batch_stats, MASK=relu,
+                   SCALE=s is not None, DMIX=need_mix, BLOCK_K=block_k, BLOCK_C=block_c,
+                   BLOCK_S=block_s, ACC=ACC)
     return (dx, dmix, dweight if need_w else empty(), dbias if need_b else empty(), dscale,
             dgamma, dbeta)
-
-
-# --- FiLM / channel scale: one launch forward, at most two backward ---------------------------
-
-@triton.jit
-def _film_grad_kernel(dy_ptr, x_ptr, dx_ptr, g_ptr, sgn, sgc, pg_ptr, pb_ptr, N, C, S, CHUNK,
-                      c_blocks, sdn, sdc, sds, sxn, sxc, sxs, son, soc, sos,
-                      DX: tl.constexpr, GAMMA: tl.constexpr, SUM_G: tl.constexpr,
-                      SUM_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-                      ACC: tl.constexpr):
-    """Per (plane block, split t), over its chunk of S: dx = γ·dy (DX) and the partial sums
-    Σdy·x (SUM_G, at pg[t, n, c]) and Σdy (SUM_B, at pb[t, n, c])."""
-    n, cs, cmask, t, T, start, end = _plane_split(c_blocks, C, S, CHUNK, BLOCK_C)
-    g = tl.full([BLOCK_C], 1.0, ACC)
-    if GAMMA:
-        g = tl.load(g_ptr + n * sgn + cs.to(tl.int64) * sgc, mask=cmask, other=0.0).to(ACC)
-    sg = tl.zeros([BLOCK_C], ACC)
-    sb = tl.zeros([BLOCK_C], ACC)
-    for s0 in range(start, end, BLOCK_S):
-        ss = s0 + tl.arange(0, BLOCK_S)
-        mask = (ss < end)[:, None] & cmask[None, :]
-        d = tl.load(dy_ptr + _tile(n, cs, ss, sdn, sdc, sds), mask=mask, other=0.0).to(ACC)
-        if DX:
-            tl.store(dx_ptr + _tile(n, cs, ss, son, soc, sos),
-                     (d * g[None, :]).to(dx_ptr.dtype.element_ty), mask=mask)
-        if SUM_G:
-            x = tl.load(x_ptr + _tile(n, cs, ss, sxn, sxc, sxs), mask=mask, other=0.0).to(ACC)
-            sg += tl.sum(d * x, 0)
-        if SUM_B:
-            sb += tl.sum(d, 0)
-    off = t * N * C + n * C + cs
-    if SUM_G:
-        tl.store(pg_ptr + off, sg, mask=cmask)
-    if SUM_B:
-        tl.store(pb_ptr + off, sb, mask=cmask)
-
-
-@triton.jit
-def _split_sums(parts_ptr, j, ns, cs, N, C, T, acc, out_ptrs, m, PER_CHANNEL: tl.constexpr):
-    """Samples ns of partials j summed over the splits: added to acc (per-channel results,
-    returned) or stored at out_ptrs (per-sample)."""
-    tot = _sum_parts(parts_ptr, j, ns, cs, N, C, T)
-    if PER_CHANNEL:
-        acc += tot
-    else:
-        tl.store(out_ptrs, tot, mask=m)
-    return acc
-
-
-@triton.jit
-def _film_reduce_kernel(parts_ptr, dg_ptr, db_ptr, N, C, T, SUM_G: tl.constexpr,
-                        SUM_B: tl.constexpr, PC_G: tl.constexpr, PC_B: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
-    """Per channel block: the partials parts[0 (γ) / 1 (β), T, N, C] summed over the splits
-    (and over the batch for a per-channel result, PC_*) into dγ, dβ ([C] or [N, C])."""
-    cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cs < C
-    acc_g = tl.zeros([BLOCK_N, BLOCK_C], ACC)  # per-channel results: one row sum at the end
-    acc_b = tl.zeros([BLOCK_N, BLOCK_C], ACC)
-    for n0 in range(0, N, BLOCK_N):
-        ns = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
-        m = (ns < N)[:, None] & cmask[None, :]
-        off = ns[:, None] * C + cs[None, :]
-        if SUM_G:
-            acc_g = _split_sums(parts_ptr, 0, ns, cs, N, C, T, acc_g, dg_ptr + off, m, PC_G)
-        if SUM_B:
-            acc_b = _split_sums(parts_ptr, 1, ns, cs, N, C, T, acc_b, db_ptr + off, m, PC_B)
-    if SUM_G and PC_G:
-        tl.store(dg_ptr + cs, tl.sum(acc_g, 0), mask=cmask)
-    if SUM_B and PC_B:
-        tl.store(db_ptr + cs, tl.sum(acc_b, 0), mask=cmask)
-
-
-def _film_coefficient(t, N, C):
-    """A [C] γ or β as a stride-0 [N, C] view (no copy); an [N, C] one as is."""
-    return None if t is None else (t.expand(N, C) if t.dim() == 1 else t)
-
-
-@torch.no_grad()
-def film_forward(x, gamma, beta):
-    """y = γ·x + β with [N, C] or [C] γ, β (either may be None), cast in the kernel."""
-    N, C = x.shape[:2]
-    y = _like(x)
-    with on_device(x):
-        _affine(_ncs(x), _ncs(y), _film_coefficient(gamma, N, C),
-                _film_coefficient(beta, N, C), False)
-    return y
-
-
-@torch.no_grad()
-def film_backward(dy, x, gamma, need_x, need_gamma, need_beta, per_channel_gamma=False,
-                  per_channel_beta=False):
-    """Returns (dx, dgamma, dbeta); an unneeded one is empty. dgamma (dbeta) is [C] when
-    per_channel_gamma (per_channel_beta), else [N, C]. One launch writes dx and the per-plane
-    sums: straight into [N, C] results when each plane is one split, else as partials that a
-    second, small launch sums (over the splits of S, and over the batch for a [C] result)."""
-    acc = acc_dtype(x)
-    N, C = x.shape[:2]
-    dx = torch.empty_like(x, memory_format=torch.preserve_format) if need_x else x.new_empty(0)
-    g = _film_coefficient(gamma, N, C)
-    pc = (per_channel_gamma and need_gamma, per_channel_beta and need_beta)
-    dgamma, dbeta = (torch.empty(((C,) if p else (N, C)) if need else (0,), device=x.device,
-                                 dtype=acc) for need, p in ((need_gamma, pc[0]),
-                                                            (need_beta, pc[1])))
-    if not (need_gamma or need_beta):
-        if need_x:
-            with on_device(x):
-                _affine(_ncs(dy), _ncs(dx), g, None, False)
-        return dx, dgamma, dbeta
-    x3, dy3 = _ncs(x), _ncs(dy)
-    dx3 = _ncs(dx) if need_x else dy3
-    S = x3.shape[2]
-    if N * C * S == 0:
-        dgamma.zero_()
-        dbeta.zero_()
-        return dx, dgamma, dbeta
-    block_c, block_s = _blocks(x3, True)
-    c_blocks = triton.cdiv(C, block_c)
-    T, chunk = _splits(N, c_blocks, S, block_s)
-    direct = T == 1 and not (pc[0] or pc[1])
-    if direct:
-        pg, pb = dgamma, dbeta
-    else:
-        parts = torch.empty(2, T, N, C, device=x.device, dtype=acc)
-        pg, pb = parts[0], parts[1]
-    with on_device(x):
-        _film_grad_kernel[(N * c_blocks, T)](
-            dy3, x3, dx3, x3 if g is None else g, *((0, 0) if g is None else g.stride()),
-            pg, pb, N, C, S, chunk, c_blocks, *dy3.stride(), *x3.stride(), *dx3.stride(),
-            DX=need_x, GAMMA=g is not None, SUM_G=need_gamma, SUM_B=need_beta,
-            BLOCK_C=block_c, BLOCK_S=block_s, ACC=_tl_acc(acc))
-        if not direct:
-            rc = min(64, triton.next_power_of_2(C))
-            rn = max(1, min(triton.next_power_of_2(N), 512 // rc))
-            _film_reduce_kernel[(triton.cdiv(C, rc),)](
-                parts, dgamma, dbeta, N, C, T, SUM_G=need_gamma, SUM_B=need_beta,
-                PC_G=pc[0], PC_B=pc[1], BLOCK_N=rn, BLOCK_C=rc, ACC=_tl_acc(acc))
-    return dx, dgamma, dbeta

@@ -32,6 +32,7 @@ from .._common import acc_dtype
 
 from .._spec import PgdMode
 from . import on_device, tiles_grid
+from ._plan import launch
 
 
 @triton.jit
@@ -288,8 +289,8 @@ def _split(N: int, S: int) -> tuple[int, int]:
 
 def _sums(x_adv, grad, x_nat, N, S, T, chunk, l2, flags):
     parts = torch.empty(3 if l2 else 1, T, N, device=x_adv.device, dtype=acc_dtype(x_adv))
-    _sample_sums_kernel[(N, T)](x_adv, grad, x_nat, parts, N, S, chunk, L2=l2, BLOCK=BLOCK,
-                                ACC=flags["ACC"])
+    launch(_sample_sums_kernel, (N, T), x_adv, grad, x_nat, parts, N, S, chunk, L2=l2, BLOCK=BLOCK,
+           ACC=flags["ACC"])
     return parts
 
 
@@ -328,16 +329,17 @@ def _launch_pgd(out, x_adv, grad, x_nat, ptrs, scal, flags, mode, N, S):
     if mode == PgdMode.L2:
         T, chunk = _split(N, S)
         if T == 1:
-            _l2_kernel[(N,)](out, x_adv, grad, x_nat, *ptrs, *scal, S, BLOCK=BLOCK, **flags)
+            launch(_l2_kernel, (N,), out, x_adv, grad, x_nat, *ptrs, *scal, S, BLOCK=BLOCK,
+                   **flags)
         else:
             parts = _sums(x_adv, grad, x_nat, N, S, T, chunk, True, flags)
-            _l2_split_kernel[(N, T)](out, x_adv, grad, x_nat, parts, *ptrs, *scal, N, S, chunk,
-                                     BLOCK_T=triton.next_power_of_2(T), BLOCK=BLOCK, **flags)
+            launch(_l2_split_kernel, (N, T), out, x_adv, grad, x_nat, parts, *ptrs, *scal, N, S,
+                   chunk, BLOCK_T=triton.next_power_of_2(T), BLOCK=BLOCK, **flags)
     elif mode in (PgdMode.LINF_SIGN, PgdMode.LINF_RAW):
         block = min(2048, triton.next_power_of_2(S))
         s_blocks = triton.cdiv(S, block)
-        _linf_kernel[tiles_grid("x_adv", N, s_blocks)](out, x_adv, grad, x_nat, *ptrs, *scal, S, s_blocks,
-                                      SIGN=mode == PgdMode.LINF_SIGN, BLOCK=block, **flags)
+        launch(_linf_kernel, tiles_grid("x_adv", N, s_blocks), out, x_adv, grad, x_nat, *ptrs,
+               *scal, S, s_blocks, SIGN=mode == PgdMode.LINF_SIGN, BLOCK=block, **flags)
     else:
         raise ValueError(f"unknown pgd mode {mode}")
 
@@ -354,11 +356,10 @@ def mifgsm_update(x_adv, grad, buf, x_nat, eps_t, eps, alpha_t, alpha, decay, cl
     T, chunk = _split(N, S)
     with on_device(x_adv):
         if T == 1:
-            _mifgsm_kernel[(N,)](x_adv, grad, buf, x_nat, *ptrs, *scal, float(decay), S,
-                                 BLOCK=BLOCK, **flags)
+            launch(_mifgsm_kernel, (N,), x_adv, grad, buf, x_nat, *ptrs, *scal, float(decay), S,
+                   BLOCK=BLOCK, **flags)
         else:
             parts = _sums(x_adv, grad, x_nat, N, S, T, chunk, False, flags)
-            _mifgsm_split_kernel[(N, T)](x_adv, grad, buf, x_nat, parts, *ptrs, *scal,
-                                         float(decay), N, S, chunk,
-                                         BLOCK_T=triton.next_power_of_2(T), BLOCK=BLOCK,
-                                         **flags)
+            launch(_mifgsm_split_kernel, (N, T), x_adv, grad, buf, x_nat, parts, *ptrs, *scal,
+                   float(decay), N, S, chunk, BLOCK_T=triton.next_power_of_2(T), BLOCK=BLOCK,
+                   **flags)
