@@ -97,7 +97,20 @@ class MultiBatchNorm2d(nn.Module):
         state["_routing"] = None
         return state
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    # nn.BatchNorm2d's numbering: from version 2 on, num_batches_tracked is in the state dict.
+    _version = 2
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
+        # As nn.BatchNorm2d: a state dict older than version 2 (or without a version: a plain
+        # dict) may lack num_batches_tracked, in this module's [K, C] format or in a plain
+        # BN's [C] one; the counters then keep their value (0 on a new module).
+        version = local_metadata.get("version", None)
+        key = prefix + "num_batches_tracked"
+        if (version is None or version < 2) and self.track_running_stats and \
+                key not in state_dict:
+            own = self.num_batches_tracked
+            state_dict[key] = own.clone() if own.device.type != "meta" else \
+                torch.zeros(self.num_branches, dtype=torch.long)
         # A plain BatchNorm's [C] tensors (and scalar counter) load into every branch; a [C]
         # of another size is left to torch's size-mismatch error, which names the key.
         for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
@@ -106,7 +119,7 @@ class MultiBatchNorm2d(nn.Module):
                     state_dict[key].dim() == own.dim() - 1 and \
                     tuple(state_dict[key].shape) == tuple(own.shape[1:]):
                 state_dict[key] = state_dict[key].expand_as(own).clone()
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
 
     _DIMS = (4,)  # input dims the module takes (nn.BatchNorm2d's)
 
