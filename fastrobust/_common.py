@@ -19,32 +19,33 @@ def kernel_checks(device: torch.device) -> bool:
     return device.type in ("cuda", "meta")
 
 
-def check_branch_values(branch: Tensor, num_branches: int) -> None:
+def check_branch_values(branch: Tensor, num_branches: int,
+                        op: str = "multi_batch_norm") -> None:
     """Out-of-range branch ids are an error: raised at once on CPU, asserted asynchronously on
-    the device elsewhere (no host sync)."""
+    the device elsewhere (no host sync). ``op``: the public function, for the message."""
     in_range = ((branch >= 0) & (branch < num_branches)).all()
     if branch.device.type == "cpu":
         if not bool(in_range):
             bad = branch[(branch < 0) | (branch >= num_branches)]
-            raise ValueError(f"multi_batch_norm: branch ids out of range [0, {num_branches}): "
+            raise ValueError(f"{op}: branch ids out of range [0, {num_branches}): "
                              f"{bad[:8].tolist()}")
     else:
         torch._assert_async(in_range,
-                            f"multi_batch_norm: branch id out of range [0, {num_branches})")
+                            f"{op}: branch id out of range [0, {num_branches})")
 
 
-def check_mix_values(mix: Tensor) -> None:
+def check_mix_values(mix: Tensor, op: str = "mixed_batch_norm") -> None:
     """Mix-weighted statistics need non-negative weights (a negative one can make a variance
-    negative): raised at once on CPU, asserted asynchronously on the device elsewhere."""
+    negative): raised at once on CPU, asserted asynchronously on the device elsewhere.
+    ``op``: the public function, for the message."""
     ok = (mix >= 0).all()
     if mix.device.type == "cpu":
         if not bool(ok):
-            raise ValueError("mixed_batch_norm: mix weights must be >= 0 when the statistics "
+            raise ValueError(f"{op}: mix weights must be >= 0 when the statistics "
                              "are mix-weighted (training, or no running statistics); smallest "
                              f"is {mix.min().item()}")
     else:
-        torch._assert_async(ok, "mixed_batch_norm: mix weights must be >= 0 with batch "
-                                "statistics")
+        torch._assert_async(ok, f"{op}: mix weights must be >= 0 with batch statistics")
 
 
 @torch.no_grad()

@@ -37,7 +37,7 @@ from ._common import acc_dtype, check_branch_values, check_mix_values, no_runnin
     updated_running_stats
 
 
-# --- tiny [N, K, C] helpers (NaN-safe: a zero routing weight never multiplies a value) -------
+# --- tiny [N, K, C] helpers (NaN-safe: a zero routing weight times a NaN is zero) -------------
 
 def routing_weights(branch: Tensor | None, mix: Tensor | None, K: int, acc) -> Tensor:
     """[N, K] routing weights: the mix itself, or the one-hot of branch (no host sync)."""
@@ -46,10 +46,42 @@ def routing_weights(branch: Tensor | None, mix: Tensor | None, K: int, acc) -> T
     return (branch[:, None] == torch.arange(K, device=branch.device)).to(acc)
 
 
+class _StrongZeroMul(torch.autograd.Function):
+    """a·b (broadcasting) in which 0 times anything, NaN and inf included, is exactly 0.
+
+    A sample's NaN must not spread to the branches it is not routed to, neither through the
+    values (0·NaN) nor through the gradients of a backward taken with create_graph=True
+    (0·NaN again, with a NaN upstream gradient). Masking the product where a factor is zero
+    (``where(M != 0, M·t, 0)``) does the first but makes the derivative in that factor 0 at 0
+    instead of the other factor: second derivatives with respect to a zero mix weight came out
+    wrong. Here the derivatives are the product's own, ∂/∂a = g·b and ∂/∂b = g·a, each again
+    a strong-zero product, so derivatives of every order are exact wherever the factors are
+    finite and still contain a NaN."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return torch.where((a == 0) | (b == 0), 0.0, a * b)
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b = ctx.saved_tensors
+        ga = gb = None
+        if ctx.needs_input_grad[0]:
+            ga = strong_zero_mul(g, b).sum_to_size(a.shape)
+        if ctx.needs_input_grad[1]:
+            gb = strong_zero_mul(g, a).sum_to_size(b.shape)
+        return ga, gb
+
+
+def strong_zero_mul(a: Tensor, b: Tensor) -> Tensor:
+    """a·b with 0·x = 0 for every x (NaN, inf), in value and in derivatives of every order."""
+    return _StrongZeroMul.apply(a, b)
+
+
 def _masked(M: Tensor, t: Tensor) -> Tensor:
-    """M[n, k]·t[n, k, c], with exact zeros where M is zero."""
-    Mb = M[:, :, None]
-    return torch.where(Mb != 0, Mb * t, 0.0)
+    """M[n, k]·t[n, k, c], with exact zeros where M is zero (whatever t holds there)."""
+    return strong_zero_mul(M[:, :, None], t)
 
 
 def to_branches(M: Tensor, t: Tensor) -> Tensor:
@@ -88,7 +120,10 @@ class Engine:
         um, um2 = (pmean, pm2) if scale is None else (scale * pmean, scale * scale * pm2)
         W = M.sum(0)
         mean = to_branches(M, um) / _nonzero(W)[:, None]
-        q = um2[:, None, :] + S * (um[:, None, :] - mean[None]).square()  # [N, K, C]
+        dev = um[:, None, :] - mean[None]  # [N, K, C]
+        # Squared as a strong-zero product: the (n, k) pairs a sample does not use get a zero
+        # gradient even where its plane holds a NaN (2·NaN·0 would spread it to branch k).
+        q = um2[:, None, :] + S * strong_zero_mul(dev, dev)
         var = to_branches(M, q) / _nonzero(W * S)[:, None]
         return mean, var, W * S
 
@@ -281,9 +316,15 @@ def bn_composite(x, branch, mix, weight, bias, mean, invstd, input_scale, film_g
         pmean, pm2 = TorchLeaves.plane_moments(x, acc)
         mean, var, _ = Engine.branch_stats(M, pmean, pm2, plane_size(x), s)
         invstd = torch.rsqrt(var + eps)
-    single = Engine.single_value_branches(M, plane_size(x), batch_stats)
-    *_, A, D = Engine.coefficients(M, weight, bias, mean.to(acc), invstd.to(acc), s, gamma,
-                                   beta, single)
+    stats = (mean.to(acc), invstd.to(acc), s, gamma, beta)
+    # The plain math, not the forward's exact bias for one-value branches (`single`): that
+    # shortcut has the right value but cuts the derivatives through a, which are not all zero
+    # (a mix weight of 0 next to a one-value branch's only sample moves its mean).
+    *_, A, D = Engine.coefficients(M, weight, bias, *stats)
+    if relu:  # the ReLU's mask must be the forward's: its values, the math's derivatives
+        single = Engine.single_value_branches(M, plane_size(x), batch_stats)
+        *_, A1, D1 = Engine.coefficients(M, weight, bias, *stats, single)
+        A, D = A + (A1 - A).detach(), D + (D1 - D).detach()
     return TorchLeaves.affine(x, A, D, relu)
 
 

@@ -97,9 +97,9 @@ class _SyncBN(torch.autograd.Function):
             return y
         acc = acc_dtype(x)
         if mixed:
-            check_mix_values(mix)
+            check_mix_values(mix, "sync_mixed_batch_norm")
         else:
-            check_branch_values(branch, K)
+            check_branch_values(branch, K, "sync_multi_batch_norm")
         M = routing_weights(branch, mix, K, acc)                        # [N, K]
         S = x[0, 0].numel() if x.shape[0] and x.shape[1] else 1
         pmean, pm2 = _plane_moments(x, acc)                              # [N, C]
@@ -224,11 +224,12 @@ class _SyncBN(torch.autograd.Function):
 def _sync(op, x, route, weight, bias, running_mean, running_var, momentum, eps,
           num_batches_tracked, input_scale, film_gamma, film_beta, activation, K, mixed,
           process_group):
-    from .functional import _check_bn_args, _check_x, _per_sample_arg
+    from .functional import _check_bn_args, _check_eps_momentum, _check_x, _per_sample_arg
 
     _check_x(op, x)
     _check_bn_args(op, x, K, weight, bias, running_mean, running_var, momentum,
                    num_batches_tracked, True, activation)
+    eps, momentum = _check_eps_momentum(op, eps, momentum)
     extras = [_per_sample_arg(op, n, t, x) for n, t in (
         ("input_scale", input_scale), ("film_gamma", film_gamma), ("film_beta", film_beta))]
     cumulative = momentum is None

@@ -20,28 +20,29 @@ __all__ = ["multi_batch_norm", "mixed_batch_norm", "film", "channel_scale", "sca
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _check_param(name: str, t: Tensor | None, x: Tensor, K: int) -> None:
+def _check_param(op: str, name: str, t: Tensor | None, x: Tensor, K: int) -> None:
     if t is None:
         return
     if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a Tensor or None, got {type(t).__name__}")
+        raise TypeError(f"{op}: {name} must be a Tensor or None, got {type(t).__name__}")
     if t.shape != (K, x.shape[1]):
         if t.dim() == 2 and t.shape[0] == K:  # the branches agree: x's channels do not
-            raise ValueError(f"x has {x.shape[1]} channels but {name} is "
+            raise ValueError(f"{op}: x has {x.shape[1]} channels but {name} is "
                              f"[num_branches, C] = {list(t.shape)}: C must match x.shape[1]")
-        raise ValueError(f"{name} must have shape [num_branches, C] = [{K}, {x.shape[1]}], "
-                         f"got {list(t.shape)}")
+        raise ValueError(f"{op}: {name} must have shape [num_branches, C] = "
+                         f"[{K}, {x.shape[1]}], got {list(t.shape)}")
     if t.dtype not in _FLOATS:
-        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
     if t.device != x.device:
-        raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+        raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
 
 
 def _per_sample_arg(op: str, name: str, t: Tensor | None, x: Tensor,
-                    keep_per_channel: bool = False) -> Tensor | None:
+                    keep_per_channel: bool = False, x_name: str = "x") -> Tensor | None:
     """An [N, C] or [C] per-(sample, channel) tensor, returned dense: a [C] one as is with
     ``keep_per_channel`` (the op takes it and sums its gradient over the batch itself), else
-    broadcast to [N, C] (autograd then sums its gradient back)."""
+    broadcast to [N, C] (autograd then sums its gradient back). ``x_name``: what the caller
+    of ``op`` calls x, for the messages."""
     if t is None:
         return None
     if not isinstance(t, Tensor):
@@ -53,25 +54,35 @@ def _per_sample_arg(op: str, name: str, t: Tensor | None, x: Tensor,
     if t.dtype not in _FLOATS:
         raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
     if t.device != x.device:
-        raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
+        raise ValueError(f"{op}: {name} is on {t.device} but {x_name} is on {x.device}")
     if t.dim() == 1 and not keep_per_channel:
         t = t.expand(N, C)
     return t.contiguous()
 
 
-def _check_x(op: str, x) -> None:
+def _check_x(op: str, x, name: str = "x") -> None:
     if not isinstance(x, Tensor):
-        raise TypeError(f"{op}: x must be a Tensor, got {type(x).__name__}")
+        raise TypeError(f"{op}: {name} must be a Tensor, got {type(x).__name__}")
     if x.dim() < 2:
-        raise ValueError(f"{op}: x must be [N, C, *spatial], got shape {list(x.shape)}")
+        raise ValueError(f"{op}: {name} must be [N, C, *spatial], got shape {list(x.shape)}")
     if x.dtype not in _FLOATS:
-        raise TypeError(f"{op}: x must be floating point, got {x.dtype}")
+        raise TypeError(f"{op}: {name} must be floating point, got {x.dtype}")
+
+
+def _shown(v) -> str:
+    """A value for a one-line message: its type, and a short repr (a tensor's or an array's
+    shape instead of its multi-line repr)."""
+    shape = getattr(v, "shape", None)
+    if shape is not None:
+        return f"{type(v).__name__} of shape {list(shape)}"
+    r = " ".join(repr(v).split())
+    return f"{type(v).__name__} {r if len(r) <= 40 else r[:37] + '...'}"
 
 
 def _real(op: str, name: str, v) -> float:
     """A plain real number (int, float, numpy scalar; not bool, str or a tensor) as float."""
     if isinstance(v, (bool, str, bytes)) or not isinstance(v, numbers.Real):
-        raise TypeError(f"{op}: {name} must be a number, got {type(v).__name__} {v!r}")
+        raise TypeError(f"{op}: {name} must be a number, got {_shown(v)}")
     return float(v)
 
 
@@ -89,16 +100,21 @@ def _check_eps_momentum(op: str, eps, momentum) -> tuple[float, float | None]:
 
 def _check_bn_args(op, x, K, weight, bias, running_mean, running_var, momentum,
                    num_batches_tracked, training, activation):
+    if isinstance(K, bool) or not isinstance(K, numbers.Integral):
+        raise TypeError(f"{op}: num_branches must be an int, got {_shown(K)}")
     if K < 1:
         raise ValueError(f"{op}: num_branches must be >= 1, got {K}")
     if not isinstance(training, (bool, numbers.Integral)):
         raise TypeError(f"{op}: training must be a bool, got {type(training).__name__}")
     for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
                     ("running_var", running_var)):
-        _check_param(name, t, x, K)
+        _check_param(op, name, t, x, K)
     if (running_mean is None) != (running_var is None):
         raise ValueError(f"{op}: pass both running_mean and running_var, or neither")
     if num_batches_tracked is not None:
+        if not isinstance(num_batches_tracked, Tensor):
+            raise TypeError(f"{op}: num_batches_tracked must be an int64 [{K}] Tensor or None, "
+                            f"got {type(num_batches_tracked).__name__}")
         if num_batches_tracked.shape != (K,) or num_batches_tracked.dtype != torch.int64:
             raise ValueError(f"{op}: num_batches_tracked must be int64 [{K}], got "
                              f"{num_batches_tracked.dtype} {list(num_batches_tracked.shape)}")
@@ -243,10 +259,14 @@ def film(x: Tensor, gamma: Tensor | None = None, beta: Tensor | None = None) -> 
     ``gamma`` and ``beta`` are ``[N, C]`` (per sample) or ``[C]``; either may be None.
     Differentiable in x, γ and β. After a batch norm, prefer the fused ``film_gamma`` /
     ``film_beta`` arguments of :func:`multi_batch_norm` (one pass instead of two)."""
-    op = "film"
-    _check_x(op, x)
-    g, b = (_per_sample_arg(op, name, t, x, keep_per_channel=True)
-            for name, t in (("gamma", gamma), ("beta", beta)))
+    return _film("film", x, gamma, beta)
+
+
+def _film(op, x, gamma, beta, x_name="x", gamma_name="gamma"):
+    """film's checks and op, the messages naming ``op`` and its caller's argument names."""
+    _check_x(op, x, x_name)
+    g, b = (_per_sample_arg(op, name, t, x, keep_per_channel=True, x_name=x_name)
+            for name, t in ((gamma_name, gamma), ("beta", beta)))
     return _ops.film(x, g, b)
 
 
@@ -255,22 +275,26 @@ def channel_scale(x: Tensor, scale: Tensor) -> Tensor:
     scaling of a bias-free conv, applied to its output, since conv(x, ω⊙W) = ω[c]·conv(x, W).
     Before a batch norm, prefer its fused ``input_scale`` (the scaled tensor is never
     written)."""
-    if scale is None:
-        raise TypeError("channel_scale: scale must be a Tensor")
-    return film(x, scale, None)
+    if not isinstance(scale, Tensor):
+        raise TypeError(f"channel_scale: scale must be a Tensor, got {type(scale).__name__}")
+    return _film("channel_scale", x, scale, None, gamma_name="scale")
 
 
 def scale_filters(weight: Tensor, omega: Tensor) -> Tensor:
     """The weight-side form of filter-wise scaling for a shared ω (DESIGN §2.4): filter m of
     ``weight`` ``[C_out, ...]`` times ``omega[m]`` (``[C_out]``). Differentiable in both."""
-    if not isinstance(weight, Tensor) or weight.dim() < 1:
-        raise ValueError("scale_filters: weight must be a [C_out, ...] Tensor")
-    if not isinstance(omega, Tensor) or omega.shape != (weight.shape[0],):
-        raise ValueError(f"scale_filters: omega must have shape [C_out] = [{weight.shape[0]}], "
-                         f"got {list(getattr(omega, 'shape', []))}")
+    op = "scale_filters"
+    for name, t in (("weight", weight), ("omega", omega)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{op}: {name} must be a Tensor, got {type(t).__name__}")
+    if weight.dim() < 1:
+        raise ValueError(f"{op}: weight must be [C_out, ...], got a 0-dim tensor")
+    if omega.shape != (weight.shape[0],):
+        raise ValueError(f"{op}: omega must have shape [C_out] = [{weight.shape[0]}], "
+                         f"got {list(omega.shape)}")
     # As a [1, C_out, ...] activation, the filters are the channels.
-    w = weight.unsqueeze(0) if weight.dim() > 1 else weight[None, :]
-    return film(w, omega, None).squeeze(0)
+    w = weight.unsqueeze(0)
+    return _film(op, w, omega, None, x_name="weight", gamma_name="omega").squeeze(0)
 
 
 def add_relu(a: Tensor, b: Tensor) -> Tensor:
@@ -305,9 +329,10 @@ def _check_adv(op: str, name: str, t, ref: Tensor | None) -> None:
         raise ValueError(f"{op}: {name} is on {t.device} but x_adv is on {ref.device}")
 
 
-def _strength(op: str, name: str, v, x: Tensor, nonnegative: bool):
+def _strength(op: str, name: str, v, x: Tensor, nonnegative: bool, x_name: str):
     """A float or a per-sample [N] (or 0-dim) tensor → (tensor in the accumulation dtype or
-    None, float). Negative eps is an error: at once on CPU, a device assert elsewhere."""
+    None, float). Negative eps is an error: at once on CPU, a device assert elsewhere.
+    ``x_name``: what ``op`` calls x (x_adv, x_nat), for the messages."""
     if isinstance(v, Tensor):
         if v.dim() > 1 or (v.dim() == 1 and v.shape[0] != x.shape[0]):
             raise ValueError(f"{op}: a tensor {name} must be per sample, shape [N] = "
@@ -315,7 +340,7 @@ def _strength(op: str, name: str, v, x: Tensor, nonnegative: bool):
         if not v.dtype.is_floating_point:
             raise TypeError(f"{op}: {name} must be floating point, got {v.dtype}")
         if v.device != x.device:
-            raise ValueError(f"{op}: {name} is on {v.device} but x is on {x.device}")
+            raise ValueError(f"{op}: {name} is on {v.device} but {x_name} is on {x.device}")
         t = v.detach().to(acc_dtype(x)).expand(x.shape[0]).contiguous()
         if nonnegative:
             ok = None if kernel_checks(t.device) else (t >= 0).all()
@@ -328,7 +353,7 @@ def _strength(op: str, name: str, v, x: Tensor, nonnegative: bool):
         return t, 0.0
     if isinstance(v, (bool, str, bytes)) or not isinstance(v, numbers.Real):
         raise TypeError(f"{op}: {name} must be a float or a per-sample tensor, "
-                        f"got {type(v).__name__} {v!r}")
+                        f"got {_shown(v)}")
     f = float(v)
     if f != f or f in (float("inf"), float("-inf")) or (nonnegative and f < 0):
         raise ValueError(f"{op}: {name} must be a finite{' non-negative' if nonnegative else ''}"
@@ -344,8 +369,19 @@ def _mutated(*tensors: Tensor) -> None:
             torch.autograd.graph.increment_version(t)
 
 
+def _bound(op: str, name: str, v) -> float:
+    """A clip bound: anything float() takes (a number, a one-element tensor) but a bool or a
+    string, as float."""
+    if not isinstance(v, (bool, str, bytes)):
+        try:
+            return float(v)
+        except (TypeError, ValueError, RuntimeError):
+            pass
+    raise TypeError(f"{op}: {name} must be a number, got {_shown(v)}")
+
+
 def _check_clip(op: str, clip_min: float, clip_max: float) -> tuple[float, float]:
-    lo, hi = float(clip_min), float(clip_max)
+    lo, hi = _bound(op, "clip_min", clip_min), _bound(op, "clip_max", clip_max)
     if not lo <= hi:
         raise ValueError(f"{op}: clip_min ({lo}) must be <= clip_max ({hi})")
     return lo, hi
@@ -379,8 +415,8 @@ def pgd_step_(x_adv: Tensor, grad: Tensor, x_nat: Tensor, eps, alpha, *, norm: s
     _check_adv(op, "x_nat", x_nat, x_adv)
     if norm not in ("linf", "l2"):
         raise ValueError(f"{op}: norm must be 'linf' or 'l2', got {norm!r}")
-    eps_t, e = _strength(op, "eps", eps, x_adv, True)
-    alpha_t, a = _strength(op, "alpha", alpha, x_adv, False)
+    eps_t, e = _strength(op, "eps", eps, x_adv, True, "x_adv")
+    alpha_t, a = _strength(op, "alpha", alpha, x_adv, False, "x_adv")
     lo, hi = _check_clip(op, clip_min, clip_max)
     with torch.no_grad():
         _ops.pgd_step(x_adv, grad, x_nat, eps_t, e, alpha_t, a, norm == "l2", lo, hi)
@@ -400,9 +436,9 @@ def mifgsm_step_(x_adv: Tensor, grad: Tensor, momentum_buf: Tensor, x_nat: Tenso
     _check_adv(op, "x_adv", x_adv, None)
     for name, t in (("grad", grad), ("momentum_buf", momentum_buf), ("x_nat", x_nat)):
         _check_adv(op, name, t, x_adv)
-    eps_t, e = _strength(op, "eps", eps, x_adv, True)
-    alpha_t, a = _strength(op, "alpha", alpha, x_adv, False)
-    _, d = _strength(op, "decay", decay, x_adv, False)
+    eps_t, e = _strength(op, "eps", eps, x_adv, True, "x_adv")
+    alpha_t, a = _strength(op, "alpha", alpha, x_adv, False, "x_adv")
+    _, d = _strength(op, "decay", decay, x_adv, False, "x_adv")
     lo, hi = _check_clip(op, clip_min, clip_max)
     with torch.no_grad():
         _ops.mifgsm_step(x_adv, grad, momentum_buf, x_nat, eps_t, e, alpha_t, a, d, lo, hi)
@@ -424,7 +460,7 @@ def pgd_init(x_nat: Tensor, eps, *, norm: str = "linf", clip_min: float = 0.0,
     _check_adv(op, "x_nat", x_nat, None)
     if norm not in ("linf", "l2"):
         raise ValueError(f"{op}: norm must be 'linf' or 'l2', got {norm!r}")
-    eps_t, e = _strength(op, "eps", eps, x_nat, True)
+    eps_t, e = _strength(op, "eps", eps, x_nat, True, "x_nat")
     lo, hi = _check_clip(op, clip_min, clip_max)
     with torch.no_grad():
         noise = torch.empty_like(x_nat)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+import fastrobust.distributed as D
 import fastrobust.functional as F
 from fastrobust.nn import (MixedBatchNorm2d, MultiBatchNorm1d, MultiBatchNorm2d,
                            SyncMultiBatchNorm2d, convert_multi_bn, routing)
@@ -75,7 +76,69 @@ CASES = [
      "branch must be an int"),
     ("module branch out of range", lambda s: MultiBatchNorm2d(3)(s["x"], branch=np.int64(2)),
      ValueError, "branch 2 is out of range"),
+    # Each message names the function the user called and that function's argument.
+    ("momentum 2-D tensor", lambda s: _multi(s, momentum=torch.ones(2, 2)), TypeError,
+     "multi_batch_norm: momentum must be a number, got Tensor of shape [2, 2]"),
+    ("weight wrong K", lambda s: F.multi_batch_norm(s["x"], s["branch"], s["w"].repeat(2, 1),
+                                                    num_branches=2),
+     ValueError, "multi_batch_norm: weight must have shape [num_branches, C] = [2, 3], got "
+                 "[4, 3]"),
+    ("num_branches string", lambda s: F.multi_batch_norm(s["x"], s["branch"], num_branches="2"),
+     TypeError, "multi_batch_norm: num_branches must be an int, got str '2'"),
+    ("num_batches_tracked list", lambda s: _mixed(s, momentum=None, num_batches_tracked=[0, 0]),
+     TypeError, "mixed_batch_norm: num_batches_tracked must be an int64 [2] Tensor or None, "
+                "got list"),
+    ("weight list", lambda s: F.mixed_batch_norm(s["x"], s["mix"], s["w"].tolist()), TypeError,
+     "mixed_batch_norm: weight must be a Tensor or None, got list"),
+    ("channel_scale shape", lambda s: F.channel_scale(s["x"], torch.ones(5)), ValueError,
+     "channel_scale: scale must have shape [N, C] = [4, 3] or [C] = [3], got [5]"),
+    ("channel_scale list", lambda s: F.channel_scale(s["x"], [1.0, 2.0, 3.0]), TypeError,
+     "channel_scale: scale must be a Tensor, got list"),
+    ("channel_scale int", lambda s: F.channel_scale(s["x"], torch.ones(3, dtype=torch.long)),
+     TypeError, "channel_scale: scale must be a floating-point tensor, got torch.int64"),
+    ("channel_scale device", lambda s: F.channel_scale(s["x"], torch.ones(3, device="meta")),
+     ValueError, "channel_scale: scale is on meta but x is on cpu"),
+    ("scale_filters int weight",
+     lambda s: F.scale_filters(torch.ones(3, 2, dtype=torch.long), torch.ones(3)), TypeError,
+     "scale_filters: weight must be floating point, got torch.int64"),
+    ("scale_filters int omega",
+     lambda s: F.scale_filters(torch.ones(3, 2), torch.ones(3, dtype=torch.long)), TypeError,
+     "scale_filters: omega must be a floating-point tensor, got torch.int64"),
+    ("scale_filters omega list", lambda s: F.scale_filters(torch.ones(3, 2), [1.0] * 3),
+     TypeError, "scale_filters: omega must be a Tensor, got list"),
+    ("scale_filters device",
+     lambda s: F.scale_filters(torch.ones(3, 2), torch.ones(3, device="meta")), ValueError,
+     "scale_filters: omega is on meta but weight is on cpu"),
+    ("pgd eps device", lambda s: _pgd(s, eps=torch.ones(4, device="meta")), ValueError,
+     "pgd_step_: eps is on meta but x_adv is on cpu"),
+    ("pgd_init eps device",
+     lambda s: F.pgd_init(s["x"], torch.ones(4, device="meta")), ValueError,
+     "pgd_init: eps is on meta but x_nat is on cpu"),
+    ("pgd clip string", lambda s: _pgd(s, clip_min="0"), TypeError,
+     "pgd_step_: clip_min must be a number, got str '0'"),
+    ("module mix list", lambda s: MultiBatchNorm2d(3)(s["x"], mix=[[1.0, 0.0]] * 4), TypeError,
+     "MultiBatchNorm2d: mix must be a Tensor [N, 2], got list"),
+    ("mixed module mix shape",
+     lambda s: MixedBatchNorm2d(3)(s["x"], mix=torch.ones(4, 3) / 3), ValueError,
+     "MixedBatchNorm2d: mix must be [N, 2] = [4, 2], got [4, 3]"),
+    ("module branch shape",
+     lambda s: MultiBatchNorm2d(3)(s["x"], branch=torch.zeros(3, dtype=torch.long)),
+     ValueError, "MultiBatchNorm2d: branch must be an int or an int64 [N] = [4] tensor, got "
+                 "shape [3]"),
+    ("module branch float tensor", lambda s: MultiBatchNorm2d(3)(s["x"], branch=s["mix"][:, 0]),
+     TypeError, "MultiBatchNorm2d: branch must be an int or an int64 [N] tensor, got "
+                "torch.float32 tensor"),
+    ("routing mix list", lambda s: _routed(MultiBatchNorm2d(3), s["x"], mix=[[1.0, 0.0]] * 4),
+     TypeError, "routing(): mix must be a Tensor [N, K], got list"),
+    ("sync momentum string",
+     lambda s: D.sync_multi_batch_norm(s["x"], s["branch"], s["w"], s["b"], momentum="0.1"),
+     TypeError, "sync_multi_batch_norm: momentum must be a number, got str '0.1'"),
 ]
+
+
+def _routed(model, x, **route):
+    with routing(model, **route):
+        return model(x)
 
 
 @pytest.mark.parametrize("name, call, exc, fragment", CASES, ids=[c[0] for c in CASES])
@@ -87,6 +150,7 @@ def test_bad_call(name, call, exc, fragment):
     with pytest.raises(exc) as info:
         call(s)
     assert fragment in str(info.value), str(info.value)
+    assert "\n" not in str(info.value), str(info.value)  # one line
     for k, v in s.items():
         assert torch.equal(v, before[k]), f"{name}: {k} changed"
 

@@ -61,6 +61,85 @@ def test_plain_batch_norm_state_dict_loads_into_every_branch():
     assert multi.num_batches_tracked.tolist() == [1, 1, 1]
 
 
+def _old_format(sd, version=1):
+    """``sd`` as torch before 0.4.1 wrote a batch norm's: no num_batches_tracked, and every
+    module's metadata at ``version`` (None: a plain dict with no metadata at all)."""
+    old = type(sd)((k, v) for k, v in sd.items() if not k.endswith("num_batches_tracked"))
+    if version is not None:
+        old._metadata = type(sd._metadata)(
+            (k, dict(m, version=version)) for k, m in sd._metadata.items())
+    return dict(old) if version is None else old
+
+
+def _trained(bn, *route, steps=2):
+    """``bn`` (a plain or multi-branch BN) after ``steps`` training batches."""
+    bn.train()
+    with torch.no_grad():
+        for _ in range(steps):
+            bn(torch.randn(8, bn.num_features, 6, 6) * 2 + 1, *route)
+    return bn
+
+
+@pytest.mark.parametrize("version", [1, None], ids=["version1", "no_metadata"])
+@pytest.mark.parametrize("cls", [MultiBatchNorm2d, DualBatchNorm2d, MixedBatchNorm2d])
+def test_state_dict_without_num_batches_tracked_loads_as_in_batch_norm(cls, version):
+    """The old state-dict format (no num_batches_tracked), in a plain BN's [C] form and in the
+    module's own [K, C] form, loads as nn.BatchNorm2d loads it: the counters keep their value,
+    0 on a new module; from version 2 on, a missing counter is still a missing key."""
+    plain = _trained(nn.BatchNorm2d(4))
+    ref = nn.BatchNorm2d(4)
+    ref.load_state_dict(_old_format(plain.state_dict(), version))
+    multi = cls(4)
+    multi.load_state_dict(_old_format(plain.state_dict(), version))
+    for k in range(2):
+        assert torch.equal(multi.running_mean[k], plain.running_mean)
+        assert torch.equal(multi.running_var[k], plain.running_var)
+    assert multi.num_batches_tracked.tolist() == [ref.num_batches_tracked.item()] * 2 == [0, 0]
+
+    own = _trained(cls(4), torch.tensor([0, 1] * 4))
+    assert own.num_batches_tracked.tolist() == [2, 2]
+    fresh = cls(4)
+    fresh.load_state_dict(_old_format(own.state_dict(), version))
+    assert torch.equal(fresh.running_var, own.running_var)
+    assert fresh.num_batches_tracked.tolist() == [0, 0]
+    # A module that has counted batches keeps its counters (nn.BatchNorm2d keeps its own).
+    _trained(ref).load_state_dict(_old_format(plain.state_dict(), version))
+    own.load_state_dict(_old_format(plain.state_dict(), version))
+    assert own.num_batches_tracked.tolist() == [ref.num_batches_tracked.item()] * 2 == [2, 2]
+
+    current = _old_format(plain.state_dict(), 2)
+    for m in (nn.BatchNorm2d(4), cls(4)):
+        with pytest.raises(RuntimeError, match="Missing key.*num_batches_tracked"):
+            m.load_state_dict(current)
+
+
+@pytest.mark.parametrize("version", [1, None], ids=["version1", "no_metadata"])
+def test_converted_resnet_loads_an_old_state_dict(version):
+    """A ResNet converted with convert_multi_bn loads its plain original's state dict in the
+    old format: every branch gets the statistics and parameters, counters 0, and every branch
+    computes what the original computes."""
+    from fastrobust.models.resnet import resnet18
+    torch.manual_seed(1)
+    orig = resnet18(width=4).train()
+    with torch.no_grad():
+        orig(torch.randn(8, 3, 8, 8))
+    multi = convert_multi_bn(resnet18(width=4), 2)
+    multi.load_state_dict(_old_format(orig.state_dict(), version))
+    pairs = [(m, o) for m, o in zip(multi.modules(), orig.modules())
+             if isinstance(o, nn.BatchNorm2d)]
+    assert len(pairs) == 20 and all(isinstance(m, MultiBatchNorm2d) for m, _ in pairs)
+    for m, o in pairs:
+        for k in range(2):
+            assert torch.equal(m.running_mean[k], o.running_mean)
+            assert torch.equal(m.weight[k], o.weight)
+        assert m.num_batches_tracked.tolist() == [0, 0]
+    orig.eval(), multi.eval()
+    x = torch.randn(4, 3, 8, 8)
+    for k in range(2):
+        with routing(multi, branch=k):
+            torch.testing.assert_close(multi(x), orig(x), **TOL32)
+
+
 def test_convert_copies_into_every_branch_and_matches_original():
     net = small_net()
     net.train()

@@ -65,29 +65,41 @@ class MultiBatchNorm2d(nn.Module):
 
     def _route(self, x: Tensor, branch, mix):
         """("branch", int64 [N]) or ("mix", [N, K]) from the arguments or the routing context."""
+        name, K, N = type(self).__name__, self.num_branches, x.shape[0]
         if branch is not None and mix is not None:
-            raise ValueError("pass branch= or mix=, not both")
+            raise ValueError(f"{name}: pass branch= or mix=, not both")
         if branch is None and mix is None and self._routing is not None:
             kind, value = self._routing
             branch, mix = (value, None) if kind == "branch" else (None, value)
         if mix is not None:
+            if not isinstance(mix, Tensor):
+                raise TypeError(f"{name}: mix must be a Tensor [N, {K}], got "
+                                f"{type(mix).__name__}")
+            if mix.shape != (N, K):
+                raise ValueError(f"{name}: mix must be [N, {K}] = [{N}, {K}], got "
+                                 f"{list(mix.shape)}")
             return "mix", mix
         if branch is None:
-            if self.num_branches == 1:
+            if K == 1:
                 branch = 0
             else:
                 raise RuntimeError(
-                    f"{type(self).__name__} has {self.num_branches} branches but no routing: "
+                    f"{name} has {K} branches but no routing: "
                     "call bn(x, branch=...) / bn(x, mix=...) or wrap the model call in "
                     "`with fastrobust.nn.routing(model, branch=...)`")
         if isinstance(branch, numbers.Integral) and not isinstance(branch, bool):
             branch = int(branch)  # numpy integers route like ints
-            if not 0 <= branch < self.num_branches:
-                raise ValueError(f"branch {branch} is out of range [0, {self.num_branches})")
-            branch = torch.full((x.shape[0],), branch, dtype=torch.long, device=x.device)
-        elif not isinstance(branch, Tensor):
-            raise TypeError(f"branch must be an int or an int64 [N] tensor, got "
-                            f"{type(branch).__name__}")
+            if not 0 <= branch < K:
+                raise ValueError(f"{name}: branch {branch} is out of range [0, {K})")
+            branch = torch.full((N,), branch, dtype=torch.long, device=x.device)
+        elif not isinstance(branch, Tensor) or branch.dtype.is_floating_point or \
+                branch.dtype.is_complex or branch.dtype == torch.bool:
+            what = f"{branch.dtype} tensor" if isinstance(branch, Tensor) else \
+                type(branch).__name__
+            raise TypeError(f"{name}: branch must be an int or an int64 [N] tensor, got {what}")
+        elif branch.shape != (N,):
+            raise ValueError(f"{name}: branch must be an int or an int64 [N] = [{N}] tensor, "
+                             f"got shape {list(branch.shape)}")
         return "branch", branch
 
     def __getstate__(self):
@@ -97,7 +109,20 @@ class MultiBatchNorm2d(nn.Module):
         state["_routing"] = None
         return state
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    # nn.BatchNorm2d's numbering: from version 2 on, num_batches_tracked is in the state dict.
+    _version = 2
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
+        # As nn.BatchNorm2d: a state dict older than version 2 (or without a version: a plain
+        # dict) may lack num_batches_tracked, in this module's [K, C] format or in a plain
+        # BN's [C] one; the counters then keep their value (0 on a new module).
+        version = local_metadata.get("version", None)
+        key = prefix + "num_batches_tracked"
+        if (version is None or version < 2) and self.track_running_stats and \
+                key not in state_dict:
+            own = self.num_batches_tracked
+            state_dict[key] = own.clone() if own.device.type != "meta" else \
+                torch.zeros(self.num_branches, dtype=torch.long)
         # A plain BatchNorm's [C] tensors (and scalar counter) load into every branch; a [C]
         # of another size is left to torch's size-mismatch error, which names the key.
         for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
@@ -106,7 +131,7 @@ class MultiBatchNorm2d(nn.Module):
                     state_dict[key].dim() == own.dim() - 1 and \
                     tuple(state_dict[key].shape) == tuple(own.shape[1:]):
                 state_dict[key] = state_dict[key].expand_as(own).clone()
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
 
     _DIMS = (4,)  # input dims the module takes (nn.BatchNorm2d's)
 
@@ -133,9 +158,6 @@ class MultiBatchNorm2d(nn.Module):
                   num_batches_tracked=self.num_batches_tracked, input_scale=input_scale,
                   film_gamma=film_gamma, film_beta=film_beta, activation=activation)
         if kind == "mix":
-            if route.shape[-1] != self.num_branches:
-                raise ValueError(f"mix must be [N, {self.num_branches}], got "
-                                 f"{list(route.shape)}")
             return F.mixed_batch_norm(x, route, self.weight, self.bias, self.running_mean,
                                       self.running_var, **kw)
         return F.multi_batch_norm(x, route, self.weight, self.bias, self.running_mean,
@@ -247,6 +269,12 @@ def routing(model: nn.Module, branch: Tensor | int | None = None, mix: Tensor | 
                          "convert it first with fastrobust.nn.convert_multi_bn(model)")
     if (branch is None) == (mix is None):
         raise ValueError("routing(): pass exactly one of branch= and mix=")
+    if mix is not None and not isinstance(mix, Tensor):
+        raise TypeError(f"routing(): mix must be a Tensor [N, K], got {type(mix).__name__}")
+    if branch is not None and (isinstance(branch, bool) or
+                               not isinstance(branch, (Tensor, numbers.Integral))):
+        raise TypeError("routing(): branch must be an int or an int64 [N] tensor, got "
+                        f"{type(branch).__name__}")
     value = ("branch", branch) if mix is None else ("mix", mix)
     saved = [m._routing for m in mods]
     for m in mods:

@@ -34,9 +34,6 @@ class _Sync:
                   activation=activation, process_group=self.process_group)
         rm, rv = (self.running_mean, self.running_var) if self.training else (None, None)
         if kind == "mix":
-            if route.shape[-1] != self.num_branches:
-                raise ValueError(f"mix must be [N, {self.num_branches}], got "
-                                 f"{list(route.shape)}")
             return D.sync_mixed_batch_norm(x, route, self.weight, self.bias, rm, rv, **kw)
         return D.sync_multi_batch_norm(x, route, self.weight, self.bias, rm, rv,
                                        num_branches=self.num_branches, **kw)
