@@ -17,7 +17,11 @@
 // backward asked for with create_graph=True is itself differentiable).
 #include <torch/extension.h>
 
+#include <torch/csrc/jit/python/pybind_utils.h>
+
+#include "checks.h"
 #include "cpu/cuda_emulation.h"
+#include "plan_signature.h"
 #include "spec.h"
 
 #ifdef FASTROBUST_WITH_CUDA
@@ -68,6 +72,26 @@ TORCH_LIBRARY(fastrobust, m) {
         "float clip_max) -> ()");
 }
 
+namespace {
+// The launch-plan signature of a call of op `name` with `args` (csrc/cuda/plans.cpp keys its
+// plans by it; tests/test_plans.py checks what it tells apart).
+pybind11::bytes plan_signature_of(const std::string& name, pybind11::args args) {
+  const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(name.c_str(), "");
+  const auto stack =
+      torch::jit::createStackForSchema(op.schema(), args, pybind11::kwargs(), std::nullopt);
+  return pybind11::bytes(fastrobust::plan_signature(op.schema().name(), stack));
+}
+
+// The argument checks of op `name` (csrc/checks.h), for the kernels written in Python (eager,
+// Triton) and the fake implementations.
+void check_of(const std::string& name, pybind11::args args) {
+  const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(name.c_str(), "");
+  const auto stack =
+      torch::jit::createStackForSchema(op.schema(), args, pybind11::kwargs(), std::nullopt);
+  fastrobust::checks::check_boxed(name.substr(name.find("::") + 2), stack);
+}
+}  // namespace
+
 // Importing fastrobust._C loads this library, which registers the ops above; the module
 // itself only carries the shared declarations of spec.h.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -82,6 +106,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The CUDA BN kernels' bodies run on the host (csrc/cpu/cuda_emulation.cpp): for the tests.
   m.def("_emulated_cuda_bn_forward", &fastrobust::cuda::emulated_bn_forward);
   m.def("_emulated_cuda_bn_backward", &fastrobust::cuda::emulated_bn_backward);
+  m.def("_plan_signature", &plan_signature_of);
+  m.def("_check", &check_of);
 #ifdef FASTROBUST_WITH_CUDA
   fastrobust::cuda::register_python(m);  // the CUDA C++ kernels, selectable (not the default)
   m.attr("CUDA_KERNELS") = true;

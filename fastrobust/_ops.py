@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from . import backends
+from .backends._schema import checked
 from ._engine import bn_grads_with_graph
 from ._spec import BNGrad, PgdMode, acc_dtype, needs  # noqa: F401 - re-exported
 
@@ -68,10 +69,12 @@ def _no_result(*args):
     return None
 
 
-for _name, _fn in (("multi_bn", _fake_multi_bn), ("multi_bn_backward", _fake_multi_bn_backward),
-                   ("film", _fake_film), ("film_backward", _fake_film_backward),
-                   ("pgd_step", _no_result),
-                   ("pgd_init", _no_result), ("mifgsm_step", _no_result)):
+# (with the kernels' argument checks: a bad call fails as it would in eager, where every
+# kernel checks; an argument on the meta device among real ones raises instead of tracing)
+for _name, _fn in checked({"multi_bn": _fake_multi_bn,
+                           "multi_bn_backward": _fake_multi_bn_backward, "film": _fake_film,
+                           "film_backward": _fake_film_backward, "pgd_step": _no_result,
+                           "pgd_init": _no_result, "mifgsm_step": _no_result}).items():
     torch.library.register_fake(f"fastrobust::{_name}", _fn)
 
 

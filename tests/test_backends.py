@@ -106,3 +106,94 @@ def test_cuda_cpp_backend_is_selectable_and_says_why_not_here():
         with pytest.raises(RuntimeError, match="forced but cannot run multi_bn on cpu"):
             F.multi_batch_norm(torch.randn(2, 3, 2, 2), torch.zeros(2, dtype=torch.long),
                                num_branches=1, training=True)
+
+
+def test_use_is_per_thread_and_registers_nothing(monkeypatch):
+    """`use` is a dispatch mode of the calling thread: a thread forcing the eager backend does
+    not change what serves another thread's calls (858ad8d registered over the CPU key
+    process-wide: two threads crashed the process or sent multi_bn to pgd_init's kernel)."""
+    import threading
+
+    from fastrobust import _engine
+
+    served = {}
+    real = _engine.eager.bn_forward
+
+    def counting(*args, **kwargs):
+        name = threading.current_thread().name
+        served[name] = served.get(name, 0) + 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_engine.eager, "bn_forward", counting)
+    x = torch.randn(8, 3, 4, 4)
+    br = torch.tensor([0, 1] * 4)
+    want = F.multi_batch_norm(x, br, num_branches=2, training=True)
+    inside, go, errors = threading.Event(), threading.Event(), []
+
+    def forcing():
+        try:
+            with backends.use("eager"):
+                inside.set()
+                go.wait(10)
+                for _ in range(5):
+                    y = F.multi_batch_norm(x, br, num_branches=2, training=True)
+                    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    t = threading.Thread(target=forcing, name="forcing")
+    t.start()
+    inside.wait(10)
+    assert backends.forced() is None  # this thread is not forced
+    go.set()
+    for _ in range(5):
+        y = F.multi_batch_norm(x, br, num_branches=2, training=True)
+        assert torch.equal(y, want)  # the CPU kernels, bitwise as before
+    t.join(10)
+    assert not errors, errors
+    assert served == {"forcing": 5}
+
+
+def test_use_none_inside_a_forced_block_is_the_dispatchers_choice(monkeypatch):
+    from fastrobust import _engine
+
+    calls = []
+    real = _engine.eager.bn_forward
+    monkeypatch.setattr(_engine.eager, "bn_forward",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    x, br = torch.randn(4, 2, 3, 3), torch.tensor([0, 1, 0, 1])
+    with backends.use("eager"):
+        F.multi_batch_norm(x, br, num_branches=2, training=True)
+        with backends.use(None):
+            assert backends.forced() is None
+            F.multi_batch_norm(x, br, num_branches=2, training=True)
+        assert backends.forced() == "eager"
+    assert calls == [1]
+
+
+def test_two_threads_forcing_different_backends_get_right_results():
+    import threading
+
+    x, br = torch.randn(16, 4, 5, 5), torch.randint(0, 3, (16,))
+    want = F.multi_batch_norm(x, br, num_branches=3, training=True)
+    # (one Triton thread: the interpreter patches triton.language while it runs a kernel, so
+    # two interpreted kernels cannot run at once; compiled ones on a GPU can)
+    names = ["eager", "cpu", "eager", "cpu"] + [
+        n for n in ("triton",) if not backends.not_supported_reasons(n, "multi_bn", "cpu")]
+    errors = []
+
+    def run(name):
+        try:
+            for _ in range(3):
+                with backends.use(name):
+                    y = F.multi_batch_norm(x, br, num_branches=3, training=True)
+                torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+        except Exception as e:  # noqa: BLE001
+            errors.append((name, e))
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in names]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors

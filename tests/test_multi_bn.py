@@ -399,3 +399,32 @@ def test_one_autograd_node(backend, mixed, training):
     both = torch.autograd.grad(y, (x, w), dy, retain_graph=True)
     alone, = torch.autograd.grad(y, x, dy)
     assert torch.equal(alone, both[0])
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 4, 4), (4, 0, 4, 4), (0, 3), (3, 2, 0, 5)], ids=str)
+def test_empty_inputs_give_empty_results(backend, shape):
+    """An empty batch (N = 0), no channels (C = 0) or an empty spatial size: every op returns
+    empty results (zero parameter gradients) on every backend, as the CPU kernels and
+    nn.BatchNorm2d's training forward on N·S > 1 do; 858ad8d's Triton launcher raised
+    "cannot reshape tensor of 0 elements"."""
+    from fastrobust.nn import MultiBatchNorm2d
+    N, C = shape[:2]
+    x = torch.randn(shape, requires_grad=True)
+    w = torch.rand(2, C, requires_grad=True)
+    b = torch.randn(2, C, requires_grad=True)
+    mix = torch.rand(N, 2, requires_grad=True)
+    branch = torch.zeros(N, dtype=torch.long)
+    for y, wrt in ((F.multi_batch_norm(x, branch, w, b, num_branches=2, training=False),
+                    (x, w)),
+                   (F.mixed_batch_norm(x, mix, w, b, training=False), (x, w, mix)),
+                   (F.film(x, torch.randn(C), torch.randn(N, C)), (x,))):
+        assert y.shape == x.shape
+        grads = torch.autograd.grad(y.sum(), wrt)
+        assert [g.shape for g in grads] == [t.shape for t in wrt]
+        assert all(torch.equal(g, torch.zeros_like(g)) for g in grads[1:])
+    if len(shape) == 4 and C:
+        m = MultiBatchNorm2d(C, 2).eval()
+        y = m(x, branch=branch)
+        y.sum().backward()
+        assert y.shape == x.shape and x.grad.shape == x.shape
+        assert torch.equal(m.weight.grad, torch.zeros_like(m.weight))

@@ -6,6 +6,7 @@
 // what the eager backend does too.
 #include <torch/extension.h>
 
+#include "../checks.h"
 #include "../spec.h"
 #include "multi_bn.h"
 #include "pgd.h"
@@ -39,6 +40,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_bn(
     const OptTensor& running_var, const OptTensor& num_batches_tracked,
     const OptTensor& input_scale, const OptTensor& film_gamma, const OptTensor& film_beta,
     int64_t K, bool training, double momentum, bool cumulative, double eps, bool relu) {
+  checks::multi_bn(x, branch, mix, weight, bias, running_mean, running_var, num_batches_tracked,
+                   input_scale, film_gamma, film_beta, K, training, momentum, cumulative, eps);
   if (native(x, {&mix, &weight, &bias, &running_mean, &running_var, &input_scale, &film_gamma,
                  &film_beta})) {
     auto out = bn_forward_impl(x, branch, mix, weight, bias, running_mean, running_var,
@@ -67,6 +70,8 @@ multi_bn_backward(const at::Tensor& dy, const at::Tensor& x, const OptTensor& br
                   const OptTensor& input_scale, const OptTensor& film_gamma,
                   const OptTensor& film_beta, int64_t K, bool batch_stats, bool relu,
                   std::array<bool, kNumBNGrads> needs) {
+  checks::multi_bn_backward(dy, x, branch, mix, weight, bias, mean, invstd, planes, input_scale,
+                            film_gamma, film_beta, K, batch_stats, needs);
   const std::vector<bool> flags(needs.begin(), needs.end());
   const OptTensor st = mean, dyo = dy;
   std::vector<at::Tensor> g;
@@ -84,6 +89,7 @@ multi_bn_backward(const at::Tensor& dy, const at::Tensor& x, const OptTensor& br
 }
 
 at::Tensor film(const at::Tensor& x, const OptTensor& gamma, const OptTensor& beta) {
+  checks::film(x, gamma, beta);
   if (native(x, {&gamma, &beta})) return film_forward(x, gamma, beta);
   const auto dt = acc_type(x);
   return film_forward(x.to(dt), as(gamma, dt), as(beta, dt)).to(x.scalar_type());
@@ -92,6 +98,7 @@ at::Tensor film(const at::Tensor& x, const OptTensor& gamma, const OptTensor& be
 std::tuple<at::Tensor, at::Tensor, at::Tensor> film_backward_cpu(
     const at::Tensor& dy, const at::Tensor& x, const OptTensor& gamma,
     std::array<bool, kNumFilmGrads> needs, std::array<bool, 2> per_channel) {
+  checks::film_backward(dy, x, gamma, needs, per_channel);
   const OptTensor dyo = dy;
   std::vector<at::Tensor> g;
   if (native(x, {&dyo, &gamma})) {
@@ -131,6 +138,20 @@ at::Tensor like(const at::Tensor& t, const at::Tensor& ref) {
 
 at::Tensor work_of(const at::Tensor& t) { return flat_layout(t) ? t : t.contiguous(); }
 
+// A per-sample eps / alpha / radius as the kernels read it: contiguous, in the working dtype
+// (any floating dtype is accepted; float16 / bfloat16 steps work in float32).
+OptTensor in_dtype(const OptTensor& t, at::ScalarType dt) {
+  if (!t) return t;
+  return (t->scalar_type() == dt && t->is_contiguous()) ? t : OptTensor(t->to(dt).contiguous());
+}
+
+// A negative per-sample eps: on the CPU the host can look (a device makes the sample NaN).
+void check_nonnegative(const char* op, const OptTensor& eps_t) {
+  if (eps_t && eps_t->numel())
+    TORCH_CHECK_VALUE(!(eps_t->min().item<double>() < 0), op,
+                      ": eps must be >= 0, got ", eps_t->min().item<double>());
+}
+
 // float16 / bfloat16 steps run in float32 copies (eps_t, alpha_t and radius come in the
 // accumulation dtype already).
 bool half(const at::Tensor& t) {
@@ -140,6 +161,8 @@ bool half(const at::Tensor& t) {
 void pgd_step(const at::Tensor& x_adv, const at::Tensor& grad, const at::Tensor& x_nat,
               const OptTensor& eps_t, double eps, const OptTensor& alpha_t, double alpha,
               bool l2, double clip_min, double clip_max) {
+  checks::pgd_step(x_adv, grad, x_nat, eps_t, eps, alpha_t, alpha, clip_min, clip_max);
+  check_nonnegative("pgd_step_", eps_t);
   if (half(x_adv)) {
     const auto w = x_adv.to(at::kFloat);
     pgd_step(w, grad.to(at::kFloat), x_nat.to(at::kFloat), eps_t, eps, alpha_t, alpha, l2,
@@ -148,13 +171,16 @@ void pgd_step(const at::Tensor& x_adv, const at::Tensor& grad, const at::Tensor&
     return;
   }
   at::Tensor work = work_of(x_adv);
-  pgd_update(work, work, like(grad, work), like(x_nat, work), eps_t, eps, alpha_t, alpha,
-             l2 ? kL2 : kLinfSign, clip_min, clip_max);
+  const auto dt = x_adv.scalar_type();
+  pgd_update(work, work, like(grad, work), like(x_nat, work), in_dtype(eps_t, dt), eps,
+             in_dtype(alpha_t, dt), alpha, l2 ? kL2 : kLinfSign, clip_min, clip_max);
   if (!work.is_same(x_adv)) x_adv.copy_(work);
 }
 
 void pgd_init(const at::Tensor& noise, const at::Tensor& x_nat, const OptTensor& eps_t,
               double eps, const OptTensor& radius, bool l2, double clip_min, double clip_max) {
+  checks::pgd_init(noise, x_nat, eps_t, eps, radius, l2, clip_min, clip_max);
+  check_nonnegative("pgd_init", eps_t);
   if (half(noise)) {
     const auto w = noise.to(at::kFloat);
     pgd_init(w, x_nat.to(at::kFloat), eps_t, eps, radius, l2, clip_min, clip_max);
@@ -163,10 +189,12 @@ void pgd_init(const at::Tensor& noise, const at::Tensor& x_nat, const OptTensor&
   }
   at::Tensor work = work_of(noise);
   const at::Tensor xn = like(x_nat, work);
+  const auto dt = noise.scalar_type();
+  const OptTensor e = in_dtype(eps_t, dt);
   if (l2)
-    pgd_update(work, xn, work, xn, eps_t, eps, radius, 0.0, kL2, clip_min, clip_max);
+    pgd_update(work, xn, work, xn, e, eps, in_dtype(radius, dt), 0.0, kL2, clip_min, clip_max);
   else
-    pgd_update(work, xn, work, xn, eps_t, eps, eps_t, eps, kLinfRaw, clip_min, clip_max);
+    pgd_update(work, xn, work, xn, e, eps, e, eps, kLinfRaw, clip_min, clip_max);
   if (!work.is_same(noise)) noise.copy_(work);
 }
 
@@ -174,6 +202,9 @@ void mifgsm_step(const at::Tensor& x_adv, const at::Tensor& grad, const at::Tens
                  const at::Tensor& x_nat, const OptTensor& eps_t, double eps,
                  const OptTensor& alpha_t, double alpha, double decay, double clip_min,
                  double clip_max) {
+  checks::mifgsm_step(x_adv, grad, momentum, x_nat, eps_t, eps, alpha_t, alpha, decay, clip_min,
+                      clip_max);
+  check_nonnegative("mifgsm_step_", eps_t);
   if (half(x_adv)) {
     const auto w = x_adv.to(at::kFloat), m = momentum.to(at::kFloat);
     mifgsm_step(w, grad.to(at::kFloat), m, x_nat.to(at::kFloat), eps_t, eps, alpha_t, alpha,
@@ -184,13 +215,17 @@ void mifgsm_step(const at::Tensor& x_adv, const at::Tensor& grad, const at::Tens
   }
   at::Tensor work = work_of(x_adv);
   at::Tensor buf = like(momentum, work);
-  mifgsm_update(work, like(grad, work), buf, like(x_nat, work), eps_t, eps, alpha_t, alpha,
-                decay, clip_min, clip_max);
+  const auto dt = x_adv.scalar_type();
+  mifgsm_update(work, like(grad, work), buf, like(x_nat, work), in_dtype(eps_t, dt), eps,
+                in_dtype(alpha_t, dt), alpha, decay, clip_min, clip_max);
   if (!work.is_same(x_adv)) x_adv.copy_(work);
   if (!buf.is_same(momentum)) momentum.copy_(buf);
 }
 
-at::Tensor add_relu(const at::Tensor& a, const at::Tensor& b) { return at::_add_relu(a, b); }
+at::Tensor add_relu(const at::Tensor& a, const at::Tensor& b) {
+  checks::add_relu(a, b);
+  return at::_add_relu(a, b);
+}
 
 at::Tensor add_relu_composite(const at::Tensor& a, const at::Tensor& b) {
   return at::relu(at::add(a, b));

@@ -3,8 +3,9 @@
 // the binding the CPU tests exercise under emulation (bn_binding.h); the PGD steps through
 // pgd_cuda.h. Each runs under the tensor's device, on its current stream, with no host sync.
 //
-// Triton stays the CUDA key's default until a GPU has measured both; these are exposed to
-// Python as fastrobust._C._cuda_* so that `fastrobust.backends.use("cuda")` can select them.
+// The CUDA key's kernel is plans.cpp's (the Triton kernels, launched from C++); these are
+// exposed to Python as fastrobust._C._cuda_* so that `fastrobust.backends.use("cuda")` can run
+// them, until a GPU has measured both.
 #include <torch/extension.h>
 
 #include <c10/cuda/CUDAGuard.h>
@@ -138,7 +139,15 @@ void mifgsm_step(at::Tensor& x_adv, const at::Tensor& grad, at::Tensor& momentum
 
 }  // namespace
 
+// csrc/cuda/plans.cpp: the CUDA key's kernel of every op (Triton launched from C++).
+void set_plan_hook(pybind11::object fn);
+std::tuple<int64_t, int64_t, int64_t, int64_t> plan_stats();
+std::vector<std::string> plan_refusals();
+
 void register_python(pybind11::module& m) {
+  m.def("_set_plan_hook", &set_plan_hook);
+  m.def("_plan_stats", &plan_stats);
+  m.def("_plan_refusals", &plan_refusals);
   m.def("_cuda_multi_bn", &multi_bn);
   m.def("_cuda_multi_bn_backward", &multi_bn_backward);
   m.def("_cuda_pgd_step", &pgd_step);

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import warnings
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -38,35 +37,24 @@ _local = threading.local()  # .forced: this thread's stack of `use` blocks
 
 
 def _register_defaults() -> None:
-    """The Python-side kernels: eager for CompositeExplicitAutograd (any device without its
-    own kernel), Triton for CUDA where triton is installed (add_relu too: one launch instead
-    of add + relu). add_relu's composite is C++."""
+    """The kernels registered from Python, once, at import: eager for
+    CompositeExplicitAutograd (any device without its own kernel; add_relu's composite is
+    C++), and for CUDA the Triton launchers, unless the build has CUDA kernels: then the CUDA
+    key's kernel is C++ (csrc/cuda/plans.cpp, Triton kernels launched from recorded plans),
+    and the launchers are only its hook for a call signature it has not seen."""
+    from .. import _C
     lib = torch.library.Library("fastrobust", "IMPL")
     for name, fn in eager.implementations().items():
         if name != "add_relu":
             lib.impl(name, fn, "CompositeExplicitAutograd")
-    why = triton.missing()
-    cuda_impls = triton.implementations() if why is None else {
-        name: _warn_once(fn, why) for name, fn in eager.implementations().items()}
-    for name, fn in cuda_impls.items():
-        if name != "add_relu" or why is None:
-            lib.impl(name, fn, "CUDA")
+    if getattr(_C, "CUDA_KERNELS", False):
+        from ..kernels import _plan
+        _C._set_plan_hook(_plan.for_cpp)
+    else:
+        for name, fn in triton.cuda_implementations().items():
+            if name != "add_relu" or triton.missing() is None:
+                lib.impl(name, fn, "CUDA")
     _libs.append(lib)
-
-
-_warned: list = []
-
-
-def _warn_once(fn, why: str):
-    """fn, saying once per process that CUDA tensors get the eager kernels (never silent)."""
-    def run(*args, **kwargs):
-        if not _warned:
-            _warned.append(True)
-            warnings.warn(f"fastrobust: {why}; the ops run their slow eager kernels on CUDA "
-                          "tensors (`fastrobust info` shows the backends)", RuntimeWarning,
-                          stacklevel=2)
-        return fn(*args, **kwargs)
-    return run
 
 
 _libs: list = []
@@ -190,6 +178,16 @@ def describe() -> str:
         lines.append(f"{row['op']:<10} {row['device']:<5} -> {row['backend']}")
         for b, why in row["others"].items():
             lines.append(f"{'':<17}{b:<7} {'; '.join(why)}")
+    lines.append("(on CUDA tensors the Triton kernels are launched " + (
+        "from C++ (csrc/cuda/plans.cpp): no Python per call)" if cuda_launches_from_cpp()
+        else "from Python: this build has no CUDA kernels (a CPU torch, or no CUDA toolkit "
+             "at install time))"))
     if forced():
         lines.append(f"(forced: {forced()})")
     return "\n".join(lines)
+
+
+def cuda_launches_from_cpp() -> bool:
+    """Whether the CUDA key's kernel is C++ (a CUDA build: csrc/cuda/plans.cpp)."""
+    from .. import _C
+    return bool(getattr(_C, "CUDA_KERNELS", False))

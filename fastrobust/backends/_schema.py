@@ -29,9 +29,20 @@ def _like(t: Tensor, ref: Tensor) -> Tensor:
     return t if t.stride() == ref.stride() else torch.empty_like(ref).copy_(t)
 
 
-def _check_per_channel(gamma, per_channel):
-    if gamma is not None and (gamma.dim() == 1) != bool(per_channel[0]):
-        raise RuntimeError("film_backward: per_channel[0] must say whether gamma is [C]")
+def checked(impls: dict) -> dict:
+    """Each function runs the op's argument checks (csrc/checks.h, the ones the C++ kernels
+    run) before anything else."""
+    from .. import _C
+
+    def wrap(name, fn):
+        qual = f"fastrobust::{name}"
+
+        def run(*args):
+            _C._check(qual, *args)
+            return fn(*args)
+        run.__name__ = name
+        return run
+    return {name: wrap(name, fn) for name, fn in impls.items()}
 
 
 def implementations(bn, pgd, film=None) -> dict:
@@ -67,7 +78,6 @@ def implementations(bn, pgd, film=None) -> dict:
         return film_kernels().film_forward(x, gamma, beta)
 
     def film_backward(dy, x, gamma, needs, per_channel):
-        _check_per_channel(gamma, per_channel)
         return tuple(film_kernels().film_backward(dy, x, gamma, *needs, *per_channel))
 
     def add_relu(a, b):
@@ -102,6 +112,6 @@ def implementations(bn, pgd, film=None) -> dict:
         if buf is not momentum:
             momentum.copy_(buf)
 
-    return {"multi_bn": multi_bn, "multi_bn_backward": multi_bn_backward, "film": film,
-            "film_backward": film_backward, "add_relu": add_relu, "pgd_step": pgd_step,
-            "pgd_init": pgd_init, "mifgsm_step": mifgsm_step}
+    return checked({"multi_bn": multi_bn, "multi_bn_backward": multi_bn_backward,
+                    "film": film, "film_backward": film_backward, "add_relu": add_relu,
+                    "pgd_step": pgd_step, "pgd_init": pgd_init, "mifgsm_step": mifgsm_step})

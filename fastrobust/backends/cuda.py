@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from .. import _C
+from ._schema import checked
 
 NAME = "cuda"
 SERVES = ("cuda",)
@@ -45,5 +46,5 @@ def implementations() -> dict:
         *rest, needs = args
         return _C._cuda_multi_bn_backward(*rest, list(needs))
 
-    return {"multi_bn": _C._cuda_multi_bn, "multi_bn_backward": multi_bn_backward,
-            "pgd_step": pgd_step, "mifgsm_step": mifgsm_step}
+    return checked({"multi_bn": _C._cuda_multi_bn, "multi_bn_backward": multi_bn_backward,
+                    "pgd_step": pgd_step, "mifgsm_step": mifgsm_step})

@@ -1,15 +1,18 @@
-"""The Triton backend: fastrobust/kernels (one file per op family), registered from Python for
-the CUDA dispatch key. CPU tensors run under TRITON_INTERPRET=1 (Triton's interpreter, for
-tests) when this backend is forced with `fastrobust.backends.use("triton")`."""
+"""The Triton backend: fastrobust/kernels (one file per op family). In a CUDA build the CUDA
+key's kernel is C++ (csrc/cuda/plans.cpp), which launches these kernels from plans it records
+through them once per call signature; in a build without CUDA kernels they are the CUDA key's
+kernels, registered from Python. CPU tensors run under TRITON_INTERPRET=1 (Triton's
+interpreter, for tests) when this backend is forced with `fastrobust.backends.use("triton")`."""
 from __future__ import annotations
 
 import importlib
 import importlib.util
 import os
+import warnings
 
 import torch
 
-from ._schema import implementations as _implementations
+from ._schema import checked as _checked, implementations as _implementations
 
 NAME = "triton"
 SERVES = ("cuda", "cpu")
@@ -59,5 +62,30 @@ def _kernels(name: str):
 def implementations() -> dict:
     impls = _implementations(lambda: _kernels("multi_bn"), lambda: _kernels("pgd"),
                              lambda: _kernels("film"))
-    impls["add_relu"] = lambda a, b: _kernels("elementwise").add_relu(a, b)
+    impls.update(_checked({"add_relu": lambda a, b: _kernels("elementwise").add_relu(a, b)}))
     return impls
+
+
+_warned: list = []
+
+
+def _warn_once(fn, why: str):
+    """fn, saying once per process that CUDA tensors get the eager kernels (never silent)."""
+    def run(*args, **kwargs):
+        if not _warned:
+            _warned.append(True)
+            warnings.warn(f"fastrobust: {why}; the ops run their slow eager kernels on CUDA "
+                          "tensors (`fastrobust info` shows the backends)", RuntimeWarning,
+                          stacklevel=2)
+        return fn(*args, **kwargs)
+    return run
+
+
+def cuda_implementations() -> dict:
+    """What serves CUDA tensors: these kernels, or where triton is missing the eager ones,
+    with a warning."""
+    why = missing()
+    if why is None:
+        return implementations()
+    from . import eager
+    return {name: _warn_once(fn, why) for name, fn in eager.implementations().items()}

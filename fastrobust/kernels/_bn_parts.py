@@ -291,13 +291,14 @@ def _route_args(branch, mix, x):
     return (branch, branch.stride(0), x, 0, 0)
 
 
-def _check_routing(x, branch, mix, K, batch_stats):
-    """On CPU tensors (the interpreter) bad routing raises at once; on a GPU the kernels
-    poison the sample (no host sync)."""
+def _check_routing(x, branch, mix, K, batch_stats, prefix=""):
+    """On CPU tensors (the interpreter) bad routing raises at once, naming the public function
+    (`prefix` + multi_batch_norm / mixed_batch_norm); on a GPU the kernels poison the sample
+    (no host sync)."""
     if x.device.type != "cpu":
         return
     with host_check():
         if branch is not None:
-            check_branch_values(branch, K)
+            check_branch_values(branch, K, prefix + "multi_batch_norm")
         elif batch_stats:
-            check_mix_values(mix)
+            check_mix_values(mix, prefix + "mixed_batch_norm")

@@ -72,12 +72,18 @@ def _sum_parts(parts_ptr, j, ns, cs, N, C, T):
 # --- launch helpers ------------------------------------------------------------------------------
 
 def _ncs(t: torch.Tensor) -> torch.Tensor:
-    """View as [N, C, S]; only a layout that no view can express is copied."""
+    """View as [N, C, S]; only a layout that no view can express is copied. (S is spelled
+    out: an empty batch cannot infer a -1.)"""
     N, C = t.shape[0], t.shape[1]
+    if t.dim() == 2:
+        return t.unsqueeze(2)
+    S = 1
+    for d in t.shape[2:]:
+        S *= d
     try:
-        return t.view(N, C, -1) if t.dim() != 2 else t.unsqueeze(2)
+        return t.view(N, C, S)
     except RuntimeError:
-        return t.reshape(N, C, -1)
+        return t.reshape(N, C, S)
 
 
 def _tl_acc(dtype: torch.dtype):

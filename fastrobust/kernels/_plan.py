@@ -77,6 +77,38 @@ class Plan:
         if self.why_not is None:
             self.why_not = why
 
+    def for_cpp(self) -> dict:
+        """The plan as csrc/cuda/plans.cpp reads it: each launch's CUfunction, warps, shared
+        memory, grid and, for every parameter the compiled kernel takes (Triton's own
+        signature: what it specialized away as a constant is not passed), (slot kind, index,
+        byte offset, value, type)."""
+        if self.why_not:
+            return {"why_not": self.why_not}
+        launches, keep = [], []
+        for L in self.launches:
+            c = L.compiled
+            if c is None:
+                return {"why_not": f"{L.kernel.__name__} was not compiled (the interpreter)"}
+            if getattr(c, "function", None) is None:
+                c._init_handles()
+            recorded = {name: (v, const) for name, v, const in L.params}
+            names = [name for name, _, _ in L.params]
+            params = []
+            for key, ty in c.src.signature.items():
+                name = names[key] if isinstance(key, int) else key
+                if ty == "constexpr":
+                    continue
+                v, const = recorded[name]
+                if const or not isinstance(ty, str):
+                    return {"why_not": f"{L.kernel.__name__}: parameter {name} is {ty} for "
+                                       "Triton but a constant for the launcher"}
+                params.append((v.kind, v.index, v.offset, v.value, ty))
+            launches.append((int(c.function), int(c.metadata.num_warps),
+                             int(c.metadata.shared), L.grid, params, L.kernel.__name__))
+            keep.append(c)
+        return {"why_not": None, "allocs": self.allocations, "outputs": self.outputs,
+                "launches": launches, "keep": keep}
+
 
 def _is_constexpr(annotation) -> bool:
     return getattr(annotation, "__name__", None) == "constexpr" or (
@@ -211,7 +243,7 @@ def launch(kernel, grid, *args, **kwargs):
     return compiled
 
 
-def record(fn, args):
+def record_call(fn, args):
     """Runs `fn(*args)` (a Python launcher) and returns (its result, the Plan of it)."""
     rec = _Recorder(args)
     _local.recorder = rec
@@ -264,3 +296,17 @@ def host_check():
         yield
     finally:
         rec.checking = saved
+
+
+# --- the hook of csrc/cuda/plans.cpp -------------------------------------------------------------
+
+def for_cpp(name: str, args, record: bool):
+    """Runs the op `name` ("fastrobust::multi_bn", ...) through its Python launcher (Triton's;
+    the eager one, with a warning, where triton is missing) and returns (its results, the plan
+    for C++ when `record`, else None)."""
+    from ..backends import triton as triton_backend
+    impl = triton_backend.cuda_implementations()[name.split("::", 1)[1]]
+    if not record or triton_backend.missing() is not None:
+        return impl(*args), None
+    out, plan = record_call(impl, args)
+    return out, plan.for_cpp()

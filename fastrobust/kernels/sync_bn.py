@@ -183,7 +183,7 @@ def sync_bn_forward(x, branch, mix, weight, bias, running_mean, running_var,
     and the collective; nothing on the host reads a value. x must not be empty.
     Returns (y, mean, invstd, planes, payload)."""
     K = num_branches
-    _check_routing(x, branch, mix, K, True)
+    _check_routing(x, branch, mix, K, True, prefix="sync_")
     x3, y, mean, invstd, planes = _forward_outputs(x, mix, K, True)
     N, C, S = x3.shape
     dev, acc = x.device, mean.dtype
