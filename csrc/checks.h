@@ -26,6 +26,23 @@ inline bool floating(const at::Tensor& t) {
   return s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16;
 }
 
+// torch's spelling of a dtype (torch.float32), as the Python side's messages write it.
+inline std::string dt(at::ScalarType s) {
+  switch (s) {
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kLong: return "torch.int64";
+    case at::kInt: return "torch.int32";
+    case at::kShort: return "torch.int16";
+    case at::kChar: return "torch.int8";
+    case at::kByte: return "torch.uint8";
+    case at::kBool: return "torch.bool";
+    default: return std::string("torch.") + c10::toString(s);
+  }
+}
+
 inline std::string shape_of(at::IntArrayRef s) {
   std::string r = "[";
   for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
@@ -36,7 +53,7 @@ inline std::string shape_of(at::IntArrayRef s) {
 inline void float_on(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x,
                      const char* x_name = "x") {
   TORCH_CHECK_TYPE(floating(t), op, ": ", name, " must be floating point, got ",
-                   t.scalar_type());
+                   dt(t.scalar_type()));
   TORCH_CHECK_VALUE(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but ",
                     x_name, " is on ", x.device());
 }
@@ -48,7 +65,7 @@ inline void shape_is(const char* op, const char* name, const at::Tensor& t,
 }
 
 inline void x_of(const char* op, const at::Tensor& x) {
-  TORCH_CHECK_TYPE(floating(x), op, ": x must be floating point, got ", x.scalar_type());
+  TORCH_CHECK_TYPE(floating(x), op, ": x must be floating point, got ", dt(x.scalar_type()));
   TORCH_CHECK_VALUE(x.dim() >= 2, op, ": x must be [N, C, *spatial], got shape ",
                     shape_of(x.sizes()));
 }
@@ -65,7 +82,7 @@ inline void bn_common(const char* op, const at::Tensor& x, const OptTensor& bran
   const int64_t N = x.size(0), C = x.size(1);
   if (branch) {
     TORCH_CHECK_TYPE(branch->scalar_type() == at::kLong, op, ": branch must be int64, got ",
-                     branch->scalar_type());
+                     dt(branch->scalar_type()));
     TORCH_CHECK_VALUE(branch->device() == x.device(), op, ": branch is on ", branch->device(),
                       " but x is on ", x.device());
     shape_is(op, "branch", *branch, {N}, "[N]");
@@ -110,7 +127,7 @@ inline void multi_bn(const at::Tensor& x, const OptTensor& branch, const OptTens
   if (num_batches_tracked) {
     TORCH_CHECK_TYPE(num_batches_tracked->scalar_type() == at::kLong, op,
                      ": num_batches_tracked must be int64, got ",
-                     num_batches_tracked->scalar_type());
+                     dt(num_batches_tracked->scalar_type()));
     TORCH_CHECK_VALUE(num_batches_tracked->device() == x.device(), op,
                       ": num_batches_tracked is on ", num_batches_tracked->device(),
                       " but x is on ", x.device());
@@ -185,7 +202,7 @@ inline void add_relu(const at::Tensor& a, const at::Tensor& b) {
 inline void pgd_like(const char* op, const char* name, const at::Tensor& t,
                      const at::Tensor& ref, const char* ref_name) {
   TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), op, ": ", name, " is ",
-                   t.scalar_type(), " but ", ref_name, " is ", ref.scalar_type());
+                   dt(t.scalar_type()), " but ", ref_name, " is ", dt(ref.scalar_type()));
   TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ",
                     ref_name, " is on ", ref.device());
   TORCH_CHECK_VALUE(t.sizes() == ref.sizes(), op, ": ", name, " has shape ",
@@ -210,7 +227,7 @@ inline void pgd_scalars(const char* op, double eps, double alpha, double clip_mi
 
 inline void pgd_x(const char* op, const char* name, const at::Tensor& x) {
   TORCH_CHECK_TYPE(floating(x), op, ": ", name, " must be floating point, got ",
-                   x.scalar_type());
+                   dt(x.scalar_type()));
   TORCH_CHECK_VALUE(x.dim() >= 1, op, ": ", name, " must be [N, ...], got a 0-dim tensor");
 }
 

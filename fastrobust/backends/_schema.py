@@ -29,6 +29,15 @@ def _like(t: Tensor, ref: Tensor) -> Tensor:
     return t if t.stride() == ref.stride() else torch.empty_like(ref).copy_(t)
 
 
+def _eps_values(op: str, eps_t) -> None:
+    """A negative per-sample eps raises on CPU tensors, as the C++ kernels do (a device
+    kernel makes the sample NaN: reading the values would be a host sync)."""
+    if eps_t is not None and eps_t.device.type == "cpu" and eps_t.numel():
+        low = eps_t.min().item()
+        if low < 0:
+            raise ValueError(f"{op}: eps must be >= 0, got {low}")
+
+
 def checked(impls: dict) -> dict:
     """Each function runs the op's argument checks (csrc/checks.h, the ones the C++ kernels
     run) before anything else."""
@@ -69,6 +78,9 @@ def implementations(bn, pgd, film=None) -> dict:
 
     def multi_bn_backward(dy, x, branch, mix, weight, bias, mean, invstd, planes, input_scale,
                           film_gamma, film_beta, num_branches, batch_stats, relu, needs):
+        # a gradient asked for an argument that is None is none (as the C++ kernels do)
+        needs = [bool(n) and (t is not None or i in (0, 2, 3)) for i, (n, t) in enumerate(
+            zip(needs, (x, mix, weight, bias, input_scale, film_gamma, film_beta)))]
         grads = bn().bn_backward(dy, x, branch, mix, weight, bias, mean, invstd, planes,
                                  input_scale, film_gamma, film_beta, num_branches, batch_stats,
                                  relu, tuple(needs))
@@ -84,6 +96,7 @@ def implementations(bn, pgd, film=None) -> dict:
         return torch.relu(a + b)
 
     def pgd_step(x_adv, grad, x_nat, eps_t, eps, alpha_t, alpha, l2, clip_min, clip_max):
+        _eps_values("pgd_step_", eps_t)
         work = x_adv if flat_layout(x_adv) else x_adv.contiguous()
         pgd().pgd_update(work, work, _like(grad, work), _like(x_nat, work), eps_t, eps, alpha_t,
                          alpha, PgdMode.L2 if l2 else PgdMode.LINF_SIGN, clip_min, clip_max)
@@ -91,6 +104,7 @@ def implementations(bn, pgd, film=None) -> dict:
             x_adv.copy_(work)
 
     def pgd_init(noise, x_nat, eps_t, eps, radius, l2, clip_min, clip_max):
+        _eps_values("pgd_init", eps_t)
         work = noise if flat_layout(noise) else noise.contiguous()
         xn = _like(x_nat, work)
         if l2:
@@ -103,6 +117,7 @@ def implementations(bn, pgd, film=None) -> dict:
 
     def mifgsm_step(x_adv, grad, momentum, x_nat, eps_t, eps, alpha_t, alpha, decay, clip_min,
                     clip_max):
+        _eps_values("mifgsm_step_", eps_t)
         work = x_adv if flat_layout(x_adv) else x_adv.contiguous()
         buf = _like(momentum, work)
         pgd().mifgsm_update(work, _like(grad, work), buf, _like(x_nat, work), eps_t, eps,
