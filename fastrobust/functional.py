@@ -157,6 +157,29 @@ def multi_batch_norm(x: Tensor, branch: Tensor, weight: Tensor | None = None,
     (fp64 for fp64 inputs); the output has x's dtype. Differentiable in x, weight, bias and the
     extras.
     """
+    fast = _fast_bn(x, branch, weight, bias, running_mean, running_var, num_batches_tracked,
+                    (input_scale, film_gamma, film_beta), num_branches, training, momentum, eps,
+                    activation, False)
+    if fast is not None:
+        try:
+            return _batch_norm(*fast)
+        except Exception:  # the op's checks refused: say it in this function's words
+            _multi_batch_norm_checked(x, branch, weight, bias, running_mean, running_var,
+                                      training, momentum, eps, num_branches,
+                                      num_batches_tracked, input_scale, film_gamma, film_beta,
+                                      activation, check_only=True)
+            raise
+    return _multi_batch_norm_checked(x, branch, weight, bias, running_mean, running_var,
+                                     training, momentum, eps, num_branches, num_batches_tracked,
+                                     input_scale, film_gamma, film_beta, activation)
+
+
+def _multi_batch_norm_checked(x, branch, weight, bias, running_mean, running_var, training,
+                              momentum, eps, num_branches, num_batches_tracked, input_scale,
+                              film_gamma, film_beta, activation, check_only=False):
+    """multi_batch_norm's arguments checked one by one in Python, with messages in its words,
+    and converted (an int32 branch, a numpy eps, ...): the path of unusual arguments, and the
+    diagnosis of an argument the op refused."""
     op = "multi_batch_norm"
     _check_x(op, x)
     if not isinstance(branch, Tensor):
@@ -180,6 +203,8 @@ def multi_batch_norm(x: Tensor, branch: Tensor, weight: Tensor | None = None,
     eps, momentum = _check_eps_momentum(op, eps, momentum)
     extras = [_per_sample_arg(op, n, t, x) for n, t in (
         ("input_scale", input_scale), ("film_gamma", film_gamma), ("film_beta", film_beta))]
+    if check_only:
+        return None
     return _batch_norm(x, branch.long(), weight, bias, running_mean, running_var,
                        num_batches_tracked, extras, K, bool(training), momentum, eps,
                        activation, False)
@@ -212,6 +237,26 @@ def mixed_batch_norm(x: Tensor, mix: Tensor, weight: Tensor | None = None,
     (forward, gradients and running stats). Differentiable in x, mix, weight, bias and the
     extras, in training and in eval.
     """
+    fast = _fast_bn(x, mix, weight, bias, running_mean, running_var, num_batches_tracked,
+                    (input_scale, film_gamma, film_beta), None, training, momentum, eps,
+                    activation, True)
+    if fast is not None:
+        try:
+            return _batch_norm(*fast)
+        except Exception:  # the op's checks refused: say it in this function's words
+            _mixed_batch_norm_checked(x, mix, weight, bias, running_mean, running_var, training,
+                                      momentum, eps, num_batches_tracked, input_scale,
+                                      film_gamma, film_beta, activation, check_only=True)
+            raise
+    return _mixed_batch_norm_checked(x, mix, weight, bias, running_mean, running_var, training,
+                                     momentum, eps, num_batches_tracked, input_scale,
+                                     film_gamma, film_beta, activation)
+
+
+def _mixed_batch_norm_checked(x, mix, weight, bias, running_mean, running_var, training,
+                              momentum, eps, num_batches_tracked, input_scale, film_gamma,
+                              film_beta, activation, check_only=False):
+    """mixed_batch_norm's arguments checked one by one (see _multi_batch_norm_checked)."""
     op = "mixed_batch_norm"
     _check_x(op, x)
     if not isinstance(mix, Tensor):
@@ -229,8 +274,42 @@ def mixed_batch_norm(x: Tensor, mix: Tensor, weight: Tensor | None = None,
     eps, momentum = _check_eps_momentum(op, eps, momentum)
     extras = [_per_sample_arg(op, n, t, x) for n, t in (
         ("input_scale", input_scale), ("film_gamma", film_gamma), ("film_beta", film_beta))]
+    if check_only:
+        return None
     return _batch_norm(x, mix, weight, bias, running_mean, running_var, num_batches_tracked,
                        extras, K, bool(training), momentum, eps, activation, True)
+
+
+def _fast_bn(x, route, weight, bias, running_mean, running_var, num_batches_tracked, extras,
+             num_branches, training, momentum, eps, activation, mixed):
+    """The arguments of `_batch_norm` when every one is already in its canonical form (tensors,
+    an int64 branch, float eps and momentum, bool training): the op's own checks (in C++, as
+    for every kernel) are then all there is to run. None: take the checked path."""
+    if not (type(eps) is float and (momentum is None or type(momentum) is float)
+            and (training is True or training is False)
+            and (activation is None or activation == "relu") and isinstance(x, Tensor)
+            and isinstance(route, Tensor) and (mixed or route.dtype == torch.int64)):
+        return None
+    K = route.shape[1] if mixed else num_branches
+    if K is None:
+        for t in (weight, bias, running_mean, running_var):
+            if isinstance(t, Tensor) and t.dim() >= 1:
+                K = t.shape[0]
+                break
+        else:
+            return None
+    if x.dim() < 2:
+        return None
+    N, C = x.shape[0], x.shape[1]
+    ext = []
+    for t in extras:
+        if t is not None:
+            if not isinstance(t, Tensor):
+                return None
+            t = (t.expand(N, C) if t.dim() == 1 else t).contiguous()
+        ext.append(t)
+    return (x, route, weight, bias, running_mean, running_var, num_batches_tracked, ext, K,
+            training, momentum, eps, activation, mixed)
 
 
 def _batch_norm(x, route, weight, bias, running_mean, running_var, num_batches_tracked, extras,
@@ -246,10 +325,11 @@ def _batch_norm(x, route, weight, bias, running_mean, running_var, num_batches_t
     branch, mix = (None, route) if mixed else (route, None)
     y = _ops.batch_norm(x, branch, mix, weight, bias, *work, *extras, K, training,
                         0.0 if cumulative else momentum, cumulative, eps, activation == "relu")
-    with torch.no_grad():
-        for t, w in zip(stats, work):
-            if w is not t:
-                t.copy_(w)
+    if work[0] is not stats[0] or work[1] is not stats[1] or work[2] is not stats[2]:
+        with torch.no_grad():
+            for t, w in zip(stats, work):
+                if w is not t:
+                    t.copy_(w)
     return y
 
 
