@@ -220,3 +220,22 @@ def test_film_training_shape(per_channel, backend):
     want = [y, *torch.autograd.grad(y, leaves, dy.double())]
     for name, g, e in zip(["y", "dx", "dgamma", "dbeta"], runs[0], want):
         _close(name, g, e, torch.float32)
+
+
+def test_no_python_frame_inside_the_op_on_cuda():
+    """In a CUDA build the CUDA key's kernel is C++ (csrc/cuda/plans.cpp): after the first call
+    of a signature, which records its plan, no Python frame is entered while an op runs: the
+    calls were replayed."""
+    import host_frames
+
+    from fastrobust import _C
+    if not getattr(_C, "CUDA_KERNELS", False):
+        pytest.skip("this build has no CUDA kernels: the Triton launchers run from Python")
+    with torch.no_grad():
+        for name, fn in host_frames.cases("cuda").items():
+            fn()
+            replays = _C._plan_stats()[2]
+            c = host_frames.FrameCounter.count(fn)
+            assert c.inside == 0, (name, c.inside_names, _C._plan_refusals())
+            if "F.batch_norm" not in name:
+                assert _C._plan_stats()[2] > replays, name

@@ -173,3 +173,28 @@ def test_an_interpreted_plan_is_not_given_to_cpp():
         torch.Generator().manual_seed(7)))
     assert plan.why_not is None
     assert "not compiled" in plan.for_cpp()["why_not"]
+
+
+def test_no_python_frame_inside_the_op_on_cpu():
+    """From torch.ops to the CPU kernels is C++: no Python frame is entered while the op runs
+    (benchmarks/host_frames.py counts the same on CUDA, where plans.cpp replays the Triton
+    launches; tests/test_gpu_correctness.py checks it there)."""
+    import host_frames
+    for name, fn in host_frames.cases("cpu").items():
+        fn()
+        c = host_frames.FrameCounter.count(fn)
+        assert c.inside == 0, (name, c.inside_names)
+        assert c.total > 0  # (the counter sees the wrapper's frames)
+
+
+def test_the_counter_sees_a_python_kernel():
+    """A kernel written in Python (Triton's launcher under the interpreter) is counted as
+    frames inside the op: the check above can fail."""
+    import host_frames
+
+    from fastrobust import backends, functional as F
+    x, br = torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 0, 1])
+    with backends.use("triton"):
+        c = host_frames.FrameCounter.count(
+            lambda: F.multi_batch_norm(x, br, num_branches=2, training=True))
+    assert c.inside > 0
