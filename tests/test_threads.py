@@ -212,3 +212,32 @@ def test_concurrent_attacks_keep_eval_mode_until_the_last_ends(first_ends):
     assert [p.requires_grad for p in model.parameters()] == flags
     for k, v in model[1].state_dict().items():
         assert torch.equal(v, stats[k]), k  # no adversarial batch reached the statistics
+
+
+def test_oat_model_condition_and_width_are_per_thread():
+    """An OATS model used by two threads at once, each inside its own ``at_width`` and
+    ``conditioned``: each gets the output of its own λ and width (FiLM γ, β, dual-BN branch
+    and slimmed convs)."""
+    from fastrobust.models import oat_resnet18
+
+    model = oat_resnet18(10, 4, width_mults=(0.5, 1.0)).eval()
+    x = torch.rand(3, 3, 8, 8)
+    want = {}
+    for w, lam in ((0.5, 0.0), (1.0, 1.0)):
+        with model.at_width(w), model.conditioned(lam, grad=False), torch.no_grad():
+            want[w] = model(x)
+    inside, done = threading.Barrier(2), threading.Barrier(2)
+    got = {}
+
+    def worker(w, lam):
+        def body():
+            with model.at_width(w), model.conditioned(lam, grad=False), torch.no_grad():
+                inside.wait(HANG)  # both threads have set their width and λ
+                got[w] = model(x)
+                done.wait(HANG)
+        return body
+
+    run_threads(worker(0.5, 0.0), worker(1.0, 1.0))
+    for w in (0.5, 1.0):
+        torch.testing.assert_close(got[w], want[w], rtol=0, atol=0)
+    assert model.width_mult == 1.0 and model._state is None
