@@ -342,8 +342,8 @@ class OATWideResNet(_Conditioned):
                  in_channels: int = 3, drop: float = 0.0, base: int = 16, lambdas=S1,
                  encoding: str = "ro", dim: int = 128, dual_bn: bool = True, seed: int = 0):
         super().__init__()
-        if (depth - 4) % 6:
-            raise ValueError(f"Wide-ResNet depth must be 6n + 4, got {depth}")
+        if depth < 10 or (depth - 4) % 6:
+            raise ValueError(f"Wide-ResNet depth must be 6n + 4 with n >= 1, got {depth}")
         self._setup(lambdas, encoding, dim, dual_bn, seed)
         n = (depth - 4) // 6
         widths = [base, base * widen, 2 * base * widen, 4 * base * widen]

@@ -63,7 +63,7 @@ class AFAConfig(BaseConfig):
             raise ConfigError("schedule", f"must be 'batched' or 'sequential', got "
                               f"{self.schedule!r}")
         check_number(self, "epochs2", 0, integer=True)
-        check_number(self, "lr2", 0)
+        check_number(self, "lr2", 0, lo_open=True)
         check_number(self, "max_eps", 0, 1, lo_open=True)
         check_number(self, "alpha_ratio", 0, lo_open=True)
         check_number(self, "trades_beta", 0)

@@ -89,7 +89,7 @@ class BaseConfig:
         check_number(self, "width", 1, integer=True)
         check_number(self, "epochs", 0, integer=True)
         check_number(self, "batch_size", 1, integer=True)
-        check_number(self, "lr", 0)
+        check_number(self, "lr", 0, lo_open=True)
         check_number(self, "momentum", 0, 1)
         check_number(self, "weight_decay", 0)
         check_number(self, "steps", 0, integer=True)
@@ -456,10 +456,15 @@ class BaseTrainer:
         for epochs_field, lr_field, opt_name, sched_name, done, make in schedules:
             opt, sched = getattr(self, opt_name), getattr(self, sched_name)
             old_lr, new_lr = saved.get(lr_field), getattr(self.cfg, lr_field)
-            if old_lr is not None and not _same(old_lr, new_lr):
-                rescale_lr(opt, sched, new_lr / old_lr)
-                changed[lr_field] = (old_lr, new_lr)
             old_e, new_e = saved.get(epochs_field), getattr(self.cfg, epochs_field)
+            if old_lr is not None and not _same(old_lr, new_lr):
+                if old_lr:
+                    rescale_lr(opt, sched, new_lr / old_lr)
+                else:  # a run at lr 0 (older versions took it): no scale to multiply
+                    for group in opt.param_groups:
+                        group["initial_lr"] = new_lr
+                    setattr(self, sched_name, replan_schedule(opt, make, done, new_e))
+                changed[lr_field] = (old_lr, new_lr)
             if old_e is not None and new_e != old_e:
                 setattr(self, sched_name, replan_schedule(opt, make, done, new_e))
                 changed[epochs_field] = (old_e, new_e)

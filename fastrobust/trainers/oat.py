@@ -62,6 +62,11 @@ class OATConfig(BaseConfig):
         check_number(self, "eps", 0, 1)
         check_number(self, "alpha", 0, 1)
         check_number(self, "dim", 1, integer=True)
+        check_number(self, "depth", integer=True)
+        if self.depth < 10 or (self.depth - 4) % 6:
+            raise ConfigError("depth", f"must be 6n + 4 with n >= 1 (10, 16, 22, 28, ...), "
+                              f"got {self.depth}")
+        check_number(self, "widen", 1, integer=True)
         if self.encoding not in ("ro", "dct", "none"):
             raise ConfigError("encoding", f"must be 'ro', 'dct' or 'none', got "
                               f"{self.encoding!r}")
