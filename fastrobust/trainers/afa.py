@@ -32,7 +32,8 @@ from ..attacks import FGSM, PGD
 from ..attacks.attacks import eval_mode
 from ..models import afa_resnet18
 from .common import (BaseConfig, BaseTrainer, CheckpointError, ConfigError, check_finite,
-                     check_number, format_table, load_checkpoint, write_json)
+                     check_number, format_table, load_checkpoint, require_entries,
+                     write_json)
 
 __all__ = ["AFAConfig", "AFATrainer", "RelativePGD", "stage1_loss", "evaluate_afa",
            "report_afa"]
@@ -226,6 +227,9 @@ class AFATrainer(BaseTrainer):
 
     def load(self, path: str) -> None:
         ck = load_checkpoint(path, kind="afa")
+        require_entries(ck, path, "model", "stage", "opt1", "opt2", "sched1", "sched2",
+                        "epoch1", "epoch2", "history", "rng.data", "rng.attack_per_rank",
+                        "config.epochs")
         if ck["stage"] == 2:
             if self.cfg.epochs != ck["config"]["epochs"]:
                 raise CheckpointError(f"{path}: stage II has begun, so --epochs (stage I) can "
