@@ -105,24 +105,31 @@ def test_each_thread_sees_its_own_routing():
 
 
 def test_nested_routing_in_threads_restores_each_threads_outer_route():
+    """A opens routing 1, then 0 inside it; B opens a mix; A closes its inner context while B
+    is inside, B computes, B closes, A computes: B sees its mix and A its outer branch 1
+    (A's exit used to put branch 1 back for B too, and B's exit branch 0 back for A)."""
     bn = two_branch_bn()
     model = nn.Sequential(bn)
     x = torch.randn(4, 3, 2, 2)
-    inner_in, other_in = threading.Event(), threading.Event()
+    a_inner, b_in, a_inner_out, b_out = (threading.Event() for _ in range(4))
     got = {}
 
     def a():
         with routing(model, branch=1):
             with routing(model, branch=0):
-                inner_in.set()
-                wait(other_in)
-            got["a"] = model(x)  # the outer routing again, whatever B did
+                a_inner.set()
+                wait(b_in)
+            a_inner_out.set()
+            wait(b_out)
+            got["a"] = model(x)
 
     def b():
-        wait(inner_in)
+        wait(a_inner)
         with routing(model, mix=torch.tensor([[0.5, 0.5]]).expand(4, 2)):
-            other_in.set()
+            b_in.set()
+            wait(a_inner_out)
             got["b"] = model(x)
+        b_out.set()
 
     run_threads(a, b)
     torch.testing.assert_close(got["a"], bn(x, branch=1), rtol=0, atol=0)
@@ -131,7 +138,7 @@ def test_nested_routing_in_threads_restores_each_threads_outer_route():
 
 def test_a_dataparallel_replica_keeps_the_callers_routing():
     """nn.DataParallel runs its replicas in worker threads: a replica made inside `routing`
-    routes as the caller's thread does."""
+    routes as the caller's thread does (as it did when routing was a module attribute)."""
     bn = two_branch_bn()
     x = torch.randn(4, 3, 2, 2)
     with routing(bn, branch=1):
