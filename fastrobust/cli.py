@@ -10,7 +10,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -134,6 +136,20 @@ def speed(args) -> int:
     return 0
 
 
+def _bars() -> bool:
+    """Progress bars on a terminal only: a log file or pipe gets the epoch lines, not every
+    redraw of a bar."""
+    return sys.stderr is not None and sys.stderr.isatty()
+
+
+def _close_bars() -> None:
+    """Closes the progress bars a Ctrl-C left open, so its line starts a clean line."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors: ``fastrobust train oat: error: --eps must be ...``,
     exit status 2, no usage block and no traceback."""
@@ -154,10 +170,9 @@ def _config(cls, args, tuples=()):
     """The run's config from the options that were given, validated before any data is read
     or model built; with --resume, the checkpoint's run with those options applied (a
     differing one needs --override). Bad values end here with one line naming the flag."""
-    import os
-
-    from fastrobust.trainers.common import (CheckpointError, ConfigError, load_checkpoint,
-                                            resume_changes, resumed_config)
+    from fastrobust.trainers.common import (RESUME_FREE, CheckpointError, ConfigError,
+                                            load_checkpoint, resume_changes, resumed_config,
+                                            unknown_options)
 
     p = args.parser
     kw = {k: v for k, v in vars(args).items() if k in cls.__dataclass_fields__ and v is not None}
@@ -166,12 +181,16 @@ def _config(cls, args, tuples=()):
             kw[key] = tuple(kw[key])
     given = set(kw)
     cfg = cls(**kw)
+    path = None
     try:
         cfg.validate()
         if not getattr(args, "resume", False):
             return cfg
         path = os.path.join(cfg.out, "last.pt")
         ck = load_checkpoint(path, kind=args.kinds)
+        ignored = unknown_options(cls, ck["config"], path)
+        if ignored:
+            print(f"{p.prog}: warning: {ignored}", file=sys.stderr)
         changes = resume_changes(ck["config"], cfg, given)
         if changes and not args.override:
             said = ", ".join(f"{_flag(p, k)} {new!r} (the run has {old!r})"
@@ -182,6 +201,10 @@ def _config(cls, args, tuples=()):
         cfg.validate()
         return cfg
     except ConfigError as e:
+        if path is not None and e.field not in given:  # the run's own value is refused
+            how = "" if e.field in RESUME_FREE else " with --override"
+            p.error(f"{_flag(p, e.field)} {e.message} in the run's configuration ({path}); "
+                    f"give {_flag(p, e.field)}{how} to change it")
         p.error(f"{_flag(p, e.field)} {e.message}")
     except CheckpointError as e:
         p.error(f"--resume: {e}")
@@ -198,6 +221,7 @@ def _train(args, cfg, make, describe: str, resumed, evaluate) -> int:
     evaluates; a diverged run exits with status 2."""
     from fastrobust.trainers.common import TrainingDiverged, distributed_context
 
+    started = time.time()
     rank, world, _ = distributed_context(cfg.device)
     say = print if rank == 0 else (lambda *a, **k: None)
     ranks = f"; {world} ranks (DDP, global batch {cfg.batch_size})" if world > 1 else ""
@@ -220,10 +244,30 @@ def _train(args, cfg, make, describe: str, resumed, evaluate) -> int:
     except (CheckpointError, DataMissing, DataCorrupt) as e:
         print(f"{args.parser.prog}: error: {e}", file=sys.stderr)
         return 2
-    if trainer.is_main:
-        evaluate(trainer)
+    except KeyboardInterrupt:
+        say(_interrupted(args, cfg, started), file=sys.stderr)
+        return 130
+    try:
+        if trainer.is_main:
+            evaluate(trainer)
+    except KeyboardInterrupt:
+        say(_interrupted(args, cfg, started), file=sys.stderr)
+        return 130
     trainer.close()
     return 0
+
+
+def _interrupted(args, cfg, started: float) -> str:
+    """The one line of a Ctrl-C during a run: its last checkpoint and how to go on from it."""
+    _close_bars()
+    prog, path = args.parser.prog, os.path.join(cfg.out, "last.pt")
+    if os.path.isfile(path) and (args.resume or os.path.getmtime(path) >= started):
+        return (f"{prog}: interrupted; the last checkpoint is {path}: continue with "
+                f"`{prog} --out {shlex.quote(cfg.out)} --resume`")
+    if os.path.isfile(path):
+        return (f"{prog}: interrupted before this run wrote a checkpoint ({path} is still "
+                "an earlier run's)")
+    return f"{prog}: interrupted before this run wrote a checkpoint; nothing to resume"
 
 
 def train(args) -> int:
@@ -233,10 +277,10 @@ def train(args) -> int:
     widths = f", widths {list(cfg.widths)}" if cfg.widths else ""
 
     def evaluate(trainer):
-        rows = sweep_all(trainer.model.eval(), trainer.data.test, cfg)
+        rows = sweep_all(trainer.model.eval(), trainer.data.test, cfg, progress=_bars())
         report(rows, cfg, cfg.out, f"{cfg.method.upper()} {cfg.arch} on {cfg.dataset}")
     return _train(
-        args, cfg, lambda say: OATTrainer(cfg, resume=args.resume),
+        args, cfg, lambda say: OATTrainer(cfg, resume=args.resume, progress=_bars()),
         f"{cfg.method.upper()} on {cfg.dataset}: {cfg.arch}{widths}, {cfg.epochs} epochs, "
         f"PGD-{cfg.steps} (eps {cfg.eps:.4g}, alpha {cfg.alpha:.4g}), lambdas "
         f"{list(cfg.lambdas)}{' (continuous)' if cfg.continuous else ''}; checkpoints in "
@@ -244,8 +288,6 @@ def train(args) -> int:
 
 
 def evaluate_checkpoint(args) -> int:
-    import os
-
     from fastrobust.trainers.oat import model_from_checkpoint, report, sweep_all
 
     from fastrobust.data import DataCorrupt, DataMissing
@@ -256,19 +298,29 @@ def evaluate_checkpoint(args) -> int:
         p.error(f"--steps must be >= 0, got {args.steps}")
     if args.lambdas is not None and not all(0 <= v <= 1 for v in args.lambdas):
         p.error(f"--lambdas must lie in [0, 1], got {args.lambdas}")
+    path = args.checkpoint
+    if os.path.isdir(path):  # a run directory: its last checkpoint
+        if not os.path.isfile(os.path.join(path, "last.pt")):
+            found = sorted(f for f in os.listdir(path) if f.endswith(".pt"))
+            there = f"it holds {', '.join(found)}" if found else "it holds no .pt file"
+            p.error(f"{path} is a directory without a last.pt ({there}); give the "
+                    "checkpoint file")
+        path = os.path.join(path, "last.pt")
     try:
         check_device(args.device)
-        model, cfg, ds = model_from_checkpoint(args.checkpoint, args.device)
+        model, cfg, ds = model_from_checkpoint(
+            path, args.device,
+            warn=lambda message: print(f"{p.prog}: warning: {message}", file=sys.stderr))
     except ConfigError as e:
         p.error(f"--{e.field} {e.message}")
     except (CheckpointError, DataMissing, DataCorrupt) as e:
         p.error(str(e))
     if args.steps is not None:
         cfg.eval_steps = args.steps
-    rows = sweep_all(model, ds.test, cfg, lambdas=args.lambdas, steps=cfg.eval_steps)
-    out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
-    report(rows, cfg, out, f"{cfg.method.upper()} {cfg.arch} on {cfg.dataset} "
-           f"({args.checkpoint})")
+    rows = sweep_all(model, ds.test, cfg, lambdas=args.lambdas, steps=cfg.eval_steps,
+                     progress=_bars())
+    out = args.out or os.path.dirname(os.path.abspath(path))
+    report(rows, cfg, out, f"{cfg.method.upper()} {cfg.arch} on {cfg.dataset} ({path})")
     return 0
 
 
@@ -291,11 +343,11 @@ def demo(args) -> int:
     print(f"\nOAT on scikit-learn's digits (8x8, 1,437 train / 360 test images): ResNet-18 "
           f"of width {cfg.width} with dual BN and FiLM, {cfg.epochs} epochs, PGD-7 with "
           f"eps {cfg.eps:g} (pixels in [0, 1]), lambdas {list(cfg.lambdas)}\n")
-    trainer = OATTrainer(cfg)
+    trainer = OATTrainer(cfg, progress=_bars())
     trainer.fit()
     print(f"\ntraining took {time.perf_counter() - t0:.0f} s; evaluating every lambda "
           f"(PGD-{cfg.eval_steps})\n")
-    rows = sweep(trainer.model.eval(), trainer.data.test, cfg)
+    rows = sweep(trainer.model.eval(), trainer.data.test, cfg, progress=_bars())
     report({"": rows}, cfg, cfg.out, "OAT demo: ResNet-18 on digits")
     by = {r["lambda"]: r for r in rows}
     lo, hi = by[0.0], by[1.0]
@@ -315,10 +367,10 @@ def train_afa(args) -> int:
     eps = ", ".join(f"{e:.4g}" for e in cfg.strengths().tolist())
 
     def evaluate(trainer):
-        result = evaluate_afa(trainer.model, trainer.data.test, cfg)
+        result = evaluate_afa(trainer.model, trainer.data.test, cfg, progress=_bars())
         report_afa(result, cfg, cfg.out, f"AFA ResNet-18/w{cfg.width} on {cfg.dataset}")
     return _train(
-        args, cfg, lambda say: AFATrainer(cfg, resume=args.resume),
+        args, cfg, lambda say: AFATrainer(cfg, resume=args.resume, progress=_bars()),
         f"AFA on {cfg.dataset}: ResNet-18 of width {cfg.width}, K={cfg.num_branches} "
         f"strengths [{eps}], stage I {cfg.epochs} epochs ({cfg.schedule}, "
         f"{cfg.adv_loss.upper()}-AT, PGD-{cfg.steps}), stage II {cfg.epochs2} epochs; "
@@ -336,12 +388,13 @@ def train_awnet(args) -> int:
                 cfg.teacher_adv else f"teachers trained here ({cfg.teacher_epochs} epochs)")
 
     def evaluate(trainer):
-        result = evaluate_awnet(trainer.model, trainer.data.test, cfg,
+        result = evaluate_awnet(trainer.model, trainer.data.test, cfg, progress=_bars(),
                                 baselines={"PGD-AT teacher": trainer.teacher_adv,
                                            "standard teacher": trainer.teacher_nat})
         report_awnet(result, cfg, cfg.out, f"AW-Net ResNet-18/w{cfg.width} on {cfg.dataset}")
     return _train(
-        args, cfg, lambda say: AWNetTrainer(cfg, resume=args.resume, log=say),
+        args, cfg, lambda say: AWNetTrainer(cfg, resume=args.resume, log=say,
+                                            progress=_bars()),
         f"AW-Net on {cfg.dataset}: ResNet-18 of width {cfg.width}, {cfg.epochs} epochs, "
         f"PGD-{cfg.steps} (eps {cfg.eps:.4g}), tau {cfg.tau:g}, beta {cfg.beta:g}; {teachers}; "
         f"checkpoints in {cfg.out}", lambda t: f"resumed after epoch {t.epoch}", evaluate)
@@ -471,7 +524,8 @@ def main(argv=None) -> int:
         p_m.set_defaults(fn=m.resolve(m.run), parser=p_m, kinds=m.kinds)
 
     p_eval = sub.add_parser("eval", help="lambda sweep of a checkpoint (SA, RA, JSON, plot)")
-    p_eval.add_argument("checkpoint", help="a trainer checkpoint, e.g. runs/oat/last.pt")
+    p_eval.add_argument("checkpoint", help="a trainer checkpoint, e.g. runs/oat/last.pt, or a "
+                        "run directory (its last.pt)")
     p_eval.add_argument("--steps", type=int, help="PGD steps (default: the run's eval_steps)")
     p_eval.add_argument("--lambdas", type=float, nargs="+",
                         help="lambda values (default: the training set and unseen ones)")
@@ -484,16 +538,37 @@ def main(argv=None) -> int:
 
     p_speed = sub.add_parser("speed", help="dual BN in a small ResNet against the OAT-style "
                              "eager form, timed")
-    p_speed.add_argument("--batch", type=int, default=64,
+    p_speed.add_argument("--batch", type=_at_least(1), default=64,
                          help="clean samples per batch (default 64)")
-    p_speed.add_argument("--width", type=int, default=16, help="ResNet base width (default 16)")
-    p_speed.add_argument("--steps", type=int, default=5, help="training steps shown (default 5)")
-    p_speed.add_argument("--timing-steps", type=int, default=10,
+    p_speed.add_argument("--width", type=_at_least(1), default=16,
+                         help="ResNet base width (default 16)")
+    p_speed.add_argument("--steps", type=_at_least(0), default=5,
+                         help="training steps shown (default 5)")
+    p_speed.add_argument("--timing-steps", type=_at_least(1), default=10,
                          help="steps timed (default 10)")
     p_speed.set_defaults(fn=speed)
 
     args = parser.parse_args(argv)
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except KeyboardInterrupt:  # the train commands say more (where to resume)
+        _close_bars()
+        prog = args.parser.prog if hasattr(args, "parser") else f"fastrobust {args.command}"
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _at_least(low: int):
+    """An argparse type: an integer >= ``low``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    return parse
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ CASES = [
     ("oat", ["--width", "four"], "--width: invalid int value"),
     ("oat", ["--lr", "nan"], "--lr must be finite"),
     ("oat", ["--lr", "inf"], "--lr must be finite"),
-    ("oat", ["--lr", "-1"], "--lr must be >= 0"),
+    ("oat", ["--lr", "-1"], "--lr must be > 0, got -1"),
+    ("oat", ["--lr", "0"], "--lr must be > 0, got 0"),
     ("oat", ["--epochs", "0"], "--epochs must be >= 1"),
     ("oat", ["--batch-size", "0"], "--batch-size must be >= 1"),
     ("oat", ["--steps", "-1"], "--steps must be >= 0"),
@@ -29,6 +30,9 @@ CASES = [
     ("oat", ["--lambdas", "0.5", "1"], "--lambdas must lie in [0, 1] and include 0"),
     ("oat", ["--lambdas", "0", "1.5"], "--lambdas must lie in [0, 1]"),
     ("oat", ["--dim", "0"], "--dim must be >= 1"),
+    ("oat", ["--arch", "wrn", "--depth", "5"], "--depth must be 6n + 4 with n >= 1"),
+    ("oat", ["--arch", "wrn", "--depth", "-2"], "--depth must be 6n + 4 with n >= 1"),
+    ("oat", ["--arch", "wrn", "--widen", "0"], "--widen must be >= 1, got 0"),
     ("oat", ["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"],
      "--device"),
     ("oat", ["--device", "gpu0"], "--device must be a torch device"),
@@ -40,6 +44,9 @@ CASES = [
     ("afa", ["--max-eps", "0"], "--max-eps must be in (0, 1]"),
     ("afa", ["--branches", "1"], "--branches must be >= 2"),
     ("afa", ["--lr2", "nan"], "--lr2 must be finite"),
+    ("afa", ["--lr2", "0"], "--lr2 must be > 0, got 0"),
+    ("afa", ["--lr", "0"], "--lr must be > 0, got 0"),
+    ("awnet", ["--lr", "0"], "--lr must be > 0, got 0"),
     ("afa", ["--epochs2", "-1"], "--epochs2 must be >= 0"),
     ("awnet", ["--tau", "0"], "--tau must be > 0"),
     ("awnet", ["--beta", "-1"], "--beta must be > 0"),
@@ -116,3 +123,25 @@ def test_eval_bad_options(capsys, tmp_path):
 def test_demo_bad_option(capsys):
     code, err = _run(capsys, ["demo", "--width", "0"])
     assert code == 2 and "fastrobust demo: error: --width must be >= 1" in _one_line(err)
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--timing-steps", "0"], "--timing-steps: must be >= 1, got 0"),
+    (["--batch", "0"], "--batch: must be >= 1, got 0"),
+    (["--width", "-1"], "--width: must be >= 1, got -1"),
+    (["--steps", "-1"], "--steps: must be >= 0, got -1"),
+], ids=lambda v: "".join(v) if isinstance(v, list) else None)
+def test_speed_bad_option(capsys, args, fragment):
+    code, err = _run(capsys, ["speed", *args])
+    line = _one_line(err)
+    assert code == 2 and line.startswith("fastrobust speed: error: ") and fragment in line
+
+
+@pytest.mark.parametrize("files", [[], ["teacher_nat.pt", "best.pt"]], ids=["empty", "others"])
+def test_eval_a_directory_without_last_pt_names_what_is_there(capsys, tmp_path, files):
+    for name in files:
+        (tmp_path / name).write_bytes(b"x")
+    code, err = _run(capsys, ["eval", str(tmp_path)])
+    line = _one_line(err)
+    assert code == 2 and f"{tmp_path} is a directory without a last.pt" in line, line
+    assert ("best.pt, teacher_nat.pt" in line) if files else ("no .pt file" in line)

@@ -315,9 +315,11 @@ def test_oats_width_switching():
 def test_oats_accumulates_gradients_over_widths(tmp_path):
     """With lr 0 the parameters stay put and .grad keeps the step's accumulated gradient: it is
     the sum of each width's gradient (eps 0: no randomness in the attack)."""
-    cfg = tiny_cfg(tmp_path, widths=(0.5, 1.0), lr=0.0, momentum=0.0, weight_decay=0.0,
+    cfg = tiny_cfg(tmp_path, widths=(0.5, 1.0), momentum=0.0, weight_decay=0.0,
                    eps=0.0, alpha=0.0, steps=1)
     tr = OATTrainer(cfg, progress=False)
+    for group in tr.opt.param_groups:  # a run's lr must be > 0; this step's is 0
+        group["lr"] = 0.0
     x, y = tr.data.train.x[:16], tr.data.train.y[:16]
     lam = torch.tensor([0.0, 0.1, 0.2, 1.0] * 4)
     state = {k: v.clone() for k, v in tr.model.state_dict().items()}

@@ -167,3 +167,130 @@ def test_epochs_below_progress_needs_override(tmp_path, capsys):
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "--epochs 1 (the run has 2)" in err
     assert math.isfinite(load_checkpoint(str(tmp_path / "last.pt"))["history"][-1]["loss"])
+
+
+# --- checkpoints this version cannot take as they are; Ctrl-C ------------------------------------
+
+COMMON = ["--width", "4", "--batch-size", "64", "--steps", "0", "--max-train-batches", "1",
+          "--eval-steps", "0"]
+
+
+def _edit_checkpoint(path, edit):
+    ck = torch.load(path, weights_only=False)
+    edit(ck)
+    torch.save(ck, path)
+    return os.path.getmtime(path)
+
+
+def _lines(err: str) -> list[str]:
+    """stderr as a terminal shows it: the text after each line's last carriage return (a
+    closed progress bar leaves only its erasure), blank lines dropped."""
+    return [ln.rsplit("\r", 1)[-1] for ln in err.split("\n") if ln.rsplit("\r", 1)[-1].strip()]
+
+
+def _at_lr_zero(ck):
+    """A run made with --lr 0, which older versions took."""
+    ck["config"]["lr"] = 0.0
+    for group in ck["optimizer"]["param_groups"]:
+        group["lr"] = group["initial_lr"] = 0.0
+    ck["scheduler"]["base_lrs"] = [0.0]
+    ck["scheduler"]["_last_lr"] = [0.0]
+
+
+def test_a_run_at_lr_zero_is_refused_then_resumes_with_an_overridden_lr(tmp_path, capsys):
+    OATTrainer(_cfg(tmp_path, epochs=1), progress=False).fit(log=lambda *a: None)
+    path = str(tmp_path / "last.pt")
+    mtime = _edit_checkpoint(path, _at_lr_zero)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:  # its lr 0 is refused, and named
+        main(["train", "oat", "--out", str(tmp_path), "--resume", "--epochs", "3"])
+    lines = _lines(capsys.readouterr().err)
+    assert exc.value.code == 2 and len(lines) == 1 and "Traceback" not in lines[0]
+    assert "--lr must be > 0, got 0.0 in the run's configuration" in lines[0], lines[0]
+    assert path in lines[0] and "--override" in lines[0]
+    assert os.path.getmtime(path) == mtime  # nothing ran
+    # --override --lr 0.1: the schedule is planned at the new base from where the run is (it
+    # used to divide by the old lr: ZeroDivisionError)
+    trainer = OATTrainer(_cfg(tmp_path, epochs=3, lr=0.1), resume=True, progress=False)
+    assert trainer.resumed_changes == {"lr": (0.0, 0.1), "epochs": (1, 3)}
+    trainer.fit(log=lambda *a: None)
+    want = [0.05 * (1 + math.cos(math.pi * k / 3)) for k in (2, 3)]
+    assert _lrs(trainer.history)[1:] == pytest.approx(want, abs=1e-12)
+
+
+@pytest.mark.parametrize("entry", ["rng", "optimizer"])
+def test_a_checkpoint_missing_an_entry_is_one_line(tmp_path, capsys, entry):
+    OATTrainer(_cfg(tmp_path, epochs=1), progress=False).fit(log=lambda *a: None)
+    path = str(tmp_path / "last.pt")
+    mtime = _edit_checkpoint(path, lambda ck: ck.pop(entry))
+    capsys.readouterr()
+    code = main(["train", "oat", "--out", str(tmp_path), "--resume", "--epochs", "2"])
+    lines = _lines(capsys.readouterr().err)
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("fastrobust train oat: error: ") and path in lines[0]
+    assert f"has no {entry!r} entry" in lines[0]
+    assert os.path.getmtime(path) == mtime
+
+
+def test_an_unknown_option_in_a_checkpoint_is_one_warning(tmp_path, capsys, monkeypatch):
+    """An option of the run's configuration that this version does not have is named in one
+    warning line, on resume and by eval (which takes a run directory for its last.pt)."""
+    import fastrobust.trainers.oat as oat
+
+    sweep_all = oat.sweep_all  # the final sweeps at λ = 0 only: this test is about the files
+    monkeypatch.setattr(oat, "sweep_all",
+                        lambda *a, **kw: sweep_all(*a, **{**kw, "lambdas": [0.0]}))
+    OATTrainer(_cfg(tmp_path, epochs=1), progress=False).fit(log=lambda *a: None)
+    path = str(tmp_path / "last.pt")
+    _edit_checkpoint(path, lambda ck: ck["config"].update(mixup_alpha=0.2))
+    capsys.readouterr()
+    for argv in (["train", "oat", "--out", str(tmp_path), "--resume", "--epochs", "1"],
+                 ["eval", str(tmp_path)]):
+        assert main(argv) == 0
+        warned = [ln for ln in _lines(capsys.readouterr().err) if "warning" in ln]
+        assert len(warned) == 1, warned
+        assert "'mixup_alpha' (0.2)" in warned[0] and path in warned[0]
+        assert "does not know" in warned[0]
+    assert os.path.isfile(tmp_path / "results.json")
+
+
+def test_ctrl_c_before_the_first_checkpoint(tmp_path, capsys, monkeypatch):
+    def interrupted(self, log=print):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(OATTrainer, "fit", interrupted)
+    try:
+        code = main(["train", "oat", "--out", str(tmp_path), *COMMON])
+    except KeyboardInterrupt:  # not let through: it would end the whole test session
+        pytest.fail("Ctrl-C came out of main() as KeyboardInterrupt")
+    lines = _lines(capsys.readouterr().err)
+    assert code == 130 and len(lines) == 1
+    assert "interrupted before this run wrote a checkpoint; nothing to resume" in lines[0]
+
+
+def test_ctrl_c_is_one_line_naming_the_checkpoint_and_resume(tmp_path):
+    """SIGINT to a training run after its first checkpoint: exit status 130 and one line on
+    stderr (no traceback) with the checkpoint and the command that resumes it."""
+    out = tmp_path / "run"
+    p = subprocess.Popen(
+        [sys.executable, "-m", "fastrobust", "train", "oat", "--out", str(out), *COMMON,
+         "--epochs", "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        # a shell's background job ignores SIGINT, and so would the child: it gets Ctrl-C's
+        # default handling back, as in a terminal
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        for line in p.stdout:  # an epoch's line comes after its checkpoint
+            if line.startswith("epoch"):
+                break
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    lines = _lines(err)
+    assert p.returncode == 130, err
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("fastrobust train oat: interrupted; the last checkpoint is "
+                               f"{out / 'last.pt'}"), lines[0]
+    assert f"fastrobust train oat --out {out} --resume" in lines[0]
+    assert load_checkpoint(str(out / "last.pt"))["epoch"] >= 1

@@ -5,10 +5,16 @@ turns ``requires_grad`` off on the model's parameters for the attack (restored a
 input gradients with `torch.autograd.grad`, so parameter gradients are neither computed nor
 left in `.grad`. The step loop has no host sync: eps and alpha may be per-sample tensors
 and nothing is read back to the host.
+
+Attacks (and evaluations) on one model from several threads at once share that state: the
+model stays in eval mode with its parameters frozen until the last of them ends, which
+restores each module's mode and each parameter's flag as they were before the first began.
+Their routing (``branch=``, ``mix=``) is per thread (`fastrobust.nn.routing`).
 """
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Callable
 
 import torch
@@ -29,30 +35,60 @@ def cw_loss(logits: Tensor, y: Tensor, kappa: float = 0.0) -> Tensor:
     return -(true - other).clamp(min=-kappa).mean()
 
 
+# Modules and parameters held by the eval_mode / frozen_parameters bodies running now, in any
+# thread: {object: [number of bodies holding it, its own flag before the first one]}.
+_HELD_LOCK = threading.Lock()
+_EVAL_HELD: dict = {}
+_FROZEN_HELD: dict = {}
+
+
+@contextlib.contextmanager
+def _hold(objects, held: dict, flag, set_flag):
+    """``set_flag(o, False)`` on every object for the body; each object's own ``flag(o)`` is
+    restored when the last body holding it (in any thread) ends, also on an exception."""
+    objects = list(objects)
+    with _HELD_LOCK:
+        for o in objects:
+            entry = held.get(o)
+            if entry is None:
+                held[o] = [1, flag(o)]
+                set_flag(o, False)
+            else:
+                entry[0] += 1
+    try:
+        yield
+    finally:
+        with _HELD_LOCK:
+            for o in objects:
+                entry = held[o]
+                entry[0] -= 1
+                if entry[0] == 0:
+                    del held[o]
+                    set_flag(o, entry[1])
+
+
+def _set_training(m: nn.Module, mode: bool) -> None:
+    m.training = mode
+
+
 @contextlib.contextmanager
 def eval_mode(model: nn.Module):
-    """Puts every submodule in eval mode and restores each one's own mode on exit."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
+    """Every submodule in eval mode for the body, then each one's own mode restored. Bodies
+    overlapping on a module (nested, or in other threads) keep it in eval mode until the last
+    one ends, which restores the mode it had before the first."""
+    with _hold(model.modules(), _EVAL_HELD, lambda m: m.training, _set_training):
+        model.eval()  # as well: a module's own train() may do more than set its flag
         yield model
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 @contextlib.contextmanager
 def frozen_parameters(model: nn.Module):
     """requires_grad off on every parameter of ``model`` for the body, then each restored: the
-    backward of an attack computes input gradients only."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
+    backward of an attack computes input gradients only. Overlapping bodies (other threads)
+    share the freeze as `eval_mode` does."""
+    with _hold(model.parameters(), _FROZEN_HELD, lambda p: p.requires_grad,
+               lambda p, flag: p.requires_grad_(flag)):
         yield model
-    finally:
-        for p in params:
-            p.requires_grad_(True)
 
 
 class Attack:

@@ -7,6 +7,9 @@ routed by λ (λ = 0 → the clean branch, λ ≠ 0 → the adversarial one), bo
         logits = model(x)                   # γ, β computed once here, not in every PGD step
     logits = model(x, lam)                  # the same, for one call
 
+The condition and the width are per thread, like `fastrobust.nn.routing`: threads sharing one
+model each run with the λ and width of their own ``conditioned`` / ``at_width``.
+
 OATS (``width_mults=(0.5, 0.75, 1.0)``): the same network, slimmable: every conv and the
 classifier use the first ``round(w·C)`` channels of their weights at width ``w``, each width
 has its own dual BNs (switchable BN), the FiLM MLPs are shared and their γ, β sliced.
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +41,31 @@ __all__ = ["S1", "LambdaEncoding", "OATResNet", "OATWideResNet", "oat_resnet18",
            "SlimConv2d", "SlimLinear", "SwitchableBN"]
 
 S1 = (0.0, 0.1, 0.2, 0.3, 0.4, 1.0)  # OAT's default training set of λ values
+
+# What `conditioned` and `at_width` set, per thread: {(model, "state" | "width"): value}.
+_THREAD = threading.local()
+
+
+def _thread_value(model, name: str):
+    values = getattr(_THREAD, "values", None)
+    return values.get((model, name)) if values else None
+
+
+@contextlib.contextmanager
+def _set_thread_value(model, name: str, value):
+    values = getattr(_THREAD, "values", None)
+    if values is None:
+        values = _THREAD.values = {}
+    key = (model, name)
+    old = values.get(key)
+    values[key] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            values.pop(key, None)
+        else:
+            values[key] = old
 
 
 class LambdaEncoding(nn.Module):
@@ -137,9 +166,19 @@ class _Conditioned(nn.Module):
         self.width_mults = tuple(sorted(width_mults)) if width_mults else None
         if self.width_mults and not all(0 < w <= 1 for w in self.width_mults):
             raise ValueError(f"width multipliers must lie in (0, 1], got {width_mults}")
-        self.width_mult = self.width_mults[-1] if self.width_mults else 1.0
+        self._widest = self.width_mults[-1] if self.width_mults else 1.0
         self._films: list[FiLM] = []
-        self._state: dict[FiLM, tuple[Tensor, Tensor]] | None = None
+
+    @property
+    def width_mult(self) -> float:
+        """The width multiplier of this thread's calls: `at_width`'s, else the widest."""
+        width = _thread_value(self, "width")
+        return self._widest if width is None else width
+
+    @property
+    def _state(self) -> dict[FiLM, tuple[Tensor, Tensor]] | None:
+        """The FiLM γ, β of this thread's `conditioned`, or None."""
+        return _thread_value(self, "state")
 
     @property
     def width_index(self) -> int:
@@ -151,11 +190,8 @@ class _Conditioned(nn.Module):
         if not self.width_mults or width not in self.width_mults:
             raise ValueError(f"width {width} is not one of this model's widths "
                              f"{self.width_mults}")
-        old, self.width_mult = self.width_mult, width
-        try:
+        with _set_thread_value(self, "width", width):
             yield self
-        finally:
-            self.width_mult = old
 
     def _bn(self, c: int) -> nn.Module:
         k = 2 if self.dual_bn else 1
@@ -189,12 +225,8 @@ class _Conditioned(nn.Module):
         ``grad=False`` computes γ, β without a graph (for attacks and evaluation)."""
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
             state, branch = self._condition(lam)
-        old, self._state = self._state, state
-        try:
-            with routing(self, branch=branch):
-                yield self
-        finally:
-            self._state = old
+        with _set_thread_value(self, "state", state), routing(self, branch=branch):
+            yield self
 
     def _condition(self, lam):
         device = self.encoding.codes.device
@@ -310,8 +342,8 @@ class OATWideResNet(_Conditioned):
                  in_channels: int = 3, drop: float = 0.0, base: int = 16, lambdas=S1,
                  encoding: str = "ro", dim: int = 128, dual_bn: bool = True, seed: int = 0):
         super().__init__()
-        if (depth - 4) % 6:
-            raise ValueError(f"Wide-ResNet depth must be 6n + 4, got {depth}")
+        if depth < 10 or (depth - 4) % 6:
+            raise ValueError(f"Wide-ResNet depth must be 6n + 4 with n >= 1, got {depth}")
         self._setup(lambdas, encoding, dim, dual_bn, seed)
         n = (depth - 4) // 6
         widths = [base, base * widen, 2 * base * widen, 4 * base * widen]

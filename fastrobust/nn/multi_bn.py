@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import numbers
+import threading
 
 import torch
 from torch import Tensor, nn
@@ -11,6 +12,17 @@ from .. import functional as F
 
 __all__ = ["MultiBatchNorm2d", "MultiBatchNorm1d", "DualBatchNorm2d", "MixedBatchNorm2d",
            "FiLM", "ScaledConvBN", "convert_multi_bn", "routing"]
+
+# The routing contexts open in each thread: {module: ("branch" | "mix", value)}. Routing is
+# per thread, so threads sharing one model each route their own calls.
+_THREAD = threading.local()
+
+
+def _thread_routes() -> dict:
+    routes = getattr(_THREAD, "routes", None)
+    if routes is None:
+        routes = _THREAD.routes = {}
+    return routes
 
 
 class MultiBatchNorm2d(nn.Module):
@@ -49,7 +61,21 @@ class MultiBatchNorm2d(nn.Module):
             self.register_buffer("running_mean", None)
             self.register_buffer("running_var", None)
             self.register_buffer("num_batches_tracked", None)
-        self._routing: Tensor | int | None = None
+
+    @property
+    def _routing(self):
+        """The routing of this module's calls in the current thread (``routing``), or None.
+        Each thread sees only the contexts it opened itself."""
+        routes = getattr(_THREAD, "routes", None)
+        route = routes.get(self) if routes else None
+        return route if route is not None else self.__dict__.get("_pinned_routing")
+
+    def _replicate_for_data_parallel(self):
+        # nn.DataParallel calls its replicas from worker threads: a replica keeps the routing
+        # of the thread that made it (the caller's).
+        replica = super()._replicate_for_data_parallel()
+        replica.__dict__["_pinned_routing"] = self._routing
+        return replica
 
     def reset_running_stats(self) -> None:
         if self.track_running_stats:
@@ -106,7 +132,8 @@ class MultiBatchNorm2d(nn.Module):
         # A copy (deepcopy, pickle: an EMA model, a checkpoint) taken inside `routing` must not
         # keep that routing: outside the context it would route silently.
         state = dict(super().__getstate__())
-        state["_routing"] = None
+        state.pop("_routing", None)  # an attribute in pickles of older versions
+        state.pop("_pinned_routing", None)
         return state
 
     # nn.BatchNorm2d's numbering: from version 2 on, num_batches_tracked is in the state dict.
@@ -262,6 +289,10 @@ def routing(model: nn.Module, branch: Tensor | int | None = None, mix: Tensor | 
     ``branch`` is an int64 ``[N]`` tensor or one int for the whole batch; ``mix`` is ``[N, K]``.
     Routing set before (an outer ``routing``) is restored on exit. A copy of the model taken
     in the body (``copy.deepcopy``, pickling) does not keep the routing.
+
+    Routing is per thread: threads sharing a model each route their own calls, in any
+    interleaving of their contexts, and calls from a thread outside any context are not
+    routed.
     """
     mods = [m for m in model.modules() if isinstance(m, MultiBatchNorm2d)]
     if not mods:
@@ -276,14 +307,18 @@ def routing(model: nn.Module, branch: Tensor | int | None = None, mix: Tensor | 
         raise TypeError("routing(): branch must be an int or an int64 [N] tensor, got "
                         f"{type(branch).__name__}")
     value = ("branch", branch) if mix is None else ("mix", mix)
-    saved = [m._routing for m in mods]
+    routes = _thread_routes()
+    saved = [routes.get(m) for m in mods]
     for m in mods:
-        m._routing = value
+        routes[m] = value
     try:
         yield model
     finally:
         for m, old in zip(mods, saved):
-            m._routing = old
+            if old is None:
+                routes.pop(m, None)
+            else:
+                routes[m] = old
 
 
 class FiLM(nn.Module):

@@ -81,7 +81,6 @@ def convert_sync_multi_bn(module: nn.Module, process_group=None) -> nn.Module:
         if module.affine:
             new.weight.requires_grad_(module.weight.requires_grad)
             new.bias.requires_grad_(module.bias.requires_grad)
-        new._routing = module._routing
         new.train(module.training)
         return new
     for name, child in module.named_children():

@@ -32,7 +32,8 @@ from ..attacks import FGSM, PGD
 from ..attacks.attacks import eval_mode
 from ..models import afa_resnet18
 from .common import (BaseConfig, BaseTrainer, CheckpointError, ConfigError, check_finite,
-                     check_number, format_table, load_checkpoint, write_json)
+                     check_number, format_table, load_checkpoint, require_entries,
+                     write_json)
 
 __all__ = ["AFAConfig", "AFATrainer", "RelativePGD", "stage1_loss", "evaluate_afa",
            "report_afa"]
@@ -63,7 +64,7 @@ class AFAConfig(BaseConfig):
             raise ConfigError("schedule", f"must be 'batched' or 'sequential', got "
                               f"{self.schedule!r}")
         check_number(self, "epochs2", 0, integer=True)
-        check_number(self, "lr2", 0)
+        check_number(self, "lr2", 0, lo_open=True)
         check_number(self, "max_eps", 0, 1, lo_open=True)
         check_number(self, "alpha_ratio", 0, lo_open=True)
         check_number(self, "trades_beta", 0)
@@ -226,6 +227,9 @@ class AFATrainer(BaseTrainer):
 
     def load(self, path: str) -> None:
         ck = load_checkpoint(path, kind="afa")
+        require_entries(ck, path, "model", "stage", "opt1", "opt2", "sched1", "sched2",
+                        "epoch1", "epoch2", "history", "rng.data", "rng.attack_per_rank",
+                        "config.epochs")
         if ck["stage"] == 2:
             if self.cfg.epochs != ck["config"]["epochs"]:
                 raise CheckpointError(f"{path}: stage II has begun, so --epochs (stage I) can "

@@ -35,7 +35,8 @@ from .. import data as data_mod
 from ..attacks import FGSM, PGD, weighted_robust_accuracy
 from ..models import ResNet, ResNetFeatures, awnet_resnet18, resnet18
 from .common import (BaseConfig, BaseTrainer, CheckpointError, ConfigError, check_finite,
-                     check_number, format_table, load_checkpoint, save_checkpoint, write_json)
+                     check_number, format_table, load_checkpoint, require_entries,
+                     save_checkpoint, write_json)
 
 __all__ = ["AWNetConfig", "AWNetTrainer", "LossBalance", "awnet_loss", "train_teacher",
            "evaluate_awnet", "report_awnet"]
@@ -252,6 +253,8 @@ class AWNetTrainer(BaseTrainer):
 
     def load(self, path: str) -> None:
         ck = load_checkpoint(path, kind="awnet")
+        require_entries(ck, path, "model", "optimizer", "scheduler", "balance", "epoch",
+                        "history", "rng.data", "rng.attack_per_rank")
         self._load_weights(path, ck)
         self.opt.load_state_dict(ck["optimizer"])
         self.sched.load_state_dict(ck["scheduler"])

@@ -89,7 +89,7 @@ class BaseConfig:
         check_number(self, "width", 1, integer=True)
         check_number(self, "epochs", 0, integer=True)
         check_number(self, "batch_size", 1, integer=True)
-        check_number(self, "lr", 0)
+        check_number(self, "lr", 0, lo_open=True)
         check_number(self, "momentum", 0, 1)
         check_number(self, "weight_decay", 0)
         check_number(self, "steps", 0, integer=True)
@@ -206,6 +206,45 @@ def load_checkpoint(path: str, map_location="cpu", kind: str | tuple | None = No
             raise CheckpointError(f"{path} is a {ck.get('kind')!r} checkpoint, expected "
                                   f"{' or '.join(map(repr, kinds))}")
     return ck
+
+
+def require_entries(ck: dict, path: str, *entries: str) -> None:
+    """Each entry (``"rng"``, or ``"rng.data"`` inside it) is in the checkpoint, else a
+    CheckpointError naming the first one missing; called before anything is restored, so a
+    refused checkpoint leaves the trainer as it was."""
+    for entry in entries:
+        node, parts = ck, entry.split(".")
+        for i, part in enumerate(parts):
+            if not isinstance(node, dict) or part not in node:
+                missing = ".".join(parts[:i + 1])
+                raise CheckpointError(f"{path} has no {missing!r} entry, so it cannot be "
+                                      "restored (a damaged checkpoint, or not one a "
+                                      "fastrobust trainer wrote)")
+            node = node[part]
+
+
+def unknown_options(cls, saved: dict, path: str) -> str | None:
+    """The warning for the options in a checkpoint's config ``saved`` that ``cls`` (this
+    version's config) does not have, which are ignored; None when there are none."""
+    names = sorted(k for k in saved if k not in cls.__dataclass_fields__)
+    if not names:
+        return None
+    listed = ", ".join(f"{k!r} ({saved[k]!r})" for k in names)
+    return (f"{path}: ignoring option{'s' if len(names) > 1 else ''} {listed} of the run's "
+            "configuration, which this version of fastrobust does not know")
+
+
+def load_weights(model: torch.nn.Module, path: str, ck: dict) -> None:
+    """The checkpoint's weights into ``model``, or one line saying why they do not fit."""
+    require_entries(ck, path, "model")
+    try:
+        model.load_state_dict(ck["model"])
+    except RuntimeError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = lines[1] if len(lines) > 1 else lines[0] if lines else ""
+        raise CheckpointError(
+            f"{path}: its weights do not fit the model built from this configuration "
+            f"({len(lines) - 1} mismatches; first: {detail[:200]})") from None
 
 
 def check_finite(loss_sum: float, where: str, checkpoint: str | None) -> None:
@@ -437,14 +476,7 @@ class BaseTrainer:
 
     def _load_weights(self, path: str, ck: dict) -> None:
         """The checkpoint's weights into the model, or one line saying why they do not fit."""
-        try:
-            self.model.load_state_dict(ck["model"])
-        except RuntimeError as e:
-            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-            detail = lines[1] if len(lines) > 1 else lines[0] if lines else ""
-            raise CheckpointError(
-                f"{path}: its weights do not fit the model built from this configuration "
-                f"({len(lines) - 1} mismatches; first: {detail[:200]})") from None
+        load_weights(self.model, path, ck)
 
     def _apply_resume(self, saved: dict, schedules) -> None:
         """After a checkpoint is loaded: the options the caller changed against ``saved`` (the
@@ -456,10 +488,15 @@ class BaseTrainer:
         for epochs_field, lr_field, opt_name, sched_name, done, make in schedules:
             opt, sched = getattr(self, opt_name), getattr(self, sched_name)
             old_lr, new_lr = saved.get(lr_field), getattr(self.cfg, lr_field)
-            if old_lr is not None and not _same(old_lr, new_lr):
-                rescale_lr(opt, sched, new_lr / old_lr)
-                changed[lr_field] = (old_lr, new_lr)
             old_e, new_e = saved.get(epochs_field), getattr(self.cfg, epochs_field)
+            if old_lr is not None and not _same(old_lr, new_lr):
+                if old_lr:
+                    rescale_lr(opt, sched, new_lr / old_lr)
+                else:  # a run at lr 0 (older versions took it): no scale to multiply
+                    for group in opt.param_groups:
+                        group["initial_lr"] = new_lr
+                    setattr(self, sched_name, replan_schedule(opt, make, done, new_e))
+                changed[lr_field] = (old_lr, new_lr)
             if old_e is not None and new_e != old_e:
                 setattr(self, sched_name, replan_schedule(opt, make, done, new_e))
                 changed[epochs_field] = (old_e, new_e)

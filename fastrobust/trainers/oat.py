@@ -29,7 +29,8 @@ from .. import data as data_mod
 from ..attacks import PGD, evaluate
 from ..models import S1, OATWideResNet, oat_resnet18, oat_resnet34
 from .common import (BaseConfig, BaseTrainer, ConfigError, check_finite, check_number,
-                     format_table, load_checkpoint, plot_tradeoff, write_json)
+                     format_table, load_checkpoint, load_weights, plot_tradeoff,
+                     require_entries, unknown_options, write_json)
 
 UNSEEN = (0.05, 0.15, 0.25, 0.5, 0.7, 0.9)  # λ values OAT's default set does not contain
 ARCHS = ("resnet18", "resnet34", "wrn")
@@ -62,6 +63,11 @@ class OATConfig(BaseConfig):
         check_number(self, "eps", 0, 1)
         check_number(self, "alpha", 0, 1)
         check_number(self, "dim", 1, integer=True)
+        check_number(self, "depth", integer=True)
+        if self.depth < 10 or (self.depth - 4) % 6:
+            raise ConfigError("depth", f"must be 6n + 4 with n >= 1 (10, 16, 22, 28, ...), "
+                              f"got {self.depth}")
+        check_number(self, "widen", 1, integer=True)
         if self.encoding not in ("ro", "dct", "none"):
             raise ConfigError("encoding", f"must be 'ro', 'dct' or 'none', got "
                               f"{self.encoding!r}")
@@ -184,6 +190,8 @@ class OATTrainer(BaseTrainer):
 
     def load(self, path: str) -> None:
         ck = load_checkpoint(path, kind=("oat", "oats"))  # on the CPU; loads copy to the device
+        require_entries(ck, path, "model", "optimizer", "scheduler", "epoch", "history",
+                        "rng.data", "rng.attack")
         self._load_weights(path, ck)
         self.opt.load_state_dict(ck["optimizer"])
         self.sched.load_state_dict(ck["scheduler"])
@@ -391,17 +399,27 @@ def report(rows_by_label: dict[str, list[dict]], cfg: OATConfig, out: str, title
     return results
 
 
-def model_from_checkpoint(path: str, device="cpu"):
-    """(model, config, data set) rebuilt from a trainer checkpoint."""
+def model_from_checkpoint(path: str, device="cpu", warn=None):
+    """(model, config, data set) rebuilt from a trainer checkpoint. Options of the run's
+    configuration that this version does not know are ignored with one warning, through
+    ``warn(message)`` (default: `warnings.warn`)."""
     ck = load_checkpoint(path, kind=("oat", "oats"))
+    require_entries(ck, path, "model")
     cfg_dict = dict(ck["config"])
-    cfg_dict["lambdas"] = tuple(cfg_dict["lambdas"])
-    cfg_dict["eval_unseen"] = tuple(cfg_dict["eval_unseen"])
-    cfg_dict["widths"] = tuple(cfg_dict.get("widths", ()))
+    for key in ("lambdas", "eval_unseen", "widths"):
+        if isinstance(cfg_dict.get(key), list):
+            cfg_dict[key] = tuple(cfg_dict[key])
+    message = unknown_options(OATConfig, cfg_dict, path)
+    if message:
+        if warn is None:
+            import warnings
+            warnings.warn(message, stacklevel=2)
+        else:
+            warn(message)
     cfg = OATConfig(**{k: v for k, v in cfg_dict.items() if k in OATConfig.__dataclass_fields__})
     ds = data_mod.load(cfg.dataset, cfg.data_root)
     model = build_model(cfg, ds.num_classes, ds.in_channels).to(device)
-    model.load_state_dict(ck["model"])
+    load_weights(model, path, ck)
     return model.eval(), cfg, ds
 
 
