@@ -182,6 +182,17 @@ def test_cw_loss():
 def test_cuda_graph_needs_cuda():
     with pytest.raises(RuntimeError, match="CUDA"):
         PGD(small_cnn(), steps=3, cuda_graph=True)(*data())
+    with pytest.raises(TypeError, match="cuda_graph must be None, True or False"):
+        PGD(small_cnn(), cuda_graph="yes")
+
+
+def test_the_default_runs_cpu_inputs_eagerly():
+    """cuda_graph=None (the default) graphs CUDA inputs only: on the CPU it is the eager
+    attack, bitwise."""
+    model, (x, y) = small_cnn(), data()
+    a = PGD(model, steps=3, generator=torch.Generator().manual_seed(0))(x, y)
+    b = PGD(model, steps=3, cuda_graph=False, generator=torch.Generator().manual_seed(0))(x, y)
+    assert torch.equal(a, b)
 
 
 def test_attack_errors():

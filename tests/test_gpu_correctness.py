@@ -239,3 +239,23 @@ def test_no_python_frame_inside_the_op_on_cuda():
             assert c.inside == 0, (name, c.inside_names, _C._plan_refusals())
             if "F.batch_norm" not in name:
                 assert _C._plan_stats()[2] > replays, name
+
+
+@pytest.mark.parametrize("steps", [2, 7])
+def test_graphed_pgd_takes_every_step(steps):
+    """PGD on CUDA inputs replays a captured step (the default): the same adversarial examples
+    as the eager attack, step for step (858ad8d's graphed attack ran one step too few)."""
+    from fastrobust.attacks import PGD
+    from fastrobust.models import resnet18
+    from fastrobust.nn import convert_multi_bn
+    torch.manual_seed(0)
+    model = convert_multi_bn(resnet18(num_classes=10, width=16), 2).cuda().eval()
+    x = torch.rand(16, 3, 32, 32, device="cuda")
+    y = torch.randint(0, 10, (16,), device="cuda")
+    runs = [PGD(model, steps=steps, cuda_graph=g,
+                generator=torch.Generator(device="cuda").manual_seed(1))(x, y, branch=1)
+            for g in (False, None)]
+    assert torch.equal(runs[0], runs[1])
+    one_less = PGD(model, steps=steps - 1, cuda_graph=False,
+                   generator=torch.Generator(device="cuda").manual_seed(1))(x, y, branch=1)
+    assert not torch.equal(one_less, runs[1])
