@@ -432,6 +432,9 @@ def _add_common_options(p, d, eval_what: str):
                    choices=("auto", "channels_last", "contiguous"),
                    help="layout of the model and batches (default auto: channels_last on the "
                    "CPU unless a torch CPU bug could hit the model's 1x1 stride-2 convolutions)")
+    p.add_argument("--precision", choices=("fp32", "bf16"),
+                   help="training forward passes and attacks in fp32 (default) or under bf16 "
+                   "autocast (parameters, optimizer and BN statistics stay fp32)")
 
 
 def _add_oats_options(p):

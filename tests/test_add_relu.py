@@ -53,3 +53,11 @@ def test_opcheck():
     opcheck(torch.ops.fastrobust.add_relu.default, (a, b))
     compiled = torch.compile(F.add_relu, fullgraph=True)
     torch.testing.assert_close(compiled(a, b), torch.relu(a + b))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs(backend, dtype):
+    """bf16 / fp16 activations (autocast): ATen's one-pass _add_relu has no CPU kernel for
+    them (an internal assert at 858ad8d); relu(a + b) in their dtype, bitwise."""
+    a, b = torch.randn(4, 8, 3, 3).to(dtype), torch.randn(4, 8, 3, 3).to(dtype)
+    torch.testing.assert_close(F.add_relu(a, b), torch.relu(a + b), rtol=0, atol=0)

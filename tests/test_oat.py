@@ -371,3 +371,20 @@ def test_cli_train_oats(tmp_path):
                  "--widths", "0.5", "1.0", "--lambdas", "0", "1"]) == 0
     res = json.load(open(f"{out}/results.json"))
     assert set(res["sweep"]) == {"width 0.5", "width 1"}
+
+
+def test_bf16_precision_trains(tmp_path):
+    """--precision bf16: the steps run under bf16 autocast (the BN ops get bf16 activations
+    and keep fp32 parameters and statistics); the weights stay fp32 and finite."""
+    from fastrobust.cli import main
+
+    out = str(tmp_path / "run")
+    assert main(["train", "oat", "--width", "4", "--epochs", "1", "--batch-size", "64",
+                 "--steps", "1", "--eval-steps", "1", "--out", out, "--lambdas", "0", "1",
+                 "--max-train-batches", "2", "--precision", "bf16"]) == 0
+    ck = torch.load(f"{out}/last.pt", weights_only=False)
+    assert ck["config"]["precision"] == "bf16"
+    weights = [v for v in ck["model"].values() if v.is_floating_point()]
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in weights)
+    with pytest.raises(SystemExit):
+        main(["train", "oat", "--out", out + "2", "--precision", "fp16"])

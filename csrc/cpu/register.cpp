@@ -224,6 +224,10 @@ void mifgsm_step(const at::Tensor& x_adv, const at::Tensor& grad, const at::Tens
 
 at::Tensor add_relu(const at::Tensor& a, const at::Tensor& b) {
   checks::add_relu(a, b);
+  // ATen's one-pass _add_relu has CPU kernels for float and double only (bfloat16, as under
+  // autocast, raised an internal assert): other dtypes take the two ops.
+  if (a.scalar_type() != at::kFloat && a.scalar_type() != at::kDouble)
+    return at::relu(at::add(a, b));
   return at::_add_relu(a, b);
 }
 

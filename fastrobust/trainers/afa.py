@@ -262,8 +262,10 @@ class AFATrainer(BaseTrainer):
         returns this rank's share of the batch's loss (the loss itself in one process)."""
         weight = len(y) * self.world / (len(y) if n_global is None else n_global)
         self.opt1.zero_grad(set_to_none=True)
-        loss = stage1_loss(self.model, x, y, self.cfg, self.attack_gen,
-                           memory_format=self.memory_format, forward=self.forward1) * weight
+        with self.autocast():
+            loss = stage1_loss(self.model, x, y, self.cfg, self.attack_gen,
+                               memory_format=self.memory_format,
+                               forward=self.forward1).float() * weight
         loss.backward()
         self.opt1.step()
         return loss.detach() / self.world
@@ -274,11 +276,12 @@ class AFATrainer(BaseTrainer):
         weight = len(y) * self.world / (len(y) if n_global is None else n_global)
         if eps is None:
             eps = random_strengths(len(y), self.cfg, self.gen)
-        x_adv = RelativePGD(self.model, eps.to(self.device), self.cfg.alpha_ratio,
-                            self.cfg.steps, random_start=self.cfg.random_start,
-                            generator=self.attack_gen)(x, y)
-        self.opt2.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(self.forward2(x_adv), y) * weight
+        with self.autocast():
+            x_adv = RelativePGD(self.model, eps.to(self.device), self.cfg.alpha_ratio,
+                                self.cfg.steps, random_start=self.cfg.random_start,
+                                generator=self.attack_gen)(x, y)
+            self.opt2.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(self.forward2(x_adv).float(), y) * weight
         loss.backward()
         self.opt2.step()
         return loss.detach() / self.world

@@ -276,9 +276,10 @@ class AWNetTrainer(BaseTrainer):
         batch's loss (the loss itself in one process)."""
         weight = len(y) * self.world / (len(y) if n_global is None else n_global)
         self.opt.zero_grad(set_to_none=True)
-        loss = awnet_loss(self.model, self.teacher_nat, self.teacher_adv, x, y, self.attack,
-                          self.balance, self.cfg.tau, self.forward,
-                          self._mean_over_ranks if self.world > 1 else None) * weight
+        with self.autocast():
+            loss = awnet_loss(self.model, self.teacher_nat, self.teacher_adv, x, y,
+                              self.attack, self.balance, self.cfg.tau, self.forward,
+                              self._mean_over_ranks if self.world > 1 else None).float() * weight
         loss.backward()
         self.opt.step()
         return loss.detach() / self.world

@@ -3,6 +3,7 @@ continues a run exactly), the divergence check, the λ/width sweep table, JSON r
 plots."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -73,6 +74,7 @@ class BaseConfig:
     eval_steps: int = 20            # PGD steps of the final evaluation
     max_train_batches: int = 0      # > 0: stop each epoch after that many batches (smoke runs)
     memory_format: str = "auto"     # auto | channels_last | contiguous (fastrobust.memory_format)
+    precision: str = "fp32"         # fp32 | bf16 (autocast of the forward passes and attacks)
     sync_bn: bool = True            # under DDP: batch statistics over the global batch
 
     def validate(self) -> None:
@@ -99,6 +101,8 @@ class BaseConfig:
         if self.memory_format not in FORMATS:
             raise ConfigError("memory_format", f"must be one of {FORMATS}, got "
                               f"{self.memory_format!r}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError("precision", f"must be 'fp32' or 'bf16', got {self.precision!r}")
         check_device(self.device)
         check_output_dir(self.out)
 
@@ -533,6 +537,14 @@ class BaseTrainer:
             from ..nn import convert_sync_multi_bn
             convert_sync_multi_bn(model)
         return model
+
+    def autocast(self):
+        """The context of a training step's forward passes and attacks: bf16 autocast with
+        --precision bf16 (the BN ops then take bf16 activations with fp32 parameters and
+        statistics), else nothing."""
+        if getattr(self.cfg, "precision", "fp32") == "bf16":
+            return torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def _part(self, n: int) -> slice:
         """This rank's contiguous slice of a global batch of n samples."""

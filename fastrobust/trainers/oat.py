@@ -255,8 +255,9 @@ class OATTrainer(BaseTrainer):
         widths = self.cfg.widths or (None,)
 
         def loss_at(w):
-            with contextlib.nullcontext() if w is None else self.model.at_width(w):
-                return oat_loss(self.model, self.attack, x, y, lam, self.forward) * weight
+            with contextlib.nullcontext() if w is None else self.model.at_width(w), \
+                    self.autocast():
+                return oat_loss(self.model, self.attack, x, y, lam, self.forward).float() * weight
 
         if self.world > 1 and len(widths) > 1:
             # DDP reduces the gradients once per backward, of the parameters that backward
