@@ -44,11 +44,19 @@ using LaunchFn = CUresult (*)(CUfunction, unsigned, unsigned, unsigned, unsigned
                               unsigned, unsigned, CUstream, void**, void**);
 using ParamInfoFn = CUresult (*)(CUfunction, size_t, size_t*, size_t*);
 using ErrorStringFn = CUresult (*)(CUresult, const char**);
+using CtxGetCurrentFn = CUresult (*)(CUcontext*);
+using CtxSetCurrentFn = CUresult (*)(CUcontext);
+using DeviceGetFn = CUresult (*)(CUdevice*, int);
+using PrimaryCtxRetainFn = CUresult (*)(CUcontext*, CUdevice);
 
 struct Driver {
   LaunchFn launch = nullptr;
   ParamInfoFn param_info = nullptr;  // CUDA 12.4+ drivers
   ErrorStringFn error_string = nullptr;
+  CtxGetCurrentFn ctx_get = nullptr;
+  CtxSetCurrentFn ctx_set = nullptr;
+  DeviceGetFn device_get = nullptr;
+  PrimaryCtxRetainFn primary_retain = nullptr;
   Driver() {
     void* lib = dlopen("libcuda.so.1", RTLD_LAZY | RTLD_NOLOAD);
     if (!lib) lib = dlopen("libcuda.so.1", RTLD_LAZY);
@@ -56,6 +64,21 @@ struct Driver {
     launch = reinterpret_cast<LaunchFn>(dlsym(lib, "cuLaunchKernel"));
     param_info = reinterpret_cast<ParamInfoFn>(dlsym(lib, "cuFuncGetParamInfo"));
     error_string = reinterpret_cast<ErrorStringFn>(dlsym(lib, "cuGetErrorString"));
+    ctx_get = reinterpret_cast<CtxGetCurrentFn>(dlsym(lib, "cuCtxGetCurrent"));
+    ctx_set = reinterpret_cast<CtxSetCurrentFn>(dlsym(lib, "cuCtxSetCurrent"));
+    device_get = reinterpret_cast<DeviceGetFn>(dlsym(lib, "cuDeviceGet"));
+    primary_retain = reinterpret_cast<PrimaryCtxRetainFn>(dlsym(lib, "cuDevicePrimaryCtxRetain"));
+  }
+  // A thread that has not touched CUDA yet (an autograd or DataParallel worker replaying a
+  // plan another thread recorded) has no current context, and the runtime's device guard
+  // does not bind one when the device number already matches: bind the device's primary
+  // context, as Triton's own launcher does before every launch.
+  void ensure_context(int device) const {
+    CUcontext ctx = nullptr;
+    if (!ctx_get || ctx_get(&ctx) != CUDA_SUCCESS || ctx) return;
+    CUdevice dev;
+    if (device_get(&dev, device) == CUDA_SUCCESS && primary_retain(&ctx, dev) == CUDA_SUCCESS)
+      ctx_set(ctx);
   }
   std::string error(CUresult r) const {
     const char* s = nullptr;
@@ -101,7 +124,7 @@ struct Alloc {
 struct Output {
   int kind;  // 0: allocation `index`; 1: a fresh empty tensor; 2: no value
   int index;
-  std::vector<int64_t> sizes;
+  std::vector<int64_t> sizes, strides;
   at::ScalarType dtype;
 };
 
@@ -128,6 +151,7 @@ PyObject*& hook() {
   return h;
 }
 std::atomic<int64_t> replays{0}, python_calls{0};
+constexpr size_t kMaxPlans = 4096;
 
 at::ScalarType dtype_of(const py::handle& d) {
   return torch::python::detail::py_object_to_dtype(py::reinterpret_borrow<py::object>(d));
@@ -139,16 +163,16 @@ std::vector<int64_t> ints_of(const py::handle& seq) {
   return v;
 }
 
+// The parameter types the replay writes (pointers, 32/64-bit ints, fp32, fp64); the package's
+// kernels take no others (bools and fp16 / bf16 scalars would need their own encodings).
 int8_t size_of_type(const std::string& ty, bool& is_float, bool& ok) {
   ok = true;
   is_float = false;
   if (!ty.empty() && ty[0] == '*') return 8;
   if (ty == "i64" || ty == "u64") return 8;
-  if (ty == "i32" || ty == "u32" || ty == "i1" || ty == "u1") return 4;
-  if (ty == "i16" || ty == "u16") return 2;
-  if (ty == "i8" || ty == "u8") return 1;
+  if (ty == "i32" || ty == "u32") return 4;
   is_float = true;
-  if (ty == "fp32" || ty == "f32" || ty == "fp16" || ty == "bf16") return 4;
+  if (ty == "fp32" || ty == "f32") return 4;
   if (ty == "fp64") return 8;
   ok = false;
   return 0;
@@ -156,7 +180,7 @@ int8_t size_of_type(const std::string& ty, bool& is_float, bool& ok) {
 
 // Parses the Python hook's plan (fastrobust/kernels/_plan.py Plan.for_cpp) and checks every
 // launch's parameter layout against the driver's.
-std::shared_ptr<const Plan> parse_plan(const py::handle& p) {
+std::shared_ptr<const Plan> parse_plan(const py::handle& p, size_t n_returns) {
   auto plan = std::make_shared<Plan>();
   if (p.is_none()) {
     plan->why_not = "the launcher could not be recorded";
@@ -171,16 +195,23 @@ std::shared_ptr<const Plan> parse_plan(const py::handle& p) {
     auto t = a.cast<py::tuple>();
     plan->allocs.push_back({ints_of(t[0]), ints_of(t[1]), dtype_of(t[2])});
   }
+  size_t values = 0;
   for (auto o : d["outputs"]) {
     if (o.is_none()) {
-      plan->outputs.push_back({2, -1, {}, at::kFloat});
+      plan->outputs.push_back({2, -1, {}, {}, at::kFloat});
       continue;
     }
+    ++values;
     auto t = o.cast<py::tuple>();
     if (t[0].cast<std::string>() == "alloc")
-      plan->outputs.push_back({0, t[1].cast<int>(), {}, at::kFloat});
+      plan->outputs.push_back({0, t[1].cast<int>(), {}, {}, at::kFloat});
     else
-      plan->outputs.push_back({1, -1, ints_of(t[1]), dtype_of(t[2])});
+      plan->outputs.push_back({1, -1, ints_of(t[1]), ints_of(t[2]), dtype_of(t[3])});
+  }
+  if (values != n_returns) {
+    plan->why_not = "the launcher gave " + std::to_string(values) + " results for " +
+                    std::to_string(n_returns) + " in the schema";
+    return plan;
   }
   const Driver& drv = driver();
   for (auto l : d["launches"]) {
@@ -248,9 +279,11 @@ std::vector<at::Tensor> replay(const Plan& plan, c10::ArrayRef<c10::IValue> args
     allocs.push_back(at::empty_strided(a.sizes, a.strides,
                                        at::TensorOptions().dtype(a.dtype).device(device)));
   const CUstream stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  driver().ensure_context(device.index());
   std::vector<uint64_t> values;
   std::vector<void*> ptrs;
   for (const auto& L : plan.launches) {
+    if (uint64_t(L.grid[0]) * L.grid[1] * L.grid[2] == 0) continue;  // (Triton skips it too)
     const size_t n = L.params.size() + L.scratch;
     values.assign(n, 0);
     ptrs.resize(n);
@@ -291,7 +324,8 @@ std::vector<at::Tensor> replay(const Plan& plan, c10::ArrayRef<c10::IValue> args
     if (o.kind == 0)
       outs.push_back(allocs[o.index]);
     else if (o.kind == 1)
-      outs.push_back(at::empty(o.sizes, at::TensorOptions().dtype(o.dtype).device(device)));
+      outs.push_back(at::empty_strided(o.sizes, o.strides,
+                                       at::TensorOptions().dtype(o.dtype).device(device)));
   }
   return outs;
 }
@@ -308,10 +342,20 @@ std::vector<at::Tensor> through_python(const c10::OperatorHandle& op,
   for (size_t i = 0; i < args.size(); ++i) pyargs[i] = torch::jit::toPyObject(args[i]);
   py::object fn = py::reinterpret_borrow<py::object>(hook());
   py::tuple res = fn(op.schema().name(), pyargs, record);
-  if (record) *plan = parse_plan(res[1]);
+  const size_t n_returns = op.schema().returns().size();
+  if (record) {
+    // The launcher has run (running statistics, x_adv updated): a plan that cannot be read
+    // is remembered as not replayable rather than failing a call that succeeded.
+    try {
+      *plan = parse_plan(res[1], n_returns);
+    } catch (const std::exception& e) {
+      auto refused = std::make_shared<Plan>();
+      refused->why_not = std::string("the plan could not be read: ") + e.what();
+      *plan = refused;
+    }
+  }
   std::vector<at::Tensor> outs;
   py::object out = res[0];
-  const size_t n_returns = op.schema().returns().size();
   if (n_returns == 1 && THPVariable_Check(out.ptr())) {
     outs.push_back(out.cast<at::Tensor>());
   } else if (n_returns > 0) {
@@ -334,10 +378,22 @@ void plan_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet, torch::jit:
   const c10::cuda::CUDAGuard guard(device);
   const std::string key = plan_signature(op.schema().name(), args);
   std::shared_ptr<const Plan> plan;
+  bool keep = !key.empty();  // (empty: an argument the signature cannot describe)
   {
     std::lock_guard<std::mutex> lock(plans_mutex());
-    auto it = plans().find(key);
+    auto it = keep ? plans().find(key) : plans().end();
     if (it != plans().end()) plan = it->second;
+    // Each new float value (an eps schedule, say) is a new signature: past this many, new
+    // signatures take the Python launcher instead of growing the table without bound.
+    if (plans().size() >= kMaxPlans) keep = false;
+  }
+  if (!plan && !keep) {
+    std::shared_ptr<const Plan> unused;
+    auto outs = through_python(op, args, /*record=*/false, &unused);
+    ++python_calls;
+    torch::jit::drop(*stack, n);
+    for (auto& t : outs) stack->emplace_back(std::move(t));
+    return;
   }
   std::vector<at::Tensor> outs;
   if (plan && plan->replayable) {

@@ -33,7 +33,9 @@ def _eps_values(op: str, eps_t) -> None:
     """A negative per-sample eps raises on CPU tensors, as the C++ kernels do (a device
     kernel makes the sample NaN: reading the values would be a host sync)."""
     if eps_t is not None and eps_t.device.type == "cpu" and eps_t.numel():
-        low = eps_t.min().item()
+        from ..kernels._plan import host_check
+        with host_check():  # (a check on the host: no data for the kernels)
+            low = eps_t.min().item()
         if low < 0:
             raise ValueError(f"{op}: eps must be >= 0, got {low}")
 

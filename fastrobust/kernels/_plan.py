@@ -70,7 +70,8 @@ class Launch:
 class Plan:
     allocations: list = field(default_factory=list)  # (sizes, strides, dtype)
     launches: list = field(default_factory=list)
-    outputs: list = field(default_factory=list)      # ("alloc", j) | ("empty", sizes, dtype) | None
+    outputs: list = field(default_factory=list)  # ("alloc", j) | ("empty", sizes, strides,
+    #                                              dtype) | None
     why_not: str | None = None                       # set: not replayable
 
     def refuse(self, why: str) -> None:
@@ -159,6 +160,10 @@ class _Recorder(TorchDispatchMode):
         for i, inp in enumerate(self.inputs):
             if (inp is not None and inp.numel() and inp.device == t.device
                     and inp.untyped_storage().data_ptr() == storage):
+                if (ptr - inp.data_ptr()) % 16:
+                    # the signature holds the input's own 16-byte alignment, which Triton
+                    # specializes on: at another offset it would not hold the argument's
+                    self.plan.refuse("a kernel argument at an odd offset into an input")
                 return Slot(INPUT, i, ptr - inp.data_ptr(), dtype=t.dtype)
         for j, a in enumerate(self.allocs):
             if a.numel() and a.untyped_storage().data_ptr() == storage:
@@ -198,7 +203,7 @@ class _Recorder(TorchDispatchMode):
             elif not isinstance(t, torch.Tensor):
                 plan.refuse(f"a result of type {type(t).__name__}")
             elif t.numel() == 0:
-                results.append(("empty", tuple(t.shape), t.dtype))
+                results.append(("empty", tuple(t.shape), tuple(t.stride()), t.dtype))
             else:
                 j = next((j for j, a in enumerate(self.allocs) if a.numel() and _same_view(a, t)),
                          None)
@@ -237,22 +242,37 @@ def launch(kernel, grid, *args, **kwargs):
     rec = active()
     if rec is None:
         return kernel[grid](*args, **kwargs)
+    if _python_dispatch_excluded():  # the audit of allocations and data ops sees nothing
+        rec.plan.refuse("the launcher ran with torch's Python dispatch turned off")
     with host_check():  # (the interpreter's own tensor work is not the launcher's)
         compiled = kernel[grid](*args, **kwargs)
-    rec.launch(kernel, grid, args, kwargs, compiled)
+    try:
+        rec.launch(kernel, grid, args, kwargs, compiled)
+    except Exception as e:  # noqa: BLE001 - the kernel ran; the plan only is lost
+        rec.plan.refuse(f"{getattr(kernel, '__name__', kernel)} could not be written down "
+                        f"({type(e).__name__}: {e})")
     return compiled
+
+
+def _python_dispatch_excluded() -> bool:
+    excluded = getattr(torch._C, "_dispatch_tls_is_dispatch_key_excluded", None)
+    return bool(excluded and excluded(torch._C.DispatchKey.Python))
 
 
 def record_call(fn, args):
     """Runs `fn(*args)` (a Python launcher) and returns (its result, the Plan of it)."""
     rec = _Recorder(args)
-    _local.recorder = rec
+    saved, _local.recorder = active(), rec
     try:
         with rec:
             out = fn(*args)
     finally:
-        _local.recorder = None
-    return out, rec.finish(out)
+        _local.recorder = saved
+    try:
+        plan = rec.finish(out)
+    except Exception as e:  # noqa: BLE001 - the launcher ran; the plan only is lost
+        plan = Plan(why_not=f"the plan could not be finished ({type(e).__name__}: {e})")
+    return out, plan
 
 
 def replay(plan: Plan, args):
@@ -278,7 +298,7 @@ def replay(plan: Plan, args):
 
     for L in plan.launches:
         L.kernel[L.grid](*[v if c else resolve(v) for _, v, c in L.params])
-    outs = [None if o is None else (torch.empty(o[1], dtype=o[2], device=device)
+    outs = [None if o is None else (torch.empty_strided(o[1], o[2], dtype=o[3], device=device)
                                     if o[0] == "empty" else allocs[o[1]]) for o in plan.outputs]
     return outs
 
@@ -309,4 +329,8 @@ def for_cpp(name: str, args, record: bool):
     if not record or triton_backend.missing() is not None:
         return impl(*args), None
     out, plan = record_call(impl, args)
-    return out, plan.for_cpp()
+    try:
+        return out, plan.for_cpp()
+    except Exception as e:  # noqa: BLE001 - the launcher ran: its results stand
+        return out, {"why_not": f"the plan could not be written for C++ ({type(e).__name__}: "
+                                f"{e})"}
