@@ -188,8 +188,8 @@ inline void film_backward(const at::Tensor& dy, const at::Tensor& x, const OptTe
   film_coefficient("film", "gamma", gamma, x);
   TORCH_CHECK_VALUE(needs.size() == 3 && per_channel.size() == 2,
                     "film: needs must have 3 flags and per_channel 2");
-  TORCH_CHECK_VALUE(!gamma || (gamma->dim() == 1) == per_channel[0],
-                    "film: per_channel[0] must say whether gamma is [C]");
+  TORCH_CHECK(!gamma || (gamma->dim() == 1) == per_channel[0],  // (RuntimeError, as before)
+              "film: per_channel[0] must say whether gamma is [C]");
 }
 
 inline void add_relu(const at::Tensor& a, const at::Tensor& b) {
