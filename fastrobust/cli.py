@@ -214,14 +214,22 @@ def _train(args, cfg, make, describe: str, resumed, evaluate) -> int:
                     f"{k} {old!r} -> {new!r}"
                     for k, (old, new) in trainer.resumed_changes.items()))
         trainer.fit(log=say)
+        if trainer.is_main:
+            evaluate(trainer)
     except TrainingDiverged as e:
         say(f"{args.parser.prog}: error: {e}", file=sys.stderr)
         return 2
     except (CheckpointError, DataMissing, DataCorrupt) as e:
         print(f"{args.parser.prog}: error: {e}", file=sys.stderr)
         return 2
-    if trainer.is_main:
-        evaluate(trainer)
+    except RuntimeError as e:
+        if not (cfg.deterministic and "deterministic implementation" in str(e)):
+            raise
+        # torch refuses an op that has no deterministic kernel on this device
+        why = str(e).strip().splitlines()[0].split(", but you set")[0]
+        print(f"{args.parser.prog}: error: --deterministic: {why} on {cfg.device} in torch "
+              f"{torch.__version__}; run without --deterministic", file=sys.stderr)
+        return 2
     trainer.close()
     return 0
 
@@ -375,6 +383,11 @@ def _add_common_options(p, d, eval_what: str):
                    help="under torchrun: per-rank BN statistics instead of the global batch's")
     p.add_argument("--max-train-batches", dest="max_train_batches", type=int,
                    help="stop each epoch after that many batches (smoke runs)")
+    p.add_argument("--deterministic", action="store_true", default=None,
+                   help="torch's deterministic algorithms (torch.use_deterministic_algorithms; "
+                   "on CUDA also cuDNN and cuBLAS settings): a seeded run gives the same "
+                   "weights, bit for bit, on every run with the same device, thread count and "
+                   "versions. On the CPU the default is already reproducible")
     p.add_argument("--memory-format", dest="memory_format",
                    choices=("auto", "channels_last", "contiguous"),
                    help="layout of the model and batches (default auto: channels_last on the "

@@ -227,6 +227,26 @@ def test_same_seed_gives_bitwise_equal_checkpoints(tmp_path, two_threads):
     _assert_same_bits(run(tmp_path / "a"), run(tmp_path / "b"))
 
 
+@pytest.fixture
+def restore_determinism():
+    mode = torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.use_deterministic_algorithms(mode)
+
+
+def test_deterministic_option_trains_under_torchs_mode(tmp_path, restore_determinism):
+    """``deterministic=True`` turns on torch's deterministic algorithms before the model is
+    built, and every op of an OAT step (fused ops, FiLM gather, attack, loss) has a
+    deterministic CPU kernel, so the run trains instead of raising."""
+    torch.use_deterministic_algorithms(False)
+    tr = OATTrainer(tiny_cfg(tmp_path, deterministic=True, epochs=1, max_train_batches=1),
+                    progress=False)
+    assert torch.are_deterministic_algorithms_enabled()
+    tr.fit(log=lambda *a: None)
+    assert math.isfinite(tr.history[-1]["loss"])
+    assert load_checkpoint(str(tmp_path / "last.pt"))["config"]["deterministic"] is True
+
+
 def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path):
     tr = OATTrainer(tiny_cfg(tmp_path, epochs=3), progress=False)
     tr.cfg.epochs = 1
