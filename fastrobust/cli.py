@@ -247,14 +247,29 @@ def _train(args, cfg, make, describe: str, resumed, evaluate) -> int:
     except KeyboardInterrupt:
         say(_interrupted(args, cfg, started), file=sys.stderr)
         return 130
+    except RuntimeError as e:
+        return _refused_by_deterministic(args, cfg, e)
     try:
         if trainer.is_main:
             evaluate(trainer)
     except KeyboardInterrupt:
         say(_interrupted(args, cfg, started), file=sys.stderr)
         return 130
+    except RuntimeError as e:
+        return _refused_by_deterministic(args, cfg, e)
     trainer.close()
     return 0
+
+
+def _refused_by_deterministic(args, cfg, e: RuntimeError) -> int:
+    """torch refused an op that has no deterministic kernel on this device (--deterministic):
+    one line naming it and the flag; any other error goes on up."""
+    if not (getattr(cfg, "deterministic", False) and "deterministic implementation" in str(e)):
+        raise e
+    why = str(e).strip().splitlines()[0].split(", but you set")[0]
+    print(f"{args.parser.prog}: error: --deterministic: {why} on {cfg.device} in torch "
+          f"{torch.__version__}; run without --deterministic", file=sys.stderr)
+    return 2
 
 
 def _interrupted(args, cfg, started: float) -> str:
@@ -428,6 +443,11 @@ def _add_common_options(p, d, eval_what: str):
                    help="under torchrun: per-rank BN statistics instead of the global batch's")
     p.add_argument("--max-train-batches", dest="max_train_batches", type=int,
                    help="stop each epoch after that many batches (smoke runs)")
+    p.add_argument("--deterministic", action="store_true", default=None,
+                   help="torch's deterministic algorithms (torch.use_deterministic_algorithms; "
+                   "on CUDA also cuDNN and cuBLAS settings): a seeded run gives the same "
+                   "weights, bit for bit, on every run with the same device, thread count and "
+                   "versions. On the CPU the default is already reproducible")
     p.add_argument("--memory-format", dest="memory_format",
                    choices=("auto", "channels_last", "contiguous"),
                    help="layout of the model and batches (default auto: channels_last on the "

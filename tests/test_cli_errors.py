@@ -37,6 +37,7 @@ CASES = [
      "--device"),
     ("oat", ["--device", "gpu0"], "--device must be a torch device"),
     ("oat", ["--memory-format", "nhwc"], "--memory-format: invalid choice"),
+    ("oat", ["--deterministic=yes"], "--deterministic: ignored explicit argument"),
     ("oat", ["--data-root", "/nonexistent/data"], "--data-root must be a directory"),
     ("oat", ["--dataset", "mnist"], "--dataset: invalid choice"),
     ("oats", ["--widths", "0", "1"], "--widths must lie in (0, 1]"),
@@ -145,3 +146,39 @@ def test_eval_a_directory_without_last_pt_names_what_is_there(capsys, tmp_path, 
     line = _one_line(err)
     assert code == 2 and f"{tmp_path} is a directory without a last.pt" in line, line
     assert ("best.pt, teacher_nat.pt" in line) if files else ("no .pt file" in line)
+
+
+def test_deterministic_on_cuda_with_a_nonreproducible_cublas_workspace(capsys, tmp_path,
+                                                                        monkeypatch):
+    """--deterministic on CUDA with a CUBLAS_WORKSPACE_CONFIG that cuBLAS cannot reproduce
+    with: one line naming the flag and the variable, before anything is built (CUDA is
+    faked present: the check precedes any CUDA call)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":0:0")
+    out = tmp_path / "run"
+    code, err = _run(capsys, ["train", "oat", "--out", str(out), "--device", "cuda",
+                              "--deterministic"])
+    line = _one_line(err)
+    assert code == 2 and line.startswith("fastrobust train oat: error: --deterministic on CUDA "
+                                         "needs CUBLAS_WORKSPACE_CONFIG"), line
+    assert "':0:0'" in line and not (out / "last.pt").exists()
+
+
+def test_deterministic_refusal_is_one_line(capsys, tmp_path, monkeypatch):
+    """An op without a deterministic kernel under --deterministic: torch's refusal becomes one
+    line naming the flag and the op, exit status 2 (here a put_, which has none)."""
+    from fastrobust.trainers.oat import OATTrainer
+
+    def fit(self, log=print):
+        torch.zeros(2).put_(torch.tensor([0]), torch.ones(1))
+
+    mode = torch.are_deterministic_algorithms_enabled()
+    monkeypatch.setattr(OATTrainer, "fit", fit)
+    try:
+        code = main(["train", "oat", "--out", str(tmp_path), "--width", "4",
+                     "--deterministic"])
+    finally:
+        torch.use_deterministic_algorithms(mode)
+    line = _one_line(capsys.readouterr().err)
+    assert code == 2 and line.startswith("fastrobust train oat: error: --deterministic: put_ "
+                                         "does not have a deterministic implementation"), line

@@ -317,6 +317,28 @@ def test_film_module():
         film(x, torch.randn(4, 4))
 
 
+def test_film_gathered_gradient_is_the_same_every_time():
+    """The gather of γ, β from distinct conditions (OAT's λ set) has a deterministic backward:
+    ``out[index]``'s CPU backward added the [128, 256] rows with float atomics from several
+    threads, and the MLP's gradient changed in its last bits from call to call (#31)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))  # the parallel path (xdist workers run one thread)
+    try:
+        film = FiLM(128, cond_dim=16, identity_init=False)
+        cond, index = torch.randn(6, 16), torch.randint(6, (128,))
+        dg, db = torch.randn(128, 128), torch.randn(128, 128)
+
+        def grads():
+            gamma, beta = film.gamma_beta(cond, index)
+            return torch.autograd.grad((gamma * dg + beta * db).sum(), list(film.parameters()))
+
+        first = grads()
+        for _ in range(10):
+            assert all(torch.equal(a, b) for a, b in zip(first, grads()))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_fused_bn_film_relu_module_path_matches_three_modules():
     """OAT's BN → FiLM → ReLU through the module's fused arguments equals the three eager
     modules (forward, gradients of x, BN parameters and the FiLM MLP)."""

@@ -182,6 +182,71 @@ def test_resume_is_exact(tmp_path):
         assert torch.equal(a, b), k
 
 
+def _assert_same_bits(a, b, where="checkpoint"):
+    """a and b hold the same values, tensors bit for bit (dtype, shape and every bit)."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _assert_same_bits(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same_bits(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b), (
+            f"{where} differs by up to {(a.double() - b.double()).abs().max().item():.3g}")
+    else:
+        assert a == b, where
+
+
+@pytest.fixture
+def two_threads():
+    """At least two CPU threads (pytest-xdist's workers run one): torch's parallel paths are
+    the ones that can reorder a sum."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_same_seed_gives_bitwise_equal_checkpoints(tmp_path, two_threads):
+    """Two runs of the same seeded configuration in one process write the same checkpoint,
+    bit for bit: model, optimizer, scheduler, random states and every step's loss (#31). At
+    width 16 and batch 128 the last stages' FiLM gathers are [128, 256]: large enough (2**15
+    values) for `x[index]`'s CPU backward to add rows with float atomics from several
+    threads, which changed the FiLM MLPs' last layers in the last bits on every run."""
+    def run(out):
+        cfg = tiny_cfg(out, width=16, batch_size=128, epochs=1, steps=1, max_train_batches=1,
+                       eval_steps=0)
+        OATTrainer(cfg, progress=False).fit(log=lambda *a: None)
+        ck = load_checkpoint(str(out / "last.pt"))
+        return {"model": ck["model"], "optimizer": ck["optimizer"],
+                "scheduler": ck["scheduler"], "rng": ck["rng"], "epoch": ck["epoch"],
+                "losses": [h["losses"] for h in ck["history"]]}
+
+    _assert_same_bits(run(tmp_path / "a"), run(tmp_path / "b"))
+
+
+@pytest.fixture
+def restore_determinism():
+    mode = torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.use_deterministic_algorithms(mode)
+
+
+def test_deterministic_option_trains_under_torchs_mode(tmp_path, restore_determinism):
+    """``deterministic=True`` turns on torch's deterministic algorithms before the model is
+    built, and every op of an OAT step (fused ops, FiLM gather, attack, loss) has a
+    deterministic CPU kernel, so the run trains instead of raising."""
+    torch.use_deterministic_algorithms(False)
+    tr = OATTrainer(tiny_cfg(tmp_path, deterministic=True, epochs=1, max_train_batches=1),
+                    progress=False)
+    assert torch.are_deterministic_algorithms_enabled()
+    tr.fit(log=lambda *a: None)
+    assert math.isfinite(tr.history[-1]["loss"])
+    assert load_checkpoint(str(tmp_path / "last.pt"))["config"]["deterministic"] is True
+
+
 def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path):
     tr = OATTrainer(tiny_cfg(tmp_path, epochs=3), progress=False)
     tr.cfg.epochs = 1

@@ -362,7 +362,13 @@ class FiLM(nn.Module):
                              f"dimension, got {list(cond.shape)}")
         out = self.mlp(cond)
         if index is not None:
-            out = out[index]
+            # A gather whose backward is deterministic (#31): ``out[index]``'s backward is an
+            # accumulating index_put_, which on the CPU adds rows with float atomics from
+            # several threads once [N, 2C] has 2**15 values (a 128-sample batch at C >= 128),
+            # so the MLP's gradient changed in its last bits from run to run. The embedding
+            # backward sums each row's samples in index order on the CPU (on CUDA without
+            # atomics either), and took 1.4-7x less time at OAT's shapes.
+            out = torch.nn.functional.embedding(index, out)
         return out[..., :self.num_features], out[..., self.num_features:]
 
     def forward(self, x: Tensor, cond: Tensor) -> Tensor:

@@ -182,7 +182,7 @@ class AFATrainer(BaseTrainer):
                  distributed: bool | None = None):
         cfg.validate()
         self.cfg = cfg
-        self._setup_ranks(cfg.device, distributed, cfg.batch_size)
+        self._setup_ranks(cfg.device, distributed, cfg.batch_size, cfg.deterministic)
         self.progress = progress and self.is_main
         self.data = data_mod.load(cfg.dataset, cfg.data_root)
         torch.manual_seed(cfg.seed)

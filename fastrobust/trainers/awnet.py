@@ -197,7 +197,7 @@ class AWNetTrainer(BaseTrainer):
                  log=print, distributed: bool | None = None):
         cfg.validate()
         self.cfg = cfg
-        self._setup_ranks(cfg.device, distributed, cfg.batch_size)
+        self._setup_ranks(cfg.device, distributed, cfg.batch_size, cfg.deterministic)
         self.progress = progress and self.is_main
         say = log if self.is_main else (lambda *a, **k: None)
         self.data = data_mod.load(cfg.dataset, cfg.data_root)

@@ -76,6 +76,7 @@ class BaseConfig:
     memory_format: str = "auto"     # auto | channels_last | contiguous (fastrobust.memory_format)
     precision: str = "fp32"         # fp32 | bf16 (autocast of the forward passes and attacks)
     sync_bn: bool = True            # under DDP: batch statistics over the global batch
+    deterministic: bool = False     # torch's deterministic algorithms (`use_deterministic`)
 
     def validate(self) -> None:
         """Every shared field, with a ConfigError naming the first bad one; nothing is read
@@ -104,6 +105,7 @@ class BaseConfig:
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError("precision", f"must be 'fp32' or 'bf16', got {self.precision!r}")
         check_device(self.device)
+        check_deterministic(self.deterministic, self.device)
         check_output_dir(self.out)
 
 
@@ -124,6 +126,39 @@ def check_device(device) -> None:
                               "CUDA devices exist")
     elif dev.type != "cpu":
         raise ConfigError("device", f"must be 'cpu' or 'cuda[:i]', got {device!r}")
+
+
+# CUBLAS_WORKSPACE_CONFIG values with which cuBLAS gives the same bits on every run (its
+# default workspace lets a GEMM split its reduction differently from one call to the next).
+CUBLAS_REPRODUCIBLE = (":4096:8", ":16:8")
+
+
+def check_deterministic(deterministic, device) -> None:
+    """``deterministic`` is a bool that this run can honour, else ConfigError("deterministic",
+    ...): on CUDA, cuBLAS is reproducible only with CUBLAS_WORKSPACE_CONFIG unset (the run
+    sets it) or one of `CUBLAS_REPRODUCIBLE`."""
+    if not isinstance(deterministic, bool):
+        raise ConfigError("deterministic", f"must be True or False, got {deterministic!r}")
+    env = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    if deterministic and torch.device(device).type == "cuda" and env is not None and \
+            env not in CUBLAS_REPRODUCIBLE:
+        raise ConfigError("deterministic", "on CUDA needs CUBLAS_WORKSPACE_CONFIG unset or "
+                          f"one of {', '.join(CUBLAS_REPRODUCIBLE)} (cuBLAS's reproducible "
+                          f"workspaces), got {env!r}")
+
+
+def use_deterministic(device) -> None:
+    """What ``--deterministic`` sets, process-wide, before the run's first kernel:
+    ``torch.use_deterministic_algorithms(True)`` (an op without a deterministic kernel raises
+    instead of running; uninitialized memory is filled); on CUDA also cuDNN's deterministic
+    algorithms without benchmarking, and cuBLAS's reproducible workspace (read when its first
+    handle is made). fastrobust's own kernels need nothing more: the CPU, Triton and CUDA C++
+    kernels use no atomics, and each sums its partial results in a fixed order."""
+    if torch.device(device).type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_REPRODUCIBLE[0])
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(True)
 
 
 def check_output_dir(path: str) -> None:
@@ -281,7 +316,7 @@ def check_finite_weights(model: torch.nn.Module, where: str, checkpoint: str | N
 
 # Options that may differ on --resume without --override: where the run lives and runs, and
 # how it is evaluated at the end; they do not change the training itself.
-RESUME_FREE = ("out", "device", "data_root", "eval_steps")
+RESUME_FREE = ("out", "device", "data_root", "eval_steps", "deterministic")
 
 
 def _same(a, b) -> bool:
@@ -514,7 +549,10 @@ class BaseTrainer:
                                  if self.history else 0,
                                  "changes": {k: list(v) for k, v in changed.items()}})
 
-    def _setup_ranks(self, device: str, distributed: bool | None, batch_size: int) -> None:
+    def _setup_ranks(self, device: str, distributed: bool | None, batch_size: int,
+                     deterministic: bool = False) -> None:
+        if deterministic:  # before any kernel runs (cuBLAS reads its setting once)
+            use_deterministic(device)
         self.rank, self.world, self.device = distributed_context(device, distributed)
         self.is_main = self.rank == 0
         if batch_size < self.world:
