@@ -231,10 +231,11 @@ inline void pgd_x(const char* op, const char* name, const at::Tensor& x) {
   TORCH_CHECK_VALUE(x.dim() >= 1, op, ": ", name, " must be [N, ...], got a 0-dim tensor");
 }
 
-inline void pgd_step(const at::Tensor& x_adv, const at::Tensor& grad, const at::Tensor& x_nat,
-                     const OptTensor& eps_t, double eps, const OptTensor& alpha_t, double alpha,
-                     double clip_min, double clip_max) {
-  const char* op = "pgd_step_";
+// What the linf / l2 step and the MI-FGSM step share.
+inline void pgd_common(const char* op, const at::Tensor& x_adv, const at::Tensor& grad,
+                       const at::Tensor& x_nat, const OptTensor& eps_t, double eps,
+                       const OptTensor& alpha_t, double alpha, double clip_min,
+                       double clip_max) {
   pgd_x(op, "x_adv", x_adv);
   pgd_like(op, "grad", grad, x_adv, "x_adv");
   pgd_like(op, "x_nat", x_nat, x_adv, "x_adv");
@@ -243,18 +244,19 @@ inline void pgd_step(const at::Tensor& x_adv, const at::Tensor& grad, const at::
   pgd_scalars(op, eps, alpha, clip_min, clip_max);
 }
 
+inline void pgd_step(const at::Tensor& x_adv, const at::Tensor& grad, const at::Tensor& x_nat,
+                     const OptTensor& eps_t, double eps, const OptTensor& alpha_t, double alpha,
+                     double clip_min, double clip_max) {
+  pgd_common("pgd_step_", x_adv, grad, x_nat, eps_t, eps, alpha_t, alpha, clip_min, clip_max);
+}
+
 inline void mifgsm_step(const at::Tensor& x_adv, const at::Tensor& grad,
                         const at::Tensor& momentum, const at::Tensor& x_nat,
                         const OptTensor& eps_t, double eps, const OptTensor& alpha_t,
                         double alpha, double decay, double clip_min, double clip_max) {
   const char* op = "mifgsm_step_";
-  pgd_x(op, "x_adv", x_adv);
-  pgd_like(op, "grad", grad, x_adv, "x_adv");
+  pgd_common(op, x_adv, grad, x_nat, eps_t, eps, alpha_t, alpha, clip_min, clip_max);
   pgd_like(op, "momentum_buf", momentum, x_adv, "x_adv");
-  pgd_like(op, "x_nat", x_nat, x_adv, "x_adv");
-  per_sample(op, "eps", eps_t, x_adv, "x_adv");
-  per_sample(op, "alpha", alpha_t, x_adv, "x_adv");
-  pgd_scalars(op, eps, alpha, clip_min, clip_max);
   TORCH_CHECK_VALUE(std::isfinite(decay), op, ": decay must be finite, got ", decay);
 }
 

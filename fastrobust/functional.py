@@ -160,18 +160,9 @@ def multi_batch_norm(x: Tensor, branch: Tensor, weight: Tensor | None = None,
     fast = _fast_bn(x, branch, weight, bias, running_mean, running_var, num_batches_tracked,
                     (input_scale, film_gamma, film_beta), num_branches, training, momentum, eps,
                     activation, False)
-    if fast is not None:
-        try:
-            return _batch_norm(*fast)
-        except Exception:  # the op's checks refused: say it in this function's words
-            _multi_batch_norm_checked(x, branch, weight, bias, running_mean, running_var,
-                                      training, momentum, eps, num_branches,
-                                      num_batches_tracked, input_scale, film_gamma, film_beta,
-                                      activation, check_only=True)
-            raise
-    return _multi_batch_norm_checked(x, branch, weight, bias, running_mean, running_var,
-                                     training, momentum, eps, num_branches, num_batches_tracked,
-                                     input_scale, film_gamma, film_beta, activation)
+    return _fast_or_checked(fast, _multi_batch_norm_checked, x, branch, weight, bias,
+                            running_mean, running_var, training, momentum, eps, num_branches,
+                            num_batches_tracked, input_scale, film_gamma, film_beta, activation)
 
 
 def _multi_batch_norm_checked(x, branch, weight, bias, running_mean, running_var, training,
@@ -240,17 +231,22 @@ def mixed_batch_norm(x: Tensor, mix: Tensor, weight: Tensor | None = None,
     fast = _fast_bn(x, mix, weight, bias, running_mean, running_var, num_batches_tracked,
                     (input_scale, film_gamma, film_beta), None, training, momentum, eps,
                     activation, True)
+    return _fast_or_checked(fast, _mixed_batch_norm_checked, x, mix, weight, bias,
+                            running_mean, running_var, training, momentum, eps,
+                            num_batches_tracked, input_scale, film_gamma, film_beta, activation)
+
+
+def _fast_or_checked(fast, checked, *args):
+    """The op on `fast` (`_fast_bn`'s arguments) when there are some; a call the op refuses is
+    diagnosed by `checked(*args)` in the public function's words (else the op's own error
+    stands). Without them, `checked(*args)` converts and checks, then calls the op."""
     if fast is not None:
         try:
             return _batch_norm(*fast)
-        except Exception:  # the op's checks refused: say it in this function's words
-            _mixed_batch_norm_checked(x, mix, weight, bias, running_mean, running_var, training,
-                                      momentum, eps, num_batches_tracked, input_scale,
-                                      film_gamma, film_beta, activation, check_only=True)
+        except Exception:
+            checked(*args, check_only=True)
             raise
-    return _mixed_batch_norm_checked(x, mix, weight, bias, running_mean, running_var, training,
-                                     momentum, eps, num_batches_tracked, input_scale,
-                                     film_gamma, film_beta, activation)
+    return checked(*args)
 
 
 def _mixed_batch_norm_checked(x, mix, weight, bias, running_mean, running_var, training,
