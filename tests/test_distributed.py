@@ -31,6 +31,12 @@ def _spawn(fn, *args):
 
 def _init(rank, store):
     torch.set_num_threads(1)
+    # torch._dynamo before the process group: its import (lazy, on the first op under a
+    # dispatch mode: backends.use) imports torch.distributed.nn, whose functions take
+    # `group=group.WORLD` as a default argument. Imported after init_process_group, they hold
+    # the group past destroy_process_group, and its gloo threads then race the interpreter's
+    # exit ("terminate called without an active exception", SIGABRT).
+    from torch import _dynamo  # noqa: F401
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
                             world_size=WORLD)
 

@@ -465,6 +465,10 @@ def distributed_context(device: str, enabled: bool | None = None):
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(dev)
     if not initialized:
+        # torch._dynamo first: imported later (torch.compile, a dispatch mode), it imports
+        # torch.distributed.nn, whose defaults `group=group.WORLD` would hold the group past
+        # destroy_process_group, and gloo's threads would race the interpreter's exit.
+        from torch import _dynamo  # noqa: F401
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size(), dev
 
