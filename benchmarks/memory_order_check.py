@@ -28,7 +28,7 @@ iteration and a load at the start of the next is seen. Kernel arguments the host
 same tensor (aliases) are not known here; the launchers must not pass a buffer a kernel stores
 to as another argument it loads from.
 
-    python benchmarks/memory_order_check.py [FILE_OR_DIR ...]
+    python benchmarks/memory_order_check.py [--list] [FILE_OR_DIR ...]
 
 prints every finding and exits 1 if there is one. tests/test_memory_order.py runs it over the
 package and over small kernels that have (and do not have) the bug.
@@ -306,8 +306,17 @@ def check(paths=(DEFAULT,)) -> tuple[list[Finding], list[str]]:
 
 
 def main(argv=None) -> int:
-    paths = (argv if argv is not None else sys.argv[1:]) or [DEFAULT]
-    findings, kernels = check(paths)
+    import argparse
+    p = argparse.ArgumentParser(description="Static memory-order check of Triton kernels: a "
+                                "load after a store to the same buffer without a barrier.")
+    p.add_argument("paths", nargs="*", default=[DEFAULT],
+                   help="files or folders of @triton.jit functions (default: the package's "
+                        "kernels)")
+    p.add_argument("--list", action="store_true", help="also print every kernel checked")
+    args = p.parse_args(argv)
+    findings, kernels = check(args.paths)
+    if args.list:
+        print("\n".join(sorted(kernels)))
     for f in findings:
         print(f)
     print(f"memory order: {len(kernels)} kernels checked, {len(findings)} loads after a store "
