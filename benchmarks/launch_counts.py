@@ -230,13 +230,14 @@ def measure_add_relu():
     return fwd, list(c.launches)
 
 
-def measure_pgd(norm="linf", per_sample=False, momentum=False):
-    x_adv, g, x_nat = _t(8, 3, 32, 32), _t(8, 3, 32, 32), _t(8, 3, 32, 32)
-    eps = _t(8) if per_sample else 8 / 255
-    alpha = _t(8) if per_sample else 2 / 255
+def measure_pgd(norm="linf", per_sample=False, momentum=False, shape=(8, 3, 32, 32)):
+    x_adv, g, x_nat = _t(*shape), _t(*shape), _t(*shape)
+    N = shape[0]
+    eps = _t(N) if per_sample else 8 / 255
+    alpha = _t(N) if per_sample else 2 / 255
     with counting() as c:
         if momentum:
-            F.mifgsm_step_(x_adv, g, _t(8, 3, 32, 32), x_nat, eps, alpha, decay=1.0)
+            F.mifgsm_step_(x_adv, g, _t(*shape), x_nat, eps, alpha, decay=1.0)
         else:
             F.pgd_step_(x_adv, g, x_nat, eps, alpha, norm=norm)
     return list(c.launches)
@@ -273,6 +274,12 @@ def table() -> list[tuple[str, int, int, list[str]]]:
                          len(launches), -1, launches))
     launches = measure_pgd(momentum=True)
     rows.append(("mifgsm_step_", len(launches), -1, launches))
+    for shape in ((256, 3, 32, 32), (256, 3, 224, 224)):  # one program per sample, the split
+        name = "x".join(map(str, shape))
+        launches = measure_pgd("l2", shape=shape)
+        rows.append((f"pgd_step_ l2 {name}", len(launches), -1, launches))
+        launches = measure_pgd(momentum=True, shape=shape)
+        rows.append((f"mifgsm_step_ {name}", len(launches), -1, launches))
     return rows
 
 

@@ -96,6 +96,22 @@ def test_mifgsm_launch_budget():
     assert len(lc.measure_pgd(momentum=True)) <= 2
 
 
+@pytest.mark.parametrize("momentum", [False, True], ids=["l2", "mifgsm"])
+def test_large_samples_are_split_at_any_batch_size(momentum):
+    """256 CIFAR samples: one program per sample (one launch, enough programs, small
+    re-reads); 256 samples of 3x224x224: chunks of at most MAX_CHUNK_BLOCKS blocks in two
+    launches (one program per such sample reads 147 blocks three times)."""
+    from fastrobust.kernels import pgd as kernels
+    one = "triton._mifgsm_kernel" if momentum else "triton._l2_kernel"
+    split = "triton._mifgsm_split_kernel" if momentum else "triton._l2_split_kernel"
+    assert lc.measure_pgd("l2", momentum=momentum, shape=(256, 3, 32, 32)) == [one]
+    assert lc.measure_pgd("l2", momentum=momentum, shape=(256, 3, 224, 224)) == [
+        "triton._sample_sums_kernel", split]
+    T, chunk = kernels._split(256, 3 * 224 * 224)
+    assert (T, chunk) == (10, 15 * kernels.BLOCK)  # 147 blocks: 10 chunks of <= 16 blocks
+    assert kernels._split(256, 3 * 32 * 32) == (1, 3 * kernels.BLOCK)
+
+
 # CUDA's grid limits: axis x 2³¹ − 1 programs, y and z 65,535 each.
 GRID_LIMITS = (2**31 - 1, 65535, 65535)
 

@@ -189,6 +189,29 @@ def test_split_mifgsm_matches_reference(split_kernels, dtype):
     torch.testing.assert_close(got_x, want_x, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("momentum", [False, True], ids=["l2", "mifgsm"])
+def test_split_of_large_samples_at_many_samples(split_kernels, monkeypatch, momentum):
+    """At any N a sample longer than MAX_CHUNK_BLOCKS blocks is split (on a GPU: 256 samples
+    of 3x224x224, 10 chunks each; here 140 samples of 105 values, chunks of 2 blocks of 16):
+    the same results as the reference, with per-sample ε and zero gradients."""
+    monkeypatch.setattr(split_kernels, "MAX_CHUNK_BLOCKS", 2)
+    adv, g, x = make(shape=(140, 3, 5, 7), eps=0.5)
+    g[1] = 0
+    assert split_kernels._split(140, 105) == (4, 32)  # without the cap: (1, 112)
+    eps = per_sample(x.shape[0], torch.float32, 0.5)
+    if momentum:
+        buf = torch.randn_like(x)
+        want_x, want_b = reference.mifgsm_step(adv, g, buf, x, eps, 2 / 255, 0.5)
+        got_x, got_b = adv.clone(), buf.clone()
+        F.mifgsm_step_(got_x, g, got_b, x, eps, 2 / 255, 0.5)
+        torch.testing.assert_close(got_b, want_b, atol=1e-6, rtol=1e-6)  # as above
+        torch.testing.assert_close(got_x, want_x, atol=0, rtol=0)
+    else:
+        want = reference.pgd_step(adv, g, x, eps, 0.125, "l2", 0.0, 1.0)
+        got = F.pgd_step_(adv.clone(), g, x, eps, 0.125, norm="l2", clip_min=0.0, clip_max=1.0)
+        torch.testing.assert_close(got, want, atol=2 * 4 * 4e-7, rtol=0)  # as above (fp32)
+
+
 def test_mifgsm_nan_gradient_stays_nan(backend):
     """Only an all-zero gradient is special-cased; a NaN one is not hidden as a zero."""
     adv, g, x = make()

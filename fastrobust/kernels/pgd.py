@@ -10,10 +10,12 @@ range [n·S, (n+1)·S). Three kernels:
                   sample's second and third reads mostly hit cache)
   _mifgsm_kernel  grid (N,): Σ|g|, then momentum and the linf step with sign(momentum)
 
-With fewer samples than MIN_PROGRAMS (a GPU has 100+ SMs; 8 samples would use 8), l2 and
-MI-FGSM split each sample into T chunks instead, in two launches: _sample_sums_kernel (grid
-(N, T): the chunk's partial sums) and _l2_split_kernel / _mifgsm_split_kernel (grid (N, T):
-each program adds up its sample's T partials, in order, and updates its chunk). The split l2
+With fewer samples than MIN_PROGRAMS (a GPU has 100+ SMs; 8 samples would use 8), or samples
+of more than MAX_CHUNK_BLOCKS blocks (a 224² image: one program would read 147 blocks three
+times), l2 and MI-FGSM split each sample into T chunks instead, in two launches:
+_sample_sums_kernel (grid (N, T): the chunk's partial sums) and _l2_split_kernel /
+_mifgsm_split_kernel (grid (N, T): each program adds up its sample's T partials, in order, and
+updates its chunk). The split l2
 gets ‖δ‖² = Σd² + 2·step·Σd·g + step²·Σg² (d = x_adv − x_nat) from the same pass as Σg²; for
 a PGD iterate inside the ball (‖d‖ ≤ ε) with step α its rounding error is ~2^-24·(ε² + α²),
 as small as the direct sum's against ε² where the projection is decided.
@@ -189,7 +191,7 @@ def _mifgsm_kernel(xa_ptr, g_ptr, buf_ptr, xn_ptr, eps_ptr, alpha_ptr, par_ptr, 
                   BLOCK, ACC)
 
 
-# --- the split forms (few samples) ----------------------------------------------------------
+# --- the split forms (few or large samples) ------------------------------------------------
 
 @triton.jit
 def _sample_sums_kernel(xa_ptr, g_ptr, xn_ptr, parts_ptr, N, S, CHUNK, L2: tl.constexpr,
@@ -272,9 +274,14 @@ def _mifgsm_split_kernel(xa_ptr, g_ptr, buf_ptr, xn_ptr, parts_ptr, eps_ptr, alp
                   div, dec, e, a, lo_, hi_, EPS_T, BLOCK, ACC)
 
 
-# A per-sample reduction with fewer than half this many samples is split along S so it gets
-# about this many programs (two waves of an H100's 132 SMs); 0 turns the split off.
+# A per-sample reduction is split along S so that it gets about MIN_PROGRAMS programs (two
+# waves of an H100's 132 SMs) when there are few samples, and, at any N, so that no program
+# walks more than MAX_CHUNK_BLOCKS blocks of a sample: one program per 224² ImageNet sample
+# (147 blocks, read three times) was 1.9x slower than torch.compile's step at N=256 on an H200
+# (issue 29). Samples of at most MAX_CHUNK_BLOCKS blocks keep the one-program-per-sample
+# kernels when there are enough of them (one launch; their re-reads are small).
 MIN_PROGRAMS = 264
+MAX_CHUNK_BLOCKS = 16
 BLOCK = 1024
 
 
@@ -282,7 +289,8 @@ def _split(N: int, S: int) -> tuple[int, int]:
     """(T, CHUNK): chunks per sample (1: the one-program-per-sample kernels) and their
     length, a multiple of BLOCK."""
     blocks = triton.cdiv(S, BLOCK)
-    T = max(1, min(blocks, MIN_PROGRAMS // max(N, 1)))
+    T = max(MIN_PROGRAMS // max(N, 1), triton.cdiv(blocks, MAX_CHUNK_BLOCKS))
+    T = max(1, min(blocks, T))
     chunk = triton.cdiv(blocks, T) * BLOCK
     return triton.cdiv(S, chunk), chunk
 
