@@ -15,10 +15,10 @@ of more than MAX_CHUNK_BLOCKS blocks (a 224² image: one program would read 147 
 times), l2 and MI-FGSM split each sample into T chunks instead, in two launches:
 _sample_sums_kernel (grid (N, T): the chunk's partial sums) and _l2_split_kernel /
 _mifgsm_split_kernel (grid (N, T): each program adds up its sample's T partials, in order, and
-updates its chunk). The split l2
-gets ‖δ‖² = Σd² + 2·step·Σd·g + step²·Σg² (d = x_adv − x_nat) from the same pass as Σg²; for
-a PGD iterate inside the ball (‖d‖ ≤ ε) with step α its rounding error is ~2^-24·(ε² + α²),
-as small as the direct sum's against ε² where the projection is decided.
+updates its chunk). The split l2 gets ‖δ‖² = Σd² + 2·step·Σd·g + step²·Σg² (d = x_adv − x_nat)
+from the same pass as Σg²; for a PGD iterate inside the ball (‖d‖ ≤ ε) with step α its rounding
+error is ~2^-24·(ε² + α²), as small as the direct sum's against ε² where the projection is
+decided.
 
 Loads are cast to the accumulation type at once (fp32, fp64 for fp64 inputs). Scalars reach
 the kernels as fp32 arguments; for fp64 inputs they come from small fp64 tensors instead, so
