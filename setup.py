@@ -1,6 +1,10 @@
-"""Builds fastrobust._C: the op schemas, their autograd and the CPU kernels always, the CUDA
-kernels when torch has CUDA and a toolkit is present. The extension defines the ops, so the
-package needs it: a failed compile fails the install.
+"""Builds fastrobust._C with the host C++ compiler: the op schemas, their autograd, the CPU
+kernels and the launch plans (csrc/plans.cpp) always; with a CUDA build of torch, the plans
+also become the CUDA key's kernel (the Triton kernels launched from C++). No CUDA toolkit and
+no nvcc are needed: there is no device code, the driver is reached through dlopen, and the CUDA
+runtime headers torch's stream API includes come with torch's own nvidia-* packages (or a
+toolkit, if there is one). The extension defines the ops, so the package needs it: a failed
+compile fails the install.
 
 Install with `pip install --no-build-isolation .` so the build uses the torch you already have.
 """
@@ -17,6 +21,17 @@ def _say(msg):
     print(f"[fastrobust build] {msg}", file=sys.stderr, flush=True)
 
 
+def cuda_runtime_include(torch_dir, cuda_home):
+    """A folder holding cuda_runtime_api.h: torch's nvidia-* runtime package beside it
+    (nvidia/cu13/include, nvidia/cuda_runtime/include), else a toolkit's include folder."""
+    site = os.path.dirname(torch_dir)
+    found = sorted(glob.glob(os.path.join(site, "nvidia", "*", "include",
+                                          "cuda_runtime_api.h")))
+    if cuda_home:
+        found.append(os.path.join(cuda_home, "include", "cuda_runtime_api.h"))
+    return next((os.path.dirname(f) for f in found if os.path.exists(f)), None)
+
+
 def _extensions():
     try:
         import torch
@@ -25,36 +40,35 @@ def _extensions():
         raise SystemExit(f"[fastrobust build] torch is not importable ({e}): install torch "
                          "first and build with --no-build-isolation") from e
 
-    cpu_sources = sorted(glob.glob("csrc/cpu/*.cpp")) + ["csrc/autograd.cpp", "csrc/ops.cpp"]
-    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-fopenmp-simd"]
+    sources = sorted(glob.glob("csrc/cpu/*.cpp")) + ["csrc/autograd.cpp", "csrc/ops.cpp",
+                                                      "csrc/plans.cpp"]
+    # torch 2.14's headers need C++20; older ones are built as they always were, in C++17
+    version = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+    std = "-std=c++20" if version >= (2, 14) else "-std=c++17"
+    cxx = ["-O3", std, "-fopenmp", "-fopenmp-simd"]
     # OpenMP: ATen's parallel_for is header code that only runs in parallel under -fopenmp;
     # linking -fopenmp reuses the libgomp that torch has already loaded.
     link = ["-fopenmp"]
-    macros = []
-
+    macros, include_dirs, libraries = [], [], []
     if torch.version.cuda is None:
-        why = "torch is a CPU build (torch.version.cuda is None)"
-    elif cpp_extension.CUDA_HOME is None:
-        why = "no CUDA toolkit found (set CUDA_HOME)"
-    elif not cuda_sources:
-        why = "no CUDA sources in csrc/cuda yet"
+        _say("torch is a CPU build: fastrobust._C with the CPU kernels (CUDA tensors: no "
+             "launch path, the eager kernels)")
     else:
-        why = None
-    if why is None:
-        _say(f"building fastrobust._C with CPU and CUDA kernels "
-             f"({len(cpu_sources)} C++ + {len(cuda_sources)} CUDA sources)")
+        inc = cuda_runtime_include(os.path.dirname(torch.__file__), cpp_extension.CUDA_HOME)
+        if inc is None:
+            raise SystemExit(
+                "[fastrobust build] torch is a CUDA build but cuda_runtime_api.h was found "
+                "neither in its nvidia-* packages nor in a CUDA toolkit: reinstall torch with "
+                "its CUDA dependencies, or set CUDA_HOME")
+        _say(f"torch {torch.__version__} is a CUDA {torch.version.cuda} build: fastrobust._C "
+             f"with the CPU kernels and the CUDA launch path (Triton kernels launched from "
+             f"C++; host compiler, no nvcc; CUDA runtime headers from {inc})")
         macros.append(("FASTROBUST_WITH_CUDA", None))
-        ext = cpp_extension.CUDAExtension(
-            "fastrobust._C", cpu_sources + cuda_sources, define_macros=macros,
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17"]},  # IEEE div/sqrt,
-            # as benchmarks/nvcc_check.py compiles them (no --use_fast_math: the statistics
-            # would drift from the CPU kernels the tests compare the bodies with)
-            extra_link_args=link)
-    else:
-        _say(f"building fastrobust._C with CPU kernels only; CUDA kernels skipped: {why}")
-        ext = cpp_extension.CppExtension("fastrobust._C", cpu_sources, define_macros=macros,
-                                         extra_compile_args={"cxx": cxx}, extra_link_args=link)
+        include_dirs.append(inc)
+        libraries.append("c10_cuda")
+    ext = cpp_extension.CppExtension("fastrobust._C", sources, define_macros=macros,
+                                     include_dirs=include_dirs, libraries=libraries,
+                                     extra_compile_args={"cxx": cxx}, extra_link_args=link)
 
     class Build(cpp_extension.BuildExtension):
         def run(self):

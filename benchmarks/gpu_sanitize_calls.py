@@ -7,13 +7,15 @@ and racecheck and fails the step on any report):
            (fp32; one case of each kind in bf16 and fp64); the synchronized BN's three kernels (an identity all-reduce:
            one process); FiLM [N, C] and [C] (direct and split reductions); add_relu; the PGD
            steps (linf, l2 and MI-FGSM, one program per sample and split), pgd_init
-  CUDA C++ the same BN and PGD calls through backends.use("cuda"), where the build has them
+Run as the dispatcher runs them (the default): every call twice, so the first records its
+launch plan through the Python launcher and the second is replayed from C++ (csrc/plans.cpp);
+`--backend triton` forces the Python launchers instead.
 
 Sizes are small: the sanitizer runs kernels 10-100x slower. Run with PYTORCH_NO_CUDA_MEMORY_CACHING=1
 so every tensor is a fresh allocation (with the caching allocator a read of memory nothing
 wrote in this call can look initialized, written by an earlier tensor there).
 
-    python benchmarks/gpu_sanitize_calls.py [--backend triton|cuda|all]
+    python benchmarks/gpu_sanitize_calls.py [--backend default|triton]
 
 (`TRITON_INTERPRET=1 ... --device cpu --backend triton` runs the same calls on the CPU, to
 check the script itself.)
@@ -113,17 +115,18 @@ def pgd_calls(dtype=torch.float32, init=True):
         eps = torch.full((N,), 8 / 255, device=DEV)
         for norm in ("linf", "l2"):
             F.pgd_step_(xa, grad, xn, eps, 2 / 255, norm=norm)
-            if init:  # (no CUDA C++ kernel: the cuda backend refuses it)
+            if init:
                 F.pgd_init(xn, 8 / 255, norm=norm)
         F.mifgsm_step_(xa, grad, torch.zeros_like(xa), xn, 8 / 255, 2 / 255)
 
 
 def run(backend: str | None):
-    with backends.use(backend):
-        for dtype in (torch.float32, torch.bfloat16, torch.float64):
-            bn_calls(dtype, full=dtype == torch.float32)
-            pgd_calls(dtype, init=backend != "cuda")
-        if backend in (None, "triton"):
+    # the default twice: recorded, then replayed from C++ (the same signatures)
+    for _ in range(2 if backend is None else 1):
+        with backends.use(backend):
+            for dtype in (torch.float32, torch.bfloat16, torch.float64):
+                bn_calls(dtype, full=dtype == torch.float32)
+                pgd_calls(dtype)
             film_calls()
             sync_calls()
     if DEV == "cuda":
@@ -133,18 +136,20 @@ def run(backend: str | None):
 def main():
     global DEV
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--backend", default="all", choices=["triton", "cuda", "all"])
+    ap.add_argument("--backend", default="default", choices=["default", "triton"])
     ap.add_argument("--device", default="cuda")
     args = ap.parse_args()
     DEV = args.device
-    names = ["triton", "cuda"] if args.backend == "all" else [args.backend]
-    for name in names:
-        why = backends.not_supported_reasons(name, "multi_bn", torch.device(DEV))
-        if why:
-            print(f"{name}: skipped ({'; '.join(why)})")
-            continue
-        run(name)
-        print(f"{name}: every kernel launched")
+    name = None if args.backend == "default" else args.backend
+    why = backends.not_supported_reasons(name or "triton", "multi_bn", torch.device(DEV))
+    if why:
+        raise SystemExit(f"{args.backend}: cannot run ({'; '.join(why)})")
+    run(name)
+    if name is None and DEV == "cuda":
+        from fastrobust import _C
+        stats = _C._plan_stats()
+        print(f"plans: {stats}; not replayed: {_C._plan_refusals()}")
+    print(f"{args.backend}: every kernel launched")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,6 @@
 // The small per-element math of the routed / mixed BN family (shared/DESIGN.md §2.1-2.4),
-// written once for the CPU kernels (csrc/cpu/multi_bn.cpp, in double) and the CUDA kernels
-// (csrc/cuda/multi_bn.cu, in float for float/half/bfloat16 inputs, double for double), so the
-// CPU tests cover the formulas both run. The derivation is in fastrobust/_engine.py.
+// written once for the CPU kernels (csrc/cpu/multi_bn.cpp, in double); the Triton kernels
+// (fastrobust/kernels) write the same formulas. The derivation is in fastrobust/_engine.py.
 //
 // No include guard and no includes but hd.h's macro, by design (like pgd_math.h): each user
 // includes it inside its own namespace.

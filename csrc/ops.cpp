@@ -1,16 +1,16 @@
 // The fastrobust ops: every schema, defined once. Each op has one implementation per dispatch
 // key and one autograd:
 //
-//   schema (here)        CPU (C++)          CUDA (Triton)        other devices    Autograd
-//   multi_bn             cpu/register.cpp   backends/triton.py   backends/eager   autograd.cpp
-//   multi_bn_backward    cpu/register.cpp   backends/triton.py   backends/eager   -
-//   film, film_backward  cpu/register.cpp   backends/triton.py   backends/eager   autograd.cpp
-//   add_relu             cpu/register.cpp   (composite, C++)     (composite)      autograd.cpp
-//   pgd_step, pgd_init,  cpu/register.cpp   backends/triton.py   backends/eager   (no grad)
+//   schema (here)        CPU (C++)          CUDA                 other devices    Autograd
+//   multi_bn             cpu/register.cpp   plans.cpp            backends/eager   autograd.cpp
+//   multi_bn_backward    cpu/register.cpp   plans.cpp            backends/eager   -
+//   film, film_backward  cpu/register.cpp   plans.cpp            backends/eager   autograd.cpp
+//   add_relu             cpu/register.cpp   plans.cpp            (composite)      autograd.cpp
+//   pgd_step, pgd_init,  cpu/register.cpp   plans.cpp            backends/eager   (no grad)
 //   mifgsm_step
 //
-// CUDA builds also carry CUDA C++ kernels for multi_bn(_backward), pgd_step and mifgsm_step
-// (csrc/cuda/register.cpp), selectable with fastrobust.backends.use("cuda").
+// On CUDA, plans.cpp launches the Triton kernels (fastrobust/kernels) from C++, replaying what
+// their Python launchers did the first time they saw a call signature.
 //
 // The fake (meta) implementations that torch.compile and opcheck trace with live in
 // fastrobust/_ops.py, as does multi_bn_grads_with_graph's body (plain torch ops, so that a
@@ -20,15 +20,12 @@
 #include <torch/csrc/jit/python/pybind_utils.h>
 
 #include "checks.h"
-#include "cpu/cuda_emulation.h"
 #include "plan_signature.h"
 #include "spec.h"
 
-#ifdef FASTROBUST_WITH_CUDA
-namespace fastrobust::cuda {
-void register_python(pybind11::module& m);  // csrc/cuda/register.cpp
+namespace fastrobust::plans {
+void register_python(pybind11::module& m);  // csrc/plans.cpp: the CUDA launch path
 }
-#endif
 
 TORCH_LIBRARY(fastrobust, m) {
   // Routed (branch: int64 [N]) or soft-mixed (mix: float [N, K]) batch norm with the fused
@@ -103,15 +100,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::dict modes;
   for (int i = 0; i < 3; ++i) modes[fastrobust::kPgdModeNames[i]] = i;
   m.attr("PGD_MODES") = modes;
-  // The CUDA BN kernels' bodies run on the host (csrc/cpu/cuda_emulation.cpp): for the tests.
-  m.def("_emulated_cuda_bn_forward", &fastrobust::cuda::emulated_bn_forward);
-  m.def("_emulated_cuda_bn_backward", &fastrobust::cuda::emulated_bn_backward);
   m.def("_plan_signature", &plan_signature_of);
   m.def("_check", &check_of);
-#ifdef FASTROBUST_WITH_CUDA
-  fastrobust::cuda::register_python(m);  // the CUDA C++ kernels, selectable (not the default)
-  m.attr("CUDA_KERNELS") = true;
-#else
-  m.attr("CUDA_KERNELS") = false;
-#endif
+  fastrobust::plans::register_python(m);  // the launch plans (CUDA_LAUNCH_PATH: built for CUDA)
 }

@@ -1,5 +1,5 @@
 // The per-element math of the PGD steps (shared/DESIGN.md §2.5), written once for the CPU
-// leaves (csrc/cpu/pgd_leaf.inc) and the CUDA kernels (csrc/cuda/pgd.cu), so the CPU tests
+// leaves (csrc/cpu/pgd_leaf.inc), so the CPU tests
 // cover the formulas both run.
 //
 // No include guard and no includes but hd.h's macro, by design: each user includes it inside

@@ -1,10 +1,12 @@
-// The signature of a call, the key of its launch plan (csrc/cuda/plans.cpp,
+// The signature of a call, the key of its launch plan (csrc/plans.cpp,
 // fastrobust/kernels/_plan.py): everything the Python launchers decide from, and nothing else.
 // Per argument: a tensor's dtype, device, sizes, strides, whether it is empty, 16-byte
 // alignment of its first element (Triton specializes on it) and which earlier tensor argument
-// shares its storage, at what byte distance; an int's, float's, bool's or bool list's value.
-// Two calls with the same signature get the same launches with the same grids and scalar
-// arguments; only the tensors' addresses differ. An argument of another kind gives an empty
+// shares its storage, at what byte distance; an int's, bool's or bool list's value. Not a
+// float's value: the plans pass the op's floats to the kernels as replay arguments (a plan
+// whose launcher decided on a float's value says so, and holds for that value only). Two calls
+// with the same signature get the same launches with the same grids; only the tensors'
+// addresses and the float arguments differ. An argument of another kind gives an empty
 // signature: such a call is never replayed.
 #pragma once
 #include <ATen/core/ivalue.h>
@@ -71,9 +73,8 @@ inline std::string plan_signature(const std::string& op, c10::ArrayRef<c10::IVal
     } else if (a.isInt()) {
       key += 'I';
       put<int64_t>(key, a.toInt());
-    } else if (a.isDouble()) {
+    } else if (a.isDouble()) {  // (its value is a replay argument: plans.cpp)
       key += 'D';
-      put<double>(key, a.toDouble());
     } else if (a.isBoolList()) {
       key += 'L';
       for (bool b : a.toBoolList()) key += b ? '1' : '0';

@@ -91,21 +91,13 @@ def test_deterministic_and_independent_of_thread_count(backend):
         assert torch.equal(a, b) and torch.equal(a, c)
 
 
-def test_cuda_cpp_backend_is_selectable_and_says_why_not_here():
-    """The CUDA C++ kernels are a backend of their own, never the default; on a CPU build (or
-    for CPU tensors) forcing it raises with the reasons."""
-    from fastrobust import _C
-    assert backends.choose("multi_bn", "cpu") == "cpu"
-    why = backends.not_supported_reasons("cuda", "multi_bn", "cpu")
-    assert "serves CUDA tensors only" in why
-    if not _C.CUDA_KERNELS:
-        assert any("built without CUDA kernels" in w for w in why)
-    assert "no CUDA C++ kernels for film yet" in backends.not_supported_reasons("cuda", "film",
-                                                                                "cuda")
-    with backends.use("cuda"):
-        with pytest.raises(RuntimeError, match="forced but cannot run multi_bn on cpu"):
-            F.multi_batch_norm(torch.randn(2, 3, 2, 2), torch.zeros(2, dtype=torch.long),
-                               num_branches=1, training=True)
+def test_there_is_no_cuda_cpp_backend():
+    """One GPU implementation: the Triton kernels (launched from C++ on CUDA). The CUDA C++
+    kernels are gone, and naming them is an error that lists the backends there are."""
+    assert backends.BACKENDS == ("eager", "cpu", "triton")
+    with pytest.raises(ValueError, match="unknown backend 'cuda'"):
+        with backends.use("cuda"):
+            pass
 
 
 def test_use_is_per_thread_and_registers_nothing(monkeypatch):

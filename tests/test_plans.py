@@ -1,7 +1,7 @@
-"""Launch plans (fastrobust/kernels/_plan.py, csrc/cuda/plans.cpp): on CUDA builds the CUDA
+"""Launch plans (fastrobust/kernels/_plan.py, csrc/plans.cpp): on CUDA builds the CUDA
 key's kernel replays, from C++, what each op's Python launcher did the first time it saw a call
 signature. Here (Triton under the interpreter, CPU tensors) the same plans are recorded and
-replayed by the Python twin of the C++ replay: a plan recorded on one set of inputs, replayed
+replayed by the Python twin of the C++ replay (tests/test_plan_replay.py runs the C++ one): a plan recorded on one set of inputs, replayed
 on another of the same signature, gives bitwise what the launcher gives; and the signature the
 C++ kernel keys plans by tells apart every change the launchers decide on."""
 from __future__ import annotations
@@ -136,16 +136,16 @@ def test_the_signature_tells_apart_what_the_launchers_decide_on():
         "shape": [base[0][:, :, :3, :3].contiguous()] + base[1:],
         "layout": [base[0].contiguous(memory_format=torch.channels_last)] + base[1:],
         "alignment": [torch.empty(base[0].numel() + 1)[1:].view_as(base[0])] + base[1:],
-        "eps": base[:15] + [1e-3] + base[16:],
         "training": base[:12] + [False] + base[13:],
         "an extra": base[:8] + [torch.rand(6, 5)] + base[9:],
         "weight shares x's storage": base[:3] + [base[0].view(-1)[:15].view(3, 5)] + base[4:],
     }
     for what, args in changed.items():
         assert _sig("multi_bn", args) != s0, what
-    # values alone do not change it
+    # values alone do not change it, nor do the float arguments (replay arguments)
     assert _sig("multi_bn", [t.clone() if isinstance(t, torch.Tensor) else t
                              for t in base]) == s0
+    assert _sig("multi_bn", base[:13] + [0.3] + base[14:15] + [1e-3] + base[16:]) == s0
     bwd = _bwd_args(g)
     other_needs = bwd[:-1] + [[True, False, False, True, False, False, False]]
     assert _sig("multi_bn_backward", bwd) != _sig("multi_bn_backward", other_needs)
@@ -167,12 +167,18 @@ def test_a_launcher_that_copies_data_is_not_replayed():
         _plan.replay(plan, args)
 
 
-def test_an_interpreted_plan_is_not_given_to_cpp():
-    """Under the interpreter there is no compiled kernel to launch from C++."""
+def test_an_interpreted_plan_is_given_to_cpp_with_handles():
+    """Under the interpreter a launch's handle is a key of `_plan.InterpreterLaunch` (the
+    CPU tests' launch hook) instead of a CUfunction; the parameters are the layout model's."""
     _, plan = _plan.record_call(IMPLS["add_relu"], CASES["add_relu"][1](
         torch.Generator().manual_seed(7)))
-    assert plan.why_not is None
-    assert "not compiled" in plan.for_cpp()["why_not"]
+    d = plan.for_cpp()
+    assert d["why_not"] is None and not d["pinned"]
+    (handle, warps, shared, grid, params, name), = d["launches"]
+    assert name == "_add_relu_kernel" and handle in _plan._handles and grid == (1, 1, 1)
+    # a, b, out, total (BLOCK is a constexpr): three pointers to fp32, an i32
+    assert [(p[0], p[4]) for p in params] == [(_plan.INPUT, "*fp32"), (_plan.INPUT, "*fp32"),
+                                              (_plan.ALLOC, "*fp32"), (_plan.INT, "i32")]
 
 
 def test_no_python_frame_inside_the_op_on_cpu():

@@ -5,9 +5,9 @@ Every op is one schema (csrc/ops.cpp) with one kernel per dispatch key and one a
 registers over a kernel after import:
 
     cpu     C++ kernels (csrc/cpu), the CPU key's own                    backends/cpu.py
-    triton  Triton kernels (fastrobust/kernels), the CUDA key's           backends/triton.py
+    triton  Triton kernels (fastrobust/kernels), launched from C++ by     backends/triton.py
+            the CUDA key's kernel (csrc/plans.cpp)
     eager   plain PyTorch (fastrobust._engine), every other device        backends/eager.py
-    cuda    CUDA C++ kernels (csrc/cuda), selectable only (CUDA builds)   backends/cuda.py
 
 `use(name)` runs one backend's kernels for the calls made in a block by the current thread, for
 tests, benchmarks and debugging: a dispatch mode (a torch mechanism that is per thread)
@@ -24,11 +24,11 @@ import threading
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from . import cpu, cuda, eager, triton
+from . import cpu, eager, triton
 
-BACKENDS = ("eager", "cpu", "triton", "cuda")
+BACKENDS = ("eager", "cpu", "triton")
 OPS = ("multi_bn", "film", "add_relu", "pgd")
-_MODULES = {"eager": eager, "cpu": cpu, "triton": triton, "cuda": cuda}
+_MODULES = {"eager": eager, "cpu": cpu, "triton": triton}
 # The schema ops of each family (csrc/ops.cpp).
 SCHEMAS = {"multi_bn": ("multi_bn", "multi_bn_backward"), "film": ("film", "film_backward"),
            "add_relu": ("add_relu",), "pgd": ("pgd_step", "pgd_init", "mifgsm_step")}
@@ -37,23 +37,17 @@ _local = threading.local()  # .forced: this thread's stack of `use` blocks
 
 
 def _register_defaults() -> None:
-    """The kernels registered from Python, once, at import: eager for
+    """What is registered from Python, once, at import: the eager kernels for
     CompositeExplicitAutograd (any device without its own kernel; add_relu's composite is
-    C++), and for CUDA the Triton launchers, unless the build has CUDA kernels: then the CUDA
-    key's kernel is C++ (csrc/cuda/plans.cpp, Triton kernels launched from recorded plans),
-    and the launchers are only its hook for a call signature it has not seen."""
+    C++), and the hook through which the CUDA key's C++ kernel (csrc/plans.cpp) runs an op's
+    Triton launcher for a call signature it has not seen."""
     from .. import _C
+    from ..kernels import _plan
     lib = torch.library.Library("fastrobust", "IMPL")
     for name, fn in eager.implementations().items():
         if name != "add_relu":
             lib.impl(name, fn, "CompositeExplicitAutograd")
-    if getattr(_C, "CUDA_KERNELS", False):
-        from ..kernels import _plan
-        _C._set_plan_hook(_plan.for_cpp)
-    else:
-        for name, fn in triton.cuda_implementations().items():
-            if name != "add_relu" or triton.missing() is None:
-                lib.impl(name, fn, "CUDA")
+    _C._set_plan_hook(_plan.for_cpp)
     _libs.append(lib)
 
 
@@ -178,16 +172,33 @@ def describe() -> str:
         lines.append(f"{row['op']:<10} {row['device']:<5} -> {row['backend']}")
         for b, why in row["others"].items():
             lines.append(f"{'':<17}{b:<7} {'; '.join(why)}")
-    lines.append("(on CUDA tensors the Triton kernels are launched " + (
-        "from C++ (csrc/cuda/plans.cpp): no Python per call)" if cuda_launches_from_cpp()
-        else "from Python: this build has no CUDA kernels (a CPU torch, or no CUDA toolkit "
-             "at install time))"))
+    lines.append(launch_path())
     if forced():
         lines.append(f"(forced: {forced()})")
     return "\n".join(lines)
 
 
 def cuda_launches_from_cpp() -> bool:
-    """Whether the CUDA key's kernel is C++ (a CUDA build: csrc/cuda/plans.cpp)."""
+    """Whether CUDA calls reach the Triton kernels from C++ (csrc/plans.cpp: fastrobust._C
+    was built against a CUDA build of torch)."""
     from .. import _C
-    return bool(getattr(_C, "CUDA_KERNELS", False))
+    return bool(_C.CUDA_LAUNCH_PATH)
+
+
+def launch_path() -> str:
+    """Which launch path CUDA calls take, and why; with the plan counts and every reason a
+    call took the Python launcher (printed by `fastrobust info`)."""
+    from .. import _C
+    if not cuda_launches_from_cpp():
+        return ("CUDA calls: none in this build (torch is a CPU build, so fastrobust._C has "
+                "no CUDA launch path)")
+    why = triton.missing()
+    lines = ["CUDA calls: the Triton kernels, launched from C++ (csrc/plans.cpp): each call "
+             "signature runs its Python launcher once, then replays its launches with no "
+             "Python" + (f"; but {why}: the eager kernels serve CUDA tensors" if why else "")]
+    stats = _C._plan_stats()
+    lines.append("  plans: {plans} ({not_replayable} not replayable); calls replayed: "
+                 "{replayed_calls}, through the Python launcher: {python_calls}".format(**stats))
+    for reason in _C._plan_refusals():
+        lines.append(f"  took the Python launcher: {reason}")
+    return "\n".join(lines)

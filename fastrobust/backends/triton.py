@@ -1,7 +1,6 @@
-"""The Triton backend: fastrobust/kernels (one file per op family). In a CUDA build the CUDA
-key's kernel is C++ (csrc/cuda/plans.cpp), which launches these kernels from plans it records
-through them once per call signature; in a build without CUDA kernels they are the CUDA key's
-kernels, registered from Python. CPU tensors run under TRITON_INTERPRET=1 (Triton's
+"""The Triton backend: fastrobust/kernels (one file per op family). The CUDA key's kernel is C++
+(csrc/plans.cpp), which launches these kernels from plans it records through their Python
+launchers once per call signature. CPU tensors run under TRITON_INTERPRET=1 (Triton's
 interpreter, for tests) when this backend is forced with `fastrobust.backends.use("triton")`."""
 from __future__ import annotations
 

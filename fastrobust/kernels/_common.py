@@ -8,6 +8,7 @@ import triton
 import triton.language as tl
 
 from . import tiles_grid
+from ._plan import launch
 
 # A reduction over planes gets at least this many programs: when N·C is small the planes are
 # split along S (a GPU has 100+ SMs; the interpreter runs programs one by one, so tests set it
@@ -20,6 +21,22 @@ MIN_PROGRAMS = 512
 @triton.jit
 def _safe(t):
     return tl.where(t != 0, t, 1.0)
+
+
+@triton.jit
+def _zero_kernel(ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(ptr + offs, tl.zeros([BLOCK], ptr.dtype.element_ty), mask=offs < n)
+
+
+@triton.jit
+def _scalar(hi, mid, lo, ACC: tl.constexpr):
+    """A float argument of the op in ACC: fp32 from its first part, fp64 from all three
+    (_plan.fp32_parts: a kernel's float argument is fp32; the parts' fp64 sum is exact)."""
+    if ACC == tl.float64:
+        return (tl.zeros([], tl.float64) + hi) + mid + lo
+    else:
+        return tl.zeros([], tl.float32) + hi  # (the interpreter passes a Python float)
 
 
 @triton.jit
@@ -118,6 +135,14 @@ def _tiles_grid(N: int, c_blocks: int, s_blocks: int) -> tuple[int]:
 def _like(x: torch.Tensor) -> torch.Tensor:
     """An output shaped and laid out like x (dense)."""
     return torch.empty_like(x, memory_format=torch.preserve_format)
+
+
+def _zero(*tensors) -> None:
+    """Fills fresh contiguous tensors with zeros by a launch (a fill on the host is no launch:
+    a plan could not replay it)."""
+    for t in tensors:
+        if t.numel():
+            launch(_zero_kernel, (triton.cdiv(t.numel(), 1024),), t, t.numel(), BLOCK=1024)
 
 
 def _c(t):

@@ -2,31 +2,45 @@
 
 The Python launchers (multi_bn.py, film.py, pgd.py, elementwise.py) decide everything from the
 call's *signature*: the op, each tensor's dtype, sizes, strides, device, 16-byte alignment and
-which tensors share storage, and each scalar's value; nothing on the host reads a value on the
-device. So the first call with a signature runs the launcher under a recorder, which writes down
-a plan:
+which tensors share storage, and each int's and bool's value; nothing on the host reads a value
+on the device. So the first call with a signature runs the launcher under a recorder, which
+writes down a plan:
 
   allocations  every tensor the launcher allocated (sizes, strides, dtype), in order;
-  launches     every kernel launch: the compiled kernel, its grid, and for each parameter a slot
-               (input i or allocation j at a byte offset, a null pointer, an int, a float);
+  launches     every kernel launch: the kernel, its grid, and for each parameter the kernel
+               takes a slot (input i or allocation j at a byte offset, a null pointer, an int,
+               a float constant, or float argument i of the op) and its type;
   outputs      the op's results: an allocation, or a fresh empty tensor.
 
-csrc/cuda/plans.cpp, the CUDA dispatch key's kernel for every op, keys its plans by the
-signature (computed in C++), replays a stored plan for every later call with cuLaunchKernel, and
-calls `record` (through the hook `install` registers) only for a signature it has not seen.
+csrc/plans.cpp, the CUDA dispatch key's kernel of every op, keys plans by the signature
+(computed in C++), replays a stored plan for every later call, and calls `for_cpp` (the hook
+fastrobust._ops sets) only for a signature it has not seen. The op's float arguments (ε, α,
+momentum, eps, clip bounds) are not part of the signature: the recorder hands them to the
+launcher tagged (`_Arg`), a tagged float passed straight to a kernel becomes a replay argument,
+and any other use of one (arithmetic, a comparison) makes the plan hold for those values only.
 
-A launcher that did anything but allocate, view and launch (a copy of a non-contiguous input, a
-fill, a table of fp64 scalars written from the host) makes a plan that could not be replayed
-without that data: `Plan.why_not` says why, and the C++ kernel then runs the Python launcher for
-every call with that signature (correct, with Python's cost).
+The parameter layout (which parameters a compiled kernel takes, of which type) is this file's
+model of Triton's specialization (`layout`); on a GPU it is checked against the compiled
+kernel's own signature and the driver's parameter sizes, and tests/test_plans.py checks it
+against kernels compiled for sm_90 without a GPU.
 
-`replay` is the same algorithm in Python, launching through Triton (the interpreter on CPU
-tensors): tests/test_plans.py records a plan on one set of inputs and replays it on another.
+Where no GPU is, the same C++ path runs on CPU tensors (`fastrobust._C._plan_call`): each
+launch goes, as the bytes cuLaunchKernel would read, to a Python launch hook;
+`InterpreterLaunch` decodes them and runs the kernel under the Triton interpreter, so every
+line of the C++ replay runs in the CPU tests, bitwise against the Python launcher.
+
+A launcher that did anything but allocate, view and launch (a copy, a fill) makes a plan that
+could not be replayed: `Plan.why_not` says why, C++ warns once per reason, and calls with that
+signature take the Python launcher (`fastrobust info` counts them).
 """
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import inspect
+import itertools
+import math
+import struct
 import threading
 from dataclasses import dataclass, field
 
@@ -45,17 +59,89 @@ _VIEWS = {aten.view.default, aten._unsafe_view.default, aten.unsqueeze.default,
           aten.permute.default, aten.transpose.int, aten.detach.default, aten.alias.default,
           aten.unbind.int, aten.split.Tensor}
 
-# slot kinds (csrc/cuda/plans.cpp reads the same numbers)
-INPUT, ALLOC, NULL, INT, FLOAT = 0, 1, 2, 3, 4
+# slot kinds (csrc/plans.cpp reads the same numbers)
+INPUT, ALLOC, NULL, INT, FLOAT, ARG = 0, 1, 2, 3, 4, 5
 
+
+# --- the op's float arguments, tagged ----------------------------------------------------------
+
+class _Arg(float):
+    """Float argument `index` of the op being recorded (`part`: 0 the value, 1 and 2 the fp32
+    remainders of `fp32_parts`). Passed straight to a kernel it is a replay argument; any
+    other use on the host makes the plan hold for these values only."""
+
+    def __new__(cls, value, index, part=0):
+        obj = super().__new__(cls, value)
+        obj.index, obj.part = index, part
+        return obj
+
+    def _pin(self):
+        rec = active()
+        if rec is not None:
+            rec.plan.pinned = True
+
+    def __float__(self):
+        self._pin()
+        return float.__float__(self)
+
+    def __reduce__(self):  # (pickled: a plain float)
+        return (float, (float.__float__(self),))
+
+
+def _pinning(name):
+    base = getattr(float, name)
+
+    def op(self, *args):
+        self._pin()
+        return base(float.__float__(self), *args)
+    op.__name__ = name
+    return op
+
+
+for _name in ("__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__",
+              "__truediv__", "__rtruediv__", "__floordiv__", "__rfloordiv__", "__mod__",
+              "__rmod__", "__pow__", "__rpow__", "__neg__", "__pos__", "__abs__", "__eq__",
+              "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "__bool__", "__int__",
+              "__round__", "__trunc__", "__floor__", "__ceil__", "__divmod__", "__rdivmod__"):
+    setattr(_Arg, _name, _pinning(_name))
+_Arg.__hash__ = float.__hash__
+
+
+def _f32(v: float) -> float:
+    """v rounded to fp32 (to nearest, as a kernel's float argument is), inf past its range."""
+    if not math.isfinite(v) or abs(v) >= 3.4028235677973366e38:
+        return v if not math.isfinite(v) else math.copysign(math.inf, v)
+    return struct.unpack("<f", struct.pack("<f", v))[0]
+
+
+def fp32_parts(v) -> tuple:
+    """(hi, mid, lo), fp32 values whose fp64 sum is v exactly: how an fp64 scalar reaches a
+    kernel (a kernel's float argument is fp32). csrc/plans.cpp computes the same at replay."""
+    x = float.__float__(v) if isinstance(v, float) else float(v)
+    hi = _f32(x)
+    if not math.isfinite(hi):
+        parts = (hi, 0.0, 0.0)
+    else:
+        mid = _f32(x - hi)
+        parts = (hi, mid, _f32(x - hi - mid))
+    if isinstance(v, _Arg):
+        return tuple(_Arg(p, v.index, i) for i, p in enumerate(parts))
+    return parts
+
+
+def _plain(a):
+    return float.__float__(a) if isinstance(a, _Arg) else a
+
+
+# --- plans -----------------------------------------------------------------------------------
 
 @dataclass
 class Slot:
     kind: int
-    index: int = -1       # INPUT / ALLOC: which
-    offset: int = 0       # INPUT / ALLOC: bytes from its first element
-    value: float = 0      # INT / FLOAT
-    dtype: torch.dtype | None = None  # a pointer's element type (Python replay)
+    index: int = -1       # INPUT / ALLOC / ARG: which
+    offset: int = 0       # INPUT / ALLOC: bytes from its first element; ARG: the part
+    value: float = 0      # INT / FLOAT (ARG: the recorded value)
+    dtype: torch.dtype | None = None  # a pointer's element type
 
 
 @dataclass
@@ -64,6 +150,7 @@ class Launch:
     compiled: object      # Triton's CompiledKernel (None under the interpreter)
     grid: tuple
     params: list          # (name, Slot or a constexpr value, constexpr?) in the kernel's order
+    num_warps: int = 4
 
 
 @dataclass
@@ -73,42 +160,103 @@ class Plan:
     outputs: list = field(default_factory=list)  # ("alloc", j) | ("empty", sizes, strides,
     #                                              dtype) | None
     why_not: str | None = None                       # set: not replayable
+    pinned: bool = False                             # holds for the recorded floats only
 
     def refuse(self, why: str) -> None:
         if self.why_not is None:
             self.why_not = why
 
     def for_cpp(self) -> dict:
-        """The plan as csrc/cuda/plans.cpp reads it: each launch's CUfunction, warps, shared
-        memory, grid and, for every parameter the compiled kernel takes (Triton's own
-        signature: what it specialized away as a constant is not passed), (slot kind, index,
-        byte offset, value, type)."""
+        """The plan as csrc/plans.cpp reads it: each launch's handle (the CUfunction of a
+        compiled kernel; under the interpreter a key of `InterpreterLaunch`), warps, shared
+        memory, grid and, for every parameter the kernel takes, (slot kind, index, offset,
+        value, type)."""
         if self.why_not:
             return {"why_not": self.why_not}
         launches, keep = [], []
         for L in self.launches:
-            c = L.compiled
-            if c is None:
-                return {"why_not": f"{L.kernel.__name__} was not compiled (the interpreter)"}
-            if getattr(c, "function", None) is None:
-                c._init_handles()
-            recorded = {name: (v, const) for name, v, const in L.params}
-            names = [name for name, _, _ in L.params]
-            params = []
-            for key, ty in c.src.signature.items():
-                name = names[key] if isinstance(key, int) else key
-                if ty == "constexpr":
-                    continue
-                v, const = recorded[name]
-                if const or not isinstance(ty, str):
-                    return {"why_not": f"{L.kernel.__name__}: parameter {name} is {ty} for "
-                                       "Triton but a constant for the launcher"}
-                params.append((v.kind, v.index, v.offset, v.value, ty))
-            launches.append((int(c.function), int(c.metadata.num_warps),
-                             int(c.metadata.shared), L.grid, params, L.kernel.__name__))
-            keep.append(c)
-        return {"why_not": None, "allocs": self.allocations, "outputs": self.outputs,
-                "launches": launches, "keep": keep}
+            model = layout(L)
+            if isinstance(model, str):
+                return {"why_not": model}
+            if L.compiled is None:
+                handle, shared = _interpreted(L, model), 0
+            else:
+                c = L.compiled
+                if getattr(c, "function", None) is None:
+                    c._init_handles()
+                why = _check_compiled(L, c, model)
+                if why:
+                    return {"why_not": why}
+                handle, shared = int(c.function), int(c.metadata.shared)
+                keep.append(c)
+            params = [(s.kind, s.index, s.offset,
+                       int(s.value) if s.kind == INT else float(_plain(s.value)), ty)
+                      for _, s, ty in model]
+            launches.append((handle, L.num_warps, shared, L.grid, params, _name(L.kernel)))
+        return {"why_not": None, "pinned": self.pinned, "allocs": self.allocations,
+                "outputs": self.outputs, "launches": launches, "keep": keep}
+
+
+def _name(kernel) -> str:
+    return getattr(kernel, "__name__", None) or getattr(getattr(kernel, "fn", None),
+                                                        "__name__", str(kernel))
+
+
+_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
+          torch.float64: "fp64", torch.int64: "i64", torch.int32: "i32", torch.int16: "i16",
+          torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1"}
+
+
+def layout(L: Launch):
+    """[(name, Slot, Triton type)] of the parameters the compiled kernel takes, in order: this
+    file's model of Triton's specialization (a constexpr, a None and an int equal to 1 are
+    compiled in, not passed; ints are i32 within its range, else i64; floats fp32; tensors
+    pointers to their element type). A str: why the launch has no replay."""
+    out = []
+    for name, v, const in L.params:
+        if const:
+            continue
+        if v.kind == NULL and v.dtype is None:  # None: a constexpr for Triton
+            continue
+        if v.kind in (INPUT, ALLOC, NULL):
+            ty = "*" + _TYPES.get(v.dtype, "?")
+            if ty == "*?":
+                return f"{_name(L.kernel)}: parameter {name} points to {v.dtype}"
+        elif v.kind == INT:
+            iv = int(v.value)
+            if iv == 1:
+                continue
+            if -2**31 <= iv < 2**31:
+                ty = "i32"
+            elif -2**63 <= iv < 2**63:
+                ty = "i64"
+            else:
+                return f"{_name(L.kernel)}: parameter {name} = {iv} is past int64"
+        else:  # FLOAT, ARG
+            ty = "fp32"
+        out.append((name, v, ty))
+    return out
+
+
+def _check_compiled(L: Launch, c, model) -> str | None:
+    """The model against what Triton compiled (None: they agree)."""
+    names = [name for name, _, _ in L.params]
+    compiled = []
+    for key, ty in c.src.signature.items():
+        name = names[key] if isinstance(key, int) else key
+        if ty != "constexpr":
+            compiled.append((name, ty))
+    mine = [(name, ty) for name, _, ty in model]
+    if compiled != mine:
+        return (f"{_name(L.kernel)}: Triton compiled the parameters {compiled}, the plan "
+                f"model says {mine}")
+    meta = c.metadata
+    extra = [k for k in ("global_scratch_size", "profile_scratch_size") if getattr(meta, k, 0)]
+    if (getattr(meta, "num_ctas", 1) != 1 or getattr(meta, "launch_cooperative_grid", False)
+            or getattr(meta, "launch_pdl", False) or extra):
+        return (f"{_name(L.kernel)} needs a launch option the replay lacks (clusters, "
+                f"cooperative grid, PDL or scratch: {extra})")
+    return None
 
 
 def _is_constexpr(annotation) -> bool:
@@ -144,11 +292,15 @@ class _Recorder(TorchDispatchMode):
     checking = False
 
     def slot(self, t) -> Slot:
+        if t is None:
+            return Slot(NULL)
         if isinstance(t, bool):
             self.plan.refuse("a bool kernel argument")
             return Slot(INT, value=int(t))
         if isinstance(t, int):
             return Slot(INT, value=t)
+        if isinstance(t, _Arg):
+            return Slot(ARG, t.index, t.part, value=float.__float__(t))
         if isinstance(t, float):
             return Slot(FLOAT, value=t)
         if not isinstance(t, torch.Tensor):
@@ -179,16 +331,10 @@ class _Recorder(TorchDispatchMode):
         for name, constexpr in _params(kernel):
             v = values[name]
             params.append((name, v if constexpr else self.slot(v), constexpr))
+        warps = kwargs.get("num_warps")
         if compiled is not None:
-            meta = compiled.metadata
-            extra = [k for k in ("global_scratch_size", "profile_scratch_size")
-                     if getattr(meta, k, 0)]
-            if (getattr(meta, "num_ctas", 1) != 1 or getattr(meta, "launch_cooperative_grid",
-                                                             False)
-                    or getattr(meta, "launch_pdl", False) or extra):
-                self.plan.refuse(f"{kernel.__name__} needs a launch option the replay lacks "
-                                 f"(clusters, cooperative grid, PDL or scratch: {extra})")
-        self.plan.launches.append(Launch(kernel, compiled, grid, params))
+            warps = compiled.metadata.num_warps
+        self.plan.launches.append(Launch(kernel, compiled, grid, params, int(warps or 4)))
 
     def finish(self, out) -> Plan:
         plan = self.plan
@@ -245,12 +391,12 @@ def launch(kernel, grid, *args, **kwargs):
     if _python_dispatch_excluded():  # the audit of allocations and data ops sees nothing
         rec.plan.refuse("the launcher ran with torch's Python dispatch turned off")
     with host_check():  # (the interpreter's own tensor work is not the launcher's)
-        compiled = kernel[grid](*args, **kwargs)
+        compiled = kernel[grid](*[_plain(a) for a in args],
+                                **{k: _plain(v) for k, v in kwargs.items()})
     try:
         rec.launch(kernel, grid, args, kwargs, compiled)
     except Exception as e:  # noqa: BLE001 - the kernel ran; the plan only is lost
-        rec.plan.refuse(f"{getattr(kernel, '__name__', kernel)} could not be written down "
-                        f"({type(e).__name__}: {e})")
+        rec.plan.refuse(f"{_name(kernel)} could not be written down ({type(e).__name__}: {e})")
     return compiled
 
 
@@ -260,7 +406,9 @@ def _python_dispatch_excluded() -> bool:
 
 
 def record_call(fn, args):
-    """Runs `fn(*args)` (a Python launcher) and returns (its result, the Plan of it)."""
+    """Runs `fn(*args)` (a Python launcher) and returns (its result, the Plan of it). The
+    op's float arguments reach the launcher tagged (`_Arg`)."""
+    args = [_Arg(a, i) if type(a) is float else a for i, a in enumerate(args)]
     rec = _Recorder(args)
     saved, _local.recorder = active(), rec
     try:
@@ -285,10 +433,12 @@ def replay(plan: Plan, args):
               for sizes, strides, dt in plan.allocations]
 
     def resolve(s: Slot):
+        if s.kind == ARG:
+            return fp32_parts(args[s.index])[s.offset]
         if s.kind in (INT, FLOAT):
             return s.value
         if s.kind == NULL:
-            return torch.empty(0, dtype=s.dtype or torch.float32, device=device)
+            return None if s.dtype is None else torch.empty(0, dtype=s.dtype, device=device)
         base = args[s.index] if s.kind == INPUT else allocs[s.index]
         size = s.dtype.itemsize if s.dtype is not None else base.element_size()
         start = base.storage_offset() * base.element_size() + s.offset
@@ -318,7 +468,7 @@ def host_check():
         rec.checking = saved
 
 
-# --- the hook of csrc/cuda/plans.cpp -------------------------------------------------------------
+# --- the hook of csrc/plans.cpp --------------------------------------------------------------
 
 def for_cpp(name: str, args, record: bool):
     """Runs the op `name` ("fastrobust::multi_bn", ...) through its Python launcher (Triton's;
@@ -334,3 +484,80 @@ def for_cpp(name: str, args, record: bool):
     except Exception as e:  # noqa: BLE001 - the launcher ran: its results stand
         return out, {"why_not": f"the plan could not be written for C++ ({type(e).__name__}: "
                                 f"{e})"}
+
+
+# --- launches under the interpreter: what csrc/plans.cpp sends, run from its bytes ------------
+
+_handles: dict = {}   # handle -> (kernel, [(name, type | None, value)] every parameter in order)
+_handle_of: dict = {}
+_next_handle = itertools.count(1)
+_SIZES = {"i32": 4, "i64": 8, "fp32": 4}
+_FORMATS = {"i32": "<i", "i64": "<q", "fp32": "<f"}
+
+
+def _interpreted(L: Launch, model) -> int:
+    """The handle of an interpreted launch: the kernel, and for each of its parameters the
+    type it is passed as (None: compiled in, with its value)."""
+    passed = {name: ty for name, _, ty in model}
+    params = []
+    for name, v, const in L.params:
+        if name in passed:
+            params.append((name, passed[name], None))
+        elif const:
+            params.append((name, None, v))
+        elif v.kind == NULL:
+            params.append((name, None, None))
+        else:  # an int compiled in (1)
+            params.append((name, None, int(v.value)))
+    key = (id(L.kernel), tuple((n, t, repr(v)) for n, t, v in params))
+    handle = _handle_of.get(key)
+    if handle is None:
+        handle = _handle_of[key] = next(_next_handle)
+        _handles[handle] = (L.kernel, params)
+    return handle
+
+
+def _tensor_at(address: int, ty: str) -> torch.Tensor:
+    """A CPU tensor whose first element is at `address` (what the interpreter reads a
+    pointer argument from)."""
+    dtype = next(d for d, t in _TYPES.items() if t == ty[1:])
+    if address == 0:
+        return torch.empty(0, dtype=dtype)
+    raw = (ctypes.c_char * dtype.itemsize).from_address(address)
+    return torch.frombuffer(raw, dtype=torch.uint8).view(dtype)
+
+
+class InterpreterLaunch:
+    """The launch hook of `fastrobust._C._plan_call` (CPU tensors, tests): receives each
+    launch as C++ would hand it to cuLaunchKernel (handle, grid, block, shared memory, and each
+    parameter's bytes) and runs the kernel under the Triton interpreter from those bytes.
+    `scratch` trailing pointer parameters are reported, as a compiled Triton kernel has them
+    (global and profile scratch since Triton 3.5); the replay must pass them as null."""
+
+    def __init__(self, scratch: int = 2):
+        self.scratch = scratch
+        self.launches: list = []  # (kernel name, grid, block, shared) of each launch
+        self.capturing = False    # a CUDA graph capture, as the driver launcher asks it
+
+    def param_sizes(self, handle: int) -> list[int]:
+        _, params = _handles[handle]
+        sizes = [8 if ty.startswith("*") else _SIZES[ty] for _, ty, _ in params if ty]
+        return sizes + [8] * self.scratch
+
+    def __call__(self, handle: int, grid, block: int, shared: int, params: list) -> None:
+        kernel, layout_ = _handles[handle]
+        passed = [(n, ty) for n, ty, _ in layout_ if ty]
+        if len(params) != len(passed) + self.scratch:
+            raise RuntimeError(f"{_name(kernel)}: {len(params)} parameters launched for "
+                               f"{len(passed)} + {self.scratch} scratch")
+        if any(struct.unpack("<Q", p)[0] for p in params[len(passed):]):
+            raise RuntimeError(f"{_name(kernel)}: a scratch parameter is not null")
+        values = {}
+        for (name, ty), raw in zip(passed, params):
+            if ty.startswith("*"):
+                values[name] = _tensor_at(struct.unpack("<Q", raw)[0], ty)
+            else:
+                values[name] = struct.unpack(_FORMATS[ty], raw)[0]
+        args = [values[n] if ty else v for n, ty, v in layout_]
+        self.launches.append((_name(kernel), tuple(grid), block, shared))
+        kernel[tuple(grid)](*args)

@@ -15,7 +15,8 @@ import triton.language as tl
 from .._common import acc_dtype
 from . import on_device
 from ._plan import launch
-from ._common import _blocks, _like, _ncs, _plane_split, _splits, _sum_parts, _tile, _tl_acc
+from ._common import (_blocks, _like, _ncs, _plane_split, _splits, _sum_parts, _tile, _tl_acc,
+                      _zero)
 from .multi_bn import _affine
 
 
@@ -128,8 +129,8 @@ def film_backward(dy, x, gamma, need_x, need_gamma, need_beta, per_channel_gamma
     dx3 = _ncs(dx) if need_x else dy3
     S = x3.shape[2]
     if N * C * S == 0:
-        dgamma.zero_()
-        dbeta.zero_()
+        with on_device(x):
+            _zero(dgamma, dbeta)
         return dx, dgamma, dbeta
     block_c, block_s = _blocks(x3, True)
     c_blocks = triton.cdiv(C, block_c)

@@ -37,13 +37,13 @@ import triton.language as tl
 
 from .._common import acc_dtype
 from . import on_device
-from ._plan import launch
+from ._plan import fp32_parts, launch
 from ._bn_parts import (_affine_of, _centre, _check_routing, _coefficients, _dx_tile,
                         _effective, _extras, _invstd, _plane_grads, _plane_moments,
                         _qr_coefficients, _route, _route_args, _single_branches, _stats_blocks,
                         _to_branches, _to_branches_q, _to_planes, _update_running)
-from ._common import (_blocks, _c, _like, _ncs, _plane_split, _plane_tile, _safe, _splits,
-                      _sum_parts, _tile, _tiles_grid, _tl_acc)
+from ._common import (_blocks, _c, _like, _zero, _ncs, _plane_split, _plane_tile, _safe, _scalar,
+                      _splits, _sum_parts, _tile, _tiles_grid, _tl_acc)
 
 
 # --- forward ------------------------------------------------------------------------------------
@@ -77,8 +77,8 @@ def _moments_kernel(x_ptr, parts_ptr, N, C, S, CHUNK, c_blocks, sxn, sxc, sxs,
 def _bn_stats_kernel(parts_ptr, x_ptr, sxn, sxc, br_ptr, sbr, mix_ptr, smn, smk,
                      sc_ptr, g_ptr, be_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr, nbt_ptr,
                      mean_ptr, invstd_ptr, A_ptr, D_ptr, cnt_ptr, planes_ptr, pay_ptr,
-                     N, C, S, T, CHUNK, K, momentum, eps, par_ptr,
-                     SYNC: tl.constexpr, PAR_T: tl.constexpr, MIXED: tl.constexpr,
+                     N, C, S, T, CHUNK, K, momentum, momentum_m, momentum_l, eps, eps_m,
+                     eps_l, SYNC: tl.constexpr, MIXED: tl.constexpr,
                      BATCH: tl.constexpr,
                      RUNNING: tl.constexpr,
                      CUMULATIVE: tl.constexpr, FROM_X: tl.constexpr, PLANES: tl.constexpr,
@@ -92,9 +92,8 @@ def _bn_stats_kernel(parts_ptr, x_ptr, sxn, sxc, br_ptr, sbr, mix_ptr, smn, smk,
     cmask, kmask = cs < C, ks < K
     kc = ks[:, None] * C + cs[None, :]
     kcm = kmask[:, None] & cmask[None, :]
-    if PAR_T:  # fp64: the scalars come as fp64 values (a kernel's float argument is fp32)
-        momentum = tl.load(par_ptr)
-        eps = tl.load(par_ptr + 1)
+    momentum = _scalar(momentum, momentum_m, momentum_l, ACC)
+    eps = _scalar(eps, eps_m, eps_l, ACC)
     if BATCH:
         # One pass over the batch: each block of samples' weighted per-(k, c) mean and M2,
         # merged into the running ones with Chan's formula (weights in values: W·S).
@@ -422,7 +421,9 @@ def bn_forward(x, branch, mix, weight, bias, running_mean, running_var, num_batc
     N, C, S = x3.shape
     dev, acc = x.device, mean.dtype
     if N * C == 0:
-        return y, mean.zero_(), invstd.zero_(), None, None, None, planes
+        with on_device(x):
+            _zero(mean, invstd)
+        return y, mean, invstd, None, None, None, planes
     running = training and running_mean is not None
     rm, rv = _contiguous_running(running_mean, running_var)
     nbt = num_batches_tracked if num_batches_tracked is not None and running else None
@@ -477,15 +478,14 @@ def _stats(x, x3, branch, mix, s, g, be, w, b, rm, rv, nbt, mean, invstd, A, D, 
         launch(_moments_kernel, (N * c_blocks, T), x3, parts, N, C, S, chunk, c_blocks,
                *x3.stride(), BLOCK_C=block_c, BLOCK_S=block_s, ACC=_tl_acc(acc))
     block_n, block_k, block_c = _stats_blocks(N, K, C)
-    par = x.new_tensor([momentum, eps], dtype=acc) if acc == torch.float64 else x
     s, g, be, w, b = _c(s), _c(g), _c(be), _c(w), _c(b)
     mixed = mix is not None
     launch(_bn_stats_kernel, (triton.cdiv(C, block_c),), parts, x3, x3.stride(0), x3.stride(1),
            *_route_args(branch, mix, x), x if s is None else s, x if g is None else g,
            x if be is None else be, x if w is None else w, x if b is None else b,
            x if rm is None else rm, x if rv is None else rv, x if nbt is None else nbt, mean,
-           invstd, A, D, count, planes, pay, N, C, S, T, chunk, K, float(momentum), float(eps),
-           par, SYNC=sync, PAR_T=acc == torch.float64, MIXED=mixed, BATCH=batch, RUNNING=running,
+           invstd, A, D, count, planes, pay, N, C, S, T, chunk, K, *fp32_parts(momentum),
+           *fp32_parts(eps), SYNC=sync, MIXED=mixed, BATCH=batch, RUNNING=running,
            CUMULATIVE=bool(cumulative) and nbt is not None, FROM_X=from_x, PLANES=mixed and batch,
            CHECK=not mixed or batch, HAS_W=w is not None, HAS_B=b is not None, SCALE=s is not None,
            GAMMA=g is not None, BETA=be is not None, BLOCK_N=block_n, BLOCK_K=block_k,
@@ -543,8 +543,8 @@ def bn_backward(dy, x, branch, mix, weight, bias, mean, invstd, planes, input_sc
     dmix = torch.empty(N, K, device=dev, dtype=acc) if need_mix else empty()
     dx = _like(x) if need_x else x.new_empty(0)
     if N * C * S == 0:
-        for t in (dweight, dbias, dgamma, dbeta, dscale, dmix):
-            t.zero_()
+        with on_device(x):
+            _zero(dweight, dbias, dgamma, dbeta, dscale, dmix)
         return (dx, dmix, dweight if need_w else empty(), dbias if need_b else empty(),
                 dscale, dgamma, dbeta)
     s, g, be = _c(input_scale), _c(film_gamma), _c(film_beta)

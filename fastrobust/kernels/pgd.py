@@ -21,8 +21,9 @@ error is ~2^-24·(ε² + α²), as small as the direct sum's against ε² where 
 decided.
 
 Loads are cast to the accumulation type at once (fp32, fp64 for fp64 inputs). Scalars reach
-the kernels as fp32 arguments; for fp64 inputs they come from small fp64 tensors instead, so
-fp64 keeps full precision. No allocation for fp16/bf16/fp32, no host sync.
+the kernels as arguments, each as three fp32 parts whose fp64 sum is exact (fp64 inputs use
+all three), so fp64 keeps full precision with nothing written from the host. No allocation
+(but the split forms' partial sums), no host sync.
 """
 from __future__ import annotations
 
@@ -34,28 +35,23 @@ from .._common import acc_dtype
 
 from .._spec import PgdMode
 from . import on_device, tiles_grid
-from ._plan import launch
+from ._common import _scalar
+from ._plan import fp32_parts, launch
 
 
 @triton.jit
-def _scalars(n, eps_ptr, alpha_ptr, par_ptr, eps, alpha, lo, hi, EPS_T: tl.constexpr,
-             ALPHA_T: tl.constexpr, PAR_T: tl.constexpr, ACC: tl.constexpr):
+def _scalars(n, eps_ptr, alpha_ptr, eps, eps_m, eps_l, alpha, alpha_m, alpha_l, lo, lo_m, lo_l, hi,
+             hi_m, hi_l, EPS_T: tl.constexpr, ALPHA_T: tl.constexpr, ACC: tl.constexpr):
     """eps, alpha (per sample or scalar) and the clip bounds of sample n, in ACC."""
     if EPS_T:
         e = tl.load(eps_ptr + n).to(ACC)
     else:
-        e = tl.zeros([], ACC) + eps  # (the interpreter passes a Python float)
+        e = _scalar(eps, eps_m, eps_l, ACC)
     if ALPHA_T:
         a = tl.load(alpha_ptr + n).to(ACC)
     else:
-        a = tl.zeros([], ACC) + alpha
-    if PAR_T:
-        lo_ = tl.load(par_ptr).to(ACC)
-        hi_ = tl.load(par_ptr + 1).to(ACC)
-    else:
-        lo_ = tl.zeros([], ACC) + lo
-        hi_ = tl.zeros([], ACC) + hi
-    return e, a, lo_, hi_
+        a = _scalar(alpha, alpha_m, alpha_l, ACC)
+    return e, a, _scalar(lo, lo_m, lo_l, ACC), _scalar(hi, hi_m, hi_l, ACC)
 
 
 @triton.jit
@@ -81,18 +77,17 @@ def _poison(r, e, EPS_T: tl.constexpr):
 
 
 @triton.jit
-def _linf_kernel(out_ptr, xa_ptr, g_ptr, xn_ptr, eps_ptr, alpha_ptr, par_ptr, eps, alpha, lo,
-                 hi, S, s_blocks, EPS_T: tl.constexpr, ALPHA_T: tl.constexpr,
-                 PAR_T: tl.constexpr, SIGN: tl.constexpr, BLOCK: tl.constexpr,
-                 ACC: tl.constexpr):
+def _linf_kernel(out_ptr, xa_ptr, g_ptr, xn_ptr, eps_ptr, alpha_ptr, eps, eps_m, eps_l, alpha,
+                 alpha_m, alpha_l, lo, lo_m, lo_l, hi, hi_m, hi_l, S, s_blocks, EPS_T: tl.constexpr,
+                 ALPHA_T: tl.constexpr, SIGN: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
     # (sample, block) on grid axis x alone, the block fastest: axis y takes only 65,535
     pid = tl.program_id(0)
     n = (pid // s_blocks).to(tl.int64)
     offs = (pid % s_blocks) * BLOCK + tl.arange(0, BLOCK)
     m = offs < S
     p = n * S + offs
-    e, a, lo_, hi_ = _scalars(n, eps_ptr, alpha_ptr, par_ptr, eps, alpha, lo, hi, EPS_T,
-                              ALPHA_T, PAR_T, ACC)
+    e, a, lo_, hi_ = _scalars(n, eps_ptr, alpha_ptr, eps, eps_m, eps_l, alpha, alpha_m, alpha_l, lo,
+                              lo_m, lo_l, hi, hi_m, hi_l, EPS_T, ALPHA_T, ACC)
     xa = tl.load(xa_ptr + p, mask=m, other=0.0).to(ACC)
     g = tl.load(g_ptr + p, mask=m, other=0.0).to(ACC)
     xn = tl.load(xn_ptr + p, mask=m, other=0.0).to(ACC)
@@ -119,13 +114,13 @@ def _l2_apply(out_ptr, xa_ptr, g_ptr, xn_ptr, base, start, end, step, f, e, lo_,
 
 
 @triton.jit
-def _l2_kernel(out_ptr, xa_ptr, g_ptr, xn_ptr, eps_ptr, alpha_ptr, par_ptr, eps, alpha, lo,
-               hi, S, EPS_T: tl.constexpr, ALPHA_T: tl.constexpr, PAR_T: tl.constexpr,
-               BLOCK: tl.constexpr, ACC: tl.constexpr):
+def _l2_kernel(out_ptr, xa_ptr, g_ptr, xn_ptr, eps_ptr, alpha_ptr, eps, eps_m, eps_l, alpha,
+               alpha_m, alpha_l, lo, lo_m, lo_l, hi, hi_m, hi_l, S, EPS_T: tl.constexpr,
+               ALPHA_T: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
     n = tl.program_id(0).to(tl.int64)
     base = n * S
-    e, a, lo_, hi_ = _scalars(n, eps_ptr, alpha_ptr, par_ptr, eps, alpha, lo, hi, EPS_T,
-                              ALPHA_T, PAR_T, ACC)
+    e, a, lo_, hi_ = _scalars(n, eps_ptr, alpha_ptr, eps, eps_m, eps_l, alpha, alpha_m, alpha_l, lo,
+                              lo_m, lo_l, hi, hi_m, hi_l, EPS_T, ALPHA_T, ACC)
     acc = tl.zeros([BLOCK], ACC)
     for s0 in range(0, S, BLOCK):
         o = s0 + tl.arange(0, BLOCK)
@@ -165,22 +160,20 @@ def _mifgsm_apply(xa_ptr, g_ptr, buf_ptr, xn_ptr, base, start, end, div, dec, e,
 
 
 @triton.jit
-def _decay(par_ptr, decay, PAR_T: tl.constexpr, ACC: tl.constexpr):
-    if PAR_T:
-        return tl.load(par_ptr + 2).to(ACC)
-    else:
-        return tl.zeros([], ACC) + decay
+def _decay(decay, decay_m, decay_l, ACC: tl.constexpr):
+    return _scalar(decay, decay_m, decay_l, ACC)
 
 
 @triton.jit
-def _mifgsm_kernel(xa_ptr, g_ptr, buf_ptr, xn_ptr, eps_ptr, alpha_ptr, par_ptr, eps, alpha,
-                   lo, hi, decay, S, EPS_T: tl.constexpr, ALPHA_T: tl.constexpr,
-                   PAR_T: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+def _mifgsm_kernel(xa_ptr, g_ptr, buf_ptr, xn_ptr, eps_ptr, alpha_ptr, eps, eps_m, eps_l, alpha,
+                   alpha_m, alpha_l, lo, lo_m, lo_l, hi, hi_m, hi_l, decay, decay_m, decay_l, S,
+                   EPS_T: tl.constexpr, ALPHA_T: tl.constexpr, BLOCK: tl.constexpr,
+                   ACC: tl.constexpr):
     n = tl.program_id(0).to(tl.int64)
     base = n * S
-    e, a, lo_, hi_ = _scalars(n, eps_ptr, alpha_ptr, par_ptr, eps, alpha, lo, hi, EPS_T,
-                              ALPHA_T, PAR_T, ACC)
-    dec = _decay(par_ptr, decay, PAR_T, ACC)
+    e, a, lo_, hi_ = _scalars(n, eps_ptr, alpha_ptr, eps, eps_m, eps_l, alpha, alpha_m, alpha_l, lo,
+                              lo_m, lo_l, hi, hi_m, hi_l, EPS_T, ALPHA_T, ACC)
+    dec = _decay(decay, decay_m, decay_l, ACC)
     acc = tl.zeros([BLOCK], ACC)
     for s0 in range(0, S, BLOCK):
         o = s0 + tl.arange(0, BLOCK)
@@ -232,22 +225,23 @@ def _sum_of_parts(parts_ptr, row, n, N, T, BLOCK_T: tl.constexpr):
 
 
 @triton.jit
-def _split_program(eps_ptr, alpha_ptr, par_ptr, eps, alpha, lo, hi, EPS_T: tl.constexpr,
-                   ALPHA_T: tl.constexpr, PAR_T: tl.constexpr, ACC: tl.constexpr):
+def _split_program(eps_ptr, alpha_ptr, eps, eps_m, eps_l, alpha, alpha_m, alpha_l, lo, lo_m, lo_l,
+                   hi, hi_m, hi_l, EPS_T: tl.constexpr, ALPHA_T: tl.constexpr, ACC: tl.constexpr):
     """A split kernel's program: sample n, chunk t of T, and the sample's scalars."""
     n = tl.program_id(0).to(tl.int64)
-    e, a, lo_, hi_ = _scalars(n, eps_ptr, alpha_ptr, par_ptr, eps, alpha, lo, hi, EPS_T,
-                              ALPHA_T, PAR_T, ACC)
+    e, a, lo_, hi_ = _scalars(n, eps_ptr, alpha_ptr, eps, eps_m, eps_l, alpha, alpha_m, alpha_l, lo,
+                              lo_m, lo_l, hi, hi_m, hi_l, EPS_T, ALPHA_T, ACC)
     return n, tl.program_id(1).to(tl.int64), tl.num_programs(1), e, a, lo_, hi_
 
 
 @triton.jit
-def _l2_split_kernel(out_ptr, xa_ptr, g_ptr, xn_ptr, parts_ptr, eps_ptr, alpha_ptr, par_ptr,
-                     eps, alpha, lo, hi, N, S, CHUNK, EPS_T: tl.constexpr,
-                     ALPHA_T: tl.constexpr, PAR_T: tl.constexpr, BLOCK_T: tl.constexpr,
+def _l2_split_kernel(out_ptr, xa_ptr, g_ptr, xn_ptr, parts_ptr, eps_ptr, alpha_ptr, eps, eps_m,
+                     eps_l, alpha, alpha_m, alpha_l, lo, lo_m, lo_l, hi, hi_m, hi_l, N, S, CHUNK,
+                     EPS_T: tl.constexpr, ALPHA_T: tl.constexpr, BLOCK_T: tl.constexpr,
                      BLOCK: tl.constexpr, ACC: tl.constexpr):
-    n, t, T, e, a, lo_, hi_ = _split_program(eps_ptr, alpha_ptr, par_ptr, eps, alpha, lo, hi,
-                                             EPS_T, ALPHA_T, PAR_T, ACC)
+    n, t, T, e, a, lo_, hi_ = _split_program(eps_ptr, alpha_ptr, eps, eps_m, eps_l, alpha, alpha_m,
+                                             alpha_l, lo, lo_m, lo_l, hi, hi_m, hi_l,
+                                             EPS_T, ALPHA_T, ACC)
     gg = _sum_of_parts(parts_ptr, 0, n, N, T, BLOCK_T)
     gd = _sum_of_parts(parts_ptr, 1, n, N, T, BLOCK_T)
     dd = _sum_of_parts(parts_ptr, 2, n, N, T, BLOCK_T)
@@ -260,13 +254,14 @@ def _l2_split_kernel(out_ptr, xa_ptr, g_ptr, xn_ptr, parts_ptr, eps_ptr, alpha_p
 
 
 @triton.jit
-def _mifgsm_split_kernel(xa_ptr, g_ptr, buf_ptr, xn_ptr, parts_ptr, eps_ptr, alpha_ptr,
-                         par_ptr, eps, alpha, lo, hi, decay, N, S, CHUNK, EPS_T: tl.constexpr,
-                         ALPHA_T: tl.constexpr, PAR_T: tl.constexpr, BLOCK_T: tl.constexpr,
-                         BLOCK: tl.constexpr, ACC: tl.constexpr):
-    n, t, T, e, a, lo_, hi_ = _split_program(eps_ptr, alpha_ptr, par_ptr, eps, alpha, lo, hi,
-                                             EPS_T, ALPHA_T, PAR_T, ACC)
-    dec = _decay(par_ptr, decay, PAR_T, ACC)
+def _mifgsm_split_kernel(xa_ptr, g_ptr, buf_ptr, xn_ptr, parts_ptr, eps_ptr, alpha_ptr, eps, eps_m,
+                         eps_l, alpha, alpha_m, alpha_l, lo, lo_m, lo_l, hi, hi_m, hi_l, decay,
+                         decay_m, decay_l, N, S, CHUNK, EPS_T: tl.constexpr, ALPHA_T: tl.constexpr,
+                         BLOCK_T: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    n, t, T, e, a, lo_, hi_ = _split_program(eps_ptr, alpha_ptr, eps, eps_m, eps_l, alpha, alpha_m,
+                                             alpha_l, lo, lo_m, lo_l, hi, hi_m, hi_l,
+                                             EPS_T, ALPHA_T, ACC)
+    dec = _decay(decay, decay_m, decay_l, ACC)
     mean = _sum_of_parts(parts_ptr, 0, n, N, T, BLOCK_T) / S
     div = tl.where(mean == 0, 1.0, mean)
     start = t * CHUNK
@@ -302,22 +297,15 @@ def _sums(x_adv, grad, x_nat, N, S, T, chunk, l2, flags):
     return parts
 
 
-def _launch_args(x, eps_t, eps, alpha_t, alpha, clip_min, clip_max, decay=0.0):
-    """Pointer/scalar arguments shared by the kernels. fp64 inputs get their scalars as fp64
-    tensors (a kernel's float argument is fp32)."""
-    acc = acc_dtype(x)
-    f64 = acc == torch.float64
-    N = x.shape[0]
-    if f64:
-        eps_t = eps_t if eps_t is not None else x.new_full((N,), eps, dtype=acc)
-        alpha_t = alpha_t if alpha_t is not None else x.new_full((N,), alpha, dtype=acc)
-        par = torch.stack([x.new_full((), v, dtype=acc) for v in (clip_min, clip_max, decay)])
-    else:
-        par = x  # unused
-    ptrs = (eps_t if eps_t is not None else x, alpha_t if alpha_t is not None else x, par)
-    flags = dict(EPS_T=eps_t is not None, ALPHA_T=alpha_t is not None, PAR_T=f64,
+def _launch_args(x, eps_t, eps, alpha_t, alpha, clip_min, clip_max):
+    """Pointer/scalar arguments shared by the kernels: each float as its three fp32 parts (a
+    kernel's float argument is fp32; fp64 inputs use all three, _common._scalar)."""
+    f64 = acc_dtype(x) == torch.float64
+    ptrs = (eps_t if eps_t is not None else x, alpha_t if alpha_t is not None else x)
+    flags = dict(EPS_T=eps_t is not None, ALPHA_T=alpha_t is not None,
                  ACC=tl.float64 if f64 else tl.float32)
-    return ptrs, (float(eps), float(alpha), float(clip_min), float(clip_max)), flags
+    scal = tuple(p for v in (eps, alpha, clip_min, clip_max) for p in fp32_parts(v))
+    return ptrs, scal, flags
 
 
 def pgd_update(out, x_adv, grad, x_nat, eps_t, eps, alpha_t, alpha, mode, clip_min,
@@ -359,15 +347,15 @@ def mifgsm_update(x_adv, grad, buf, x_nat, eps_t, eps, alpha_t, alpha, decay, cl
         return
     N = x_adv.shape[0]
     S = x_adv.numel() // N
-    ptrs, scal, flags = _launch_args(x_adv, eps_t, eps, alpha_t, alpha, clip_min, clip_max,
-                                     decay)
+    ptrs, scal, flags = _launch_args(x_adv, eps_t, eps, alpha_t, alpha, clip_min, clip_max)
     T, chunk = _split(N, S)
     with on_device(x_adv):
         if T == 1:
-            launch(_mifgsm_kernel, (N,), x_adv, grad, buf, x_nat, *ptrs, *scal, float(decay), S,
+            launch(_mifgsm_kernel, (N,), x_adv, grad, buf, x_nat, *ptrs, *scal, *fp32_parts(decay),
+                   S,
                    BLOCK=BLOCK, **flags)
         else:
             parts = _sums(x_adv, grad, x_nat, N, S, T, chunk, False, flags)
             launch(_mifgsm_split_kernel, (N, T), x_adv, grad, buf, x_nat, parts, *ptrs, *scal,
-                   float(decay), N, S, chunk, BLOCK_T=triton.next_power_of_2(T), BLOCK=BLOCK,
+                   *fp32_parts(decay), N, S, chunk, BLOCK_T=triton.next_power_of_2(T), BLOCK=BLOCK,
                    **flags)

@@ -17,11 +17,11 @@ import triton
 import triton.language as tl
 
 from . import on_device
-from ._plan import launch
+from ._plan import fp32_parts, launch
 from ._bn_parts import (_affine_of, _check_routing, _coefficients, _dx_tile, _extras,
                         _invstd, _plane_grads, _qr_coefficients, _route, _route_args,
                         _to_planes, _update_running)
-from ._common import _blocks, _c, _ncs, _plane_tile, _tile, _tiles_grid, _tl_acc
+from ._common import _blocks, _c, _ncs, _plane_tile, _scalar, _tile, _tiles_grid, _tl_acc
 from .multi_bn import _contiguous_running, _forward_outputs, _stats
 
 
@@ -42,8 +42,8 @@ def _global_stats(pay_ptr, ks, kc, kcm, K, C, ACC: tl.constexpr):
 def _sync_apply_kernel(x_ptr, out_ptr, pay_ptr, br_ptr, sbr, mix_ptr, smn, smk, sc_ptr, g_ptr,
                        be_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr, nbt_ptr, old_ptr, mean_ptr,
                        invstd_ptr, N, C, S, K, sxn, sxc, sxs, son, soc, sos, c_blocks,
-                       s_blocks, momentum, eps, par_ptr,
-                       PAR_T: tl.constexpr, MIXED: tl.constexpr, RUNNING: tl.constexpr,
+                       s_blocks, momentum, momentum_m, momentum_l, eps, eps_m, eps_l,
+                       MIXED: tl.constexpr, RUNNING: tl.constexpr,
                        CUMULATIVE: tl.constexpr, COUNT: tl.constexpr, CHECK: tl.constexpr,
                        HAS_W: tl.constexpr, HAS_B: tl.constexpr, SCALE: tl.constexpr,
                        GAMMA: tl.constexpr, BETA: tl.constexpr, RELU: tl.constexpr,
@@ -60,9 +60,8 @@ def _sync_apply_kernel(x_ptr, out_ptr, pay_ptr, br_ptr, sbr, mix_ptr, smn, smk, 
     cmask, kmask = cs < C, ks < K
     kc = ks[:, None] * C + cs[None, :]
     kcm = kmask[:, None] & cmask[None, :]
-    if PAR_T:
-        momentum = tl.load(par_ptr)
-        eps = tl.load(par_ptr + 1)
+    momentum = _scalar(momentum, momentum_m, momentum_l, ACC)
+    eps = _scalar(eps, eps_m, eps_l, ACC)
     count, mean, var = _global_stats(pay_ptr, ks, kc, kcm, K, C, ACC)
     invstd = _invstd(var, eps, ACC)
     first = (n == 0) & (sb == 0)
@@ -204,14 +203,13 @@ def sync_bn_forward(x, branch, mix, weight, bias, running_mean, running_var,
         y3 = _ncs(y)
         block_c, block_s = _blocks(x3, False)
         c_blocks = triton.cdiv(C, block_c)
-        par = x.new_tensor([momentum, eps], dtype=acc) if acc == torch.float64 else x
         s_blocks = triton.cdiv(max(S, 1), block_s)
         launch(_sync_apply_kernel, _tiles_grid(N, c_blocks, s_blocks), x3, y3, pay,
                *_route_args(branch, mix, x), x if s is None else s, x if g is None else g,
                x if be is None else be, x if w is None else w, x if b is None else b,
                x if rm is None else rm, x if rv is None else rv, x if nbt is None else nbt, old,
                mean, invstd, N, C, S, K, *x3.stride(), *y3.stride(), c_blocks, s_blocks,
-               float(momentum), float(eps), par, PAR_T=acc == torch.float64, MIXED=mixed,
+               *fp32_parts(momentum), *fp32_parts(eps), MIXED=mixed,
                RUNNING=running, CUMULATIVE=cumulative, COUNT=nbt is not None, CHECK=True,
                HAS_W=w is not None, HAS_B=b is not None, SCALE=s is not None, GAMMA=g is not None,
                BETA=be is not None, RELU=relu, BLOCK_K=triton.next_power_of_2(max(K, 1)),
