@@ -88,7 +88,8 @@ def plot(results: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     pgd = results[0]["pgd"]
-    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(results), figsize=(max(7.0, 5.5 * len(results)), 4.4),
+                             squeeze=False)
     for ax, r in zip(axes[0], results):
         x = range(len(ROWS))
         for k, (key, off, color) in enumerate((("SA", -0.27, "tab:blue"),
@@ -100,12 +101,14 @@ def plot(results: list[dict], path: str) -> None:
                 ax.bar_label(bars, fmt="%.1f", fontsize=7)
         ax.set_xticks(list(x), [n.replace(" (", "\n(") for n in ROWS], fontsize=7,
                       rotation=20)
-        ax.set(ylabel="accuracy (%)", ylim=(0, 105), title=f"seed {r['seed']}")
+        ax.set(ylabel="accuracy (%)", ylim=(0, 120), yticks=range(0, 101, 20),
+               title=f"seed {r['seed']}")
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=7, loc="upper left")
+        ax.legend(fontsize=7, loc="upper center", ncol=3)
     eps = results[0]["config"]["eps"]
-    fig.suptitle(f"AW-Net ablation on digits (ε = {eps:g}, {pgd}); paper's Table 3 order: "
-                 "dynamic weights < + MixBN < + type head", fontsize=9)
+    fig.suptitle(f"AW-Net ablation on digits (ε = {eps:g}, {pgd}; W-robust = ½SA + ½RA)\n"
+                 "the paper's Table 3 order: dynamic weights < + MixBN < + type head",
+                 fontsize=9)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)

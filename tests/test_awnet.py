@@ -106,9 +106,9 @@ def test_cli_train_awnet(tmp_path, capsys):
                  "--batch-size", "32", "--steps", "1",
                  "--max-train-batches", "2", "--eval-steps", "1", "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "detector %" in text and "PGD-1 (eps 0.3)" in text  # the digits' default
+    assert "detector %" in text and "PGD-1 (eps 0.2)" in text  # the digits' default
     ck = torch.load(out / "last.pt", weights_only=False)
-    assert (ck["config"]["eps"], ck["config"]["alpha"]) == (0.3, 0.075)
+    assert (ck["config"]["eps"], ck["config"]["alpha"]) == (0.2, 0.05)
     res = json.loads((out / "results.json").read_text())["results"]
     assert set(res) == {"AW-Net", "PGD-AT teacher", "standard teacher"}
     assert {"SA", "FGSM", "PGD-1", "CW-inf", "W-robust", "detector"} <= set(res["AW-Net"])
@@ -116,11 +116,11 @@ def test_cli_train_awnet(tmp_path, capsys):
         assert (out / f).exists(), f
 
 
-@pytest.mark.parametrize("dataset, eps", [("digits", 0.3), ("cifar10", 8 / 255),
+@pytest.mark.parametrize("dataset, eps", [("digits", 0.2), ("cifar10", 8 / 255),
                                           ("svhn", 8 / 255)])
 def test_defaults_follow_the_dataset_and_a_given_value_wins(tmp_path, dataset, eps):
-    """ε is the data set's (the paper's 8/255 on CIFAR-10 and SVHN, the demo's 0.3 on the
-    digits) and α is ε/4 (the paper's 2/255) unless given; a given value is kept."""
+    """ε is the data set's (the paper's 8/255 on CIFAR-10 and SVHN, 0.2 on the digits,
+    the demo's scale) and α is ε/4 (the paper's 2/255) unless given; a given value is kept."""
     root = None if dataset == "digits" else str(tmp_path)
     cfg = AWNetConfig(dataset=dataset, data_root=root, out=str(tmp_path))
     cfg.validate()

@@ -45,8 +45,8 @@ class AFAConfig(BaseConfig):
     """Everything an AFA run needs (the shared fields in `BaseConfig`)."""
     DATASET_DEFAULTS: ClassVar[dict] = {
         "max_eps": ATTACK_EPS,
-        # the paper's: 0.1 and 0.01 on CIFAR-10, 0.01 and 0.001 on SVHN; on the digits stage
-        # II at 0.01 learns a constant weight in a few epochs, at 0.1 one that rises with ε
+        # the paper's: 0.1 and 0.01 on CIFAR-10, 0.01 and 0.001 on SVHN; on the digits a
+        # short stage II at 0.01 learns a constant W1 (docs/trainers.md), at 0.1 a rising one
         "lr": {"digits": 0.1, "cifar10": 0.1, "svhn": 0.01},
         "lr2": {"digits": 0.1, "cifar10": 0.01, "svhn": 0.001}}
     epochs: int = 100               # stage I
@@ -54,7 +54,7 @@ class AFAConfig(BaseConfig):
     lr: float | None = None         # stage I (None: the data set's, DATASET_DEFAULTS)
     lr2: float | None = None        # stage II
     num_branches: int = 5           # K strengths, evenly spaced in [0, max_eps]
-    max_eps: float | None = None    # None: the data set's (0.3 on digits, 8/255 on CIFAR, SVHN)
+    max_eps: float | None = None    # None: the data set's (0.2 on digits, 8/255 on CIFAR, SVHN)
     alpha_ratio: float = 0.25       # PGD step = ratio·ε (2/255 at 8/255)
     adv_loss: str = "pgd"           # pgd (PGD-AT) | trades
     trades_beta: float = 6.0
@@ -62,7 +62,7 @@ class AFAConfig(BaseConfig):
     wg_hidden: int = 32
     out: str = "runs/afa"
     eval_fracs: tuple = (0.0, 0.125, 0.25, 0.5, 1.0)   # ε / max_eps: the paper's {0, 1, 2, 4,
-                                                        # 8}/255 at 8/255, .0375-.3 on digits
+                                                        # 8}/255 at 8/255, .025-.2 on digits
 
     def validate(self) -> None:
         super().validate()

@@ -2,7 +2,7 @@
 MixBN, plus the adversarial detector's type loss.
 
 Each step: the student is attacked in eval mode (PGD-10, ε the data set's: 8/255 on CIFAR-10
-and SVHN, 0.3 on the digits; α = ε/4; soft MixBN from the detector, as at test time), then
+and SVHN, 0.2 on the digits; α = ε/4; soft MixBN from the detector, as at test time), then
 one training forward over [x; x_adv] with MixBN routed by the known type, and
 
     L = CE(type head, clean/adv) + α_adv·τ²·KL(T_adv(x_adv) ‖ S(x_adv))
@@ -49,7 +49,7 @@ class AWNetConfig(BaseConfig):
     DATASET_DEFAULTS: ClassVar[dict] = {"eps": ATTACK_EPS}
     epochs: int = 100
     teacher_epochs: int = 20        # for the teachers the trainer trains itself
-    eps: float | None = None        # None: the data set's (0.3 on digits, 8/255 on CIFAR, SVHN)
+    eps: float | None = None        # None: the data set's (0.2 on digits, 8/255 on CIFAR, SVHN)
     alpha: float | None = None      # None: eps / 4 (the paper's 2/255 at 8/255)
     steps: int = 10
     tau: float = 1.0

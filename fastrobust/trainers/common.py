@@ -55,9 +55,11 @@ def check_number(cfg, field: str, lo=None, hi=None, *, lo_open=False, integer=Fa
 
 
 # The attack radius (linf, pixels in [0, 1]) a method's defaults start from, per data set: the
-# papers' 8/255 on CIFAR-10 and SVHN; on the digits, whose 17 grey levels are 1/16 apart, 8/255
-# moves no pixel across a level and a standard model keeps ~96 % under PGD-10, so the demo's 0.3.
-ATTACK_EPS = {"digits": 0.3, "cifar10": 8 / 255, "svhn": 8 / 255}
+# papers' 8/255 on CIFAR-10 and SVHN. On the digits (17 grey levels, 1/16 apart) 8/255 moves no
+# pixel across a level: a standard model keeps ~96 % under PGD-10. 0.2, the demo's scale: a
+# standard ResNet-18/w8 keeps 0.3 % under PGD-10 and 4 epochs of PGD-AT reach SA 90.0 % / RA
+# 30.4 %; at the demo's 0.3 the same PGD-AT reaches only 56.8 % / 8.4 %.
+ATTACK_EPS = {"digits": 0.2, "cifar10": 8 / 255, "svhn": 8 / 255}
 
 
 def _short(v) -> str:
