@@ -134,7 +134,8 @@ def plot(results: list[dict], path: str) -> None:
     for i, r in enumerate(results):
         for name in MODELS:
             ax.plot(r["eps"], [100 * a for a in r["acc"][name]], "o" + styles[i % 3],
-                    color=colors[name], label=f"{name}, seed {r['seed']}", markersize=4)
+                    color=colors[name], label=name if i == 0 else None, markersize=4)
+        ax.plot([], [], "k" + styles[i % 3], label=f"seed {r['seed']}")
         ax2.plot(r["eps"], r["W1"], "o" + styles[i % 3], color="tab:green",
                  label=f"seed {r['seed']} (ρ = {r['rank_correlation']:+.2f})")
     ax.set(xlabel="PGD ε (digits, pixels in [0, 1])", ylabel="accuracy (%)",

@@ -18,7 +18,7 @@ import os
 from fastrobust.trainers.awnet import AWNetConfig, AWNetTrainer, evaluate_awnet
 
 # The reproduction's budget: a few minutes per seed on one CPU thread.
-SETTINGS = dict(width=8, epochs=6, teacher_epochs=4, batch_size=64, lr=0.05, steps=5,
+SETTINGS = dict(width=8, epochs=12, teacher_epochs=4, batch_size=64, lr=0.05, steps=5,
                 eval_steps=10)
 ROWS = ("dynamic weights only", "+ MixBN (BN_adv at test)", "+ type head (AW-Net)",
         "PGD-AT teacher", "standard teacher")

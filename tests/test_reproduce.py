@@ -3,6 +3,8 @@ runs give every row of their tables, the claims are judged from the numbers, the
 written, and bad options are one line naming the flag."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -100,4 +102,22 @@ def test_bad_options_are_one_line(argv, flag, capsys):
     with pytest.raises(SystemExit) as exc:
         reproduce.main(argv)
     err = capsys.readouterr().err.strip().splitlines()
-    assert exc.value.code == 2 and flag in err[-1]
+    assert exc.value.code == 2 and len(err) == 1 and flag in err[0]
+
+
+def test_from_json_redraws_without_training(tmp_path, capsys):
+    rows = {n: {"SA": 0.9, "PGD-10": 0.3, "W-robust": 0.6, "FGSM": 0.5, "CW-inf": 0.2}
+            for n in reproduce_awnet.ROWS}
+    saved = {"results": [{"seed": 0, "rows": rows, "pgd": "PGD-10", "config": {"eps": 0.2}}]}
+    (tmp_path / "awnet.json").write_text(json.dumps(saved))
+    png = tmp_path / "redrawn.png"
+    assert reproduce.main(["awnet", "--from-json", str(tmp_path / "awnet.json"),
+                           "--plot", str(png)]) == 0
+    assert "| 0 | + type head (AW-Net) | 90.0 | 50.0 | 30.0 | 20.0 | 60.0 | - |" in \
+        capsys.readouterr().out
+    assert png.stat().st_size > 10_000
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(SystemExit) as exc:
+        reproduce.main(["awnet", "--from-json", str(tmp_path / "bad.json")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1 and "--from-json:" in err[0]
