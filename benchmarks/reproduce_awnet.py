@@ -121,10 +121,10 @@ def main(seeds, out: str, plot_path: str, progress: bool = True, **overrides) ->
     for r in results:
         v = verdict(r)
         w = v["w_robust"]
-        print(f"seed {r['seed']}: W-robust " + " < ".join(
-            f"{100 * w[n]:.1f}" for n in ROWS[:3]) +
-            f" {'(the paper order)' if v['ablation_order'] else '(NOT the paper order)'}; "
-            f"AW-Net {100 * w[ROWS[2]]:.1f} against the PGD-AT teacher's "
+        order = "the paper's order" if v["ablation_order"] else "NOT the paper's order"
+        print(f"seed {r['seed']}: W-robust " + ", ".join(
+            f"{n} {100 * w[n]:.1f}" for n in ROWS[:3]) +
+            f" ({order}); AW-Net {100 * w[ROWS[2]]:.1f} against the PGD-AT teacher's "
             f"{100 * w[ROWS[3]]:.1f}")
     plot(results, plot_path)
     return results
