@@ -424,7 +424,7 @@ def _add_common_options(p, d, eval_what: str):
     p.add_argument("--epochs", type=int, help=f"default {d.epochs}")
     p.add_argument("--batch-size", dest="batch_size", type=int,
                    help=f"global batch (default {d.batch_size})")
-    p.add_argument("--lr", type=float, help=f"default {d.lr}")
+    p.add_argument("--lr", type=float, help=f"default {d.default_text('lr')}")
     p.add_argument("--steps", type=int, help=f"PGD steps in training (default {d.steps})")
     p.add_argument("--seed", type=int, help=f"default {d.seed}")
     p.add_argument("--device", help="cpu or cuda (default cpu)")
@@ -474,8 +474,10 @@ def _add_awnet_options(p):
                    help="natural teacher: an nn.Module saved with torch.save (a fastrobust "
                    "ResNet: its backbone is also the detector's feature extractor)")
     p.add_argument("--teacher-adv", dest="teacher_adv", help="adversarial teacher (nn.Module)")
-    p.add_argument("--eps", type=float, help="attack radius (default 8/255)")
-    p.add_argument("--alpha", type=float, help="attack step (default 2/255)")
+    p.add_argument("--eps", type=float, help=f"attack radius (default {d.default_text('eps')})")
+    p.add_argument("--alpha", type=float, help="attack step (default eps/4)")
+    p.add_argument("--single-bn", dest="mix_bn", action="store_false", default=None,
+                   help="one BN instead of MixBN (the ablation of the paper's Table 3)")
     p.add_argument("--tau", type=float, help=f"distillation temperature (default {d.tau})")
     p.add_argument("--beta", type=float, help=f"signal exponent (default {d.beta})")
 
@@ -486,10 +488,12 @@ def _add_afa_options(p):
     d = AFAConfig()
     _add_common_options(p, d, "the evaluation")
     p.add_argument("--epochs2", type=int, help=f"stage-II epochs (default {d.epochs2})")
-    p.add_argument("--lr2", type=float, help=f"stage-II learning rate (default {d.lr2})")
+    p.add_argument("--lr2", type=float,
+                   help=f"stage-II learning rate (default {d.default_text('lr2')})")
     p.add_argument("--branches", dest="num_branches", type=int,
                    help=f"K attack strengths, 0..max-eps (default {d.num_branches})")
-    p.add_argument("--max-eps", dest="max_eps", type=float, help="strongest ε (default 8/255)")
+    p.add_argument("--max-eps", dest="max_eps", type=float,
+                   help=f"strongest ε (default {d.default_text('max_eps')})")
     p.add_argument("--adv-loss", dest="adv_loss", choices=("pgd", "trades"),
                    help="adversarial loss (default pgd: PGD-AT)")
     p.add_argument("--trades-beta", dest="trades_beta", type=float,

@@ -111,14 +111,45 @@ def test_cli_train_afa(tmp_path, capsys):
 
     out = tmp_path / "afa"
     assert main(["train", "afa", "--width", "4", "--epochs", "1", "--epochs2", "1",
-                 "--batch-size", "32", "--max-eps", "0.3", "--steps", "1",
+                 "--batch-size", "32", "--steps", "1",
                  "--max-train-batches", "2", "--eval-steps", "1", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "W1 vs eps rank correlation" in text
+    assert "strengths [0, 0.05, 0.1, 0.15, 0.2]" in text  # the digits' default max-eps
+    ck = torch.load(out / "last.pt", weights_only=False)
+    assert (ck["config"]["max_eps"], ck["config"]["lr"], ck["config"]["lr2"]) == (0.2, 0.1, 0.1)
     res = json.loads((out / "results.json").read_text())
     assert {r["attack"].split()[0] for r in res["rows"]} >= {"PGD-1", "FGSM", "CW-inf",
                                                             "adaptive"}
     assert (out / "w1_vs_eps.png").stat().st_size > 0 and (out / "last.pt").exists()
+
+
+@pytest.mark.parametrize("dataset, eps, lr, lr2", [("digits", 0.2, 0.1, 0.1),
+                                                  ("cifar10", 8 / 255, 0.1, 0.01),
+                                                  ("svhn", 8 / 255, 0.01, 0.001)])
+def test_defaults_follow_the_dataset_and_a_given_value_wins(tmp_path, dataset, eps, lr, lr2):
+    """ε (and with it the K strengths and the evaluation's ε set) and both learning rates are
+    the data set's unless given: CIFAR-10 and SVHN the paper's, the digits 0.2 (8/255 moves
+    no digit pixel to another grey level)."""
+    root = None if dataset == "digits" else str(tmp_path)  # validate reads no data
+    cfg = AFAConfig(dataset=dataset, data_root=root, out=str(tmp_path))
+    cfg.validate()
+    assert (cfg.max_eps, cfg.lr, cfg.lr2) == (eps, lr, lr2)
+    assert cfg.strengths().tolist() == pytest.approx([eps * k / 4 for k in range(5)])
+    given = AFAConfig(dataset=dataset, data_root=root, out=str(tmp_path), max_eps=0.1, lr=0.3,
+                      lr2=0.05)
+    given.validate()
+    assert (given.max_eps, given.lr, given.lr2) == (0.1, 0.3, 0.05)
+
+
+def test_help_shows_the_per_dataset_defaults(capsys):
+    from fastrobust.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "afa", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "strongest ε (default 0.2 on digits, 8/255 on cifar10 and svhn)" in text
+    assert "(default 0.1 on digits, 0.01 on cifar10, 0.001 on svhn)" in text
 
 
 @pytest.mark.slow

@@ -103,14 +103,63 @@ def test_cli_train_awnet(tmp_path, capsys):
 
     out = tmp_path / "aw"
     assert main(["train", "awnet", "--width", "4", "--epochs", "1", "--teacher-epochs", "1",
-                 "--batch-size", "32", "--eps", "0.3", "--alpha", "0.1", "--steps", "1",
+                 "--batch-size", "32", "--steps", "1",
                  "--max-train-batches", "2", "--eval-steps", "1", "--out", str(out)]) == 0
-    assert "detector %" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "detector %" in text and "PGD-1 (eps 0.2)" in text  # the digits' default
+    ck = torch.load(out / "last.pt", weights_only=False)
+    assert (ck["config"]["eps"], ck["config"]["alpha"]) == (0.2, 0.05)
     res = json.loads((out / "results.json").read_text())["results"]
     assert set(res) == {"AW-Net", "PGD-AT teacher", "standard teacher"}
     assert {"SA", "FGSM", "PGD-1", "CW-inf", "W-robust", "detector"} <= set(res["AW-Net"])
     for f in ("accuracy.png", "last.pt", "teacher_nat.pt", "teacher_adv.pt"):
         assert (out / f).exists(), f
+
+
+@pytest.mark.parametrize("dataset, eps", [("digits", 0.2), ("cifar10", 8 / 255),
+                                          ("svhn", 8 / 255)])
+def test_defaults_follow_the_dataset_and_a_given_value_wins(tmp_path, dataset, eps):
+    """ε is the data set's (the paper's 8/255 on CIFAR-10 and SVHN, 0.2 on the digits,
+    the demo's scale) and α is ε/4 (the paper's 2/255) unless given; a given value is kept."""
+    root = None if dataset == "digits" else str(tmp_path)
+    cfg = AWNetConfig(dataset=dataset, data_root=root, out=str(tmp_path))
+    cfg.validate()
+    assert (cfg.eps, cfg.alpha) == (eps, eps / 4)
+    only_eps = AWNetConfig(dataset=dataset, data_root=root, out=str(tmp_path), eps=0.1)
+    only_eps.validate()
+    assert (only_eps.eps, only_eps.alpha) == (0.1, 0.025)
+    both = AWNetConfig(dataset=dataset, data_root=root, out=str(tmp_path), eps=0.1, alpha=0.05)
+    both.validate()
+    assert (both.eps, both.alpha) == (0.1, 0.05)
+
+
+def test_single_bn_and_adv_bn_ablations():
+    """Table 3's ablations: `mix_bn=False` has one BN per layer and sends every sample through
+    it, the known type notwithstanding; ``test_bn = "adv"`` uses BN_adv alone at test time,
+    whatever the detector says, and equals hard routing of every sample to BN_adv."""
+    torch.manual_seed(0)
+    teacher = resnet18(10, 4, 1).eval()
+    single = awnet_resnet18(ResNetFeatures(teacher), 32, 10, 4, 1, mix_bn=False)
+    assert {m.num_branches for m in single.modules() if hasattr(m, "num_branches")} == {1}
+    x = torch.rand(6, 1, 8, 8)
+    single.train()
+    single(x, is_adv=torch.tensor([0, 1, 0, 1, 0, 1]))  # trains the one BN's statistics
+    single.eval()
+    assert torch.isfinite(single(x)).all()
+    m, _ = small_model()
+    m.train()
+    m(torch.rand(8, 1, 8, 8), is_adv=torch.tensor([0, 1] * 4))  # distinct BN statistics
+    m.eval()
+    with torch.no_grad():
+        m.detector.type_head.bias.copy_(torch.tensor([5.0, -5.0]))  # "clean" for every input
+        soft = m(x)
+        m.test_bn = "adv"
+        adv = m(x)
+        routed = m(x, is_adv=torch.ones(6, dtype=torch.long))
+    assert torch.equal(adv, routed) and not torch.allclose(adv, soft)
+    m.test_bn = "nat"
+    with pytest.raises(ValueError, match="test_bn must be one of"):
+        m(x)
 
 
 @pytest.mark.slow

@@ -103,16 +103,16 @@ class AdversarialDetector(nn.Module):
 
 
 class _AWBlock(nn.Module):
-    def __init__(self, in_planes: int, planes: int, stride: int):
+    def __init__(self, in_planes: int, planes: int, stride: int, K: int = 2):
         super().__init__()
         self.sc1 = ScaledConvBN(nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False),
-                                MultiBatchNorm2d(planes, 2))
+                                MultiBatchNorm2d(planes, K))
         self.sc2 = ScaledConvBN(nn.Conv2d(planes, planes, 3, 1, 1, bias=False),
-                                MultiBatchNorm2d(planes, 2))
+                                MultiBatchNorm2d(planes, K))
         self.shortcut = None
         if stride != 1 or in_planes != planes:
             self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False),
-                                          MultiBatchNorm2d(planes, 2))
+                                          MultiBatchNorm2d(planes, K))
 
     def forward(self, x: Tensor, w1: Tensor, w2: Tensor) -> Tensor:
         out = self.sc2(self.sc1(x, w1, activation="relu"), w2)
@@ -120,19 +120,28 @@ class _AWBlock(nn.Module):
 
 
 class AWNetResNet(nn.Module):
-    """The dynamic-weight CIFAR ResNet with MixBN and its adversarial detector."""
+    """The dynamic-weight CIFAR ResNet with MixBN and its adversarial detector.
+
+    The paper's Table 3 ablations: ``mix_bn=False`` builds one BN per layer instead of MixBN
+    (the dynamic weights only; every sample through it, in training and at test time);
+    ``test_bn = "adv"`` (an attribute, switchable on a trained model) keeps MixBN in training
+    but uses BN_adv alone outside it, instead of the detector's mixing ("detector")."""
+
+    TEST_BN = ("detector", "adv")
 
     def __init__(self, extractor: nn.Module, feature_dim: int, blocks=(2, 2, 2, 2),
                  num_classes: int = 10, width: int = 64, in_channels: int = 3,
-                 beta: float = 4.0):
+                 beta: float = 4.0, mix_bn: bool = True):
         super().__init__()
+        self.mix_bn, self.test_bn = mix_bn, "detector"
+        K = 2 if mix_bn else 1
         self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
-        self.bn1 = MultiBatchNorm2d(width, 2)
+        self.bn1 = MultiBatchNorm2d(width, K)
         layers, channels, in_planes = [], [], width
         for i, n in enumerate(blocks):
             planes = width * 2 ** i
             for j in range(n):
-                layers.append(_AWBlock(in_planes, planes, 2 if (i > 0 and j == 0) else 1))
+                layers.append(_AWBlock(in_planes, planes, 2 if (i > 0 and j == 0) else 1, K))
                 channels += [planes, planes]
                 in_planes = planes
         self.layers = nn.ModuleList(layers)
@@ -146,12 +155,19 @@ class AWNetResNet(nn.Module):
 
     def forward(self, x: Tensor, is_adv: Tensor | None = None, return_type: bool = False):
         """``is_adv`` (int/bool ``[N]``, training): hard MixBN routing by the known type;
-        None: soft mixing by the detector's P_type."""
+        None: soft mixing by the detector's P_type (BN_adv alone with ``test_bn = "adv"``).
+        Without MixBN every sample goes through the one BN."""
         type_logits, omegas = self.detector(x)
-        if is_adv is not None:
+        if not self.mix_bn:
+            ctx = routing(self, branch=NAT)
+        elif is_adv is not None:
             ctx = routing(self, branch=is_adv.long())
-        else:
+        elif self.test_bn == "adv":
+            ctx = routing(self, branch=ADV)
+        elif self.test_bn == "detector":
             ctx = routing(self, mix=self.mix_of(type_logits))
+        else:
+            raise ValueError(f"test_bn must be one of {self.TEST_BN}, got {self.test_bn!r}")
         with ctx:
             h = self.bn1(self.conv1(x), activation="relu")
             for j, blk in enumerate(self.layers):
@@ -161,7 +177,8 @@ class AWNetResNet(nn.Module):
 
 
 def awnet_resnet18(extractor: nn.Module, feature_dim: int, num_classes: int = 10,
-                   width: int = 64, in_channels: int = 3, beta: float = 4.0) -> AWNetResNet:
+                   width: int = 64, in_channels: int = 3, beta: float = 4.0,
+                   mix_bn: bool = True) -> AWNetResNet:
     """AW-Net ResNet-18 (CIFAR form) around a frozen feature extractor of ``feature_dim``."""
     return AWNetResNet(extractor, feature_dim, (2, 2, 2, 2), num_classes, width, in_channels,
-                       beta)
+                       beta, mix_bn)

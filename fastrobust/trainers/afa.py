@@ -21,6 +21,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -31,9 +32,9 @@ from .. import data as data_mod
 from ..attacks import FGSM, PGD
 from ..attacks.attacks import eval_mode
 from ..models import afa_resnet18
-from .common import (BaseConfig, BaseTrainer, CheckpointError, ConfigError, check_finite,
-                     check_number, format_table, load_checkpoint, require_entries,
-                     write_json)
+from .common import (ATTACK_EPS, BaseConfig, BaseTrainer, CheckpointError, ConfigError,
+                     check_finite, check_number, format_table, load_checkpoint,
+                     require_entries, write_json)
 
 __all__ = ["AFAConfig", "AFATrainer", "RelativePGD", "stage1_loss", "evaluate_afa",
            "report_afa"]
@@ -42,18 +43,26 @@ __all__ = ["AFAConfig", "AFATrainer", "RelativePGD", "stage1_loss", "evaluate_af
 @dataclass
 class AFAConfig(BaseConfig):
     """Everything an AFA run needs (the shared fields in `BaseConfig`)."""
+    DATASET_DEFAULTS: ClassVar[dict] = {
+        "max_eps": ATTACK_EPS,
+        # the paper's: 0.1 and 0.01 on CIFAR-10, 0.01 and 0.001 on SVHN; on the digits a
+        # short stage II at 0.01 learns a constant W1 (docs/trainers.md), at 0.1 a rising one
+        "lr": {"digits": 0.1, "cifar10": 0.1, "svhn": 0.01},
+        "lr2": {"digits": 0.1, "cifar10": 0.01, "svhn": 0.001}}
     epochs: int = 100               # stage I
     epochs2: int = 20               # stage II
-    lr2: float = 0.01
+    lr: float | None = None         # stage I (None: the data set's, DATASET_DEFAULTS)
+    lr2: float | None = None        # stage II
     num_branches: int = 5           # K strengths, evenly spaced in [0, max_eps]
-    max_eps: float = 8 / 255
+    max_eps: float | None = None    # None: the data set's (0.2 on digits, 8/255 on CIFAR, SVHN)
     alpha_ratio: float = 0.25       # PGD step = ratio·ε (2/255 at 8/255)
     adv_loss: str = "pgd"           # pgd (PGD-AT) | trades
     trades_beta: float = 6.0
     schedule: str = "batched"       # batched (one attack, one pass) | sequential (Alg. 1)
     wg_hidden: int = 32
     out: str = "runs/afa"
-    eval_fracs: tuple = (0.0, 0.125, 0.25, 0.5, 1.0)   # ε / max_eps: {0, 1, 2, 4, 8}/255
+    eval_fracs: tuple = (0.0, 0.125, 0.25, 0.5, 1.0)   # ε / max_eps: the paper's {0, 1, 2, 4,
+                                                        # 8}/255 at 8/255, .025-.2 on digits
 
     def validate(self) -> None:
         super().validate()

@@ -1,9 +1,9 @@
 """The AW-Net trainer: MTARD-style two-teacher distillation of the dynamic-weight network with
 MixBN, plus the adversarial detector's type loss.
 
-Each step: the student is attacked in eval mode (PGD-10, ε 8/255, α 2/255; soft MixBN from the
-detector, as at test time), then one training forward over [x; x_adv] with MixBN routed by the
-known type, and
+Each step: the student is attacked in eval mode (PGD-10, ε the data set's: 8/255 on CIFAR-10
+and SVHN, 0.2 on the digits; α = ε/4; soft MixBN from the detector, as at test time), then
+one training forward over [x; x_adv] with MixBN routed by the known type, and
 
     L = CE(type head, clean/adv) + α_adv·τ²·KL(T_adv(x_adv) ‖ S(x_adv))
                                  + α_nat·τ²·KL(T_nat(x) ‖ S(x))
@@ -25,6 +25,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -34,9 +35,9 @@ from tqdm.auto import tqdm
 from .. import data as data_mod
 from ..attacks import FGSM, PGD, weighted_robust_accuracy
 from ..models import ResNet, ResNetFeatures, awnet_resnet18, resnet18
-from .common import (BaseConfig, BaseTrainer, CheckpointError, ConfigError, check_finite,
-                     check_number, format_table, load_checkpoint, require_entries,
-                     save_checkpoint, write_json)
+from .common import (ATTACK_EPS, BaseConfig, BaseTrainer, CheckpointError, ConfigError,
+                     check_finite, check_number, format_table, load_checkpoint,
+                     require_entries, save_checkpoint, write_json)
 
 __all__ = ["AWNetConfig", "AWNetTrainer", "LossBalance", "awnet_loss", "train_teacher",
            "evaluate_awnet", "report_awnet"]
@@ -45,13 +46,15 @@ __all__ = ["AWNetConfig", "AWNetTrainer", "LossBalance", "awnet_loss", "train_te
 @dataclass
 class AWNetConfig(BaseConfig):
     """Everything an AW-Net run needs (the shared fields in `BaseConfig`)."""
+    DATASET_DEFAULTS: ClassVar[dict] = {"eps": ATTACK_EPS}
     epochs: int = 100
     teacher_epochs: int = 20        # for the teachers the trainer trains itself
-    eps: float = 8 / 255
-    alpha: float = 2 / 255
+    eps: float | None = None        # None: the data set's (0.2 on digits, 8/255 on CIFAR, SVHN)
+    alpha: float | None = None      # None: eps / 4 (the paper's 2/255 at 8/255)
     steps: int = 10
     tau: float = 1.0
     beta: float = 4.0
+    mix_bn: bool = True             # False: one BN, not MixBN (the paper's Table 3 ablation)
     balance_rate: float = 0.1       # smoothing of MTARD's loss balance
     teacher_nat: str | None = None  # paths of nn.Module checkpoints; None: trained here
     teacher_adv: str | None = None
@@ -61,7 +64,11 @@ class AWNetConfig(BaseConfig):
         super().validate()
         check_number(self, "teacher_epochs", 0, integer=True)
         check_number(self, "eps", 0, 1)
+        if self.alpha is None:
+            self.alpha = self.eps / 4
         check_number(self, "alpha", 0, 1)
+        if not isinstance(self.mix_bn, bool):
+            raise ConfigError("mix_bn", f"must be True or False, got {self.mix_bn!r}")
         check_number(self, "tau", 0, lo_open=True)
         check_number(self, "beta", 0, lo_open=True)
         check_number(self, "balance_rate", 0, 1, lo_open=True)
@@ -214,7 +221,8 @@ class AWNetTrainer(BaseTrainer):
         extractor = ResNetFeatures(copy.deepcopy(self.teacher_nat))
         self.model = self._place(awnet_resnet18(extractor, extractor.dim,
                                                 self.data.num_classes, cfg.width,
-                                                self.data.in_channels, cfg.beta),
+                                                self.data.in_channels, cfg.beta,
+                                                mix_bn=cfg.mix_bn),
                                  cfg.memory_format, cfg.sync_bn)
         self.forward = self._ddp(self.model, cfg.sync_bn) if self.world > 1 else self.model
         params = [p for p in self.model.parameters() if p.requires_grad]
