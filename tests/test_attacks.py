@@ -256,3 +256,52 @@ def test_evaluate_report(digits_model):
         assert 0 <= ra < report["SA"], name
         assert report["WRA"][name] == pytest.approx(weighted_robust_accuracy(report["SA"], ra))
     assert report["RA"]["PGD-7"] <= report["RA"]["FGSM"]
+
+
+class _StepsAsCalls:
+    """PGD's captured-step API with the step itself as the "graph": what a replay of the
+    captured step computes, on the CPU (the CUDA graphs run in tests/test_gpu_correctness)."""
+    captures = 0
+
+    @staticmethod
+    def eager(step):
+        step()
+
+    @classmethod
+    def capture(cls, step):
+        cls.captures += 1
+        return step
+
+    @staticmethod
+    def replay(graph):
+        graph()
+
+
+def test_a_captured_attack_step_is_kept_per_signature(monkeypatch):
+    """The captured step is reused by the next call with the same signature (its inputs
+    copied into the static ones): every call gives bitwise the eager attack, and only a new
+    signature (shape, float eps, routing kind) captures again; at most MAX_GRAPHS are kept."""
+    from fastrobust.attacks import attacks as A
+    monkeypatch.setattr(PGD, "_graphed", lambda self, *a: self._graph_steps(*a, _StepsAsCalls))
+    monkeypatch.setattr(_StepsAsCalls, "captures", 0)
+    model = convert_multi_bn(small_cnn(), 2).eval()
+    graphed = PGD(model, steps=3, cuda_graph=True, generator=torch.Generator().manual_seed(0))
+    eager = PGD(model, steps=3, cuda_graph=False, generator=torch.Generator().manual_seed(0))
+    calls = [(data(), dict(branch=torch.tensor([0, 1] * 6))),
+             (data(), dict(branch=torch.tensor([1, 1, 0] * 4))),  # same signature
+             (data(), dict(branch=1)),                             # an int: a new one
+             (data(), dict(branch=torch.tensor([0, 1] * 6), eps=4 / 255)),  # another eps
+             (data(), dict(branch=torch.tensor([0, 1] * 6)))]     # the first one, again
+    captures = []
+    for (x, y), kw in calls:
+        want = eager(x, y, **kw)
+        got = graphed(x, y, **kw)
+        assert torch.equal(got, want)
+        captures.append(_StepsAsCalls.captures)
+    assert captures == [1, 1, 2, 3, 4]  # the first signature was dropped (MAX_GRAPHS = 2)
+    assert len(graphed._graphs) == A.MAX_GRAPHS
+    x, y = data()  # a call with a context is never cached, even of a kept signature
+    assert torch.equal(graphed(x, y, branch=torch.tensor([0, 1] * 6),
+                               context=contextlib.nullcontext()),
+                       eager(x, y, branch=torch.tensor([0, 1] * 6)))
+    assert _StepsAsCalls.captures == 5 and len(graphed._graphs) == A.MAX_GRAPHS

@@ -24,6 +24,8 @@ from torch import Tensor, nn
 from .. import functional as FF
 
 _FORMATS = {None, torch.contiguous_format, torch.channels_last, torch.preserve_format}
+_call = threading.local()  # .route: this thread's (branch, mix, context) of the running call
+MAX_GRAPHS = 2  # captured attack steps kept per attack object (see PGD)
 
 
 def cw_loss(logits: Tensor, y: Tensor, kappa: float = 0.0) -> Tensor:
@@ -161,7 +163,11 @@ class Attack:
             x_nat = self._layout(x.detach())
             if x_nat is x:
                 x_nat = x.detach()
-            x_adv = self._attack(x_nat, y, eps, forward_kwargs).detach()
+            saved, _call.route = getattr(_call, "route", None), (branch, mix, context)
+            try:
+                x_adv = self._attack(x_nat, y, eps, forward_kwargs).detach()
+            finally:
+                _call.route = saved
         if x_adv.stride() != x.stride():
             x_adv = torch.empty_like(x).copy_(x_adv)
         return x_adv
@@ -208,7 +214,10 @@ class PGD(Attack):
     step runs eagerly, the second is captured in a CUDA graph, and the graph is replayed for
     every step after the first: the host issues one replay per step instead of the model's
     forward and backward (on an H200 at 858ad8d this halved a ResNet-18 OAT step, 211 -> 109
-    ms). ``cuda_graph=False`` runs every step eagerly; True on CPU inputs is an error."""
+    ms). The captured step is kept for the next call with the same shapes, float values,
+    routing kind and model storage (inputs copied into its static buffers; at most
+    MAX_GRAPHS per attack object), so an attack per training batch captures once.
+    ``cuda_graph=False`` runs every step eagerly; True on CPU inputs is an error."""
 
     def _attack(self, x_nat, y, eps, kw):
         x_adv = self._start(x_nat, eps)
@@ -223,31 +232,114 @@ class PGD(Attack):
         return x_adv
 
     def _graphed(self, x_adv, x_nat, y, eps, kw):
-        """One eager warm-up step on a side stream, one captured step, then replays. The
-        graph lives for this call only, so routing and eps tensors of another call can never
-        be read through stale pointers."""
         if x_adv.device.type != "cuda":
             raise RuntimeError("cuda_graph=True needs CUDA inputs; got "
                                f"{x_adv.device.type} tensors")
+        return self._graph_steps(x_adv, x_nat, y, eps, kw, _CudaGraphs)
 
+    def _graph_steps(self, x_adv, x_nat, y, eps, kw, api):
+        """The attack's steps as replays of one captured step. The step is captured on static
+        copies of its inputs (x_adv, x_nat, y, per-sample eps / alpha, routing, the tensors
+        of the forward's keyword arguments), and kept for the next call with the same
+        signature (shapes, dtypes, strides, float values, routing kind, the model's parameter
+        and buffer storage, autocast): that call copies its inputs in and replays the graph
+        once per step. A new signature runs one eager step (kernels compiled, launch plans
+        recorded outside the capture), captures the next and replays it. At most MAX_GRAPHS
+        are kept per attack object; a call with a `context` is never cached (its tensors are
+        unknown here)."""
         alpha = self._step_size(eps)
+        branch, mix, context = getattr(_call, "route", None) or (None, None, None)
+        key = _graph_key(self, x_adv, y, eps, alpha, branch, mix, context, kw)
+        cache = self.__dict__.setdefault("_graphs", {})
+        entry = cache.get(key) if key is not None else None
+        if entry is not None:
+            cache[key] = cache.pop(key)  # most recently used last
+            with torch.no_grad():
+                for dst, src in zip(entry["static"], _graph_inputs(x_adv, x_nat, y, eps, alpha,
+                                                                   branch, mix, kw)):
+                    dst.copy_(src)
+            for _ in range(self.steps):
+                api.replay(entry["graph"])
+            return entry["x_adv"].detach().clone()
+        sx = x_adv.detach().clone().requires_grad_(x_adv.requires_grad)
+        sn, sy = x_nat.clone(), y.clone()
+        s_eps, s_alpha = (t.clone() if isinstance(t, Tensor) else t for t in (eps, alpha))
+        s_branch, s_mix = (t.clone() if isinstance(t, Tensor) else t for t in (branch, mix))
+        s_kw = {k: v.clone() if isinstance(v, Tensor) else v for k, v in kw.items()}
 
         def step():
-            grad = self._gradient(x_adv, y, kw)
-            FF.pgd_step_(x_adv, grad, x_nat, eps, alpha, norm=self.norm,
+            grad = self._gradient(sx, sy, s_kw)
+            FF.pgd_step_(sx, grad, sn, s_eps, s_alpha, norm=self.norm,
                          clip_min=self.clip_min, clip_max=self.clip_max)
 
+        with contextlib.ExitStack() as stack:
+            if branch is not None or mix is not None:
+                from ..nn import routing
+                stack.enter_context(routing(self.model, branch=s_branch, mix=s_mix))
+            api.eager(step)  # step 1
+            graph = api.capture(step)  # recorded, not run (858ad8d counted it: one step short)
+            for _ in range(self.steps - 1):  # steps 2 .. steps
+                api.replay(graph)
+        if key is not None:
+            static = _graph_inputs(sx, sn, sy, s_eps, s_alpha, s_branch, s_mix, s_kw)
+            cache[key] = {"graph": graph, "x_adv": sx, "static": static}
+            while len(cache) > MAX_GRAPHS:
+                cache.pop(next(iter(cache)))
+        return sx.detach().clone()
+
+
+def _tensor_key(t):
+    return ("tensor", t.dtype, tuple(t.shape), tuple(t.stride()), t.device)
+
+
+def _graph_key(atk, x_adv, y, eps, alpha, branch, mix, context, kw):
+    """What a captured step depends on besides the values it reads (None: not cacheable)."""
+    if context is not None:
+        return None
+    parts = [_tensor_key(x_adv), _tensor_key(y)]
+    for v in (eps, alpha, branch, mix, *kw.values()):
+        if isinstance(v, Tensor):
+            parts.append(_tensor_key(v))
+        elif v is None or isinstance(v, (bool, int, float, str)):
+            parts.append((type(v).__name__, v))
+        else:
+            return None
+    model = atk.model
+    state = tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers()))
+    dev = x_adv.device.type
+    autocast = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)) \
+        if dev in ("cuda", "cpu") else None
+    return (id(model), state, autocast, tuple(kw), atk.norm, atk.clip_min, atk.clip_max,
+            atk.loss, tuple(parts))
+
+
+def _graph_inputs(x_adv, x_nat, y, eps, alpha, branch, mix, kw):
+    """The tensors a cached step reads, in a fixed order (copied into its static ones)."""
+    return [t for t in (x_adv, x_nat, y, eps, alpha, branch, mix, *kw.values())
+            if isinstance(t, Tensor)]
+
+
+class _CudaGraphs:
+    """The CUDA side of PGD's captured steps."""
+
+    @staticmethod
+    def eager(step):
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            step()  # step 1, eager: kernels compiled, launch plans recorded, outside the capture
+            step()
         torch.cuda.current_stream().wait_stream(side)
+
+    @staticmethod
+    def capture(step):
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            step()  # recorded, not run (858ad8d counted it as step 2: one step short)
-        for _ in range(self.steps - 1):  # steps 2 .. steps
-            graph.replay()
-        return x_adv
+            step()
+        return graph
+
+    @staticmethod
+    def replay(graph):
+        graph.replay()
 
 
 class FGSM(PGD):
