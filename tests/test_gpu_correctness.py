@@ -258,3 +258,22 @@ def test_graphed_pgd_takes_every_step(steps):
     one_less = PGD(model, steps=steps - 1, cuda_graph=False,
                    generator=torch.Generator(device="cuda").manual_seed(1))(x, y, branch=1)
     assert not torch.equal(one_less, runs[1])
+
+
+def test_a_kept_attack_graph_replays_new_inputs():
+    """The second call of a graphed PGD with the same signature replays the kept graph on its
+    own inputs (copied into the static ones): the eager attack's result, bitwise."""
+    from fastrobust.attacks import PGD
+    from fastrobust.models import resnet18
+    from fastrobust.nn import convert_multi_bn
+    torch.manual_seed(0)
+    model = convert_multi_bn(resnet18(num_classes=10, width=16), 2).cuda().eval()
+    graphed = PGD(model, steps=3, generator=torch.Generator(device="cuda").manual_seed(1))
+    eager = PGD(model, steps=3, cuda_graph=False,
+                generator=torch.Generator(device="cuda").manual_seed(1))
+    for _ in range(3):
+        x = torch.rand(16, 3, 32, 32, device="cuda")
+        y = torch.randint(0, 10, (16,), device="cuda")
+        branch = torch.randint(0, 2, (16,), device="cuda")
+        assert torch.equal(graphed(x, y, branch=branch), eager(x, y, branch=branch))
+    assert len(graphed._graphs) == 1
