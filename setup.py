@@ -21,15 +21,30 @@ def _say(msg):
     print(f"[fastrobust build] {msg}", file=sys.stderr, flush=True)
 
 
-def cuda_runtime_include(torch_dir, cuda_home):
-    """A folder holding cuda_runtime_api.h: torch's nvidia-* runtime package beside it
-    (nvidia/cu13/include, nvidia/cuda_runtime/include), else a toolkit's include folder."""
+def cuda_runtime_includes(torch_dir, cuda_home):
+    """Folders holding the CUDA runtime headers torch's stream API includes
+    (cuda_runtime_api.h and the crt/ headers it includes): torch's nvidia-* runtime packages
+    beside it (nvidia/cu13/include, nvidia/cuda_runtime/include), the copy Triton ships for its
+    own launcher, else a toolkit's. [] if none has cuda_runtime_api.h."""
     site = os.path.dirname(torch_dir)
-    found = sorted(glob.glob(os.path.join(site, "nvidia", "*", "include",
-                                          "cuda_runtime_api.h")))
+    candidates = sorted(glob.glob(os.path.join(site, "nvidia", "*", "include")))
+    candidates.append(os.path.join(site, "triton", "backends", "nvidia", "include"))
     if cuda_home:
-        found.append(os.path.join(cuda_home, "include", "cuda_runtime_api.h"))
-    return next((os.path.dirname(f) for f in found if os.path.exists(f)), None)
+        candidates.append(os.path.join(cuda_home, "include"))
+
+    def has(d, f):
+        return os.path.exists(os.path.join(d, f))
+    runtime = next((d for d in candidates if has(d, "cuda_runtime_api.h")), None)
+    if runtime is None:
+        return []
+    found = [runtime]
+    if not has(runtime, os.path.join("crt", "host_defines.h")):
+        crt = next((d for d in candidates if has(d, os.path.join("crt", "host_defines.h"))
+                    and has(d, "cuda_runtime_api.h")), None)
+        if crt is None:
+            return []
+        found.append(crt)
+    return found
 
 
 def _extensions():
@@ -54,17 +69,18 @@ def _extensions():
         _say("torch is a CPU build: fastrobust._C with the CPU kernels (CUDA tensors: no "
              "launch path, the eager kernels)")
     else:
-        inc = cuda_runtime_include(os.path.dirname(torch.__file__), cpp_extension.CUDA_HOME)
-        if inc is None:
+        inc = cuda_runtime_includes(os.path.dirname(torch.__file__), cpp_extension.CUDA_HOME)
+        if not inc:
             raise SystemExit(
-                "[fastrobust build] torch is a CUDA build but cuda_runtime_api.h was found "
-                "neither in its nvidia-* packages nor in a CUDA toolkit: reinstall torch with "
-                "its CUDA dependencies, or set CUDA_HOME")
+                "[fastrobust build] torch is a CUDA build but the CUDA runtime headers "
+                "(cuda_runtime_api.h, crt/host_defines.h) were found neither in its nvidia-* "
+                "packages, nor in triton, nor in a CUDA toolkit: reinstall torch with its CUDA "
+                "dependencies, or set CUDA_HOME")
         _say(f"torch {torch.__version__} is a CUDA {torch.version.cuda} build: fastrobust._C "
              f"with the CPU kernels and the CUDA launch path (Triton kernels launched from "
-             f"C++; host compiler, no nvcc; CUDA runtime headers from {inc})")
+             f"C++; host compiler, no nvcc; CUDA runtime headers from {', '.join(inc)})")
         macros.append(("FASTROBUST_WITH_CUDA", None))
-        include_dirs.append(inc)
+        include_dirs.extend(inc)
         libraries.append("c10_cuda")
     ext = cpp_extension.CppExtension("fastrobust._C", sources, define_macros=macros,
                                      include_dirs=include_dirs, libraries=libraries,
