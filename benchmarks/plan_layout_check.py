@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 import triton  # noqa: E402
 
+import aot_compile as aot  # noqa: E402
 import launch_counts as lc  # noqa: E402
 from fastrobust import functional as F  # noqa: E402
 from fastrobust.kernels import _plan  # noqa: E402
@@ -44,29 +45,14 @@ from fastrobust.kernels import _plan  # noqa: E402
 ARCH = 90
 
 
-def _t(shape, dtype=torch.float32, cl=False, grad=False):
-    t = torch.empty(shape, device="meta", dtype=dtype)
-    if cl and t.dim() == 4:
-        t = t.contiguous(memory_format=torch.channels_last)
-    return t.requires_grad_(grad)
+def _t(shape, dtype=torch.float32, grad=False):
+    return aot._t(shape, dtype, grad=grad)
 
 
 def cases():
     """Calls that reach every kernel and every kind of parameter."""
     def bn(N, C, H, K, dtype, mixed, extras, training, cl=False):
-        x = _t((N, C, H, H), dtype, cl, grad=True)
-        w, b = _t((K, C), grad=True), _t((K, C), grad=True)
-        kw = dict(training=training, momentum=0.1, eps=1e-5)
-        if extras:
-            kw.update(input_scale=_t((N, C), dtype, grad=True),
-                      film_gamma=_t((N, C), dtype, grad=True),
-                      film_beta=_t((N, C), dtype, grad=True), activation="relu")
-        if mixed:
-            y = F.mixed_batch_norm(x, _t((N, K), grad=True), w, b, _t((K, C)), _t((K, C)), **kw)
-        else:
-            y = F.multi_batch_norm(x, _t((N,), torch.int64), w, b, _t((K, C)), _t((K, C)),
-                                   **kw)
-        y.backward(torch.empty_like(y))
+        aot._bn_case(N, C, H, cl, K, extras, mixed, training, dtype)()
 
     def pgd(shape, dtype, per_sample):
         xa, g, xn = _t(shape, dtype), _t(shape, dtype), _t(shape, dtype)
