@@ -35,6 +35,12 @@ def cw_loss(logits: Tensor, y: Tensor, kappa: float = 0.0) -> Tensor:
     return -(true - other).clamp(min=-kappa).mean()
 
 
+def _ce_sum(logits: Tensor, y: Tensor) -> Tensor:
+    """The cross-entropy summed over the batch (the OAT repository's attack loss: its sign
+    steps equal the mean's, but no sample's gradient is divided by N before the sign)."""
+    return F.cross_entropy(logits, y, reduction="sum")
+
+
 # Modules and parameters held by the eval_mode / frozen_parameters bodies running now, in any
 # thread: {object: [number of bodies holding it, its own flag before the first one]}.
 _HELD_LOCK = threading.Lock()
@@ -128,9 +134,10 @@ class Attack:
             raise ValueError(f"memory_format must be None or a torch.memory_format, "
                              f"got {memory_format!r}")
         if isinstance(loss, str):
-            if loss not in ("ce", "cw"):
-                raise ValueError(f"loss must be 'ce', 'cw' or a callable, got {loss!r}")
-            loss = {"ce": F.cross_entropy, "cw": cw_loss}[loss]
+            if loss not in ("ce", "ce_sum", "cw"):
+                raise ValueError(f"loss must be 'ce', 'ce_sum', 'cw' or a callable, got "
+                                 f"{loss!r}")
+            loss = {"ce": F.cross_entropy, "ce_sum": _ce_sum, "cw": cw_loss}[loss]
         self.model, self.eps, self.alpha, self.steps = model, eps, alpha, int(steps)
         self.random_start, self.norm, self.loss = random_start, norm, loss
         self.clip_min, self.clip_max = float(clip_min), float(clip_max)
