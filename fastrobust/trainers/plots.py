@@ -7,46 +7,60 @@ import os
 
 __all__ = ["plot_tradeoff", "place_labels"]
 
-# label offsets tried in turn (points): close around the point first, then further out
-_OFFSETS = [(4, 4), (4, -10), (-14, 4), (-14, -10), (6, -3), (-18, -3), (-4, 7), (-4, -14)]
-_OFFSETS += [(round(r * math.cos(a)), round(r * math.sin(a)))
-             for r in (16, 24, 34, 46) for a in [i * math.pi / 6 for i in range(12)]]
+def _candidates(w: float, h: float, s: float):
+    """Lower-left corners (pixels, relative to the marker) of a w×h label: beside the
+    marker first, then on rings further out (s: pixels per point)."""
+    g = 5 * s  # clear of a marker's edge (markers are up to 9 points wide)
+    yield from [(g, -h / 2), (g, g), (g, -h - g), (-w - g, -h / 2), (-w / 2, 1.5 * g),
+                (-w / 2, -h - 1.5 * g), (-w - g, g), (-w - g, -h - g)]
+    for ring in range(1, 16):
+        r = (8 + 7 * ring) * s
+        for k in range(24):
+            a = 2 * math.pi * k / 24
+            yield r * math.cos(a) - w / 2, r * math.sin(a) - h / 2
 
 
 def place_labels(ax, points, texts, fontsize=7, color=None, avoid=()) -> list:
-    """Annotates each of ``points`` (data coordinates) with its text at the first offset
-    where its box overlaps neither a label placed before, nor a marker, nor an artist of
-    ``avoid`` (e.g. the legend); far offsets get a leader line. Call it once the figure's
-    layout is final. Returns the annotations."""
+    """Annotates each of ``points`` (data coordinates) with its text at the first place
+    where its box lies inside the axes and overlaps neither a label placed before, nor a
+    marker, nor an artist of ``avoid`` (e.g. the legend); labels away from their point get a
+    leader line. Call it once the figure's layout is final. Returns the annotations."""
     fig = ax.figure
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
-    to_px = ax.transData.transform
-    markers = [to_px(p) for p in points]
-    placed, out = [a.get_window_extent(renderer) for a in avoid], []
-    for (x, y), text in zip(points, texts):
-        best = None
-        for dx, dy in _OFFSETS:
-            far = max(abs(dx), abs(dy)) > 15
-            ann = ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points",
-                              fontsize=fontsize, color=color,
-                              arrowprops=dict(arrowstyle="-", lw=0.5, alpha=0.6,
-                                              color="grey") if far else None)
-            box = ann.get_window_extent(renderer).expanded(1.05, 1.15)
-            clash = any(box.overlaps(b) for b in placed) or any(
-                box.x0 - 3 <= mx <= box.x1 + 3 and box.y0 - 3 <= my <= box.y1 + 3
-                for mx, my in markers)
-            if not clash:
-                best = (ann, box)
-                break
-            ann.remove()
-        if best is None:  # every offset clashes: the last, furthest one
-            best = (ann := ax.annotate(text, (x, y), xytext=_OFFSETS[-1],
-                                       textcoords="offset points", fontsize=fontsize,
-                                       color=color, arrowprops=dict(arrowstyle="-", lw=0.5)),
-                    ann.get_window_extent(renderer))
-        placed.append(best[1])
-        out.append(best[0])
+    s = fig.dpi / 72
+    frame = ax.get_window_extent(renderer)
+    markers = [tuple(ax.transData.transform(p)) for p in points]
+    taken = [tuple(a.get_window_extent(renderer).extents) for a in avoid]
+    gap = 4 * s  # between two labels
+
+    def free(box):
+        x0, y0, x1, y1 = box
+        if x0 < frame.x0 or y0 < frame.y0 or x1 > frame.x1 or y1 > frame.y1:
+            return False
+        if any(x0 < b[2] + gap and b[0] < x1 + gap and y0 < b[3] + gap and b[1] < y1 + gap
+               for b in taken):
+            return False
+        return not any(x0 - 4 * s <= mx <= x1 + 4 * s and y0 - 4 * s <= my <= y1 + 4 * s
+                       for mx, my in markers)
+
+    out = []
+    for (x, y), (mx, my), text in zip(points, markers, texts):
+        probe = ax.text(0, 0, text, fontsize=fontsize)
+        ext = probe.get_window_extent(renderer)
+        probe.remove()
+        w, h = ext.width, ext.height
+        spots = list(_candidates(w, h, s))
+        dx, dy = next(((dx, dy) for dx, dy in spots
+                       if free((mx + dx, my + dy, mx + dx + w, my + dy + h))), spots[0])
+        taken.append((mx + dx, my + dy, mx + dx + w, my + dy + h))
+        # a leader line once the label does not touch its marker
+        far = math.hypot(max(dx, 0, -dx - w), max(dy, 0, -dy - h)) > 7 * s
+        out.append(ax.annotate(
+            text, (x, y), xytext=(dx / s, dy / s), textcoords="offset points", ha="left",
+            va="bottom", fontsize=fontsize, color=color,
+            arrowprops=dict(arrowstyle="-", lw=0.6, color="0.35",
+                            shrinkA=0, shrinkB=3) if far else None))
     return out
 
 
