@@ -210,7 +210,8 @@ class Attack:
 class PGD(Attack):
     """Projected gradient descent (Madry et al.), torchattacks' ``PGD`` / ``PGDL2``:
     ``PGD(model, eps=8/255, alpha=2/255, steps=10, random_start=True, norm="linf",
-    loss="ce")``; ``loss="cw"`` gives CW∞ (PGD on the margin loss). Each step is one fused
+    loss="ce")``; ``loss="cw"`` gives CW∞ (PGD on the margin loss), ``loss="ce_sum"`` the
+    summed cross-entropy (the OAT repository's attack loss). Each step is one fused
     in-place kernel. On CUDA inputs (``cuda_graph=None``, the default, or True) the first
     step runs eagerly, the second is captured in a CUDA graph, and the graph is replayed for
     every step after the first: the host issues one replay per step instead of the model's
