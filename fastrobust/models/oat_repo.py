@@ -19,6 +19,7 @@ first (tests/test_oat_repo.py checks logits, input gradients and running statist
 from __future__ import annotations
 
 import os
+import pickle
 import re
 
 import numpy as np
@@ -43,7 +44,7 @@ def _load(checkpoint) -> dict[str, Tensor]:
     if isinstance(checkpoint, (str, os.PathLike)):
         try:
             checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError, EOFError, ValueError) as e:
+        except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
             raise _Misfit(f"checkpoint: {os.fspath(checkpoint)} cannot be read "
                           f"({str(e).splitlines()[0][:120]})") from None
     if isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), dict):
