@@ -253,6 +253,7 @@ def check_running_stats(ref, ours, q):
             torch.testing.assert_close(a, b.to(a.dtype), rtol=1e-6, atol=1e-7, msg=name)
 
 
+@pytest.mark.slow  # full-size networks in fp64: 20-100 s each on 2 shared cores
 def test_resnet34oat_round_trip(tmp_path):
     torch.manual_seed(0)
     ref = randomize(RefResNet34OAT())
@@ -271,6 +272,7 @@ def test_resnet34oat_round_trip(tmp_path):
     check_running_stats(ref, ours, q)
 
 
+@pytest.mark.slow  # full-size networks in fp64: 20-100 s each on 2 shared cores
 @pytest.mark.parametrize("depth,widen,pool,size", [(16, 8, 8, 32), (40, 2, 24, 96)],
                          ids=["WRN16_8OAT", "WRN40_2OAT"])
 def test_wide_resnet_round_trip(tmp_path, depth, widen, pool, size):
@@ -287,6 +289,7 @@ def test_wide_resnet_round_trip(tmp_path, depth, widen, pool, size):
     check_running_stats(ref, ours, q)
 
 
+@pytest.mark.slow  # full-size networks in fp64: 20-100 s each on 2 shared cores
 def test_slimmable_resnet34oat_round_trip_at_each_width(tmp_path):
     torch.manual_seed(0)
     mults = [0.5, 0.75, 1.0]
