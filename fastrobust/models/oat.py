@@ -223,8 +223,10 @@ class _Conditioned(nn.Module):
         return self._widest if width is None else width
 
     @property
-    def _state(self) -> dict[FiLM, tuple[Tensor, Tensor]] | None:
-        """The FiLM γ, β of this thread's `conditioned`, or None."""
+    def _state(self) -> dict | None:
+        """This thread's `conditioned` state, or None: ``{"films": {FiLM: (γ, β)} at the
+        width it was entered at, "cond": (codes, index, grad)}`` (the codes serve a FiLM
+        used at another width)."""
         return _thread_value(self, "state")
 
     @property
