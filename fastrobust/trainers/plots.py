@@ -10,7 +10,7 @@ __all__ = ["plot_tradeoff", "place_labels"]
 def _candidates(w: float, h: float, s: float):
     """Lower-left corners (pixels, relative to the marker) of a w×h label: beside the
     marker first, then on rings further out (s: pixels per point)."""
-    g = 5 * s  # clear of a marker's edge (markers are up to 9 points wide)
+    g = 7 * s  # clear of a marker's edge (markers are up to 9 points wide)
     yield from [(g, -h / 2), (g, g), (g, -h - g), (-w - g, -h / 2), (-w / 2, 1.5 * g),
                 (-w / 2, -h - 1.5 * g), (-w - g, g), (-w - g, -h - g)]
     for ring in range(1, 16):
@@ -24,7 +24,8 @@ def place_labels(ax, points, texts, fontsize=7, color=None, avoid=()) -> list:
     """Annotates each of ``points`` (data coordinates) with its text at the first place
     where its box lies inside the axes and overlaps neither a label placed before, nor a
     marker, nor an artist of ``avoid`` (e.g. the legend); labels away from their point get a
-    leader line. Call it once the figure's layout is final. Returns the annotations."""
+    leader line. ``color``: one color, or one per point. Call it once the figure's layout is
+    final. Returns the annotations."""
     fig = ax.figure
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
@@ -41,11 +42,12 @@ def place_labels(ax, points, texts, fontsize=7, color=None, avoid=()) -> list:
         if any(x0 < b[2] + gap and b[0] < x1 + gap and y0 < b[3] + gap and b[1] < y1 + gap
                for b in taken):
             return False
-        return not any(x0 - 4 * s <= mx <= x1 + 4 * s and y0 - 4 * s <= my <= y1 + 4 * s
+        return not any(x0 - 6 * s <= mx <= x1 + 6 * s and y0 - 6 * s <= my <= y1 + 6 * s
                        for mx, my in markers)
 
     out = []
-    for (x, y), (mx, my), text in zip(points, markers, texts):
+    colors = color if isinstance(color, (list, tuple)) else [color] * len(points)
+    for (x, y), (mx, my), text, color in zip(points, markers, texts, colors):
         probe = ax.text(0, 0, text, fontsize=fontsize)
         ext = probe.get_window_extent(renderer)
         probe.remove()
@@ -75,7 +77,7 @@ def plot_tradeoff(path: str, curves: dict[str, list[dict]], title: str,
     import matplotlib.pyplot as plt
 
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 5))
-    points, texts = [], []
+    points, texts, colors = [], [], []
     for label, rows in curves.items():
         rows = sorted(rows, key=lambda r: r["lambda"])
         line, = ax.plot([r["RA"] * 100 for r in rows], [r["SA"] * 100 for r in rows], "-",
@@ -85,6 +87,7 @@ def plot_tradeoff(path: str, curves: dict[str, list[dict]], title: str,
                     color=line.get_color(), markersize=6 if r["seen"] else 9)
             points.append((r["RA"] * 100, r["SA"] * 100))
             texts.append(f"{r['lambda']:g}")
+            colors.append(line.get_color())
         lams = [r["lambda"] for r in rows]
         ax2.plot(lams, [r["SA"] * 100 for r in rows], "o-", color=line.get_color(),
                  label=f"SA {label}")
@@ -97,6 +100,7 @@ def plot_tradeoff(path: str, curves: dict[str, list[dict]], title: str,
         for r in rows:
             points.append((r["RA"] * 100, r["SA"] * 100))
             texts.append(f"{label.split()[0]} λ={r['lambda']:g}")
+            colors.append("black")
         ax2.plot([r["lambda"] for r in rows], [r["SA"] * 100 for r in rows], "ks",
                  markerfacecolor="none", label=f"SA {label}")
         ax2.plot([r["lambda"] for r in rows], [r["RA"] * 100 for r in rows], "kD",
@@ -114,7 +118,7 @@ def plot_tradeoff(path: str, curves: dict[str, list[dict]], title: str,
     ax2.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    place_labels(ax, points, texts, avoid=[legend])
+    place_labels(ax, points, texts, color=colors, avoid=[legend])
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
