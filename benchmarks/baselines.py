@@ -142,6 +142,8 @@ def _oat_dual_bn_f(x: Tensor, n_clean: int, bn, training: bool) -> Tensor:
 def _eager_film(film, h: Tensor, codes: Tensor) -> Tensor:
     """OAT's FiLM layer: the MLP runs on the per-sample λ codes in every forward."""
     g = film.mlp(codes)
+    if film.activation == "leaky_relu":  # the repository's γ = leaky_relu(μ), β = leaky_relu(σ)
+        g = nn.functional.leaky_relu(g, film.negative_slope)
     c = film.num_features
     return h * g[:, :c, None, None] + g[:, c:, None, None]
 
@@ -152,7 +154,10 @@ def eager_oat_forward(model, x: Tensor, codes: Tensor, n_clean: int) -> Tensor:
     the per-sample codes at every call, FiLM and ReLU as separate passes."""
     tr = model.training
     relu = torch.relu
-    out = relu(_oat_dual_bn_f(model.conv1(x), n_clean, model.bn1, tr))
+    out = _oat_dual_bn_f(model.conv1(x), n_clean, model.bn1, tr)
+    if getattr(model, "film1", None) is not None:  # the official variant's stem FiLM
+        out = _eager_film(model.film1, out, codes)
+    out = relu(out)
     for blk in model.layers:
         o = _eager_film(blk.film1, _oat_dual_bn_f(blk.conv1(out), n_clean, blk.bn1, tr), codes)
         o = relu(o)

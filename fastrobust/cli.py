@@ -1,9 +1,12 @@
 """The `fastrobust` command line.
 
-    fastrobust demo                 OAT on the embedded digits data, then the λ table and plot
+    fastrobust demo                 OAT on the embedded digits data beside dedicated models at
+                                    λ = 0 and 1, then the λ table and plot
     fastrobust train oat [...]      train OAT (options: fastrobust train oat --help)
     fastrobust train oats [...]     train OATS (OAT with slimmable widths)
     fastrobust eval RUN/last.pt     λ sweep of a trained checkpoint: SA, RA, JSON, plot
+    fastrobust eval --from-oat-repo latest.pth --encoding-matrix rand_otho_mat.npy
+                                    the same for a checkpoint of the OAT repository
     fastrobust info                 versions, and the backend serving each op
     fastrobust speed                dual BN against the OAT-style eager form, timed
 """
@@ -13,22 +16,10 @@ import argparse
 import os
 import platform
 import shlex
-import statistics
 import sys
 import time
 
 import torch
-
-
-def _median_ms(fn, steps: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
 
 
 def info(_args=None) -> int:
@@ -50,90 +41,11 @@ def info(_args=None) -> int:
     return 0
 
 
-def speed(args) -> int:
-    """Converts a small ResNet to dual BN, trains it a few steps on clean and perturbed halves of
-    a batch, and compares the step time with the OAT-style eager dual BN."""
-    from fastrobust._oat_eager import oat_dual_bn, to_eager_dual_bn
-    from fastrobust.models import resnet18
-    from fastrobust.nn import DualBatchNorm2d, MultiBatchNorm2d, convert_multi_bn, routing
+def _speed(args) -> int:
+    from fastrobust._speed import speed
 
-    torch.manual_seed(0)
     info()
-    B, width = args.batch, args.width
-    print(f"\n1. A CIFAR ResNet-18 (width {width}) with nn.BatchNorm2d, converted to dual BN")
-    model = resnet18(width=width)
-    n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
-    model = convert_multi_bn(model, num_branches=2)
-    n_dual = sum(isinstance(m, MultiBatchNorm2d) for m in model.modules())
-    print(f"   {n_bn} nn.BatchNorm2d -> {n_dual} MultiBatchNorm2d (2 branches: clean, adv)")
-
-    # Clean images and a perturbed copy (a stand-in for adversarial examples: ±8/255 noise).
-    x = torch.rand(B, 3, 32, 32)
-    y = torch.randint(0, 10, (B,))
-    x_adv = (x + 8 / 255 * torch.randn_like(x).sign()).clamp(0, 1)
-    batch = torch.cat([x, x_adv])
-    branch = torch.cat([torch.full((B,), DualBatchNorm2d.CLEAN),
-                        torch.full((B,), DualBatchNorm2d.ADV)])
-    target = torch.cat([y, y])
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-
-    def fused_step():
-        with routing(model, branch=branch):
-            loss = torch.nn.functional.cross_entropy(model(batch), target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss
-
-    print(f"\n2. Training steps on a batch of {B} clean + {B} perturbed 32x32 images")
-    for step in range(args.steps):
-        loss = fused_step()
-        print(f"   step {step + 1}/{args.steps}  loss {loss.item():.4f}")
-    bn = model.bn1
-    gap = (bn.running_var[1] - bn.running_var[0]).abs().mean().item()
-    print(f"   first BN: clean and adv branches keep their own statistics "
-          f"(mean |running_var gap| {gap:.2e}; counters {bn.num_batches_tracked.tolist()})")
-
-    print("\n3. Speed (median ms, this machine)")
-    eager = to_eager_dual_bn(resnet18(width=width))
-    for m in eager.modules():
-        if hasattr(m, "n_clean"):
-            m.n_clean = B
-    opt_e = torch.optim.SGD(eager.parameters(), lr=0.05, momentum=0.9)
-
-    def eager_step():
-        loss = torch.nn.functional.cross_entropy(eager(batch), target)
-        opt_e.zero_grad(set_to_none=True)
-        loss.backward()
-        opt_e.step()
-
-    rows = []
-    t_fused = _median_ms(fused_step, args.timing_steps)
-    t_eager = _median_ms(eager_step, args.timing_steps)
-    rows.append((f"ResNet-18 w{width} train step, batch {2 * B}", t_eager, t_fused))
-
-    N, C, H = 128, 64, 16
-    xb = torch.randn(N, C, H, H, requires_grad=True)
-    gy = torch.randn_like(xb)
-    br = torch.cat([torch.zeros(N // 2), torch.ones(N // 2)]).long()
-    bns = [torch.nn.BatchNorm2d(C), torch.nn.BatchNorm2d(C)]
-    dual = DualBatchNorm2d(C)
-
-    def bn_eager():
-        xb.grad = None
-        oat_dual_bn(xb, N // 2, *bns).backward(gy)
-
-    def bn_fused():
-        xb.grad = None
-        dual(xb, branch=br).backward(gy)
-
-    rows.append((f"dual BN fwd+bwd, {N}x{C}x{H}x{H}", _median_ms(bn_eager, 20),
-                 _median_ms(bn_fused, 20)))
-    print(f"   {'':<40}{'OAT-style eager':>16}{'fastrobust':>12}{'speedup':>9}")
-    for name, te, tf in rows:
-        print(f"   {name:<40}{te:>16.2f}{tf:>12.2f}{te / tf:>8.2f}x")
-    print("\n   (the ResNet step is dominated by convolutions; the BN row isolates the op)")
-    return 0
+    return speed(args)
 
 
 def _bars() -> bool:
@@ -297,8 +209,9 @@ def train(args) -> int:
     return _train(
         args, cfg, lambda say: OATTrainer(cfg, resume=args.resume, progress=_bars()),
         f"{cfg.method.upper()} on {cfg.dataset}: {cfg.arch}{widths}, {cfg.epochs} epochs, "
-        f"PGD-{cfg.steps} (eps {cfg.eps:.4g}, alpha {cfg.alpha:.4g}), lambdas "
-        f"{list(cfg.lambdas)}{' (continuous)' if cfg.continuous else ''}; checkpoints in "
+        f"PGD-{cfg.steps} (eps {cfg.eps:.4g}, alpha {cfg.step_size():.4g}), lambdas "
+        f"{list(cfg.lambdas)}{' (continuous)' if cfg.continuous else f' ({cfg.sampling})'}, "
+        f"{cfg.variant} model; checkpoints in "
         f"{cfg.out}", lambda t: f"resumed after epoch {t.epoch}", evaluate)
 
 
@@ -311,6 +224,18 @@ def evaluate_checkpoint(args) -> int:
     p = args.parser
     if args.steps is not None and args.steps < 0:
         p.error(f"--steps must be >= 0, got {args.steps}")
+    if args.from_oat_repo is not None:
+        if args.checkpoint is not None:
+            p.error(f"give either CHECKPOINT ({args.checkpoint}) or --from-oat-repo, not both")
+        from fastrobust._oat_repo_cli import evaluate_oat_repo
+
+        return evaluate_oat_repo(args, report_progress=_bars())
+    repo_only = [f for f in ("encoding_matrix", "arch", "lambda_choices", "dataset",
+                             "data_root", "eps") if getattr(args, f) is not None]
+    if repo_only:
+        p.error(f"{_flag(p, repo_only[0])} goes with --from-oat-repo")
+    if args.checkpoint is None:
+        p.error("give a CHECKPOINT (or --from-oat-repo CKPT --encoding-matrix NPY)")
     if args.lambdas is not None and not all(0 <= v <= 1 for v in args.lambdas):
         p.error(f"--lambdas must lie in [0, 1], got {args.lambdas}")
     path = args.checkpoint
@@ -340,39 +265,19 @@ def evaluate_checkpoint(args) -> int:
 
 
 def demo(args) -> int:
-    """OAT on scikit-learn's digits: a small OAT ResNet-18 trained for a few minutes on this
-    CPU, then SA and RA at seen and unseen λ, results.json and the trade-off plot."""
-    from fastrobust.trainers.oat import OATConfig, OATTrainer, report, sweep
-
+    from fastrobust.demo import run_demo
     from fastrobust.trainers.common import ConfigError
+    from fastrobust.trainers.oat import OATConfig
 
-    t0 = time.perf_counter()
     cfg = OATConfig(dataset="digits", arch="resnet18", width=args.width, epochs=args.epochs,
-                    batch_size=64, lr=0.05, eps=args.eps, alpha=args.eps / 4, steps=7,
-                    out=args.out, seed=args.seed, eval_steps=7)
+                    batch_size=64, lr=0.05, eps=args.eps, steps=7, out=args.out,
+                    seed=args.seed, eval_steps=7)
     try:
         cfg.validate()
     except ConfigError as e:
         args.parser.error(f"{_flag(args.parser, e.field)} {e.message}")
     info()
-    print(f"\nOAT on scikit-learn's digits (8x8, 1,437 train / 360 test images): ResNet-18 "
-          f"of width {cfg.width} with dual BN and FiLM, {cfg.epochs} epochs, PGD-7 with "
-          f"eps {cfg.eps:g} (pixels in [0, 1]), lambdas {list(cfg.lambdas)}\n")
-    trainer = OATTrainer(cfg, progress=_bars())
-    trainer.fit()
-    print(f"\ntraining took {time.perf_counter() - t0:.0f} s; evaluating every lambda "
-          f"(PGD-{cfg.eval_steps})\n")
-    rows = sweep(trainer.model.eval(), trainer.data.test, cfg, progress=_bars())
-    report({"": rows}, cfg, cfg.out, "OAT demo: ResNet-18 on digits")
-    by = {r["lambda"]: r for r in rows}
-    lo, hi = by[0.0], by[1.0]
-    shown = lo["SA"] > hi["SA"] and hi["RA"] > lo["RA"]
-    verdict = ("one model, both ends of the trade-off" if shown
-               else "no clear trade-off in this run (try more --epochs)")
-    print(f"\nlambda=0: SA {100 * lo['SA']:.1f}%, RA {100 * lo['RA']:.1f}%;  lambda=1: "
-          f"SA {100 * hi['SA']:.1f}%, RA {100 * hi['RA']:.1f}%: {verdict} "
-          f"(total {time.perf_counter() - t0:.0f} s)")
-    return 0
+    return run_demo(cfg, dedicated=args.dedicated, progress=_bars())
 
 
 def train_afa(args) -> int:
@@ -515,10 +420,22 @@ def _add_oat_options(p):
     p.add_argument("--weight-decay", dest="weight_decay", type=float,
                    help=f"default {d.weight_decay}")
     p.add_argument("--eps", type=float, help="attack radius (default 8/255)")
-    p.add_argument("--alpha", type=float, help="attack step (default 2/255)")
+    p.add_argument("--alpha", type=float, help="attack step (default: the OAT repository's "
+                   "min(1.25 eps, eps + 4/255) / steps)")
     p.add_argument("--lambdas", type=float, nargs="+", help=f"default {list(d.lambdas)}")
     p.add_argument("--continuous", action="store_true", default=None,
                    help="sample lambda from U(0, 1) instead of the set")
+    p.add_argument("--sampling", choices=("official", "iid"),
+                   help="lambda per batch: official (the OAT repository's: ceil(B/|S|) zeros "
+                   "first, the rest uniform over the non-zero values; default) or iid "
+                   "(uniform over the set per sample)")
+    p.add_argument("--variant", choices=("official", "identity"),
+                   help="model: official (the repository's FiLM activation and init, a FiLM "
+                   "after the stem BN; default) or identity (identity-initialised raw FiLM, "
+                   "none at the stem)")
+    p.add_argument("--attack-loss", dest="attack_loss", choices=("ce_sum", "ce"),
+                   help="PGD's loss: the summed cross-entropy (the repository's; default) or "
+                   "its mean")
     p.add_argument("--encoding", choices=("ro", "dct", "none"), help="lambda encoding")
     p.add_argument("--dim", type=int, help=f"encoding dimension (default {d.dim})")
     p.add_argument("--single-bn", dest="dual_bn", action="store_false", default=None,
@@ -532,13 +449,17 @@ def main(argv=None) -> int:
 
     p_demo = sub.add_parser("demo", help="OAT on the embedded digits data (a few minutes), "
                             "then the lambda table and the trade-off plot")
-    p_demo.add_argument("--epochs", type=int, default=30, help="default 30")
+    p_demo.add_argument("--epochs", type=int, default=15,
+                        help="default 15, for OAT and for each dedicated model: the three "
+                        "cost about 2.2 OAT runs, within 5 minutes on a 2-core CPU")
     p_demo.add_argument("--width", type=int, default=16, help="ResNet width (default 16)")
     p_demo.add_argument("--eps", type=float, default=0.3,
                         help="attack radius on the [0, 1] pixels (default 0.3; the digits' "
                         "17 grey levels make 8/255 a non-attack)")
     p_demo.add_argument("--seed", type=int, default=0)
     p_demo.add_argument("--out", default="runs/demo", help="default runs/demo")
+    p_demo.add_argument("--no-dedicated", dest="dedicated", action="store_false",
+                        help="skip the dedicated models at lambda 0 and 1 (OAT's baselines)")
     p_demo.set_defaults(fn=demo, parser=p_demo)
 
     from fastrobust.trainers.registry import METHODS
@@ -551,13 +472,29 @@ def main(argv=None) -> int:
         p_m.set_defaults(fn=m.resolve(m.run), parser=p_m, kinds=m.kinds)
 
     p_eval = sub.add_parser("eval", help="lambda sweep of a checkpoint (SA, RA, JSON, plot)")
-    p_eval.add_argument("checkpoint", help="a trainer checkpoint, e.g. runs/oat/last.pt, or a "
-                        "run directory (its last.pt)")
+    p_eval.add_argument("checkpoint", nargs="?", help="a trainer checkpoint, e.g. "
+                        "runs/oat/last.pt, or a run directory (its last.pt)")
     p_eval.add_argument("--steps", type=int, help="PGD steps (default: the run's eval_steps)")
     p_eval.add_argument("--lambdas", type=float, nargs="+",
                         help="lambda values (default: the training set and unseen ones)")
     p_eval.add_argument("--device", default="cpu")
     p_eval.add_argument("--out", help="where to write results (default: beside the checkpoint)")
+    from fastrobust.models import OAT_REPO_ARCHS
+
+    g = p_eval.add_argument_group("a checkpoint of the OAT repository (instead of CHECKPOINT)")
+    g.add_argument("--from-oat-repo", dest="from_oat_repo", metavar="CKPT",
+                   help="its OAT.py checkpoint (latest.pth, best_*.pth)")
+    g.add_argument("--encoding-matrix", dest="encoding_matrix", metavar="NPY",
+                   help="its rand_otho_mat.npy (row j codes the j-th --lambda-choices value)")
+    g.add_argument("--arch", choices=OAT_REPO_ARCHS, help="checked against the checkpoint "
+                   "(default: read from its keys)")
+    g.add_argument("--lambda-choices", dest="lambda_choices", type=float, nargs="+",
+                   help="the run's --lambda_choices, in its order (default 0 .1 .2 .3 .4 1)")
+    g.add_argument("--dataset", choices=("digits", "cifar10", "svhn"),
+                   help="test data (default: cifar10 for the ResNets, svhn for WRN16_8OAT)")
+    g.add_argument("--data-root", dest="data_root", help="directory with the data set's files")
+    g.add_argument("--eps", type=float, help="attack radius (default 8/255); the step is the "
+                   "repository's min(1.25 eps, eps + 4/255) / steps")
     p_eval.set_defaults(fn=evaluate_checkpoint, parser=p_eval)
 
     p_info = sub.add_parser("info", help="versions and the backend chosen for each op and device")
@@ -573,7 +510,7 @@ def main(argv=None) -> int:
                          help="training steps shown (default 5)")
     p_speed.add_argument("--timing-steps", type=_at_least(1), default=10,
                          help="steps timed (default 10)")
-    p_speed.set_defaults(fn=speed)
+    p_speed.set_defaults(fn=_speed)
 
     args = parser.parse_args(argv)
     try:

@@ -25,14 +25,19 @@ def test_resnet_shapes_and_parameter_count():
     m = oat_resnet18(10, width, in_channels=3, dim=dim)
     assert m(torch.rand(4, 3, 32, 32), torch.tensor([0.0, 0.1, 0.4, 1.0])).shape == (4, 10)
     # = the plain ResNet-18 + a second copy of every BN's affine + one FiLM MLP per block BN
+    # and one after the stem BN (the OAT repository's conv → BN → FiLM → ReLU)
     plain = resnet18(10, width)
     bn = sum(2 * b.num_features for b in plain.modules() if isinstance(b, nn.BatchNorm2d))
     block_bns = [b.num_features for name, b in plain.named_modules()
                  if isinstance(b, nn.BatchNorm2d) and name.split(".")[-1] in ("bn1", "bn2")
                  and name.startswith("layers")]
-    film = sum(dim * 2 * c + 2 * c + 2 * c * 2 * c + 2 * c for c in block_bns)
+    film = sum(dim * 2 * c + 2 * c + 2 * c * 2 * c + 2 * c for c in block_bns + [width])
     assert len(block_bns) == 16
     assert nparams(m) == nparams(plain) + bn + film
+    # the pre-issue-38 variant: no stem FiLM
+    old = oat_resnet18(10, width, in_channels=3, dim=dim, variant="identity")
+    assert old.film1 is None and nparams(old) == nparams(m) - (dim * 2 * width + 2 * width
+                                                               + 4 * width ** 2 + 2 * width)
     assert oat_resnet34(10, 8)(torch.rand(2, 3, 32, 32), 0.2).shape == (2, 10)
 
 
@@ -49,6 +54,124 @@ def test_wide_resnet_shapes():
 def test_needs_lambda():
     with pytest.raises(RuntimeError, match="needs λ"):
         oat_resnet18(10, 8)(torch.rand(2, 3, 8, 8))
+
+
+# --- the OAT repository's architecture (issue 38) -----------------------------------------
+
+def test_film_is_the_repositorys_by_default():
+    """γ = leaky_relu(μ), β = leaky_relu(σ) of the MLP's output halves, nn.Linear's init (no
+    identity init); the identity variant keeps the raw halves and γ = 1, β = 0 at init."""
+    torch.manual_seed(0)
+    film = FiLM(5, cond_dim=7)
+    cond = torch.randn(4, 7)
+    out = film.mlp(cond)
+    g, b = film.gamma_beta(cond)
+    torch.testing.assert_close(g, nn.functional.leaky_relu(out[:, :5]))
+    torch.testing.assert_close(b, nn.functional.leaky_relu(out[:, 5:]))
+    assert (out < 0).any() and (g != out[:, :5]).any()  # the activation did something
+    assert not torch.allclose(g, torch.ones_like(g))  # not an identity at init
+    ident = oat_resnet18(10, 8, variant="identity")
+    gi, bi = ident.layers[0].film1.gamma_beta(cond.new_ones(3, 128))
+    assert torch.equal(gi, torch.ones(3, 8)) and torch.equal(bi, torch.zeros(3, 8))
+    with pytest.raises(ValueError, match="variant must be one of"):
+        oat_resnet18(10, 8, variant="paper")
+
+
+def test_stem_film_is_fused_into_the_stem_bn():
+    """conv → BN → FiLM → ReLU at the stem is one fused BN call with the FiLM's γ, β."""
+    from fastrobust import functional as FF
+
+    m = oat_resnet18(10, 8).train()
+    lam = torch.tensor([0.0, 0.0, 0.2, 1.0])
+    x = torch.rand(4, 3, 8, 8)
+    calls = []
+    m.bn1.register_forward_hook(lambda mod, i, o: calls.append(o))
+    m(x, lam)
+    codes = m.encoding(lam)
+    g, b = m.film1.gamma_beta(codes)
+    bn = m.bn1
+    h = m.conv1(x)
+    rm, rv = bn.running_mean.clone(), bn.running_var.clone()
+    want = torch.relu(FF.multi_batch_norm(h, (lam != 0).long(), bn.weight, bn.bias, rm, rv,
+                                          training=True, momentum=0.1, eps=1e-5)
+                      * g[:, :, None, None] + b[:, :, None, None])
+    torch.testing.assert_close(calls[0], want, rtol=1e-5, atol=1e-5)
+
+
+def test_oats_film_runs_each_widths_sub_mlp():
+    """At width w a FiLM of C channels runs the first 2·C_w hidden units and outputs of its
+    MLP (the repository's slimmable FiLM), not a slice of the full-width γ, β; the identity
+    variant slices."""
+    from fastrobust.models import oats_resnet18
+
+    m = oats_resnet18(10, 8, in_channels=1)
+    film = m.layers[0].film1
+    lam = torch.tensor([0.0, 0.3])
+    codes = m.encoding(lam)
+    with m.at_width(0.5), m.conditioned(lam):
+        args = m.film_args(film, 4)
+    first, _, last = film.mlp
+    h = nn.functional.leaky_relu(codes @ first.weight[:8].T + first.bias[:8])
+    out = nn.functional.leaky_relu(h @ last.weight[:8, :8].T + last.bias[:8])
+    torch.testing.assert_close(args["film_gamma"], out[:, :4])
+    torch.testing.assert_close(args["film_beta"], out[:, 4:])
+    with m.conditioned(lam), m.at_width(0.5):  # conditioned first: computed on demand
+        late = m.film_args(film, 4)
+    torch.testing.assert_close(late["film_beta"], out[:, 4:])
+    ident = oats_resnet18(10, 8, in_channels=1, variant="identity")
+    with ident.at_width(0.5), ident.conditioned(lam):
+        sliced = ident.film_args(ident.layers[0].film1, 4)
+    full = ident.layers[0].film1.gamma_beta(ident.encoding(lam))
+    torch.testing.assert_close(sliced["film_beta"], full[1][:, :4])
+
+
+def test_trainer_defaults_are_the_repositorys(tmp_path):
+    """PGD's α = min(1.25ε, ε + 4/255)/steps on the summed cross-entropy, and the encoding
+    matrix written beside the checkpoint as rand_otho_mat.npy (row j codes λ_j)."""
+    import numpy as np
+
+    from fastrobust.attacks.attacks import _ce_sum
+
+    cfg = OATConfig(eps=8 / 255, steps=7)
+    assert cfg.step_size() == pytest.approx(1.25 * 8 / 255 / 7)  # 1.43/255, not 2/255
+    assert OATConfig(eps=16 / 255, steps=10).step_size() == pytest.approx(20 / 255 / 10)
+    assert OATConfig(alpha=0.01).step_size() == 0.01
+    tr = OATTrainer(tiny_cfg(tmp_path, alpha=None, eps=0.3, steps=4), progress=False)
+    assert tr.attack.alpha == pytest.approx(min(0.375, 0.3 + 4 / 255) / 4)
+    assert tr.attack.loss is _ce_sum
+    mat = np.load(tmp_path / "rand_otho_mat.npy")
+    assert mat.shape == (128, 128)
+    np.testing.assert_allclose(mat @ mat.T, np.eye(128), atol=1e-5)
+    rows = torch.from_numpy(mat[:6]).float()
+    assert torch.equal(tr.model.encoding(torch.tensor(S1)), rows)
+
+
+def test_identity_variant_and_checkpoints_before_issue_38(tmp_path):
+    """The pre-issue-38 form trains by option; a checkpoint whose config predates the
+    variant option loads as that form."""
+    from fastrobust.trainers.oat import model_from_checkpoint
+
+    cfg = tiny_cfg(tmp_path, variant="identity", sampling="iid", attack_loss="ce", epochs=1)
+    tr = OATTrainer(cfg, progress=False)
+    tr.fit(log=lambda *a: None)
+    assert tr.model.film1 is None
+    ck = torch.load(tmp_path / "last.pt", weights_only=False)
+    for key in ("variant", "sampling", "attack_loss"):
+        del ck["config"][key]
+    torch.save(ck, tmp_path / "old.pt")
+    model, old_cfg, _ = model_from_checkpoint(str(tmp_path / "old.pt"))
+    assert old_cfg.variant == "identity" and model.film1 is None
+    with pytest.raises(Exception, match="variant"):
+        OATConfig(variant="paper").validate()
+
+
+def test_strict_encoding_refuses_unknown_lambdas():
+    enc = LambdaEncoding(S1, "ro", 16, strict=True)
+    enc(torch.tensor([0.0, 0.4]))
+    with pytest.raises(ValueError, match=r"λ 0.25 is not in this model's set"):
+        enc(torch.tensor([0.0, 0.25]))
+    with pytest.raises(ValueError, match="distinct"):
+        LambdaEncoding((0.0, 0.1, 0.1))
 
 
 # --- λ encoding ---------------------------------------------------------------------------
@@ -110,7 +233,7 @@ def test_film_computed_once_per_condition():
     lam = torch.tensor([0.1, 0.1, 1.0, 0.4])
     with m.conditioned(lam, grad=False):
         PGD(m, 0.1, 0.02, 5)(torch.rand(4, 3, 8, 8), torch.zeros(4, dtype=torch.long))
-    assert len(calls) == 16  # one MLP call per FiLM layer; the 5 steps reuse γ, β
+    assert len(calls) == 17  # one MLP call per FiLM layer; the 5 steps reuse γ, β
 
 
 def test_per_sample_film_matches_one_at_a_time():
@@ -140,7 +263,18 @@ def test_lambda_sampling():
     g = torch.Generator().manual_seed(0)
     lam = sample_lambdas(6000, OATConfig(), g)
     assert set(lam.tolist()) == set(torch.tensor(S1).tolist())
-    assert abs((lam == 0).float().mean() - 1 / 6) < 0.02
+    # the OAT repository's: ⌈B/|S|⌉ zeros, first; the rest uniform over the non-zero values
+    for n in (6000, 128, 7, 1):
+        lam = sample_lambdas(n, OATConfig(), g)
+        zeros = math.ceil(n / 6)
+        assert (lam[:zeros] == 0).all() and (lam[zeros:] != 0).all()
+    lam = sample_lambdas(6000, OATConfig(), g)[1000:]
+    for v in S1[1:]:
+        assert abs((lam == v).float().mean() - 1 / 5) < 0.02
+    iid = sample_lambdas(6000, OATConfig(sampling="iid"), g)  # uniform over the set, anywhere
+    assert abs((iid == 0).float().mean() - 1 / 6) < 0.02 and (iid[:1000] != 0).any()
+    assert torch.equal(sample_lambdas(64, OATConfig(), torch.Generator().manual_seed(3)),
+                       sample_lambdas(64, OATConfig(), torch.Generator().manual_seed(3)))
     cont = sample_lambdas(6000, OATConfig(continuous=True), g)
     assert (cont == 0).any() and len(set(cont.tolist())) > 4000
 

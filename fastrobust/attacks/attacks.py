@@ -37,6 +37,12 @@ def cw_loss(logits: Tensor, y: Tensor, kappa: float = 0.0) -> Tensor:
     return -(true - other).clamp(min=-kappa).mean()
 
 
+def _ce_sum(logits: Tensor, y: Tensor) -> Tensor:
+    """The cross-entropy summed over the batch (the OAT repository's attack loss: its sign
+    steps equal the mean's, but no sample's gradient is divided by N before the sign)."""
+    return F.cross_entropy(logits, y, reduction="sum")
+
+
 # Modules and parameters held by the eval_mode / frozen_parameters bodies running now, in any
 # thread: {object: [number of bodies holding it, its own flag before the first one]}.
 _HELD_LOCK = threading.Lock()
@@ -130,9 +136,10 @@ class Attack:
             raise ValueError(f"memory_format must be None or a torch.memory_format, "
                              f"got {memory_format!r}")
         if isinstance(loss, str):
-            if loss not in ("ce", "cw"):
-                raise ValueError(f"loss must be 'ce', 'cw' or a callable, got {loss!r}")
-            loss = {"ce": F.cross_entropy, "cw": cw_loss}[loss]
+            if loss not in ("ce", "ce_sum", "cw"):
+                raise ValueError(f"loss must be 'ce', 'ce_sum', 'cw' or a callable, got "
+                                 f"{loss!r}")
+            loss = {"ce": F.cross_entropy, "ce_sum": _ce_sum, "cw": cw_loss}[loss]
         self.model, self.eps, self.alpha, self.steps = model, eps, alpha, int(steps)
         self.random_start, self.norm, self.loss = random_start, norm, loss
         self.clip_min, self.clip_max = float(clip_min), float(clip_max)
@@ -209,7 +216,8 @@ class Attack:
 class PGD(Attack):
     """Projected gradient descent (Madry et al.), torchattacks' ``PGD`` / ``PGDL2``:
     ``PGD(model, eps=8/255, alpha=2/255, steps=10, random_start=True, norm="linf",
-    loss="ce")``; ``loss="cw"`` gives CW∞ (PGD on the margin loss). Each step is one fused
+    loss="ce")``; ``loss="cw"`` gives CW∞ (PGD on the margin loss), ``loss="ce_sum"`` the
+    summed cross-entropy (the OAT repository's attack loss). Each step is one fused
     in-place kernel. On CUDA inputs (``cuda_graph=None``, the default, or True) the first
     step runs eagerly, the second is captured in a CUDA graph, and the graph is replayed for
     every step after the first: the host issues one replay per step instead of the model's

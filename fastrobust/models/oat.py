@@ -12,16 +12,19 @@ model each run with the λ and width of their own ``conditioned`` / ``at_width``
 
 OATS (``width_mults=(0.5, 0.75, 1.0)``): the same network, slimmable: every conv and the
 classifier use the first ``round(w·C)`` channels of their weights at width ``w``, each width
-has its own dual BNs (switchable BN), the FiLM MLPs are shared and their γ, β sliced.
+has its own dual BNs (switchable BN), the FiLM MLPs are shared: at width ``w`` each runs its
+slimmable sub-MLP (the repository's form; the "identity" variant slices the full γ, β).
 
     model = oats_resnet34(width_mults=(0.5, 0.75, 1.0))
     with model.at_width(0.5), model.conditioned(lam):
         logits = model(x)
 
-The encoding of λ (OAT's appendix E): the n-th value of the training set of λs maps to the n-th
-column of a random orthogonal (default, 128-d) or DCT matrix, or λ itself ("none"); a value
-between two of the set's values gets the linear interpolation of their codes. The matrix is a
-buffer, so it travels in the state dict.
+The encoding of λ (OAT's appendix E): the j-th value of the training set of λs maps to row j of
+a random orthogonal matrix (default, 128-d: the repository's ``rand_otho_mat.npy``), to the
+j-th orthonormal DCT-II basis vector, or to λ itself ("none"); a value between two of the
+set's values gets the linear interpolation of their codes. The codes are a buffer, so they
+travel in the state dict. `from_oat_repo` (models/oat_repo.py) loads the repository's own
+checkpoints into these classes.
 """
 from __future__ import annotations
 
@@ -37,10 +40,15 @@ from ..functional import add_relu
 from ..nn import FiLM, MultiBatchNorm2d, routing
 
 __all__ = ["S1", "LambdaEncoding", "OATResNet", "OATWideResNet", "oat_resnet18",
-           "oat_resnet34", "oat_wrn16_8", "oat_wrn28_10", "oats_resnet18", "oats_resnet34",
+           "oat_resnet34", "oat_wrn16_8", "oat_wrn28_10", "oat_wrn40_2", "VARIANTS", "oats_resnet18", "oats_resnet34",
            "SlimConv2d", "SlimLinear", "SwitchableBN"]
 
 S1 = (0.0, 0.1, 0.2, 0.3, 0.4, 1.0)  # OAT's default training set of λ values
+# "official": the OAT repository's architecture (FiLM γ, β through a leaky ReLU, nn.Linear's
+# initialisation, a FiLM after the stem BN of the ResNets, OATS's slimmable FiLM MLPs);
+# "identity": fastrobust's variant before issue 38 (raw γ, β with an identity initialisation,
+# no stem FiLM, OATS's γ, β sliced from the full-width MLP)
+VARIANTS = ("official", "identity")
 
 # What `conditioned` and `at_width` set, per thread: {(model, "state" | "width"): value}.
 _THREAD = threading.local()
@@ -70,44 +78,81 @@ def _set_thread_value(model, name: str, value):
 
 class LambdaEncoding(nn.Module):
     """λ → code: ``kind`` "ro" (random orthogonal, seeded), "dct" (orthonormal DCT-II) or
-    "none" (the scalar itself, dim 1). ``forward(lam [N]) -> [N, dim]``."""
+    "none" (the scalar itself, dim 1). ``forward(lam [N]) -> [N, dim]``.
 
-    def __init__(self, lambdas=S1, kind: str = "ro", dim: int = 128, seed: int = 0):
+    "ro" is the OAT repository's encoding: ``lambdas[j]`` is coded by row j of an orthogonal
+    ``dim × dim`` matrix (the Q of a QR of a seeded Gaussian matrix; the repository saves it as
+    ``rand_otho_mat.npy``, and ``matrix`` holds it here). ``matrix``: that matrix given (an
+    ``[R, dim]`` array with R ≥ len(lambdas), e.g. a checkpoint's own), used instead of the
+    seeded one. ``strict``: a λ outside the set is an error instead of the interpolation of
+    its neighbours' codes (the repository's models know the set only)."""
+
+    def __init__(self, lambdas=S1, kind: str = "ro", dim: int = 128, seed: int = 0,
+                 matrix=None, strict: bool = False):
         super().__init__()
         if kind not in ("ro", "dct", "none"):
             raise ValueError(f"encoding must be 'ro', 'dct' or 'none', got {kind!r}")
-        values = torch.tensor(sorted(set(float(v) for v in lambdas)), dtype=torch.float32)
-        if len(values) == 0:
+        given = [float(v) for v in lambdas]
+        if len(given) == 0:
             raise ValueError("the set of λ values is empty")
-        if kind == "none":
+        if len(set(given)) != len(given):
+            raise ValueError(f"the λ values must be distinct, got {given}")
+        mat = None
+        if matrix is not None:
+            mat = torch.as_tensor(matrix).detach().to("cpu", torch.float64)
+            if kind != "ro" or mat.dim() != 2 or mat.shape[0] < len(given):
+                raise ValueError(f"matrix must be a 2-d array with a row for each of the "
+                                 f"{len(given)} λ values (kind 'ro'), got shape "
+                                 f"{tuple(mat.shape)}")
+            dim = mat.shape[1]
+        elif kind == "none":
             dim = 1
-            codes = values[:, None].clone()
         else:
-            if len(values) > dim:
-                raise ValueError(f"{len(values)} λ values need an encoding of at least that "
+            if len(given) > dim:
+                raise ValueError(f"{len(given)} λ values need an encoding of at least that "
                                  f"dimension, got dim={dim}")
             if kind == "ro":
                 g = torch.Generator().manual_seed(seed)
-                q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=torch.float64))
-                mat = q
+                mat, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=torch.float64))
             else:
                 n = torch.arange(dim, dtype=torch.float64)
-                mat = torch.cos(math.pi / dim * (n[None, :] + 0.5) * n[:, None])  # [k, n]
-                mat[0] *= math.sqrt(1 / dim)
-                mat[1:] *= math.sqrt(2 / dim)
-            codes = mat[:, :len(values)].T.float().contiguous()  # column n → code of value n
-        self.kind, self.dim = kind, dim
-        self.register_buffer("values", values)
-        self.register_buffer("codes", codes)
+                dct = torch.cos(math.pi / dim * (n[None, :] + 0.5) * n[:, None])  # [k, n]
+                dct[0] *= math.sqrt(1 / dim)
+                dct[1:] *= math.sqrt(2 / dim)
+                mat = dct.T  # row n: the n-th basis vector's samples (column n of DCT-II)
+        if kind == "none":
+            codes = torch.tensor(given)[:, None]
+        else:
+            codes = mat[:len(given)].float()  # row j → code of lambdas[j]
+        order = sorted(range(len(given)), key=given.__getitem__)
+        self.kind, self.dim, self.strict = kind, dim, strict
+        self.rows = order  # the matrix row of each sorted value
+        self.register_buffer("values", torch.tensor([given[i] for i in order]))
+        self.register_buffer("codes", codes[order].contiguous())
+        # the full matrix, for saving as rand_otho_mat.npy; codes already travel in the
+        # state dict, so it is not persistent there
+        self.register_buffer("matrix", None if mat is None else mat.float(), persistent=False)
+
+    def matrix_codes_match(self) -> bool:
+        """Whether ``codes`` (loaded from a state dict) are still rows of ``matrix``."""
+        return self.matrix is not None and torch.equal(
+            self.codes, self.matrix[self.rows].to(self.codes.device, self.codes.dtype))
 
     def forward(self, lam: Tensor) -> Tensor:
         lam = lam.to(self.values.device, torch.float32)
         v = self.values
+        if self.strict:
+            known = (lam[:, None] - v[None, :]).abs().min(1).values <= 1e-6
+            if not bool(known.all()):
+                bad = sorted(set(lam[~known].tolist()))
+                raise ValueError(f"λ {', '.join(f'{b:g}' for b in bad)} is not in this "
+                                 f"model's set {[round(x, 6) for x in v.tolist()]}: it "
+                                 "encodes those values only")
         if len(v) == 1:
             return self.codes.expand(lam.shape[0], -1)
         hi = torch.searchsorted(v, lam.clamp(v[0], v[-1])).clamp(1, len(v) - 1)
         lo = hi - 1
-        w = ((lam - v[lo]) / (v[hi] - v[lo])).clamp(0, 1)[:, None]
+        w = ((lam - v[lo]) / (v[hi] - v[lo])).clamp(0, 1)[:, None].to(self.codes.dtype)
         return torch.lerp(self.codes[lo], self.codes[hi], w)
 
     def extra_repr(self) -> str:
@@ -160,9 +205,11 @@ class _Conditioned(nn.Module):
     the dual-BN routing for the calls inside `conditioned`."""
 
     def _setup(self, lambdas, encoding: str, dim: int, dual_bn: bool, seed: int,
-               width_mults=None):
+               width_mults=None, variant: str = "official"):
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         self.encoding = LambdaEncoding(lambdas, encoding, dim, seed)
-        self.dual_bn = dual_bn
+        self.dual_bn, self.variant = dual_bn, variant
         self.width_mults = tuple(sorted(width_mults)) if width_mults else None
         if self.width_mults and not all(0 < w <= 1 for w in self.width_mults):
             raise ValueError(f"width multipliers must lie in (0, 1], got {width_mults}")
@@ -176,8 +223,10 @@ class _Conditioned(nn.Module):
         return self._widest if width is None else width
 
     @property
-    def _state(self) -> dict[FiLM, tuple[Tensor, Tensor]] | None:
-        """The FiLM γ, β of this thread's `conditioned`, or None."""
+    def _state(self) -> dict | None:
+        """This thread's `conditioned` state, or None: ``{"films": {FiLM: (γ, β)} at the
+        width it was entered at, "cond": (codes, index, grad)}`` (the codes serve a FiLM
+        used at another width)."""
         return _thread_value(self, "state")
 
     @property
@@ -202,19 +251,28 @@ class _Conditioned(nn.Module):
         return SlimConv2d(self, *args, **kw) if self.width_mults else nn.Conv2d(*args, **kw)
 
     def _film(self, c: int) -> FiLM:
-        film = FiLM(c, self.encoding.dim)
+        identity = self.variant == "identity"
+        film = FiLM(c, self.encoding.dim, identity_init=identity,
+                    activation=None if identity else "leaky_relu")
         self._films.append(film)
         return film
 
     def film_args(self, film: FiLM, channels: int) -> dict:
         """The fused BN's FiLM arguments for a layer that has ``channels`` channels now (fewer
-        than the FiLM's at a smaller width: the first ones)."""
-        if self._state is None:
+        than the FiLM's at a smaller width: the official variant runs that width's slimmable
+        sub-MLP, the identity variant takes the first γ, β of the full one)."""
+        state = self._state
+        if state is None:
             raise RuntimeError(f"{type(self).__name__} needs λ: call model(x, lam) or run it "
                                "inside `with model.conditioned(lam):`")
-        gamma, beta = self._state[film]
-        if channels != film.num_features:
-            gamma, beta = gamma[..., :channels], beta[..., :channels]
+        gamma, beta = state["films"][film]
+        if channels != gamma.shape[-1]:
+            if self.variant == "official":  # conditioned at another width than this call's
+                codes, inv, grad = state["cond"]
+                with torch.set_grad_enabled(grad):
+                    gamma, beta = film.gamma_beta(codes, inv, channels)
+            else:
+                gamma, beta = gamma[..., :channels], beta[..., :channels]
         return {"film_gamma": gamma, "film_beta": beta}
 
     @contextlib.contextmanager
@@ -223,8 +281,10 @@ class _Conditioned(nn.Module):
         tensor; a CPU tensor's distinct values are encoded once and gathered per sample, with
         no device sync). Routes the dual BNs: λ = 0 → branch 0 (clean), else branch 1.
         ``grad=False`` computes γ, β without a graph (for attacks and evaluation)."""
-        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+        grad = grad and torch.is_grad_enabled()
+        with torch.set_grad_enabled(grad):
             state, branch = self._condition(lam)
+        state["cond"] = state["cond"] + (grad,)
         with _set_thread_value(self, "state", state), routing(self, branch=branch):
             yield self
 
@@ -241,12 +301,14 @@ class _Conditioned(nn.Module):
             value = float(lam)
             codes, inv = self.encoding(torch.tensor([value], device=device)), None
             branch = int(value != 0) if self.dual_bn else 0
-        state = {}
+        films = {}
         if inv is None and codes.shape[0] == 1:
             codes = codes[0]  # one condition for the whole batch: [C] γ, β
+        slim_width = self.width_mults is not None and self.variant == "official"
         for film in self._films:
-            state[film] = film.gamma_beta(codes, inv)
-        return state, branch
+            c = slim(film.num_features, self.width_mult) if slim_width else None
+            films[film] = film.gamma_beta(codes, inv, c)
+        return {"films": films, "cond": (codes, inv)}, branch
 
     def forward(self, x: Tensor, lam=None) -> Tensor:
         if lam is None:
@@ -283,17 +345,22 @@ class _OATBasicBlock(nn.Module):
 
 
 class OATResNet(_Conditioned):
-    """CIFAR ResNet (3×3 stem, four stages, global pooling) in OAT form. ``width`` scales
-    every stage (64: the standard model); ``dual_bn=False`` gives one shared BN (the
-    ablation); ``width_mults`` makes it OATS's slimmable network."""
+    """CIFAR ResNet (3×3 stem, four stages, global pooling) in OAT form: the OAT repository's
+    ResNet34OAT for ``blocks=(3, 4, 6, 3)``, its slimmable one with ``width_mults``. ``width``
+    scales every stage (64: the standard model); ``dual_bn=False`` gives one shared BN (the
+    ablation). ``variant``: "official" (the repository's FiLM, and a FiLM after the stem BN:
+    conv → BN → FiLM → ReLU) or "identity" (identity-initialised raw FiLM, none at the stem;
+    see `VARIANTS`)."""
 
     def __init__(self, blocks=(2, 2, 2, 2), num_classes: int = 10, width: int = 64,
                  in_channels: int = 3, lambdas=S1, encoding: str = "ro", dim: int = 128,
-                 dual_bn: bool = True, seed: int = 0, width_mults=None):
+                 dual_bn: bool = True, seed: int = 0, width_mults=None,
+                 variant: str = "official"):
         super().__init__()
-        self._setup(lambdas, encoding, dim, dual_bn, seed, width_mults)
+        self._setup(lambdas, encoding, dim, dual_bn, seed, width_mults, variant)
         self.conv1 = self._conv(in_channels, width, 3, 1, 1, bias=False)
         self.bn1 = self._bn(width)
+        self.film1 = self._film(width) if variant == "official" else None
         layers, in_planes = [], width
         for i, n in enumerate(blocks):
             planes = width * 2 ** i
@@ -305,7 +372,9 @@ class OATResNet(_Conditioned):
         self.fc = (SlimLinear if width_mults else nn.Linear)(in_planes, num_classes)
 
     def _forward(self, x: Tensor) -> Tensor:
-        out = self.layers(self.bn1(self.conv1(x), activation="relu"))
+        h = self.conv1(x)
+        film = {} if self.film1 is None else self.film_args(self.film1, h.shape[1])
+        out = self.layers(self.bn1(h, activation="relu", **film))
         return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
 
 
@@ -336,15 +405,18 @@ class _OATWideBlock(nn.Module):
 
 
 class OATWideResNet(_Conditioned):
-    """Wide-ResNet-depth-k (depth = 6n + 4) in OAT form; the final BN has no FiLM."""
+    """Wide-ResNet-depth-k (depth = 6n + 4) in OAT form (the OAT repository's WRN16_8OAT and
+    WRN40_2OAT, with ``drop`` 0.3); the final BN has no FiLM. ``variant`` as `OATResNet`'s
+    (this network has no stem BN)."""
 
     def __init__(self, depth: int = 16, widen: int = 8, num_classes: int = 10,
                  in_channels: int = 3, drop: float = 0.0, base: int = 16, lambdas=S1,
-                 encoding: str = "ro", dim: int = 128, dual_bn: bool = True, seed: int = 0):
+                 encoding: str = "ro", dim: int = 128, dual_bn: bool = True, seed: int = 0,
+                 variant: str = "official"):
         super().__init__()
         if depth < 10 or (depth - 4) % 6:
             raise ValueError(f"Wide-ResNet depth must be 6n + 4 with n >= 1, got {depth}")
-        self._setup(lambdas, encoding, dim, dual_bn, seed)
+        self._setup(lambdas, encoding, dim, dual_bn, seed, variant=variant)
         n = (depth - 4) // 6
         widths = [base, base * widen, 2 * base * widen, 4 * base * widen]
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
@@ -381,8 +453,14 @@ def oats_resnet34(num_classes: int = 10, width: int = 64, width_mults=(0.5, 0.75
     return OATResNet((3, 4, 6, 3), num_classes, width, width_mults=width_mults, **kw)
 
 
-def oat_wrn16_8(num_classes: int = 10, **kw) -> OATWideResNet:
-    return OATWideResNet(16, 8, num_classes, **kw)
+def oat_wrn16_8(num_classes: int = 10, drop: float = 0.3, **kw) -> OATWideResNet:
+    """The OAT repository's WRN16_8OAT (SVHN): dropout 0.3."""
+    return OATWideResNet(16, 8, num_classes, drop=drop, **kw)
+
+
+def oat_wrn40_2(num_classes: int = 10, drop: float = 0.3, **kw) -> OATWideResNet:
+    """The OAT repository's WRN40_2OAT (STL-10): dropout 0.3."""
+    return OATWideResNet(40, 2, num_classes, drop=drop, **kw)
 
 
 def oat_wrn28_10(num_classes: int = 10, **kw) -> OATWideResNet:

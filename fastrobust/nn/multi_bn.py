@@ -322,9 +322,10 @@ def routing(model: nn.Module, branch: Tensor | int | None = None, mix: Tensor | 
 
 
 class FiLM(nn.Module):
-    """Feature-wise linear modulation from a condition vector (OAT's form): a two-layer MLP
-    ``cond_dim → hidden → 2·C`` with a LeakyReLU between gives per-sample γ, β, and
-    ``film(x, cond)`` returns γ·x + β through the fused op.
+    """Feature-wise linear modulation from a condition vector, in the OAT repository's form: a
+    two-layer MLP ``cond_dim → hidden → 2·C`` with a LeakyReLU between, whose output halves
+    pass through a LeakyReLU too: γ = leaky_relu(μ), β = leaky_relu(σ) (``activation=None``
+    uses the raw halves). ``film(x, cond)`` returns γ·x + β through the fused op.
 
     After a batch norm, pass them to the BN instead, one pass for BN → FiLM → ReLU::
 
@@ -332,16 +333,20 @@ class FiLM(nn.Module):
         y = bn(x, branch=b, film_gamma=gamma, film_beta=beta, activation="relu")
 
     ``cond`` is ``[N, cond_dim]`` (per sample) or ``[cond_dim]`` (one condition for the batch).
-    With ``identity_init`` (default) the last layer starts at γ = 1, β = 0, so inserting FiLM
-    into a trained model changes nothing until it trains; ``hidden`` defaults to 2·C.
+    The layers start with ``nn.Linear``'s default initialisation (the repository's);
+    ``identity_init=True`` starts the last layer at γ = 1, β = 0 instead, so inserting FiLM
+    into a trained model changes nothing until it trains. ``hidden`` defaults to 2·C.
     """
 
     def __init__(self, num_features: int, cond_dim: int, hidden: int | None = None,
-                 negative_slope: float = 0.01, identity_init: bool = True, device=None,
-                 dtype=None):
+                 negative_slope: float = 0.01, identity_init: bool = False,
+                 activation: str | None = "leaky_relu", device=None, dtype=None):
         super().__init__()
+        if activation not in ("leaky_relu", None):
+            raise ValueError(f"activation must be 'leaky_relu' or None, got {activation!r}")
         kw = {"device": device, "dtype": dtype}
         self.num_features, self.cond_dim = num_features, cond_dim
+        self.activation, self.negative_slope = activation, negative_slope
         hidden = hidden or 2 * num_features
         self.mlp = nn.Sequential(nn.Linear(cond_dim, hidden, **kw),
                                  nn.LeakyReLU(negative_slope),
@@ -352,15 +357,30 @@ class FiLM(nn.Module):
                 self.mlp[2].bias.copy_(torch.cat([torch.ones(num_features),
                                                   torch.zeros(num_features)]))
 
-    def gamma_beta(self, cond: Tensor, index: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def gamma_beta(self, cond: Tensor, index: Tensor | None = None,
+                   channels: int | None = None) -> tuple[Tensor, Tensor]:
         """(γ, β), each ``[N, C]`` (or ``[C]`` for a ``[cond_dim]`` condition). ``index``
         (int64 ``[M]``): ``cond`` holds distinct conditions and sample m gets those of
         ``cond[index[m]]``; the MLP runs once per distinct condition and one gather serves γ
-        and β."""
+        and β. ``channels`` < C: the slimmable sub-MLP of a narrower width (OATS, as the
+        repository's slimmable FiLM): the first ``hidden·channels/C`` hidden units and the
+        first ``2·channels`` outputs, split in half."""
         if cond.shape[-1] != self.cond_dim:
             raise ValueError(f"FiLM expects a condition of size {self.cond_dim} in its last "
                              f"dimension, got {list(cond.shape)}")
-        out = self.mlp(cond)
+        c = self.num_features if channels is None else channels
+        if c == self.num_features:
+            out = self.mlp(cond)
+        else:
+            if not 0 < c < self.num_features:
+                raise ValueError(f"channels must be in [1, {self.num_features}], got {c}")
+            first, act, last = self.mlp
+            hidden = first.out_features * c // self.num_features
+            h = act(torch.nn.functional.linear(cond, first.weight[:hidden],
+                                               first.bias[:hidden]))
+            out = torch.nn.functional.linear(h, last.weight[:2 * c, :hidden], last.bias[:2 * c])
+        if self.activation == "leaky_relu":
+            out = torch.nn.functional.leaky_relu(out, self.negative_slope)
         if index is not None:
             # A gather whose backward is deterministic (#31): ``out[index]``'s backward is an
             # accumulating index_put_, which on the CPU adds rows with float atomics from
@@ -369,14 +389,15 @@ class FiLM(nn.Module):
             # backward sums each row's samples in index order on the CPU (on CUDA without
             # atomics either), and took 1.4-7x less time at OAT's shapes.
             out = torch.nn.functional.embedding(index, out)
-        return out[..., :self.num_features], out[..., self.num_features:]
+        return out[..., :c], out[..., c:]
 
     def forward(self, x: Tensor, cond: Tensor) -> Tensor:
         gamma, beta = self.gamma_beta(cond)
         return F.film(x, gamma, beta)
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, cond_dim={self.cond_dim}"
+        return (f"{self.num_features}, cond_dim={self.cond_dim}, "
+                f"activation={self.activation!r}")
 
 
 class ScaledConvBN(nn.Module):

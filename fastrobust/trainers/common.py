@@ -391,6 +391,7 @@ def resumed_config(cls, saved: dict, cfg, given: set[str]):
     """The run's configuration on --resume: the checkpoint's, with the options the user gave
     applied (the caller has checked that those are allowed)."""
     fields = cls.__dataclass_fields__
+    saved = getattr(cls, "upgrade_saved", dict)(dict(saved))  # an older version's defaults
     kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in saved.items() if k in fields}
     kw.update({k: getattr(cfg, k) for k in given if k in fields})
     return cls(**kw)
@@ -449,46 +450,6 @@ def format_table(rows: list[dict], columns: Iterable[tuple[str, str, str]]) -> s
     lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
-
-
-def plot_tradeoff(path: str, curves: dict[str, list[dict]], title: str) -> None:
-    """The SA–RA trade-off: one curve per label (e.g. per width), points annotated with λ;
-    seen λ values as circles, unseen ones as stars. Beside it SA and RA against λ."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
-    for label, rows in curves.items():
-        rows = sorted(rows, key=lambda r: r["lambda"])
-        line, = ax.plot([r["RA"] * 100 for r in rows], [r["SA"] * 100 for r in rows], "-",
-                        alpha=0.5, label=label)
-        for r in rows:
-            ax.plot(r["RA"] * 100, r["SA"] * 100, "o" if r["seen"] else "*",
-                    color=line.get_color(), markersize=6 if r["seen"] else 9)
-            ax.annotate(f"{r['lambda']:g}", (r["RA"] * 100, r["SA"] * 100), fontsize=7,
-                        xytext=(3, 3), textcoords="offset points")
-        lams = [r["lambda"] for r in rows]
-        ax2.plot(lams, [r["SA"] * 100 for r in rows], "o-", color=line.get_color(),
-                 label=f"SA {label}")
-        ax2.plot(lams, [r["RA"] * 100 for r in rows], "s--", color=line.get_color(),
-                 label=f"RA {label}")
-    ax.set_xlabel("robust accuracy (%)")
-    ax.set_ylabel("standard accuracy (%)")
-    ax.set_title("SA–RA trade-off (o seen λ, * unseen λ)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax2.set_xlabel("λ")
-    ax2.set_ylabel("accuracy (%)")
-    ax2.set_title("accuracy against λ")
-    ax2.grid(alpha=0.3)
-    ax2.legend(fontsize=7)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def distributed_context(device: str, enabled: bool | None = None):

@@ -1,11 +1,14 @@
 """The OAT and OATS trainers (Once-for-All Adversarial Training and Slimming, Algorithms 1
 and 2 of the OAT paper).
 
-Every step samples a λ per sample (by default uniformly from {0, .1, .2, .3, .4, 1}; or
-U(0, 1) with ``continuous``), computes the clean loss of the whole batch, attacks only the
-samples with λ > 0 (PGD in eval mode, through the adversarial branch), and minimizes
+Every step samples a λ per sample from the set {0, .1, .2, .3, .4, 1} as the OAT repository
+does (``sampling="official"``: ⌈B/|S|⌉ zeros first, the others uniform over the non-zero
+values; "iid": uniform over the set; or U(0, 1) with ``continuous``), computes the clean loss
+of the whole batch, attacks only the samples with λ > 0 (PGD in eval mode, through the
+adversarial branch, on the summed cross-entropy, with the repository's step
+α = min(1.25ε, ε + 4/255)/steps unless ``alpha`` is given), and minimizes
 mean((1 − λ)·CE(clean) + λ·CE(adv)) with SGD (momentum 0.9, weight decay 5e-4) and a cosine
-schedule. λ is sampled on the host, so which samples need an attack is known without a device
+schedule. The λ encoding matrix is written beside the checkpoint as ``rand_otho_mat.npy``. λ is sampled on the host, so which samples need an attack is known without a device
 sync, and the FiLM γ, β of a batch are computed once for its distinct λ values.
 
 OATS (``widths``, e.g. (0.5, 0.75, 1.0)): a slimmable model; every step runs that loss at every
@@ -28,12 +31,16 @@ from tqdm.auto import tqdm
 from .. import data as data_mod
 from ..attacks import PGD, evaluate
 from ..models import S1, OATWideResNet, oat_resnet18, oat_resnet34
+from ..models.oat import VARIANTS
+from .plots import plot_tradeoff
 from .common import (BaseConfig, BaseTrainer, ConfigError, check_finite, check_number,
-                     format_table, load_checkpoint, load_weights, plot_tradeoff,
+                     format_table, load_checkpoint, load_weights,
                      require_entries, unknown_options, write_json)
 
 UNSEEN = (0.05, 0.15, 0.25, 0.5, 0.7, 0.9)  # λ values OAT's default set does not contain
 ARCHS = ("resnet18", "resnet34", "wrn")
+SAMPLINGS = ("official", "iid")
+ATTACK_LOSSES = ("ce_sum", "ce")
 
 
 @dataclass
@@ -44,9 +51,12 @@ class OATConfig(BaseConfig):
     widen: int = 8
     epochs: int = 30
     eps: float = 8 / 255
-    alpha: float = 2 / 255
+    alpha: float | None = None      # None: the repository's min(1.25ε, ε + 4/255) / steps
     lambdas: tuple = S1
     continuous: bool = False        # λ ~ U(0, 1) instead of the set
+    sampling: str = "official"      # official (⌈B/|S|⌉ zeros first) | iid (uniform per sample)
+    variant: str = "official"       # model: official | identity (models.oat.VARIANTS)
+    attack_loss: str = "ce_sum"     # PGD's loss: ce_sum (the repository's) | ce (the mean)
     encoding: str = "ro"            # ro | dct | none
     dim: int = 128
     dual_bn: bool = True
@@ -61,7 +71,15 @@ class OATConfig(BaseConfig):
             raise ConfigError("arch", f"must be one of {ARCHS}, got {self.arch!r}")
         check_number(self, "epochs", 1, integer=True)
         check_number(self, "eps", 0, 1)
-        check_number(self, "alpha", 0, 1)
+        if self.alpha is not None:
+            check_number(self, "alpha", 0, 1)
+        if self.sampling not in SAMPLINGS:
+            raise ConfigError("sampling", f"must be one of {SAMPLINGS}, got {self.sampling!r}")
+        if self.variant not in VARIANTS:
+            raise ConfigError("variant", f"must be one of {VARIANTS}, got {self.variant!r}")
+        if self.attack_loss not in ATTACK_LOSSES:
+            raise ConfigError("attack_loss", f"must be one of {ATTACK_LOSSES}, got "
+                              f"{self.attack_loss!r}")
         check_number(self, "dim", 1, integer=True)
         check_number(self, "depth", integer=True)
         if self.depth < 10 or (self.depth - 4) % 6:
@@ -76,6 +94,8 @@ class OATConfig(BaseConfig):
                 or 0 not in lams):
             raise ConfigError("lambdas", f"must lie in [0, 1] and include 0, got "
                               f"{list(lams)}")
+        if len(set(lams)) != len(lams):
+            raise ConfigError("lambdas", f"must be distinct, got {list(lams)}")
         if self.widths and self.arch == "wrn":
             raise ConfigError("widths", "(OATS) is implemented for the ResNets (resnet18, "
                               "resnet34), not wrn")
@@ -86,6 +106,36 @@ class OATConfig(BaseConfig):
     def method(self) -> str:
         return "oats" if self.widths else "oat"
 
+    def step_size(self, steps: int | None = None) -> float:
+        """PGD's α for an attack of ``steps`` steps (the training's by default): ``alpha`` if
+        given, else the OAT repository's min(1.25ε, ε + 4/255) / steps."""
+        if self.alpha is not None:
+            return self.alpha
+        return oat_step_size(self.eps, self.steps if steps is None else steps)
+
+    @staticmethod
+    def upgrade_saved(saved: dict) -> dict:
+        """A checkpoint's config dict written before issue 38 (no ``variant``): the model,
+        λ sampling, step and attack loss that run had."""
+        if "variant" not in saved:
+            saved = dict(saved, variant="identity", sampling="iid", attack_loss="ce")
+            saved.setdefault("alpha", 2 / 255)
+        return saved
+
+
+def oat_step_size(eps: float, steps: int) -> float:
+    """The OAT repository's PGD step: min(1.25ε, ε + 4/255) / steps (1.43/255 for PGD-7 at
+    ε = 8/255)."""
+    return min(1.25 * eps, eps + 4 / 255) / max(steps, 1)
+
+
+def make_attack(model: nn.Module, cfg: OATConfig, steps: int | None = None,
+                generator=None) -> PGD:
+    """The config's PGD (its ε, step, loss; ``steps`` or the training's)."""
+    steps = cfg.steps if steps is None else steps
+    return PGD(model, cfg.eps, cfg.step_size(steps), steps, generator=generator,
+               random_start=cfg.random_start, loss=cfg.attack_loss)
+
 
 def cosine_schedule(opt, epochs: int):
     """SGD's cosine decay to 0 over ``epochs``."""
@@ -94,7 +144,7 @@ def cosine_schedule(opt, epochs: int):
 
 def build_model(cfg: OATConfig, num_classes: int, in_channels: int) -> nn.Module:
     kw = dict(in_channels=in_channels, lambdas=cfg.lambdas, encoding=cfg.encoding, dim=cfg.dim,
-              dual_bn=cfg.dual_bn, seed=cfg.seed)
+              dual_bn=cfg.dual_bn, seed=cfg.seed, variant=cfg.variant)
     if cfg.widths:
         kw["width_mults"] = tuple(cfg.widths)
     if cfg.arch == "resnet18":
@@ -105,14 +155,23 @@ def build_model(cfg: OATConfig, num_classes: int, in_channels: int) -> nn.Module
 
 
 def sample_lambdas(n: int, cfg: OATConfig, generator: torch.Generator) -> Tensor:
-    """Per-sample λ on the host: uniform over the set, or U(0, 1) (λ = 0 kept with the set's
-    share of zeros, so the clean branch keeps training)."""
+    """Per-sample λ on the host. From the set: ``sampling="official"``, the OAT repository's
+    way: ⌈n/|S|⌉ zeros first, then the others uniform over the set's non-zero values; "iid":
+    uniform over the set. ``continuous``: U(0, 1) (λ = 0 kept with the set's share of zeros,
+    so the clean branch keeps training)."""
     if cfg.continuous:
         lam = torch.rand(n, generator=generator)
         zero = torch.rand(n, generator=generator) < 1 / max(len(cfg.lambdas), 2)
         return torch.where(zero, torch.zeros_like(lam), lam)
     choices = torch.tensor(cfg.lambdas, dtype=torch.float32)
-    return choices[torch.randint(len(choices), (n,), generator=generator)]
+    if cfg.sampling == "iid":
+        return choices[torch.randint(len(choices), (n,), generator=generator)]
+    nonzero = choices[choices != 0]
+    zeros = min(n, -(-n // len(choices))) if len(nonzero) < len(choices) else 0
+    if len(nonzero) == 0:
+        return torch.zeros(n)
+    rest = nonzero[torch.randint(len(nonzero), (n - zeros,), generator=generator)]
+    return torch.cat([torch.zeros(zeros), rest])
 
 
 def oat_loss(model: nn.Module, attack: PGD, x: Tensor, y: Tensor, lam: Tensor,
@@ -169,13 +228,24 @@ class OATTrainer(BaseTrainer):
         self.sched = cosine_schedule(self.opt, cfg.epochs)
         self.gen = torch.Generator().manual_seed(cfg.seed)  # shuffling and λ sampling
         self.attack_gen = torch.Generator(self.device).manual_seed(cfg.seed + 1 + self.rank)
-        self.attack = PGD(self.model, cfg.eps, cfg.alpha, cfg.steps, generator=self.attack_gen,
-                          random_start=cfg.random_start)
+        self.attack = make_attack(self.model, cfg, generator=self.attack_gen)
         self.epoch, self.history, self.resumes = 0, [], []
         self.checkpoint = os.path.join(cfg.out, "last.pt")
         self._clean_out()
         if resume:
             self.load(self.checkpoint)
+        self._save_encoding()
+
+    def _save_encoding(self) -> None:
+        """The λ encoding matrix beside the checkpoint, as the OAT repository saves it
+        (``rand_otho_mat.npy``; row j codes the j-th value of ``lambdas``)."""
+        enc = self.model.encoding
+        if self.is_main and enc.kind == "ro" and enc.matrix_codes_match():
+            import numpy as np
+
+            os.makedirs(self.cfg.out, exist_ok=True)
+            np.save(os.path.join(self.cfg.out, "rand_otho_mat.npy"),
+                    enc.matrix.double().cpu().numpy())
 
     # -- checkpoints -------------------------------------------------------------------------
     def state(self) -> dict:
@@ -298,7 +368,7 @@ def sweep(model: nn.Module, split, cfg: OATConfig, lambdas=None, steps: int | No
     lambdas = sorted(set(lambdas if lambdas is not None else list(seen) + list(cfg.eval_unseen)))
     steps = cfg.eval_steps if steps is None else steps
     device = next(model.parameters()).device
-    atk = PGD(model, cfg.eps, cfg.alpha, steps, generator=torch.Generator(device).manual_seed(0))
+    atk = make_attack(model, cfg, steps, torch.Generator(device).manual_seed(0))
     rows = []
     loader = data_mod.Batches(split, batch_size)
     for lam in tqdm(lambdas, desc=f"λ sweep{label}", disable=not progress, leave=False):
@@ -335,8 +405,7 @@ def calibrate(model: nn.Module, split, cfg: OATConfig, width: float | None = Non
     ctx = model.at_width(width) if width is not None else contextlib.nullcontext()
     g = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
-    atk = PGD(model, cfg.eps, cfg.alpha, cfg.steps,
-              generator=torch.Generator(device).manual_seed(seed))
+    atk = make_attack(model, cfg, generator=torch.Generator(device).manual_seed(seed))
     with ctx:
         work = []
         loader = data_mod.Batches(split, batch_size or cfg.batch_size, True, g)
@@ -381,20 +450,28 @@ def _width_bns(model):
 
 
 def report(rows_by_label: dict[str, list[dict]], cfg: OATConfig, out: str, title: str,
-           log=print) -> dict:
-    """Prints the λ table(s), writes results.json and tradeoff.png under ``out``."""
+           log=print, dedicated: list[dict] | None = None) -> dict:
+    """Prints the λ table(s), writes results.json and tradeoff.png under ``out``.
+    ``dedicated``: rows of models trained at one λ each (`trainers.dedicated`), tabled and
+    drawn beside the sweep."""
+    cols = [("lambda", "λ", "{:g}"), ("seen", "", "{}"), ("SA", "SA %", "{:.1f}"),
+            ("RA", f"RA % (PGD-{cfg.eval_steps})", "{:.1f}")]
     for label, rows in rows_by_label.items():
         if label:
             log(f"\n{label}")
         log(format_table(
             [dict(r, seen="seen" if r["seen"] else "unseen", SA=100 * r["SA"], RA=100 * r["RA"])
-             for r in rows],
-            [("lambda", "λ", "{:g}"), ("seen", "", "{}"), ("SA", "SA %", "{:.1f}"),
-             ("RA", f"RA % (PGD-{cfg.eval_steps})", "{:.1f}")]))
+             for r in rows], cols))
     results = {"config": dataclasses.asdict(cfg), "sweep": rows_by_label}
+    if dedicated:
+        log("\ndedicated models (one per λ, the same budget)")
+        log(format_table([dict(r, seen="", SA=100 * r["SA"], RA=100 * r["RA"])
+                          for r in dedicated], cols))
+        results["dedicated"] = dedicated
     write_json(os.path.join(out, "results.json"), results)
     plot_tradeoff(os.path.join(out, "tradeoff.png"),
-                  {label or "OAT": rows for label, rows in rows_by_label.items()}, title)
+                  {label or "OAT": rows for label, rows in rows_by_label.items()}, title,
+                  dedicated={"dedicated (PGD-AT at λ)": dedicated} if dedicated else None)
     log(f"\nresults: {os.path.join(out, 'results.json')}; plot: "
         f"{os.path.join(out, 'tradeoff.png')}")
     return results
@@ -406,7 +483,7 @@ def model_from_checkpoint(path: str, device="cpu", warn=None):
     ``warn(message)`` (default: `warnings.warn`)."""
     ck = load_checkpoint(path, kind=("oat", "oats"))
     require_entries(ck, path, "model")
-    cfg_dict = dict(ck["config"])
+    cfg_dict = OATConfig.upgrade_saved(dict(ck["config"]))
     for key in ("lambdas", "eval_unseen", "widths"):
         if isinstance(cfg_dict.get(key), list):
             cfg_dict[key] = tuple(cfg_dict[key])
@@ -425,4 +502,5 @@ def model_from_checkpoint(path: str, device="cpu", warn=None):
 
 
 __all__ = ["OATConfig", "OATTrainer", "oat_loss", "sample_lambdas", "sweep", "sweep_all",
+           "oat_step_size", "make_attack",
            "calibrate", "report", "build_model", "model_from_checkpoint", "UNSEEN"]
