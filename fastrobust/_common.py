@@ -25,10 +25,10 @@ def check_branch_values(branch: Tensor, num_branches: int,
     the device elsewhere (no host sync). ``op``: the public function, for the message."""
     in_range = ((branch >= 0) & (branch < num_branches)).all()
     if branch.device.type == "cpu":
-        if not bool(in_range):
-            bad = branch[(branch < 0) | (branch >= num_branches)]
-            raise ValueError(f"{op}: branch ids out of range [0, {num_branches}): "
-                             f"{bad[:8].tolist()}")
+        if not bool(in_range):  # the first one, in the C++ kernels' words
+            n = int(((branch < 0) | (branch >= num_branches)).nonzero()[0, 0])
+            raise ValueError(f"{op}: branch id {int(branch[n])} at sample {n} is out of range "
+                             f"[0, {num_branches})")
     else:
         torch._assert_async(in_range,
                             f"{op}: branch id out of range [0, {num_branches})")

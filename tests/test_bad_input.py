@@ -133,6 +133,26 @@ CASES = [
     ("sync momentum string",
      lambda s: D.sync_multi_batch_norm(s["x"], s["branch"], s["w"], s["b"], momentum="0.1"),
      TypeError, "sync_multi_batch_norm: momentum must be a number, got str '0.1'"),
+    # issue 37: a module's errors name its class, also those its op raises
+    ("module branch tensor out of range",
+     lambda s: MultiBatchNorm2d(3)(s["x"], branch=torch.tensor([0, 2, 1, 0])), ValueError,
+     "MultiBatchNorm2d: branch id 2 at sample 1 is out of range [0, 2)"),
+    ("module branch tensor out of range in a routing",
+     lambda s: _routed(MixedBatchNorm2d(3), s["x"], branch=torch.tensor([0, 1, 5, 0])),
+     ValueError, "MixedBatchNorm2d: branch id 5 at sample 2 is out of range [0, 2)"),
+    ("mixed module negative mix",
+     lambda s: MixedBatchNorm2d(3).train()(s["x"], mix=s["mix"] - 1), ValueError,
+     "MixedBatchNorm2d: mix weights must be >= 0"),
+    ("module zero branches", lambda s: MultiBatchNorm2d(3, 0), ValueError,
+     "MultiBatchNorm2d: num_branches must be >= 1, got 0"),
+    ("dual module through the base class", lambda s: MixedBatchNorm2d(3, num_branches=-1),
+     ValueError, "MixedBatchNorm2d: num_branches must be >= 1, got -1"),
+    ("convert zero branches",
+     lambda s: convert_multi_bn(nn.Sequential(nn.BatchNorm2d(3)), num_branches=0), ValueError,
+     "convert_multi_bn: num_branches must be >= 1, got 0"),
+    ("convert float branches",
+     lambda s: convert_multi_bn(nn.Sequential(nn.BatchNorm2d(3)), num_branches=2.0), TypeError,
+     "convert_multi_bn: num_branches must be an int, got float"),
 ]
 
 

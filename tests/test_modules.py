@@ -1,5 +1,6 @@
 """fastrobust.nn: MultiBatchNorm2d, DualBatchNorm2d, convert_multi_bn, routing, and
 torch.compile of a model that uses them."""
+import contextlib
 import copy
 
 import pytest
@@ -202,6 +203,29 @@ def test_routing_context_and_explicit_branch():
             pass
     with pytest.raises(ValueError, match="out of range"):
         bn(h, branch=2)
+
+
+def test_routing_contexts_exited_out_of_order():
+    """Issue 37: enter a, enter b, exit a, exit b (an ExitStack may do this) left the model
+    routed with a's branch after the last exit, and the next call used it silently. Each
+    exit removes its own routing: b holds until b exits, then the model is unrouted."""
+    net = convert_multi_bn(small_net(), 2).eval()
+    bn = net[1]
+    a, b = routing(net, branch=0), routing(net, branch=1)
+    a.__enter__()
+    b.__enter__()
+    assert bn._routing == ("branch", 1)
+    a.__exit__(None, None, None)
+    assert bn._routing == ("branch", 1)  # b is still open
+    b.__exit__(None, None, None)
+    assert bn._routing is None
+    with pytest.raises(RuntimeError, match="no routing"):
+        net(torch.randn(2, 3, 8, 8))
+    with contextlib.ExitStack() as stack:  # and in order, through an ExitStack
+        stack.enter_context(routing(net, branch=1))
+        stack.enter_context(routing(net, mix=torch.ones(2, 2) / 2))
+        assert bn._routing[0] == "mix"
+    assert bn._routing is None
 
 
 def test_per_branch_statistics_are_separate():

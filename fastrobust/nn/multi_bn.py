@@ -13,9 +13,29 @@ from .. import functional as F
 __all__ = ["MultiBatchNorm2d", "MultiBatchNorm1d", "DualBatchNorm2d", "MixedBatchNorm2d",
            "FiLM", "ScaledConvBN", "convert_multi_bn", "routing"]
 
-# The routing contexts open in each thread: {module: ("branch" | "mix", value)}. Routing is
-# per thread, so threads sharing one model each route their own calls.
+# The routing contexts open in each thread: {module: [[("branch" | "mix", value)], ...]}, one
+# entry (a list: its identity) per open context, innermost last; a module's routing is its
+# innermost open context's. Routing is per thread, so threads sharing one model each route
+# their own calls.
 _THREAD = threading.local()
+
+
+# What the functions a module calls put first in their errors (the kernels' too).
+_OP_NAMES = ("multi_batch_norm: ", "mixed_batch_norm: ")
+
+
+def _in_words_of(who: str, err: Exception) -> Exception | None:
+    """The error a module's op raised, naming the module class the user called instead of the
+    function it called (`MultiBatchNorm2d: branch id 2 at sample 1 is out of range [0, 2)`);
+    None for an error that names no such function."""
+    msg = str(err)
+    for name in _OP_NAMES:
+        if msg.startswith(name):
+            try:
+                return type(err)(f"{who}: {msg[len(name):]}")
+            except Exception:  # an exception type that takes other arguments: keep it
+                return None
+    return None
 
 
 def _thread_routes() -> dict:
@@ -39,8 +59,7 @@ class MultiBatchNorm2d(nn.Module):
                  momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, device=None, dtype=None):
         super().__init__()
-        if num_branches < 1:
-            raise ValueError(f"num_branches must be >= 1, got {num_branches}")
+        _check_num_branches(type(self).__name__, num_branches)
         kw = {"device": device, "dtype": dtype}
         self.num_features, self.num_branches = num_features, num_branches
         self.eps, self.momentum = eps, momentum
@@ -67,8 +86,8 @@ class MultiBatchNorm2d(nn.Module):
         """The routing of this module's calls in the current thread (``routing``), or None.
         Each thread sees only the contexts it opened itself."""
         routes = getattr(_THREAD, "routes", None)
-        route = routes.get(self) if routes else None
-        return route if route is not None else self.__dict__.get("_pinned_routing")
+        stack = routes.get(self) if routes else None
+        return stack[-1][0] if stack else self.__dict__.get("_pinned_routing")
 
     def _replicate_for_data_parallel(self):
         # nn.DataParallel calls its replicas from worker threads: a replica keeps the routing
@@ -184,11 +203,17 @@ class MultiBatchNorm2d(nn.Module):
                   momentum=self.momentum, eps=self.eps,
                   num_batches_tracked=self.num_batches_tracked, input_scale=input_scale,
                   film_gamma=film_gamma, film_beta=film_beta, activation=activation)
-        if kind == "mix":
-            return F.mixed_batch_norm(x, route, self.weight, self.bias, self.running_mean,
-                                      self.running_var, **kw)
-        return F.multi_batch_norm(x, route, self.weight, self.bias, self.running_mean,
-                                  self.running_var, num_branches=self.num_branches, **kw)
+        try:
+            if kind == "mix":
+                return F.mixed_batch_norm(x, route, self.weight, self.bias, self.running_mean,
+                                          self.running_var, **kw)
+            return F.multi_batch_norm(x, route, self.weight, self.bias, self.running_mean,
+                                      self.running_var, num_branches=self.num_branches, **kw)
+        except (TypeError, ValueError, RuntimeError) as e:
+            renamed = _in_words_of(type(self).__name__, e)
+            if renamed is None:
+                raise
+            raise renamed from None
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, num_branches={self.num_branches}, eps={self.eps}, "
@@ -232,7 +257,17 @@ def convert_multi_bn(module: nn.Module, num_branches: int = 2) -> nn.Module:
     BN that has not seen its input yet, and ``nn.BatchNorm3d``, are refused with a clear error
     rather than left unconverted. Converts in place and returns the module (a new one if
     ``module`` is itself a BN), like ``nn.SyncBatchNorm.convert_sync_batchnorm``."""
+    _check_num_branches("convert_multi_bn", num_branches)  # before anything is converted
     return _convert(module, num_branches, "")
+
+
+def _check_num_branches(who: str, num_branches) -> None:
+    """num_branches must be an int >= 1; ``who``: the class or function the user called."""
+    if isinstance(num_branches, bool) or not isinstance(num_branches, numbers.Integral):
+        raise TypeError(f"{who}: num_branches must be an int, got "
+                        f"{type(num_branches).__name__}")
+    if num_branches < 1:
+        raise ValueError(f"{who}: num_branches must be >= 1, got {num_branches}")
 
 
 def _convert(module: nn.Module, num_branches: int, name: str) -> nn.Module:
@@ -287,8 +322,11 @@ def routing(model: nn.Module, branch: Tensor | int | None = None, mix: Tensor | 
             logits = model(x)
 
     ``branch`` is an int64 ``[N]`` tensor or one int for the whole batch; ``mix`` is ``[N, K]``.
-    Routing set before (an outer ``routing``) is restored on exit. A copy of the model taken
-    in the body (``copy.deepcopy``, pickling) does not keep the routing.
+    Contexts nest: a module follows the innermost context still open around it, and exiting
+    a context removes its own routing only, in whatever order contexts are exited (an
+    ``ExitStack``, or enter a, enter b, exit a, exit b: b's routing holds until b exits, and
+    after the last exit the model is unrouted). A copy of the model taken in the body
+    (``copy.deepcopy``, pickling) does not keep the routing.
 
     Routing is per thread: threads sharing a model each route their own calls, in any
     interleaving of their contexts, and calls from a thread outside any context are not
@@ -308,17 +346,18 @@ def routing(model: nn.Module, branch: Tensor | int | None = None, mix: Tensor | 
                         f"{type(branch).__name__}")
     value = ("branch", branch) if mix is None else ("mix", mix)
     routes = _thread_routes()
-    saved = [routes.get(m) for m in mods]
+    entry = [value]  # this context's entry (found by identity, whatever the order of exits)
     for m in mods:
-        routes[m] = value
+        routes.setdefault(m, []).append(entry)
     try:
         yield model
     finally:
-        for m, old in zip(mods, saved):
-            if old is None:
-                routes.pop(m, None)
+        for m in mods:
+            stack = [e for e in routes.get(m, ()) if e is not entry]
+            if stack:
+                routes[m] = stack
             else:
-                routes[m] = old
+                routes.pop(m, None)
 
 
 class FiLM(nn.Module):
