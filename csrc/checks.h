@@ -4,10 +4,12 @@
 // fastrobust._C._check, through check_boxed). A bad argument is one line naming the public
 // function and the argument, as ATen's own ops do; nothing has been changed when it raises.
 //
-// Checked here: dtypes, shapes, devices (every tensor on x's), and scalar ranges. Not here: the
-// values inside tensors (a branch id out of range, a negative mix weight or per-sample eps),
-// which a device could only report after a host sync: CPU kernels raise on them, CUDA kernels
-// make the affected sample NaN.
+// Checked here: dtypes, shapes, devices (every tensor on x's), scalar ranges, and the values
+// of a per-sample eps where the host can read them without a sync (CPU tensors, whichever
+// backend serves them: per_sample_nonnegative). Not here: the other values inside tensors (a
+// branch id out of range, a negative mix weight), which the kernels themselves check: CPU
+// kernels raise on them, CUDA kernels make the affected sample NaN (as they do for a bad eps:
+// reading it on the host would be a sync).
 #pragma once
 #include <ATen/core/ivalue.h>
 #include <ATen/ATen.h>
@@ -216,6 +218,30 @@ inline void per_sample(const char* op, const char* name, const OptTensor& t,
   shape_is(op, name, *t, {ref.size(0)}, "[N]");
 }
 
+// A per-sample eps must be >= 0, and a NaN is refused too (it compares false with everything,
+// so a check of the minimum alone let it through and the step moved that sample unbounded).
+// CPU tensors with values only: on a device the kernels make such a sample NaN instead of a
+// host sync.
+inline void per_sample_nonnegative(const char* op, const char* name, const OptTensor& t) {
+  // (a fake or functional tensor, as tracing and the fake implementations pass, has no values
+  // to read: the real call checks them)
+  static const c10::DispatchKeySet traced{c10::DispatchKey::Python,
+                                          c10::DispatchKey::Functionalize};
+  if (!t || !(t->key_set() & traced).empty() ||
+      t->unsafeGetTensorImpl()->has_symbolic_sizes_strides() || !t->device().is_cpu() ||
+      !t->has_storage() || !t->numel())
+    return;
+  // Read in place, with no ATen op: a launch plan's recorder sees every op a launcher runs.
+  const int64_t n = t->size(0), stride = t->stride(0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t->scalar_type(), "eps check", [&] {
+    const scalar_t* p = t->const_data_ptr<scalar_t>();
+    for (int64_t i = 0; i < n; ++i) {
+      const double v = static_cast<double>(p[i * stride]);
+      TORCH_CHECK_VALUE(v >= 0, op, ": ", name, " must be >= 0, got ", v, " at sample ", i);
+    }
+  });
+}
+
 inline void pgd_scalars(const char* op, double eps, double alpha, double clip_min,
                         double clip_max) {
   TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, op,
@@ -242,6 +268,7 @@ inline void pgd_common(const char* op, const at::Tensor& x_adv, const at::Tensor
   per_sample(op, "eps", eps_t, x_adv, "x_adv");
   per_sample(op, "alpha", alpha_t, x_adv, "x_adv");
   pgd_scalars(op, eps, alpha, clip_min, clip_max);
+  per_sample_nonnegative(op, "eps", eps_t);
 }
 
 inline void pgd_step(const at::Tensor& x_adv, const at::Tensor& grad, const at::Tensor& x_nat,
@@ -270,6 +297,7 @@ inline void pgd_init(const at::Tensor& noise, const at::Tensor& x_nat, const Opt
   per_sample(op, "radius", radius, x_nat, "x_nat");
   TORCH_CHECK_VALUE(!l2 || radius, op, ": the l2 start needs radius");
   pgd_scalars(op, eps, 0.0, clip_min, clip_max);
+  per_sample_nonnegative(op, "eps", eps_t);
 }
 
 // --- the boxed form: an op's name and its arguments as the dispatcher holds them -------------

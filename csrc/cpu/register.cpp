@@ -145,13 +145,6 @@ OptTensor in_dtype(const OptTensor& t, at::ScalarType dt) {
   return (t->scalar_type() == dt && t->is_contiguous()) ? t : OptTensor(t->to(dt).contiguous());
 }
 
-// A negative per-sample eps: on the CPU the host can look (a device makes the sample NaN).
-void check_nonnegative(const char* op, const OptTensor& eps_t) {
-  if (eps_t && eps_t->numel())
-    TORCH_CHECK_VALUE(!(eps_t->min().item<double>() < 0), op,
-                      ": eps must be >= 0, got ", eps_t->min().item<double>());
-}
-
 // float16 / bfloat16 steps run in float32 copies (eps_t, alpha_t and radius come in the
 // accumulation dtype already).
 bool half(const at::Tensor& t) {
@@ -162,7 +155,6 @@ void pgd_step(const at::Tensor& x_adv, const at::Tensor& grad, const at::Tensor&
               const OptTensor& eps_t, double eps, const OptTensor& alpha_t, double alpha,
               bool l2, double clip_min, double clip_max) {
   checks::pgd_step(x_adv, grad, x_nat, eps_t, eps, alpha_t, alpha, clip_min, clip_max);
-  check_nonnegative("pgd_step_", eps_t);
   if (half(x_adv)) {
     const auto w = x_adv.to(at::kFloat);
     pgd_step(w, grad.to(at::kFloat), x_nat.to(at::kFloat), eps_t, eps, alpha_t, alpha, l2,
@@ -180,7 +172,6 @@ void pgd_step(const at::Tensor& x_adv, const at::Tensor& grad, const at::Tensor&
 void pgd_init(const at::Tensor& noise, const at::Tensor& x_nat, const OptTensor& eps_t,
               double eps, const OptTensor& radius, bool l2, double clip_min, double clip_max) {
   checks::pgd_init(noise, x_nat, eps_t, eps, radius, l2, clip_min, clip_max);
-  check_nonnegative("pgd_init", eps_t);
   if (half(noise)) {
     const auto w = noise.to(at::kFloat);
     pgd_init(w, x_nat.to(at::kFloat), eps_t, eps, radius, l2, clip_min, clip_max);
@@ -204,7 +195,6 @@ void mifgsm_step(const at::Tensor& x_adv, const at::Tensor& grad, const at::Tens
                  double clip_max) {
   checks::mifgsm_step(x_adv, grad, momentum, x_nat, eps_t, eps, alpha_t, alpha, decay, clip_min,
                       clip_max);
-  check_nonnegative("mifgsm_step_", eps_t);
   if (half(x_adv)) {
     const auto w = x_adv.to(at::kFloat), m = momentum.to(at::kFloat);
     mifgsm_step(w, grad.to(at::kFloat), m, x_nat.to(at::kFloat), eps_t, eps, alpha_t, alpha,

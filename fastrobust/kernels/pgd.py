@@ -69,10 +69,11 @@ def _sign(v):
 
 @triton.jit
 def _poison(r, e, EPS_T: tl.constexpr):
-    # A negative per-sample eps is an error that the device cannot raise without a host
-    # sync: the sample comes out NaN instead of silently wrong (CPU tensors raise at once).
+    # A negative or NaN per-sample eps is an error that the device cannot raise without a
+    # host sync: the sample comes out NaN instead of silently wrong (CPU tensors raise at
+    # once, csrc/checks.h). (A NaN eps compares false both ways: `e < 0` let it through.)
     if EPS_T:
-        r = tl.where(e < 0, float("nan"), r)
+        r = tl.where(e >= 0, r, float("nan"))
     return r
 
 
