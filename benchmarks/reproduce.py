@@ -3,6 +3,8 @@
     python benchmarks/reproduce.py afa      # AFA: stage II's mixing against stage I's branches
     python benchmarks/reproduce.py awnet    # AW-Net: Table 3's ablation order, vs PGD-AT
 
+(OAT's, one model against dedicated ones at each λ: python benchmarks/reproduce_oat.py.)
+
 Seeded (--seeds, default 0 1) and on one CPU thread unless --threads says otherwise, so a rerun
 on the same machine prints the same table. Writes the markdown table to stdout, the plot to
 docs/reproductions_<method>.png and the numbers to <out>/<method>.json.

@@ -5,7 +5,7 @@
 2. dual BN against one shared BN at λ = 0: the paper reports that the shared BN loses clean
    accuracy.
 
-    python reproductions/oat.py --out docs/reproductions/oat     # table, results.json, plot
+    python benchmarks/reproduce_oat.py --out docs/reproductions/oat     # table, results.json, plot
 
 The models are fastrobust's OAT ResNet-18 (the OAT repository's architecture, width 16) and
 plain ResNet-18s of the same width, on scikit-learn's digits with ε = 0.3 (the demo's
