@@ -511,6 +511,31 @@ def test_oats_width_switching():
             pass
 
 
+def test_contexts_exited_out_of_order_leave_the_model_unset():
+    """Issue 37: enter a, enter b, exit a, exit b (an ExitStack may do this) of `at_width` or
+    `conditioned` left a's width / condition set after the last exit. Each exit removes its
+    own: b holds until b exits, then nothing is set (the widest width; λ needed again)."""
+    from fastrobust.models import oats_resnet18
+
+    m = oats_resnet18(10, 8, in_channels=1).eval()
+    a, b = m.at_width(0.5), m.at_width(0.75)
+    a.__enter__()
+    b.__enter__()
+    a.__exit__(None, None, None)
+    assert m.width_mult == 0.75  # b is still open
+    b.__exit__(None, None, None)
+    assert m.width_mult == 1.0
+    a, b = m.conditioned(0.0), m.conditioned(1.0)
+    a.__enter__()
+    b.__enter__()
+    a.__exit__(None, None, None)
+    assert m._state is not None and m.bn1.bns[-1]._routing == ("branch", 1)
+    b.__exit__(None, None, None)
+    assert m._state is None and m.bn1.bns[-1]._routing is None
+    with pytest.raises(RuntimeError, match="needs λ"):
+        m(torch.rand(2, 1, 8, 8))
+
+
 def test_oats_accumulates_gradients_over_widths(tmp_path):
     """With lr 0 the parameters stay put and .grad keeps the step's accumulated gradient: it is
     the sum of each width's gradient (eps 0: no randomness in the attack)."""

@@ -50,13 +50,17 @@ S1 = (0.0, 0.1, 0.2, 0.3, 0.4, 1.0)  # OAT's default training set of λ values
 # no stem FiLM, OATS's γ, β sliced from the full-width MLP)
 VARIANTS = ("official", "identity")
 
-# What `conditioned` and `at_width` set, per thread: {(model, "state" | "width"): value}.
+# What `conditioned` and `at_width` set, per thread: {(model, "state" | "width"): [[value],
+# ...]}, one entry (a list: its identity) per open context, innermost last. The value is the
+# innermost open context's; an exit removes its own entry wherever it is, so contexts exited
+# out of order (enter a, enter b, exit a, exit b) leave b's value, then none.
 _THREAD = threading.local()
 
 
 def _thread_value(model, name: str):
     values = getattr(_THREAD, "values", None)
-    return values.get((model, name)) if values else None
+    stack = values.get((model, name)) if values else None
+    return stack[-1][0] if stack else None
 
 
 @contextlib.contextmanager
@@ -65,15 +69,18 @@ def _set_thread_value(model, name: str, value):
     if values is None:
         values = _THREAD.values = {}
     key = (model, name)
-    old = values.get(key)
-    values[key] = value
+    entry = [value]
+    values.setdefault(key, []).append(entry)
     try:
         yield
     finally:
-        if old is None:
-            values.pop(key, None)
-        else:
-            values[key] = old
+        stack = values[key]
+        for i in range(len(stack) - 1, -1, -1):
+            if stack[i] is entry:
+                del stack[i]
+                break
+        if not stack:
+            del values[key]
 
 
 class LambdaEncoding(nn.Module):
