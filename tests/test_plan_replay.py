@@ -71,6 +71,36 @@ def _pgd(g, v, N=5, shape=(3, 6, 6), l2=False, per_sample=False, dtype=torch.flo
     return [x_adv, grad, x_nat, eps_t, eps, None, alpha, l2, lo, hi]
 
 
+def _running_t(a, g, stride2=False):
+    """multi_bn's arguments `a` with running statistics that are not contiguous: a [K, C] view
+    of a [C, K] tensor transposed, or every second column of a [K, 2C] tensor."""
+    K, C = a[5].shape
+    for i, shift in ((5, 0.0), (6, 0.5)):
+        if stride2:
+            a[i] = (torch.rand(K, 2 * C, generator=g) + shift)[:, ::2]
+        else:
+            a[i] = (torch.rand(C, K, generator=g) + shift).t()
+    return a
+
+
+def _pgd_layouts(g, v, grad_cl=False, nat_slice=False, adv_view=False, **kw):
+    """_pgd's arguments with a grad in channels_last while x_adv is contiguous, an x_nat that
+    is a slice of a wider tensor, or an x_adv that is a strided view (every second column of
+    a wider tensor, in place)."""
+    a = _pgd(g, v, **kw)
+    if grad_cl:
+        a[1] = a[1].contiguous(memory_format=torch.channels_last)
+    if nat_slice:
+        wide = torch.rand(*a[2].shape[:-1], a[2].shape[-1] + 3, generator=g).to(a[2].dtype)
+        wide[..., 1:-2] = a[2]
+        a[2] = wide[..., 1:-2]
+    if adv_view:
+        wide = torch.randn(*a[0].shape[:-1], 2 * a[0].shape[-1], generator=g).to(a[0].dtype)
+        wide[..., ::2] = a[0]
+        a[0] = wide[..., ::2]
+    return a
+
+
 def _mifgsm(g, v, **kw):
     a = _pgd(g, v, **kw)
     return [a[0], a[1], torch.randn(a[0].shape, generator=g).to(a[0].dtype), *a[2:7],
@@ -139,12 +169,64 @@ CASES.update({
     "pgd_init_linf": ("pgd_init", lambda g, v: _init(g, v)),
     "pgd_init_l2_fp64": ("pgd_init", lambda g, v: _init(g, v, l2=True, dtype=torch.float64)),
     "mifgsm": ("mifgsm_step", lambda g, v: _mifgsm(g, v, N=8)),
+    "running_transposed": ("multi_bn", lambda g, v: _running_t(_bn(g, v, K=3), g)),
+    "running_stride2_mixed": ("multi_bn", lambda g, v: _running_t(
+        _bn(g, v, K=2, mixed=True), g, stride2=True)),
+    "running_transposed_eval": ("multi_bn", lambda g, v: _running_t(
+        _bn(g, v, K=3, training=False), g)),
+    "running_expanded_eval": ("multi_bn", lambda g, v: _running_expanded(_bn(
+        g, v, training=False), g)),
+    "pgd_grad_cl": ("pgd_step", lambda g, v: _pgd_layouts(g, v, grad_cl=True)),
+    "pgd_x_nat_slice": ("pgd_step", lambda g, v: _pgd_layouts(g, v, nat_slice=True)),
+    "pgd_x_adv_view": ("pgd_step", lambda g, v: _pgd_layouts(g, v, adv_view=True)),
+    "pgd_l2_split_layouts": ("pgd_step", lambda g, v: _pgd_layouts(
+        g, v, N=2, l2=True, grad_cl=True, nat_slice=True, adv_view=True)),
+    "pgd_l2_layouts": ("pgd_step", lambda g, v: _pgd_layouts(
+        g, v, N=8, l2=True, grad_cl=True, adv_view=True)),
+    "pgd_init_views": ("pgd_init", lambda g, v: _init_views(g, v)),
+    "mifgsm_layouts": ("mifgsm_step", lambda g, v: _mifgsm_layouts(g, v, N=8)),
+    "mifgsm_split_layouts": ("mifgsm_step", lambda g, v: _mifgsm_layouts(g, v, N=2)),
     "mifgsm_split_fp64": ("mifgsm_step", lambda g, v: _mifgsm(g, v, dtype=torch.float64)),
 })
 
 
+def _running_expanded(a, g):
+    """Eval-mode running statistics that are one [C] row expanded over the K branches."""
+    K, C = a[5].shape
+    a[5] = torch.randn(C, generator=g).expand(K, C)
+    a[6] = (torch.rand(C, generator=g) + 0.5).expand(K, C)
+    return a
+
+
+def _init_views(g, v):
+    """The random start into a strided view of noise, x_nat in channels_last."""
+    a = _init(g, v)
+    wide = torch.zeros(*a[0].shape[:-1], 2 * a[0].shape[-1])
+    wide[..., ::2] = a[0]
+    a[0] = wide[..., ::2]
+    a[1] = a[1].contiguous(memory_format=torch.channels_last)
+    return a
+
+
+def _mifgsm_layouts(g, v, N):
+    """MI-FGSM with x_adv a strided view, grad in channels_last and a transposed momentum."""
+    a = _mifgsm(g, v, N=N)
+    lay = _pgd_layouts(g, v, N=N, grad_cl=True, nat_slice=True, adv_view=True)
+    buf = torch.randn(N, 3, 6, 6, generator=g).transpose(2, 3)
+    return [lay[0], lay[1], buf, lay[2], *a[4:]]
+
+
 def _clone(args):
-    return [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+    """Copies with the same storage size, offset and strides (a view's whole storage)."""
+    return [torch.empty(0, dtype=a.dtype).set_(a.untyped_storage().clone(), a.storage_offset(),
+                                               a.shape, a.stride())
+            if isinstance(a, torch.Tensor) else a for a in args]
+
+
+def _storages(args):
+    """The whole memory of every tensor argument (what a view's neighbours hold too)."""
+    return [torch.empty(0, dtype=a.dtype).set_(a.untyped_storage())
+            for a in args if isinstance(a, torch.Tensor)]
 
 
 def _results(out, args):
@@ -187,6 +269,8 @@ def test_cpp_replay_equals_the_launcher(case, monkeypatch):
         assert g.shape == w.shape and g.stride() == w.stride() and g.dtype == w.dtype, i
         assert torch.equal(g, w) or (g.isnan() == w.isnan()).all() and torch.equal(
             g.nan_to_num(), w.nan_to_num()), f"result {i} differs"
+    for i, (g, w) in enumerate(zip(_storages(b_cpp), _storages(b_direct))):
+        assert torch.equal(g.nan_to_num(), w.nan_to_num()), f"memory of argument {i} differs"
 
 
 def test_the_replay_launches_what_the_launcher_launched(monkeypatch):
@@ -234,25 +318,76 @@ def test_a_scratch_parameter_reaches_the_kernel_null():
     assert hook.launches and torch.equal(out[0], torch.relu(args[0] + args[1]))
 
 
+def _unmergeable(seed):
+    """pgd_step on 6-D tensors whose sample dims merge into no three strided dims: x_adv
+    contiguous, grad with the sample dims in the reverse order (the one layout the PGD
+    launcher copies)."""
+    g = torch.Generator().manual_seed(seed)
+    a = _pgd(g, 0, N=3, shape=(2, 3, 2, 3, 2))
+    a[1] = torch.randn(3, 2, 3, 2, 3, 2, generator=g).permute(0, 5, 4, 3, 2, 1)
+    assert a[1].shape == a[0].shape
+    return a
+
+
 def test_a_launcher_that_copies_data_is_warned_once_and_still_right():
-    """Non-contiguous running statistics are updated through a contiguous copy written back:
-    no replay; said once with the reason, and every call is right."""
-    def args(seed):
-        g = torch.Generator().manual_seed(seed)
-        a = _bn(g, 0, K=3)
-        a[5] = torch.randn(5, 3, generator=g).t()
-        a[6] = torch.rand(5, 3, generator=g).t() + 0.5
-        return a
+    """A PGD layout with more than three unmergeable sample dims is stepped on contiguous
+    copies: no replay; said once with the reason, and every call is right."""
     hook = _plan.InterpreterLaunch()
-    with pytest.warns(UserWarning, match="run the Python launcher"):
-        _C._plan_call("fastrobust::multi_bn", hook, *args(4))
-    b_direct, b_cpp = args(5), args(5)
-    want = _results(IMPLS["multi_bn"](*b_direct), b_direct)
+    with pytest.warns(UserWarning, match="merge into no three strided dims"):
+        _C._plan_call("fastrobust::pgd_step", hook, *_unmergeable(4))
+    b_direct, b_cpp = _unmergeable(5), _unmergeable(5)
+    IMPLS["pgd_step"](*b_direct)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        got = _results(_C._plan_call("fastrobust::multi_bn", hook, *b_cpp), b_cpp)
-    assert all(torch.equal(g, w) for g, w in zip(got, want))
-    assert any("aten." in r for r in _C._plan_refusals())
+        _C._plan_call("fastrobust::pgd_step", hook, *b_cpp)
+    assert not hook.launches
+    assert all(torch.equal(g, w) for g, w in zip(_results(None, b_cpp), _results(None, b_direct)))
+    assert any("merge into no three" in r for r in _C._plan_refusals())
+
+
+@pytest.mark.parametrize("case", ["pgd_grad_cl", "pgd_x_nat_slice", "pgd_x_adv_view",
+                                  "pgd_l2_split_layouts", "pgd_l2_layouts", "pgd_init_views",
+                                  "mifgsm_layouts", "mifgsm_split_layouts"])
+def test_pgd_layouts_step_as_contiguous_copies_do(case, monkeypatch):
+    """The strided launches equal the same step on contiguous copies, bitwise (each sample is
+    walked in x_adv's logical order either way), and write nothing but the view."""
+    monkeypatch.setattr(pgd_kernels, "MIN_PROGRAMS", 4)
+    op, make = CASES[case]
+    args = make(torch.Generator().manual_seed(8), 0)
+    flat = [a.contiguous() if isinstance(a, torch.Tensor) else a for a in args]
+    assert any(isinstance(a, torch.Tensor) and not a.is_contiguous() for a in args)
+    outside = [(a._base, a) for a in args if isinstance(a, torch.Tensor) and a._base is not None]
+    kept = [(base.clone(), view) for base, view in outside]
+    IMPLS[op](*args)
+    IMPLS[op](*flat)
+    for a, f in zip(args, flat):
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, f)
+    for (base_before, view), (base, _) in zip(kept, outside):
+        written = torch.zeros(base.shape, dtype=torch.bool)
+        written.as_strided(view.shape, view.stride(), view.storage_offset()).fill_(True)
+        assert torch.equal(base[~written], base_before[~written])
+
+
+def test_written_tensors_that_overlap_themselves_are_refused():
+    """x_adv, a momentum or (training) running statistics whose elements share memory cannot
+    be written elementwise: one error naming the argument, nothing written."""
+    hook = _plan.InterpreterLaunch()
+    a = _pgd(torch.Generator().manual_seed(7), 0)
+    a[0] = torch.rand(1, 3, 6, 6).expand(5, 3, 6, 6)
+    before = a[0].clone()
+    with pytest.raises(ValueError, match="x_adv has elements that share memory"):
+        _C._plan_call("fastrobust::pgd_step", hook, *a)
+    assert torch.equal(a[0], before)
+    m = _mifgsm(torch.Generator().manual_seed(7), 0)
+    m[2] = torch.zeros(3, 6, 6).expand(5, 3, 6, 6)
+    with pytest.raises(ValueError, match="momentum has elements that share memory"):
+        _C._plan_call("fastrobust::mifgsm_step", hook, *m)
+    b = _running_expanded(_bn(torch.Generator().manual_seed(7), 0), torch.Generator())
+    rm = b[5].clone()
+    with pytest.raises(ValueError, match="running_mean has elements that share memory"):
+        _C._plan_call("fastrobust::multi_bn", hook, *b)
+    assert torch.equal(b[5], rm) and not hook.launches
 
 
 def test_floats_are_replay_arguments_not_signature():

@@ -89,7 +89,15 @@ def implementations(bn, pgd, film=None) -> dict:
     def add_relu(a, b):
         return torch.relu(a + b)
 
+    # A kernel module with STRIDED = True takes every tensor in its own layout (the Triton
+    # kernels: strides, no copy); the others get x_adv's flat layout (copies where needed).
+    def strided():
+        return getattr(pgd(), "STRIDED", False)
+
     def pgd_step(x_adv, grad, x_nat, eps_t, eps, alpha_t, alpha, l2, clip_min, clip_max):
+        if strided():
+            return pgd().pgd_update(x_adv, x_adv, grad, x_nat, eps_t, eps, alpha_t, alpha,
+                                    PgdMode.L2 if l2 else PgdMode.LINF_SIGN, clip_min, clip_max)
         work = x_adv if flat_layout(x_adv) else x_adv.contiguous()
         pgd().pgd_update(work, work, _like(grad, work), _like(x_nat, work), eps_t, eps, alpha_t,
                          alpha, PgdMode.L2 if l2 else PgdMode.LINF_SIGN, clip_min, clip_max)
@@ -97,18 +105,23 @@ def implementations(bn, pgd, film=None) -> dict:
             x_adv.copy_(work)
 
     def pgd_init(noise, x_nat, eps_t, eps, radius, l2, clip_min, clip_max):
-        work = noise if flat_layout(noise) else noise.contiguous()
-        xn = _like(x_nat, work)
         if l2:
             args = (eps_t, eps, radius, 0.0, PgdMode.L2)
         else:
             args = (eps_t, eps, eps_t, eps, PgdMode.LINF_RAW)
+        if strided():
+            return pgd().pgd_update(noise, x_nat, noise, x_nat, *args, clip_min, clip_max)
+        work = noise if flat_layout(noise) else noise.contiguous()
+        xn = _like(x_nat, work)
         pgd().pgd_update(work, xn, work, xn, *args, clip_min, clip_max)
         if work is not noise:
             noise.copy_(work)
 
     def mifgsm_step(x_adv, grad, momentum, x_nat, eps_t, eps, alpha_t, alpha, decay, clip_min,
                     clip_max):
+        if strided():
+            return pgd().mifgsm_update(x_adv, grad, momentum, x_nat, eps_t, eps, alpha_t, alpha,
+                                       decay, clip_min, clip_max)
         work = x_adv if flat_layout(x_adv) else x_adv.contiguous()
         buf = _like(momentum, work)
         pgd().mifgsm_update(work, _like(grad, work), buf, _like(x_nat, work), eps_t, eps,

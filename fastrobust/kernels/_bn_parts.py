@@ -102,16 +102,26 @@ def _invstd(var, eps, ACC: tl.constexpr):
 
 
 @triton.jit
-def _update_running(rm_ptr, rv_ptr, kc, kcm, mean, var, count, mom, ACC: tl.constexpr):
-    """Running mean and unbiased variance of branches with at least two values."""
+def _running_at(ks, cs, srk, src):
+    """Offsets of the running statistics' (k, c) tile, [K, C] with strides (srk, src)."""
+    return ks.to(tl.int64)[:, None] * srk + cs.to(tl.int64)[None, :] * src
+
+
+@triton.jit
+def _update_running(rm_ptr, rv_ptr, ks, cs, srm_k, srm_c, srv_k, srv_c, kcm, mean, var, count,
+                    mom, ACC: tl.constexpr):
+    """Running mean and unbiased variance of branches with at least two values (each
+    [K, C] with its own strides)."""
     valid = (count >= 2)[:, None]
-    rm = tl.load(rm_ptr + kc, mask=kcm, other=0.0)
-    rv = tl.load(rv_ptr + kc, mask=kcm, other=0.0)
+    pm = rm_ptr + _running_at(ks, cs, srm_k, srm_c)
+    pv = rv_ptr + _running_at(ks, cs, srv_k, srv_c)
+    rm = tl.load(pm, mask=kcm, other=0.0)
+    rv = tl.load(pv, mask=kcm, other=0.0)
     unbiased = var * (count / tl.maximum(count - 1, 1.0))[:, None]
     new_m = (1 - mom) * rm.to(ACC) + mom * mean
     new_v = (1 - mom) * rv.to(ACC) + mom * unbiased
-    tl.store(rm_ptr + kc, new_m.to(rm_ptr.dtype.element_ty), mask=kcm & valid)
-    tl.store(rv_ptr + kc, new_v.to(rv_ptr.dtype.element_ty), mask=kcm & valid)
+    tl.store(pm, new_m.to(rm_ptr.dtype.element_ty), mask=kcm & valid)
+    tl.store(pv, new_v.to(rv_ptr.dtype.element_ty), mask=kcm & valid)
 
 
 @triton.jit

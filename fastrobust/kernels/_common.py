@@ -147,3 +147,14 @@ def _zero(*tensors) -> None:
 
 def _c(t):
     return None if t is None else t.contiguous()
+
+
+def no_overlap(t) -> bool:
+    """No two elements of t share memory (sufficient test: each stride, in increasing order,
+    passes the extent of the smaller ones), so the kernels can write t elementwise."""
+    extent = 0
+    for st, sz in sorted((abs(st), sz) for st, sz in zip(t.stride(), t.shape) if sz > 1):
+        if st <= extent:
+            return False
+        extent += (sz - 1) * st
+    return True

@@ -41,9 +41,10 @@ from ._plan import fp32_parts, launch
 from ._bn_parts import (_affine_of, _centre, _check_routing, _coefficients, _dx_tile,
                         _effective, _extras, _invstd, _plane_grads, _plane_moments,
                         _qr_coefficients, _route, _route_args, _single_branches, _stats_blocks,
-                        _to_branches, _to_branches_q, _to_planes, _update_running)
+                        _running_at, _to_branches, _to_branches_q, _to_planes,
+                        _update_running)
 from ._common import (_blocks, _c, _like, _zero, _ncs, _plane_split, _plane_tile, _safe, _scalar,
-                      _splits, _sum_parts, _tile, _tiles_grid, _tl_acc)
+                      _splits, _sum_parts, _tile, _tiles_grid, _tl_acc, no_overlap)
 
 
 # --- forward ------------------------------------------------------------------------------------
@@ -75,7 +76,8 @@ def _moments_kernel(x_ptr, parts_ptr, N, C, S, CHUNK, c_blocks, sxn, sxc, sxs,
 
 @triton.jit
 def _bn_stats_kernel(parts_ptr, x_ptr, sxn, sxc, br_ptr, sbr, mix_ptr, smn, smk,
-                     sc_ptr, g_ptr, be_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr, nbt_ptr,
+                     sc_ptr, g_ptr, be_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr, srm_k, srm_c,
+                     srv_k, srv_c, nbt_ptr,
                      mean_ptr, invstd_ptr, A_ptr, D_ptr, cnt_ptr, planes_ptr, pay_ptr,
                      N, C, S, T, CHUNK, K, momentum, momentum_m, momentum_l, eps, eps_m,
                      eps_l, SYNC: tl.constexpr, MIXED: tl.constexpr,
@@ -149,13 +151,14 @@ def _bn_stats_kernel(parts_ptr, x_ptr, sxn, sxc, br_ptr, sbr, mix_ptr, smn, smk,
                 mom = mom[:, None]
             else:
                 mom = momentum
-            _update_running(rm_ptr, rv_ptr, kc, kcm, mean, var, count, mom, ACC)
+            _update_running(rm_ptr, rv_ptr, ks, cs, srm_k, srm_c, srv_k, srv_c, kcm, mean, var,
+                            count, mom, ACC)
             if pid == 0:  # num_batches_tracked is advanced by the next kernel, after all reads
                 tl.store(cnt_ptr + ks, count, mask=kmask)
         single = (nnz == 1) & (S == 1)
     else:
-        mean = tl.load(rm_ptr + kc, mask=kcm, other=0.0).to(ACC)
-        var = tl.load(rv_ptr + kc, mask=kcm, other=1.0).to(ACC)
+        mean = tl.load(rm_ptr + _running_at(ks, cs, srm_k, srm_c), mask=kcm, other=0.0).to(ACC)
+        var = tl.load(rv_ptr + _running_at(ks, cs, srv_k, srv_c), mask=kcm, other=1.0).to(ACC)
         single = ks < 0
     if SYNC == 0:
         _bn_stats_tail(br_ptr, sbr, mix_ptr, smn, smk, sc_ptr, g_ptr, be_ptr, w_ptr, b_ptr,
@@ -425,7 +428,7 @@ def bn_forward(x, branch, mix, weight, bias, running_mean, running_var, num_batc
             _zero(mean, invstd)
         return y, mean, invstd, None, None, None, planes
     running = training and running_mean is not None
-    rm, rv = _contiguous_running(running_mean, running_var)
+    rm, rv = _written_running(running_mean, running_var, running)
     nbt = num_batches_tracked if num_batches_tracked is not None and running else None
     count = torch.empty(K if running else 0, device=dev, dtype=acc)
     A = torch.empty(N, C, device=dev, dtype=acc)
@@ -435,9 +438,6 @@ def bn_forward(x, branch, mix, weight, bias, running_mean, running_var, num_batc
                nbt, mean, invstd, A, D, count, planes, x, K, momentum, eps, batch, running,
                cumulative, sync=0)
         _affine(x3, _ncs(y), A, D, relu, nbt, count, K)
-    if rm is not running_mean and running:
-        running_mean.copy_(rm)
-        running_var.copy_(rv)
     return y, mean, invstd, None, None, None, planes
 
 
@@ -454,11 +454,22 @@ def _forward_outputs(x, mix, K, batch):
     return x3, _like(x), mean, invstd, planes
 
 
-def _contiguous_running(rm, rv):
-    """The running statistics as the kernels write them (written back when copied)."""
-    if rm is not None and not (rm.is_contiguous() and rv.is_contiguous()):
-        return rm.contiguous(), rv.contiguous()
+def _written_running(rm, rv, written):
+    """The running statistics, read and written in place through their strides
+    (`_running_strides`); ones the kernels write must not overlap themselves."""
+    if written and rm is not None:
+        for name, t in (("running_mean", rm), ("running_var", rv)):
+            if not no_overlap(t):
+                raise ValueError(f"fastrobust: {name} has elements that share memory (strides "
+                                 f"{tuple(t.stride())}); the training update writes each one")
     return rm, rv
+
+
+def _running_strides(rm, rv, C):
+    """(rm's, rv's) strides of k and c, the kernels' srm_k, srm_c, srv_k, srv_c."""
+    if rm is None:
+        return C, 1, C, 1
+    return (*rm.stride(), *rv.stride())
 
 
 def _stats(x, x3, branch, mix, s, g, be, w, b, rm, rv, nbt, mean, invstd, A, D, count, planes,
@@ -483,7 +494,8 @@ def _stats(x, x3, branch, mix, s, g, be, w, b, rm, rv, nbt, mean, invstd, A, D, 
     launch(_bn_stats_kernel, (triton.cdiv(C, block_c),), parts, x3, x3.stride(0), x3.stride(1),
            *_route_args(branch, mix, x), x if s is None else s, x if g is None else g,
            x if be is None else be, x if w is None else w, x if b is None else b,
-           x if rm is None else rm, x if rv is None else rv, x if nbt is None else nbt, mean,
+           x if rm is None else rm, x if rv is None else rv, *_running_strides(rm, rv, C),
+           x if nbt is None else nbt, mean,
            invstd, A, D, count, planes, pay, N, C, S, T, chunk, K, *fp32_parts(momentum),
            *fp32_parts(eps), SYNC=sync, MIXED=mixed, BATCH=batch, RUNNING=running,
            CUMULATIVE=bool(cumulative) and nbt is not None, FROM_X=from_x, PLANES=mixed and batch,

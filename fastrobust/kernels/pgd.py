@@ -1,8 +1,11 @@
 """Triton kernels of the PGD steps (shared/DESIGN.md §2.5).
 
-Every tensor has x_adv's shape and strides and keeps each sample in one dense block of memory
-(contiguous or channels_last; `fastrobust._ops` copies other layouts), so sample n is the flat
-range [n·S, (n+1)·S). Three kernels:
+Every tensor has x_adv's shape and its own strides: the launcher (`_geometry`) takes the
+sample's dims in x_adv's memory order, merges adjacent dims where every tensor allows it, and
+passes each tensor's strides over at most three dims (a layout all tensors share, contiguous
+or channels_last, is one dim of stride 1; views, slices and mixed layouts are read and written
+where they lie, with no copy). Only a sample whose dims merge into no three is copied (the
+plan then says why it is not replayed). Three kernels:
 
   _linf_kernel    grid (N, ⌈S/BLOCK⌉): the elementwise linf step, in torchattacks' order of
                   operations (bitwise equal to it in fp32), or the random start (SIGN=False)
@@ -35,8 +38,11 @@ from .._common import acc_dtype
 
 from .._spec import PgdMode
 from . import on_device, tiles_grid
-from ._common import _scalar
+from ._common import _scalar, no_overlap
 from ._plan import fp32_parts, launch
+
+# The launchers take each tensor in its own layout (backends/_schema.py copies none).
+STRIDED = True
 
 
 @triton.jit
@@ -78,86 +84,117 @@ def _poison(r, e, EPS_T: tl.constexpr):
 
 
 @triton.jit
+def _at(ptr, n, s, sn, s1, s2, s3, D2, D3):
+    """Address of element s of sample n. s numbers the sample's elements in the launcher's
+    order of its dims (`_geometry`: sizes D1, D2, D3, the last fastest); each tensor has its
+    own strides (sn for the sample). Sizes and strides equal to 1 are compiled in: a dense
+    layout that all tensors share is one dim of stride 1, and its offset is n·sn + s."""
+    i3 = s % D3
+    r = s // D3
+    return ptr + (n * sn + (r // D2).to(tl.int64) * s1 + (r % D2).to(tl.int64) * s2
+                  + i3.to(tl.int64) * s3)
+
+
+@triton.jit
 def _linf_kernel(out_ptr, xa_ptr, g_ptr, xn_ptr, eps_ptr, alpha_ptr, eps, eps_m, eps_l, alpha,
-                 alpha_m, alpha_l, lo, lo_m, lo_l, hi, hi_m, hi_l, S, s_blocks, EPS_T: tl.constexpr,
-                 ALPHA_T: tl.constexpr, SIGN: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+                 alpha_m, alpha_l, lo, lo_m, lo_l, hi, hi_m, hi_l, S, s_blocks, D2, D3, so_n,
+                 so_1, so_2, so_3, sa_n, sa_1, sa_2, sa_3, sg_n, sg_1, sg_2, sg_3, sx_n, sx_1,
+                 sx_2, sx_3, EPS_T: tl.constexpr, ALPHA_T: tl.constexpr, SIGN: tl.constexpr,
+                 BLOCK: tl.constexpr, ACC: tl.constexpr):
     # (sample, block) on grid axis x alone, the block fastest: axis y takes only 65,535
     pid = tl.program_id(0)
     n = (pid // s_blocks).to(tl.int64)
     offs = (pid % s_blocks) * BLOCK + tl.arange(0, BLOCK)
     m = offs < S
-    p = n * S + offs
     e, a, lo_, hi_ = _scalars(n, eps_ptr, alpha_ptr, eps, eps_m, eps_l, alpha, alpha_m, alpha_l, lo,
                               lo_m, lo_l, hi, hi_m, hi_l, EPS_T, ALPHA_T, ACC)
-    xa = tl.load(xa_ptr + p, mask=m, other=0.0).to(ACC)
-    g = tl.load(g_ptr + p, mask=m, other=0.0).to(ACC)
-    xn = tl.load(xn_ptr + p, mask=m, other=0.0).to(ACC)
+    xa = tl.load(_at(xa_ptr, n, offs, sa_n, sa_1, sa_2, sa_3, D2, D3), mask=m, other=0.0).to(ACC)
+    g = tl.load(_at(g_ptr, n, offs, sg_n, sg_1, sg_2, sg_3, D2, D3), mask=m, other=0.0).to(ACC)
+    xn = tl.load(_at(xn_ptr, n, offs, sx_n, sx_1, sx_2, sx_3, D2, D3), mask=m, other=0.0).to(ACC)
     if SIGN:
         g = _sign(g)
     adv = xa + a * g  # a·sign(g) is exact, so a fused multiply-add gives the same sum
     delta = _clamp(adv - xn, -e, e)
     r = _poison(_clamp(xn + delta, lo_, hi_), e, EPS_T)
-    tl.store(out_ptr + p, r.to(out_ptr.dtype.element_ty), mask=m)
+    tl.store(_at(out_ptr, n, offs, so_n, so_1, so_2, so_3, D2, D3), r.to(out_ptr.dtype.element_ty),
+             mask=m)
 
 
 @triton.jit
-def _l2_apply(out_ptr, xa_ptr, g_ptr, xn_ptr, base, start, end, step, f, e, lo_, hi_,
-              EPS_T: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
-    """out = clamp(x_nat + f·(x_adv + step·g − x_nat)) over [start, end) of the sample."""
+def _l2_apply(out_ptr, xa_ptr, g_ptr, xn_ptr, n, start, end, step, f, e, lo_, hi_, D2, D3, so_n,
+              so_1, so_2, so_3, sa_n, sa_1, sa_2, sa_3, sg_n, sg_1, sg_2, sg_3, sx_n, sx_1, sx_2,
+              sx_3, EPS_T: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """out = clamp(x_nat + f·(x_adv + step·g − x_nat)) over [start, end) of sample n."""
     for s0 in range(start, end, BLOCK):
         o = s0 + tl.arange(0, BLOCK)
         m = o < end
-        xn = tl.load(xn_ptr + base + o, mask=m, other=0.0).to(ACC)
-        d = (tl.load(xa_ptr + base + o, mask=m, other=0.0).to(ACC)
-             + step * tl.load(g_ptr + base + o, mask=m, other=0.0).to(ACC) - xn)
+        xn = tl.load(_at(xn_ptr, n, o, sx_n, sx_1, sx_2, sx_3, D2, D3), mask=m,
+                     other=0.0).to(ACC)
+        d = (tl.load(_at(xa_ptr, n, o, sa_n, sa_1, sa_2, sa_3, D2, D3), mask=m,
+                     other=0.0).to(ACC)
+             + step * tl.load(_at(g_ptr, n, o, sg_n, sg_1, sg_2, sg_3, D2, D3), mask=m,
+                              other=0.0).to(ACC) - xn)
         r = _poison(_clamp(xn + d * f, lo_, hi_), e, EPS_T)
-        tl.store(out_ptr + base + o, r.to(out_ptr.dtype.element_ty), mask=m)
+        tl.store(_at(out_ptr, n, o, so_n, so_1, so_2, so_3, D2, D3),
+                 r.to(out_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
 def _l2_kernel(out_ptr, xa_ptr, g_ptr, xn_ptr, eps_ptr, alpha_ptr, eps, eps_m, eps_l, alpha,
-               alpha_m, alpha_l, lo, lo_m, lo_l, hi, hi_m, hi_l, S, EPS_T: tl.constexpr,
-               ALPHA_T: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+               alpha_m, alpha_l, lo, lo_m, lo_l, hi, hi_m, hi_l, S, D2, D3, so_n, so_1, so_2,
+               so_3, sa_n, sa_1, sa_2, sa_3, sg_n, sg_1, sg_2, sg_3, sx_n, sx_1, sx_2, sx_3,
+               EPS_T: tl.constexpr, ALPHA_T: tl.constexpr, BLOCK: tl.constexpr,
+               ACC: tl.constexpr):
     n = tl.program_id(0).to(tl.int64)
-    base = n * S
     e, a, lo_, hi_ = _scalars(n, eps_ptr, alpha_ptr, eps, eps_m, eps_l, alpha, alpha_m, alpha_l, lo,
                               lo_m, lo_l, hi, hi_m, hi_l, EPS_T, ALPHA_T, ACC)
     acc = tl.zeros([BLOCK], ACC)
     for s0 in range(0, S, BLOCK):
         o = s0 + tl.arange(0, BLOCK)
-        g = tl.load(g_ptr + base + o, mask=o < S, other=0.0).to(ACC)
+        g = tl.load(_at(g_ptr, n, o, sg_n, sg_1, sg_2, sg_3, D2, D3), mask=o < S,
+                    other=0.0).to(ACC)
         acc += g * g
     step = a / tl.maximum(tl.sqrt(tl.sum(acc, 0)), 1e-12)
     acc = tl.zeros([BLOCK], ACC)
     for s0 in range(0, S, BLOCK):
         o = s0 + tl.arange(0, BLOCK)
         m = o < S
-        d = (tl.load(xa_ptr + base + o, mask=m, other=0.0).to(ACC)
-             + step * tl.load(g_ptr + base + o, mask=m, other=0.0).to(ACC)
-             - tl.load(xn_ptr + base + o, mask=m, other=0.0).to(ACC))
+        d = (tl.load(_at(xa_ptr, n, o, sa_n, sa_1, sa_2, sa_3, D2, D3), mask=m,
+                     other=0.0).to(ACC)
+             + step * tl.load(_at(g_ptr, n, o, sg_n, sg_1, sg_2, sg_3, D2, D3), mask=m,
+                              other=0.0).to(ACC)
+             - tl.load(_at(xn_ptr, n, o, sx_n, sx_1, sx_2, sx_3, D2, D3), mask=m,
+                       other=0.0).to(ACC))
         acc += d * d
     dn = tl.sqrt(tl.sum(acc, 0))
     f = tl.where(dn > e, e / tl.maximum(dn, 1e-30), 1.0)
-    _l2_apply(out_ptr, xa_ptr, g_ptr, xn_ptr, base, 0, S, step, f, e, lo_, hi_, EPS_T, BLOCK,
-              ACC)
+    _l2_apply(out_ptr, xa_ptr, g_ptr, xn_ptr, n, 0, S, step, f, e, lo_, hi_, D2, D3, so_n, so_1,
+              so_2, so_3, sa_n, sa_1, sa_2, sa_3, sg_n, sg_1, sg_2, sg_3, sx_n, sx_1, sx_2, sx_3,
+              EPS_T, BLOCK, ACC)
 
 
 @triton.jit
-def _mifgsm_apply(xa_ptr, g_ptr, buf_ptr, xn_ptr, base, start, end, div, dec, e, a, lo_, hi_,
-                  EPS_T: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+def _mifgsm_apply(xa_ptr, g_ptr, buf_ptr, xn_ptr, n, start, end, div, dec, e, a, lo_, hi_, D2,
+                  D3, sa_n, sa_1, sa_2, sa_3, sg_n, sg_1, sg_2, sg_3, sb_n, sb_1, sb_2, sb_3,
+                  sx_n, sx_1, sx_2, sx_3, EPS_T: tl.constexpr, BLOCK: tl.constexpr,
+                  ACC: tl.constexpr):
     """buf = g/div + dec·buf, then the linf step with sign(buf), over [start, end)."""
     for s0 in range(start, end, BLOCK):
         o = s0 + tl.arange(0, BLOCK)
         m = o < end
-        g = tl.load(g_ptr + base + o, mask=m, other=0.0).to(ACC)
-        b = tl.load(buf_ptr + base + o, mask=m, other=0.0).to(ACC)
+        g = tl.load(_at(g_ptr, n, o, sg_n, sg_1, sg_2, sg_3, D2, D3), mask=m,
+                    other=0.0).to(ACC)
+        pb = _at(buf_ptr, n, o, sb_n, sb_1, sb_2, sb_3, D2, D3)
+        b = tl.load(pb, mask=m, other=0.0).to(ACC)
         b = g / div + b * dec
-        tl.store(buf_ptr + base + o, b.to(buf_ptr.dtype.element_ty), mask=m)
-        xa = tl.load(xa_ptr + base + o, mask=m, other=0.0).to(ACC)
-        xn = tl.load(xn_ptr + base + o, mask=m, other=0.0).to(ACC)
+        tl.store(pb, b.to(buf_ptr.dtype.element_ty), mask=m)
+        pa = _at(xa_ptr, n, o, sa_n, sa_1, sa_2, sa_3, D2, D3)
+        xa = tl.load(pa, mask=m, other=0.0).to(ACC)
+        xn = tl.load(_at(xn_ptr, n, o, sx_n, sx_1, sx_2, sx_3, D2, D3), mask=m,
+                     other=0.0).to(ACC)
         delta = _clamp(xa + a * _sign(b) - xn, -e, e)
         r = _poison(_clamp(xn + delta, lo_, hi_), e, EPS_T)
-        tl.store(xa_ptr + base + o, r.to(xa_ptr.dtype.element_ty), mask=m)
+        tl.store(pa, r.to(xa_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -168,34 +205,36 @@ def _decay(decay, decay_m, decay_l, ACC: tl.constexpr):
 @triton.jit
 def _mifgsm_kernel(xa_ptr, g_ptr, buf_ptr, xn_ptr, eps_ptr, alpha_ptr, eps, eps_m, eps_l, alpha,
                    alpha_m, alpha_l, lo, lo_m, lo_l, hi, hi_m, hi_l, decay, decay_m, decay_l, S,
-                   EPS_T: tl.constexpr, ALPHA_T: tl.constexpr, BLOCK: tl.constexpr,
-                   ACC: tl.constexpr):
+                   D2, D3, sa_n, sa_1, sa_2, sa_3, sg_n, sg_1, sg_2, sg_3, sb_n, sb_1, sb_2, sb_3,
+                   sx_n, sx_1, sx_2, sx_3, EPS_T: tl.constexpr, ALPHA_T: tl.constexpr,
+                   BLOCK: tl.constexpr, ACC: tl.constexpr):
     n = tl.program_id(0).to(tl.int64)
-    base = n * S
     e, a, lo_, hi_ = _scalars(n, eps_ptr, alpha_ptr, eps, eps_m, eps_l, alpha, alpha_m, alpha_l, lo,
                               lo_m, lo_l, hi, hi_m, hi_l, EPS_T, ALPHA_T, ACC)
     dec = _decay(decay, decay_m, decay_l, ACC)
     acc = tl.zeros([BLOCK], ACC)
     for s0 in range(0, S, BLOCK):
         o = s0 + tl.arange(0, BLOCK)
-        acc += tl.abs(tl.load(g_ptr + base + o, mask=o < S, other=0.0).to(ACC))
+        acc += tl.abs(tl.load(_at(g_ptr, n, o, sg_n, sg_1, sg_2, sg_3, D2, D3), mask=o < S,
+                              other=0.0).to(ACC))
     mean = tl.sum(acc, 0) / S
     div = tl.where(mean == 0, 1.0, mean)  # all-zero gradient: adds 0; a NaN spreads
-    _mifgsm_apply(xa_ptr, g_ptr, buf_ptr, xn_ptr, base, 0, S, div, dec, e, a, lo_, hi_, EPS_T,
-                  BLOCK, ACC)
+    _mifgsm_apply(xa_ptr, g_ptr, buf_ptr, xn_ptr, n, 0, S, div, dec, e, a, lo_, hi_, D2, D3,
+                  sa_n, sa_1, sa_2, sa_3, sg_n, sg_1, sg_2, sg_3, sb_n, sb_1, sb_2, sb_3, sx_n,
+                  sx_1, sx_2, sx_3, EPS_T, BLOCK, ACC)
 
 
 # --- the split forms (few or large samples) ------------------------------------------------
 
 @triton.jit
-def _sample_sums_kernel(xa_ptr, g_ptr, xn_ptr, parts_ptr, N, S, CHUNK, L2: tl.constexpr,
+def _sample_sums_kernel(xa_ptr, g_ptr, xn_ptr, parts_ptr, N, S, CHUNK, D2, D3, sa_n, sa_1, sa_2,
+                        sa_3, sg_n, sg_1, sg_2, sg_3, sx_n, sx_1, sx_2, sx_3, L2: tl.constexpr,
                         BLOCK: tl.constexpr, ACC: tl.constexpr):
     """Partial sums of chunk t of sample n into parts [3, T, N]: l2 Σg², Σd·g, Σd²
     (d = x_adv − x_nat); MI-FGSM Σ|g| (row 0)."""
     n = tl.program_id(0).to(tl.int64)
     t = tl.program_id(1).to(tl.int64)
     T = tl.num_programs(1)
-    base = n * S
     start = t * CHUNK
     end = tl.minimum(start + CHUNK, S)
     a1 = tl.zeros([BLOCK], ACC)
@@ -204,10 +243,13 @@ def _sample_sums_kernel(xa_ptr, g_ptr, xn_ptr, parts_ptr, N, S, CHUNK, L2: tl.co
     for s0 in range(start, end, BLOCK):
         o = s0 + tl.arange(0, BLOCK)
         m = o < end
-        g = tl.load(g_ptr + base + o, mask=m, other=0.0).to(ACC)
+        g = tl.load(_at(g_ptr, n, o, sg_n, sg_1, sg_2, sg_3, D2, D3), mask=m,
+                    other=0.0).to(ACC)
         if L2:
-            d = (tl.load(xa_ptr + base + o, mask=m, other=0.0).to(ACC)
-                 - tl.load(xn_ptr + base + o, mask=m, other=0.0).to(ACC))
+            d = (tl.load(_at(xa_ptr, n, o, sa_n, sa_1, sa_2, sa_3, D2, D3), mask=m,
+                         other=0.0).to(ACC)
+                 - tl.load(_at(xn_ptr, n, o, sx_n, sx_1, sx_2, sx_3, D2, D3), mask=m,
+                           other=0.0).to(ACC))
             a1 += g * g
             a2 += g * d
             a3 += d * d
@@ -238,8 +280,9 @@ def _split_program(eps_ptr, alpha_ptr, eps, eps_m, eps_l, alpha, alpha_m, alpha_
 @triton.jit
 def _l2_split_kernel(out_ptr, xa_ptr, g_ptr, xn_ptr, parts_ptr, eps_ptr, alpha_ptr, eps, eps_m,
                      eps_l, alpha, alpha_m, alpha_l, lo, lo_m, lo_l, hi, hi_m, hi_l, N, S, CHUNK,
-                     EPS_T: tl.constexpr, ALPHA_T: tl.constexpr, BLOCK_T: tl.constexpr,
-                     BLOCK: tl.constexpr, ACC: tl.constexpr):
+                     D2, D3, so_n, so_1, so_2, so_3, sa_n, sa_1, sa_2, sa_3, sg_n, sg_1, sg_2,
+                     sg_3, sx_n, sx_1, sx_2, sx_3, EPS_T: tl.constexpr, ALPHA_T: tl.constexpr,
+                     BLOCK_T: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
     n, t, T, e, a, lo_, hi_ = _split_program(eps_ptr, alpha_ptr, eps, eps_m, eps_l, alpha, alpha_m,
                                              alpha_l, lo, lo_m, lo_l, hi, hi_m, hi_l,
                                              EPS_T, ALPHA_T, ACC)
@@ -250,15 +293,18 @@ def _l2_split_kernel(out_ptr, xa_ptr, g_ptr, xn_ptr, parts_ptr, eps_ptr, alpha_p
     dn = tl.sqrt(tl.maximum(dd + step * (2 * gd + step * gg), 0.0))
     f = tl.where(dn > e, e / tl.maximum(dn, 1e-30), 1.0)
     start = t * CHUNK
-    _l2_apply(out_ptr, xa_ptr, g_ptr, xn_ptr, n * S, start, tl.minimum(start + CHUNK, S), step,
-              f, e, lo_, hi_, EPS_T, BLOCK, ACC)
+    _l2_apply(out_ptr, xa_ptr, g_ptr, xn_ptr, n, start, tl.minimum(start + CHUNK, S), step, f, e,
+              lo_, hi_, D2, D3, so_n, so_1, so_2, so_3, sa_n, sa_1, sa_2, sa_3, sg_n, sg_1, sg_2,
+              sg_3, sx_n, sx_1, sx_2, sx_3, EPS_T, BLOCK, ACC)
 
 
 @triton.jit
 def _mifgsm_split_kernel(xa_ptr, g_ptr, buf_ptr, xn_ptr, parts_ptr, eps_ptr, alpha_ptr, eps, eps_m,
                          eps_l, alpha, alpha_m, alpha_l, lo, lo_m, lo_l, hi, hi_m, hi_l, decay,
-                         decay_m, decay_l, N, S, CHUNK, EPS_T: tl.constexpr, ALPHA_T: tl.constexpr,
-                         BLOCK_T: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+                         decay_m, decay_l, N, S, CHUNK, D2, D3, sa_n, sa_1, sa_2, sa_3, sg_n,
+                         sg_1, sg_2, sg_3, sb_n, sb_1, sb_2, sb_3, sx_n, sx_1, sx_2, sx_3,
+                         EPS_T: tl.constexpr, ALPHA_T: tl.constexpr, BLOCK_T: tl.constexpr,
+                         BLOCK: tl.constexpr, ACC: tl.constexpr):
     n, t, T, e, a, lo_, hi_ = _split_program(eps_ptr, alpha_ptr, eps, eps_m, eps_l, alpha, alpha_m,
                                              alpha_l, lo, lo_m, lo_l, hi, hi_m, hi_l,
                                              EPS_T, ALPHA_T, ACC)
@@ -266,8 +312,9 @@ def _mifgsm_split_kernel(xa_ptr, g_ptr, buf_ptr, xn_ptr, parts_ptr, eps_ptr, alp
     mean = _sum_of_parts(parts_ptr, 0, n, N, T, BLOCK_T) / S
     div = tl.where(mean == 0, 1.0, mean)
     start = t * CHUNK
-    _mifgsm_apply(xa_ptr, g_ptr, buf_ptr, xn_ptr, n * S, start, tl.minimum(start + CHUNK, S),
-                  div, dec, e, a, lo_, hi_, EPS_T, BLOCK, ACC)
+    _mifgsm_apply(xa_ptr, g_ptr, buf_ptr, xn_ptr, n, start, tl.minimum(start + CHUNK, S), div, dec,
+                  e, a, lo_, hi_, D2, D3, sa_n, sa_1, sa_2, sa_3, sg_n, sg_1, sg_2, sg_3, sb_n,
+                  sb_1, sb_2, sb_3, sx_n, sx_1, sx_2, sx_3, EPS_T, BLOCK, ACC)
 
 
 # A per-sample reduction is split along S so that it gets about MIN_PROGRAMS programs (two
@@ -291,10 +338,58 @@ def _split(N: int, S: int) -> tuple[int, int]:
     return triton.cdiv(S, chunk), chunk
 
 
-def _sums(x_adv, grad, x_nat, N, S, T, chunk, l2, flags):
+def _geometry(*ts):
+    """How the kernels address each tensor (all of ts[0]'s shape): (D2, D3, strides), the
+    sample's dims taken in the order of ts[0]'s memory (largest stride first), adjacent dims
+    merged where every tensor allows it, as at most three dims of sizes D1, D2, D3 (padded
+    with size 1), and per tensor (sample stride, s1, s2, s3). None: more than three dims that
+    no merge reduces."""
+    ref = ts[0]
+    dims = sorted((d for d in range(1, ref.dim()) if ref.shape[d] != 1),
+                  key=lambda d: -ref.stride(d))
+    merged = []  # [size, [stride in each tensor]]
+    for d in dims:
+        size, st = ref.shape[d], [t.stride(d) for t in ts]
+        if merged and all(p == q * size for p, q in zip(merged[-1][1], st)):
+            merged[-1] = [merged[-1][0] * size, st]
+        else:
+            merged.append([size, st])
+    if len(merged) > 3:
+        return None
+    merged += [[1, [1] * len(ts)]] * (3 - len(merged))
+    strides = tuple(x for i, t in enumerate(ts)
+                    for x in (t.stride(0), merged[0][1][i], merged[1][1][i], merged[2][1][i]))
+    return merged[1][0], merged[2][0], strides
+
+
+def _copied(fn, written, *ts):
+    """fn on contiguous copies of ts (one per distinct tensor), `written` ones copied back:
+    the layouts `_geometry` cannot address. Not replayable (a copy); the plan says why."""
+    from ._plan import active
+    rec = active()
+    if rec is not None:
+        rec.plan.refuse("a PGD tensor whose sample dims merge into no three strided dims "
+                        "(copied to contiguous memory)")
+    seen = {}
+    work = [seen.setdefault(id(t), t.contiguous()) for t in ts]
+    fn(*work)
+    for t, w in zip(ts, work):
+        if w is not t and any(t is x for x in written):
+            t.copy_(w)
+
+
+def _check_written(**ts):
+    for name, t in ts.items():
+        if not no_overlap(t):
+            raise ValueError(f"fastrobust: {name} has elements that share memory (strides "
+                             f"{tuple(t.stride())}); the PGD step writes each element once")
+
+
+def _sums(x_adv, grad, x_nat, N, S, T, chunk, l2, flags, geo):
+    D2, D3, st = geo
     parts = torch.empty(3 if l2 else 1, T, N, device=x_adv.device, dtype=acc_dtype(x_adv))
-    launch(_sample_sums_kernel, (N, T), x_adv, grad, x_nat, parts, N, S, chunk, L2=l2, BLOCK=BLOCK,
-           ACC=flags["ACC"])
+    launch(_sample_sums_kernel, (N, T), x_adv, grad, x_nat, parts, N, S, chunk, D2, D3, *st,
+           L2=l2, BLOCK=BLOCK, ACC=flags["ACC"])
     return parts
 
 
@@ -312,40 +407,54 @@ def _launch_args(x, eps_t, eps, alpha_t, alpha, clip_min, clip_max):
 def pgd_update(out, x_adv, grad, x_nat, eps_t, eps, alpha_t, alpha, mode, clip_min,
                clip_max) -> None:
     """out = clamp(x_nat + P(x_adv + alpha·dir(grad) − x_nat)); the signature of the C++
-    kernel (csrc/cpu/pgd.h)."""
+    kernel (csrc/cpu/pgd.h). The tensors have x_adv's shape, each its own strides."""
+    _check_written(x_adv=out)
     if x_adv.numel() == 0:
         return
+    geo = _geometry(out, x_adv, grad, x_nat)
+    if geo is None:
+        return _copied(lambda *w: pgd_update(*w, eps_t, eps, alpha_t, alpha, mode, clip_min,
+                                             clip_max), (out,), out, x_adv, grad, x_nat)
     N = x_adv.shape[0]
     S = x_adv.numel() // N
     ptrs, scal, flags = _launch_args(x_adv, eps_t, eps, alpha_t, alpha, clip_min, clip_max)
     with on_device(x_adv):
-        _launch_pgd(out, x_adv, grad, x_nat, ptrs, scal, flags, mode, N, S)
+        _launch_pgd(out, x_adv, grad, x_nat, ptrs, scal, flags, mode, N, S, geo)
 
 
-def _launch_pgd(out, x_adv, grad, x_nat, ptrs, scal, flags, mode, N, S):
+def _launch_pgd(out, x_adv, grad, x_nat, ptrs, scal, flags, mode, N, S, geo):
+    D2, D3, st = geo
     if mode == PgdMode.L2:
         T, chunk = _split(N, S)
         if T == 1:
-            launch(_l2_kernel, (N,), out, x_adv, grad, x_nat, *ptrs, *scal, S, BLOCK=BLOCK,
-                   **flags)
+            launch(_l2_kernel, (N,), out, x_adv, grad, x_nat, *ptrs, *scal, S, D2, D3, *st,
+                   BLOCK=BLOCK, **flags)
         else:
-            parts = _sums(x_adv, grad, x_nat, N, S, T, chunk, True, flags)
+            parts = _sums(x_adv, grad, x_nat, N, S, T, chunk, True, flags,
+                          (D2, D3, st[4:]))
             launch(_l2_split_kernel, (N, T), out, x_adv, grad, x_nat, parts, *ptrs, *scal, N, S,
-                   chunk, BLOCK_T=triton.next_power_of_2(T), BLOCK=BLOCK, **flags)
+                   chunk, D2, D3, *st, BLOCK_T=triton.next_power_of_2(T), BLOCK=BLOCK, **flags)
     elif mode in (PgdMode.LINF_SIGN, PgdMode.LINF_RAW):
         block = min(2048, triton.next_power_of_2(S))
         s_blocks = triton.cdiv(S, block)
         launch(_linf_kernel, tiles_grid("x_adv", N, s_blocks), out, x_adv, grad, x_nat, *ptrs,
-               *scal, S, s_blocks, SIGN=mode == PgdMode.LINF_SIGN, BLOCK=block, **flags)
+               *scal, S, s_blocks, D2, D3, *st, SIGN=mode == PgdMode.LINF_SIGN, BLOCK=block,
+               **flags)
     else:
         raise ValueError(f"unknown pgd mode {mode}")
 
 
 def mifgsm_update(x_adv, grad, buf, x_nat, eps_t, eps, alpha_t, alpha, decay, clip_min,
                   clip_max) -> None:
-    """MI-FGSM momentum and linf step, x_adv and buf in place."""
+    """MI-FGSM momentum and linf step, x_adv and buf in place; each tensor its own strides."""
+    _check_written(x_adv=x_adv, momentum=buf)
     if x_adv.numel() == 0:
         return
+    geo = _geometry(x_adv, grad, buf, x_nat)
+    if geo is None:
+        return _copied(lambda *w: mifgsm_update(*w, eps_t, eps, alpha_t, alpha, decay, clip_min,
+                                                clip_max), (x_adv, buf), x_adv, grad, buf, x_nat)
+    D2, D3, st = geo
     N = x_adv.shape[0]
     S = x_adv.numel() // N
     ptrs, scal, flags = _launch_args(x_adv, eps_t, eps, alpha_t, alpha, clip_min, clip_max)
@@ -353,10 +462,10 @@ def mifgsm_update(x_adv, grad, buf, x_nat, eps_t, eps, alpha_t, alpha, decay, cl
     with on_device(x_adv):
         if T == 1:
             launch(_mifgsm_kernel, (N,), x_adv, grad, buf, x_nat, *ptrs, *scal, *fp32_parts(decay),
-                   S,
-                   BLOCK=BLOCK, **flags)
+                   S, D2, D3, *st, BLOCK=BLOCK, **flags)
         else:
-            parts = _sums(x_adv, grad, x_nat, N, S, T, chunk, False, flags)
+            parts = _sums(x_adv, grad, x_nat, N, S, T, chunk, False, flags,
+                          (D2, D3, st[:8] + st[12:]))
             launch(_mifgsm_split_kernel, (N, T), x_adv, grad, buf, x_nat, parts, *ptrs, *scal,
-                   *fp32_parts(decay), N, S, chunk, BLOCK_T=triton.next_power_of_2(T), BLOCK=BLOCK,
-                   **flags)
+                   *fp32_parts(decay), N, S, chunk, D2, D3, *st, BLOCK_T=triton.next_power_of_2(T),
+                   BLOCK=BLOCK, **flags)

@@ -22,7 +22,7 @@ from ._bn_parts import (_affine_of, _check_routing, _coefficients, _dx_tile, _ex
                         _invstd, _plane_grads, _qr_coefficients, _route, _route_args,
                         _to_planes, _update_running)
 from ._common import _blocks, _c, _ncs, _plane_tile, _scalar, _tile, _tiles_grid, _tl_acc
-from .multi_bn import _contiguous_running, _forward_outputs, _stats
+from .multi_bn import _forward_outputs, _running_strides, _stats, _written_running
 
 
 @triton.jit
@@ -40,7 +40,8 @@ def _global_stats(pay_ptr, ks, kc, kcm, K, C, ACC: tl.constexpr):
 
 @triton.jit
 def _sync_apply_kernel(x_ptr, out_ptr, pay_ptr, br_ptr, sbr, mix_ptr, smn, smk, sc_ptr, g_ptr,
-                       be_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr, nbt_ptr, old_ptr, mean_ptr,
+                       be_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr, srm_k, srm_c, srv_k, srv_c,
+                       nbt_ptr, old_ptr, mean_ptr,
                        invstd_ptr, N, C, S, K, sxn, sxc, sxs, son, soc, sos, c_blocks,
                        s_blocks, momentum, momentum_m, momentum_l, eps, eps_m, eps_l,
                        MIXED: tl.constexpr, RUNNING: tl.constexpr,
@@ -75,7 +76,8 @@ def _sync_apply_kernel(x_ptr, out_ptr, pay_ptr, br_ptr, sbr, mix_ptr, smn, smk, 
             mom = (1.0 / (tl.load(old_ptr + ks, mask=kmask, other=0.0) + 1.0))[:, None]
         else:
             mom = momentum
-        _update_running(rm_ptr, rv_ptr, kc, kcm1, mean, var, count, mom, ACC)
+        _update_running(rm_ptr, rv_ptr, ks, cs, srm_k, srm_c, srv_k, srv_c, kcm1, mean, var,
+                        count, mom, ACC)
         if COUNT:
             km0 = tl.where(first & (cb == 0), kmask, False)
             old = tl.load(nbt_ptr + ks, mask=km0, other=0)
@@ -189,7 +191,7 @@ def sync_bn_forward(x, branch, mix, weight, bias, running_mean, running_var,
     mixed = mix is not None
     pay = torch.empty(K + 2 * K * C, device=dev, dtype=torch.float64)
     running = running_mean is not None
-    rm, rv = _contiguous_running(running_mean, running_var)
+    rm, rv = _written_running(running_mean, running_var, running)
     nbt = num_batches_tracked if num_batches_tracked is not None and running else None
     cumulative = bool(cumulative) and nbt is not None
     old = torch.empty(K if cumulative else 0, device=dev, dtype=acc)
@@ -207,14 +209,12 @@ def sync_bn_forward(x, branch, mix, weight, bias, running_mean, running_var,
         launch(_sync_apply_kernel, _tiles_grid(N, c_blocks, s_blocks), x3, y3, pay,
                *_route_args(branch, mix, x), x if s is None else s, x if g is None else g,
                x if be is None else be, x if w is None else w, x if b is None else b,
-               x if rm is None else rm, x if rv is None else rv, x if nbt is None else nbt, old,
+               x if rm is None else rm, x if rv is None else rv, *_running_strides(rm, rv, C),
+               x if nbt is None else nbt, old,
                mean, invstd, N, C, S, K, *x3.stride(), *y3.stride(), c_blocks, s_blocks,
                *fp32_parts(momentum), *fp32_parts(eps), MIXED=mixed,
                RUNNING=running, CUMULATIVE=cumulative, COUNT=nbt is not None, CHECK=True,
                HAS_W=w is not None, HAS_B=b is not None, SCALE=s is not None, GAMMA=g is not None,
                BETA=be is not None, RELU=relu, BLOCK_K=triton.next_power_of_2(max(K, 1)),
                BLOCK_C=block_c, BLOCK_S=block_s, ACC=_tl_acc(acc))
-    if rm is not running_mean and running:
-        running_mean.copy_(rm)
-        running_var.copy_(rv)
     return y, mean, invstd, planes, pay
