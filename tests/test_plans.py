@@ -155,13 +155,16 @@ def test_the_signature_tells_apart_what_the_launchers_decide_on():
 
 
 def test_a_launcher_that_copies_data_is_not_replayed():
-    """A non-contiguous running statistic is updated through a contiguous copy, written back:
-    a replay would not know to copy, so the plan says why and C++ keeps the launcher."""
-    args = _bn_args(torch.Generator().manual_seed(6))
-    args[5] = torch.randn(5, 3).t()  # running_mean, [K, C] but not contiguous
-    args[6] = torch.rand(5, 3).t() + 0.5
-    _, plan = _plan.record_call(IMPLS["multi_bn"], args)
-    assert plan.why_not and "aten." in plan.why_not
+    """A PGD step whose sample dims merge into no three strided dims runs on contiguous
+    copies, written back: a replay would not know to copy, so the plan says why and C++ keeps
+    the launcher."""
+    g = torch.Generator().manual_seed(6)
+    x_nat = torch.rand(3, 2, 3, 2, 3, 2, generator=g)
+    # grad with the sample dims in the reverse order of x_adv's (the shape is a palindrome)
+    grad = torch.randn(3, 2, 3, 2, 3, 2, generator=g).permute(0, 5, 4, 3, 2, 1)
+    args = [x_nat.clone(), grad, x_nat, None, 0.03, None, 0.01, False, 0.0, 1.0]
+    _, plan = _plan.record_call(IMPLS["pgd_step"], args)
+    assert plan.why_not and "merge into no three strided dims" in plan.why_not
     assert plan.for_cpp() == {"why_not": plan.why_not}
     with pytest.raises(ValueError, match="not replayable"):
         _plan.replay(plan, args)
