@@ -128,11 +128,14 @@ def _t(*shape, dtype=torch.float32, requires_grad=False, channels_last=False):
 
 
 def bn_case(kind: str, K: int = 2, N: int = 8, C: int = 16, H: int = 8, extras: bool = False,
-            training: bool = True):
-    """(forward, backward) closures for a routed or mixed BN call on meta tensors."""
+            training: bool = True, strided_running: bool = False):
+    """(forward, backward) closures for a routed or mixed BN call on meta tensors
+    (`strided_running`: the running statistics [K, C] views of [C, K] tensors)."""
     x = _t(N, C, H, H, requires_grad=True)
     w, b = _t(K, C, requires_grad=True), _t(K, C, requires_grad=True)
     rm, rv = torch.zeros(K, C, device="meta"), torch.ones(K, C, device="meta")
+    if strided_running:
+        rm, rv = torch.zeros(C, K, device="meta").t(), torch.ones(C, K, device="meta").t()
     kw = dict(training=training, momentum=0.1, eps=1e-5)
     if extras:
         kw.update(input_scale=_t(N, C, requires_grad=True), film_gamma=_t(N, C, requires_grad=True),
@@ -230,8 +233,15 @@ def measure_add_relu():
     return fwd, list(c.launches)
 
 
-def measure_pgd(norm="linf", per_sample=False, momentum=False, shape=(8, 3, 32, 32)):
+def measure_pgd(norm="linf", per_sample=False, momentum=False, shape=(8, 3, 32, 32),
+                layouts=False):
+    """The launches of one step (`layouts`: x_adv every second column of a wider tensor, grad
+    channels_last, x_nat a slice: each read and written through its strides)."""
     x_adv, g, x_nat = _t(*shape), _t(*shape), _t(*shape)
+    if layouts:
+        x_adv = _t(*shape[:-1], 2 * shape[-1])[..., ::2]
+        g = _t(*shape, channels_last=True)
+        x_nat = _t(*shape[:-1], shape[-1] + 1)[..., 1:]
     N = shape[0]
     eps = _t(N) if per_sample else 8 / 255
     alpha = _t(N) if per_sample else 2 / 255
@@ -274,6 +284,11 @@ def table() -> list[tuple[str, int, int, list[str]]]:
                          len(launches), -1, launches))
     launches = measure_pgd(momentum=True)
     rows.append(("mifgsm_step_", len(launches), -1, launches))
+    for norm in ("linf", "l2"):
+        launches = measure_pgd(norm, layouts=True)
+        rows.append((f"pgd_step_ {norm} strided views", len(launches), -1, launches))
+    f, b = measure_bn("routed", K=5, strided_running=True)
+    rows.append(("routed bn K=5 strided running stats", len(f), len(b), f + ["|"] + b))
     for shape in ((256, 3, 32, 32), (256, 3, 224, 224)):  # one program per sample, the split
         name = "x".join(map(str, shape))
         launches = measure_pgd("l2", shape=shape)

@@ -311,12 +311,16 @@ def _fast_bn(x, route, weight, bias, running_mean, running_var, num_batches_trac
 def _batch_norm(x, route, weight, bias, running_mean, running_var, num_batches_tracked, extras,
                 K, training, momentum, eps, activation, mixed):
     """The registered op on dense small tensors: a non-contiguous weight, bias or mix (all
-    legal) is made contiguous (a differentiable copy of a [K, C] / [N, K] tensor), and a
-    non-contiguous running statistic is updated through a contiguous copy that is written
-    back into the caller's tensor."""
+    legal) is made contiguous (a differentiable copy of a [K, C] / [N, K] tensor). The CPU
+    kernels update running statistics as contiguous tensors: a non-contiguous one is updated
+    through a contiguous copy written back into the caller's tensor. The kernels of other
+    devices (Triton on CUDA, the eager ones) read and write the running mean and variance
+    through their strides, with no copy."""
     route, weight, bias = (None if t is None else t.contiguous() for t in (route, weight, bias))
     stats = (running_mean, running_var, num_batches_tracked)
-    work = [None if t is None else t.contiguous() for t in stats]
+    strided = x.device.type != "cpu"
+    work = [None if t is None else t if strided and i < 2 else t.contiguous()
+            for i, t in enumerate(stats)]
     cumulative = momentum is None
     branch, mix = (None, route) if mixed else (route, None)
     y = _ops.batch_norm(x, branch, mix, weight, bias, *work, *extras, K, training,

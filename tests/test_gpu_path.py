@@ -85,6 +85,21 @@ def test_pgd_launch_budget(norm, budget, per_sample):
     assert len(launches) <= budget, launches
 
 
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_strided_pgd_tensors_cost_no_launch(norm):
+    """x_adv a strided view, grad channels_last, x_nat a slice: the same launches as
+    contiguous tensors (no copy in or out)."""
+    assert lc.measure_pgd(norm, layouts=True) == lc.measure_pgd(norm)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_strided_running_statistics_cost_no_launch(training):
+    """Running statistics that are [K, C] views of [C, K] tensors: the contiguous ones'
+    launches (no copy, no copy back)."""
+    assert lc.measure_bn("routed", K=5, training=training, strided_running=True) == \
+        lc.measure_bn("routed", K=5, training=training)
+
+
 def test_add_relu_launch_budget():
     """One fused pass forward (not add + relu), ATen's one masked pass backward."""
     fwd, bwd = lc.measure_add_relu()
