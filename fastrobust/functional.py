@@ -486,8 +486,9 @@ def pgd_step_(x_adv: Tensor, grad: Tensor, x_nat: Tensor, eps, alpha, *, norm: s
             ``x_nat``, so clean and attacked samples, or several strengths, share one batch.
         norm: ``"linf"`` or ``"l2"``; clip_min, clip_max: the valid input range.
 
-    One read of each input and one write per element (linf); no host sync, no allocation for
-    contiguous or channels_last inputs. Returns ``x_adv``.
+    One read of each input and one write per element (linf); no host sync. On CUDA (Triton)
+    each tensor is addressed through its own strides: contiguous, channels_last, slices and
+    mixed layouts (x_adv a strided view, updated in place) cost no copy. Returns ``x_adv``.
     """
     op = "pgd_step_"
     _check_adv(op, "x_adv", x_adv, None)
