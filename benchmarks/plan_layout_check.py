@@ -54,8 +54,11 @@ def cases():
     def bn(N, C, H, K, dtype, mixed, extras, training, cl=False):
         aot._bn_case(N, C, H, cl, K, extras, mixed, training, dtype)()
 
-    def pgd(shape, dtype, per_sample):
+    def pgd(shape, dtype, per_sample, layouts=False):
         xa, g, xn = _t(shape, dtype), _t(shape, dtype), _t(shape, dtype)
+        if layouts:  # strides passed as ints: x_adv a strided view, grad channels_last
+            xa = _t((*shape[:-1], 2 * shape[-1]), dtype)[..., ::2]
+            g = g.contiguous(memory_format=torch.channels_last)
         N = shape[0]
         eps = _t((N,), dtype) if per_sample else 8 / 255
         alpha = _t((N,), dtype) if per_sample else 2 / 255
@@ -87,6 +90,13 @@ def cases():
         out.append(lambda d=dtype: F.add_relu(_t((8, 4, 4, 4), d), _t((8, 4, 4, 4), d)))
     out.append(lambda: bn(64, 32, 8, 1, torch.float32, False, False, True))  # K = 1: an int 1
     out.append(lambda: bn(0, 32, 8, 2, torch.float32, False, False, True))  # empty batch
+    for dtype in (torch.float32, torch.float64):
+        out.append(lambda d=dtype: pgd((8, 3, 16, 16), d, False, layouts=True))
+        out.append(lambda d=dtype: pgd((2, 3, 64, 64), d, True, layouts=True))
+    out.append(lambda: F.multi_batch_norm(  # running statistics through their strides
+        _t((8, 16, 4, 4), torch.float32), torch.zeros(8, dtype=torch.long, device="meta"),
+        None, None, _t((16, 2), torch.float32).t(), _t((16, 2), torch.float32).t(),
+        training=True))
     return out
 
 
