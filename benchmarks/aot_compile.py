@@ -75,7 +75,9 @@ def record(cases) -> dict:
         sig, cons, attrs = {}, {}, {}
         for i, name in enumerate(names):
             v = bound[name]
-            if i in self.constexprs:
+            if i in self.constexprs or (type(v) is int and v == 1):
+                # (Triton's JIT compiles an int equal to 1 in, as a constant: the strides
+                # and sizes of 1 that make a layout's fast path)
                 sig[name] = "constexpr"
                 cons[name] = v
             else:
@@ -233,6 +235,16 @@ def pgd_cases():
                     F.pgd_init(xn, eps, norm="linf")
                     F.pgd_init(xn, eps, norm="l2")
                 cases.append((dtype, run))
+
+        def strided(dtype=dtype):  # every tensor its own strides: the general addressing
+            shape = (8, 3, 32, 32)
+            xa = _t((8, 3, 32, 64), dtype)[..., ::2]
+            g, xn = _t(shape, dtype, cl=True), _t((8, 3, 32, 33), dtype)[..., 1:]
+            F.pgd_step_(xa, g, xn, 8 / 255, 2 / 255, norm="linf")
+            F.pgd_step_(xa, g, xn, 8 / 255, 2 / 255, norm="l2")
+            F.mifgsm_step_(xa, g, _t(shape, dtype).transpose(2, 3), xn, 8 / 255, 2 / 255,
+                           decay=1.0)
+        cases.append((dtype, strided))
     return cases
 
 
