@@ -134,6 +134,9 @@ inline void multi_bn(const at::Tensor& x, const OptTensor& branch, const OptTens
                       ": num_batches_tracked is on ", num_batches_tracked->device(),
                       " but x is on ", x.device());
     shape_is(op, "num_batches_tracked", *num_batches_tracked, {K}, "[num_branches]");
+    // Every kernel advances the counters at stride 1.
+    TORCH_CHECK_VALUE(!(training && running_mean) || num_batches_tracked->is_contiguous(), op,
+                      ": num_batches_tracked must be contiguous (it is updated in place)");
   }
   TORCH_CHECK_VALUE(!(training && cumulative && running_mean) || num_batches_tracked, op,
                     ": a cumulative average (momentum=None) needs num_batches_tracked");

@@ -82,6 +82,9 @@ BAD = [
      "num_batches_tracked must be int64"),
     ("multi_bn", _bn, "num_batches_tracked", lambda a: torch.zeros(3, dtype=torch.long),
      "num_batches_tracked must have shape"),
+    # the Triton kernels advance the counters at stride 1: a strided [K] would be misread
+    ("multi_bn", _bn, "num_batches_tracked", lambda a: torch.zeros(4, dtype=torch.long)[::2],
+     "num_batches_tracked must be contiguous"),
     ("multi_bn", _bn, "input_scale", lambda a: torch.ones(3), "input_scale must have shape"),
     ("multi_bn", _bn, "film_gamma", lambda a: a["film_gamma"].int(), "film_gamma must be"),
     ("multi_bn", _bn, "film_beta", lambda a: torch.ones(4, 3, dtype=torch.float64,
