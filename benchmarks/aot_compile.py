@@ -7,7 +7,7 @@ constexprs, num_warps), then compiled with `triton.compile(ASTSource(...),
 target=GPUTarget("cuda", arch, 32))` and the PTX assembled by Triton's bundled ptxas with
 `-v` for the register and spill figures.
 
-    python benchmarks/aot_compile.py [--out benchmarks/results/triton_aot.md] [--jobs 2] [--only K1,K2]
+    python benchmarks/aot_compile.py [--out benchmarks/results/triton_aot.md] [--jobs 2] [--kernels K1,K2]
 
 Exits 1 if a kernel fails to compile or computes an int32 offset product, and with
 --strict-spills (as CI runs it) on any spill on sm_90 with fp32/bf16 inputs; other spills
@@ -331,19 +331,25 @@ def main():
     ap.add_argument("--full", action="store_true", help="the whole BN matrix (slow)")
     ap.add_argument("--count-only", action="store_true")
     ap.add_argument("--limit", type=int, default=0, help="compile only the first N (timing)")
-    ap.add_argument("--only", default="",
-                    help="comma-separated kernel names: compile only their specializations")
+    ap.add_argument("--kernels", default="",
+                    help="comma-separated kernel names: compile only these (a partial check; "
+                         "--out then defaults to a scratch file, not the results table)")
     args = ap.parse_args()
     t0 = time.time()
     found = record(bn_cases(args.full) + sync_cases(args.full) + film_cases() + add_relu_cases()
                    + pgd_cases())
-    if args.only:
-        names = set(args.only.split(","))
-        found = {k: v for k, v in found.items() if v[0] in names}
     if args.count_only:
         from collections import Counter
         print(len(found), Counter(v[0] for v in found.values()))
         return
+    if args.kernels:
+        wanted = set(args.kernels.split(","))
+        unknown = wanted - {v[0] for v in found.values()}
+        if unknown:
+            sys.exit(f"--kernels: no recorded specialization of {', '.join(sorted(unknown))}")
+        found = {k: v for k, v in found.items() if v[0] in wanted}
+        if args.out == ap.get_default("out"):
+            args.out = str(Path(tempfile.gettempdir()) / "triton_aot_partial.md")
     archs = [int(a) for a in args.archs.split(",")]
     # sm_90 gets every specialization; sm_80 (same code generator, older ISA) the fp32 ones
     # unless --full.

@@ -98,6 +98,13 @@ def _nonzero(t: Tensor) -> Tensor:
     return torch.where(t != 0, t, torch.ones_like(t))
 
 
+def plane_mean_m2(c: Tensor, r: Tensor, q: Tensor, S: int) -> tuple[Tensor, Tensor]:
+    """A plane's mean and M2 from its S values' sums about a centre c: r = Σ(x − c),
+    q = Σ(x − c)² (Chan's cross term: M2 = q − r²/S)."""
+    Sz = max(S, 1)
+    return c + r / Sz, q - r * r / Sz
+
+
 def plane_size(x: Tensor) -> int:
     S = 1
     for d in x.shape[2:]:
@@ -114,18 +121,38 @@ class Engine:
     # -- statistics and coefficients --------------------------------------------------------
 
     @staticmethod
-    def branch_stats(M, pmean, pm2, S, scale):
-        """Per-(k, c) mean, biased variance and weighted value count m_k = S·Σ_n M_nk, from
-        the planes' moments of x (scaled to u = scale·x)."""
-        um, um2 = (pmean, pm2) if scale is None else (scale * pmean, scale * scale * pm2)
+    def branch_sums(M, centre, r, q, S, scale):
+        """Per-(k, c) sums of u = scale·x about one centre per (k, c), from the planes' sums
+        of x about their own centres (`TorchLeaves.plane_moments`: c, r = Σ(x − c),
+        q = Σ(x − c)²): (C_k, R_k, Q_k, m_k) with C_k the weighted mean of the planes'
+        centres (a constant), d = c_u − C_k and
+            R_k = Σ_n M·(r_u + S·d) = Σ(u − C_k),   Q_k = Σ_n M·(q_u + 2·d·r_u + S·d²),
+        m_k = S·Σ_n M_nk. Chan's merge with its cross terms: nothing assumes a centre is the
+        exact mean, so no rounding of one is lost (issue 37: the plane means' rounding once
+        cost 50-500× F.batch_norm's error when |mean| ≫ std). Planes given as (mean, M2)
+        are the case r = 0."""
+        uc, ur, uq = (centre, r, q) if scale is None else \
+            (scale * centre, scale * r, scale * scale * q)
         W = M.sum(0)
-        mean = to_branches(M, um) / _nonzero(W)[:, None]
-        dev = um[:, None, :] - mean[None]  # [N, K, C]
-        # Squared as a strong-zero product: the (n, k) pairs a sample does not use get a zero
+        with torch.no_grad():  # a constant: the statistics do not depend on it
+            ck = to_branches(M, uc) / _nonzero(W)[:, None]
+        d = uc[:, None, :] - ck[None]  # [N, K, C]
+        ur3 = ur[:, None, :]
+        R = to_branches(M, ur3 + S * d)
+        # Products as strong-zero ones: the (n, k) pairs a sample does not use get a zero
         # gradient even where its plane holds a NaN (2·NaN·0 would spread it to branch k).
-        q = um2[:, None, :] + S * strong_zero_mul(dev, dev)
-        var = to_branches(M, q) / _nonzero(W * S)[:, None]
-        return mean, var, W * S
+        Q = to_branches(M, uq[:, None, :] + 2 * strong_zero_mul(ur3, d)
+                        + S * strong_zero_mul(d, d))
+        return ck, R, Q, W * S
+
+    @staticmethod
+    def branch_stats(M, centre, r, q, S, scale):
+        """Per-(k, c) mean, biased variance and weighted value count m_k = S·Σ_n M_nk, from
+        the planes' sums about their centres (see `branch_sums`): mean = C_k + R_k/m_k,
+        M2 = Q_k − R_k²/m_k."""
+        ck, R, Q, m = Engine.branch_sums(M, centre, r, q, S, scale)
+        mz = _nonzero(m)[:, None]
+        return ck + R / mz, ((Q - R * R / mz) / mz).clamp_min(0), m
 
     @staticmethod
     def single_value_branches(M, S, batch_stats):
@@ -176,14 +203,15 @@ class Engine:
         new_running = no_running_update(x)
         planes = x.new_empty(0, dtype=acc)
         if training or running_mean is None:
-            pmean, pm2 = self.leaves.plane_moments(x, acc)
-            mean, var, count = self.branch_stats(M, pmean, pm2, plane_size(x), s)
+            S = plane_size(x)
+            pc, pr, pq = self.leaves.plane_moments(x, acc)
+            mean, var, count = self.branch_stats(M, pc, pr, pq, S, s)
             if training and running_mean is not None:
                 new_running = updated_running_stats(running_mean, running_var,
                                                     num_batches_tracked, mean, var, count,
                                                     momentum, cumulative)
-            if mix is not None:
-                planes = torch.stack((pmean, pm2))
+            if mix is not None:  # each plane's mean and M2, for the mix gradient
+                planes = torch.stack(plane_mean_m2(pc, pr, pq, S))
         else:
             mean, var = running_mean.to(acc, copy=True), running_var.to(acc)
         invstd = torch.rsqrt(var + eps)
@@ -253,7 +281,7 @@ class Engine:
             if batch_stats:  # and the path through the mix-weighted statistics
                 pmean, pm2 = planes[0], planes[1]
                 um, um2 = (pmean, pm2) if s is None else (s * pmean, s * s * pm2)
-                _, var, _ = self.branch_stats(M, pmean, pm2, S, s)
+                _, var, _ = self.branch_stats(M, pmean, torch.zeros_like(pm2), pm2, S, s)
                 W = _nonzero(M.sum(0))[:, None]  # [K, 1]
                 du = um[:, None, :] - mean[None]  # [N, K, C]
                 q = um2[:, None, :] / max(S, 1) + du.square()
@@ -313,8 +341,8 @@ def bn_composite(x, branch, mix, weight, bias, mean, invstd, input_scale, film_g
     s, gamma, beta = (None if t is None else t.to(acc)
                       for t in (input_scale, film_gamma, film_beta))
     if batch_stats:
-        pmean, pm2 = TorchLeaves.plane_moments(x, acc)
-        mean, var, _ = Engine.branch_stats(M, pmean, pm2, plane_size(x), s)
+        mean, var, _ = Engine.branch_stats(M, *TorchLeaves.plane_moments(x, acc),
+                                           plane_size(x), s)
         invstd = torch.rsqrt(var + eps)
     stats = (mean.to(acc), invstd.to(acc), s, gamma, beta)
     # The plain math, not the forward's exact bias for one-value branches (`single`): that
@@ -369,9 +397,13 @@ class TorchLeaves:
 
     @staticmethod
     def plane_moments(x, acc):
+        """Each plane's sums about its centre c (its mean as rounded, a constant): (c, r, q)
+        [N, C] with r = Σ(x − c), q = Σ(x − c)². r is what the rounding of c left out (zero
+        for an exact mean), the cross term of an exact merge (`Engine.branch_stats`)."""
         xs = x.to(acc).flatten(2) if x.dim() > 2 else x.to(acc)[:, :, None]
-        mean = xs.mean(2) if xs.shape[2] else xs.sum(2)
-        return mean, (xs - mean[:, :, None]).square().sum(2)
+        c = (xs.mean(2) if xs.shape[2] else xs.sum(2)).detach()
+        dev = xs - c[:, :, None]
+        return c, dev.sum(2), dev.square().sum(2)
 
     @staticmethod
     def grad_sums(dy, x, center, mask, acc):

@@ -4,9 +4,12 @@ In training, `sync_multi_batch_norm` / `sync_mixed_batch_norm` normalize every r
 with the statistics of the *global* batch, per (branch, channel), as `nn.SyncBatchNorm` does
 for one branch:
 
-    forward   per rank: per-(k, c) weighted count, Σu and Σu² (u = input_scale·x; fp64) from
-              x's per-plane moments → ONE all-reduce of [K + 2·K·C] values → global mean and
-              biased variance → the fused op normalizes with them (BN·FiLM·ReLU in one pass,
+    forward   per rank: per-(k, c) weighted count and sums Σ(u − centre), Σ(u − centre)²
+              (u = input_scale·x; fp64) from x's per-plane sums, merged exactly → ONE
+              all-reduce of a [world, K + 3·K·C] payload in which each rank filled its own row
+              (an all-gather) → the ranks' sums merged exactly (Chan's update, cross terms
+              included: sums Σu, Σu² would lose the variance to E[u²] − E[u]² when
+              |mean| ≫ std) → the fused op normalizes with them (BN·FiLM·ReLU in one pass,
               any backend), running stats updated from the global statistics
     backward  per rank: the fused op's backward with the statistics held fixed gives the
               direct gradients and the per-(k, c) sums T1 = Σ M·dz and T2 = Σ M·dz·x̂ →
@@ -35,7 +38,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import _ops  # noqa: F401 - registers the ops
-from ._engine import routing_weights
+from ._engine import Engine, TorchLeaves, plane_mean_m2, routing_weights
 from ._common import acc_dtype, check_branch_values, check_mix_values, updated_running_stats
 
 __all__ = ["sync_multi_batch_norm", "sync_mixed_batch_norm", "sync_active"]
@@ -48,18 +51,36 @@ def sync_active(process_group=None) -> bool:
             and dist.get_world_size(process_group) > 1)
 
 
+def _rank_and_world(group) -> tuple[int, int]:
+    """This process's rank in ``group`` and the group's size: the row it fills in the
+    forward's payload, and the rows. (0, 1) without an initialized process group (the op
+    called in one process, as benchmarks/launch_counts.py does)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(group), dist.get_world_size(group)
+    return 0, 1
+
+
 def _bc(t: Tensor, ndim: int) -> Tensor:
     return t.reshape(*t.shape, *([1] * (ndim - 2)))
 
 
-def _plane_moments(x: Tensor, acc) -> tuple[Tensor, Tensor]:
-    """Per-plane mean and M2 = Σ(x − mean)² ([N, C], acc dtype)."""
-    xf = x.to(acc)
-    dims = tuple(range(2, x.dim()))
-    if not dims:
-        return xf, torch.zeros_like(xf)
-    mean = xf.mean(dims)
-    return mean, (xf - _bc(mean, x.dim())).square().sum(dims)
+def merge_ranks(pay: Tensor, K: int, C: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The global per-(k, c) count [K], mean and biased variance [K, C] from the all-reduced
+    fp64 payload [world, K + 3·K·C], one row per rank: [count K | centre K·C | R K·C | Q K·C]
+    with R, Q the rank's Σ(u − centre), Σ(u − centre)². An exact merge (Chan's, cross terms
+    included): the ranks' sums are moved to one centre C0 (the count-weighted mean of theirs,
+    a constant), d = C_r − C0, R = Σ R_r + n_r·d, Q = Σ Q_r + 2·d·R_r + n_r·d², mean =
+    C0 + R/n, M2 = Q − R²/n. The plain-PyTorch twin of kernels/sync_bn.py `_global_stats`."""
+    KC = K * C
+    cnt = pay[:, :K, None]                                              # [R, K, 1]
+    ctr, Rr, Qr = (pay[:, K + j * KC:K + (j + 1) * KC].view(-1, K, C) for j in range(3))
+    n = cnt.sum(0)                                                      # [K, 1]
+    nz = torch.where(n != 0, n, 1.0)
+    c0 = torch.where(cnt != 0, cnt * ctr, 0.0).sum(0) / nz
+    d = torch.where(cnt != 0, ctr - c0, 0.0)
+    R = (Rr + cnt * d).sum(0)
+    Q = (Qr + (2 * Rr + cnt * d) * d).sum(0)
+    return n[:, 0], c0 + R / nz, ((Q - R * R / nz) / nz).clamp_min(0)
 
 
 def _where(M: Tensor, t: Tensor) -> Tensor:
@@ -72,7 +93,7 @@ def _where(M: Tensor, t: Tensor) -> Tensor:
 def _kernel_path(x: Tensor) -> bool:
     """Whether the Triton kernels serve this call (where they serve the BN op: CUDA, or a
     forced 'triton'); an empty local batch takes the eager path, whose collectives are the
-    same (one fp64 [K + 2·K·C] all-reduce forward, one [2·K·C] backward)."""
+    same (one fp64 [world, K + 3·K·C] all-reduce forward, one [2·K·C] backward)."""
     from . import backends
     return x.numel() > 0 and backends.choose("multi_bn", x.device) == "triton"
 
@@ -91,7 +112,7 @@ class _SyncBN(torch.autograd.Function):
             y, mean, invstd, planes, payload = sync_bn.sync_bn_forward(
                 x, branch, mix, weight, bias, running_mean, running_var, num_batches_tracked,
                 scale, gamma, beta, K, momentum, cumulative, eps, relu,
-                lambda t: dist.all_reduce(t, group=group))
+                lambda t: dist.all_reduce(t, group=group), *_rank_and_world(group))
             ctx.save_for_backward(x, route, weight, bias, mean, invstd, scale, gamma, beta,
                                   planes, payload)
             return y
@@ -102,20 +123,22 @@ class _SyncBN(torch.autograd.Function):
             check_branch_values(branch, K, "sync_multi_batch_norm")
         M = routing_weights(branch, mix, K, acc)                        # [N, K]
         S = x[0, 0].numel() if x.shape[0] and x.shape[1] else 1
-        pmean, pm2 = _plane_moments(x, acc)                              # [N, C]
-        s = None if scale is None else scale.to(acc)
-        um, um2 = (pmean, pm2) if s is None else (s * pmean, s * s * pm2)
+        # This rank's per-(k, c) sums about a centre, in fp64; the ranks' are gathered by one
+        # all-reduce (each rank fills its own row) and merged exactly: sums Σu, Σu² would
+        # cancel (E[u²] − E[u]²) when |mean| ≫ std, and rounded means would lose the cross
+        # term.
         f64 = torch.float64
-        count = S * M.to(f64).sum(0)                                     # [K]
-        s1 = S * _where(M.to(f64), um.to(f64)[:, None, :]).sum(0)        # [K, C]
-        s2 = _where(M.to(f64), (um2.to(f64) + S * um.to(f64).square())[:, None, :]).sum(0)
-        payload = torch.cat([count, s1.flatten(), s2.flatten()])
-        dist.all_reduce(payload, group=group)                            # the one collective
+        pc, pr, pq = TorchLeaves.plane_moments(x, acc)                   # [N, C]
+        pmean, pm2 = plane_mean_m2(pc, pr, pq, S)
+        s = None if scale is None else scale.to(acc)
+        ck, Rk, Qk, lcount = Engine.branch_sums(
+            M.to(f64), pc.to(f64), pr.to(f64), pq.to(f64), S, None if s is None else s.to(f64))
         C = x.shape[1]
-        count, s1, s2 = payload[:K], payload[K:K + K * C].view(K, C), payload[K + K * C:].view(K, C)
-        denom = torch.where(count != 0, count, 1.0)[:, None]
-        mean64 = s1 / denom
-        var64 = (s2 / denom - mean64.square()).clamp_min(0)
+        rank, world = _rank_and_world(group)
+        payload = torch.zeros(world, K + 3 * K * C, dtype=f64, device=x.device)
+        payload[rank] = torch.cat([lcount, ck.flatten(), Rk.flatten(), Qk.flatten()])
+        dist.all_reduce(payload, group=group)                            # the one collective
+        count, mean64, var64 = merge_ranks(payload, K, C)
         stat_dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
         mean, var = mean64.to(stat_dtype), var64.to(stat_dtype)
         new_running = None

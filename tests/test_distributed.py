@@ -18,9 +18,8 @@ from fastrobust.nn import MixedBatchNorm2d, MultiBatchNorm2d, SyncMixedBatchNorm
     SyncMultiBatchNorm2d, convert_sync_multi_bn
 
 WORLD = 2
-# fp64: the synchronized statistics come from fp64 sums Σu, Σu² (E[u²] - E[u]², relative error
-# ~1e-16·mean²/var), the single-process op from per-plane two-pass moments; both orders of
-# summation differ, nothing else.
+# fp64: the synchronized statistics merge each rank's exact moments, the single-process op its
+# planes' sums: both exact merges, in different orders of summation, nothing else.
 TOL64 = dict(rtol=1e-8, atol=1e-10)
 
 
@@ -223,6 +222,44 @@ def _module_worker(rank, store):
 
 def test_sync_modules_and_conversion():
     _spawn(_module_worker)
+
+
+def _variance_worker(rank, store, backend):
+    """Each rank holds half of x = c + 0.01·randn: the running_var the synchronized op writes
+    (momentum 1) against the fp64 variance of the whole batch."""
+    _init(rank, store)
+    try:
+        import variance_error as ve
+        from fastrobust import backends
+        for dtype in (torch.float32, torch.float64):
+            for mixed in (False, True):
+                for ratio in (1e3, 1e5):
+                    x = ve.make_x(ratio, (16, 4, 6, 6), dtype, "nchw")
+                    M = torch.ones(16, 1, dtype=torch.float64)
+                    ref = ve.reference_running_var(x, M)[0]
+                    bound = max(10 * ve.relative_error(x, "F.batch_norm"),
+                                4 * torch.finfo(dtype).eps)
+                    mine = x[rank * 8:(rank + 1) * 8]
+                    rm, rv = torch.zeros(1, 4, dtype=dtype), torch.ones(1, 4, dtype=dtype)
+                    with backends.use(backend):
+                        if mixed:
+                            D.sync_mixed_batch_norm(mine, torch.ones(8, 1, dtype=dtype), None,
+                                                    None, rm, rv, momentum=1.0)
+                        else:
+                            D.sync_multi_batch_norm(mine, torch.zeros(8, dtype=torch.long),
+                                                    None, None, rm, rv, momentum=1.0)
+                    err = ((rv[0].double() - ref).abs() / ref).max().item()
+                    assert err <= bound, (dtype, mixed, ratio, err, bound)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("backend", [None, "triton"], ids=["plain", "triton"])
+def test_sync_variance_exact_when_mean_dominates(backend):
+    """Issue 37: the ranks' moments merge exactly (Chan's update with its cross term); fp64
+    sums Σu, Σu² lost the variance to E[u²] − E[u]² (~1e-16·(mean/std)² relative) and each
+    rank's fp32 plane means their rounding."""
+    _spawn(_variance_worker, backend)
 
 
 def test_single_process_falls_back_to_the_plain_op():

@@ -151,31 +151,37 @@ def _centre(M, mu, s, SCALE: tl.constexpr):
 
 
 @triton.jit
-def _plane_moments(ns, cs, N, C, S, T, CHUNK, parts_ptr, x_ptr, sxn, sxc,
-                   FROM_X: tl.constexpr, ACC: tl.constexpr):
-    """x's per-plane mean and M2 [BLOCK_N, BLOCK_C], merged from T partials over splits of the
-    plane (or read from x itself when a plane is one value)."""
-    m = (ns < N)[:, None] & (cs < C)[None, :]
+def _plane_centres(ns, cs, N, C, S, x_ptr, sxn, sxc, ACC: tl.constexpr):
+    """Each plane's centre, its first value x[n, c, 0] ([BLOCK_N, BLOCK_C]; 0 for planes of
+    no values): the moments kernel's sums are about it."""
+    m = (ns < N)[:, None] & (cs < C)[None, :] & (S > 0)
+    return tl.load(x_ptr + ns[:, None] * sxn + cs.to(tl.int64)[None, :] * sxc, mask=m,
+                   other=0.0).to(ACC)
+
+
+@triton.jit
+def _plane_sums(ns, cs, N, C, S, T, parts_ptr, x_ptr, sxn, sxc, FROM_X: tl.constexpr,
+                ACC: tl.constexpr):
+    """x's per-plane sums about the plane's centre c (`_plane_centres`): (c, r, q) with
+    r = Σ(x − c), q = Σ(x − c)² [BLOCK_N, BLOCK_C], the T splits' sums added (or r = q = 0
+    when a plane is one value: it is its own centre)."""
+    c = _plane_centres(ns, cs, N, C, S, x_ptr, sxn, sxc, ACC)
     if FROM_X:
-        mean = tl.load(x_ptr + ns[:, None] * sxn + cs.to(tl.int64)[None, :] * sxc, mask=m,
-                       other=0.0).to(ACC)
-        m2 = tl.zeros_like(mean)
+        r = tl.zeros_like(c)
+        q = tl.zeros_like(c)
     else:
-        NC = N * C
-        off = ns[:, None] * C + cs[None, :]
-        mean = tl.load(parts_ptr + off, mask=m, other=0.0)
-        m2 = tl.load(parts_ptr + T * NC + off, mask=m, other=0.0)
-        seen = tl.minimum(S, CHUNK).to(ACC)
-        for t in range(1, T):
-            cnt = tl.minimum(S - t * CHUNK, CHUNK).to(ACC)
-            bm = tl.load(parts_ptr + t * NC + off, mask=m, other=0.0)
-            bq = tl.load(parts_ptr + (T + t) * NC + off, mask=m, other=0.0)
-            tot = seen + cnt
-            delta = bm - mean
-            mean += delta * (cnt / tot)
-            m2 += bq + delta * delta * (seen * cnt / tot)
-            seen = tot
-    return mean, m2
+        r = _sum_parts(parts_ptr, 0, ns, cs, N, C, T)
+        q = _sum_parts(parts_ptr, 1, ns, cs, N, C, T)
+    return c, r, q
+
+
+@triton.jit
+def _planes_of(planes_ptr, ns, cs, N, C):
+    """The forward's per-plane mean and M2 of x ([2, N, C], a mixed op's batch statistics)."""
+    m = (ns < N)[:, None] & (cs < C)[None, :]
+    off = ns[:, None] * C + cs[None, :]
+    return (tl.load(planes_ptr + off, mask=m, other=0.0),
+            tl.load(planes_ptr + N * C + off, mask=m, other=0.0))
 
 
 @triton.jit
@@ -242,8 +248,7 @@ def _plane_grads(parts_ptr, planes_ptr, br_ptr, sbr, mix_ptr, smn, smk, sc_ptr, 
         # Σ_c dz·BN_k(u), the direct term
         dm = tl.sum(Zu[:, None, :] * a[None, :, :] + Z1[:, None, :] * d[None, :, :], 2)
         if BATCH:  # and the path through the mix-weighted statistics
-            pm, pq = _plane_moments(ns, cs, N, C, S, 1, S, planes_ptr, planes_ptr, 0, 0,
-                                    False, ACC)
+            pm, pq = _planes_of(planes_ptr, ns, cs, N, C)
             du = (pm * s)[:, None, :] - mu[None, :, :]
             q = (pq * s * s)[:, None, :] / tl.maximum(S, 1) + du * du
             dm -= tl.sum((a * T1 / Wk)[None, :, :] * du

@@ -6,10 +6,12 @@ Every op of the family is y = act(A[n,c]·x + D[n,c]) with per-plane coefficient
 (n, c)); fastrobust/_engine.py derives the math. On a GPU a call is a fixed, small number of
 launches, and nothing of the [N, K, C] algebra runs as separate torch ops:
 
-  forward   _moments_kernel   per (split, n, c): mean and M2 of x over a range of the plane
-                              (Chan's merge between blocks: no Σx² cancellation)
+  forward   _moments_kernel   per (split, n, c): Σ(x − x0), Σ(x − x0)² over a range of the
+                              plane, x0 its first value (no Σx² cancellation, no rounded
+                              mean: the splits' sums add)
             _bn_stats_kernel  per channel block, looping over the batch: the partials merged
-                              to per-(k, c) mean and variance (weighted by the routing), the
+                              exactly (Chan's cross terms included) to per-(k, c) mean and
+                              variance (weighted by the routing), the
                               running statistics updated in place, mean / invstd written and
                               the per-plane coefficients A, D of the whole op
             _affine_kernel    y = act(A·x + D)   (and num_batches_tracked += 1 where updated)
@@ -38,8 +40,8 @@ import triton.language as tl
 from .._common import acc_dtype
 from . import on_device
 from ._plan import fp32_parts, launch
-from ._bn_parts import (_affine_of, _centre, _check_routing, _coefficients, _dx_tile,
-                        _effective, _extras, _invstd, _plane_grads, _plane_moments,
+from ._bn_parts import (_affine_of, _centre, _check_routing, _coefficients, _dx_tile, _effective,
+                        _extras, _invstd, _plane_centres, _plane_grads, _plane_sums, _planes_of,
                         _qr_coefficients, _route, _route_args, _single_branches, _stats_blocks,
                         _running_at, _to_branches, _to_branches_q, _to_planes,
                         _update_running)
@@ -52,26 +54,25 @@ from ._common import (_blocks, _c, _like, _zero, _ncs, _plane_split, _plane_tile
 @triton.jit
 def _moments_kernel(x_ptr, parts_ptr, N, C, S, CHUNK, c_blocks, sxn, sxc, sxs,
                     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr):
+    """Per (split, n, c): Σ(x − x0) and Σ(x − x0)² over the split's range of the plane, about
+    the plane's first value x0 (every split of a plane uses the same centre, so the splits'
+    sums just add: no mean is rounded, no cross term is lost)."""
     n, cs, cmask, t, T, start, end = _plane_split(c_blocks, C, S, CHUNK, BLOCK_C)
     base = x_ptr + n * sxn
-    p_mean = tl.zeros([BLOCK_C], ACC)
-    p_m2 = tl.zeros([BLOCK_C], ACC)
+    x0 = tl.load(base + cs.to(tl.int64) * sxc, mask=cmask & (S > 0), other=0.0).to(ACC)
+    p_r = tl.zeros([BLOCK_C], ACC)
+    p_q = tl.zeros([BLOCK_C], ACC)
     for s0 in range(start, end, BLOCK_S):
         ss = s0 + tl.arange(0, BLOCK_S)
         mask = (ss < end)[:, None] & cmask[None, :]
         v = tl.load(base + _tile(0, cs, ss, 0, sxc, sxs), mask=mask, other=0.0).to(ACC)
-        zero = tl.zeros([BLOCK_C], ACC)
-        b_n = zero + tl.minimum(end - s0, BLOCK_S)  # values in this block
-        seen = zero + (s0 - start)  # values merged so far
-        b_mean = tl.sum(v, 0) / b_n
-        d = tl.where(mask, v - b_mean[None, :], 0.0)
-        delta = b_mean - p_mean
-        p_mean += delta * (b_n / (seen + b_n))
-        p_m2 += tl.sum(d * d, 0) + delta * delta * (seen * b_n / (seen + b_n))
+        d = tl.where(mask, v - x0[None, :], 0.0)
+        p_r += tl.sum(d, 0)
+        p_q += tl.sum(d * d, 0)
     NC = N * C
     off = t * NC + n * C + cs
-    tl.store(parts_ptr + off, p_mean, mask=cmask)
-    tl.store(parts_ptr + T * NC + off, p_m2, mask=cmask)
+    tl.store(parts_ptr + off, p_r, mask=cmask)
+    tl.store(parts_ptr + T * NC + off, p_q, mask=cmask)
 
 
 @triton.jit
@@ -80,7 +81,7 @@ def _bn_stats_kernel(parts_ptr, x_ptr, sxn, sxc, br_ptr, sbr, mix_ptr, smn, smk,
                      srv_k, srv_c, nbt_ptr,
                      mean_ptr, invstd_ptr, A_ptr, D_ptr, cnt_ptr, planes_ptr, pay_ptr,
                      N, C, S, T, CHUNK, K, momentum, momentum_m, momentum_l, eps, eps_m,
-                     eps_l, SYNC: tl.constexpr, MIXED: tl.constexpr,
+                     eps_l, rank, ranks, SYNC: tl.constexpr, MIXED: tl.constexpr,
                      BATCH: tl.constexpr,
                      RUNNING: tl.constexpr,
                      CUMULATIVE: tl.constexpr, FROM_X: tl.constexpr, PLANES: tl.constexpr,
@@ -97,51 +98,70 @@ def _bn_stats_kernel(parts_ptr, x_ptr, sxn, sxc, br_ptr, sbr, mix_ptr, smn, smk,
     momentum = _scalar(momentum, momentum_m, momentum_l, ACC)
     eps = _scalar(eps, eps_m, eps_l, ACC)
     if BATCH:
-        # One pass over the batch: each block of samples' weighted per-(k, c) mean and M2,
-        # merged into the running ones with Chan's formula (weights in values: W·S).
+        # An exact merge (Chan's, cross terms included; fastrobust/_engine.py
+        # `Engine.branch_stats`): pass 1 picks a centre per (k, c), the weighted mean of the
+        # planes' centres; pass 2 moves every plane's sums about its own centre to it.
         W = tl.zeros([BLOCK_K], ACC)
         nnz = tl.zeros([BLOCK_K], ACC)
-        mean = tl.zeros([BLOCK_K, BLOCK_C], ACC)
-        m2 = tl.zeros([BLOCK_K, BLOCK_C], ACC)
+        ck = tl.zeros([BLOCK_K, BLOCK_C], ACC)
         for n0 in range(0, N, BLOCK_N):
             ns = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
             M, _ = _route(ns, ks, N, K, br_ptr, sbr, mix_ptr, smn, smk, MIXED, ACC)
-            um, uq = _plane_moments(ns, cs, N, C, S, T, CHUNK, parts_ptr, x_ptr, sxn, sxc,
-                                    FROM_X, ACC)
+            uc = _plane_centres(ns, cs, N, C, S, x_ptr, sxn, sxc, ACC)
+            if SCALE:
+                s, _g, _b = _extras(ns, cs, N, C, sc_ptr, g_ptr, be_ptr, SCALE, False, False,
+                                    ACC)
+                uc = uc * s
+            W += tl.sum(M, 0)
+            nnz += tl.sum((M != 0).to(ACC), 0)
+            ck += _to_branches(M, uc)
+        ck = ck / _safe(W)[:, None]
+        R = tl.zeros([BLOCK_K, BLOCK_C], ACC)
+        Q = tl.zeros([BLOCK_K, BLOCK_C], ACC)
+        for n0 in range(0, N, BLOCK_N):
+            ns = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+            M, _ = _route(ns, ks, N, K, br_ptr, sbr, mix_ptr, smn, smk, MIXED, ACC)
+            uc, ur, uq = _plane_sums(ns, cs, N, C, S, T, parts_ptr, x_ptr, sxn, sxc, FROM_X,
+                                     ACC)
             if PLANES:
                 nc = ns[:, None] * C + cs[None, :]
                 ncm = (ns < N)[:, None] & cmask[None, :]
-                tl.store(planes_ptr + nc, um, mask=ncm)
-                tl.store(planes_ptr + N * C + nc, uq, mask=ncm)
+                Sf = tl.maximum(S, 1).to(ACC)
+                tl.store(planes_ptr + nc, uc + ur / Sf, mask=ncm)
+                tl.store(planes_ptr + N * C + nc, uq - ur * ur / Sf, mask=ncm)
             s, _g, _b = _extras(ns, cs, N, C, sc_ptr, g_ptr, be_ptr, SCALE, False, False, ACC)
-            um = um * s
+            uc = uc * s
+            ur = ur * s
             uq = uq * s * s
-            Wb = tl.sum(M, 0)
-            nnz += tl.sum((M != 0).to(ACC), 0)
-            mb = _to_branches(M, um) / _safe(Wb)[:, None]
-            dev = um[:, None, :] - mb[None, :, :]
+            d = uc[:, None, :] - ck[None, :, :]  # Σ(u − ck) = ur + S·d, Σ(u − ck)² below
             Mb = M[:, :, None]
-            qb = tl.sum(tl.where(Mb != 0, Mb * (uq[:, None, :] + S * dev * dev), 0.0), 0)
-            tot = W + Wb
-            f = Wb / _safe(tot)
-            delta = mb - mean
-            mean += delta * f[:, None]
-            m2 += qb + delta * delta * (S * W * f)[:, None]
-            W = tot
+            ur3 = ur[:, None, :]
+            R += tl.sum(tl.where(Mb != 0, Mb * (ur3 + S * d), 0.0), 0)
+            Q += tl.sum(tl.where(Mb != 0, Mb * (uq[:, None, :] + (2 * ur3 + S * d) * d), 0.0), 0)
         count = W * S
-        var = m2 / _safe(count)[:, None]
+        cz = _safe(count)[:, None]
+        mean = ck + R / cz
+        m2 = Q - R * R / cz
+        var = tl.maximum(m2 / cz, 0.0)
         if SYNC == 1:
-            # The synchronized BN's local pass: this rank's count, Σu = count·mean and
-            # Σu² = M2 + count·mean² per (k, c), in fp64, for the all-reduce; and a copy of
-            # num_batches_tracked for the apply kernel's cumulative momentum (it advances
-            # the counter while other programs would still read it).
-            c64 = count.to(tl.float64)
-            mean64 = mean.to(tl.float64)
-            tl.store(pay_ptr + K + kc, c64[:, None] * mean64, mask=kcm)
-            tl.store(pay_ptr + K + K * C + kc,
-                     m2.to(tl.float64) + c64[:, None] * mean64 * mean64, mask=kcm)
+            # The synchronized BN's local pass: this rank's count and sums about the centre per
+            # (k, c), in fp64 (a centre is exact in any dtype: merged again with its cross
+            # terms, nothing of a rounding is lost), into its row `rank` of the [ranks, P]
+            # payload, and zeros into the other rows (the all-reduce's sum gathers the rows;
+            # a zero fill would be a launch of its own); and a copy of num_batches_tracked for
+            # the apply kernel's cumulative momentum (it advances the counter while other
+            # programs would still read it).
+            P = K + 3 * K * C
+            for r in range(0, ranks):
+                mine = r == rank
+                row = pay_ptr + r * P
+                tl.store(row + K + kc, tl.where(mine, ck.to(tl.float64), 0.0), mask=kcm)
+                tl.store(row + K + K * C + kc, tl.where(mine, R.to(tl.float64), 0.0), mask=kcm)
+                tl.store(row + K + 2 * K * C + kc, tl.where(mine, Q.to(tl.float64), 0.0),
+                         mask=kcm)
+                if pid == 0:
+                    tl.store(row + ks, tl.where(mine, count.to(tl.float64), 0.0), mask=kmask)
             if pid == 0:
-                tl.store(pay_ptr + ks, c64, mask=kmask)
                 if CUMULATIVE:
                     tl.store(cnt_ptr + ks, tl.load(nbt_ptr + ks, mask=kmask, other=0).to(ACC),
                              mask=kmask)
@@ -326,8 +346,7 @@ def _bn_grads_kernel(parts_ptr, planes_ptr, br_ptr, sbr, mix_ptr, smn, smk,
         W += tl.sum(M, 0)
         nnz += tl.sum((M != 0).to(ACC), 0)
         if NEED_MIX and BATCH:
-            pm, pq = _plane_moments(ns, cs, N, C, S, 1, S, planes_ptr, planes_ptr, 0, 0,
-                                    False, ACC)
+            pm, pq = _planes_of(planes_ptr, ns, cs, N, C)
             um = pm * s
             dev = um[:, None, :] - mu[None, :, :]
             VQ += _to_branches_q(M, pq * s * s, dev, S)
@@ -473,9 +492,10 @@ def _running_strides(rm, rv, C):
 
 
 def _stats(x, x3, branch, mix, s, g, be, w, b, rm, rv, nbt, mean, invstd, A, D, count, planes,
-           pay, K, momentum, eps, batch, running, cumulative, sync):
+           pay, K, momentum, eps, batch, running, cumulative, sync, rank=0, ranks=1):
     """The moments kernel (batch statistics of planes with more than one value) and the
-    statistics kernel; sync=1: its synchronized BN's local pass (payload to `pay`)."""
+    statistics kernel; sync=1: its synchronized BN's local pass (this rank's row `rank` of
+    the payload `pay` [ranks, K + 3·K·C], zeros in the others)."""
     N, C, S = x3.shape
     acc = mean.dtype
     from_x = S == 1
@@ -497,7 +517,7 @@ def _stats(x, x3, branch, mix, s, g, be, w, b, rm, rv, nbt, mean, invstd, A, D, 
            x if rm is None else rm, x if rv is None else rv, *_running_strides(rm, rv, C),
            x if nbt is None else nbt, mean,
            invstd, A, D, count, planes, pay, N, C, S, T, chunk, K, *fp32_parts(momentum),
-           *fp32_parts(eps), SYNC=sync, MIXED=mixed, BATCH=batch, RUNNING=running,
+           *fp32_parts(eps), rank, ranks, SYNC=sync, MIXED=mixed, BATCH=batch, RUNNING=running,
            CUMULATIVE=bool(cumulative) and nbt is not None, FROM_X=from_x, PLANES=mixed and batch,
            CHECK=not mixed or batch, HAS_W=w is not None, HAS_B=b is not None, SCALE=s is not None,
            GAMMA=g is not None, BETA=be is not None, BLOCK_N=block_n, BLOCK_K=block_k,
@@ -616,9 +636,9 @@ def bn_backward(dy, x, branch, mix, weight, bias, mean, invstd, planes, input_sc
                 launch(_sync_dx_kernel, grid, dy3, x3, dx3, parts, planes if planes.numel() else x,
                        *route, mean, invstd, *ptrs, dgamma, dbeta, dscale, dmix, pay, payload, N,
                        C, S, T, K, *dy3.stride(), *x3.stride(), *dx3.stride(), c_blocks, s_blocks,
-                       DX=need_x, RELU=relu, NEED_G=need_g, NEED_BE=need_be, NEED_S=need_s,
-                       NEED_MIX=need_mix, BLOCK_K=block_k, BLOCK_C=block_c, BLOCK_S=block_s,
-                       BLOCK_CM=stats_c, ACC=ACC, **flags)
+                       payload.shape[0], DX=need_x, RELU=relu, NEED_G=need_g, NEED_BE=need_be,
+                       NEED_S=need_s, NEED_MIX=need_mix, BLOCK_K=block_k, BLOCK_C=block_c,
+                       BLOCK_S=block_s, BLOCK_CM=stats_c, ACC=ACC, **flags)
         elif need_x or need_mix:
             launch(_dx_kernel, grid, dy3, x3, dx3, P, Q, R, x if s is None else s, A, D, dmix_part,
                    dmix, N, C, S, K, *dy3.stride(), *x3.stride(), *dx3.stride(), c_blocks,

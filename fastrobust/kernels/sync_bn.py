@@ -1,10 +1,13 @@
 """Triton kernels of the synchronized routed / mixed BN (fastrobust.distributed): the BN's own
 statistics and gradient kernels run their local pass (this rank's sums), one all-reduce sums
-them over the ranks, and one kernel here finishes each direction with the global sums:
+them over the ranks (forward: gathers each rank's sums, merged exactly here; sums Σu,
+Σu² would cancel when |mean| ≫ std), and one kernel here finishes each direction:
 
   forward   multi_bn._moments_kernel → multi_bn._bn_stats_kernel (SYNC=1: this rank's fp64
-            payload [count K | Σu K·C | Σu² K·C]) → all-reduce → _sync_apply_kernel (global
-            statistics, running statistics, coefficients and y in one pass)
+            sums [count K | centre K·C | Σ(u − centre) K·C | Σ(u − centre)² K·C], its row
+            of a [world, ...] payload) → all-reduce (the rows gathered) →
+            _sync_apply_kernel (the exact merge to the
+            global statistics, running statistics, coefficients and y in one pass)
   backward  multi_bn._grad_sums_kernel → multi_bn._bn_grads_kernel (SYNC=1: this rank's T1,
             T2) → all-reduce → _sync_dx_kernel (each plane's results from the global sums,
             and dx; launched by multi_bn.bn_backward)
@@ -26,16 +29,37 @@ from .multi_bn import _forward_outputs, _running_strides, _stats, _written_runni
 
 
 @triton.jit
-def _global_stats(pay_ptr, ks, kc, kcm, K, C, ACC: tl.constexpr):
-    """Per-(k, c) count, mean and biased variance from the all-reduced fp64 payload
-    [count K | Σu K·C | Σu² K·C] of the synchronized BN."""
-    cnt = tl.load(pay_ptr + ks, mask=ks < K, other=0.0)
-    s1 = tl.load(pay_ptr + K + kc, mask=kcm, other=0.0)
-    s2 = tl.load(pay_ptr + K + K * C + kc, mask=kcm, other=0.0)
-    den = tl.where(cnt != 0, cnt, 1.0)[:, None]
-    mean = s1 / den
-    var = tl.maximum(s2 / den - mean * mean, 0.0)
-    return cnt.to(ACC), mean.to(ACC), var.to(ACC)
+def _global_stats(pay_ptr, ks, kc, kcm, K, C, RANKS, ACC: tl.constexpr):
+    """Per-(k, c) count, mean and biased variance from the all-reduced fp64 payload, one row
+    per rank [count K | centre K·C | R K·C | Q K·C] (R, Q: the rank's Σ(u − centre),
+    Σ(u − centre)²). An exact merge (Chan's, cross terms included; fastrobust/distributed.py
+    `merge_ranks` is its PyTorch twin): the ranks' sums moved to one centre C0, d = C_r − C0,
+    R = Σ R_r + n_r·d, Q = Σ Q_r + 2·d·R_r + n_r·d², mean = C0 + R/n, M2 = Q − R²/n."""
+    KC = K * C
+    P = K + 3 * KC
+    kmask = ks < K
+    n = tl.zeros([ks.shape[0]], tl.float64)
+    sc = tl.zeros(kc.shape, tl.float64)
+    for r in range(0, RANKS):
+        cnt = tl.load(pay_ptr + r * P + ks, mask=kmask, other=0.0)[:, None]
+        ctr = tl.load(pay_ptr + r * P + K + kc, mask=kcm, other=0.0)
+        n += tl.sum(cnt, 1)
+        sc += tl.where(cnt != 0, cnt * ctr, 0.0)
+    nz = tl.where(n != 0, n, 1.0)[:, None]
+    c0 = sc / nz
+    R = tl.zeros(kc.shape, tl.float64)
+    Q = tl.zeros(kc.shape, tl.float64)
+    for r in range(0, RANKS):
+        cnt = tl.load(pay_ptr + r * P + ks, mask=kmask, other=0.0)[:, None]
+        ctr = tl.load(pay_ptr + r * P + K + kc, mask=kcm, other=0.0)
+        Rr = tl.load(pay_ptr + r * P + K + KC + kc, mask=kcm, other=0.0)
+        Qr = tl.load(pay_ptr + r * P + K + 2 * KC + kc, mask=kcm, other=0.0)
+        d = tl.where(cnt != 0, ctr - c0, 0.0)
+        R += Rr + cnt * d
+        Q += Qr + (2 * Rr + cnt * d) * d
+    mean = c0 + R / nz
+    var = tl.maximum((Q - R * R / nz) / nz, 0.0)
+    return n.to(ACC), mean.to(ACC), var.to(ACC)
 
 
 @triton.jit
@@ -43,7 +67,7 @@ def _sync_apply_kernel(x_ptr, out_ptr, pay_ptr, br_ptr, sbr, mix_ptr, smn, smk, 
                        be_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr, srm_k, srm_c, srv_k, srv_c,
                        nbt_ptr, old_ptr, mean_ptr,
                        invstd_ptr, N, C, S, K, sxn, sxc, sxs, son, soc, sos, c_blocks,
-                       s_blocks, momentum, momentum_m, momentum_l, eps, eps_m, eps_l,
+                       s_blocks, momentum, momentum_m, momentum_l, eps, eps_m, eps_l, RANKS,
                        MIXED: tl.constexpr, RUNNING: tl.constexpr,
                        CUMULATIVE: tl.constexpr, COUNT: tl.constexpr, CHECK: tl.constexpr,
                        HAS_W: tl.constexpr, HAS_B: tl.constexpr, SCALE: tl.constexpr,
@@ -63,7 +87,7 @@ def _sync_apply_kernel(x_ptr, out_ptr, pay_ptr, br_ptr, sbr, mix_ptr, smn, smk, 
     kcm = kmask[:, None] & cmask[None, :]
     momentum = _scalar(momentum, momentum_m, momentum_l, ACC)
     eps = _scalar(eps, eps_m, eps_l, ACC)
-    count, mean, var = _global_stats(pay_ptr, ks, kc, kcm, K, C, ACC)
+    count, mean, var = _global_stats(pay_ptr, ks, kc, kcm, K, C, RANKS, ACC)
     invstd = _invstd(var, eps, ACC)
     first = (n == 0) & (sb == 0)
     # (tl.where, not `kcm & first`: triton 3.9's interpreter rejects a mask that & made of a
@@ -103,7 +127,8 @@ def _sync_apply_kernel(x_ptr, out_ptr, pay_ptr, br_ptr, sbr, mix_ptr, smn, smk, 
 
 @triton.jit
 def _sync_grad_coefficients(pay_ptr, fpay_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, ks, cs, K,
-                            C, S, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr):
+                            C, S, RANKS, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                            ACC: tl.constexpr):
     """Per-(k, c) values of the synchronized backward after its all-reduce: the global T1,
     T2 (payload [2, K, C]), the forward's global counts and variance (its payload), the
     coefficients and Q_k, R_k."""
@@ -111,7 +136,7 @@ def _sync_grad_coefficients(pay_ptr, fpay_ptr, mean_ptr, invstd_ptr, w_ptr, b_pt
     kcm = (ks < K)[:, None] & (cs < C)[None, :]
     T1 = tl.load(pay_ptr + kc, mask=kcm, other=0.0)
     T2 = tl.load(pay_ptr + K * C + kc, mask=kcm, other=0.0)
-    count, _gm, var = _global_stats(fpay_ptr, ks, kc, kcm, K, C, ACC)
+    count, _gm, var = _global_stats(fpay_ptr, ks, kc, kcm, K, C, RANKS, ACC)
     mu, r, a, d, _ae, _de, _b = _coefficients(ks, cs, K, C, mean_ptr, invstd_ptr, w_ptr, b_ptr,
                                              ks < 0, HAS_W, HAS_B, ACC)
     Qk, Rk, Wk = _qr_coefficients(T1, T2, count / S, S, mu, r, a)
@@ -122,7 +147,7 @@ def _sync_grad_coefficients(pay_ptr, fpay_ptr, mean_ptr, invstd_ptr, w_ptr, b_pt
 def _sync_dx_kernel(dy_ptr, x_ptr, out_ptr, parts_ptr, planes_ptr, br_ptr, sbr, mix_ptr, smn,
                     smk, mean_ptr, invstd_ptr, w_ptr, b_ptr, sc_ptr, g_ptr, be_ptr, dg_ptr,
                     dbe_ptr, ds_ptr, dmix_ptr, pay_ptr, fpay_ptr, N, C, S, T, K, sdn, sdc, sds,
-                    sxn, sxc, sxs, son, soc, sos, c_blocks, s_blocks,
+                    sxn, sxc, sxs, son, soc, sos, c_blocks, s_blocks, RANKS,
                     DX: tl.constexpr, MIXED: tl.constexpr, RELU: tl.constexpr,
                     NEED_G: tl.constexpr, NEED_BE: tl.constexpr, NEED_S: tl.constexpr,
                     NEED_MIX: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
@@ -139,8 +164,8 @@ def _sync_dx_kernel(dy_ptr, x_ptr, out_ptr, parts_ptr, planes_ptr, br_ptr, sbr, 
     ks = tl.arange(0, BLOCK_K)
     cs = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     T1, T2, Wk, var, mu, r, a, d, Qk, Rk = _sync_grad_coefficients(
-        pay_ptr, fpay_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, ks, cs, K, C, S, HAS_W, HAS_B,
-        ACC)
+        pay_ptr, fpay_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, ks, cs, K, C, S, RANKS, HAS_W,
+        HAS_B, ACC)
     P, Q, R, A, D, _dm = _plane_grads(
         parts_ptr, planes_ptr, br_ptr, sbr, mix_ptr, smn, smk, sc_ptr, g_ptr, be_ptr, dg_ptr,
         dbe_ptr, ds_ptr, dg_ptr, dg_ptr, dg_ptr, dg_ptr, dg_ptr, ns, cs, ks, N, C, S, T, K, T1,
@@ -161,7 +186,7 @@ def _sync_dx_kernel(dy_ptr, x_ptr, out_ptr, parts_ptr, planes_ptr, br_ptr, sbr, 
                 cm = c0 + tl.arange(0, BLOCK_CM)
                 T1m, T2m, Wm, vm, mum, rm, am, dm_, Qm, Rm = _sync_grad_coefficients(
                     pay_ptr, fpay_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, ks, cm, K, C, S,
-                    HAS_W, HAS_B, ACC)
+                    RANKS, HAS_W, HAS_B, ACC)
                 _p, _q, _r, _a, _d, dm = _plane_grads(
                     parts_ptr, planes_ptr, br_ptr, sbr, mix_ptr, smn, smk, sc_ptr, g_ptr, be_ptr,
                     dg_ptr, dbe_ptr, ds_ptr, dg_ptr, dg_ptr, dg_ptr, dg_ptr, dg_ptr, ns, cm, ks,
@@ -176,10 +201,12 @@ def _sync_dx_kernel(dy_ptr, x_ptr, out_ptr, parts_ptr, planes_ptr, br_ptr, sbr, 
 @torch.no_grad()
 def sync_bn_forward(x, branch, mix, weight, bias, running_mean, running_var,
                     num_batches_tracked, input_scale, film_gamma, film_beta, num_branches,
-                    momentum, cumulative, eps, relu, all_reduce):
+                    momentum, cumulative, eps, relu, all_reduce, rank=0, world=1):
     """The synchronized BN's forward in training (fastrobust.distributed): the moments and
-    the statistics kernel's local pass write this rank's fp64 payload [count K | Σu K·C |
-    Σu² K·C], ``all_reduce(payload)`` sums it over the ranks in place, and one kernel
+    the statistics kernel's local pass write this rank's fp64 sums [count K | centre K·C |
+    Σ(u − centre) K·C | Σ(u − centre)² K·C] into its row of a [world, ...] payload (zeros in
+    the others), ``all_reduce(payload)`` gathers
+    the rows (a sum of rows only one rank filled), and one kernel merges them exactly and
     normalizes with the global statistics (and updates the running ones). Three launches
     and the collective; nothing on the host reads a value. x must not be empty.
     Returns (y, mean, invstd, planes, payload)."""
@@ -189,7 +216,7 @@ def sync_bn_forward(x, branch, mix, weight, bias, running_mean, running_var,
     N, C, S = x3.shape
     dev, acc = x.device, mean.dtype
     mixed = mix is not None
-    pay = torch.empty(K + 2 * K * C, device=dev, dtype=torch.float64)
+    pay = torch.empty(world, K + 3 * K * C, device=dev, dtype=torch.float64)
     running = running_mean is not None
     rm, rv = _written_running(running_mean, running_var, running)
     nbt = num_batches_tracked if num_batches_tracked is not None and running else None
@@ -198,7 +225,7 @@ def sync_bn_forward(x, branch, mix, weight, bias, running_mean, running_var,
     with on_device(x):
         _stats(x, x3, branch, mix, input_scale, None, None, None, None, None, None, nbt, mean,
                invstd, x, x, old, planes, pay, K, momentum, eps, True, False, cumulative,
-               sync=1)
+               sync=1, rank=rank, ranks=world)
         all_reduce(pay)
         s, g, be = _c(input_scale), _c(film_gamma), _c(film_beta)
         w, b = _c(weight), _c(bias)
@@ -212,7 +239,7 @@ def sync_bn_forward(x, branch, mix, weight, bias, running_mean, running_var,
                x if rm is None else rm, x if rv is None else rv, *_running_strides(rm, rv, C),
                x if nbt is None else nbt, old,
                mean, invstd, N, C, S, K, *x3.stride(), *y3.stride(), c_blocks, s_blocks,
-               *fp32_parts(momentum), *fp32_parts(eps), MIXED=mixed,
+               *fp32_parts(momentum), *fp32_parts(eps), world, MIXED=mixed,
                RUNNING=running, CUMULATIVE=cumulative, COUNT=nbt is not None, CHECK=True,
                HAS_W=w is not None, HAS_B=b is not None, SCALE=s is not None, GAMMA=g is not None,
                BETA=be is not None, RELU=relu, BLOCK_K=triton.next_power_of_2(max(K, 1)),
