@@ -68,15 +68,17 @@ def merge_ranks(pay: Tensor, K: int, C: int) -> tuple[Tensor, Tensor, Tensor]:
     """The global per-(k, c) count [K], mean and biased variance [K, C] from the all-reduced
     fp64 payload [world, K + 3·K·C], one row per rank: [count K | centre K·C | R K·C | Q K·C]
     with R, Q the rank's Σ(u − centre), Σ(u − centre)². An exact merge (Chan's, cross terms
-    included): the ranks' sums are moved to one centre C0 (the count-weighted mean of theirs,
-    a constant), d = C_r − C0, R = Σ R_r + n_r·d, Q = Σ Q_r + 2·d·R_r + n_r·d², mean =
-    C0 + R/n, M2 = Q − R²/n. The plain-PyTorch twin of kernels/sync_bn.py `_global_stats`."""
+    included): the ranks' sums are moved to one centre C0, the centre of the first rank with
+    values of branch k, d = C_r − C0, R = Σ R_r + n_r·d, Q = Σ Q_r + 2·d·R_r + n_r·d²,
+    mean = C0 + R/n, M2 = Q − R²/n. The plain-PyTorch twin of kernels/sync_bn.py
+    `_global_stats`."""
     KC = K * C
     cnt = pay[:, :K, None]                                              # [R, K, 1]
     ctr, Rr, Qr = (pay[:, K + j * KC:K + (j + 1) * KC].view(-1, K, C) for j in range(3))
     n = cnt.sum(0)                                                      # [K, 1]
     nz = torch.where(n != 0, n, 1.0)
-    c0 = torch.where(cnt != 0, cnt * ctr, 0.0).sum(0) / nz
+    first = (cnt[:, :, 0] != 0).to(torch.int8).argmax(0)                # [K]: first rank with values
+    c0 = ctr.gather(0, first.view(1, K, 1).expand(1, K, C))[0]          # [K, C]
     d = torch.where(cnt != 0, ctr - c0, 0.0)
     R = (Rr + cnt * d).sum(0)
     Q = (Qr + (2 * Rr + cnt * d) * d).sum(0)

@@ -95,8 +95,6 @@ def _bn_stats_kernel(parts_ptr, x_ptr, sxn, sxc, br_ptr, sbr, mix_ptr, smn, smk,
     cmask, kmask = cs < C, ks < K
     kc = ks[:, None] * C + cs[None, :]
     kcm = kmask[:, None] & cmask[None, :]
-    momentum = _scalar(momentum, momentum_m, momentum_l, ACC)
-    eps = _scalar(eps, eps_m, eps_l, ACC)
     if BATCH:
         # An exact merge (Chan's, cross terms included; fastrobust/_engine.py
         # `Engine.branch_stats`): pass 1 picks a centre per (k, c), the weighted mean of the
@@ -113,7 +111,6 @@ def _bn_stats_kernel(parts_ptr, x_ptr, sxn, sxc, br_ptr, sbr, mix_ptr, smn, smk,
                                     ACC)
                 uc = uc * s
             W += tl.sum(M, 0)
-            nnz += tl.sum((M != 0).to(ACC), 0)
             ck += _to_branches(M, uc)
         ck = ck / _safe(W)[:, None]
         R = tl.zeros([BLOCK_K, BLOCK_C], ACC)
@@ -121,6 +118,7 @@ def _bn_stats_kernel(parts_ptr, x_ptr, sxn, sxc, br_ptr, sbr, mix_ptr, smn, smk,
         for n0 in range(0, N, BLOCK_N):
             ns = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
             M, _ = _route(ns, ks, N, K, br_ptr, sbr, mix_ptr, smn, smk, MIXED, ACC)
+            nnz += tl.sum((M != 0).to(ACC), 0)
             uc, ur, uq = _plane_sums(ns, cs, N, C, S, T, parts_ptr, x_ptr, sxn, sxc, FROM_X,
                                      ACC)
             if PLANES:
@@ -170,7 +168,7 @@ def _bn_stats_kernel(parts_ptr, x_ptr, sxn, sxc, br_ptr, sbr, mix_ptr, smn, smk,
                 mom = 1.0 / (tl.load(nbt_ptr + ks, mask=kmask, other=0).to(ACC) + 1.0)
                 mom = mom[:, None]
             else:
-                mom = momentum
+                mom = _scalar(momentum, momentum_m, momentum_l, ACC)
             _update_running(rm_ptr, rv_ptr, ks, cs, srm_k, srm_c, srv_k, srv_c, kcm, mean, var,
                             count, mom, ACC)
             if pid == 0:  # num_batches_tracked is advanced by the next kernel, after all reads
@@ -183,7 +181,7 @@ def _bn_stats_kernel(parts_ptr, x_ptr, sxn, sxc, br_ptr, sbr, mix_ptr, smn, smk,
     if SYNC == 0:
         _bn_stats_tail(br_ptr, sbr, mix_ptr, smn, smk, sc_ptr, g_ptr, be_ptr, w_ptr, b_ptr,
                        mean_ptr, invstd_ptr, A_ptr, D_ptr, mean, var, single, ks, cs, kc, kcm,
-                       N, C, K, eps, MIXED, CHECK, HAS_W, HAS_B, SCALE, GAMMA, BETA, BLOCK_N,
+                       N, C, K, _scalar(eps, eps_m, eps_l, ACC), MIXED, CHECK, HAS_W, HAS_B, SCALE, GAMMA, BETA, BLOCK_N,
                        ACC)
 
 

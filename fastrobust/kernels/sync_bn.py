@@ -33,31 +33,32 @@ def _global_stats(pay_ptr, ks, kc, kcm, K, C, RANKS, ACC: tl.constexpr):
     """Per-(k, c) count, mean and biased variance from the all-reduced fp64 payload, one row
     per rank [count K | centre K·C | R K·C | Q K·C] (R, Q: the rank's Σ(u − centre),
     Σ(u − centre)²). An exact merge (Chan's, cross terms included; fastrobust/distributed.py
-    `merge_ranks` is its PyTorch twin): the ranks' sums moved to one centre C0, d = C_r − C0,
-    R = Σ R_r + n_r·d, Q = Σ Q_r + 2·d·R_r + n_r·d², mean = C0 + R/n, M2 = Q − R²/n."""
-    KC = K * C
-    P = K + 3 * KC
+    `merge_ranks` is its PyTorch twin): the ranks' sums are moved to one centre C0, the centre
+    of the first rank with values of branch k, d = C_r − C0, R = Σ R_r + n_r·d,
+    Q = Σ Q_r + 2·d·R_r + n_r·d², mean = C0 + R/n, M2 = Q − R²/n. Any centre is exact here;
+    a rank's centre is near its mean, so R stays small against n·std. C0 is read again where
+    it is used rather than held across the loop (fewer live fp64 values: no spills)."""
+    P = K + 3 * K * C
     kmask = ks < K
     n = tl.zeros([ks.shape[0]], tl.float64)
-    sc = tl.zeros(kc.shape, tl.float64)
+    first = tl.zeros([ks.shape[0]], tl.int32)
     for r in range(0, RANKS):
-        cnt = tl.load(pay_ptr + r * P + ks, mask=kmask, other=0.0)[:, None]
-        ctr = tl.load(pay_ptr + r * P + K + kc, mask=kcm, other=0.0)
-        n += tl.sum(cnt, 1)
-        sc += tl.where(cnt != 0, cnt * ctr, 0.0)
-    nz = tl.where(n != 0, n, 1.0)[:, None]
-    c0 = sc / nz
+        cnt = tl.load(pay_ptr + r * P + ks, mask=kmask, other=0.0)
+        first = tl.where(n == 0, r, first)
+        n += cnt
+    c0_ptr = pay_ptr + first[:, None] * P + K + kc
     R = tl.zeros(kc.shape, tl.float64)
     Q = tl.zeros(kc.shape, tl.float64)
     for r in range(0, RANKS):
-        cnt = tl.load(pay_ptr + r * P + ks, mask=kmask, other=0.0)[:, None]
-        ctr = tl.load(pay_ptr + r * P + K + kc, mask=kcm, other=0.0)
-        Rr = tl.load(pay_ptr + r * P + K + KC + kc, mask=kcm, other=0.0)
-        Qr = tl.load(pay_ptr + r * P + K + 2 * KC + kc, mask=kcm, other=0.0)
-        d = tl.where(cnt != 0, ctr - c0, 0.0)
+        row = pay_ptr + r * P
+        cnt = tl.load(row + ks, mask=kmask, other=0.0)[:, None]
+        d = tl.load(row + K + kc, mask=kcm, other=0.0) - tl.load(c0_ptr, mask=kcm, other=0.0)
+        d = tl.where(cnt != 0, d, 0.0)
+        Rr = tl.load(row + K + K * C + kc, mask=kcm, other=0.0)
         R += Rr + cnt * d
-        Q += Qr + (2 * Rr + cnt * d) * d
-    mean = c0 + R / nz
+        Q += tl.load(row + K + 2 * K * C + kc, mask=kcm, other=0.0) + (2 * Rr + cnt * d) * d
+    nz = tl.where(n != 0, n, 1.0)[:, None]
+    mean = tl.load(c0_ptr, mask=kcm, other=0.0) + R / nz
     var = tl.maximum((Q - R * R / nz) / nz, 0.0)
     return n.to(ACC), mean.to(ACC), var.to(ACC)
 
@@ -85,10 +86,8 @@ def _sync_apply_kernel(x_ptr, out_ptr, pay_ptr, br_ptr, sbr, mix_ptr, smn, smk, 
     cmask, kmask = cs < C, ks < K
     kc = ks[:, None] * C + cs[None, :]
     kcm = kmask[:, None] & cmask[None, :]
-    momentum = _scalar(momentum, momentum_m, momentum_l, ACC)
-    eps = _scalar(eps, eps_m, eps_l, ACC)
     count, mean, var = _global_stats(pay_ptr, ks, kc, kcm, K, C, RANKS, ACC)
-    invstd = _invstd(var, eps, ACC)
+    invstd = _invstd(var, _scalar(eps, eps_m, eps_l, ACC), ACC)
     first = (n == 0) & (sb == 0)
     # (tl.where, not `kcm & first`: triton 3.9's interpreter rejects a mask that & made of a
     # tensor and a scalar bool)
@@ -99,7 +98,7 @@ def _sync_apply_kernel(x_ptr, out_ptr, pay_ptr, br_ptr, sbr, mix_ptr, smn, smk, 
         if CUMULATIVE:  # the counter as the local pass copied it (program 0 advances it)
             mom = (1.0 / (tl.load(old_ptr + ks, mask=kmask, other=0.0) + 1.0))[:, None]
         else:
-            mom = momentum
+            mom = _scalar(momentum, momentum_m, momentum_l, ACC)
         _update_running(rm_ptr, rv_ptr, ks, cs, srm_k, srm_c, srv_k, srv_c, kcm1, mean, var,
                         count, mom, ACC)
         if COUNT:
