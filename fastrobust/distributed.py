@@ -77,7 +77,7 @@ def merge_ranks(pay: Tensor, K: int, C: int) -> tuple[Tensor, Tensor, Tensor]:
     ctr, Rr, Qr = (pay[:, K + j * KC:K + (j + 1) * KC].view(-1, K, C) for j in range(3))
     n = cnt.sum(0)                                                      # [K, 1]
     nz = torch.where(n != 0, n, 1.0)
-    first = (cnt[:, :, 0] != 0).to(torch.int8).argmax(0)                # [K]: first rank with values
+    first = (cnt[:, :, 0] != 0).to(torch.int8).argmax(0)                # [K], its first rank
     c0 = ctr.gather(0, first.view(1, K, 1).expand(1, K, C))[0]          # [K, C]
     d = torch.where(cnt != 0, ctr - c0, 0.0)
     R = (Rr + cnt * d).sum(0)

@@ -118,6 +118,8 @@ def _bn_stats_kernel(parts_ptr, x_ptr, sxn, sxc, br_ptr, sbr, mix_ptr, smn, smk,
         for n0 in range(0, N, BLOCK_N):
             ns = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
             M, _ = _route(ns, ks, N, K, br_ptr, sbr, mix_ptr, smn, smk, MIXED, ACC)
+            # (counted here, not in pass 1: a count finished before this loop is held across
+            # it, and that spilled registers on sm_90)
             nnz += tl.sum((M != 0).to(ACC), 0)
             uc, ur, uq = _plane_sums(ns, cs, N, C, S, T, parts_ptr, x_ptr, sxn, sxc, FROM_X,
                                      ACC)
@@ -135,7 +137,8 @@ def _bn_stats_kernel(parts_ptr, x_ptr, sxn, sxc, br_ptr, sbr, mix_ptr, smn, smk,
             Mb = M[:, :, None]
             ur3 = ur[:, None, :]
             R += tl.sum(tl.where(Mb != 0, Mb * (ur3 + S * d), 0.0), 0)
-            Q += tl.sum(tl.where(Mb != 0, Mb * (uq[:, None, :] + (2 * ur3 + S * d) * d), 0.0), 0)
+            Q += tl.sum(tl.where(Mb != 0, Mb * (uq[:, None, :] + (2 * ur3 + S * d) * d), 0.0),
+                        0)
         count = W * S
         cz = _safe(count)[:, None]
         mean = ck + R / cz
@@ -181,8 +184,8 @@ def _bn_stats_kernel(parts_ptr, x_ptr, sxn, sxc, br_ptr, sbr, mix_ptr, smn, smk,
     if SYNC == 0:
         _bn_stats_tail(br_ptr, sbr, mix_ptr, smn, smk, sc_ptr, g_ptr, be_ptr, w_ptr, b_ptr,
                        mean_ptr, invstd_ptr, A_ptr, D_ptr, mean, var, single, ks, cs, kc, kcm,
-                       N, C, K, _scalar(eps, eps_m, eps_l, ACC), MIXED, CHECK, HAS_W, HAS_B, SCALE, GAMMA, BETA, BLOCK_N,
-                       ACC)
+                       N, C, K, _scalar(eps, eps_m, eps_l, ACC), MIXED, CHECK, HAS_W, HAS_B,
+                       SCALE, GAMMA, BETA, BLOCK_N, ACC)
 
 
 @triton.jit

@@ -203,12 +203,11 @@ def sync_bn_forward(x, branch, mix, weight, bias, running_mean, running_var,
                     momentum, cumulative, eps, relu, all_reduce, rank=0, world=1):
     """The synchronized BN's forward in training (fastrobust.distributed): the moments and
     the statistics kernel's local pass write this rank's fp64 sums [count K | centre K·C |
-    Σ(u − centre) K·C | Σ(u − centre)² K·C] into its row of a [world, ...] payload (zeros in
-    the others), ``all_reduce(payload)`` gathers
-    the rows (a sum of rows only one rank filled), and one kernel merges them exactly and
-    normalizes with the global statistics (and updates the running ones). Three launches
-    and the collective; nothing on the host reads a value. x must not be empty.
-    Returns (y, mean, invstd, planes, payload)."""
+    Σ(u − centre) K·C | Σ(u − centre)² K·C] into its row `rank` of a [world, ...] payload
+    (zeros in the others), ``all_reduce(payload)`` gathers the rows (a sum of rows only one
+    rank filled), and one kernel merges them exactly and normalizes with the global
+    statistics (and updates the running ones). Three launches and the collective; nothing
+    on the host reads a value. x must not be empty. Returns (y, mean, invstd, planes, payload)."""
     K = num_branches
     _check_routing(x, branch, mix, K, True, prefix="sync_")
     x3, y, mean, invstd, planes = _forward_outputs(x, mix, K, True)
