@@ -288,8 +288,9 @@ def _dx_tile(dy_ptr, x_ptr, out_ptr, n, cs, ss, C, S, sdn, sdc, sds, sxn, sxc, s
 
 def _stats_blocks(N: int, K: int, C: int, values: int = 1024) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, BLOCK_C) of the per-channel-block kernels: a [BLOCK_N, BLOCK_K,
-    BLOCK_C] tile of ≤ `values` values (1024 for the statistics kernel, 256 for the gradient
-    kernel, which holds more such tiles: larger ones spill on sm_90, see
+    BLOCK_C] tile of ≤ `values` values (1024 for the statistics kernel, 512 with batch
+    statistics of K ≤ 2, 256 for the gradient kernel, which holds more such tiles: larger
+    ones spill on sm_90, see
     benchmarks/results/triton_aot.md); narrower channel blocks (more programs) for small C."""
     block_k = triton.next_power_of_2(max(K, 1))
     block_c = min(64, triton.next_power_of_2(max(C, 1)))

@@ -509,7 +509,9 @@ def _stats(x, x3, branch, mix, s, g, be, w, b, rm, rv, nbt, mean, invstd, A, D, 
         parts = torch.empty(2, T, N, C, device=x.device, dtype=acc)
         launch(_moments_kernel, (N * c_blocks, T), x3, parts, N, C, S, chunk, c_blocks,
                *x3.stride(), BLOCK_C=block_c, BLOCK_S=block_s, ACC=_tl_acc(acc))
-    block_n, block_k, block_c = _stats_blocks(N, K, C)
+    # tiles of 512 values for one or two branches with batch statistics (1024 spilled
+    # registers on sm_90 there: benchmarks/aot_compile.py --strict-spills), else 1024
+    block_n, block_k, block_c = _stats_blocks(N, K, C, values=512 if batch and K <= 2 else 1024)
     s, g, be, w, b = _c(s), _c(g), _c(be), _c(w), _c(b)
     mixed = mix is not None
     launch(_bn_stats_kernel, (triton.cdiv(C, block_c),), parts, x3, x3.stride(0), x3.stride(1),
