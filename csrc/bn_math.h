@@ -8,14 +8,32 @@
 
 // --- statistics -------------------------------------------------------------------------------
 
-// One part's share of a merged M2 (the closed form of Chan's parallel merge, without the
-// Σx² − (Σx)²/m cancellation), in the units of u = s·x: the part has S values of mean pm and
-// M2 pq (in x's units), weight w and input scale s; mk is the merged mean (in u's units).
-// A branch's M2 is the sum of this over its planes, a plane's over its chunks.
+// A part's mean and M2 from its S values' sums about a centre c, r = Σ(x − c) and
+// q = Σ(x − c)²: c + r/S and q − r²/S. r is what a rounded c leaves out (zero only for an
+// exact mean); keeping it is Chan's merge of the part with its centre.
 template <typename T>
-FASTROBUST_HD T plane_m2_share(T w, T s, T pm, T pq, T mk, T S) {
-  const T d = s * pm - mk;
-  return w * (s * s * pq + S * d * d);
+FASTROBUST_HD T centred_mean(T c, T r, T S) {
+  return S > T(0) ? c + r / S : c;
+}
+template <typename T>
+FASTROBUST_HD T centred_m2(T r, T q, T S) {
+  return S > T(0) ? q - r * r / S : q;
+}
+
+// A part's shares of a merge's sums about a common centre C, in the units of u = s·x: the
+// part has S values with sums r = Σ(x − c), q = Σ(x − c)² about its own centre c, weight w
+// and input scale s; with d = s·c − C, Σ(u − C) = s·r + S·d and Σ(u − C)² = s²·q + 2·d·s·r +
+// S·d² (Chan's merge, cross term 2·d·s·r included). Nothing of the centres' rounding is lost:
+// the merged mean is C + R/m and its M2 Q − R²/m (centred_mean, centred_m2 with the merged
+// R, Q and value count m), with no Σx² − (Σx)²/m cancellation.
+template <typename T>
+FASTROBUST_HD T part_r_share(T w, T s, T c, T r, T C, T S) {
+  return w * (s * r + S * (s * c - C));
+}
+template <typename T>
+FASTROBUST_HD T part_q_share(T w, T s, T c, T r, T q, T C, T S) {
+  const T d = s * c - C;
+  return w * (s * s * q + (T(2) * s * r + S * d) * d);
 }
 
 // 1/sqrt(var + eps) of a biased variance.

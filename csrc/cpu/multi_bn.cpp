@@ -12,8 +12,11 @@
 // Each op is three stages: per-plane values (a plane is one (n, c)) from the layout-specific
 // leaf loops, a per-(branch, channel) reduction of them in double, and one elementwise pass
 // with per-plane coefficients, y = act(A[n,c]·x + D[n,c]).
-// Statistics: each plane's mean and M2 = Σ(x - mean)² in two passes while it sits in L1, then
-// M2_kc = Σ M2_plane + S·Σ(mean_plane - μ_kc)²: no Σx² - (Σx)²/m cancellation anywhere.
+// Statistics: each plane's mean c (as rounded) and its sums r = Σ(x - c), q = Σ(x - c)² in two
+// passes while it sits in L1, then in double the planes' sums moved to one centre per
+// (branch, channel) and added (Chan's merge with its cross terms, bn_math.h part_r_share /
+// part_q_share): no Σx² - (Σx)²/m cancellation and no rounded mean taken as exact, so the
+// variance keeps F.batch_norm's accuracy when |mean| ≫ std.
 #include "multi_bn.h"
 
 #include <algorithm>
@@ -108,34 +111,47 @@ struct Params {
   double b(int64_t i) const { return bias ? double(bias[i]) : 0.0; }
 };
 
-// Branch statistics from x's plane moments, scaled to u = s·x: mean, biased variance [K, C].
+// Branch statistics from x's per-plane sums about their centres (c, r = Σ(x - c),
+// q = Σ(x - c)²; r may be null: c, q are then the plane's exact mean and M2), scaled to
+// u = s·x: mean, biased variance [K, C]. An exact merge in double (bn_math.h part_r_share,
+// part_q_share: Chan's, cross term included): pass 1 picks a centre per (k, c), the weighted
+// mean of the planes' centres; pass 2 moves every plane's sums to it. No plane mean is
+// rounded on the way, so nothing of the centres' rounding is lost (fp64 inputs included).
 template <typename T>
-void branch_stats(const Route& rt, const View& v, const PlaneValues<T>& pv, const Extras<T>& e,
-                  std::vector<double>& mean, std::vector<double>& var) {
+void branch_stats(const Route& rt, const View& v, const T* pc, const T* pr, const T* pq,
+                  const Extras<T>& e, std::vector<double>& mean, std::vector<double>& var) {
   const int64_t C = v.C, K = rt.K;
   const double S = double(v.S);
-  mean.assign(K * C, 0.0);
-  var.assign(K * C, 0.0);
+  std::vector<double> ck(K * C, 0.0), R(K * C, 0.0), Q(K * C, 0.0);
   for (int64_t n = 0; n < v.N; ++n)
     for (int64_t e_ = rt.start[n]; e_ < rt.start[n + 1]; ++e_) {
       const double w = rt.w[e_];
-      double* mk = &mean[rt.k[e_] * C];
-      for (int64_t c = 0; c < C; ++c) mk[c] += w * e.s(n * C + c) * double(pv.a[n * C + c]);
+      double* ckk = &ck[rt.k[e_] * C];
+      for (int64_t c = 0; c < C; ++c) ckk[c] += w * e.s(n * C + c) * double(pc[n * C + c]);
     }
   for (int64_t k = 0; k < K; ++k)
-    for (int64_t c = 0; c < C; ++c) mean[k * C + c] /= nonzero(rt.total[k]);
+    for (int64_t c = 0; c < C; ++c) ck[k * C + c] /= nonzero(rt.total[k]);
   for (int64_t n = 0; n < v.N; ++n)
     for (int64_t e_ = rt.start[n]; e_ < rt.start[n + 1]; ++e_) {
       const double w = rt.w[e_];
-      const double* mk = &mean[rt.k[e_] * C];
-      double* vk = &var[rt.k[e_] * C];
+      const int64_t o = rt.k[e_] * C;
       for (int64_t c = 0; c < C; ++c) {
         const int64_t i = n * C + c;
-        vk[c] += plane_m2_share(w, e.s(i), double(pv.a[i]), double(pv.b[i]), mk[c], S);
+        const double s = e.s(i), cp = double(pc[i]), r = pr ? double(pr[i]) : 0.0;
+        R[o + c] += part_r_share(w, s, cp, r, ck[o + c], S);
+        Q[o + c] += part_q_share(w, s, cp, r, double(pq[i]), ck[o + c], S);
       }
     }
-  for (int64_t k = 0; k < K; ++k)
-    for (int64_t c = 0; c < C; ++c) var[k * C + c] /= nonzero(rt.total[k] * S);
+  mean.resize(K * C);
+  var.resize(K * C);
+  for (int64_t k = 0; k < K; ++k) {
+    const double m = rt.total[k] * S;
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t i = k * C + c;
+      mean[i] = m > 0 ? centred_mean(ck[i], R[i], m) : 0.0;
+      var[i] = m > 0 ? std::max(centred_m2(R[i], Q[i], m), 0.0) / m : 0.0;
+    }
+  }
 }
 
 // out[0..C) = Σ_e w_e·t[k_e, 0..C) over sample n's routing entries (t: [K, C]). A sample
@@ -317,13 +333,18 @@ std::vector<at::Tensor> bn_forward_impl(const at::Tensor& x_in, const OptTensor&
     T* mean = mean_t.data_ptr<T>();
     T* invstd = invstd_t.data_ptr<T>();
     if (batch_stats) {
-      const auto pv = plane_moments<T>(v, walk<const T>(x, v));
-      if (planes.defined()) {
-        std::copy(pv.a.begin(), pv.a.end(), planes.data_ptr<T>());
-        std::copy(pv.b.begin(), pv.b.end(), planes.data_ptr<T>() + v.N * C);
+      const auto pm = plane_moments<T>(v, walk<const T>(x, v));
+      if (planes.defined()) {  // each plane's mean and M2, for the mix gradient
+        T* out = planes.data_ptr<T>();
+        const int64_t NC = v.N * C;
+        const double S = double(v.S);
+        for (int64_t i = 0; i < NC; ++i) {
+          out[i] = T(centred_mean(double(pm.c[i]), double(pm.r[i]), S));
+          out[NC + i] = T(centred_m2(double(pm.r[i]), double(pm.q[i]), S));
+        }
       }
       std::vector<double> bm, bv;
-      branch_stats(rt, v, pv, e, bm, bv);
+      branch_stats(rt, v, pm.c.data(), pm.r.data(), pm.q.data(), e, bm, bv);
       T* rm = update ? new_rm.data_ptr<T>() : nullptr;
       T* rv = update ? new_rv.data_ptr<T>() : nullptr;
       int64_t* nbt = new_nbt.defined() ? new_nbt.data_ptr<int64_t>() : nullptr;
@@ -559,10 +580,7 @@ std::vector<at::Tensor> bn_backward_impl(const at::Tensor& dy_in, const at::Tens
       if (batch_stats) {
         pm = planes.data_ptr<T>();
         pm2 = pm + NC;
-        PlaneValues<T> pv(v);
-        std::copy(pm, pm + NC, pv.a.begin());
-        std::copy(pm2, pm2 + NC, pv.b.begin());
-        branch_stats(rt, v, pv, e, bm, bv);
+        branch_stats<T>(rt, v, pm, nullptr, pm2, e, bm, bv);
       }
       const double S = double(v.S), Sd = nonzero(S);
       for (int64_t n = 0; n < N; ++n)
