@@ -33,7 +33,7 @@ std::vector<T> per_plane(const OptTensor& t, int64_t N, int64_t C, T fill) {
 
 // Per-plane sums [N, C] as the gradient tensor: [C] (summed over n in order) or [N, C].
 template <typename T>
-at::Tensor planes_to_grad(const std::vector<T>& sums, int64_t N, int64_t C, bool per_channel,
+at::Tensor planes_to_grad(const Scratch<T>& sums, int64_t N, int64_t C, bool per_channel,
                           const at::Tensor& x) {
   if (!per_channel) {
     auto g = at::empty({N, C}, x.options());

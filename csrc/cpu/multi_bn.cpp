@@ -123,35 +123,38 @@ void branch_stats(const Route& rt, const View& v, const T* pc, const T* pr, cons
   const int64_t C = v.C, K = rt.K;
   const double S = double(v.S);
   std::vector<double> ck(K * C, 0.0), R(K * C, 0.0), Q(K * C, 0.0);
-  for (int64_t n = 0; n < v.N; ++n)
-    for (int64_t e_ = rt.start[n]; e_ < rt.start[n + 1]; ++e_) {
-      const double w = rt.w[e_];
-      double* ckk = &ck[rt.k[e_] * C];
-      for (int64_t c = 0; c < C; ++c) ckk[c] += w * e.s(n * C + c) * double(pc[n * C + c]);
-    }
-  for (int64_t k = 0; k < K; ++k)
-    for (int64_t c = 0; c < C; ++c) ck[k * C + c] /= nonzero(rt.total[k]);
-  for (int64_t n = 0; n < v.N; ++n)
-    for (int64_t e_ = rt.start[n]; e_ < rt.start[n + 1]; ++e_) {
-      const double w = rt.w[e_];
-      const int64_t o = rt.k[e_] * C;
-      for (int64_t c = 0; c < C; ++c) {
-        const int64_t i = n * C + c;
-        const double s = e.s(i), cp = double(pc[i]), r = pr ? double(pr[i]) : 0.0;
-        R[o + c] += part_r_share(w, s, cp, r, ck[o + c], S);
-        Q[o + c] += part_q_share(w, s, cp, r, double(pq[i]), ck[o + c], S);
-      }
-    }
   mean.resize(K * C);
   var.resize(K * C);
-  for (int64_t k = 0; k < K; ++k) {
-    const double m = rt.total[k] * S;
-    for (int64_t c = 0; c < C; ++c) {
-      const int64_t i = k * C + c;
-      mean[i] = m > 0 ? centred_mean(ck[i], R[i], m) : 0.0;
-      var[i] = m > 0 ? std::max(centred_m2(R[i], Q[i], m), 0.0) / m : 0.0;
+  // Channels are independent: a task takes a block of them through both passes.
+  parallel_planes(C, v.N, [&](int64_t c0, int64_t c1) {
+    for (int64_t n = 0; n < v.N; ++n)
+      for (int64_t e_ = rt.start[n]; e_ < rt.start[n + 1]; ++e_) {
+        const double w = rt.w[e_];
+        double* ckk = &ck[rt.k[e_] * C];
+        for (int64_t c = c0; c < c1; ++c) ckk[c] += w * e.s(n * C + c) * double(pc[n * C + c]);
+      }
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t c = c0; c < c1; ++c) ck[k * C + c] /= nonzero(rt.total[k]);
+    for (int64_t n = 0; n < v.N; ++n)
+      for (int64_t e_ = rt.start[n]; e_ < rt.start[n + 1]; ++e_) {
+        const double w = rt.w[e_];
+        const int64_t o = rt.k[e_] * C;
+        for (int64_t c = c0; c < c1; ++c) {
+          const int64_t i = n * C + c;
+          const double s = e.s(i), cp = double(pc[i]), r = pr ? double(pr[i]) : 0.0;
+          R[o + c] += part_r_share(w, s, cp, r, ck[o + c], S);
+          Q[o + c] += part_q_share(w, s, cp, r, double(pq[i]), ck[o + c], S);
+        }
+      }
+    for (int64_t k = 0; k < K; ++k) {
+      const double m = rt.total[k] * S;
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t i = k * C + c;
+        mean[i] = m > 0 ? centred_mean(ck[i], R[i], m) : 0.0;
+        var[i] = m > 0 ? std::max(centred_m2(R[i], Q[i], m), 0.0) / m : 0.0;
+      }
     }
-  }
+  });
 }
 
 // out[0..C) = Σ_e w_e·t[k_e, 0..C) over sample n's routing entries (t: [K, C]). A sample
@@ -182,8 +185,9 @@ inline void mix_row(const Route& rt, int64_t n, const double* t, int64_t C, doub
 // mask is recomputed exactly.
 template <typename T>
 struct Coefficients {
-  std::vector<double> a, d, Ap, Dp;
-  std::vector<T> A, D;
+  std::vector<double> a, d;
+  Scratch<double> Ap, Dp;
+  Scratch<T> A, D;
 };
 
 // Branches whose batch statistics come from one value (one sample routed there, 1x1 maps): x̂
@@ -225,33 +229,32 @@ Coefficients<T> coefficients(const Route& rt, const View& v, const Params<T>& p,
   }
   const double* a_src = any_single ? a_pl.data() : co.a.data();
   const double* d_src = any_single ? d_pl.data() : co.d.data();
-  std::vector<double> row_a, row_d;
   if (keep_planes) {
     co.Ap.resize(NC);
     co.Dp.resize(NC);
-  } else {
-    row_a.resize(C);
-    row_d.resize(C);
   }
   co.A.resize(NC);
   co.D.resize(NC);
-  for (int64_t n = 0; n < v.N; ++n) {
-    const int64_t o = n * C;
-    double* ap = keep_planes ? &co.Ap[o] : row_a.data();
-    double* dp = keep_planes ? &co.Dp[o] : row_d.data();
-    mix_row(rt, n, a_src, C, ap);
-    mix_row(rt, n, d_src, C, dp);
-    T* A = &co.A[o];
-    T* D = &co.D[o];
-    const T* sp = e.scale ? e.scale + o : nullptr;
-    const T* gp = e.gamma ? e.gamma + o : nullptr;
-    const T* bp = e.beta ? e.beta + o : nullptr;
-    for (int64_t c = 0; c < C; ++c) {
-      const double s = sp ? double(sp[c]) : 1.0, g = gp ? double(gp[c]) : 1.0;
-      A[c] = T(plane_A(ap[c], s, g));
-      D[c] = T(plane_D(dp[c], g, bp ? double(bp[c]) : 0.0));
+  parallel_planes(v.N, C, [&](int64_t n0, int64_t n1) {
+    Scratch<double> row_a(keep_planes ? 0 : C), row_d(keep_planes ? 0 : C);
+    for (int64_t n = n0; n < n1; ++n) {
+      const int64_t o = n * C;
+      double* ap = keep_planes ? &co.Ap[o] : row_a.data();
+      double* dp = keep_planes ? &co.Dp[o] : row_d.data();
+      mix_row(rt, n, a_src, C, ap);
+      mix_row(rt, n, d_src, C, dp);
+      T* A = &co.A[o];
+      T* D = &co.D[o];
+      const T* sp = e.scale ? e.scale + o : nullptr;
+      const T* gp = e.gamma ? e.gamma + o : nullptr;
+      const T* bp = e.beta ? e.beta + o : nullptr;
+      for (int64_t c = 0; c < C; ++c) {
+        const double s = sp ? double(sp[c]) : 1.0, g = gp ? double(gp[c]) : 1.0;
+        A[c] = T(plane_A(ap[c], s, g));
+        D[c] = T(plane_D(dp[c], g, bp ? double(bp[c]) : 0.0));
+      }
     }
-  }
+  });
   return co;
 }
 
@@ -441,20 +444,22 @@ std::vector<at::Tensor> bn_backward_impl(const at::Tensor& dy_in, const at::Tens
     const auto co = coefficients<T>(rt, v, p, e, mean, invstd, need_g, single);
     const T* sp_all = e.scale;
     const T* gp_all = e.gamma;
-    std::vector<double> row(C), row2(C), row3(C);
     // Running statistics and only the input gradient wanted (an attack's backward in eval
     // mode): ∂L/∂u = A_in·γ·g, no per-plane sums needed, one pass.
     if (eval_dx_only) {
       if (need_x || need_s) {
-        std::vector<T> P(NC), R(NC, T(0)), Sc(NC, T(1));
-        for (int64_t n = 0; n < N; ++n) {
-          const int64_t o = n * C;
-          mix_row(rt, n, co.a.data(), C, row.data());  // Ap
-          for (int64_t c = 0; c < C; ++c)
-            P[o + c] = T(row[c] * (gp_all ? double(gp_all[o + c]) : 1.0));
-          if (sp_all)
-            for (int64_t c = 0; c < C; ++c) Sc[o + c] = sp_all[o + c];
-        }
+        Scratch<T> P(NC), R(NC, T(0)), Sc(NC, T(1));
+        parallel_planes(N, C, [&](int64_t n0, int64_t n1) {
+          Scratch<double> row(C);
+          for (int64_t n = n0; n < n1; ++n) {
+            const int64_t o = n * C;
+            mix_row(rt, n, co.a.data(), C, row.data());  // Ap
+            for (int64_t c = 0; c < C; ++c)
+              P[o + c] = T(row[c] * (gp_all ? double(gp_all[o + c]) : 1.0));
+            if (sp_all)
+              for (int64_t c = 0; c < C; ++c) Sc[o + c] = sp_all[o + c];
+          }
+        });
         backward_pass<T>(v, walk<const T>(dy, dyv), walk<const T>(x, v),
                          walk<T>(dx, as_view(dx).second), P.data(), nullptr, R.data(),
                          Sc.data(), relu ? co.A.data() : nullptr, relu ? co.D.data() : nullptr,
@@ -464,59 +469,62 @@ std::vector<at::Tensor> bn_backward_impl(const at::Tensor& dy_in, const at::Tens
     }
     // Centre of the Σg·x sums, in x's units: the plane's mixture of branch means.
     std::vector<double> mean_d(mean, mean + K * C);
-    std::vector<T> ctr(NC, T(0));
-    for (int64_t n = 0; n < N; ++n) {
-      double tot = 0;
-      for (int64_t e_ = rt.start[n]; e_ < rt.start[n + 1]; ++e_) tot += rt.w[e_];
-      mix_row(rt, n, mean_d.data(), C, row.data());
-      const double tz = nonzero(tot);
-      if (tz != 1.0)  // a routed sample's total is 1: u = the branch mean, no division
-        for (int64_t c = 0; c < C; ++c) row[c] /= tz;
-      T* cn = &ctr[n * C];
-      if (sp_all) {
-        const T* sn = sp_all + n * C;
-        for (int64_t c = 0; c < C; ++c) {
-          const double s = double(sn[c]);
-          cn[c] = s != 0 ? T(row[c] / s) : T(0);
+    Scratch<T> ctr(NC);
+    parallel_planes(N, C, [&](int64_t n0, int64_t n1) {
+      Scratch<double> row(C);
+      for (int64_t n = n0; n < n1; ++n) {
+        double tot = 0;
+        for (int64_t e_ = rt.start[n]; e_ < rt.start[n + 1]; ++e_) tot += rt.w[e_];
+        mix_row(rt, n, mean_d.data(), C, row.data());
+        const double tz = nonzero(tot);
+        if (tz != 1.0)  // a routed sample's total is 1: u = the branch mean, no division
+          for (int64_t c = 0; c < C; ++c) row[c] /= tz;
+        T* cn = &ctr[n * C];
+        if (sp_all) {
+          const T* sn = sp_all + n * C;
+          for (int64_t c = 0; c < C; ++c) {
+            const double s = double(sn[c]);
+            cn[c] = s != 0 ? T(row[c] / s) : T(0);
+          }
+        } else {
+          for (int64_t c = 0; c < C; ++c) cn[c] = T(row[c]);
         }
-      } else {
-        for (int64_t c = 0; c < C; ++c) cn[c] = T(row[c]);
       }
-    }
+    });
     const auto G = plane_grad_sums<T>(v, walk<const T>(dy, dyv), walk<const T>(x, v),
                                       ctr.data(), relu ? co.A.data() : nullptr,
                                       relu ? co.D.data() : nullptr);
     // Per plane: Z1 = Σdz, Zu = Σdz·u (dz = γ·g), and the FiLM gradients; per branch:
     // T1 = Σ M·dz (dbias), T2 = Σ M·dz·x̂ (dweight). Z1, Zu are kept per plane only for the
     // mix gradient.
-    std::vector<double> Z1(need_mix ? NC : C), Zu(need_mix ? NC : C);
+    Scratch<double> Z1(need_mix ? NC : 0), Zu(need_mix ? NC : 0);
     std::vector<double> T1(K * C, 0.0), T2(K * C, 0.0);
     T* dbeta_p = need_be ? dbeta.data_ptr<T>() : nullptr;
     T* dgamma_p = need_g ? dgamma.data_ptr<T>() : nullptr;
-    for (int64_t n = 0; n < N; ++n) {
-      const int64_t o = n * C;
-      double* z1 = need_mix ? &Z1[o] : Z1.data();
-      double* zu = need_mix ? &Zu[o] : Zu.data();
-      for (int64_t c = 0; c < C; ++c) {
-        const int64_t i = o + c;
-        const double s = sp_all ? double(sp_all[i]) : 1.0;
-        const double g = gp_all ? double(gp_all[i]) : 1.0;
-        const double G1 = double(G.a[i]), G2 = double(G.b[i]), ct = double(ctr[i]);
-        z1[c] = plane_Z1(g, G1);
-        zu[c] = plane_Zu(g, s, s * ct, G1, G2);
-        if (dbeta_p) dbeta_p[i] = T(G1);
-        if (dgamma_p) dgamma_p[i] = T(plane_dgamma(co.Ap[i], co.Dp[i], s, s * ct, G1, G2));
-      }
-      for (int64_t e_ = rt.start[n]; e_ < rt.start[n + 1]; ++e_) {
-        const double w = rt.w[e_];
-        double* t1 = &T1[rt.k[e_] * C];
-        double* tu = &T2[rt.k[e_] * C];
-        for (int64_t c = 0; c < C; ++c) {
-          t1[c] += w * z1[c];
-          tu[c] += w * zu[c];
+    // Channels are independent: a task takes a block of them over the whole batch.
+    parallel_planes(C, N, [&](int64_t c0, int64_t c1) {
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t o = n * C;
+        for (int64_t c = c0; c < c1; ++c) {
+          const int64_t i = o + c;
+          const double s = sp_all ? double(sp_all[i]) : 1.0;
+          const double g = gp_all ? double(gp_all[i]) : 1.0;
+          const double G1 = double(G.a[i]), G2 = double(G.b[i]), ct = double(ctr[i]);
+          const double z1 = plane_Z1(g, G1), zu = plane_Zu(g, s, s * ct, G1, G2);
+          if (need_mix) {
+            Z1[i] = z1;
+            Zu[i] = zu;
+          }
+          if (dbeta_p) dbeta_p[i] = T(G1);
+          if (dgamma_p) dgamma_p[i] = T(plane_dgamma(co.Ap[i], co.Dp[i], s, s * ct, G1, G2));
+          for (int64_t e_ = rt.start[n]; e_ < rt.start[n + 1]; ++e_) {
+            const int64_t kc = rt.k[e_] * C + c;
+            T1[kc] += rt.w[e_] * z1;
+            T2[kc] += rt.w[e_] * zu;
+          }
         }
       }
-    }
+    });
     // A branch whose batch statistics come from one value has x̂ ≡ 0, hence a constant output:
     // exactly zero dweight and input gradient, which the sums (scaled by r = 1/sqrt(eps))
     // would only reach up to rounding.
@@ -530,7 +538,7 @@ std::vector<at::Tensor> bn_backward_impl(const at::Tensor& dy_in, const at::Tens
     }
     // ∂L/∂u = P·g + Q·x + R (Q carries the input scale), dx = s·∂L/∂u.
     if (need_x || need_s) {
-      std::vector<T> P(NC), Q, R(NC, T(0)), Sc(NC);
+      Scratch<T> P(NC), Q, R(NC), Sc(NC);
       std::vector<double> bq, dr, a_in(co.a);  // a_in: zero for single-value branches
       if (batch_stats) {
         bq.assign(K * C, 0.0);
@@ -547,24 +555,25 @@ std::vector<at::Tensor> bn_backward_impl(const at::Tensor& dy_in, const at::Tens
         }
         Q.resize(NC);
       }
-      for (int64_t n = 0; n < N; ++n) {
-        const int64_t o = n * C;
-        mix_row(rt, n, a_in.data(), C, row.data());  // Σ_k M·a_in per plane
-        if (batch_stats) {
-          mix_row(rt, n, bq.data(), C, row2.data());
-          mix_row(rt, n, dr.data(), C, row3.data());
-        }
-        for (int64_t c = 0; c < C; ++c) {
-          const int64_t i = o + c;
-          const double s = sp_all ? double(sp_all[i]) : 1.0;
-          P[i] = T(row[c] * (gp_all ? double(gp_all[i]) : 1.0));
-          Sc[i] = T(s);
+      parallel_planes(N, C, [&](int64_t n0, int64_t n1) {
+        Scratch<double> row(C), row2(batch_stats ? C : 0), row3(batch_stats ? C : 0);
+        for (int64_t n = n0; n < n1; ++n) {
+          const int64_t o = n * C;
+          mix_row(rt, n, a_in.data(), C, row.data());  // Σ_k M·a_in per plane
           if (batch_stats) {
-            Q[i] = T(row2[c] * s);
-            R[i] = T(row3[c]);
+            mix_row(rt, n, bq.data(), C, row2.data());
+            mix_row(rt, n, dr.data(), C, row3.data());
+          }
+          for (int64_t c = 0; c < C; ++c) {
+            const int64_t i = o + c;
+            const double s = sp_all ? double(sp_all[i]) : 1.0;
+            P[i] = T(row[c] * (gp_all ? double(gp_all[i]) : 1.0));
+            Sc[i] = T(s);
+            R[i] = batch_stats ? T(row3[c]) : T(0);
+            if (batch_stats) Q[i] = T(row2[c] * s);
           }
         }
-      }
+      });
       backward_pass<T>(v, walk<const T>(dy, dyv), walk<const T>(x, v),
                        walk<T>(dx, as_view(dx).second), P.data(),
                        batch_stats ? Q.data() : nullptr, R.data(), Sc.data(),

@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__linux__)
@@ -185,10 +186,43 @@ const Leaves<T>& leaves() {
 
 // --- passes over the activation -------------------------------------------------------------
 
+// A std::vector whose resize leaves arithmetic values uninitialized: the per-plane scratch
+// arrays ([N, C], written in full before they are read) skip a memset each.
+template <typename T>
+struct NoInitAllocator : std::allocator<T> {
+  template <typename U>
+  struct rebind {
+    using other = NoInitAllocator<U>;
+  };
+  NoInitAllocator() = default;
+  template <typename U>
+  NoInitAllocator(const NoInitAllocator<U>&) noexcept {}
+  template <typename U>
+  void construct(U* p) noexcept {
+    ::new (static_cast<void*>(p)) U;
+  }
+  template <typename U, typename... A>
+  void construct(U* p, A&&... a) {
+    ::new (static_cast<void*>(p)) U(std::forward<A>(a)...);
+  }
+};
+template <typename T>
+using Scratch = std::vector<T, NoInitAllocator<T>>;
+
+// Planes per task of the per-plane small math (a few ns a plane): below twice this, one
+// thread does it.
+constexpr int64_t kGrainPlanes = 1 << 14;
+
+// fn(i0, i1) over [0, n) in parallel, `per` planes of small math per index.
+template <typename F>
+void parallel_planes(int64_t n, int64_t per, const F& fn) {
+  at::parallel_for(0, n, std::max<int64_t>(1, kGrainPlanes / std::max<int64_t>(per, 1)), fn);
+}
+
 // Per-plane [N, C] values, value (n, c) at n*C + c.
 template <typename T>
 struct PlaneValues {
-  std::vector<T> a, b;
+  Scratch<T> a, b;
   explicit PlaneValues(const View& v) : a(v.N * v.C), b(v.N * v.C) {}
 };
 
@@ -206,7 +240,7 @@ inline int64_t sample_grain(const View& v) {
 // (a channel's planes, C·S apart, would defeat the prefetchers once x leaves the cache).
 template <typename T>
 struct PlaneMoments {
-  std::vector<T> c, r, q;
+  Scratch<T> c, r, q;
   explicit PlaneMoments(const View& v) : c(v.N * v.C), r(v.N * v.C), q(v.N * v.C) {}
 };
 
