@@ -50,6 +50,11 @@ def record(benchmark, *, impl: str, nbytes: int, tensor_bytes: int, fused: bool 
                                     copy_GBps_dram=round(copy_bandwidth(DRAM_BYTES), 1))
 
 
+# Extra summary tables a benchmark file registers: each takes {group: [(median s,
+# extra_info)]} (annotated as below) and returns markdown lines (none: nothing to print).
+SUMMARIES: list = []
+
+
 def _annotate(items):
     """items: (group, median seconds, extra_info) triples. Adds GB/s, fractions of the copy
     bandwidths, and the fused kernel's speedup against each baseline of its group."""
@@ -105,6 +110,11 @@ def pytest_terminal_summary(terminalreporter, config):
             "| group | implementation | median ms | GB/s (byte model) | of same-size copy | "
             "of 256 MB copy | fused is faster by |",
             "|---|---|---|---|---|---|---|"]
+    for summary in SUMMARIES:  # the files' own tables, from the same medians
+        head_rows = summary(_annotate([(b.group, b.stats.median, b.extra_info)
+                                       for b in session.benchmarks if b.stats]))
+        if head_rows:
+            rows = rows + [""] + head_rows
     text = "\n".join(head + rows)
     terminalreporter.write_line("")
     terminalreporter.write_line(text)
