@@ -2,6 +2,7 @@
 per-branch F.batch_norm, the identity property, gradcheck, opcheck, compile and errors."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import pytest
@@ -450,3 +451,34 @@ def test_variance_exact_when_mean_dominates(backend, ratio, dtype, layout, mode,
     bound = max(10 * ve.relative_error(x, "F.batch_norm"), 4 * torch.finfo(dtype).eps)
     err = ve.relative_error(x, backend, mode, K)
     assert err <= bound, f"relative error {err:.2e} of running_var, bound {bound:.2e}"
+
+
+def _vm_flags(addr: int) -> list[str]:
+    """The VmFlags of the mapping of this process that holds addr (Linux /proc/self/smaps)."""
+    start = end = None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and all(c in "0123456789abcdef-" for c in head):
+                lo, hi = (int(v, 16) for v in head.split("-"))
+                start, end = lo, hi
+            elif head == "VmFlags:" and start is not None and start <= addr < end:
+                return line.split()[1:]
+    return []
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux /proc")
+@pytest.mark.parametrize("backend", [p for p in cpu_backends() if p.values[0] == "cpu"])
+def test_large_outputs_ask_for_huge_pages(backend):
+    """The CPU kernels' outputs of 32 MiB and more (y, dx: fresh mmap'd pages under glibc on
+    every call) are advised MADV_HUGEPAGE, "hg" in the mapping's VmFlags; a small one is not."""
+    N, C, H = 128, 64, 32  # 32 MiB of fp32
+    x = torch.randn(N, C, H, H, requires_grad=True)
+    branch = torch.zeros(N, dtype=torch.long)
+    with backends.use(backend):
+        y = F.multi_batch_norm(x, branch, num_branches=1, training=True)
+        (dx,) = torch.autograd.grad(y, x, torch.ones_like(y))
+        small = F.multi_batch_norm(x[:2].detach(), branch[:2], num_branches=1, training=True)
+    mid = lambda t: t.data_ptr() + t.numel() * t.element_size() // 2  # noqa: E731
+    assert "hg" in _vm_flags(mid(y)) and "hg" in _vm_flags(mid(dx))
+    assert "hg" not in _vm_flags(mid(small))
