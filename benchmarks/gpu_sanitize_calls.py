@@ -69,8 +69,9 @@ def bn_calls(dtype=torch.float32, full=True):
 
 
 def sync_calls():
-    """The synchronized BN's kernels with an identity all-reduce (one process)."""
-    from fastrobust.kernels import multi_bn as kernels, sync_bn
+    """The synchronized BN's four halves (the registered ops sync_multi_bn runs around its
+    all-reduces), one rank of one: this rank's payload and sums are the all-reduced ones."""
+    ops = torch.ops.fastrobust
     g = torch.Generator(device=DEV).manual_seed(1)
     for mixed, extras in itertools.product((False, True), (False, True)):
         N, C, K = 8, 24, 2
@@ -83,13 +84,15 @@ def sync_calls():
         mix = torch.rand(N, K, device=DEV, generator=g) if mixed else None
         ext = ([torch.rand(N, C, device=DEV, generator=g) + .5 for _ in range(3)]
                if extras else [None] * 3)
-        y, mean, invstd, planes, pay = sync_bn.sync_bn_forward(
-            x, branch, mix, w, b, rm, rv, nbt, *ext, K, 0.1, False, 1e-5, extras,
-            lambda t: None)
+        pay, planes, old = ops.sync_bn_stats(x, branch, mix, ext[0], nbt, K, False, 0, 1)
+        y, mean, invstd = ops.sync_bn_apply(x, branch, mix, w, b, rm, rv, nbt, *ext, pay, old,
+                                            K, 0.1, False, 1e-5, extras)
         needs = (True, mixed, True, True, extras, extras, extras)
-        kernels.bn_backward(torch.randn_like(y), x, branch, mix, w, b, mean, invstd, planes,
-                            *ext, K, True, extras, needs, all_reduce=lambda t: None,
-                            payload=pay)
+        dy = torch.randn_like(y)
+        sums, parts, _, _ = ops.sync_bn_grad_sums(dy, x, branch, mix, w, b, mean, invstd,
+                                                  *ext, K, extras, needs)
+        ops.sync_bn_dx(dy, x, branch, mix, w, b, mean, invstd, planes, *ext, sums, parts, pay,
+                       K, extras, needs)
 
 
 def film_calls():

@@ -74,13 +74,21 @@ class LaunchCounter(TorchDispatchMode):
         self.impls = impls
         self.launches: list[str] = []
         self.grids: list[tuple[str, tuple]] = []  # (kernel, grid) of each Triton launch
+        self.collectives: list[str] = []  # the synchronized BN's all-reduces (not run here)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func.namespace == "_c10d_functional":
+            # A collective of the synchronized BN (its C++ node calls it through the
+            # dispatcher): recorded, not run (one process, meta tensors).
+            if func._opname.startswith("all_reduce"):
+                self.collectives.append(func._opname)
+            return args[0]
         if func.namespace == "fastrobust":
             # Our op: run the Triton backend's implementation under this mode, so its ATen
-            # calls and kernel launches are recorded (the dispatcher would hide them).
-            impl = self.impls[func._opname]
+            # calls and kernel launches are recorded (the dispatcher would hide them); a
+            # composite (sync_multi_bn below autograd) runs its parts under it too.
+            impl = self.impls.get(func._opname, func)
             with self:
                 return impl(*args, **kwargs)
         out = func(*args, **kwargs)
@@ -163,25 +171,21 @@ def measure_bn(kind, **case):
 
 @contextlib.contextmanager
 def _one_rank():
-    """The synchronized BN as one rank of a CUDA job sees it: the kernel path taken (the
-    tensors are meta here), each torch.distributed.all_reduce recorded in the yielded list
-    instead of run."""
-    import torch.distributed as dist
+    """The synchronized BN as rank 0 of a two-rank job sees it, without a process group: its
+    collectives are recorded by the counter (`LaunchCounter.collectives`), not run."""
     from fastrobust import distributed as D
 
-    collectives: list[str] = []
-    saved = D._kernel_path, dist.all_reduce
-    D._kernel_path = lambda x: True
-    dist.all_reduce = lambda t, *a, **k: collectives.append("all_reduce")
+    saved = D._group
+    D._group = lambda op, group: (0, 2, "launch-counts")
     try:
-        yield collectives
+        yield
     finally:
-        D._kernel_path, dist.all_reduce = saved
+        D._group = saved
 
 
 def measure_sync(kind, K=2, N=8, C=16, H=8, extras=False):
     """(forward launches, backward launches, forward all-reduces, backward all-reduces) of one
-    synchronized BN call (fastrobust.distributed) through autograd."""
+    synchronized BN call (fastrobust.distributed, the op sync_multi_bn) through autograd."""
     from fastrobust import distributed as D
 
     x = _t(N, C, H, H, requires_grad=True)
@@ -193,16 +197,16 @@ def measure_sync(kind, K=2, N=8, C=16, H=8, extras=False):
                   film_beta=_t(N, C, requires_grad=True), activation="relu")
     branch = torch.zeros(N, dtype=torch.long, device="meta")
     mix = _t(N, K, requires_grad=True)
-    with _one_rank() as collectives:
+    with _one_rank():
         with counting() as c:
             if kind == "routed":
                 y = D.sync_multi_batch_norm(x, branch, w, b, rm, rv, **kw)
             else:
                 y = D.sync_mixed_batch_norm(x, mix, w, b, rm, rv, **kw)
-        fwd, n_fwd = list(c.launches), len(collectives)
+        fwd, n_fwd = list(c.launches), len(c.collectives)
         with counting() as c:
             y.backward(torch.empty_like(y))
-        return fwd, list(c.launches), n_fwd, len(collectives) - n_fwd
+        return fwd, list(c.launches), n_fwd, len(c.collectives)
 
 
 def measure_film(gamma="NC", beta="NC", per_channel=False, shape=(8, 16, 8, 8),

@@ -5,7 +5,7 @@ kernel reads.
 The ops run on meta tensors (benchmarks/launch_counts.py's recorder; Triton's launcher is
 replaced, nothing runs) over cases that reach every kernel and every kind of parameter (fp16 /
 bf16 / fp32 / fp64, K = 1, 2 and 5, empty batches, split and unsplit reductions, per-sample and
-float ε). For each distinct (kernel, layout):
+float ε, the synchronized BN's halves). For each distinct (kernel, layout):
 
   the plan's model   fastrobust.kernels._plan.layout: which parameters are passed, of which
                      type (what the recorder writes down and C++ replays);
@@ -82,6 +82,9 @@ def cases():
                 for training in (True, False):
                     out.append(lambda d=dtype, m=mixed, e=extras, t=training:
                                bn(64, 32, 8, 2, d, m, e, t))
+                # the synchronized BN's four halves (sync_multi_bn as rank 0 of two)
+                out.append(aot._sync_case(64, 32, 8, False, 2, extras, mixed, dtype))
+        out.append(aot._sync_case(4, 8, 32, True, 5, True, False, dtype))  # split S
         out.append(lambda d=dtype: bn(4, 8, 32, 5, d, False, True, True, cl=True))  # split S
         out.append(lambda d=dtype: pgd((256, 3, 32, 32), d, False))
         out.append(lambda d=dtype: pgd((4, 3, 64, 64), d, True))  # the split l2 / MI-FGSM

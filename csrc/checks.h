@@ -108,13 +108,13 @@ inline void bn_common(const char* op, const at::Tensor& x, const OptTensor& bran
   }
 }
 
-inline void multi_bn(const at::Tensor& x, const OptTensor& branch, const OptTensor& mix,
-                     const OptTensor& weight, const OptTensor& bias,
-                     const OptTensor& running_mean, const OptTensor& running_var,
-                     const OptTensor& num_batches_tracked, const OptTensor& input_scale,
-                     const OptTensor& film_gamma, const OptTensor& film_beta, int64_t K,
-                     bool training, double momentum, bool cumulative, double eps) {
-  const char* op = mix ? "mixed_batch_norm" : "multi_batch_norm";
+// multi_bn's arguments, for the public function `op`.
+inline void bn_args(const char* op, const at::Tensor& x, const OptTensor& branch,
+                    const OptTensor& mix, const OptTensor& weight, const OptTensor& bias,
+                    const OptTensor& running_mean, const OptTensor& running_var,
+                    const OptTensor& num_batches_tracked, const OptTensor& input_scale,
+                    const OptTensor& film_gamma, const OptTensor& film_beta, int64_t K,
+                    bool training, double momentum, bool cumulative, double eps) {
   bn_common(op, x, branch, mix, weight, bias, input_scale, film_gamma, film_beta, K);
   const int64_t C = x.size(1);
   TORCH_CHECK_VALUE(running_mean.has_value() == running_var.has_value(), op,
@@ -146,14 +146,25 @@ inline void multi_bn(const at::Tensor& x, const OptTensor& branch, const OptTens
                     eps);
 }
 
-inline void multi_bn_backward(const at::Tensor& dy, const at::Tensor& x, const OptTensor& branch,
-                              const OptTensor& mix, const OptTensor& weight,
-                              const OptTensor& bias, const at::Tensor& mean,
-                              const at::Tensor& invstd, const at::Tensor& planes,
-                              const OptTensor& input_scale, const OptTensor& film_gamma,
-                              const OptTensor& film_beta, int64_t K, bool batch_stats,
-                              c10::ArrayRef<bool> needs) {
-  const char* op = mix ? "mixed_batch_norm" : "multi_batch_norm";
+inline void multi_bn(const at::Tensor& x, const OptTensor& branch, const OptTensor& mix,
+                     const OptTensor& weight, const OptTensor& bias,
+                     const OptTensor& running_mean, const OptTensor& running_var,
+                     const OptTensor& num_batches_tracked, const OptTensor& input_scale,
+                     const OptTensor& film_gamma, const OptTensor& film_beta, int64_t K,
+                     bool training, double momentum, bool cumulative, double eps) {
+  bn_args(mix ? "mixed_batch_norm" : "multi_batch_norm", x, branch, mix, weight, bias,
+          running_mean, running_var, num_batches_tracked, input_scale, film_gamma, film_beta, K,
+          training, momentum, cumulative, eps);
+}
+
+// multi_bn_backward's arguments, for the public function `op`.
+inline void bn_grad_args(const char* op, const at::Tensor& dy, const at::Tensor& x,
+                         const OptTensor& branch, const OptTensor& mix, const OptTensor& weight,
+                         const OptTensor& bias, const at::Tensor& mean,
+                         const at::Tensor& invstd, const at::Tensor& planes,
+                         const OptTensor& input_scale, const OptTensor& film_gamma,
+                         const OptTensor& film_beta, int64_t K, bool batch_stats,
+                         c10::ArrayRef<bool> needs) {
   bn_common(op, x, branch, mix, weight, bias, input_scale, film_gamma, film_beta, K);
   float_on(op, "dy (the gradient of y)", dy, x);
   shape_is(op, "dy (the gradient of y)", dy, x.sizes(), "x's");
@@ -167,6 +178,115 @@ inline void multi_bn_backward(const at::Tensor& dy, const at::Tensor& x, const O
     shape_is(op, "planes", planes, {2, x.size(0), x.size(1)}, "[2, N, C]");
   }
   TORCH_CHECK_VALUE(needs.size() == 7, op, ": needs must have 7 flags, got ", needs.size());
+}
+
+inline void multi_bn_backward(const at::Tensor& dy, const at::Tensor& x, const OptTensor& branch,
+                              const OptTensor& mix, const OptTensor& weight,
+                              const OptTensor& bias, const at::Tensor& mean,
+                              const at::Tensor& invstd, const at::Tensor& planes,
+                              const OptTensor& input_scale, const OptTensor& film_gamma,
+                              const OptTensor& film_beta, int64_t K, bool batch_stats,
+                              c10::ArrayRef<bool> needs) {
+  bn_grad_args(mix ? "mixed_batch_norm" : "multi_batch_norm", dy, x, branch, mix, weight, bias,
+               mean, invstd, planes, input_scale, film_gamma, film_beta, K, batch_stats, needs);
+}
+
+// --- the synchronized BN (fastrobust.distributed): its halves and the composite -------------
+
+inline const char* sync_op(const OptTensor& mix) {
+  return mix ? "sync_mixed_batch_norm" : "sync_multi_batch_norm";
+}
+
+inline void rank_of(const char* op, int64_t rank, int64_t world) {
+  TORCH_CHECK_VALUE(world >= 1 && rank >= 0 && rank < world, op,
+                    ": rank must be in [0, world_size), got rank ", rank, " of world_size ",
+                    world);
+}
+
+// The forward's payload: fp64 [ranks, K + 3·K·C] on x's device.
+inline void payload_of(const char* op, const at::Tensor& payload, const at::Tensor& x,
+                       int64_t K) {
+  TORCH_CHECK_TYPE(payload.scalar_type() == at::kDouble, op, ": payload must be float64, got ",
+                   dt(payload.scalar_type()));
+  TORCH_CHECK_VALUE(payload.device() == x.device(), op, ": payload is on ", payload.device(),
+                    " but x is on ", x.device());
+  const int64_t width = K + 3 * K * x.size(1);
+  TORCH_CHECK_VALUE(payload.dim() == 2 && payload.size(0) >= 1 && payload.size(1) == width,
+                    op, ": payload must have shape [world_size, K + 3·K·C] = [*, ", width,
+                    "], got ", shape_of(payload.sizes()));
+}
+
+inline void sync_bn_stats(const at::Tensor& x, const OptTensor& branch, const OptTensor& mix,
+                          const OptTensor& input_scale, const OptTensor& num_batches_tracked,
+                          int64_t K, bool cumulative, int64_t rank, int64_t world) {
+  const char* op = sync_op(mix);
+  bn_common(op, x, branch, mix, {}, {}, input_scale, {}, {}, K);
+  rank_of(op, rank, world);
+  if (num_batches_tracked) {
+    TORCH_CHECK_TYPE(num_batches_tracked->scalar_type() == at::kLong, op,
+                     ": num_batches_tracked must be int64, got ",
+                     dt(num_batches_tracked->scalar_type()));
+    TORCH_CHECK_VALUE(num_batches_tracked->device() == x.device(), op,
+                      ": num_batches_tracked is on ", num_batches_tracked->device(),
+                      " but x is on ", x.device());
+    shape_is(op, "num_batches_tracked", *num_batches_tracked, {K}, "[num_branches]");
+  }
+}
+
+inline void sync_bn_apply(const at::Tensor& x, const OptTensor& branch, const OptTensor& mix,
+                          const OptTensor& weight, const OptTensor& bias,
+                          const OptTensor& running_mean, const OptTensor& running_var,
+                          const OptTensor& num_batches_tracked, const OptTensor& input_scale,
+                          const OptTensor& film_gamma, const OptTensor& film_beta,
+                          const at::Tensor& payload, const at::Tensor& old, int64_t K,
+                          double momentum, bool cumulative, double eps) {
+  const char* op = sync_op(mix);
+  bn_args(op, x, branch, mix, weight, bias, running_mean, running_var, num_batches_tracked,
+          input_scale, film_gamma, film_beta, K, true, momentum, cumulative, eps);
+  payload_of(op, payload, x, K);
+  float_on(op, "old", old, x);
+  TORCH_CHECK_VALUE(old.dim() == 1 && (old.size(0) == K || old.size(0) == 0), op,
+                    ": old must have shape [num_branches] or [0], got ",
+                    shape_of(old.sizes()));
+}
+
+inline void sync_bn_grad_sums(const at::Tensor& dy, const at::Tensor& x, const OptTensor& branch,
+                              const OptTensor& mix, const OptTensor& weight,
+                              const OptTensor& bias, const at::Tensor& mean,
+                              const at::Tensor& invstd, const OptTensor& input_scale,
+                              const OptTensor& film_gamma, const OptTensor& film_beta,
+                              int64_t K, c10::ArrayRef<bool> needs) {
+  bn_grad_args(sync_op(mix), dy, x, branch, mix, weight, bias, mean, invstd, mean, input_scale,
+               film_gamma, film_beta, K, false, needs);
+}
+
+inline void sync_bn_dx(const at::Tensor& dy, const at::Tensor& x, const OptTensor& branch,
+                       const OptTensor& mix, const OptTensor& weight, const OptTensor& bias,
+                       const at::Tensor& mean, const at::Tensor& invstd,
+                       const at::Tensor& planes, const OptTensor& input_scale,
+                       const OptTensor& film_gamma, const OptTensor& film_beta,
+                       const at::Tensor& sums, const at::Tensor& parts,
+                       const at::Tensor& payload, int64_t K, c10::ArrayRef<bool> needs) {
+  const char* op = sync_op(mix);
+  bn_grad_args(op, dy, x, branch, mix, weight, bias, mean, invstd, planes, input_scale,
+               film_gamma, film_beta, K, true, needs);
+  float_on(op, "sums", sums, x);
+  shape_is(op, "sums", sums, {2, K, x.size(1)}, "[2, num_branches, C]");
+  float_on(op, "parts", parts, x);
+  payload_of(op, payload, x, K);
+}
+
+inline void sync_multi_bn(const at::Tensor& x, const OptTensor& branch, const OptTensor& mix,
+                          const OptTensor& weight, const OptTensor& bias,
+                          const OptTensor& running_mean, const OptTensor& running_var,
+                          const OptTensor& num_batches_tracked, const OptTensor& input_scale,
+                          const OptTensor& film_gamma, const OptTensor& film_beta, int64_t K,
+                          double momentum, bool cumulative, double eps, int64_t rank,
+                          int64_t world) {
+  const char* op = sync_op(mix);
+  bn_args(op, x, branch, mix, weight, bias, running_mean, running_var, num_batches_tracked,
+          input_scale, film_gamma, film_beta, K, true, momentum, cumulative, eps);
+  rank_of(op, rank, world);
 }
 
 inline void film_coefficient(const char* op, const char* name, const OptTensor& t,
@@ -325,6 +445,28 @@ inline void check_boxed(const std::string& name, c10::ArrayRef<c10::IValue> a) {
     multi_bn_backward(a[0].toTensor(), a[1].toTensor(), opt(a[2]), opt(a[3]), opt(a[4]),
                       opt(a[5]), a[6].toTensor(), a[7].toTensor(), a[8].toTensor(), opt(a[9]),
                       opt(a[10]), opt(a[11]), a[12].toInt(), a[13].toBool(), bools(a[15]));
+  } else if (name == "sync_bn_stats") {
+    sync_bn_stats(a[0].toTensor(), opt(a[1]), opt(a[2]), opt(a[3]), opt(a[4]), a[5].toInt(),
+                  a[6].toBool(), a[7].toInt(), a[8].toInt());
+  } else if (name == "sync_bn_apply") {
+    sync_bn_apply(a[0].toTensor(), opt(a[1]), opt(a[2]), opt(a[3]), opt(a[4]), opt(a[5]),
+                  opt(a[6]), opt(a[7]), opt(a[8]), opt(a[9]), opt(a[10]), a[11].toTensor(),
+                  a[12].toTensor(), a[13].toInt(), a[14].toDouble(), a[15].toBool(),
+                  a[16].toDouble());
+  } else if (name == "sync_bn_grad_sums") {
+    sync_bn_grad_sums(a[0].toTensor(), a[1].toTensor(), opt(a[2]), opt(a[3]), opt(a[4]),
+                      opt(a[5]), a[6].toTensor(), a[7].toTensor(), opt(a[8]), opt(a[9]),
+                      opt(a[10]), a[11].toInt(), bools(a[13]));
+  } else if (name == "sync_bn_dx") {
+    sync_bn_dx(a[0].toTensor(), a[1].toTensor(), opt(a[2]), opt(a[3]), opt(a[4]), opt(a[5]),
+               a[6].toTensor(), a[7].toTensor(), a[8].toTensor(), opt(a[9]), opt(a[10]),
+               opt(a[11]), a[12].toTensor(), a[13].toTensor(), a[14].toTensor(), a[15].toInt(),
+               bools(a[17]));
+  } else if (name == "sync_multi_bn") {
+    sync_multi_bn(a[0].toTensor(), opt(a[1]), opt(a[2]), opt(a[3]), opt(a[4]), opt(a[5]),
+                  opt(a[6]), opt(a[7]), opt(a[8]), opt(a[9]), opt(a[10]), a[11].toInt(),
+                  a[12].toDouble(), a[13].toBool(), a[14].toDouble(), a[16].toInt(),
+                  a[17].toInt());
   } else if (name == "film") {
     film(a[0].toTensor(), opt(a[1]), opt(a[2]));
   } else if (name == "film_backward") {

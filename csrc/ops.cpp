@@ -8,6 +8,17 @@
 //   add_relu             cpu/register.cpp   plans.cpp            (composite)      autograd.cpp
 //   pgd_step, pgd_init,  cpu/register.cpp   plans.cpp            backends/eager   (no grad)
 //   mifgsm_step
+//   sync_bn_stats,       cpu/sync_bn.cpp    plans.cpp            backends/eager   -
+//   sync_bn_apply,
+//   sync_bn_grad_sums,
+//   sync_bn_dx
+//   sync_multi_bn        autograd.cpp (composite: the four above around two all-reduces)
+//
+// The synchronized BN (fastrobust.distributed) is one registered op, sync_multi_bn, whose
+// Autograd kernel (autograd.cpp) calls sync_bn_stats → all-reduce → sync_bn_apply forward and
+// sync_bn_grad_sums → all-reduce → sync_bn_dx backward through the dispatcher; the all-reduce
+// is torch's functional collective (_c10d_functional::all_reduce_ + wait_tensor) on the group
+// named by group_name. So on CUDA its four halves take the launch plans like every other op.
 //
 // On CUDA, plans.cpp launches the Triton kernels (fastrobust/kernels) from C++, replaying what
 // their Python launchers did the first time they saw a call signature.
@@ -59,6 +70,48 @@ TORCH_LIBRARY(fastrobust, m) {
         "-> (Tensor, Tensor, Tensor)");
   // relu(a + b), equal shapes, dtypes and devices.
   m.def("add_relu(Tensor a, Tensor b) -> Tensor");
+  // The synchronized BN's halves (each rank runs them; the all-reduces are sync_multi_bn's).
+  // sync_bn_stats: this rank's per-(k, c) count and sums of u = input_scale·x about a centre,
+  // in fp64, in row `rank` of payload [world_size, K + 3·K·C] = [count K | centre K·C |
+  // R K·C | Q K·C] per row (R = Σ(u − centre), Q = Σ(u − centre)²), zeros in the other rows
+  // (the all-reduce then gathers them); planes as multi_bn's; old: num_batches_tracked before
+  // this call in the statistics' dtype ([K], cumulative calls with a counter; else empty).
+  m.def("sync_bn_stats(Tensor x, Tensor? branch, Tensor? mix, Tensor? input_scale, "
+        "Tensor? num_batches_tracked, int num_branches, bool cumulative, int rank, "
+        "int world_size) -> (Tensor payload, Tensor planes, Tensor old)");
+  // sync_bn_apply: the ranks' rows of the all-reduced payload merged exactly (Chan's update)
+  // to the global statistics, y normalized with them (BN·FiLM·ReLU), the running statistics
+  // updated in place from them. Returns (y, mean, invstd) as multi_bn's.
+  m.def("sync_bn_apply(Tensor x, Tensor? branch, Tensor? mix, Tensor? weight, Tensor? bias, "
+        "Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, "
+        "Tensor? input_scale, Tensor? film_gamma, Tensor? film_beta, Tensor payload, "
+        "Tensor old, int num_branches, float momentum, bool cumulative, float eps, bool relu) "
+        "-> (Tensor y, Tensor mean, Tensor invstd)");
+  // sync_bn_grad_sums: this rank's T1 = Σ M·dz, T2 = Σ M·dz·x̂ (sums [2, K, C], to be
+  // all-reduced; dweight, dbias: this rank's own, for needs[2], needs[3]) and `parts`, the
+  // per-plane partial sums an implementation's sync_bn_dx reads (the Triton kernels'
+  // [2 or 4, splits, N, C]; empty from the others, whose sync_bn_dx recomputes them).
+  m.def("sync_bn_grad_sums(Tensor dy, Tensor x, Tensor? branch, Tensor? mix, Tensor? weight, "
+        "Tensor? bias, Tensor mean, Tensor invstd, Tensor? input_scale, Tensor? film_gamma, "
+        "Tensor? film_beta, int num_branches, bool relu, bool[7] needs) "
+        "-> (Tensor sums, Tensor parts, Tensor dweight, Tensor dbias)");
+  // sync_bn_dx: dx, dmix, dinput_scale, dfilm_gamma, dfilm_beta (for needs; empty otherwise)
+  // from the all-reduced sums and the forward's all-reduced payload.
+  m.def("sync_bn_dx(Tensor dy, Tensor x, Tensor? branch, Tensor? mix, Tensor? weight, "
+        "Tensor? bias, Tensor mean, Tensor invstd, Tensor planes, Tensor? input_scale, "
+        "Tensor? film_gamma, Tensor? film_beta, Tensor sums, Tensor parts, Tensor payload, "
+        "int num_branches, bool relu, bool[7] needs) "
+        "-> (Tensor dx, Tensor dmix, Tensor dinput_scale, Tensor dfilm_gamma, "
+        "Tensor dfilm_beta)");
+  // The synchronized BN in training: statistics over every rank of the process group named
+  // group_name (this process is `rank` of `world_size`); y, with the running stats updated
+  // in place. One all-reduce forward, one backward; differentiable in x, mix, weight, bias
+  // and the extras (first derivatives only).
+  m.def("sync_multi_bn(Tensor x, Tensor? branch, Tensor? mix, Tensor? weight, Tensor? bias, "
+        "Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, "
+        "Tensor? input_scale, Tensor? film_gamma, Tensor? film_beta, int num_branches, "
+        "float momentum, bool cumulative, float eps, bool relu, int rank, int world_size, "
+        "str group_name) -> Tensor");
   // The PGD family, in place (no autograd: attack steps run under no_grad).
   m.def("pgd_step(Tensor(a!) x_adv, Tensor grad, Tensor x_nat, Tensor? eps_t, float eps, "
         "Tensor? alpha_t, float alpha, bool l2, float clip_min, float clip_max) -> ()");

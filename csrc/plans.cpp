@@ -597,7 +597,8 @@ void cuda_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet, torch::jit:
 
 TORCH_LIBRARY_IMPL(fastrobust, CUDA, m) {
   for (const char* name : {"multi_bn", "multi_bn_backward", "film", "film_backward", "add_relu",
-                           "pgd_step", "pgd_init", "mifgsm_step"})
+                           "pgd_step", "pgd_init", "mifgsm_step", "sync_bn_stats",
+                           "sync_bn_apply", "sync_bn_grad_sums", "sync_bn_dx"})
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&cuda_kernel>());
 }
 #endif

@@ -12,14 +12,16 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastrobust import distributed as D, functional as F
 from fastrobust.nn import MixedBatchNorm2d, MultiBatchNorm2d, SyncMixedBatchNorm2d, \
     SyncMultiBatchNorm2d, convert_sync_multi_bn
 
 WORLD = 2
-# fp64: the synchronized statistics merge each rank's exact moments, the single-process op its
-# planes' sums: both exact merges, in different orders of summation, nothing else.
+# fp64: the synchronized statistics come from each rank's fp64 sums about a centre merged over
+# the ranks (Chan's update), the single-process op's from per-plane sums merged over the batch;
+# both orders of summation differ, nothing else.
 TOL64 = dict(rtol=1e-8, atol=1e-10)
 
 
@@ -40,21 +42,22 @@ def _init(rank, store):
                             world_size=WORLD)
 
 
-class _Counter:
-    """Counts torch.distributed.all_reduce calls (the op calls it through the module)."""
+class _Counter(TorchDispatchMode):
+    """Counts the synchronized BN's all-reduces: torch's functional collective
+    (_c10d_functional.all_reduce_), which the op's C++ autograd node calls through the
+    dispatcher, seen here below autograd."""
 
     def __init__(self):
-        self.n, self._orig = 0, dist.all_reduce
+        super().__init__()
+        self.n = 0
 
-    def __enter__(self):
-        def counted(*a, **k):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops._c10d_functional.all_reduce_.default:
             self.n += 1
-            return self._orig(*a, **k)
-        dist.all_reduce = counted
-        return self
+        return func(*args, **(kwargs or {}))
 
-    def __exit__(self, *exc):
-        dist.all_reduce = self._orig
+
+_LAUNCHERS = ("sync_bn_stats", "sync_bn_apply", "sync_bn_grad_sums", "sync_bn_dx")
 
 
 def _op_worker(rank, store, mixed, extras, placement, spatial=(5, 4), backend=None,
@@ -63,18 +66,17 @@ def _op_worker(rank, store, mixed, extras, placement, spatial=(5, 4), backend=No
     interpreter here), the single-process reference through the CPU's."""
     _init(rank, store)
     from fastrobust import backends
-    from fastrobust.kernels import multi_bn as kernels, sync_bn
+    from fastrobust.kernels import sync_bn
     calls = []
-    kernel_fwd, kernel_bwd = sync_bn.sync_bn_forward, kernels.bn_backward
+    launchers = {name: getattr(sync_bn, name) for name in _LAUNCHERS}
 
     def counted(fn, name):
         def run(*a, **k):
-            if name == "fwd" or k.get("all_reduce") is not None:
-                calls.append(name)
+            calls.append(name)
             return fn(*a, **k)
         return run
-    sync_bn.sync_bn_forward = counted(kernel_fwd, "fwd")
-    kernels.bn_backward = counted(kernel_bwd, "bwd")
+    for name, fn in launchers.items():
+        setattr(sync_bn, name, counted(fn, name))
     try:
         f64 = torch.float64
         g = torch.Generator().manual_seed(0)  # the same global batch on every rank
@@ -131,7 +133,7 @@ def _op_worker(rank, store, mixed, extras, placement, spatial=(5, 4), backend=No
         y, grads, running, counts = run(True, mine)
         assert counts == (1, 1), counts  # one all-reduce forward, one backward
         # the kernels served the synchronized op exactly where the Triton backend was forced
-        assert calls == (["fwd", "bwd"] if backend == "triton" else []), calls
+        assert calls == (list(_LAUNCHERS) if backend == "triton" else []), calls
         torch.testing.assert_close(y, y_ref[mine], **TOL64)
         torch.testing.assert_close(grads[0], g_ref[0][mine], **TOL64)  # dx
         for i in (1, 2):  # dweight, dbias: each rank's share; their sum is the whole batch's
@@ -143,7 +145,8 @@ def _op_worker(rank, store, mixed, extras, placement, spatial=(5, 4), backend=No
         for got, want in zip(running, run_ref):
             torch.testing.assert_close(got, want, **TOL64)
     finally:
-        sync_bn.sync_bn_forward, kernels.bn_backward = kernel_fwd, kernel_bwd
+        for name, fn in launchers.items():
+            setattr(sync_bn, name, fn)
         dist.destroy_process_group()
 
 
@@ -178,6 +181,66 @@ def test_sync_op_through_triton_kernels(case):
     sums two channel blocks (16 and a masked 4)."""
     mixed, extras, placement, spatial, cl, channels = case + (False, 3)[len(case) - 4:]
     _spawn(_op_worker, mixed, extras, placement, spatial, "triton", cl, channels)
+
+
+def _node_worker(rank, store, backend):
+    """The synchronized op is one C++ autograd node (the registered op sync_multi_bn's), with
+    no Python autograd.Function in its graph; a double backward is refused with its error."""
+    _init(rank, store)
+    try:
+        from fastrobust import backends
+        g = torch.Generator().manual_seed(rank)
+        x = torch.randn(4, 3, 5, 5, generator=g, dtype=torch.float64, requires_grad=True)
+        w = torch.rand(2, 3, generator=g, dtype=torch.float64, requires_grad=True)
+        s = torch.rand(4, 3, generator=g, dtype=torch.float64, requires_grad=True)
+        with backends.use(backend):
+            y = D.sync_multi_batch_norm(x, torch.tensor([0, 1, 1, 0]), w, None, num_branches=2,
+                                        input_scale=s)
+        assert "SyncMultiBn" in y.grad_fn.name(), y.grad_fn.name()
+        seen, todo = [], [y.grad_fn]
+        while todo:  # every node of the graph: C++ nodes only (leaves' AccumulateGrad)
+            node = todo.pop()
+            seen.append(node)
+            todo += [n for n, _ in node.next_functions if n is not None]
+        assert not any(isinstance(n, torch.autograd.function.BackwardCFunction) for n in seen)
+        assert {n.name() for n in seen} == {y.grad_fn.name(),
+                                            "torch::autograd::AccumulateGrad"}
+        with backends.use(backend), pytest.raises(NotImplementedError, match="double backward"):
+            torch.autograd.grad(y.square().sum(), (x, w), create_graph=True)
+        assert x.grad is None and w.grad is None
+        if backend is None:
+            # torch.compile (fullgraph, AOT autograd): the trace holds the op's halves around
+            # torch's out-of-place functional all-reduce; y and every gradient equal the eager
+            # call's
+            def f(x, w, s):
+                return D.sync_multi_batch_norm(x, torch.tensor([0, 1, 1, 0]), w, None,
+                                               num_branches=2, input_scale=s)
+            leaves = [t.detach().clone().requires_grad_() for t in (x, w, s)]
+            y_eager = f(*leaves)
+            g_eager = torch.autograd.grad(y_eager.square().sum(), leaves)
+            y_comp = torch.compile(f, backend="aot_eager", fullgraph=True)(*leaves)
+            g_comp = torch.autograd.grad(y_comp.square().sum(), leaves)
+            torch.testing.assert_close(y_comp, y_eager, **TOL64)
+            for got, want in zip(g_comp, g_eager):
+                torch.testing.assert_close(got, want, **TOL64)
+        # opcheck of the composite: its autograd registration (the schema, fake and AOT
+        # checks stop at torch's own collective, whose in-place all_reduce_ cannot be
+        # functionalized and whose wait_tensor returns its input unannotated; the halves
+        # have the full opcheck: tests/test_sync_ops.py)
+        rm, rv = torch.zeros(2, 3, dtype=torch.float64), torch.ones(2, 3, dtype=torch.float64)
+        with backends.use(backend):
+            torch.library.opcheck(
+                torch.ops.fastrobust.sync_multi_bn.default,
+                (x, torch.tensor([0, 1, 1, 0]), None, w, None, rm, rv, None, s, None, None, 2,
+                 0.1, False, 1e-5, True, rank, WORLD, dist.group.WORLD.group_name),
+                test_utils="test_autograd_registration")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("backend", [None, "eager", "triton"])
+def test_sync_op_is_one_cpp_autograd_node(backend):
+    _spawn(_node_worker, backend)
 
 
 def _module_worker(rank, store):

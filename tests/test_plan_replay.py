@@ -114,7 +114,47 @@ def _init(g, v, l2=False, N=4, dtype=torch.float32):
     return [noise, x_nat, None, 0.03 if v == 0 else 0.05, radius, l2, 0.0, 1.0]
 
 
+def _sync(g, v, stage, world=2, rank=1, cumulative=False, **kw):
+    """The arguments of one half of the synchronized BN (`stage`), on the earlier halves'
+    outputs (this rank's payload standing for the all-reduced one)."""
+    a = _bn(g, v, cumulative=cumulative, **kw)
+    x, branch, mix, w, b, rm, rv, nbt, s, gm, be = a[:11]
+    K, momentum, eps, relu = a[11], a[13], a[15], a[16]
+    stats = [x, branch, mix, s, nbt, K, cumulative, rank, world]
+    if stage == "stats":
+        return stats
+    pay, planes, old = IMPLS["sync_bn_stats"](*stats)
+    apply = [x, branch, mix, w, b, rm, rv, nbt, s, gm, be, pay, old, K,
+             0.0 if cumulative else momentum, cumulative, eps, relu]
+    if stage == "apply":
+        return apply
+    _, mean, invstd = IMPLS["sync_bn_apply"](*_clone(apply))
+    dy = torch.randn(x.shape, generator=g).to(x.dtype).contiguous(
+        memory_format=torch.channels_last if kw.get("cl") else torch.contiguous_format)
+    needs = [True, mix is not None, w is not None, b is not None, s is not None,
+             gm is not None, be is not None]
+    sums_args = [dy, x, branch, mix, w, b, mean, invstd, s, gm, be, K, relu, needs]
+    if stage == "grad_sums":
+        return sums_args
+    sums, parts, _, _ = IMPLS["sync_bn_grad_sums"](*sums_args)
+    return [dy, x, branch, mix, w, b, mean, invstd, planes, s, gm, be, sums, parts, pay, K,
+            relu, needs]
+
+
 CASES = {}
+_EXTRAS = dict(mixed=True, extras=("scale", "gamma", "beta"), relu=True)
+for stage in ("stats", "apply", "grad_sums", "dx"):
+    op = f"sync_bn_{stage}"
+    CASES.update({
+        f"{op}_routed": (op, lambda g, v, st=stage: _sync(g, v, st)),
+        f"{op}_mixed_extras_relu": (op, lambda g, v, st=stage: _sync(g, v, st, **_EXTRAS)),
+        f"{op}_split_planes_cl_K5": (op, lambda g, v, st=stage: _sync(
+            g, v, st, N=2, C=3, H=24, K=5, cl=True)),
+        f"{op}_fp64_cumulative_one_rank": (op, lambda g, v, st=stage: _sync(
+            g, v, st, dtype=torch.float64, cumulative=True, world=1, rank=0)),
+    })
+CASES["sync_bn_stats_one_value_planes"] = ("sync_bn_stats", lambda g, v: _sync(
+    g, v, "stats", H=1))
 for K in (1, 2, 5):
     CASES[f"routed_K{K}"] = ("multi_bn", lambda g, v, K=K: _bn(g, v, K=K))
 for name, dt in DTYPES.items():

@@ -30,7 +30,9 @@ BACKENDS = ("eager", "cpu", "triton")
 OPS = ("multi_bn", "film", "add_relu", "pgd")
 _MODULES = {"eager": eager, "cpu": cpu, "triton": triton}
 # The schema ops of each family (csrc/ops.cpp).
-SCHEMAS = {"multi_bn": ("multi_bn", "multi_bn_backward"), "film": ("film", "film_backward"),
+SCHEMAS = {"multi_bn": ("multi_bn", "multi_bn_backward", "sync_bn_stats", "sync_bn_apply",
+                        "sync_bn_grad_sums", "sync_bn_dx"),
+           "film": ("film", "film_backward"),
            "add_relu": ("add_relu",), "pgd": ("pgd_step", "pgd_init", "mifgsm_step")}
 _FAMILY = {name: fam for fam, names in SCHEMAS.items() for name in names}
 _local = threading.local()  # .forced: this thread's stack of `use` blocks
@@ -101,6 +103,9 @@ class _Forced(TorchDispatchMode):
                 or any(t is not torch.Tensor for t in types)):  # fake / traced tensors
             return func(*args, **kwargs)
         op_name = func._schema.name.split("::", 1)[1]
+        if op_name not in _FAMILY:  # a composite (sync_multi_bn): its parts come here too
+            with self:
+                return func(*args, **kwargs)
         device = _device_of(args)
         why = not_supported_reasons(self.name, _FAMILY[op_name], device)
         if not why and self.name == "cpu":

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ._schema import implementations as _implementations
+from ._schema import checked as _checked, implementations as _implementations
 
 NAME = "eager"
 SERVES = ("cpu", "cuda")
@@ -27,4 +27,7 @@ def _pgd():
 
 
 def implementations() -> dict:
-    return _implementations(_bn, _pgd)
+    from .. import _sync_eager
+    impls = _implementations(_bn, _pgd)
+    impls.update(_checked(_sync_eager.implementations()))
+    return impls

@@ -62,6 +62,11 @@ def implementations() -> dict:
     impls = _implementations(lambda: _kernels("multi_bn"), lambda: _kernels("pgd"),
                              lambda: _kernels("film"))
     impls.update(_checked({"add_relu": lambda a, b: _kernels("elementwise").add_relu(a, b)}))
+
+    def sync(name):
+        return lambda *args: getattr(_kernels("sync_bn"), name)(*args)
+    impls.update(_checked({name: sync(name) for name in (
+        "sync_bn_stats", "sync_bn_apply", "sync_bn_grad_sums", "sync_bn_dx")}))
     return impls
 
 

@@ -498,7 +498,7 @@ def _stats(x, x3, branch, mix, s, g, be, w, b, rm, rv, nbt, mean, invstd, A, D, 
     statistics kernel; sync=1: its synchronized BN's local pass (this rank's row `rank` of
     the payload `pay` [ranks, K + 3·K·C], zeros in the others)."""
     N, C, S = x3.shape
-    acc = mean.dtype
+    acc = acc_dtype(x)
     from_x = S == 1
     T, chunk = 1, max(S, 1)
     parts = x  # unused unless the partials are needed
@@ -545,18 +545,10 @@ def _affine(x3, y3, A, D, relu, nbt=None, count=None, K=0):
 
 @torch.no_grad()
 def bn_backward(dy, x, branch, mix, weight, bias, mean, invstd, planes, input_scale, film_gamma,
-                film_beta, num_branches, batch_stats, relu, needs, *, all_reduce=None,
-                payload=None):
+                film_beta, num_branches, batch_stats, relu, needs):
     """needs = (x, mix, weight, bias, input_scale, film_gamma, film_beta) flags. Returns
-    (dx, dmix, dweight, dbias, dscale, dgamma, dbeta); an unneeded one is empty.
-
-    The synchronized BN's backward (fastrobust.distributed) passes ``all_reduce`` and its
-    forward's all-reduced ``payload``: the gradient kernel's first pass writes this rank's
-    T1, T2 ([2, K, C], also dbias and dweight: each rank's own), ``all_reduce`` sums them
-    over the ranks, and `_sync_dx_kernel` works out each plane's results from the global
-    sums and counts and writes dx (batch_stats must be True): three launches and the
-    collective. x must not be empty."""
-    sync = all_reduce is not None
+    (dx, dmix, dweight, dbias, dscale, dgamma, dbeta); an unneeded one is empty. (The
+    synchronized BN's backward is sync_bn.py's, on the same two first kernels.)"""
     need_x, need_mix, need_w, need_b, need_s, need_g, need_be = needs
     K, C = mean.shape
     acc = mean.dtype
@@ -591,14 +583,13 @@ def bn_backward(dy, x, branch, mix, weight, bias, mean, invstd, planes, input_sc
             x if g is None else g, x if be is None else be)
     block_n, block_k, stats_c = _stats_blocks(N, K, C, values=256)
     stats_blocks = triton.cdiv(C, stats_c)
-    need_pqr = need_x and not sync  # the synchronized dx kernel works them out itself
+    need_pqr = need_x
     P = torch.empty(nc if need_pqr else (0,), device=dev, dtype=acc)
     Q = torch.empty(nc if need_pqr else (0,), device=dev, dtype=acc)
     R = torch.empty(nc if need_pqr else (0,), device=dev, dtype=acc)
     A = torch.empty(nc if need_pqr and relu else (0,), device=dev, dtype=acc)
     D = torch.empty(nc if need_pqr and relu else (0,), device=dev, dtype=acc)
-    dmix_part = torch.empty((stats_blocks, N, K) if need_mix and not sync else (0,), device=dev,
-                            dtype=acc)
+    dmix_part = torch.empty((stats_blocks, N, K) if need_mix else (0,), device=dev, dtype=acc)
     with on_device(x):
         block_c, block_s = _blocks(x3, True)
         c_blocks = triton.cdiv(C, block_c)
@@ -606,43 +597,19 @@ def bn_backward(dy, x, branch, mix, weight, bias, mean, invstd, planes, input_sc
         parts = torch.empty(4 if need_s else 2, T, N, C, device=dev, dtype=acc)
         launch(_grad_sums_kernel, (N * c_blocks, T), dy3, x3, parts, parts[1], *route, mean,
                invstd, *ptrs, N, C, S, chunk, K, c_blocks, *dy3.stride(), *x3.stride(),
-               SINGLE=batch_stats and S == 1 and not sync, RELU=relu, SUMS_X=need_s,
+               SINGLE=batch_stats and S == 1, RELU=relu, SUMS_X=need_s,
                BLOCK_K=block_k, BLOCK_C=block_c, BLOCK_S=block_s, ACC=ACC, **flags)
-        pay = torch.empty(2, K, C, device=dev, dtype=acc) if sync else x
-        # the synchronized BN's local pass (SYNC=1) computes T1, T2 only: what only pass 2
-        # reads is off, and half the samples per step (ptxas spilled 4 B on sm_90 for mixed +
-        # extras, K=5)
-        part = dict(RELU=relu, NEED_PQR=need_pqr, NEED_G=need_g, NEED_BE=need_be,
-                    NEED_S=need_s, NEED_MIX=need_mix, **flags)
-        if sync:
-            part.update({k: False for k in ("RELU", "NEED_PQR", "NEED_G", "NEED_BE", "NEED_S",
-                                            "NEED_MIX", "HAS_W", "HAS_B", "BETA")})
         launch(_bn_grads_kernel, (stats_blocks,), parts, planes if planes.numel() else x, *route,
                mean, invstd, *ptrs, dweight, dbias, dgamma, dbeta, dscale, dmix_part, P, Q, R, A,
-               D, pay, N, C, S, T, K, SYNC=sync, BATCH=batch_stats and not sync,
-               BLOCK_N=max(1, block_n // 2) if sync else block_n, BLOCK_K=block_k, BLOCK_C=stats_c,
-               ACC=ACC, **part)
+               D, x, N, C, S, T, K, SYNC=False, BATCH=batch_stats, BLOCK_N=block_n,
+               BLOCK_K=block_k, BLOCK_C=stats_c, ACC=ACC, RELU=relu, NEED_PQR=need_pqr,
+               NEED_G=need_g, NEED_BE=need_be, NEED_S=need_s, NEED_MIX=need_mix, **flags)
         block_c, block_s = _blocks(x3, False)
         c_blocks = triton.cdiv(C, block_c)
         dx3 = _ncs(dx) if need_x else dy3
-        if sync:  # at most 256 per-(k, c) values and 512 of x a program (wider tiles spilled)
-            block_c = max(1, min(block_c, 256 // block_k))
-            block_s = max(1, min(triton.next_power_of_2(max(S, 1)), 512 // block_c))
-            c_blocks = triton.cdiv(C, block_c)
         s_blocks = triton.cdiv(S, block_s) if need_x else 1
         grid = _tiles_grid(N, c_blocks, s_blocks)
-        if sync:
-            from .sync_bn import _sync_dx_kernel
-            all_reduce(pay)
-            if need_x or need_mix or need_g or need_be or need_s:
-                # pass 2 with the global sums and counts, and dx, in one launch
-                launch(_sync_dx_kernel, grid, dy3, x3, dx3, parts, planes if planes.numel() else x,
-                       *route, mean, invstd, *ptrs, dgamma, dbeta, dscale, dmix, pay, payload, N,
-                       C, S, T, K, *dy3.stride(), *x3.stride(), *dx3.stride(), c_blocks, s_blocks,
-                       payload.shape[0], DX=need_x, RELU=relu, NEED_G=need_g, NEED_BE=need_be,
-                       NEED_S=need_s, NEED_MIX=need_mix, BLOCK_K=block_k, BLOCK_C=block_c,
-                       BLOCK_S=block_s, BLOCK_CM=stats_c, ACC=ACC, **flags)
-        elif need_x or need_mix:
+        if need_x or need_mix:
             launch(_dx_kernel, grid, dy3, x3, dx3, P, Q, R, x if s is None else s, A, D, dmix_part,
                    dmix, N, C, S, K, *dy3.stride(), *x3.stride(), *dx3.stride(), c_blocks,
                    s_blocks, stats_blocks, DX=need_x, HAS_Q=batch_stats, MASK=relu,

@@ -1,16 +1,18 @@
-"""Triton kernels of the synchronized routed / mixed BN (fastrobust.distributed): the BN's own
-statistics and gradient kernels run their local pass (this rank's sums), one all-reduce sums
-them over the ranks (forward: gathers each rank's sums, merged exactly here; sums Σu,
-Σu² would cancel when |mean| ≫ std), and one kernel here finishes each direction:
+"""Triton kernels of the synchronized routed / mixed BN (fastrobust.distributed), the CUDA
+implementation of the registered ops sync_bn_stats, sync_bn_apply, sync_bn_grad_sums and
+sync_bn_dx (csrc/ops.cpp; launched from C++ by csrc/plans.cpp like every other op). The BN's
+own statistics and gradient kernels run their local pass (this rank's sums), the op
+sync_multi_bn (csrc/autograd.cpp) all-reduces them, and one kernel here finishes each
+direction with the global sums:
 
-  forward   multi_bn._moments_kernel → multi_bn._bn_stats_kernel (SYNC=1: this rank's fp64
-            sums [count K | centre K·C | Σ(u − centre) K·C | Σ(u − centre)² K·C], its row
-            of a [world, ...] payload) → all-reduce (the rows gathered) →
-            _sync_apply_kernel (the exact merge to the
-            global statistics, running statistics, coefficients and y in one pass)
-  backward  multi_bn._grad_sums_kernel → multi_bn._bn_grads_kernel (SYNC=1: this rank's T1,
-            T2) → all-reduce → _sync_dx_kernel (each plane's results from the global sums,
-            and dx; launched by multi_bn.bn_backward)
+  forward   sync_bn_stats: multi_bn._moments_kernel → multi_bn._bn_stats_kernel (SYNC=1: this
+            rank's fp64 sums [count K | centre K·C | Σ(u − centre) K·C | Σ(u − centre)² K·C]
+            in its row of a [world, ...] payload, zeros in the others) → all-reduce (the rows
+            gathered) → sync_bn_apply: _sync_apply_kernel (the exact merge to the global
+            statistics, running statistics, coefficients and y in one pass)
+  backward  sync_bn_grad_sums: multi_bn._grad_sums_kernel → multi_bn._bn_grads_kernel
+            (SYNC=1: this rank's T1, T2) → all-reduce → sync_bn_dx: _sync_dx_kernel (each
+            plane's results from the global sums, and dx)
 
 Three launches and one collective each way; nothing on the host reads a value."""
 from __future__ import annotations
@@ -23,16 +25,18 @@ from . import on_device
 from ._plan import fp32_parts, launch
 from ._bn_parts import (_affine_of, _check_routing, _coefficients, _dx_tile, _extras,
                         _invstd, _plane_grads, _qr_coefficients, _route, _route_args,
-                        _to_planes, _update_running)
-from ._common import _blocks, _c, _ncs, _plane_tile, _scalar, _tile, _tiles_grid, _tl_acc
-from .multi_bn import _forward_outputs, _running_strides, _stats, _written_running
+                        _stats_blocks, _to_planes, _update_running)
+from ._common import (_blocks, _c, _like, _ncs, _plane_tile, _scalar, _splits, _tile,
+                      _tiles_grid, _tl_acc)
+from .._common import acc_dtype
+from .multi_bn import _running_strides, _stats, _written_running
 
 
 @triton.jit
 def _global_stats(pay_ptr, ks, kc, kcm, K, C, RANKS, ACC: tl.constexpr):
     """Per-(k, c) count, mean and biased variance from the all-reduced fp64 payload, one row
     per rank [count K | centre K·C | R K·C | Q K·C] (R, Q: the rank's Σ(u − centre),
-    Σ(u − centre)²). An exact merge (Chan's, cross terms included; fastrobust/distributed.py
+    Σ(u − centre)²). An exact merge (Chan's, cross terms included; fastrobust/_sync_eager.py
     `merge_ranks` is its PyTorch twin): the ranks' sums are moved to one centre C0, the centre
     of the first rank with values of branch k, d = C_r − C0, R = Σ R_r + n_r·d,
     Q = Σ Q_r + 2·d·R_r + n_r·d², mean = C0 + R/n, M2 = Q − R²/n. Any centre is exact here;
@@ -197,49 +201,195 @@ def _sync_dx_kernel(dy_ptr, x_ptr, out_ptr, parts_ptr, planes_ptr, br_ptr, sbr, 
             tl.store(dmix_ptr + n * K + ks1, acc, mask=ks1 < K)
 
 
+# --- the launchers of the registered ops (csrc/ops.cpp: sync_bn_stats, sync_bn_apply,
+# sync_bn_grad_sums, sync_bn_dx); sync_multi_bn (csrc/autograd.cpp) runs the all-reduces ----
+
+def _eager(name):
+    """The eager implementation of op `name`: an empty local batch (the kernels' grids would be
+    empty, and the global statistics must still be written), or sync_bn_dx with `parts` from
+    another implementation. Its ATen ops keep such a call's plan from being replayed (said
+    once: plans.cpp)."""
+    from .. import _sync_eager
+    return getattr(_sync_eager, name)
+
+
+def _needs(needs, mix, s, g, be):
+    """(x, mix, weight, bias, input_scale, film_gamma, film_beta) flags, a gradient of an
+    argument that is None being none."""
+    return tuple(bool(n) and (t is not None or i in (0, 2, 3)) for i, (n, t) in enumerate(
+        zip(needs, (True, mix, True, True, s, g, be))))
+
+
 @torch.no_grad()
-def sync_bn_forward(x, branch, mix, weight, bias, running_mean, running_var,
-                    num_batches_tracked, input_scale, film_gamma, film_beta, num_branches,
-                    momentum, cumulative, eps, relu, all_reduce, rank=0, world=1):
-    """The synchronized BN's forward in training (fastrobust.distributed): the moments and
-    the statistics kernel's local pass write this rank's fp64 sums [count K | centre K·C |
-    Σ(u − centre) K·C | Σ(u − centre)² K·C] into its row `rank` of a [world, ...] payload
-    (zeros in the others), ``all_reduce(payload)`` gathers the rows (a sum of rows only one
-    rank filled), and one kernel merges them exactly and normalizes with the global
-    statistics (and updates the running ones). Three launches and the collective; nothing
-    on the host reads a value. x must not be empty. Returns (y, mean, invstd, planes, payload)."""
+def sync_bn_stats(x, branch, mix, input_scale, num_batches_tracked, num_branches, cumulative,
+                  rank, world_size):
+    """This rank's fp64 sums [count K | centre K·C | R K·C | Q K·C] into row `rank` of the
+    [world_size, K + 3·K·C] payload (zeros in the others), the planes' moments (mixed) and
+    the counter's copy for a cumulative momentum: the moments kernel and the statistics
+    kernel's local pass (two launches; one for one value a plane)."""
+    if x.numel() == 0:
+        return _eager("sync_bn_stats")(x, branch, mix, input_scale, num_batches_tracked,
+                                       num_branches, cumulative, rank, world_size)
     K = num_branches
     _check_routing(x, branch, mix, K, True, prefix="sync_")
-    x3, y, mean, invstd, planes = _forward_outputs(x, mix, K, True)
+    x3 = _ncs(x)
     N, C, S = x3.shape
-    dev, acc = x.device, mean.dtype
+    dev, acc = x.device, acc_dtype(x)
+    planes = torch.empty((2, N, C) if mix is not None else (0,), device=dev, dtype=acc)
+    pay = torch.empty(world_size, K + 3 * K * C, device=dev, dtype=torch.float64)
+    nbt = num_batches_tracked
+    cumulative = bool(cumulative) and nbt is not None
+    old = torch.empty(K if cumulative else 0, device=dev, dtype=acc)
+    with on_device(x):
+        _stats(x, x3, branch, mix, input_scale, None, None, None, None, None, None, nbt, x, x,
+               x, x, old, planes, pay, K, 0.0, 1.0, True, False, cumulative, sync=1, rank=rank,
+               ranks=world_size)
+    return pay, planes, old
+
+
+@torch.no_grad()
+def sync_bn_apply(x, branch, mix, weight, bias, running_mean, running_var, num_batches_tracked,
+                  input_scale, film_gamma, film_beta, payload, old, num_branches, momentum,
+                  cumulative, eps, relu):
+    """One kernel after the all-reduce: the ranks' rows merged exactly to the global
+    statistics, the running statistics updated, the coefficients and y = act(A·x + D)."""
+    if x.numel() == 0:
+        return _eager("sync_bn_apply")(x, branch, mix, weight, bias, running_mean, running_var,
+                                       num_batches_tracked, input_scale, film_gamma, film_beta,
+                                       payload, old, num_branches, momentum, cumulative, eps,
+                                       relu)
+    K = num_branches
+    x3, y = _ncs(x), _like(x)
+    N, C, S = x3.shape
+    dev, acc = x.device, acc_dtype(x)
+    mean = torch.empty(K, C, device=dev, dtype=acc)
+    invstd = torch.empty(K, C, device=dev, dtype=acc)
     mixed = mix is not None
-    pay = torch.empty(world, K + 3 * K * C, device=dev, dtype=torch.float64)
     running = running_mean is not None
     rm, rv = _written_running(running_mean, running_var, running)
     nbt = num_batches_tracked if num_batches_tracked is not None and running else None
     cumulative = bool(cumulative) and nbt is not None
-    old = torch.empty(K if cumulative else 0, device=dev, dtype=acc)
     with on_device(x):
-        _stats(x, x3, branch, mix, input_scale, None, None, None, None, None, None, nbt, mean,
-               invstd, x, x, old, planes, pay, K, momentum, eps, True, False, cumulative,
-               sync=1, rank=rank, ranks=world)
-        all_reduce(pay)
         s, g, be = _c(input_scale), _c(film_gamma), _c(film_beta)
         w, b = _c(weight), _c(bias)
         y3 = _ncs(y)
         block_c, block_s = _blocks(x3, False)
         c_blocks = triton.cdiv(C, block_c)
         s_blocks = triton.cdiv(max(S, 1), block_s)
-        launch(_sync_apply_kernel, _tiles_grid(N, c_blocks, s_blocks), x3, y3, pay,
+        launch(_sync_apply_kernel, _tiles_grid(N, c_blocks, s_blocks), x3, y3, payload,
                *_route_args(branch, mix, x), x if s is None else s, x if g is None else g,
                x if be is None else be, x if w is None else w, x if b is None else b,
                x if rm is None else rm, x if rv is None else rv, *_running_strides(rm, rv, C),
-               x if nbt is None else nbt, old,
-               mean, invstd, N, C, S, K, *x3.stride(), *y3.stride(), c_blocks, s_blocks,
-               *fp32_parts(momentum), *fp32_parts(eps), world, MIXED=mixed,
-               RUNNING=running, CUMULATIVE=cumulative, COUNT=nbt is not None, CHECK=True,
-               HAS_W=w is not None, HAS_B=b is not None, SCALE=s is not None, GAMMA=g is not None,
-               BETA=be is not None, RELU=relu, BLOCK_K=triton.next_power_of_2(max(K, 1)),
-               BLOCK_C=block_c, BLOCK_S=block_s, ACC=_tl_acc(acc))
-    return y, mean, invstd, planes, pay
+               x if nbt is None else nbt, old if cumulative else x, mean, invstd, N, C, S, K,
+               *x3.stride(), *y3.stride(), c_blocks, s_blocks, *fp32_parts(momentum), *fp32_parts(eps), payload.shape[0],
+               MIXED=mixed, RUNNING=running, CUMULATIVE=cumulative, COUNT=nbt is not None,
+               CHECK=True, HAS_W=w is not None, HAS_B=b is not None, SCALE=s is not None,
+               GAMMA=g is not None, BETA=be is not None, RELU=relu,
+               BLOCK_K=triton.next_power_of_2(max(K, 1)), BLOCK_C=block_c, BLOCK_S=block_s,
+               ACC=_tl_acc(acc))
+    return y, mean, invstd
+
+
+def _grad_setup(x, branch, mix, weight, bias, input_scale, film_gamma, film_beta):
+    s, g, be = _c(input_scale), _c(film_gamma), _c(film_beta)
+    w, b = _c(weight), _c(bias)
+    flags = dict(MIXED=mix is not None, HAS_W=w is not None, HAS_B=b is not None,
+                 SCALE=s is not None, GAMMA=g is not None, BETA=be is not None)
+    ptrs = (x if w is None else w, x if b is None else b, x if s is None else s,
+            x if g is None else g, x if be is None else be)
+    return _route_args(branch, mix, x), flags, ptrs
+
+
+@torch.no_grad()
+def sync_bn_grad_sums(dy, x, branch, mix, weight, bias, mean, invstd, input_scale, film_gamma,
+                      film_beta, num_branches, relu, needs):
+    """This rank's T1 = Σ M·dz, T2 = Σ M·dz·x̂ ([2, K, C], for the all-reduce), its own
+    dweight = T2 and dbias = T1, and the per-plane partial sums the dx kernel reads: the BN
+    gradient kernels' first pass (two launches)."""
+    if x.numel() == 0:
+        return _eager("sync_bn_grad_sums")(dy, x, branch, mix, weight, bias, mean, invstd,
+                                           input_scale, film_gamma, film_beta, num_branches,
+                                           relu, needs)
+    from .multi_bn import _bn_grads_kernel, _grad_sums_kernel
+    need_x, need_mix, need_w, need_b, need_s, need_g, need_be = _needs(
+        needs, mix, input_scale, film_gamma, film_beta)
+    K, C = mean.shape
+    acc = mean.dtype
+    ACC = _tl_acc(acc)
+    dev = x.device
+    x3, dy3 = _ncs(x), _ncs(dy)
+    N, S = x3.shape[0], x3.shape[2]
+    route, flags, ptrs = _grad_setup(x, branch, mix, weight, bias, input_scale, film_gamma,
+                                     film_beta)
+    dweight = torch.empty(K, C, device=dev, dtype=acc)
+    dbias = torch.empty(K, C, device=dev, dtype=acc)
+    sums = torch.empty(2, K, C, device=dev, dtype=acc)
+    unused = x.new_empty(0, dtype=acc)
+    block_n, block_k, stats_c = _stats_blocks(N, K, C, values=256)
+    with on_device(x):
+        block_c, block_s = _blocks(x3, True)
+        c_blocks = triton.cdiv(C, block_c)
+        T, chunk = _splits(N, c_blocks, S, block_s)
+        parts = torch.empty(4 if need_s else 2, T, N, C, device=dev, dtype=acc)
+        launch(_grad_sums_kernel, (N * c_blocks, T), dy3, x3, parts, parts[1], *route, mean,
+               invstd, *ptrs, N, C, S, chunk, K, c_blocks, *dy3.stride(), *x3.stride(),
+               SINGLE=False, RELU=relu, SUMS_X=need_s, BLOCK_K=block_k, BLOCK_C=block_c,
+               BLOCK_S=block_s, ACC=ACC, **flags)
+        # T1, T2 only: what only pass 2 reads is off, and half the samples per step (ptxas
+        # spilled 4 B on sm_90 for mixed + extras, K=5)
+        off = {k: False for k in ("HAS_W", "HAS_B", "BETA")}
+        launch(_bn_grads_kernel, (triton.cdiv(C, stats_c),), parts, x, *route, mean, invstd,
+               *ptrs, dweight, dbias, unused, unused, unused, unused, unused, unused, unused,
+               unused, unused, sums, N, C, S, T, K, SYNC=True, BATCH=False,
+               BLOCK_N=max(1, block_n // 2), BLOCK_K=block_k, BLOCK_C=stats_c, ACC=ACC,
+               RELU=False, NEED_PQR=False, NEED_G=False, NEED_BE=False, NEED_S=False,
+               NEED_MIX=False, **{**flags, **off})
+    return (sums, parts, dweight if need_w else x.new_empty(0, dtype=acc),
+            dbias if need_b else x.new_empty(0, dtype=acc))
+
+
+@torch.no_grad()
+def sync_bn_dx(dy, x, branch, mix, weight, bias, mean, invstd, planes, input_scale, film_gamma,
+               film_beta, sums, parts, payload, num_branches, relu, needs):
+    """One kernel after the all-reduce: each plane's results from the global T1, T2 and the
+    forward's global counts and variance (pass 2 of the gradient kernel), and dx. Returns
+    (dx, dmix, dinput_scale, dfilm_gamma, dfilm_beta); an unneeded one is empty."""
+    if x.numel() == 0 or parts.numel() == 0:
+        return _eager("sync_bn_dx")(dy, x, branch, mix, weight, bias, mean, invstd, planes,
+                                    input_scale, film_gamma, film_beta, sums, parts, payload,
+                                    num_branches, relu, needs)
+    need_x, need_mix, _w, _b, need_s, need_g, need_be = _needs(
+        needs, mix, input_scale, film_gamma, film_beta)
+    K, C = mean.shape
+    acc = mean.dtype
+    dev = x.device
+    x3, dy3 = _ncs(x), _ncs(dy)
+    N, S = x3.shape[0], x3.shape[2]
+    T = parts.shape[1]
+    route, flags, ptrs = _grad_setup(x, branch, mix, weight, bias, input_scale, film_gamma,
+                                     film_beta)
+    nc = (N, C)
+
+    def grad(shape, need):  # a fresh one each time: the op's outputs must not alias
+        return torch.empty(shape if need else (0,), device=dev, dtype=acc)
+    dgamma, dbeta, dscale = grad(nc, need_g), grad(nc, need_be), grad(nc, need_s)
+    dmix = grad((N, K), need_mix)
+    dx = _like(x) if need_x else x.new_empty(0)
+    _bn, block_k, stats_c = _stats_blocks(N, K, C, values=256)
+    with on_device(x):
+        dx3 = _ncs(dx) if need_x else dy3
+        # at most 256 per-(k, c) values and 512 of x a program (wider tiles spilled)
+        block_c, block_s = _blocks(x3, False)
+        block_c = max(1, min(block_c, 256 // block_k))
+        block_s = max(1, min(triton.next_power_of_2(max(S, 1)), 512 // block_c))
+        c_blocks = triton.cdiv(C, block_c)
+        s_blocks = triton.cdiv(S, block_s) if need_x else 1
+        if need_x or need_mix or need_g or need_be or need_s:
+            launch(_sync_dx_kernel, _tiles_grid(N, c_blocks, s_blocks), dy3, x3, dx3, parts,
+                   planes if planes.numel() else x, *route, mean, invstd, *ptrs, dgamma, dbeta,
+                   dscale, dmix, sums, payload, N, C, S, T, K, *dy3.stride(), *x3.stride(),
+                   *dx3.stride(), c_blocks, s_blocks, payload.shape[0], DX=need_x, RELU=relu,
+                   NEED_G=need_g, NEED_BE=need_be, NEED_S=need_s, NEED_MIX=need_mix,
+                   BLOCK_K=block_k, BLOCK_C=block_c, BLOCK_S=block_s, BLOCK_CM=stats_c,
+                   ACC=_tl_acc(acc), **flags)
+    return dx, dmix, dscale, dgamma, dbeta
