@@ -9,7 +9,7 @@ what a training step would launch.
 
     python benchmarks/launch_counts.py          # the table, one row per op and case
 
-tests/test_launch_budget.py asserts the budget of shared/DESIGN.md §4 on these counts.
+tests/test_gpu_path.py asserts the launch budget (docs/backends.md) on these counts.
 """
 from __future__ import annotations
 

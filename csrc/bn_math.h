@@ -1,4 +1,4 @@
-// The small per-element math of the routed / mixed BN family (shared/DESIGN.md §2.1-2.4),
+// The small per-element math of the routed / mixed BN family (docs/math.md),
 // written once for the CPU kernels (csrc/cpu/multi_bn.cpp, in double); the Triton kernels
 // (fastrobust/kernels) write the same formulas. The derivation is in fastrobust/_engine.py.
 //

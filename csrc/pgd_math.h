@@ -1,4 +1,4 @@
-// The per-element math of the PGD steps (shared/DESIGN.md §2.5), written once for the CPU
+// The per-element math of the PGD steps (docs/math.md), written once for the CPU
 // leaves (csrc/cpu/pgd_leaf.inc), so the CPU tests
 // cover the formulas both run.
 //

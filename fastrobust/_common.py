@@ -1,6 +1,6 @@
 """Small helpers shared by the package and its ground truth (`fastrobust.reference`): the
 accumulation dtype, the value checks of the routing inputs and the running-statistics update
-rule (shared/DESIGN.md §2.1). Imports nothing from the package."""
+rule (docs/math.md). Imports nothing from the package."""
 from __future__ import annotations
 
 import torch

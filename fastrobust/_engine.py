@@ -1,5 +1,4 @@
-"""Explicit forward and backward passes of the per-sample affine family (shared/DESIGN.md
-§2.1-2.4), written once over a small set of "leaves" (the passes over the activation).
+"""Explicit forward and backward passes of the per-sample affine family (docs/math.md), written once over a small set of "leaves" (the passes over the activation).
 
 Every op of the family is y = act(A[n,c]·x + D[n,c]) with per-plane coefficients (a plane is
 one (n, c)), so one elementwise pass serves them all:

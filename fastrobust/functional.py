@@ -1,4 +1,4 @@
-"""The functional API (shared/DESIGN.md §2–3). Each function checks its arguments' metadata
+"""The functional API (docs/math.md, docs/ops.md). Each function checks its arguments' metadata
 (shapes, dtypes, devices) with clear errors, then calls its registered op in `fastrobust._ops`.
 Value checks that would need a host sync on a device (out-of-range branch ids) happen inside
 the kernels: at once on CPU, as an asynchronous device assert on CUDA."""
@@ -133,7 +133,7 @@ def multi_batch_norm(x: Tensor, branch: Tensor, weight: Tensor | None = None,
                      input_scale: Tensor | None = None, film_gamma: Tensor | None = None,
                      film_beta: Tensor | None = None, activation: str | None = None) -> Tensor:
     """Sample-routed batch norm: sample n is normalized by branch ``branch[n]``'s statistics
-    and affine parameters (dual BN is K=2, K-way BN any K; shared/DESIGN.md §2.1).
+    and affine parameters (dual BN is K=2, K-way BN any K; docs/math.md).
 
     Args:
         x: ``[N, C, *spatial]``, any memory format; float16/bfloat16/float32/float64.

@@ -5,7 +5,7 @@ take its gradients as the truth. Nothing in the package imports this module (the
 is `fastrobust._engine`); it shares with the package only the small helpers of
 `fastrobust._common` (the accumulation dtype, the range checks and the running-stat rule).
 
-Math (shared/DESIGN.md §2.1), for sample n routed to branch k = branch[n], channel c:
+Math (docs/math.md), for sample n routed to branch k = branch[n], channel c:
     μ_kc, σ²_kc = mean and biased variance over {x[n', c, s] : branch[n'] = k}
     y = (x - μ_kc) · r_kc · w_kc + b_kc,   r_kc = 1 / sqrt(σ²_kc + eps)
     dx = w·r·(dy - Σdy/m - x̂·Σ(dy·x̂)/m),  x̂ = (x - μ)·r,  m = count_k · prod(spatial)
@@ -161,7 +161,7 @@ def _infer_k(*tensors) -> int:
 
 
 
-# --- PGD steps (shared/DESIGN.md §2.5) ------------------------------------------------------
+# --- PGD steps (docs/math.md) ------------------------------------------------------
 # Out of place and written as the math reads; eps/alpha are floats or per-sample [N] tensors.
 
 def _strength_view(v, x: Tensor) -> Tensor | float:

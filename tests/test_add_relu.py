@@ -61,6 +61,6 @@ def test_half_precision_inputs(backend, dtype):
     them (an internal assert at 858ad8d); relu(a + b) in their dtype, bitwise."""
     if backend == "triton" and dtype == torch.bfloat16:
         pytest.skip("the Triton interpreter has no bf16 arithmetic (numpy): bf16 on GPU only "
-                    "(shared/DESIGN.md §4)")
+                    "(docs/backends.md)")
     a, b = torch.randn(4, 8, 3, 3).to(dtype), torch.randn(4, 8, 3, 3).to(dtype)
     torch.testing.assert_close(F.add_relu(a, b), torch.relu(a + b), rtol=0, atol=0)

@@ -1,4 +1,4 @@
-"""The GPU path, checked without a GPU (shared/DESIGN.md §4): the launch budget of every op on
+"""The GPU path, checked without a GPU (docs/backends.md): the launch budget of every op on
 CUDA (counted on meta tensors, benchmarks/launch_counts.py) and int64 sample offsets in the
 Triton kernels (on their compiled TTIR, benchmarks/aot_compile.py)."""
 import os
@@ -17,7 +17,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 pytestmark = pytest.mark.skipif(
     __import__("fastrobust").backends.triton.missing() is not None, reason="triton missing")
 
-# shared/DESIGN.md §4 and the GPU-path issue: partial statistics → finalize → apply.
+# docs/backends.md and the GPU-path issue: partial statistics → finalize → apply.
 BN_BUDGET = 3
 
 

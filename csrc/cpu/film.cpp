@@ -1,4 +1,4 @@
-// CPU kernels of FiLM, y = gamma[n,c]·x + beta[n,c] (shared/DESIGN.md §2.3), gamma and beta
+// CPU kernels of FiLM, y = gamma[n,c]·x + beta[n,c] (docs/math.md), gamma and beta
 // [N, C] or [C]: one affine pass forward; backward one affine pass for dx and one pass of
 // per-plane sums for dgamma, dbeta (summed over the batch for a [C] one).
 #include "multi_bn.h"

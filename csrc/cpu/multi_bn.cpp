@@ -1,4 +1,4 @@
-// CPU kernels of the per-sample affine family (shared/DESIGN.md §2.1-2.4): routed BN, mixed
+// CPU kernels of the per-sample affine family (docs/math.md): routed BN, mixed
 // BN, their fused input scale / FiLM / ReLU, and FiLM. The algorithm is that of
 // fastrobust/_engine.py (read its docstring for the derivation); this file is its C++ twin with
 // the small per-(sample, branch, channel) math in double.

@@ -1,4 +1,4 @@
-// CPU kernels of the PGD steps (shared/DESIGN.md §2.5), the CPU implementation of
+// CPU kernels of the PGD steps (docs/math.md), the CPU implementation of
 // torch.ops.fastrobust.{pgd_step,mifgsm_step,pgd_init} (registered in csrc/cpu/register.cpp).
 //
 // Every tensor has x_adv's shape and strides, is dense and keeps each sample in one block of

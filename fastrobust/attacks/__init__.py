@@ -1,4 +1,4 @@
-"""Attacks and robust evaluation on the fused PGD steps (shared/DESIGN.md §2.5, §3).
+"""Attacks and robust evaluation on the fused PGD steps (docs/math.md, docs/attacks.md).
 
     atk = PGD(model, eps=8/255, alpha=2/255, steps=10)      # torchattacks-like
     x_adv = atk(x, y)

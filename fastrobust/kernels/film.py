@@ -1,5 +1,5 @@
 """Triton kernels of FiLM and channel scale, y = γ[n,c]·x + β[n,c] with [N, C] or [C] γ, β
-(shared/DESIGN.md §2.3-2.4): one launch forward, at most two backward.
+(docs/math.md): one launch forward, at most two backward.
 
   forward   multi_bn._affine_kernel ([C] γ, β read through stride-0 views, never copied)
   backward  _film_grad_kernel (dx = γ·dy and the per-plane Σdy·x, Σdy in one pass) and, when

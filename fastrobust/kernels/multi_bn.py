@@ -1,5 +1,5 @@
 """Triton kernels of routed and mixed BN with their fused extras (input scale, FiLM, ReLU;
-shared/DESIGN.md §2.1-2.4). The synchronized BN's kernels are in sync_bn.py, FiLM / channel
+docs/math.md). The synchronized BN's kernels are in sync_bn.py, FiLM / channel
 scale in film.py, the jit helpers they share in _bn_parts.py and _common.py.
 
 Every op of the family is y = act(A[n,c]·x + D[n,c]) with per-plane coefficients (a plane is one

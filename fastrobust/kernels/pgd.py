@@ -1,4 +1,4 @@
-"""Triton kernels of the PGD steps (shared/DESIGN.md §2.5).
+"""Triton kernels of the PGD steps (docs/math.md).
 
 Every tensor has x_adv's shape and its own strides: the launcher (`_geometry`) takes the
 sample's dims in x_adv's memory order, merges adjacent dims where every tensor allows it, and

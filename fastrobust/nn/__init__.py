@@ -1,4 +1,4 @@
-"""Drop-in modules (shared/DESIGN.md §3)."""
+"""Drop-in modules (docs/ops.md)."""
 from .multi_bn import (DualBatchNorm2d, FiLM, MixedBatchNorm2d, MultiBatchNorm1d,
                        MultiBatchNorm2d, ScaledConvBN, convert_multi_bn, routing)
 from .sync import SyncMixedBatchNorm2d, SyncMultiBatchNorm2d, convert_sync_multi_bn

@@ -1,4 +1,4 @@
-"""Drop-in multi-branch batch norm modules (shared/DESIGN.md §3)."""
+"""Drop-in multi-branch batch norm modules (docs/ops.md)."""
 from __future__ import annotations
 
 import contextlib
