@@ -524,7 +524,13 @@ def _stats(x, x3, branch, mix, s, g, be, w, b, rm, rv, nbt, mean, invstd, A, D, 
            CUMULATIVE=bool(cumulative) and nbt is not None, FROM_X=from_x, PLANES=mixed and batch,
            CHECK=not mixed or batch, HAS_W=w is not None, HAS_B=b is not None, SCALE=s is not None,
            GAMMA=g is not None, BETA=be is not None, BLOCK_N=block_n, BLOCK_K=block_k,
-           BLOCK_C=block_c, ACC=_tl_acc(acc))
+           BLOCK_C=block_c, ACC=_tl_acc(acc), num_warps=_warps(block_k))
+
+
+def _warps(block_k: int) -> int:
+    """Warps of the per-channel-block kernels: 8 for more than four branches (their tiles
+    spilled registers on sm_90 with 4: benchmarks/aot_compile.py --strict-spills), else 4."""
+    return 8 if block_k >= 8 else 4
 
 
 def _affine(x3, y3, A, D, relu, nbt=None, count=None, K=0):
@@ -603,7 +609,8 @@ def bn_backward(dy, x, branch, mix, weight, bias, mean, invstd, planes, input_sc
                mean, invstd, *ptrs, dweight, dbias, dgamma, dbeta, dscale, dmix_part, P, Q, R, A,
                D, x, N, C, S, T, K, SYNC=False, BATCH=batch_stats, BLOCK_N=block_n,
                BLOCK_K=block_k, BLOCK_C=stats_c, ACC=ACC, RELU=relu, NEED_PQR=need_pqr,
-               NEED_G=need_g, NEED_BE=need_be, NEED_S=need_s, NEED_MIX=need_mix, **flags)
+               NEED_G=need_g, NEED_BE=need_be, NEED_S=need_s, NEED_MIX=need_mix,
+               num_warps=_warps(block_k), **flags)
         block_c, block_s = _blocks(x3, False)
         c_blocks = triton.cdiv(C, block_c)
         dx3 = _ncs(dx) if need_x else dy3
