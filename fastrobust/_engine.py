@@ -363,6 +363,8 @@ def bn_grads_with_graph(dy, x, route, weight, bias, mean, invstd, input_scale, f
     None where not needed. Every backend's backward calls this when grad mode is on during the
     backward, so second derivatives are exact on all of them."""
     args = (x, route if mixed else None, weight, bias, input_scale, film_gamma, film_beta)
+    # a gradient asked for an argument that is None is none (as in the kernels' backward)
+    needs = [bool(n) and t is not None for t, n in zip(args, needs)]
     wanted = [t for t, n in zip(args, needs) if n]
     with torch.enable_grad():
         # One graph input per argument (a view keeps the link to the caller's graph, which the

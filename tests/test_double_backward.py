@@ -143,17 +143,6 @@ def test_gradient_penalty_matches_batch_norm(backend, training):
     assert max((p - q).abs().max().item() for p, q in zip(plain, want)) > 1e-6
 
 
-def test_registered_op_double_backward():
-    """The registered op (what torch.compile traces) gives the same second derivative."""
-    g = torch.Generator().manual_seed(5)
-    x, route, w, b, ext, rm, rv = _bn_inputs(False, True, g)
-
-    def fn(x, w, b, s, ga, be):
-        return torch.ops.fastrobust.multi_bn(x, route, None, w, b, None, None, None, s, ga, be,
-                                             2, True, 0.1, False, 1e-5, True)[0]
-    assert torch.autograd.gradgradcheck(fn, (x, w, b, *ext), **GG)
-
-
 # --- exact at zero: a zero mix weight, input scale, FiLM gamma or BN weight ----------------------
 
 def _zeroed(t, *where):
