@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import functional as FF
+from ..memory_format import cpu_channels_last_hazard
+from ..nn import routing
 
 _FORMATS = {None, torch.contiguous_format, torch.channels_last, torch.preserve_format}
 _call = threading.local()  # .route: this thread's (branch, mix, context) of the running call
@@ -163,7 +165,6 @@ class Attack:
             stack.enter_context(eval_mode(self.model))
             stack.enter_context(frozen_parameters(self.model))
             if branch is not None or mix is not None:
-                from ..nn import routing
                 stack.enter_context(routing(self.model, branch=branch, mix=mix))
             if context is not None:
                 stack.enter_context(context)
@@ -186,7 +187,6 @@ class Attack:
             fmt = None
             if big and x.device.type == "cpu":
                 if self._cl_safe is None:  # the model's convs, checked once per attack object
-                    from ..memory_format import cpu_channels_last_hazard
                     self._cl_safe = cpu_channels_last_hazard(self.model) is None
                 fmt = torch.channels_last if self._cl_safe else None
         if fmt in (None, torch.preserve_format):
@@ -282,7 +282,6 @@ class PGD(Attack):
 
         with contextlib.ExitStack() as stack:
             if branch is not None or mix is not None:
-                from ..nn import routing
                 stack.enter_context(routing(self.model, branch=s_branch, mix=s_mix))
             api.eager(step)  # step 1
             graph = api.capture(step)  # recorded, not run (858ad8d counted it: one step short)

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..nn import routing
 from .attacks import FGSM, MIFGSM, PGD, Attack, eval_mode
 
 
@@ -81,7 +82,6 @@ def evaluate(model: nn.Module, loader, attacks: Mapping[str, Attack] | None = No
 def _routed(model, branch, mix):
     if branch is None and mix is None:
         return contextlib.nullcontext()
-    from ..nn import routing
     return routing(model, branch=branch, mix=mix)
 
 

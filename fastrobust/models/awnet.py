@@ -25,6 +25,7 @@ import copy
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from ..functional import add_relu
 from ..nn import MultiBatchNorm2d, ScaledConvBN, routing
@@ -49,7 +50,6 @@ class ResNetFeatures(nn.Module):
         if not fold_bn:
             self.net = resnet
             return
-        from torch.nn.utils.fusion import fuse_conv_bn_eval
 
         def fold(conv, bn):  # on copies: the teacher's own modules stay as they are
             return fuse_conv_bn_eval(copy.deepcopy(conv).eval(), copy.deepcopy(bn).eval())

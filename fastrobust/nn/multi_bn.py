@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from .. import functional as F
 
 __all__ = ["MultiBatchNorm2d", "MultiBatchNorm1d", "DualBatchNorm2d", "MixedBatchNorm2d",
-           "FiLM", "ScaledConvBN", "convert_multi_bn", "routing"]
+           "FiLM", "ScaledConvBN", "routing"]
 
 # The routing contexts open in each thread: {module: [[("branch" | "mix", value)], ...]}, one
 # entry (a list: its identity) per open context, innermost last; a module's routing is its
@@ -249,18 +249,6 @@ class MultiBatchNorm1d(MultiBatchNorm2d):
     _DIMS = (2, 3)
 
 
-def convert_multi_bn(module: nn.Module, num_branches: int = 2) -> nn.Module:
-    """Replaces every batch norm in ``module`` by a multi-branch one with ``num_branches``
-    branches, each starting from the original's parameters and statistics: ``nn.BatchNorm2d``
-    by :class:`MultiBatchNorm2d`, ``nn.BatchNorm1d`` by :class:`MultiBatchNorm1d`,
-    ``nn.SyncBatchNorm`` by :class:`~fastrobust.nn.SyncMultiBatchNorm2d` (4-D inputs). A lazy
-    BN that has not seen its input yet, and ``nn.BatchNorm3d``, are refused with a clear error
-    rather than left unconverted. Converts in place and returns the module (a new one if
-    ``module`` is itself a BN), like ``nn.SyncBatchNorm.convert_sync_batchnorm``."""
-    _check_num_branches("convert_multi_bn", num_branches)  # before anything is converted
-    return _convert(module, num_branches, "")
-
-
 def _check_num_branches(who: str, num_branches) -> None:
     """num_branches must be an int >= 1; ``who``: the class or function the user called."""
     if isinstance(num_branches, bool) or not isinstance(num_branches, numbers.Integral):
@@ -268,48 +256,6 @@ def _check_num_branches(who: str, num_branches) -> None:
                         f"{type(num_branches).__name__}")
     if num_branches < 1:
         raise ValueError(f"{who}: num_branches must be >= 1, got {num_branches}")
-
-
-def _convert(module: nn.Module, num_branches: int, name: str) -> nn.Module:
-    where = f" ({name})" if name else ""
-    if isinstance(module, nn.modules.lazy.LazyModuleMixin) and \
-            isinstance(module, nn.modules.batchnorm._NormBase):
-        raise TypeError(f"convert_multi_bn: {type(module).__name__}{where} has not seen an "
-                        "input yet, so its number of channels is unknown: run one forward "
-                        "pass first (it then becomes a plain BN), then convert")
-    if isinstance(module, nn.BatchNorm3d):
-        raise TypeError(f"convert_multi_bn: {type(module).__name__}{where} is not supported "
-                        "(the multi-branch modules take [N, C], [N, C, L] and [N, C, H, W])")
-    cls = None
-    if isinstance(module, nn.SyncBatchNorm):
-        from .sync import SyncMultiBatchNorm2d
-        cls = SyncMultiBatchNorm2d
-    elif isinstance(module, nn.BatchNorm2d):
-        cls = MultiBatchNorm2d
-    elif isinstance(module, nn.BatchNorm1d):
-        cls = MultiBatchNorm1d
-    if cls is not None:
-        ref = module.weight if module.weight is not None else module.running_mean
-        kw = {} if ref is None else {"device": ref.device, "dtype": ref.dtype}
-        if isinstance(module, nn.SyncBatchNorm):
-            kw["process_group"] = module.process_group
-        new = cls(module.num_features, num_branches, eps=module.eps, momentum=module.momentum,
-                  affine=module.affine, track_running_stats=module.track_running_stats, **kw)
-        with torch.no_grad():
-            for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
-                src, dst = getattr(module, name), getattr(new, name)
-                if src is not None and dst is not None:
-                    dst.copy_(src.expand_as(dst))
-            if new.affine:
-                new.weight.requires_grad_(module.weight.requires_grad)
-                new.bias.requires_grad_(module.bias.requires_grad)
-        new.train(module.training)
-        return new
-    for child_name, child in module.named_children():
-        new_child = _convert(child, num_branches, f"{name}.{child_name}" if name else child_name)
-        if new_child is not child:
-            setattr(module, child_name, new_child)
-    return module
 
 
 @contextlib.contextmanager

@@ -1,13 +1,12 @@
 """Synchronized multi-branch batch norm modules for DDP (fastrobust.distributed)."""
 from __future__ import annotations
 
-import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .. import distributed as D
 from .multi_bn import MixedBatchNorm2d, MultiBatchNorm2d
 
-__all__ = ["SyncMultiBatchNorm2d", "SyncMixedBatchNorm2d", "convert_sync_multi_bn"]
+__all__ = ["SyncMultiBatchNorm2d", "SyncMixedBatchNorm2d"]
 
 
 class _Sync:
@@ -58,33 +57,3 @@ class SyncMixedBatchNorm2d(_Sync, MixedBatchNorm2d):
                  **kwargs):
         super().__init__(num_features, num_branches, *args, **kwargs)
         self.process_group = process_group
-
-
-def convert_sync_multi_bn(module: nn.Module, process_group=None) -> nn.Module:
-    """Replaces every multi-branch BN in ``module`` by its synchronized twin (a
-    :class:`MixedBatchNorm2d` by :class:`SyncMixedBatchNorm2d`, any other
-    :class:`MultiBatchNorm2d` by :class:`SyncMultiBatchNorm2d`) with the same parameters,
-    buffers, requires_grad flags and mode, in place (a new module if ``module`` is itself one),
-    like ``nn.SyncBatchNorm.convert_sync_batchnorm``. Call it before wrapping the model in
-    DDP."""
-    if isinstance(module, MultiBatchNorm2d) and not isinstance(module, _Sync):
-        cls = SyncMixedBatchNorm2d if isinstance(module, MixedBatchNorm2d) else \
-            SyncMultiBatchNorm2d
-        ref = module.weight if module.weight is not None else module.running_mean
-        kw = {} if ref is None else {"device": ref.device, "dtype": ref.dtype}
-        new = cls(module.num_features, module.num_branches, eps=module.eps,
-                  momentum=module.momentum, affine=module.affine,
-                  track_running_stats=module.track_running_stats, process_group=process_group,
-                  **kw)
-        with torch.no_grad():
-            new.load_state_dict(module.state_dict())
-        if module.affine:
-            new.weight.requires_grad_(module.weight.requires_grad)
-            new.bias.requires_grad_(module.bias.requires_grad)
-        new.train(module.training)
-        return new
-    for name, child in module.named_children():
-        new_child = convert_sync_multi_bn(child, process_group)
-        if new_child is not child:
-            setattr(module, name, new_child)
-    return module
