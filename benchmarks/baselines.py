@@ -10,7 +10,8 @@ import contextlib
 import torch
 from torch import Tensor, nn
 
-from fastrobust._oat_eager import EagerDualBatchNorm2d, oat_dual_bn, to_eager_dual_bn  # noqa: F401
+from fastrobust.models.oat_eager import (EagerDualBatchNorm2d, oat_dual_bn,  # noqa: F401
+                                        to_eager_dual_bn)
 
 
 def eager_kway_bn(x: Tensor, indices: list[Tensor], bns) -> Tensor:

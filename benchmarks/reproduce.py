@@ -19,14 +19,14 @@ import time
 
 import torch
 
+from fastrobust.cli.console import Parser  # one-line errors, as the fastrobust command's
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = {"afa": "reproduce_afa", "awnet": "reproduce_awnet"}
 
 
 def main(argv=None) -> int:
-    from fastrobust.cli import _Parser  # one-line errors, as the fastrobust command's
-
-    p = _Parser(prog="reproduce.py", description=__doc__,
+    p = Parser(prog="reproduce.py", description=__doc__,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("method", choices=sorted(METHODS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="default 0 1")

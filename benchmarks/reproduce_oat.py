@@ -16,21 +16,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import time
 
+import torch
+
+from fastrobust.data import load
 from fastrobust.trainers.dedicated import evaluate_dedicated, train_dedicated
-from fastrobust.trainers.oat import OATConfig, OATTrainer, sweep
-from fastrobust.trainers.plots import plot_tradeoff
+from fastrobust.trainers.oat import OATConfig, OATTrainer, model_from_checkpoint, sweep
+from fastrobust.trainers.results import plot_tradeoff
 
 
 def _job(job):
     """One model of the comparison, on one thread: ("oat", dual_bn) or ("dedicated", λ); its
     rows are cached under --work, and a finished OAT run there is evaluated, not retrained."""
-    import torch
-
-    from fastrobust.trainers.oat import model_from_checkpoint
-
     torch.set_num_threads(1)
     kind, value, args = job
     cache = os.path.join(args.work, f"{kind}-{value}.json")
@@ -55,8 +55,6 @@ def _job(job):
     else:
         cfg = OATConfig(**base, out=args.work)
         model = train_dedicated(cfg, value, progress=False, log=None)
-        from fastrobust.data import load
-
         result = evaluate_dedicated(model, load("digits").test, cfg, value)
     os.makedirs(args.work, exist_ok=True)
     with open(cache, "w") as f:
@@ -78,8 +76,6 @@ def main() -> None:
     lambdas = OATConfig().lambdas
     jobs = [("oat", True, args), ("oat", False, args)] + \
         [("dedicated", lam, args) for lam in sorted(lambdas, reverse=True)]
-    import multiprocessing
-
     with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
         done = dict(pool.imap_unordered(_job, jobs))
     curves = {"OAT, dual BN": done[("oat", True)], "OAT, shared BN": done[("oat", False)]}

@@ -16,7 +16,7 @@ def test_labels_of_clustered_points_do_not_overlap():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from fastrobust.trainers.plots import place_labels
+    from fastrobust.trainers.results import place_labels
 
     fig, ax = plt.subplots(figsize=(6, 5))
     points = [(10.0, 98.0), (10.1, 98.0), (10.2, 97.9), (10.2, 97.8), (10.3, 97.8),

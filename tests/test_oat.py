@@ -10,7 +10,8 @@ from torch import nn
 from fastrobust.models import (S1, LambdaEncoding, OATWideResNet, oat_resnet18, oat_resnet34,
                                resnet18)
 from fastrobust.nn import FiLM, MultiBatchNorm2d
-from fastrobust.trainers.common import TrainingDiverged, load_checkpoint
+from fastrobust.trainers.base import TrainingDiverged
+from fastrobust.trainers.checkpoints import load_checkpoint
 from fastrobust.trainers.oat import OATConfig, OATTrainer, oat_loss, sample_lambdas, sweep
 
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from fastrobust.cli import main
-from fastrobust.trainers.common import (TrainingDiverged, load_checkpoint,
-                                        remove_stale_temporaries)
+from fastrobust.trainers.base import TrainingDiverged
+from fastrobust.trainers.checkpoints import load_checkpoint, remove_stale_temporaries
 from fastrobust.trainers.oat import OATConfig, OATTrainer
 
 
@@ -123,7 +123,7 @@ def test_nan_lr_is_refused_before_training(tmp_path):
 
 WRITER = textwrap.dedent("""
     import sys, torch
-    from fastrobust.trainers.common import save_checkpoint
+    from fastrobust.trainers.checkpoints import save_checkpoint
     path = sys.argv[1]
     big = torch.randn(16_000_000)  # 64 MB: each write takes a while
     i = 0

@@ -32,9 +32,10 @@ from .. import data as data_mod
 from ..attacks import FGSM, PGD
 from ..attacks.attacks import eval_mode
 from ..models import afa_resnet18
-from .common import (ATTACK_EPS, BaseConfig, BaseTrainer, CheckpointError, ConfigError,
-                     check_finite, check_number, format_table, load_checkpoint,
-                     require_entries, write_json)
+from .base import BaseTrainer, check_finite
+from .checkpoints import CheckpointError, load_checkpoint, require_entries
+from .config import ATTACK_EPS, BaseConfig, ConfigError, check_number
+from .results import format_table, pyplot, save_figure, write_json
 
 __all__ = ["AFAConfig", "AFATrainer", "RelativePGD", "stage1_loss", "evaluate_afa",
            "report_afa"]
@@ -189,11 +190,7 @@ class AFATrainer(BaseTrainer):
 
     def __init__(self, cfg: AFAConfig, resume: bool = False, progress: bool = True,
                  distributed: bool | None = None):
-        cfg.validate()
-        self.cfg = cfg
-        self._setup_ranks(cfg.device, distributed, cfg.batch_size, cfg.deterministic)
-        self.progress = progress and self.is_main
-        self.data = data_mod.load(cfg.dataset, cfg.data_root)
+        self._setup(cfg, progress, distributed)
         torch.manual_seed(cfg.seed)
         self.model = self._place(afa_resnet18(self.data.num_classes, cfg.width,
                                               self.data.in_channels, cfg.num_branches,
@@ -213,15 +210,8 @@ class AFATrainer(BaseTrainer):
         self.opt2 = torch.optim.SGD(self.model.generator.parameters(), lr=cfg.lr2,
                                     momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         self.sched2 = stage2_schedule(self.opt2, cfg.epochs2)
-        self.gen = torch.Generator().manual_seed(cfg.seed)
-        self.attack_gen = torch.Generator(self.device).manual_seed(cfg.seed + 1 + self.rank)
         self.epoch1 = self.epoch2 = 0
-        self.history: list[dict] = []
-        self.resumes: list[dict] = []
-        self.checkpoint = os.path.join(cfg.out, "last.pt")
-        self._clean_out()
-        if resume:
-            self.load(self.checkpoint)
+        self._start(resume)
 
     # -- checkpoints -------------------------------------------------------------------------
     def state(self) -> dict:
@@ -230,9 +220,7 @@ class AFATrainer(BaseTrainer):
                 "opt1": self.opt1.state_dict(), "opt2": self.opt2.state_dict(),
                 "sched1": self.sched1.state_dict(), "sched2": self.sched2.state_dict(),
                 "epoch1": self.epoch1, "epoch2": self.epoch2, "history": self.history,
-                "resumes": self.resumes,
-                "rng": {"data": self.gen.get_state(),
-                        "attack_per_rank": self._gather(self.attack_gen.get_state())}}
+                "resumes": self.resumes, "rng": self._rng_state()}
 
     def load(self, path: str) -> None:
         ck = load_checkpoint(path, kind="afa")
@@ -249,12 +237,8 @@ class AFATrainer(BaseTrainer):
         self.opt2.load_state_dict(ck["opt2"])
         self.sched1.load_state_dict(ck["sched1"])
         self.sched2.load_state_dict(ck["sched2"])
-        self.gen.set_state(ck["rng"]["data"])
-        per_rank = ck["rng"]["attack_per_rank"]
-        if len(per_rank) == self.world:  # the same number of ranks: each its own stream
-            self.attack_gen.set_state(per_rank[self.rank])
-        self.epoch1, self.epoch2, self.history = ck["epoch1"], ck["epoch2"], ck["history"]
-        self.resumes = ck.get("resumes", [])
+        self._restore(ck)
+        self.epoch1, self.epoch2 = ck["epoch1"], ck["epoch2"]
         self._apply_resume(ck["config"], [
             ("epochs", "lr", "opt1", "sched1", self.epoch1, stage1_schedule),
             ("epochs2", "lr2", "opt2", "sched2", self.epoch2, stage2_schedule)])
@@ -440,11 +424,8 @@ def report_afa(result: dict, cfg: AFAConfig, out: str, title: str) -> None:
     os.makedirs(out, exist_ok=True)
     write_json(os.path.join(out, "results.json"), {"title": title, **result,
                                                    "config": dataclasses.asdict(cfg)})
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     pgd = [r for r in rows if r["attack"].startswith("PGD")]
-    fig, ax = plt.subplots(1, 2, figsize=(9, 3.6))
+    fig, ax = pyplot().subplots(1, 2, figsize=(9, 3.6))
     eps = [r["eps"] for r in pgd]
     ax[0].plot(eps, [r["W1"] for r in pgd], "o-")
     ax[0].set(xlabel="attack strength ε (PGD)", ylabel="mean W1 (weight on BN_adv)",
@@ -453,7 +434,6 @@ def report_afa(result: dict, cfg: AFAConfig, out: str, title: str) -> None:
     ax[1].set(xlabel="attack strength ε (PGD)", ylabel="accuracy %", title="accuracy vs ε")
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "w1_vs_eps.png"), dpi=120)
-    plt.close(fig)
+    save_figure(fig, os.path.join(out, "w1_vs_eps.png"))
     print(f"results: {os.path.join(out, 'results.json')}; plot: "
           f"{os.path.join(out, 'w1_vs_eps.png')}")

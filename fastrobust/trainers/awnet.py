@@ -35,9 +35,10 @@ from tqdm.auto import tqdm
 from .. import data as data_mod
 from ..attacks import FGSM, PGD, weighted_robust_accuracy
 from ..models import ResNet, ResNetFeatures, awnet_resnet18, resnet18
-from .common import (ATTACK_EPS, BaseConfig, BaseTrainer, CheckpointError, ConfigError,
-                     check_finite, check_number, format_table, load_checkpoint,
-                     require_entries, save_checkpoint, write_json)
+from .base import BaseTrainer, check_finite
+from .checkpoints import CheckpointError, load_checkpoint, require_entries, save_checkpoint
+from .config import ATTACK_EPS, BaseConfig, ConfigError, check_number
+from .results import format_table, pyplot, save_figure, write_json
 
 __all__ = ["AWNetConfig", "AWNetTrainer", "LossBalance", "awnet_loss", "train_teacher",
            "evaluate_awnet", "report_awnet"]
@@ -202,12 +203,8 @@ class AWNetTrainer(BaseTrainer):
 
     def __init__(self, cfg: AWNetConfig, resume: bool = False, progress: bool = True,
                  log=print, distributed: bool | None = None):
-        cfg.validate()
-        self.cfg = cfg
-        self._setup_ranks(cfg.device, distributed, cfg.batch_size, cfg.deterministic)
-        self.progress = progress and self.is_main
+        self._setup(cfg, progress, distributed)
         say = log if self.is_main else (lambda *a, **k: None)
-        self.data = data_mod.load(cfg.dataset, cfg.data_root)
         self.teacher_nat = self._teacher(cfg.teacher_nat, "teacher_nat.pt", False, resume, say)
         self.teacher_adv = self._teacher(cfg.teacher_adv, "teacher_adv.pt", True, resume, say)
         if not isinstance(self.teacher_nat, ResNet):
@@ -224,21 +221,16 @@ class AWNetTrainer(BaseTrainer):
                                                 self.data.in_channels, cfg.beta,
                                                 mix_bn=cfg.mix_bn),
                                  cfg.memory_format, cfg.sync_bn)
-        self.forward = self._ddp(self.model, cfg.sync_bn) if self.world > 1 else self.model
+        self.forward = self._wrap(self.model)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
                                    weight_decay=cfg.weight_decay)
         self.sched = step_schedule(self.opt, cfg.epochs)
         self.balance = LossBalance(cfg.balance_rate).to(self.device)
-        self.gen = torch.Generator().manual_seed(cfg.seed)
-        self.attack_gen = torch.Generator(self.device).manual_seed(cfg.seed + 1 + self.rank)
         self.attack = PGD(self.model, cfg.eps, cfg.alpha, cfg.steps, generator=self.attack_gen,
                           random_start=cfg.random_start)
-        self.epoch, self.history, self.resumes = 0, [], []
-        self.checkpoint = os.path.join(cfg.out, "last.pt")
-        self._clean_out()
-        if resume:
-            self.load(self.checkpoint)
+        self.epoch = 0
+        self._start(resume)
 
     def _teacher(self, path, name, adversarial, resume, log):
         if path:
@@ -256,8 +248,7 @@ class AWNetTrainer(BaseTrainer):
                 "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
                 "scheduler": self.sched.state_dict(), "balance": self.balance.state_dict(),
                 "epoch": self.epoch, "history": self.history, "resumes": self.resumes,
-                "rng": {"data": self.gen.get_state(),
-                        "attack_per_rank": self._gather(self.attack_gen.get_state())}}
+                "rng": self._rng_state()}
 
     def load(self, path: str) -> None:
         ck = load_checkpoint(path, kind="awnet")
@@ -267,12 +258,8 @@ class AWNetTrainer(BaseTrainer):
         self.opt.load_state_dict(ck["optimizer"])
         self.sched.load_state_dict(ck["scheduler"])
         self.balance.load_state_dict(ck["balance"])
-        self.gen.set_state(ck["rng"]["data"])
-        per_rank = ck["rng"]["attack_per_rank"]
-        if len(per_rank) == self.world:
-            self.attack_gen.set_state(per_rank[self.rank])
-        self.epoch, self.history = ck["epoch"], ck["history"]
-        self.resumes = ck.get("resumes", [])
+        self._restore(ck)
+        self.epoch = ck["epoch"]
         self._apply_resume(ck["config"], [("epochs", "lr", "opt", "sched", self.epoch,
                                             step_schedule)])
 
@@ -392,10 +379,7 @@ def report_awnet(result: dict, cfg: AWNetConfig, out: str, title: str) -> None:
     os.makedirs(out, exist_ok=True)
     write_json(os.path.join(out, "results.json"), {"title": title, "results": result,
                                                    "config": dataclasses.asdict(cfg)})
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 3.6))
+    fig, ax = pyplot().subplots(figsize=(7, 3.6))
     width = 0.8 / len(result)
     for i, (name, r) in enumerate(result.items()):
         ax.bar([j + i * width for j in range(len(keys))], [100 * r[k] for k in keys], width,
@@ -404,7 +388,6 @@ def report_awnet(result: dict, cfg: AWNetConfig, out: str, title: str) -> None:
     ax.set(ylabel="accuracy %", title=title)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "accuracy.png"), dpi=120)
-    plt.close(fig)
+    save_figure(fig, os.path.join(out, "accuracy.png"))
     print(f"results: {os.path.join(out, 'results.json')}; plot: "
           f"{os.path.join(out, 'accuracy.png')}")

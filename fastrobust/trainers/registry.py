@@ -37,16 +37,18 @@ def register(method: Method) -> Method:
 
 
 register(Method("oat", "Once-for-All Adversarial Training", "fastrobust.trainers.oat:OATConfig",
-                "fastrobust.trainers.oat:OATTrainer", "fastrobust.cli:_add_oat_options",
-                "fastrobust.cli:train", ("oat", "oats")))
+                "fastrobust.trainers.oat:OATTrainer", "fastrobust.cli.train:add_oat_options",
+                "fastrobust.cli.train:train_oat", ("oat", "oats")))
 register(Method("oats", "OATS: OAT with slimmable widths and a switchable dual BN per width",
                 "fastrobust.trainers.oat:OATConfig", "fastrobust.trainers.oat:OATTrainer",
-                "fastrobust.cli:_add_oats_options", "fastrobust.cli:train", ("oat", "oats")))
+                "fastrobust.cli.train:add_oats_options", "fastrobust.cli.train:train_oat",
+                ("oat", "oats")))
 register(Method("afa", "AFA: K-way BN over attack strengths (stage I), then the weight "
                 "generator (stage II)", "fastrobust.trainers.afa:AFAConfig",
-                "fastrobust.trainers.afa:AFATrainer", "fastrobust.cli:_add_afa_options",
-                "fastrobust.cli:train_afa", ("afa",)))
+                "fastrobust.trainers.afa:AFATrainer", "fastrobust.cli.train:add_afa_options",
+                "fastrobust.cli.train:train_afa", ("afa",)))
 register(Method("awnet", "AW-Net: dynamic filter weights from an adversarial detector, MixBN, "
                 "two-teacher distillation", "fastrobust.trainers.awnet:AWNetConfig",
-                "fastrobust.trainers.awnet:AWNetTrainer", "fastrobust.cli:_add_awnet_options",
-                "fastrobust.cli:train_awnet", ("awnet",)))
+                "fastrobust.trainers.awnet:AWNetTrainer",
+                "fastrobust.cli.train:add_awnet_options", "fastrobust.cli.train:train_awnet",
+                ("awnet",)))

@@ -1,5 +1,6 @@
-"""The OAT repository's eager dual BN, which `fastrobust speed` times the fused op against
-(the other eager baselines, of every benchmark, are in benchmarks/baselines.py)."""
+"""The OAT repository's eager dual BN (slice the batch, two BNs, cat), which `fastrobust speed`
+times the fused op against (the other eager baselines, of every benchmark, are in
+benchmarks/baselines.py)."""
 from __future__ import annotations
 
 import torch

@@ -1,10 +1,18 @@
-"""`fastrobust eval --from-oat-repo CKPT --encoding-matrix NPY`: SA and RA per λ of a checkpoint
-of the OAT repository, loaded with `fastrobust.models.from_oat_repo`."""
+"""`fastrobust eval`: the λ sweep (SA, RA, JSON, plot) of a trainer checkpoint, or with
+``--from-oat-repo CKPT --encoding-matrix NPY`` of a checkpoint of the OAT repository, loaded
+with `fastrobust.models.from_oat_repo`."""
 from __future__ import annotations
 
 import os
+import sys
 
-from .models import S1
+from ..data import DataCorrupt, DataMissing
+from ..data import load as load_data
+from ..models import S1, from_oat_repo
+from ..trainers.checkpoints import CheckpointError
+from ..trainers.config import ConfigError, check_device
+from ..trainers.oat import OATConfig, model_from_checkpoint, report, sweep_all
+from .console import bars, flag
 
 # the data set each of the repository's models was trained on, where fastrobust reads it
 _DATASETS = {"ResNet34OAT": "cifar10", "SlimmableResNet34OAT": "cifar10",
@@ -15,12 +23,6 @@ _FLAGS = {"checkpoint": "--from-oat-repo", "encoding_matrix": "--encoding-matrix
 
 
 def evaluate_oat_repo(args, report_progress: bool = False) -> int:
-    from .data import DataCorrupt, DataMissing
-    from .data import load as load_data
-    from .models import from_oat_repo
-    from .trainers.common import CheckpointError, ConfigError, check_device
-    from .trainers.oat import OATConfig, report, sweep_all
-
     p = args.parser
     choices = tuple(args.lambda_choices) if args.lambda_choices is not None else S1
     try:
@@ -67,4 +69,46 @@ def evaluate_oat_repo(args, report_progress: bool = False) -> int:
                      progress=report_progress)
     out = args.out or os.path.dirname(os.path.abspath(args.from_oat_repo))
     report(rows, cfg, out, f"{arch} (OAT repository) on {dataset}")
+    return 0
+
+
+def evaluate_checkpoint(args) -> int:
+    p = args.parser
+    if args.steps is not None and args.steps < 0:
+        p.error(f"--steps must be >= 0, got {args.steps}")
+    if args.from_oat_repo is not None:
+        if args.checkpoint is not None:
+            p.error(f"give either CHECKPOINT ({args.checkpoint}) or --from-oat-repo, not both")
+        return evaluate_oat_repo(args, report_progress=bars())
+    repo_only = [f for f in ("encoding_matrix", "arch", "lambda_choices", "dataset",
+                             "data_root", "eps") if getattr(args, f) is not None]
+    if repo_only:
+        p.error(f"{flag(p, repo_only[0])} goes with --from-oat-repo")
+    if args.checkpoint is None:
+        p.error("give a CHECKPOINT (or --from-oat-repo CKPT --encoding-matrix NPY)")
+    if args.lambdas is not None and not all(0 <= v <= 1 for v in args.lambdas):
+        p.error(f"--lambdas must lie in [0, 1], got {args.lambdas}")
+    path = args.checkpoint
+    if os.path.isdir(path):  # a run directory: its last checkpoint
+        if not os.path.isfile(os.path.join(path, "last.pt")):
+            found = sorted(f for f in os.listdir(path) if f.endswith(".pt"))
+            there = f"it holds {', '.join(found)}" if found else "it holds no .pt file"
+            p.error(f"{path} is a directory without a last.pt ({there}); give the "
+                    "checkpoint file")
+        path = os.path.join(path, "last.pt")
+    try:
+        check_device(args.device)
+        model, cfg, ds = model_from_checkpoint(
+            path, args.device,
+            warn=lambda message: print(f"{p.prog}: warning: {message}", file=sys.stderr))
+    except ConfigError as e:
+        p.error(f"--{e.field} {e.message}")
+    except (CheckpointError, DataMissing, DataCorrupt) as e:
+        p.error(str(e))
+    if args.steps is not None:
+        cfg.eval_steps = args.steps
+    rows = sweep_all(model, ds.test, cfg, lambdas=args.lambdas, steps=cfg.eval_steps,
+                     progress=bars())
+    out = args.out or os.path.dirname(os.path.abspath(path))
+    report(rows, cfg, out, f"{cfg.method.upper()} {cfg.arch} on {cfg.dataset} ({path})")
     return 0

@@ -7,6 +7,10 @@ import time
 
 import torch
 
+from ..models import resnet18
+from ..models.oat_eager import oat_dual_bn, to_eager_dual_bn
+from ..nn import DualBatchNorm2d, MultiBatchNorm2d, convert_multi_bn, routing
+
 
 def _median_ms(fn, steps: int, warmup: int = 2) -> float:
     for _ in range(warmup):
@@ -22,10 +26,6 @@ def _median_ms(fn, steps: int, warmup: int = 2) -> float:
 def speed(args) -> int:
     """Converts a small ResNet to dual BN, trains it a few steps on clean and perturbed halves of
     a batch, and compares the step time with the OAT-style eager dual BN."""
-    from fastrobust._oat_eager import oat_dual_bn, to_eager_dual_bn
-    from fastrobust.models import resnet18
-    from fastrobust.nn import DualBatchNorm2d, MultiBatchNorm2d, convert_multi_bn, routing
-
     torch.manual_seed(0)
     B, width = args.batch, args.width
     print(f"\n1. A CIFAR ResNet-18 (width {width}) with nn.BatchNorm2d, converted to dual BN")

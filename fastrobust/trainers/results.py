@@ -1,11 +1,53 @@
-"""The trade-off plot of the OAT trainers and the demo: SA against RA, one curve per label,
-each point labelled with its λ where no other label or point covers it."""
+"""What a run writes besides its checkpoints: aligned text tables, JSON results, and plots
+(the trade-off plot of the OAT trainers and the demo: SA against RA, one curve per label, each
+point labelled with its λ where no other label or point covers it)."""
 from __future__ import annotations
 
+import json
 import math
 import os
+from typing import Iterable
 
-__all__ = ["plot_tradeoff", "place_labels"]
+__all__ = ["format_table", "write_json", "pyplot", "save_figure", "plot_tradeoff",
+           "place_labels"]
+
+
+def write_json(path: str, obj) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+def format_table(rows: list[dict], columns: Iterable[tuple[str, str, str]]) -> str:
+    """rows of dicts → an aligned text table; columns: (key, header, format)."""
+    columns = list(columns)
+    cells = [[h for _, h, _ in columns]]
+    for r in rows:
+        cells.append([fmt.format(r[k]) if r.get(k) is not None else "-"
+                      for k, _, fmt in columns])
+    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files only, no display); imported on the first
+    plot, since matplotlib takes longer to import than the rest of a command's start."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str, dpi: int = 120) -> None:
+    """Writes ``fig`` to ``path`` (its directory made when missing) and closes it."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+
 
 def _candidates(w: float, h: float, s: float):
     """Lower-left corners (pixels, relative to the marker) of a w×h label: beside the
@@ -71,12 +113,7 @@ def plot_tradeoff(path: str, curves: dict[str, list[dict]], title: str,
     """The SA–RA trade-off: one curve per label (e.g. per width), points labelled with λ;
     seen λ values as circles, unseen ones as stars. ``dedicated``: models trained at one λ
     each (label → rows), drawn as squares. Beside it SA and RA against λ."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 5))
+    fig, (ax, ax2) = pyplot().subplots(1, 2, figsize=(12, 5))
     points, texts, colors = [], [], []
     for label, rows in curves.items():
         rows = sorted(rows, key=lambda r: r["lambda"])
@@ -119,6 +156,4 @@ def plot_tradeoff(path: str, curves: dict[str, list[dict]], title: str,
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     place_labels(ax, points, texts, color=colors, avoid=[legend])
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
