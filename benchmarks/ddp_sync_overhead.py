@@ -12,25 +12,14 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch.utils._python_dispatch import TorchDispatchMode
 
-
-class _Collectives(TorchDispatchMode):
-    """Counts the synchronized BN's all-reduces (torch's functional collective, which the
-    op's C++ autograd node calls through the dispatcher)."""
-
-    def __init__(self):
-        super().__init__()
-        self.n = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops._c10d_functional.all_reduce_.default:
-            self.n += 1
-        return func(*args, **(kwargs or {}))
+from collectives import AllReduceCounter
+from fastrobust.trainers.oat import OATConfig, OATTrainer, sample_lambdas
 
 
 def _worker(rank, store, args):
@@ -39,9 +28,7 @@ def _worker(rank, store, args):
     if args.device == "cuda":
         torch.cuda.set_device(rank)
     dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=2)
-    import warnings
     warnings.filterwarnings("ignore")
-    from fastrobust.trainers.oat import OATConfig, OATTrainer, sample_lambdas
 
     trainers = {}
     for sync in (True, False):
@@ -61,7 +48,7 @@ def _worker(rank, store, args):
             xs = x[part].to(tr.device).contiguous(memory_format=tr.memory_format)
             dist.barrier()
             if i == 0:  # a warm-up step counts the op's all-reduces (a dispatch mode: untimed)
-                with _Collectives() as c:
+                with AllReduceCounter() as c:
                     tr.step(xs, y[part].to(tr.device), lam[part], n)
                 calls[sync] = c.n
                 continue

@@ -57,7 +57,11 @@ def main(argv=None) -> int:
         print(f"plot: {plot}")
         return 0
     t0 = time.perf_counter()
-    results = module.main(args.seeds, args.out, plot, progress=sys.stderr.isatty())
+    results = [module.run_seed(s, args.out, progress=sys.stderr.isatty()) for s in args.seeds]
+    print(module.table(results))
+    for r in results:
+        print(module.summary(r))
+    module.plot(results, plot)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"{args.method}.json")
     with open(path, "w") as f:

@@ -25,6 +25,7 @@ from fastrobust.attacks import evaluate
 from fastrobust.attacks.evaluate import batches_of
 from fastrobust.trainers.afa import AFAConfig, AFATrainer, RelativePGD, evaluate_afa
 from fastrobust.trainers.awnet import AWNetConfig, train_teacher
+from fastrobust.trainers.results import pyplot, save_figure
 
 # The reproduction's budget: a few minutes per seed on one CPU thread.
 SETTINGS = dict(width=8, epochs=10, epochs2=5, batch_size=64, steps=3, eval_steps=10)
@@ -123,12 +124,7 @@ def table(results: list[dict]) -> str:
 
 def plot(results: list[dict], path: str) -> None:
     """Accuracy against ε per model (one line per seed), and W1 against ε."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax, ax2) = pyplot().subplots(1, 2, figsize=(10, 4))
     colors = dict(zip(MODELS, ("tab:gray", "tab:blue", "tab:red", "tab:green")))
     styles = ("-", "--", ":")
     for i, r in enumerate(results):
@@ -148,20 +144,14 @@ def plot(results: list[dict], path: str) -> None:
     ax2.legend(fontsize=8)
     fig.suptitle("AFA on digits: stage II mixing against stage I's branches", fontsize=10)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
-def main(seeds, out: str, plot_path: str, progress: bool = True, **overrides) -> list[dict]:
-    results = [run_seed(s, out, progress, **overrides) for s in seeds]
-    print(table(results))
-    for r in results:
-        v = verdict(r)
-        print(f"seed {r['seed']}: AFA against BN_adv: clean {100 * v['clean_gain']:+.1f} "
-              f"points, at max eps {100 * v['robust_change']:+.1f}; against PGD-AT: "
-              f"{100 * v['clean_gain_at']:+.1f}, {100 * v['robust_change_at']:+.1f}; W1 rank "
-              f"correlation with eps {r['rank_correlation']:+.2f}; AFA trained in "
-              f"{r['seconds']:.0f} s")
-    plot(results, plot_path)
-    return results
+def summary(r: dict) -> str:
+    """One seed's verdict in a line."""
+    v = verdict(r)
+    return (f"seed {r['seed']}: AFA against BN_adv: clean {100 * v['clean_gain']:+.1f} "
+            f"points, at max eps {100 * v['robust_change']:+.1f}; against PGD-AT: "
+            f"{100 * v['clean_gain_at']:+.1f}, {100 * v['robust_change_at']:+.1f}; W1 rank "
+            f"correlation with eps {r['rank_correlation']:+.2f}; AFA trained in "
+            f"{r['seconds']:.0f} s")

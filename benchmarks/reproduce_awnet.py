@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 
 from fastrobust.trainers.awnet import AWNetConfig, AWNetTrainer, evaluate_awnet
+from fastrobust.trainers.results import pyplot, save_figure
 
 # The reproduction's budget: a few minutes per seed on one CPU thread.
 SETTINGS = dict(width=8, epochs=12, teacher_epochs=4, batch_size=64, lr=0.05, steps=5,
@@ -82,13 +83,8 @@ def table(results: list[dict]) -> str:
 
 def plot(results: list[dict], path: str) -> None:
     """W-robust (and SA, RA) of each row, bars per seed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     pgd = results[0]["pgd"]
-    fig, axes = plt.subplots(1, len(results), figsize=(max(7.0, 5.5 * len(results)), 4.4),
+    fig, axes = pyplot().subplots(1, len(results), figsize=(max(7.0, 5.5 * len(results)), 4.4),
                              squeeze=False)
     for ax, r in zip(axes[0], results):
         x = range(len(ROWS))
@@ -110,21 +106,15 @@ def plot(results: list[dict], path: str) -> None:
                  "the paper's Table 3 order: dynamic weights < + MixBN < + type head",
                  fontsize=9)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
-def main(seeds, out: str, plot_path: str, progress: bool = True, **overrides) -> list[dict]:
-    results = [run_seed(s, out, progress, **overrides) for s in seeds]
-    print(table(results))
-    for r in results:
-        v = verdict(r)
-        w = v["w_robust"]
-        order = "the paper's order" if v["ablation_order"] else "NOT the paper's order"
-        print(f"seed {r['seed']}: W-robust " + ", ".join(
-            f"{n} {100 * w[n]:.1f}" for n in ROWS[:3]) +
-            f" ({order}); AW-Net {100 * w[ROWS[2]]:.1f} against the PGD-AT teacher's "
-            f"{100 * w[ROWS[3]]:.1f}")
-    plot(results, plot_path)
-    return results
+def summary(r: dict) -> str:
+    """One seed's verdict in a line."""
+    v = verdict(r)
+    w = v["w_robust"]
+    order = "the paper's order" if v["ablation_order"] else "NOT the paper's order"
+    return (f"seed {r['seed']}: W-robust " + ", ".join(
+        f"{n} {100 * w[n]:.1f}" for n in ROWS[:3]) +
+        f" ({order}); AW-Net {100 * w[ROWS[2]]:.1f} against the PGD-AT teacher's "
+        f"{100 * w[ROWS[3]]:.1f}")

@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from collectives import AllReduceCounter  # benchmarks/, on the path (conftest.py)
 from fastrobust import distributed as D, functional as F
 from fastrobust.nn import MixedBatchNorm2d, MultiBatchNorm2d, SyncMixedBatchNorm2d, \
     SyncMultiBatchNorm2d, convert_sync_multi_bn
@@ -40,21 +40,6 @@ def _init(rank, store):
     from torch import _dynamo  # noqa: F401
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
                             world_size=WORLD)
-
-
-class _Counter(TorchDispatchMode):
-    """Counts the synchronized BN's all-reduces: torch's functional collective
-    (_c10d_functional.all_reduce_), which the op's C++ autograd node calls through the
-    dispatcher, seen here below autograd."""
-
-    def __init__(self):
-        super().__init__()
-        self.n = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops._c10d_functional.all_reduce_.default:
-            self.n += 1
-        return func(*args, **(kwargs or {}))
 
 
 _LAUNCHERS = ("sync_bn_stats", "sync_bn_apply", "sync_bn_grad_sums", "sync_bn_dx")
@@ -121,10 +106,10 @@ def _op_worker(rank, store, mixed, extras, placement, spatial=(5, 4), backend=No
                 fn = F.mixed_batch_norm if mixed else F.multi_batch_norm
                 kw["training"] = True
             with backends.use(backend if sync else None):
-                with _Counter() as fwd:
+                with AllReduceCounter() as fwd:
                     y = fn(leaves[0], r, leaves[1], leaves[2], rm, rv, **kw)
                 inputs = leaves + xe + ([r] if mixed else [])
-                with _Counter() as bwd:
+                with AllReduceCounter() as bwd:
                     grads = torch.autograd.grad(y, inputs, dy[sl])
             return y, list(grads), (rm, rv, nbt), (fwd.n, bwd.n)
 
@@ -264,7 +249,7 @@ def _module_worker(rank, store):
 
         ref = fwd(model, slice(None))
         ref.square().sum().backward()
-        with _Counter() as c:
+        with AllReduceCounter() as c:
             out = fwd(sync, mine)
             out.square().sum().backward()
         assert c.n == 4  # two layers: one all-reduce each forward, one each backward
@@ -276,7 +261,7 @@ def _module_worker(rank, store):
         for b_ref, b in zip(model.buffers(), sync.buffers()):
             torch.testing.assert_close(b, b_ref, rtol=1e-5, atol=1e-6)
         sync.eval()  # eval: running statistics, no collective
-        with _Counter() as c, torch.no_grad():
+        with AllReduceCounter() as c, torch.no_grad():
             fwd(sync, mine)
         assert c.n == 0
     finally:
@@ -349,7 +334,7 @@ def _trainer_worker(rank, store, out, widths, steps, batches, width):
         ddp = OATTrainer(cfg("ddp"), progress=False)
         assert (ddp.rank, ddp.world) == (rank, WORLD)
         assert any(isinstance(m, SyncMultiBatchNorm2d) for m in ddp.model.modules())
-        with _Counter() as c:
+        with AllReduceCounter() as c:
             ddp.fit(log=lambda *a: None)
         assert c.n > 0
         if rank == 0:  # the same steps in one process on the global batches

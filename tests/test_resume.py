@@ -235,11 +235,12 @@ def test_a_checkpoint_missing_an_entry_is_one_line(tmp_path, capsys, entry):
 def test_an_unknown_option_in_a_checkpoint_is_one_warning(tmp_path, capsys, monkeypatch):
     """An option of the run's configuration that this version does not have is named in one
     warning line, on resume and by eval (which takes a run directory for its last.pt)."""
-    import fastrobust.trainers.oat as oat
+    from fastrobust.cli import evaluate as cli_evaluate, train as cli_train
 
-    sweep_all = oat.sweep_all  # the final sweeps at λ = 0 only: this test is about the files
-    monkeypatch.setattr(oat, "sweep_all",
-                        lambda *a, **kw: sweep_all(*a, **{**kw, "lambdas": [0.0]}))
+    sweep_all = cli_train.sweep_all  # the final sweeps at λ = 0 only: this test is about the files
+    for command in (cli_train, cli_evaluate):
+        monkeypatch.setattr(command, "sweep_all",
+                            lambda *a, **kw: sweep_all(*a, **{**kw, "lambdas": [0.0]}))
     OATTrainer(_cfg(tmp_path, epochs=1), progress=False).fit(log=lambda *a: None)
     path = str(tmp_path / "last.pt")
     _edit_checkpoint(path, lambda ck: ck["config"].update(mixup_alpha=0.2))

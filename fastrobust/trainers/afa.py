@@ -280,40 +280,15 @@ class AFATrainer(BaseTrainer):
         return loss.detach() / self.world
 
     def _epoch(self, stage: int) -> dict:
-        cfg = self.cfg
-        self.model.train()
-        batches = data_mod.Batches(self.data.train, cfg.batch_size, shuffle=True,
-                                   generator=self.gen)
-        n = len(batches) if not cfg.max_train_batches else min(len(batches),
-                                                                cfg.max_train_batches)
+        cfg, t0 = self.cfg, time.perf_counter()
         num = self.epoch1 + 1 if stage == 1 else self.epoch2 + 1
         total = cfg.epochs if stage == 1 else cfg.epochs2
-        bar = tqdm(total=n, desc=f"stage {stage}, epoch {num}/{total}",
-                   disable=not self.progress, leave=False)
-        t0, shares = time.perf_counter(), []
-        for i, (x, y) in enumerate(batches):
-            if i == n:
-                break
-            m = len(y)
-            eps = random_strengths(m, cfg, self.gen) if stage == 2 else None  # global batch
-            if m < self.world:
-                continue
-            if self.world > 1:
-                part = self._part(m)
-                x, y = x[part], y[part]
-                eps = None if eps is None else eps[part]
-            x = x.to(self.device).contiguous(memory_format=self.memory_format)
-            y = y.to(self.device)
-            share = self.step1(x, y, m) if stage == 1 else self.step2(x, y, eps, m)
-            shares.append(share)
-            bar.update(1)
-            if i % 10 == 0 or i == n - 1:
-                value = float(self._all_sum(share.clone()))
-                check_finite(value, f"in stage {stage}, epoch {num}, batch {i + 1}",
-                             self.checkpoint)
-                bar.set_postfix(loss=f"{value:.4f}")
-        bar.close()
-        losses = self._all_sum(torch.stack(shares)) if shares else torch.zeros(0)
+        if stage == 1:
+            step, draw = (lambda x, y, _, n: self.step1(x, y, n)), None
+        else:  # the strengths drawn for the global batch
+            step, draw = self.step2, (lambda n: random_strengths(n, cfg, self.gen))
+        losses, _ = self._train_batches(f"stage {stage}, epoch {num}/{total}",
+                                        f"in stage {stage}, epoch {num}", step, draw)
         mean = float(losses.mean()) if len(losses) else float("nan")
         check_finite(mean, f"in stage {stage}, epoch {num}", self.checkpoint)
         (self.sched1 if stage == 1 else self.sched2).step()

@@ -282,33 +282,11 @@ class AWNetTrainer(BaseTrainer):
     def next_epoch(self) -> dict | None:
         cfg = self.cfg
         if self.epoch < cfg.epochs:
-            self.model.train()
-            batches = data_mod.Batches(self.data.train, cfg.batch_size, shuffle=True,
-                                       generator=self.gen)
-            n = len(batches) if not cfg.max_train_batches else min(len(batches),
-                                                                    cfg.max_train_batches)
-            t0, losses = time.perf_counter(), []
-            bar = tqdm(total=n, desc=f"AW-Net epoch {self.epoch + 1}/{cfg.epochs}",
-                       disable=not self.progress, leave=False)
-            for i, (x, y) in enumerate(batches):
-                if i == n:
-                    break
-                m = len(y)
-                if m < self.world:
-                    continue
-                if self.world > 1:
-                    part = self._part(m)
-                    x, y = x[part], y[part]
-                x = x.to(self.device).contiguous(memory_format=self.memory_format)
-                losses.append(self.step(x, y.to(self.device), m))
-                bar.update(1)
-                if i % 10 == 0 or i == n - 1:
-                    value = float(self._all_sum(losses[-1].clone()))
-                    check_finite(value, f"at epoch {self.epoch + 1}, batch {i + 1}",
-                                 self.checkpoint)
-                    bar.set_postfix(loss=f"{value:.4f}")
-            bar.close()
-            mean = float(self._all_sum(torch.stack(losses)).mean())
+            t0 = time.perf_counter()
+            losses, _ = self._train_batches(f"AW-Net epoch {self.epoch + 1}/{cfg.epochs}",
+                                            f"at epoch {self.epoch + 1}",
+                                            lambda x, y, _, n: self.step(x, y, n))
+            mean = float(losses.mean())
             check_finite(mean, f"in epoch {self.epoch + 1}", self.checkpoint)
             self.sched.step()
             self.epoch += 1

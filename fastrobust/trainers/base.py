@@ -12,6 +12,7 @@ import os
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
 
 from .. import data as data_mod
 from ..memory_format import choose
@@ -156,6 +157,47 @@ class BaseTrainer:
                 save_checkpoint(self.checkpoint, state)
                 log(line)
         return self.history
+
+    def _train_batches(self, desc: str, where: str, step, draw=None
+                       ) -> tuple[torch.Tensor, int]:
+        """One epoch's steps (model in train mode) over the shuffled training set, at most
+        ``max_train_batches``. Per global batch of n samples: ``draw(n)``, what its step takes
+        from the host generator per sample (drawn on every rank alike, also for a last batch
+        too small to give every rank a sample, which is skipped); each rank steps on its
+        slice, ``step(x, y, drawn, n)``, which returns its share of the batch's loss; every
+        tenth loss is read (one host read) and checked (``where``: "at epoch 3" for the
+        error). Returns every step's loss over the global batch (one collective per epoch
+        under DDP) and the number of batches the epoch has."""
+        cfg = self.cfg
+        self.model.train()
+        batches = data_mod.Batches(self.data.train, cfg.batch_size, shuffle=True,
+                                   generator=self.gen)
+        n_batches = len(batches) if not cfg.max_train_batches else min(len(batches),
+                                                                       cfg.max_train_batches)
+        bar = tqdm(total=n_batches, desc=desc, disable=not self.progress, leave=False)
+        shares = []
+        for i, (x, y) in enumerate(batches):
+            if i == n_batches:
+                break
+            n = len(y)
+            drawn = None if draw is None else draw(n)
+            if n < self.world:
+                continue
+            if self.world > 1:  # this rank's slice of the batch and of what was drawn
+                part = self._part(n)
+                x, y = x[part], y[part]
+                drawn = None if drawn is None else drawn[part]
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            share = step(x.contiguous(memory_format=self.memory_format), y, drawn, n)
+            shares.append(share)
+            bar.update(1)
+            if i % 10 == 0 or i == n_batches - 1:
+                value = float(self._all_sum(share.clone()))
+                check_finite(value, f"{where}, batch {i + 1}", self.checkpoint)
+                bar.set_postfix(loss=f"{value:.4f}")
+        bar.close()
+        losses = self._all_sum(torch.stack(shares)) if shares else torch.zeros(0)
+        return losses, n_batches
 
     def _clean_out(self) -> None:
         """Removes the temporary files a run killed mid-write left in its directory."""

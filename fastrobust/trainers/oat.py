@@ -262,37 +262,10 @@ class OATTrainer(BaseTrainer):
 
     # -- training ----------------------------------------------------------------------------
     def train_epoch(self) -> dict:
-        cfg, model = self.cfg, self.model
-        model.train()
-        batches = data_mod.Batches(self.data.train, cfg.batch_size, shuffle=True,
-                                   generator=self.gen)
-        n_batches = len(batches) if not cfg.max_train_batches else min(len(batches),
-                                                                       cfg.max_train_batches)
-        bar = tqdm(total=n_batches, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
-                   disable=not self.progress, leave=False)
-        t0, shares = time.perf_counter(), []
-        for i, (x, y) in enumerate(batches):
-            if i == n_batches:
-                break
-            n = len(y)
-            lam = sample_lambdas(n, cfg, self.gen)  # for the global batch: same on every rank
-            if n < self.world:  # a last batch too small to give every rank a sample
-                continue
-            if self.world > 1:  # this rank's slice of the batch and of its λ's
-                part = self._part(n)
-                x, y, lam = x[part], y[part], lam[part]
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            x = x.contiguous(memory_format=self.memory_format)
-            share = self.step(x, y, lam, n)
-            shares.append(share)
-            bar.update(1)
-            if i % 10 == 0 or i == n_batches - 1:  # one host read per ten steps
-                value = float(self._all_sum(share.clone()))
-                check_finite(value, f"at epoch {self.epoch + 1}, batch {i + 1}", self.checkpoint)
-                bar.set_postfix(loss=f"{value:.4f}")
-        bar.close()
-        # every step's loss over the global batch (one collective per epoch under DDP)
-        losses = self._all_sum(torch.stack(shares)) if shares else torch.zeros(0)
+        cfg, t0 = self.cfg, time.perf_counter()
+        losses, n_batches = self._train_batches(  # λ's for the global batch: alike on every rank
+            f"epoch {self.epoch + 1}/{cfg.epochs}", f"at epoch {self.epoch + 1}", self.step,
+            lambda n: sample_lambdas(n, cfg, self.gen))
         mean = float(losses.sum()) / max(n_batches, 1)
         check_finite(mean, f"in epoch {self.epoch + 1}", self.checkpoint)
         self.sched.step()
