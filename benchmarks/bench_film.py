@@ -10,7 +10,7 @@ Groups:
                  OAT dual BN), and its torch.compile.
   film           the standalone op: fused film against the broadcasting expression and its
                  torch.compile.
-Byte model (fp32): forward 2·|x|, forward+backward 5·|x| (see bench_multi_bn.py).
+Byte model (fp32): forward 2·|x|, forward+backward 5·|x| (see bench_batch_norm.py).
 """
 import pytest
 import torch

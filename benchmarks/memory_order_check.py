@@ -9,7 +9,7 @@ stored mean / invstd, then `_coefficients` loaded them back) and gave wrong, cha
 on an H200. docs/backends.md ("Memory ordering") states the rule for kernel authors.
 
 The check reads the sources (no triton needed): for every @triton.jit function of the files
-given (default: fastrobust/kernels/), it follows the program in order — into the jit helpers it
+given (default: fastrobust/ops/), it follows the program in order — into the jit helpers it
 calls, their parameters mapped to the caller's arguments, across modules of the package — and
 tracks which kernel pointer arguments (parameters named `*_ptr`) have been stored to.
 A `tl.load` whose address derives from such a buffer is reported unless
@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT = ROOT / "fastrobust" / "kernels"
+DEFAULT = ROOT / "fastrobust" / "ops"
 
 
 @dataclass(frozen=True)

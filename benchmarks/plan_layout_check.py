@@ -7,7 +7,7 @@ replaced, nothing runs) over cases that reach every kernel and every kind of par
 bf16 / fp32 / fp64, K = 1, 2 and 5, empty batches, split and unsplit reductions, per-sample and
 float ε, the synchronized BN's halves). For each distinct (kernel, layout):
 
-  the plan's model   fastrobust.kernels._plan.layout: which parameters are passed, of which
+  the plan's model   fastrobust.ops._triton.plan.layout: which parameters are passed, of which
                      type (what the recorder writes down and C++ replays);
   Triton's own       its binder specializes the same arguments (its native specialization:
                      a None, a constexpr or an int equal to 1 compiled in), triton.compile
@@ -40,7 +40,7 @@ import triton  # noqa: E402
 import aot_compile as aot  # noqa: E402
 import launch_counts as lc  # noqa: E402
 from fastrobust import functional as F  # noqa: E402
-from fastrobust.kernels import _plan  # noqa: E402
+from fastrobust.ops._triton import plan as _plan  # noqa: E402
 
 ARCH = 90
 

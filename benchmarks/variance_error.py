@@ -11,7 +11,7 @@ channels of |running_var − var_ref| / var_ref, var_ref the unbiased variance o
 
 Routed: one branch (all samples in branch 0); mixed: a one-hot mix over two branches with
 every sample in branch 0, so both op forms reduce to the same statistics as F.batch_norm.
-The tests (tests/test_multi_bn.py) also use two branches: random routing, random mix weights.
+The tests (tests/test_batch_norm.py) also use two branches: random routing, random mix weights.
 """
 from __future__ import annotations
 

@@ -26,8 +26,9 @@ node (csrc/autograd.cpp) calls sync_bn_stats → all-reduce → sync_bn_apply fo
 sync_bn_grad_sums → all-reduce → sync_bn_dx backward, each through the dispatcher; the
 all-reduce is torch's functional collective on the group's name. The four halves have a
 kernel per device like every other op: the CPU's in C++ (csrc/cpu/sync_bn.cpp), CUDA's the
-Triton kernels (fastrobust/kernels/sync_bn.py: 3 launches each way) launched from C++ by the
-launch plans (csrc/plans.cpp), the eager ones (fastrobust/_sync_eager.py) elsewhere. Nothing
+Triton kernels (fastrobust/ops/batch_norm/sync_triton.py: 3 launches each way) launched from
+C++ by the launch plans (csrc/plans.cpp), the eager ones (fastrobust/ops/batch_norm/
+sync_eager.py) elsewhere. Nothing
 on the host reads a value.
 """
 from __future__ import annotations
@@ -36,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import _ops  # noqa: F401 - registers the ops
+from .functional import _check_bn_args, _check_eps_momentum, _check_x, _per_sample_arg
 
 __all__ = ["sync_multi_batch_norm", "sync_mixed_batch_norm", "sync_active"]
 
@@ -61,8 +62,6 @@ def _group(op: str, process_group) -> tuple[int, int, str]:
 def _sync(op, x, route, weight, bias, running_mean, running_var, momentum, eps,
           num_batches_tracked, input_scale, film_gamma, film_beta, activation, K, mixed,
           process_group):
-    from .functional import _check_bn_args, _check_eps_momentum, _check_x, _per_sample_arg
-
     _check_x(op, x)
     _check_bn_args(op, x, K, weight, bias, running_mean, running_var, momentum,
                    num_batches_tracked, True, activation)

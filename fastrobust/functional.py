@@ -1,5 +1,11 @@
-"""The functional API (docs/math.md, docs/ops.md). Each function checks its arguments' metadata
-(shapes, dtypes, devices) with clear errors, then calls its registered op in `fastrobust._ops`.
+"""The functional API (docs/math.md, docs/ops.md); the PGD steps live in fastrobust/ops/pgd/
+functional.py and are re-exported here.
+
+The batch norms call their registered op (torch.ops.fastrobust.multi_bn) first, whose C++
+checks (csrc/checks.h) are the argument checks; only a call the op refuses, or one whose
+arguments need converting (an int32 branch, a numpy eps), goes through the Python checks
+below, which name the function and the argument the user passed. film, channel_scale and
+scale_filters check in Python first, to name their own arguments (scale, omega, weight).
 Value checks that would need a host sync on a device (out-of-range branch ids) happen inside
 the kernels: at once on CPU, as an asynchronous device assert on CUDA."""
 from __future__ import annotations
@@ -10,15 +16,14 @@ import numbers
 import torch
 from torch import Tensor
 
-from . import _ops  # the ops' Python side (fake impls, Python kernels)
-from ._spec import acc_dtype
-from ._common import kernel_checks
+from .ops._common import FLOATS, shown
+from .ops.pgd.functional import mifgsm_step_, pgd_init, pgd_step_
+from .ops.add_relu.schema import add_relu as _add_relu
+
+_ops = torch.ops.fastrobust
 
 __all__ = ["multi_batch_norm", "mixed_batch_norm", "film", "channel_scale", "scale_filters",
            "add_relu", "pgd_step_", "mifgsm_step_", "pgd_init"]
-
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
 
 def _check_param(op: str, name: str, t: Tensor | None, x: Tensor, K: int) -> None:
     if t is None:
@@ -31,7 +36,7 @@ def _check_param(op: str, name: str, t: Tensor | None, x: Tensor, K: int) -> Non
                              f"[num_branches, C] = {list(t.shape)}: C must match x.shape[1]")
         raise ValueError(f"{op}: {name} must have shape [num_branches, C] = "
                          f"[{K}, {x.shape[1]}], got {list(t.shape)}")
-    if t.dtype not in _FLOATS:
+    if t.dtype not in FLOATS:
         raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
     if t.device != x.device:
         raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
@@ -51,7 +56,7 @@ def _per_sample_arg(op: str, name: str, t: Tensor | None, x: Tensor,
     if t.shape not in ((N, C), (C,)):
         raise ValueError(f"{op}: {name} must have shape [N, C] = [{N}, {C}] or [C] = [{C}], "
                          f"got {list(t.shape)}")
-    if t.dtype not in _FLOATS:
+    if t.dtype not in FLOATS:
         raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
     if t.device != x.device:
         raise ValueError(f"{op}: {name} is on {t.device} but {x_name} is on {x.device}")
@@ -65,24 +70,14 @@ def _check_x(op: str, x, name: str = "x") -> None:
         raise TypeError(f"{op}: {name} must be a Tensor, got {type(x).__name__}")
     if x.dim() < 2:
         raise ValueError(f"{op}: {name} must be [N, C, *spatial], got shape {list(x.shape)}")
-    if x.dtype not in _FLOATS:
+    if x.dtype not in FLOATS:
         raise TypeError(f"{op}: {name} must be floating point, got {x.dtype}")
-
-
-def _shown(v) -> str:
-    """A value for a one-line message: its type, and a short repr (a tensor's or an array's
-    shape instead of its multi-line repr)."""
-    shape = getattr(v, "shape", None)
-    if shape is not None:
-        return f"{type(v).__name__} of shape {list(shape)}"
-    r = " ".join(repr(v).split())
-    return f"{type(v).__name__} {r if len(r) <= 40 else r[:37] + '...'}"
 
 
 def _real(op: str, name: str, v) -> float:
     """A plain real number (int, float, numpy scalar; not bool, str or a tensor) as float."""
     if isinstance(v, (bool, str, bytes)) or not isinstance(v, numbers.Real):
-        raise TypeError(f"{op}: {name} must be a number, got {_shown(v)}")
+        raise TypeError(f"{op}: {name} must be a number, got {shown(v)}")
     return float(v)
 
 
@@ -101,7 +96,7 @@ def _check_eps_momentum(op: str, eps, momentum) -> tuple[float, float | None]:
 def _check_bn_args(op, x, K, weight, bias, running_mean, running_var, momentum,
                    num_batches_tracked, training, activation):
     if isinstance(K, bool) or not isinstance(K, numbers.Integral):
-        raise TypeError(f"{op}: num_branches must be an int, got {_shown(K)}")
+        raise TypeError(f"{op}: num_branches must be an int, got {shown(K)}")
     if K < 1:
         raise ValueError(f"{op}: num_branches must be >= 1, got {K}")
     if not isinstance(training, (bool, numbers.Integral)):
@@ -147,9 +142,9 @@ def multi_batch_norm(x: Tensor, branch: Tensor, weight: Tensor | None = None,
             ``num_batches_tracked`` (``[K]`` int64, advanced for the branches updated).
         num_branches: K, needed only when weight, bias and running stats are all None.
         input_scale: ``[N, C]`` or ``[C]``: x is multiplied by it *before* the statistics
-            (AW-Net's per-sample filter scaling of the preceding bias-free conv, DESIGN §2.4).
+            (AW-Net's per-sample filter scaling of the preceding bias-free conv, docs/math.md).
         film_gamma, film_beta: ``[N, C]`` or ``[C]``: y = γ·BN(x) + β after the
-            normalization (OAT's FiLM, DESIGN §2.3).
+            normalization (OAT's FiLM, docs/math.md).
         activation: None or ``"relu"``, applied last.
 
     Everything is one pass over x forward and one backward; the scaled input and the
@@ -208,7 +203,7 @@ def mixed_batch_norm(x: Tensor, mix: Tensor, weight: Tensor | None = None,
                      num_batches_tracked: Tensor | None = None,
                      input_scale: Tensor | None = None, film_gamma: Tensor | None = None,
                      film_beta: Tensor | None = None, activation: str | None = None) -> Tensor:
-    """Soft-mixed batch norm (DESIGN §2.2): y_n = Σ_k mix[n,k]·BN_k(x)_n, in one pass.
+    """Soft-mixed batch norm (docs/math.md): y_n = Σ_k mix[n,k]·BN_k(x)_n, in one pass.
 
     AW-Net's MixBN at test time, (1-P)·BN_adv + P·BN_nat, and AFA's weight-generator mixing of
     two branches are K=2 instances.
@@ -260,7 +255,7 @@ def _mixed_batch_norm_checked(x, mix, weight, bias, running_mean, running_var, t
     if mix.dim() != 2 or mix.shape[0] != x.shape[0]:
         raise ValueError(f"{op}: mix must have shape [N, K] with N = {x.shape[0]}, "
                          f"got {list(mix.shape)}")
-    if mix.dtype not in _FLOATS:
+    if mix.dtype not in FLOATS:
         raise TypeError(f"{op}: mix must be a floating-point tensor, got {mix.dtype}")
     if mix.device != x.device:
         raise ValueError(f"{op}: mix is on {mix.device} but x is on {x.device}")
@@ -300,7 +295,7 @@ def _fast_bn(x, route, weight, bias, running_mean, running_var, num_batches_trac
     ext = []
     for t in extras:
         if t is not None:
-            if not isinstance(t, Tensor):
+            if not isinstance(t, Tensor) or (t.dim() == 1 and t.shape[0] != C):
                 return None
             t = (t.expand(N, C) if t.dim() == 1 else t).contiguous()
         ext.append(t)
@@ -323,8 +318,9 @@ def _batch_norm(x, route, weight, bias, running_mean, running_var, num_batches_t
             for i, t in enumerate(stats)]
     cumulative = momentum is None
     branch, mix = (None, route) if mixed else (route, None)
-    y = _ops.batch_norm(x, branch, mix, weight, bias, *work, *extras, K, training,
-                        0.0 if cumulative else momentum, cumulative, eps, activation == "relu")
+    y = _ops.multi_bn.default(x, branch, mix, weight, bias, *work, *extras, K, training,
+                              0.0 if cumulative else momentum, cumulative, eps,
+                              activation == "relu")[0]
     if work[0] is not stats[0] or work[1] is not stats[1] or work[2] is not stats[2]:
         with torch.no_grad():
             for t, w in zip(stats, work):
@@ -334,7 +330,7 @@ def _batch_norm(x, route, weight, bias, running_mean, running_var, num_batches_t
 
 
 def film(x: Tensor, gamma: Tensor | None = None, beta: Tensor | None = None) -> Tensor:
-    """Feature-wise affine modulation (FiLM, DESIGN §2.3): y = γ[n,c]·x + β[n,c].
+    """Feature-wise affine modulation (FiLM, docs/math.md): y = γ[n,c]·x + β[n,c].
 
     ``gamma`` and ``beta`` are ``[N, C]`` (per sample) or ``[C]``; either may be None.
     Differentiable in x, γ and β. After a batch norm, prefer the fused ``film_gamma`` /
@@ -347,11 +343,11 @@ def _film(op, x, gamma, beta, x_name="x", gamma_name="gamma"):
     _check_x(op, x, x_name)
     g, b = (_per_sample_arg(op, name, t, x, keep_per_channel=True, x_name=x_name)
             for name, t in ((gamma_name, gamma), ("beta", beta)))
-    return _ops.film(x, g, b)
+    return _ops.film.default(x, g, b)
 
 
 def channel_scale(x: Tensor, scale: Tensor) -> Tensor:
-    """y = scale[n,c]·x with ``scale`` ``[N, C]`` or ``[C]`` (DESIGN §2.4): AW-Net's filter-wise
+    """y = scale[n,c]·x with ``scale`` ``[N, C]`` or ``[C]`` (docs/math.md): AW-Net's filter-wise
     scaling of a bias-free conv, applied to its output, since conv(x, ω⊙W) = ω[c]·conv(x, W).
     Before a batch norm, prefer its fused ``input_scale`` (the scaled tensor is never
     written)."""
@@ -361,7 +357,7 @@ def channel_scale(x: Tensor, scale: Tensor) -> Tensor:
 
 
 def scale_filters(weight: Tensor, omega: Tensor) -> Tensor:
-    """The weight-side form of filter-wise scaling for a shared ω (DESIGN §2.4): filter m of
+    """The weight-side form of filter-wise scaling for a shared ω (docs/math.md): filter m of
     ``weight`` ``[C_out, ...]`` times ``omega[m]`` (``[C_out]``). Differentiable in both."""
     op = "scale_filters"
     for name, t in (("weight", weight), ("omega", omega)):
@@ -386,173 +382,4 @@ def add_relu(a: Tensor, b: Tensor) -> Tensor:
     for name, t in (("a", a), ("b", b)):
         if not isinstance(t, Tensor):
             raise TypeError(f"add_relu: {name} must be a Tensor, got {type(t).__name__}")
-    return _ops.add_relu(a, b)
-
-
-# --- PGD steps (DESIGN §2.5) ------------------------------------------------------------------
-
-def _check_adv(op: str, name: str, t, ref: Tensor | None) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{op}: {name} must be a Tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOATS:
-        raise TypeError(f"{op}: {name} must be floating point, got {t.dtype}")
-    if ref is None:
-        if t.dim() < 1:
-            raise ValueError(f"{op}: {name} must be [N, ...], got a 0-dim tensor")
-        return
-    if t.shape != ref.shape:
-        raise ValueError(f"{op}: {name} has shape {list(t.shape)} but x_adv has "
-                         f"{list(ref.shape)}")
-    if t.dtype != ref.dtype:
-        raise TypeError(f"{op}: {name} is {t.dtype} but x_adv is {ref.dtype}")
-    if t.device != ref.device:
-        raise ValueError(f"{op}: {name} is on {t.device} but x_adv is on {ref.device}")
-
-
-def _strength(op: str, name: str, v, x: Tensor, nonnegative: bool, x_name: str):
-    """A float or a per-sample [N] (or 0-dim) tensor → (tensor in the accumulation dtype or
-    None, float). Negative eps is an error: at once on CPU, a device assert elsewhere.
-    ``x_name``: what ``op`` calls x (x_adv, x_nat), for the messages."""
-    if isinstance(v, Tensor):
-        if v.dim() > 1 or (v.dim() == 1 and v.shape[0] != x.shape[0]):
-            raise ValueError(f"{op}: a tensor {name} must be per sample, shape [N] = "
-                             f"[{x.shape[0]}], got {list(v.shape)}")
-        if not v.dtype.is_floating_point:
-            raise TypeError(f"{op}: {name} must be floating point, got {v.dtype}")
-        if v.device != x.device:
-            raise ValueError(f"{op}: {name} is on {v.device} but {x_name} is on {x.device}")
-        t = v.detach().to(acc_dtype(x)).expand(x.shape[0]).contiguous()
-        if nonnegative:
-            ok = None if kernel_checks(t.device) else (t >= 0).all()
-            if t.device.type == "cpu":
-                if not bool(ok):
-                    raise ValueError(f"{op}: {name} must be >= 0, got {t.min().item()}")
-            elif ok is not None:
-                torch._assert_async(ok, f"{op}: {name} must be >= 0")
-            # on CUDA the kernels check it: a sample with eps < 0 comes out NaN (no sync)
-        return t, 0.0
-    if isinstance(v, (bool, str, bytes)) or not isinstance(v, numbers.Real):
-        raise TypeError(f"{op}: {name} must be a float or a per-sample tensor, "
-                        f"got {_shown(v)}")
-    f = float(v)
-    if f != f or f in (float("inf"), float("-inf")) or (nonnegative and f < 0):
-        raise ValueError(f"{op}: {name} must be a finite{' non-negative' if nonnegative else ''}"
-                         f" number, got {v}")
-    return None, f
-
-
-def _mutated(*tensors: Tensor) -> None:
-    """Bumps the version counters of tensors an op wrote in place, so autograd refuses a
-    backward through a graph that saved their old values (as for any in-place torch op)."""
-    if not torch.compiler.is_compiling():
-        for t in tensors:
-            torch.autograd.graph.increment_version(t)
-
-
-def _bound(op: str, name: str, v) -> float:
-    """A clip bound: anything float() takes (a number, a one-element tensor) but a bool or a
-    string, as float."""
-    if not isinstance(v, (bool, str, bytes)):
-        try:
-            return float(v)
-        except (TypeError, ValueError, RuntimeError):
-            pass
-    raise TypeError(f"{op}: {name} must be a number, got {_shown(v)}")
-
-
-def _check_clip(op: str, clip_min: float, clip_max: float) -> tuple[float, float]:
-    lo, hi = _bound(op, "clip_min", clip_min), _bound(op, "clip_max", clip_max)
-    if not lo <= hi:
-        raise ValueError(f"{op}: clip_min ({lo}) must be <= clip_max ({hi})")
-    return lo, hi
-
-
-def pgd_step_(x_adv: Tensor, grad: Tensor, x_nat: Tensor, eps, alpha, *, norm: str = "linf",
-              clip_min: float = 0.0, clip_max: float = 1.0) -> Tensor:
-    """One projected-gradient ascent step, in place on ``x_adv`` (DESIGN §2.5).
-
-    linf (torchattacks' order of operations, bitwise equal to it in fp32)::
-
-        a = x_adv + α·sign(g);  δ = clamp(a − x_nat, −ε, ε);  x_adv ← clamp(x_nat + δ, lo, hi)
-
-    l2: ``a = x_adv + α·g/max(‖g_n‖₂, 1e-12)``; ``δ = a − x_nat`` scaled by
-    ``min(1, ε/‖δ_n‖₂)``; ``x_adv ← clamp(x_nat + δ, lo, hi)``.
-
-    Args:
-        x_adv: ``[N, ...]`` current adversarial examples, updated in place (a leaf that
-            requires grad is fine: the update is not recorded by autograd).
-        grad: the loss gradient w.r.t. ``x_adv``; x_nat: the clean inputs. Same shape and dtype.
-        eps, alpha: floats or per-sample ``[N]`` tensors. ``eps = 0`` leaves a sample at
-            ``x_nat``, so clean and attacked samples, or several strengths, share one batch.
-        norm: ``"linf"`` or ``"l2"``; clip_min, clip_max: the valid input range.
-
-    One read of each input and one write per element (linf); no host sync. On CUDA (Triton)
-    each tensor is addressed through its own strides: contiguous, channels_last, slices and
-    mixed layouts (x_adv a strided view, updated in place) cost no copy. Returns ``x_adv``.
-    """
-    op = "pgd_step_"
-    _check_adv(op, "x_adv", x_adv, None)
-    _check_adv(op, "grad", grad, x_adv)
-    _check_adv(op, "x_nat", x_nat, x_adv)
-    if norm not in ("linf", "l2"):
-        raise ValueError(f"{op}: norm must be 'linf' or 'l2', got {norm!r}")
-    eps_t, e = _strength(op, "eps", eps, x_adv, True, "x_adv")
-    alpha_t, a = _strength(op, "alpha", alpha, x_adv, False, "x_adv")
-    lo, hi = _check_clip(op, clip_min, clip_max)
-    with torch.no_grad():
-        _ops.pgd_step(x_adv, grad, x_nat, eps_t, e, alpha_t, a, norm == "l2", lo, hi)
-    _mutated(x_adv)
-    return x_adv
-
-
-def mifgsm_step_(x_adv: Tensor, grad: Tensor, momentum_buf: Tensor, x_nat: Tensor, eps, alpha,
-                 decay: float = 1.0, *, clip_min: float = 0.0, clip_max: float = 1.0) -> Tensor:
-    """One MI-FGSM step, in place on ``x_adv`` and ``momentum_buf`` (DESIGN §2.5)::
-
-        buf ← g/mean(|g_n|) + decay·buf;  then the linf step of :func:`pgd_step_` with sign(buf)
-
-    A sample whose gradient is all zero adds nothing to its momentum (instead of 0/0). eps,
-    alpha: floats or per-sample ``[N]`` tensors. Returns ``x_adv``."""
-    op = "mifgsm_step_"
-    _check_adv(op, "x_adv", x_adv, None)
-    for name, t in (("grad", grad), ("momentum_buf", momentum_buf), ("x_nat", x_nat)):
-        _check_adv(op, name, t, x_adv)
-    eps_t, e = _strength(op, "eps", eps, x_adv, True, "x_adv")
-    alpha_t, a = _strength(op, "alpha", alpha, x_adv, False, "x_adv")
-    _, d = _strength(op, "decay", decay, x_adv, False, "x_adv")
-    lo, hi = _check_clip(op, clip_min, clip_max)
-    with torch.no_grad():
-        _ops.mifgsm_step(x_adv, grad, momentum_buf, x_nat, eps_t, e, alpha_t, a, d, lo, hi)
-    _mutated(x_adv, momentum_buf)
-    return x_adv
-
-
-def pgd_init(x_nat: Tensor, eps, *, norm: str = "linf", clip_min: float = 0.0,
-             clip_max: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
-    """A random start in the ε-ball around ``x_nat`` (DESIGN §2.5), as a new tensor in
-    ``x_nat``'s layout: linf ``x + U(−ε, ε)`` per element; l2 a uniform direction at radius
-    ``ε·u^(1/d)`` (uniform in the ball); then clamped to ``[clip_min, clip_max]``.
-
-    The random numbers come from torch's generator (``generator``, else the default one of
-    the device), so the same generator state gives the same start on every backend; the
-    kernel then turns them into the start point in place (one more read and write of the noise
-    than a kernel-side generator would need: this runs once per attack, not per step)."""
-    op = "pgd_init"
-    _check_adv(op, "x_nat", x_nat, None)
-    if norm not in ("linf", "l2"):
-        raise ValueError(f"{op}: norm must be 'linf' or 'l2', got {norm!r}")
-    eps_t, e = _strength(op, "eps", eps, x_nat, True, "x_nat")
-    lo, hi = _check_clip(op, clip_min, clip_max)
-    with torch.no_grad():
-        noise = torch.empty_like(x_nat)
-        radius = None
-        if norm == "linf":
-            noise.uniform_(-1.0, 1.0, generator=generator)
-        else:
-            noise.normal_(generator=generator)
-            u = torch.rand(x_nat.shape[0], generator=generator, device=x_nat.device,
-                           dtype=acc_dtype(x_nat))
-            d = max(x_nat[0].numel() if x_nat.shape[0] else 1, 1)
-            radius = u.pow(1.0 / d) * (eps_t if eps_t is not None else e)
-        _ops.pgd_init(noise, x_nat, eps_t, e, radius, norm == "l2", lo, hi)
-    return noise
+    return _add_relu(a, b)

@@ -2,8 +2,8 @@
 
 Written for clarity, not speed. Every function is differentiable through autograd, so tests
 take its gradients as the truth. Nothing in the package imports this module (the eager backend
-is `fastrobust._engine`); it shares with the package only the small helpers of
-`fastrobust._common` (the accumulation dtype, the range checks and the running-stat rule).
+is `fastrobust/ops/*/eager.py`); it shares with the package only the small helpers of
+`fastrobust.ops._common` (the accumulation dtype, the range checks and the running-stat rule).
 
 Math (docs/math.md), for sample n routed to branch k = branch[n], channel c:
     μ_kc, σ²_kc = mean and biased variance over {x[n', c, s] : branch[n'] = k}
@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._common import acc_dtype, updated_running_stats
+from .ops._common import acc_dtype, updated_running_stats
 
 
 def _per_branch_sum(t: Tensor, branch: Tensor, num_branches: int) -> Tensor:
@@ -67,7 +67,7 @@ def _bc(t: Tensor, ndim: int) -> Tensor:
 
 @torch.no_grad()
 def _store(running_mean, running_var, num_batches_tracked, mean, var, count, momentum):
-    """Updates the running stats in place from this batch's statistics (DESIGN §2.1 rule)."""
+    """Updates the running stats in place from this batch's statistics (docs/math.md)."""
     new = updated_running_stats(running_mean, running_var, num_batches_tracked, mean, var,
                                 count, momentum or 0.0, momentum is None)
     running_mean.copy_(new[0])
@@ -105,7 +105,7 @@ def mixed_batch_norm(x, mix, weight=None, bias=None, running_mean=None, running_
                      training: bool = True, momentum: float | None = 0.1, eps: float = 1e-5,
                      num_batches_tracked=None, input_scale=None, film_gamma=None,
                      film_beta=None, activation=None) -> Tensor:
-    """Differentiable reference of fastrobust.functional.mixed_batch_norm (DESIGN §2.2):
+    """Differentiable reference of fastrobust.functional.mixed_batch_norm (docs/math.md):
     y_n = Σ_k mix[n,k]·BN_k(u)_n, BN_k with mix-weighted batch statistics in training."""
     acc = acc_dtype(x)
     K = mix.shape[1]

@@ -106,17 +106,17 @@ def test_use_is_per_thread_and_registers_nothing(monkeypatch):
     process-wide: two threads crashed the process or sent multi_bn to pgd_init's kernel)."""
     import threading
 
-    from fastrobust import _engine
+    from fastrobust.ops.batch_norm import eager
 
     served = {}
-    real = _engine.eager.bn_forward
+    real = eager.multi_bn
 
     def counting(*args, **kwargs):
         name = threading.current_thread().name
         served[name] = served.get(name, 0) + 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(_engine.eager, "bn_forward", counting)
+    monkeypatch.setattr(eager, "multi_bn", counting)
     x = torch.randn(8, 3, 4, 4)
     br = torch.tensor([0, 1] * 4)
     want = F.multi_batch_norm(x, br, num_branches=2, training=True)
@@ -147,11 +147,11 @@ def test_use_is_per_thread_and_registers_nothing(monkeypatch):
 
 
 def test_use_none_inside_a_forced_block_is_the_dispatchers_choice(monkeypatch):
-    from fastrobust import _engine
+    from fastrobust.ops.batch_norm import eager
 
     calls = []
-    real = _engine.eager.bn_forward
-    monkeypatch.setattr(_engine.eager, "bn_forward",
+    real = eager.multi_bn
+    monkeypatch.setattr(eager, "multi_bn",
                         lambda *a, **k: calls.append(1) or real(*a, **k))
     x, br = torch.randn(4, 2, 3, 3), torch.tensor([0, 1, 0, 1])
     with backends.use("eager"):

@@ -54,6 +54,8 @@ CASES = [
     ("weight shape", lambda s: F.multi_batch_norm(s["x"], s["branch"], s["w"][:, :2],
                                                   s["b"][:1]),
      ValueError, "x has 3 channels but weight"),
+    ("input_scale length", lambda s: _multi(s, input_scale=torch.ones(5)), ValueError,
+     "input_scale must have shape [N, C] = [4, 3] or [C] = [3], got [5]"),
     ("branch float", lambda s: F.multi_batch_norm(s["x"], s["branch"].float(), s["w"], s["b"]),
      TypeError, "branch must be an integer tensor"),
     ("mix shape", lambda s: F.mixed_batch_norm(s["x"], s["mix"][:3], s["w"], s["b"]),

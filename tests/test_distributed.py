@@ -51,7 +51,7 @@ def _op_worker(rank, store, mixed, extras, placement, spatial=(5, 4), backend=No
     interpreter here), the single-process reference through the CPU's."""
     _init(rank, store)
     from fastrobust import backends
-    from fastrobust.kernels import sync_bn
+    from fastrobust.ops.batch_norm import sync_triton as sync_bn
     calls = []
     launchers = {name: getattr(sync_bn, name) for name in _LAUNCHERS}
 
@@ -211,7 +211,7 @@ def _node_worker(rank, store, backend):
         # opcheck of the composite: its autograd registration (the schema, fake and AOT
         # checks stop at torch's own collective, whose in-place all_reduce_ cannot be
         # functionalized and whose wait_tensor returns its input unannotated; the halves
-        # have the full opcheck: tests/test_sync_ops.py)
+        # have the full opcheck: tests/test_batch_norm_sync.py)
         rm, rv = torch.zeros(2, 3, dtype=torch.float64), torch.ones(2, 3, dtype=torch.float64)
         with backends.use(backend):
             torch.library.opcheck(

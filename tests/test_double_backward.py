@@ -305,7 +305,7 @@ def test_a_nan_stays_in_its_branch_with_create_graph(backend, mixed):
     """A NaN in a sample of branch 0 (and a NaN upstream gradient for that sample, as a loss
     over it gives) leaves branch 1 finite when the backward keeps its graph: its samples'
     input gradients, its parameters' gradients, and the gradient of a penalty on those input
-    gradients (the kernels' own backward is checked in test_multi_bn / test_mixed_bn)."""
+    gradients (the kernels' own backward is checked in test_batch_norm / test_batch_norm_mixed)."""
     g = torch.Generator().manual_seed(11)
     x = torch.randn(6, 2, 3, 3, generator=g, dtype=f64)
     x[1, 0, 1, 1] = float("nan")

@@ -62,7 +62,7 @@ def test_the_launch_plan_replays_bitwise(op, monkeypatch):
     """Recorded on one input set, replayed on another of the same signature: by the Python
     twin of the replay, and by the CUDA key's C++ kernel (csrc/plans.cpp) with each launch
     handed to the Triton interpreter; both bitwise equal to the launcher."""
-    from fastrobust.kernels import _common, _plan
+    from fastrobust.ops._triton import plan as _plan, tiles as _common
     monkeypatch.setattr(_common, "MIN_PROGRAMS", 4)  # split reductions at test sizes
     impl = _triton_impls()[op.name]
     with backends.use("triton"):  # (the earlier ops a row's arguments come from)

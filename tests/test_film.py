@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fastrobust import functional as F, reference
-from test_multi_bn import TOL
+from test_batch_norm import TOL
 from conftest import opcheck_utils
 
 LAYOUTS = ["contiguous", "channels_last", "batch_slice", "no_spatial"]

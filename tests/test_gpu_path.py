@@ -116,7 +116,7 @@ def test_large_samples_are_split_at_any_batch_size(momentum):
     """256 CIFAR samples: one program per sample (one launch, enough programs, small
     re-reads); 256 samples of 3x224x224: chunks of at most MAX_CHUNK_BLOCKS blocks in two
     launches (one program per such sample reads 147 blocks three times)."""
-    from fastrobust.kernels import pgd as kernels
+    from fastrobust.ops.pgd import triton as kernels
     one = "triton._mifgsm_kernel" if momentum else "triton._l2_kernel"
     split = "triton._mifgsm_split_kernel" if momentum else "triton._l2_split_kernel"
     assert lc.measure_pgd("l2", momentum=momentum, shape=(256, 3, 32, 32)) == [one]

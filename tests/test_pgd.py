@@ -152,7 +152,7 @@ def split_kernels(monkeypatch):
     """The Triton l2 / MI-FGSM steps in their split form: each sample's sums in chunks (on a
     GPU: fewer than MIN_PROGRAMS / 2 samples, chunks of BLOCK=1024; here chunks of 16 of the
     105 values of a sample)."""
-    from fastrobust.kernels import pgd as kernels
+    from fastrobust.ops.pgd import triton as kernels
     monkeypatch.setattr(kernels, "BLOCK", 16)
     with backends.use("triton"):
         yield kernels

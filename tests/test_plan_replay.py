@@ -17,8 +17,8 @@ import torch
 
 from fastrobust import _C
 from fastrobust.backends import triton as triton_backend
-from fastrobust.kernels import _common, _plan
-from fastrobust.kernels import pgd as pgd_kernels
+from fastrobust.ops._triton import plan as _plan, tiles as _common
+from fastrobust.ops.pgd import triton as pgd_kernels
 
 pytestmark = pytest.mark.skipif(triton_backend.missing() is not None, reason="triton missing")
 

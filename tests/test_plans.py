@@ -1,4 +1,4 @@
-"""Launch plans (fastrobust/kernels/_plan.py, csrc/plans.cpp): on CUDA builds the CUDA
+"""Launch plans (fastrobust/ops/_triton/plan.py, csrc/plans.cpp): on CUDA builds the CUDA
 key's kernel replays, from C++, what each op's Python launcher did the first time it saw a call
 signature. Here (Triton under the interpreter, CPU tensors) the same plans are recorded and
 replayed by the Python twin of the C++ replay (tests/test_plan_replay.py runs the C++ one): a plan recorded on one set of inputs, replayed
@@ -11,7 +11,7 @@ import torch
 
 from fastrobust import _C
 from fastrobust.backends import triton as triton_backend
-from fastrobust.kernels import _plan
+from fastrobust.ops._triton import plan as _plan
 
 pytestmark = pytest.mark.skipif(triton_backend.missing() is not None, reason="triton missing")
 

@@ -5,9 +5,10 @@ Every op is one schema (csrc/ops.cpp) with one kernel per dispatch key and one a
 registers over a kernel after import:
 
     cpu     C++ kernels (csrc/cpu), the CPU key's own                    backends/cpu.py
-    triton  Triton kernels (fastrobust/kernels), launched from C++ by     backends/triton.py
-            the CUDA key's kernel (csrc/plans.cpp)
-    eager   plain PyTorch (fastrobust._engine), every other device        backends/eager.py
+    triton  Triton kernels (fastrobust/ops/*/triton.py), launched from    backends/triton.py
+            C++ by the CUDA key's kernel (csrc/plans.cpp)
+    eager   plain PyTorch (fastrobust/ops/*/eager.py), every other        backends/eager.py
+            device
 
 `use(name)` runs one backend's kernels for the calls made in a block by the current thread, for
 tests, benchmarks and debugging: a dispatch mode (a torch mechanism that is per thread)
@@ -19,41 +20,18 @@ nothing falls back silently. `describe()` prints the table (`fastrobust info`).
 from __future__ import annotations
 
 import contextlib
-import threading
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ..ops import FAMILY as _FAMILY, SCHEMAS, _C
+from ..ops._common import forced, forced_stack as _stack
+from ..ops._triton import serves_by_default
 from . import cpu, eager, triton
 
 BACKENDS = ("eager", "cpu", "triton")
-OPS = ("multi_bn", "film", "add_relu", "pgd")
+OPS = tuple(SCHEMAS)
 _MODULES = {"eager": eager, "cpu": cpu, "triton": triton}
-# The schema ops of each family (csrc/ops.cpp).
-SCHEMAS = {"multi_bn": ("multi_bn", "multi_bn_backward", "sync_bn_stats", "sync_bn_apply",
-                        "sync_bn_grad_sums", "sync_bn_dx"),
-           "film": ("film", "film_backward"),
-           "add_relu": ("add_relu",), "pgd": ("pgd_step", "pgd_init", "mifgsm_step")}
-_FAMILY = {name: fam for fam, names in SCHEMAS.items() for name in names}
-_local = threading.local()  # .forced: this thread's stack of `use` blocks
-
-
-def _register_defaults() -> None:
-    """What is registered from Python, once, at import: the eager kernels for
-    CompositeExplicitAutograd (any device without its own kernel; add_relu's composite is
-    C++), and the hook through which the CUDA key's C++ kernel (csrc/plans.cpp) runs an op's
-    Triton launcher for a call signature it has not seen."""
-    from .. import _C
-    from ..kernels import _plan
-    lib = torch.library.Library("fastrobust", "IMPL")
-    for name, fn in eager.implementations().items():
-        if name != "add_relu":
-            lib.impl(name, fn, "CompositeExplicitAutograd")
-    _C._set_plan_hook(_plan.for_cpp)
-    _libs.append(lib)
-
-
-_libs: list = []
 
 
 def not_supported_reasons(backend: str, op: str, device: torch.device | str) -> list[str]:
@@ -63,18 +41,6 @@ def not_supported_reasons(backend: str, op: str, device: torch.device | str) -> 
     if op not in SCHEMAS:
         raise ValueError(f"unknown op {op!r}; choose from {OPS}")
     return _MODULES[backend].reasons(op, torch.device(device))
-
-
-def _stack() -> list:
-    if not hasattr(_local, "forced"):
-        _local.forced = []
-    return _local.forced
-
-
-def forced() -> str | None:
-    """The backend forced by `use(...)` in this thread, if any."""
-    stack = _stack()
-    return stack[-1] if stack else None
 
 
 def _device_of(args) -> torch.device:
@@ -148,7 +114,7 @@ def choose(op: str, device: torch.device | str) -> str:
         return name
     if device.type == "cpu":
         return "cpu"
-    if device.type == "cuda" and triton.missing() is None:
+    if serves_by_default(device):
         return "triton"
     return "eager"
 
@@ -186,14 +152,12 @@ def describe() -> str:
 def cuda_launches_from_cpp() -> bool:
     """Whether CUDA calls reach the Triton kernels from C++ (csrc/plans.cpp: fastrobust._C
     was built against a CUDA build of torch)."""
-    from .. import _C
     return bool(_C.CUDA_LAUNCH_PATH)
 
 
 def launch_path() -> str:
     """Which launch path CUDA calls take, and why; with the plan counts and every reason a
     call took the Python launcher (printed by `fastrobust info`)."""
-    from .. import _C
     if not cuda_launches_from_cpp():
         return ("CUDA calls: none in this build (torch is a CPU build, so fastrobust._C has "
                 "no CUDA launch path)")

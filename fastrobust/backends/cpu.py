@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import torch
 
-NAME = "cpu"
-SERVES = ("cpu",)
-
 
 def reasons(op: str, device: torch.device) -> list[str]:
     """Why this backend cannot run `op` on `device` (empty: it can)."""
@@ -15,5 +12,5 @@ def reasons(op: str, device: torch.device) -> list[str]:
 
 
 def implementations() -> dict:
-    """Nothing to register from Python: the C++ kernels are the CPU key's own."""
+    """Nothing to run from Python: the C++ kernels are the CPU key's own."""
     return {}

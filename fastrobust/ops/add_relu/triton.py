@@ -7,8 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import on_device
-from ._plan import launch
+from .._triton import on_device
+from .._triton.plan import launch
 
 BLOCK = 1024
 

@@ -262,7 +262,7 @@ def test_gradcheck_fp64(backend, training):
 def test_opcheck(backend):
     from torch.library import opcheck
 
-    from fastrobust._ops import needs as needs_of
+    from fastrobust.ops import needs as needs_of
 
     for case in (CASES[1], CASES[8], CASES[5]):
         x, branch, w, b, rm, rv, nbt = make_inputs(case)
@@ -336,7 +336,7 @@ def test_no_host_sync_in_eager_path():
     """The eager engine never reads a value on the host (the Triton path's launches are
     checked on meta tensors in test_gpu_path):
     it runs on meta tensors, which have no data (`.item()`, masks or nonzero would raise)."""
-    from fastrobust._engine import eager
+    from fastrobust.ops.batch_norm import eager
 
     def t(*shape, dtype=torch.float32):
         return torch.empty(shape, device="meta", dtype=dtype)
@@ -345,10 +345,10 @@ def test_no_host_sync_in_eager_path():
     rm, rv, nbt = t(3, 2), t(3, 2), t(3, dtype=torch.long)
     every = (True,) * 7
     for branch, mix in ((t(4, dtype=torch.long), None), (None, t(4, 3))):
-        y, mean, invstd, *_ = eager.bn_forward(x, branch, mix, t(3, 2), t(3, 2), rm, rv, nbt, s,
-                                               s, s, 3, True, 0.1, True, 1e-5, True)
-        grads = eager.bn_backward(x, x, branch, mix, t(3, 2), t(3, 2), mean, invstd, planes, s,
-                                  s, s, 3, True, True, every)
+        y, mean, invstd, _ = eager.multi_bn(x, branch, mix, t(3, 2), t(3, 2), rm, rv, nbt, s,
+                                            s, s, 3, True, 0.1, True, 1e-5, True)
+        grads = eager.multi_bn_backward(x, x, branch, mix, t(3, 2), t(3, 2), mean, invstd,
+                                        planes, s, s, s, 3, True, True, every)
         assert y.shape == x.shape and grads[0].shape == x.shape
         assert [tuple(g.shape) for g in grads[2:]] == [(3, 2), (3, 2), (4, 2), (4, 2), (4, 2)]
     assert grads[1].shape == (4, 3)

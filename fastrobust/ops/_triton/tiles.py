@@ -1,4 +1,4 @@
-"""Pieces the Triton kernel files share (multi_bn.py, sync_bn.py, film.py, pgd.py): the jit
+"""Pieces the Triton kernel files of every family share: the jit
 helpers that locate a program's tile of an [N, C, S] tensor, and the launch helpers that pick
 tile shapes, splits and grids on the host."""
 from __future__ import annotations
@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 from . import tiles_grid
-from ._plan import launch
+from .plan import launch
 
 # A reduction over planes gets at least this many programs: when N·C is small the planes are
 # split along S (a GPU has 100+ SMs; the interpreter runs programs one by one, so tests set it
@@ -124,6 +124,16 @@ def _splits(N: int, c_blocks: int, S: int, block_s: int) -> tuple[int, int]:
     T = max(1, min(s_blocks, triton.cdiv(MIN_PROGRAMS, max(N * c_blocks, 1))))
     chunk = triton.cdiv(s_blocks, T) * block_s
     return triton.cdiv(max(S, 1), chunk), chunk
+
+
+def grad_parts_shape(x: torch.Tensor, need_s: bool) -> tuple:
+    """The shape of the per-plane partial sums the BN's gradient kernel writes for x (the
+    synchronized BN's `parts`): 4 or 2 sums (with the input scale's), per split, per plane."""
+    x3 = _ncs(x)
+    N, C, S = x3.shape
+    block_c, block_s = _blocks(x3, True)
+    T, _ = _splits(N, triton.cdiv(C, block_c), S, block_s)
+    return (4 if need_s else 2, T, N, C)
 
 
 def _tiles_grid(N: int, c_blocks: int, s_blocks: int) -> tuple[int]:

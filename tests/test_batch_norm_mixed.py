@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fastrobust import functional as F, reference
-from test_multi_bn import CASES, TOL, _grads, make_inputs
+from test_batch_norm import CASES, TOL, _grads, make_inputs
 from conftest import opcheck_utils
 
 
@@ -207,7 +207,7 @@ def test_routed_extras_gradcheck_fp64(backend, training):
 def test_mixed_opcheck(backend):
     from torch.library import opcheck
 
-    from fastrobust._ops import needs as needs_of
+    from fastrobust.ops import needs as needs_of
 
     for case in (CASES[1], CASES[8], CASES[4]):
         x, _, w, b, rm, rv, nbt = make_inputs(case)

@@ -1,6 +1,6 @@
-"""The jit helpers of the routed / mixed BN kernels (multi_bn.py, sync_bn.py): routing
+"""The jit helpers of the routed / mixed BN kernels (triton.py, sync_triton.py): routing
 weights, the per-(k, c) coefficients, the fused extras, the per-plane gradient results, and
-the host-side helpers their launchers share. The math is fastrobust/_engine.py's.
+the host-side helpers their launchers share. The math is fastrobust/ops/_eager.py's.
 
 Memory ordering: a value one helper computes and another needs is passed in registers. A
 program never loads what its own threads stored (docs/backends.md, "Memory ordering";
@@ -11,8 +11,8 @@ import triton
 import triton.language as tl
 
 from .._common import check_branch_values, check_mix_values
-from ._common import _safe, _sum_parts, _tile
-from ._plan import host_check
+from .._triton.plan import host_check
+from .._triton.tiles import _safe, _sum_parts, _tile
 
 
 @triton.jit

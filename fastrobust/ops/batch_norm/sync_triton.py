@@ -5,12 +5,12 @@ own statistics and gradient kernels run their local pass (this rank's sums), the
 sync_multi_bn (csrc/autograd.cpp) all-reduces them, and one kernel here finishes each
 direction with the global sums:
 
-  forward   sync_bn_stats: multi_bn._moments_kernel → multi_bn._bn_stats_kernel (SYNC=1: this
+  forward   sync_bn_stats: triton._moments_kernel → triton._bn_stats_kernel (SYNC=1: this
             rank's fp64 sums [count K | centre K·C | Σ(u − centre) K·C | Σ(u − centre)² K·C]
             in its row of a [world, ...] payload, zeros in the others) → all-reduce (the rows
             gathered) → sync_bn_apply: _sync_apply_kernel (the exact merge to the global
             statistics, running statistics, coefficients and y in one pass)
-  backward  sync_bn_grad_sums: multi_bn._grad_sums_kernel → multi_bn._bn_grads_kernel
+  backward  sync_bn_grad_sums: triton_backward._grad_sums_kernel → _bn_grads_kernel
             (SYNC=1: this rank's T1, T2) → all-reduce → sync_bn_dx: _sync_dx_kernel (each
             plane's results from the global sums, and dx)
 
@@ -21,22 +21,25 @@ import torch
 import triton
 import triton.language as tl
 
-from . import on_device
-from ._plan import fp32_parts, launch
-from ._bn_parts import (_affine_of, _check_routing, _coefficients, _dx_tile, _extras,
+from .._triton import on_device
+from .._triton.plan import fp32_parts, launch
+from .triton_parts import (_affine_of, _check_routing, _coefficients, _dx_tile, _extras,
                         _invstd, _plane_grads, _qr_coefficients, _route, _route_args,
                         _stats_blocks, _to_planes, _update_running)
-from ._common import (_blocks, _c, _like, _ncs, _plane_tile, _scalar, _splits, _tile,
+from .._triton.tiles import (_blocks, _c, _like, _ncs, _plane_tile, _scalar, _splits, _tile,
                       _tiles_grid, _tl_acc)
 from .._common import acc_dtype
-from .multi_bn import _running_strides, _stats, _written_running
+from . import sync_eager
+from .schema import backward_needs, sync_apply_args
+from .triton import _running_strides, _stats, _written_running
+from .triton_backward import _bn_grads_kernel, _grad_setup, _grad_sums_kernel
 
 
 @triton.jit
 def _global_stats(pay_ptr, ks, kc, kcm, K, C, RANKS, ACC: tl.constexpr):
     """Per-(k, c) count, mean and biased variance from the all-reduced fp64 payload, one row
     per rank [count K | centre K·C | R K·C | Q K·C] (R, Q: the rank's Σ(u − centre),
-    Σ(u − centre)²). An exact merge (Chan's, cross terms included; fastrobust/_sync_eager.py
+    Σ(u − centre)²). An exact merge (Chan's, cross terms included; sync_eager.py
     `merge_ranks` is its PyTorch twin): the ranks' sums are moved to one centre C0, the centre
     of the first rank with values of branch k, d = C_r − C0, R = Σ R_r + n_r·d,
     Q = Σ Q_r + 2·d·R_r + n_r·d², mean = C0 + R/n, M2 = Q − R²/n. Any centre is exact here;
@@ -204,21 +207,10 @@ def _sync_dx_kernel(dy_ptr, x_ptr, out_ptr, parts_ptr, planes_ptr, br_ptr, sbr, 
 # --- the launchers of the registered ops (csrc/ops.cpp: sync_bn_stats, sync_bn_apply,
 # sync_bn_grad_sums, sync_bn_dx); sync_multi_bn (csrc/autograd.cpp) runs the all-reduces ----
 
-def _eager(name):
-    """The eager implementation of op `name`: an empty local batch (the kernels' grids would be
-    empty, and the global statistics must still be written), or sync_bn_dx with `parts` from
-    another implementation. Its ATen ops keep such a call's plan from being replayed (said
-    once: plans.cpp)."""
-    from .. import _sync_eager
-    return getattr(_sync_eager, name)
-
-
-def _needs(needs, mix, s, g, be):
-    """(x, mix, weight, bias, input_scale, film_gamma, film_beta) flags, a gradient of an
-    argument that is None being none."""
-    return tuple(bool(n) and (t is not None or i in (0, 2, 3)) for i, (n, t) in enumerate(
-        zip(needs, (True, mix, True, True, s, g, be))))
-
+# An empty local batch (the kernels' grids would be empty, and the global statistics must still
+# be written), or sync_bn_dx with `parts` from another implementation, runs the eager
+# implementation; its ATen ops keep such a call's plan from being replayed (said once:
+# plans.cpp).
 
 @torch.no_grad()
 def sync_bn_stats(x, branch, mix, input_scale, num_batches_tracked, num_branches, cumulative,
@@ -228,7 +220,7 @@ def sync_bn_stats(x, branch, mix, input_scale, num_batches_tracked, num_branches
     the counter's copy for a cumulative momentum: the moments kernel and the statistics
     kernel's local pass (two launches; one for one value a plane)."""
     if x.numel() == 0:
-        return _eager("sync_bn_stats")(x, branch, mix, input_scale, num_batches_tracked,
+        return sync_eager.sync_bn_stats(x, branch, mix, input_scale, num_batches_tracked,
                                        num_branches, cumulative, rank, world_size)
     K = num_branches
     _check_routing(x, branch, mix, K, True, prefix="sync_")
@@ -248,30 +240,26 @@ def sync_bn_stats(x, branch, mix, input_scale, num_batches_tracked, num_branches
 
 
 @torch.no_grad()
-def sync_bn_apply(x, branch, mix, weight, bias, running_mean, running_var, num_batches_tracked,
-                  input_scale, film_gamma, film_beta, payload, old, num_branches, momentum,
-                  cumulative, eps, relu):
+def sync_bn_apply(*args):
     """One kernel after the all-reduce: the ranks' rows merged exactly to the global
     statistics, the running statistics updated, the coefficients and y = act(A·x + D)."""
-    if x.numel() == 0:
-        return _eager("sync_bn_apply")(x, branch, mix, weight, bias, running_mean, running_var,
-                                       num_batches_tracked, input_scale, film_gamma, film_beta,
-                                       payload, old, num_branches, momentum, cumulative, eps,
-                                       relu)
-    K = num_branches
+    a, payload, old = sync_apply_args(args)
+    if a.x.numel() == 0:
+        return sync_eager.sync_bn_apply(*args)
+    x, branch, mix, K = a.x, a.branch, a.mix, a.num_branches
     x3, y = _ncs(x), _like(x)
     N, C, S = x3.shape
     dev, acc = x.device, acc_dtype(x)
     mean = torch.empty(K, C, device=dev, dtype=acc)
     invstd = torch.empty(K, C, device=dev, dtype=acc)
     mixed = mix is not None
-    running = running_mean is not None
-    rm, rv = _written_running(running_mean, running_var, running)
-    nbt = num_batches_tracked if num_batches_tracked is not None and running else None
-    cumulative = bool(cumulative) and nbt is not None
+    running = a.running_mean is not None
+    rm, rv = _written_running(a.running_mean, a.running_var, running)
+    nbt = a.num_batches_tracked if running else None
+    cumulative = bool(a.cumulative) and nbt is not None
     with on_device(x):
-        s, g, be = _c(input_scale), _c(film_gamma), _c(film_beta)
-        w, b = _c(weight), _c(bias)
+        s, g, be = _c(a.input_scale), _c(a.film_gamma), _c(a.film_beta)
+        w, b = _c(a.weight), _c(a.bias)
         y3 = _ncs(y)
         block_c, block_s = _blocks(x3, False)
         c_blocks = triton.cdiv(C, block_c)
@@ -281,23 +269,14 @@ def sync_bn_apply(x, branch, mix, weight, bias, running_mean, running_var, num_b
                x if be is None else be, x if w is None else w, x if b is None else b,
                x if rm is None else rm, x if rv is None else rv, *_running_strides(rm, rv, C),
                x if nbt is None else nbt, old if cumulative else x, mean, invstd, N, C, S, K,
-               *x3.stride(), *y3.stride(), c_blocks, s_blocks, *fp32_parts(momentum), *fp32_parts(eps), payload.shape[0],
+               *x3.stride(), *y3.stride(), c_blocks, s_blocks, *fp32_parts(a.momentum),
+               *fp32_parts(a.eps), payload.shape[0],
                MIXED=mixed, RUNNING=running, CUMULATIVE=cumulative, COUNT=nbt is not None,
                CHECK=True, HAS_W=w is not None, HAS_B=b is not None, SCALE=s is not None,
-               GAMMA=g is not None, BETA=be is not None, RELU=relu,
+               GAMMA=g is not None, BETA=be is not None, RELU=a.relu,
                BLOCK_K=triton.next_power_of_2(max(K, 1)), BLOCK_C=block_c, BLOCK_S=block_s,
                ACC=_tl_acc(acc))
     return y, mean, invstd
-
-
-def _grad_setup(x, branch, mix, weight, bias, input_scale, film_gamma, film_beta):
-    s, g, be = _c(input_scale), _c(film_gamma), _c(film_beta)
-    w, b = _c(weight), _c(bias)
-    flags = dict(MIXED=mix is not None, HAS_W=w is not None, HAS_B=b is not None,
-                 SCALE=s is not None, GAMMA=g is not None, BETA=be is not None)
-    ptrs = (x if w is None else w, x if b is None else b, x if s is None else s,
-            x if g is None else g, x if be is None else be)
-    return _route_args(branch, mix, x), flags, ptrs
 
 
 @torch.no_grad()
@@ -307,11 +286,10 @@ def sync_bn_grad_sums(dy, x, branch, mix, weight, bias, mean, invstd, input_scal
     dweight = T2 and dbias = T1, and the per-plane partial sums the dx kernel reads: the BN
     gradient kernels' first pass (two launches)."""
     if x.numel() == 0:
-        return _eager("sync_bn_grad_sums")(dy, x, branch, mix, weight, bias, mean, invstd,
+        return sync_eager.sync_bn_grad_sums(dy, x, branch, mix, weight, bias, mean, invstd,
                                            input_scale, film_gamma, film_beta, num_branches,
                                            relu, needs)
-    from .multi_bn import _bn_grads_kernel, _grad_sums_kernel
-    need_x, need_mix, need_w, need_b, need_s, need_g, need_be = _needs(
+    need_x, need_mix, need_w, need_b, need_s, need_g, need_be = backward_needs(
         needs, mix, input_scale, film_gamma, film_beta)
     K, C = mean.shape
     acc = mean.dtype
@@ -355,10 +333,10 @@ def sync_bn_dx(dy, x, branch, mix, weight, bias, mean, invstd, planes, input_sca
     forward's global counts and variance (pass 2 of the gradient kernel), and dx. Returns
     (dx, dmix, dinput_scale, dfilm_gamma, dfilm_beta); an unneeded one is empty."""
     if x.numel() == 0 or parts.numel() == 0:
-        return _eager("sync_bn_dx")(dy, x, branch, mix, weight, bias, mean, invstd, planes,
+        return sync_eager.sync_bn_dx(dy, x, branch, mix, weight, bias, mean, invstd, planes,
                                     input_scale, film_gamma, film_beta, sums, parts, payload,
                                     num_branches, relu, needs)
-    need_x, need_mix, _w, _b, need_s, need_g, need_be = _needs(
+    need_x, need_mix, _w, _b, need_s, need_g, need_be = backward_needs(
         needs, mix, input_scale, film_gamma, film_beta)
     K, C = mean.shape
     acc = mean.dtype

@@ -1,7 +1,7 @@
 """Triton kernels of FiLM and channel scale, y = γ[n,c]·x + β[n,c] with [N, C] or [C] γ, β
 (docs/math.md): one launch forward, at most two backward.
 
-  forward   multi_bn._affine_kernel ([C] γ, β read through stride-0 views, never copied)
+  forward   batch_norm/triton.py's _affine_kernel ([C] γ, β read through stride-0 views, never copied)
   backward  _film_grad_kernel (dx = γ·dy and the per-plane Σdy·x, Σdy in one pass) and, when
             a plane is split over S or γ / β is [C], _film_reduce_kernel (the partials summed
             over the splits and, for [C], over the batch)
@@ -13,11 +13,11 @@ import triton
 import triton.language as tl
 
 from .._common import acc_dtype
-from . import on_device
-from ._plan import launch
-from ._common import (_blocks, _like, _ncs, _plane_split, _splits, _sum_parts, _tile, _tl_acc,
+from .._triton import on_device
+from .._triton.plan import launch
+from .._triton.tiles import (_blocks, _like, _ncs, _plane_split, _splits, _sum_parts, _tile, _tl_acc,
                       _zero)
-from .multi_bn import _affine
+from ..batch_norm.triton import _affine
 
 
 @triton.jit
@@ -95,7 +95,7 @@ def _film_coefficient(t, N, C):
 
 
 @torch.no_grad()
-def film_forward(x, gamma, beta):
+def film(x, gamma, beta):
     """y = γ·x + β with [N, C] or [C] γ, β (either may be None), cast in the kernel."""
     N, C = x.shape[:2]
     y = _like(x)
@@ -106,12 +106,13 @@ def film_forward(x, gamma, beta):
 
 
 @torch.no_grad()
-def film_backward(dy, x, gamma, need_x, need_gamma, need_beta, per_channel_gamma=False,
-                  per_channel_beta=False):
+def film_backward(dy, x, gamma, needs, per_channel):
     """Returns (dx, dgamma, dbeta); an unneeded one is empty. dgamma (dbeta) is [C] when
     per_channel_gamma (per_channel_beta), else [N, C]. One launch writes dx and the per-plane
     sums: straight into [N, C] results when each plane is one split, else as partials that a
     second, small launch sums (over the splits of S, and over the batch for a [C] result)."""
+    need_x, need_gamma, need_beta = needs
+    per_channel_gamma, per_channel_beta = per_channel
     acc = acc_dtype(x)
     N, C = x.shape[:2]
     dx = torch.empty_like(x, memory_format=torch.preserve_format) if need_x else x.new_empty(0)

@@ -34,15 +34,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import acc_dtype
+from .._common import PgdMode, acc_dtype
 
-from .._spec import PgdMode
-from . import on_device, tiles_grid
-from ._common import _scalar, no_overlap
-from ._plan import fp32_parts, launch
-
-# The launchers take each tensor in its own layout (backends/_schema.py copies none).
-STRIDED = True
+from .._triton import on_device, tiles_grid
+from .._triton.plan import active, fp32_parts, launch
+from .._triton.tiles import _scalar, no_overlap
+from .schema import init_args, step_mode
 
 
 @triton.jit
@@ -365,7 +362,6 @@ def _geometry(*ts):
 def _copied(fn, written, *ts):
     """fn on contiguous copies of ts (one per distinct tensor), `written` ones copied back:
     the layouts `_geometry` cannot address. Not replayable (a copy); the plan says why."""
-    from ._plan import active
     rec = active()
     if rec is not None:
         rec.plan.refuse("a PGD tensor whose sample dims merge into no three strided dims "
@@ -469,3 +465,21 @@ def mifgsm_update(x_adv, grad, buf, x_nat, eps_t, eps, alpha_t, alpha, decay, cl
             launch(_mifgsm_split_kernel, (N, T), x_adv, grad, buf, x_nat, parts, *ptrs, *scal,
                    *fp32_parts(decay), N, S, chunk, D2, D3, *st, BLOCK_T=triton.next_power_of_2(T),
                    BLOCK=BLOCK, **flags)
+
+
+# --- the ops (csrc/ops.cpp): each tensor in its own layout, no copy ----------------------------
+
+def pgd_step(x_adv, grad, x_nat, eps_t, eps, alpha_t, alpha, l2, clip_min, clip_max):
+    pgd_update(x_adv, x_adv, grad, x_nat, eps_t, eps, alpha_t, alpha, step_mode(l2), clip_min,
+               clip_max)
+
+
+def pgd_init(noise, x_nat, eps_t, eps, radius, l2, clip_min, clip_max):
+    pgd_update(noise, x_nat, noise, x_nat, *init_args(eps_t, eps, radius, l2), clip_min,
+               clip_max)
+
+
+def mifgsm_step(x_adv, grad, momentum, x_nat, eps_t, eps, alpha_t, alpha, decay, clip_min,
+                clip_max):
+    mifgsm_update(x_adv, grad, momentum, x_nat, eps_t, eps, alpha_t, alpha, decay, clip_min,
+                  clip_max)

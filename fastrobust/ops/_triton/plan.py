@@ -1,6 +1,6 @@
 """Launch plans: how a call on CUDA reaches the Triton kernels with no Python on the way.
 
-The Python launchers (multi_bn.py, film.py, pgd.py, elementwise.py) decide everything from the
+The Python launchers (fastrobust/ops/<family>/triton.py) decide everything from the
 call's *signature*: the op, each tensor's dtype, sizes, strides, device, 16-byte alignment and
 which tensors share storage, and each int's and bool's value; nothing on the host reads a value
 on the device. So the first call with a signature runs the launcher under a recorder, which
@@ -13,16 +13,15 @@ writes down a plan:
   outputs      the op's results: an allocation, or a fresh empty tensor.
 
 csrc/plans.cpp, the CUDA dispatch key's kernel of every op, keys plans by the signature
-(computed in C++), replays a stored plan for every later call, and calls `for_cpp` (the hook
-fastrobust._ops sets) only for a signature it has not seen. The op's float arguments (ε, α,
-momentum, eps, clip bounds) are not part of the signature: the recorder hands them to the
+(computed in C++), replays a stored plan for every later call, and calls the hook that
+`cpp_hook` makes (fastrobust/ops/__init__.py sets it) only for a signature it has not seen.
+The op's float arguments (ε, α, momentum, eps, clip bounds) are not part of the signature: the recorder hands them to the
 launcher tagged (`_Arg`), a tagged float passed straight to a kernel becomes a replay argument,
 and any other use of one (arithmetic, a comparison) makes the plan hold for those values only.
 
-The parameter layout (which parameters a compiled kernel takes, of which type) is this file's
-model of Triton's specialization (`layout`); on a GPU it is checked against the compiled
-kernel's own signature and the driver's parameter sizes, and tests/test_plans.py checks it
-against kernels compiled for sm_90 without a GPU.
+The parameter layout (which parameters a compiled kernel takes, of which type) is layout.py's
+model of Triton's specialization; on a GPU it is checked against the compiled kernel's own
+signature and the driver's parameter sizes.
 
 Where no GPU is, the same C++ path runs on CPU tensors (`fastrobust._C._plan_call`): each
 launch goes, as the bytes cuLaunchKernel would read, to a Python launch hook;
@@ -47,6 +46,9 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .layout import (ALLOC, ARG, FLOAT, INPUT, INT, NULL, _TYPES, Launch, Slot,  # noqa: F401
+                     _check_compiled, _name, layout)
+
 _local = threading.local()  # .recorder: this thread's active _Recorder, if any
 
 aten = torch.ops.aten
@@ -59,8 +61,6 @@ _VIEWS = {aten.view.default, aten._unsafe_view.default, aten.unsqueeze.default,
           aten.permute.default, aten.transpose.int, aten.detach.default, aten.alias.default,
           aten.unbind.int, aten.split.Tensor}
 
-# slot kinds (csrc/plans.cpp reads the same numbers)
-INPUT, ALLOC, NULL, INT, FLOAT, ARG = 0, 1, 2, 3, 4, 5
 
 
 # --- the op's float arguments, tagged ----------------------------------------------------------
@@ -98,12 +98,12 @@ def _pinning(name):
     return op
 
 
-for _name in ("__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__",
-              "__truediv__", "__rtruediv__", "__floordiv__", "__rfloordiv__", "__mod__",
-              "__rmod__", "__pow__", "__rpow__", "__neg__", "__pos__", "__abs__", "__eq__",
-              "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "__bool__", "__int__",
-              "__round__", "__trunc__", "__floor__", "__ceil__", "__divmod__", "__rdivmod__"):
-    setattr(_Arg, _name, _pinning(_name))
+for _method in ("__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__",
+                "__truediv__", "__rtruediv__", "__floordiv__", "__rfloordiv__", "__mod__",
+                "__rmod__", "__pow__", "__rpow__", "__neg__", "__pos__", "__abs__", "__eq__",
+                "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "__bool__", "__int__",
+                "__round__", "__trunc__", "__floor__", "__ceil__", "__divmod__", "__rdivmod__"):
+    setattr(_Arg, _method, _pinning(_method))
 _Arg.__hash__ = float.__hash__
 
 
@@ -134,24 +134,6 @@ def _plain(a):
 
 
 # --- plans -----------------------------------------------------------------------------------
-
-@dataclass
-class Slot:
-    kind: int
-    index: int = -1       # INPUT / ALLOC / ARG: which
-    offset: int = 0       # INPUT / ALLOC: bytes from its first element; ARG: the part
-    value: float = 0      # INT / FLOAT (ARG: the recorded value)
-    dtype: torch.dtype | None = None  # a pointer's element type
-
-
-@dataclass
-class Launch:
-    kernel: object        # the JITFunction (InterpretedFunction under the interpreter)
-    compiled: object      # Triton's CompiledKernel (None under the interpreter)
-    grid: tuple
-    params: list          # (name, Slot or a constexpr value, constexpr?) in the kernel's order
-    num_warps: int = 4
-
 
 @dataclass
 class Plan:
@@ -195,68 +177,6 @@ class Plan:
             launches.append((handle, L.num_warps, shared, L.grid, params, _name(L.kernel)))
         return {"why_not": None, "pinned": self.pinned, "allocs": self.allocations,
                 "outputs": self.outputs, "launches": launches, "keep": keep}
-
-
-def _name(kernel) -> str:
-    return getattr(kernel, "__name__", None) or getattr(getattr(kernel, "fn", None),
-                                                        "__name__", str(kernel))
-
-
-_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
-          torch.float64: "fp64", torch.int64: "i64", torch.int32: "i32", torch.int16: "i16",
-          torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1"}
-
-
-def layout(L: Launch):
-    """[(name, Slot, Triton type)] of the parameters the compiled kernel takes, in order: this
-    file's model of Triton's specialization (a constexpr, a None and an int equal to 1 are
-    compiled in, not passed; ints are i32 within its range, else i64; floats fp32; tensors
-    pointers to their element type). A str: why the launch has no replay."""
-    out = []
-    for name, v, const in L.params:
-        if const:
-            continue
-        if v.kind == NULL and v.dtype is None:  # None: a constexpr for Triton
-            continue
-        if v.kind in (INPUT, ALLOC, NULL):
-            ty = "*" + _TYPES.get(v.dtype, "?")
-            if ty == "*?":
-                return f"{_name(L.kernel)}: parameter {name} points to {v.dtype}"
-        elif v.kind == INT:
-            iv = int(v.value)
-            if iv == 1:
-                continue
-            if -2**31 <= iv < 2**31:
-                ty = "i32"
-            elif -2**63 <= iv < 2**63:
-                ty = "i64"
-            else:
-                return f"{_name(L.kernel)}: parameter {name} = {iv} is past int64"
-        else:  # FLOAT, ARG
-            ty = "fp32"
-        out.append((name, v, ty))
-    return out
-
-
-def _check_compiled(L: Launch, c, model) -> str | None:
-    """The model against what Triton compiled (None: they agree)."""
-    names = [name for name, _, _ in L.params]
-    compiled = []
-    for key, ty in c.src.signature.items():
-        name = names[key] if isinstance(key, int) else key
-        if ty != "constexpr":
-            compiled.append((name, ty))
-    mine = [(name, ty) for name, _, ty in model]
-    if compiled != mine:
-        return (f"{_name(L.kernel)}: Triton compiled the parameters {compiled}, the plan "
-                f"model says {mine}")
-    meta = c.metadata
-    extra = [k for k in ("global_scratch_size", "profile_scratch_size") if getattr(meta, k, 0)]
-    if (getattr(meta, "num_ctas", 1) != 1 or getattr(meta, "launch_cooperative_grid", False)
-            or getattr(meta, "launch_pdl", False) or extra):
-        return (f"{_name(L.kernel)} needs a launch option the replay lacks (clusters, "
-                f"cooperative grid, PDL or scratch: {extra})")
-    return None
 
 
 def _is_constexpr(annotation) -> bool:
@@ -470,20 +390,22 @@ def host_check():
 
 # --- the hook of csrc/plans.cpp --------------------------------------------------------------
 
-def for_cpp(name: str, args, record: bool):
-    """Runs the op `name` ("fastrobust::multi_bn", ...) through its Python launcher (Triton's;
-    the eager one, with a warning, where triton is missing) and returns (its results, the plan
-    for C++ when `record`, else None)."""
-    from ..backends import triton as triton_backend
-    impl = triton_backend.cuda_implementations()[name.split("::", 1)[1]]
-    if not record or triton_backend.missing() is not None:
-        return impl(*args), None
-    out, plan = record_call(impl, args)
-    try:
-        return out, plan.for_cpp()
-    except Exception as e:  # noqa: BLE001 - the launcher ran: its results stand
-        return out, {"why_not": f"the plan could not be written for C++ ({type(e).__name__}: "
-                                f"{e})"}
+def cpp_hook(implementations, recordable):
+    """The hook csrc/plans.cpp calls for a signature it has not seen: `for_cpp(name, args,
+    record)` runs the op `name` ("fastrobust::multi_bn", ...) through its Python launcher,
+    `implementations()[op]`, and returns (its results, the plan for C++ when `record` and
+    `recordable()`, else None)."""
+    def for_cpp(name: str, args, record: bool):
+        impl = implementations()[name.split("::", 1)[1]]
+        if not record or not recordable():
+            return impl(*args), None
+        out, plan = record_call(impl, args)
+        try:
+            return out, plan.for_cpp()
+        except Exception as e:  # noqa: BLE001 - the launcher ran: its results stand
+            return out, {"why_not": f"the plan could not be written for C++ "
+                                    f"({type(e).__name__}: {e})"}
+    return for_cpp
 
 
 # --- launches under the interpreter: what csrc/plans.cpp sends, run from its bytes ------------

@@ -11,7 +11,7 @@ Baselines:
 fwd+bwd computes the gradients of x and mix (an attack through a MixBN model, AFA's
 generator training).
 
-Byte model (fp32): forward 2·|x|, forward+backward 5·|x| (see bench_multi_bn.py).
+Byte model (fp32): forward 2·|x|, forward+backward 5·|x| (see bench_batch_norm.py).
 """
 import pytest
 import torch

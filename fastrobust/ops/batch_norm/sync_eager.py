@@ -19,8 +19,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._common import acc_dtype, check_branch_values, check_mix_values, updated_running_stats
-from ._engine import routing_weights
+from .._common import acc_dtype, check_branch_values, check_mix_values, updated_running_stats
+from .._eager import routing_weights
+from .eager import backward, forward
+from .schema import sync_apply_args
 
 F64 = torch.float64
 
@@ -77,7 +79,7 @@ def merge_ranks(pay: Tensor, K: int, C: int) -> tuple[Tensor, Tensor, Tensor]:
     all-reduced payload [world, K + 3·K·C], one row per rank [count K | centre K·C | R K·C |
     Q K·C]: the ranks' sums moved to one centre C0, the centre of the first rank with values of
     branch k, d = C_r − C0, R = Σ R_r + n_r·d, Q = Σ Q_r + 2·d·R_r + n_r·d², mean = C0 + R/n,
-    M2 = Q − R²/n (Chan's merge, cross terms included; kernels/sync_bn.py `_global_stats` is
+    M2 = Q − R²/n (Chan's merge, cross terms included; sync_triton.py `_global_stats` is
     its Triton twin)."""
     KC = K * C
     cnt = pay[:, :K, None]                                              # [R, K, 1]
@@ -116,21 +118,18 @@ def sync_bn_stats(x, branch, mix, input_scale, num_batches_tracked, num_branches
     return payload, planes, old
 
 
-def _bn():
-    from ._engine import eager
-    return eager
-
-
-def sync_bn_apply(x, branch, mix, weight, bias, running_mean, running_var, num_batches_tracked,
-                  input_scale, film_gamma, film_beta, payload, old, num_branches, momentum,
-                  cumulative, eps, relu):
-    K, C = num_branches, x.shape[1]
+def sync_bn_apply(*args):
+    a, payload, _ = sync_apply_args(args)
+    x, running_mean, running_var = a.x, a.running_mean, a.running_var
+    num_batches_tracked = a.num_batches_tracked
+    K, C = a.num_branches, x.shape[1]
+    momentum, cumulative = a.momentum, a.cumulative
     acc = acc_dtype(x)
     count, mean64, var64 = merge_ranks(payload, K, C)
     # Normalize with the global statistics: the BN in its running-statistics mode.
-    y, mean, invstd, *_ = _bn().bn_forward(
-        x, branch, mix, weight, bias, mean64.to(acc), var64.to(acc), None, input_scale,
-        film_gamma, film_beta, K, False, momentum, False, eps, relu)
+    y, mean, invstd, *_ = forward(a._replace(
+        running_mean=mean64.to(acc), running_var=var64.to(acc), num_batches_tracked=None,
+        training=False, cumulative=False))
     if running_mean is not None:
         cumulative = cumulative and num_batches_tracked is not None
         rm, rv, nbt = updated_running_stats(running_mean, running_var, num_batches_tracked,
@@ -152,7 +151,7 @@ def sync_bn_grad_sums(dy, x, branch, mix, weight, bias, mean, invstd, input_scal
                       film_beta, num_branches, relu, needs):
     acc = mean.dtype
     # The BN's backward with the statistics held fixed: its dbias, dweight are T1, T2.
-    grads = _bn().bn_backward(dy, x, branch, mix, weight, bias, mean, invstd, _empty(x, acc),
+    grads = backward(dy, x, branch, mix, weight, bias, mean, invstd, _empty(x, acc),
                               input_scale, film_gamma, film_beta, num_branches, False, relu,
                               (False, False, True, True, False, False, False))
     T2, T1 = grads[2].to(acc), grads[3].to(acc)
@@ -169,7 +168,7 @@ def sync_bn_dx(dy, x, branch, mix, weight, bias, mean, invstd, planes, input_sca
     need_s, need_g, need_be = (bool(n) and t is not None for n, t in zip(
         needs[4:], (input_scale, film_gamma, film_beta)))
     # The direct terms: the BN's backward with the statistics held fixed.
-    dx_d, dmix_d, _w, _b, ds_d, dg, dbe = _bn().bn_backward(
+    dx_d, dmix_d, _w, _b, ds_d, dg, dbe = backward(
         dy, x, branch, mix, weight, bias, mean, invstd, _empty(x, acc), input_scale, film_gamma,
         film_beta, K, False, relu, (need_x or need_s, need_mix, False, False, need_s, need_g,
                                     need_be))

@@ -1,15 +1,53 @@
-"""Small helpers shared by the package and its ground truth (`fastrobust.reference`): the
-accumulation dtype, the value checks of the routing inputs and the running-statistics update
-rule (docs/math.md). Imports nothing from the package."""
+"""What every family and implementation of the ops agrees on: the accumulation dtype, the value
+checks of the routing inputs, the running-statistics update rule (docs/math.md; the ground
+truth `fastrobust.reference` shares these), the order of the BN family's gradients (the `needs`
+flags of multi_bn_backward) and the modes of the PGD update kernels, both declared once in
+csrc/spec.h and read from the extension; and the backend a thread forces."""
 from __future__ import annotations
+
+import enum
+import threading
 
 import torch
 from torch import Tensor
+
+try:
+    from .. import _C
+except ImportError as e:  # the schemas and CPU kernels live in the extension
+    raise ImportError(
+        "fastrobust._C, the compiled extension that defines the fastrobust ops, is not built "
+        f"or not importable ({e}); build it with `pip install --no-build-isolation -e .` "
+        "against the torch you run") from e
+
+BNGrad = enum.IntEnum("BNGrad", {name.upper(): i for i, name in enumerate(_C.BN_GRADS)})
+PgdMode = enum.IntEnum("PgdMode", dict(_C.PGD_MODES))
+
+
+def needs(**flags: bool) -> list[bool]:
+    """The `needs` list of multi_bn_backward, by name: needs(x=True, weight=True)."""
+    unknown = set(flags) - set(_C.BN_GRADS)
+    if unknown:
+        raise TypeError(f"needs: unknown gradient(s) {sorted(unknown)}; "
+                        f"known: {_C.BN_GRADS}")
+    return [bool(flags.get(name, False)) for name in _C.BN_GRADS]
 
 
 def acc_dtype(x: Tensor) -> torch.dtype:
     """Statistics accumulate in fp32, or fp64 for fp64 inputs."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def shown(v) -> str:
+    """A value for a one-line message: its type, and a short repr (a tensor's or an array's
+    shape instead of its multi-line repr)."""
+    shape = getattr(v, "shape", None)
+    if shape is not None:
+        return f"{type(v).__name__} of shape {list(shape)}"
+    r = " ".join(repr(v).split())
+    return f"{type(v).__name__} {r if len(r) <= 40 else r[:37] + '...'}"
 
 
 def kernel_checks(device: torch.device) -> bool:
@@ -74,3 +112,41 @@ def updated_running_stats(running_mean, running_var, num_batches_tracked, mean, 
 def no_running_update(x: Tensor):
     """The three empty tensors a forward returns when it updates no running stats."""
     return (x.new_empty(0), x.new_empty(0), x.new_empty(0, dtype=torch.long))
+
+
+def flat_layout(t: Tensor) -> bool:
+    """Dense, with each sample one block of memory (contiguous, channels_last, ...): the
+    layout the PGD kernels walk as a flat [N, S] array."""
+    if t.numel() == 0 or t.dim() == 0:
+        return True
+    expected = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return t.shape[0] == 1 or t.stride(0) == t.numel() // t.shape[0]
+
+
+def like(t: Tensor, ref: Tensor) -> Tensor:
+    """t in ref's layout: t itself when the strides already agree, else a copy."""
+    return t if t.stride() == ref.stride() else torch.empty_like(ref).copy_(t)
+
+
+# --- the backend this thread forces (fastrobust.backends.use) ---------------------------------
+
+_local = threading.local()  # .forced: this thread's stack of `use` blocks
+
+
+def forced_stack() -> list:
+    """This thread's stack of backends forced by `fastrobust.backends.use` (None: the
+    dispatcher's choice)."""
+    if not hasattr(_local, "forced"):
+        _local.forced = []
+    return _local.forced
+
+
+def forced() -> str | None:
+    """The backend forced in this thread, if any."""
+    stack = forced_stack()
+    return stack[-1] if stack else None
+

@@ -1,0 +1,1 @@
+"""FiLM and channel scale, y = γ[n,c]·x + β[n,c]: schema.py (fakes), eager.py, triton.py."""
