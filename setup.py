@@ -1,6 +1,7 @@
-"""Builds fastrobust._C with the host C++ compiler: the op schemas, their autograd, the CPU
-kernels and the launch plans (csrc/plans.cpp) always; with a CUDA build of torch, the plans
-also become the CUDA key's kernel (the Triton kernels launched from C++). No CUDA toolkit and
+"""Builds fastrobust._C with the host C++ compiler from every C++ source under csrc/: one folder
+per op family (its schemas, checks, CPU kernels, autograd), the launch plans (csrc/launch/)
+and the module; a new family's folder needs no edit here. With a CUDA build of torch, the
+plans also become the CUDA key's kernel (the Triton kernels launched from C++). No CUDA toolkit and
 no nvcc are needed: there is no device code, the driver is reached through dlopen, and the CUDA
 runtime headers torch's stream API includes come with torch's own nvidia-* packages (or a
 toolkit, if there is one). The extension defines the ops, so the package needs it: a failed
@@ -55,8 +56,7 @@ def _extensions():
         raise SystemExit(f"[fastrobust build] torch is not importable ({e}): install torch "
                          "first and build with --no-build-isolation") from e
 
-    sources = sorted(glob.glob("csrc/cpu/*.cpp")) + ["csrc/autograd.cpp", "csrc/ops.cpp",
-                                                      "csrc/plans.cpp"]
+    sources = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
     # torch 2.14's headers need C++20; older ones are built as they always were, in C++17
     version = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
     std = "-std=c++20" if version >= (2, 14) else "-std=c++17"

@@ -8,7 +8,7 @@ and racecheck and fails the step on any report):
            one process); FiLM [N, C] and [C] (direct and split reductions); add_relu; the PGD
            steps (linf, l2 and MI-FGSM, one program per sample and split), pgd_init
 Run as the dispatcher runs them (the default): every call twice, so the first records its
-launch plan through the Python launcher and the second is replayed from C++ (csrc/plans.cpp);
+launch plan through the Python launcher and the second is replayed from C++ (csrc/launch/plans.cpp);
 `--backend triton` forces the Python launchers instead.
 
 Sizes are small: the sanitizer runs kernels 10-100x slower. Run with PYTORCH_NO_CUDA_MEMORY_CACHING=1

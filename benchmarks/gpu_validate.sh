@@ -13,7 +13,7 @@
 #                 Python frame inside a replayed call) and tests/test_devices.py
 #   memcheck, initcheck, racecheck
 #                 compute-sanitizer on benchmarks/gpu_sanitize_calls.py: every kernel, each call
-#                 recorded then replayed from C++ (csrc/plans.cpp); any report fails the step
+#                 recorded then replayed from C++ (csrc/launch/plans.cpp); any report fails the step
 #   launch_counts launches per op
 #   --bench: ops (benchmarks/gpu_ops.py) and train_step (benchmarks/gpu_train_step.py)
 # A failing step is recorded and the script goes on, so one run shows everything; the exit code

@@ -2,14 +2,14 @@
 into those of the wrapper (fastrobust.functional, fastrobust.nn) and those entered while the
 registered op runs (a kernel written in Python, or the first call of a signature on CUDA, which
 records its launch plan), and host µs per call. The goal on CUDA is zero frames inside the op:
-from torch.ops to the launches is C++ (csrc/plans.cpp).
+from torch.ops to the launches is C++ (csrc/launch/plans.cpp).
 
     python benchmarks/host_frames.py [--device cuda] [--json PATH]
 
 Counting is deterministic (sys.setprofile 'call' events); the µs are medians of 200 calls with
 no synchronization, so on a GPU they are the host's time, not the kernels'.
 
-On the CPU it also times the CUDA launch path without a GPU: csrc/plans.cpp replays each op's
+On the CPU it also times the CUDA launch path without a GPU: csrc/launch/plans.cpp replays each op's
 recorded plan on CPU tensors with a null launcher (`fastrobust._C._plan_call(op, None, ...)`:
 argument checks, signature, plan lookup, allocations, parameter buffers; the launch itself
 does nothing), beside F.batch_norm on the same tiny tensor. What functional and the module add

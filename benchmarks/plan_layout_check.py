@@ -1,5 +1,5 @@
 """Checks the launch plans' parameter layout against kernels Triton compiles for sm_90, without
-a GPU: what csrc/plans.cpp writes into a launch's parameter buffer must be what the compiled
+a GPU: what csrc/launch/plans.cpp writes into a launch's parameter buffer must be what the compiled
 kernel reads.
 
 The ops run on meta tensors (benchmarks/launch_counts.py's recorder; Triton's launcher is

@@ -1,5 +1,5 @@
-// FASTROBUST_HD: the qualifiers of the formulas csrc/*_math.h share between the CPU and CUDA
-// builds (__host__ __device__ under nvcc, plain inline elsewhere). Macros only, so the math
+// FASTROBUST_HD: the qualifiers of the formulas in csrc/<family>/math.h (__host__ __device__
+// under nvcc, plain inline in the host compiler's build, the one setup.py makes). Macros only, so the math
 // headers can include it inside whatever namespace includes them.
 #ifndef FASTROBUST_HD
 #if defined(__CUDACC__)

@@ -1,8 +1,8 @@
 // What every implementation of the fastrobust ops agrees on, declared once: the order of the
 // BN family's differentiable arguments (the `needs` flags of multi_bn_backward and its
-// results) and the modes of the PGD update. ops.cpp exports both to Python
-// (fastrobust._C.BN_GRADS, fastrobust._C.PGD_MODES), where fastrobust/_ops.py turns them into
-// the enums the Triton and eager backends use.
+// results) and the modes of the PGD update. module.cpp exports both to Python
+// (fastrobust._C.BN_GRADS, fastrobust._C.PGD_MODES), where fastrobust/ops/_common.py turns
+// them into the enums the Triton and eager backends use.
 #pragma once
 #include <cstdint>
 
@@ -17,7 +17,8 @@ inline constexpr const char* kBNGradNames[kNumBNGrads] = {
 // film_backward(..., bool[3] needs, bool[2] per_channel) -> (dx, dgamma, dbeta).
 enum FilmGrad : int { kFilmX, kFilmGamma, kFilmBeta, kNumFilmGrads };
 
-// The modes of the PGD update kernels (pgd_update in csrc/cpu/pgd.h and kernels/pgd.py).
+// The modes of the PGD update kernels (pgd_update in csrc/pgd/cpu.h and
+// fastrobust/ops/pgd/triton.py).
 enum PgdMode : int64_t {
   kLinfSign = 0,  // linf step: direction sign(grad) (torchattacks' order)
   kL2 = 1,        // l2 step: direction grad / max(||grad_n||, 1e-12)

@@ -44,6 +44,15 @@ def test_bad_input():
         F.add_relu(torch.ones(2), 1.0)
 
 
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["no_grad", "autograd"])
+def test_the_op_raises_the_same_error_with_or_without_autograd(requires_grad):
+    """The registered op's check is one (the add_relu family's): a call through the autograd
+    node raises the ValueError the kernels raise, not an error of its own."""
+    a = torch.randn(2, 3, requires_grad=requires_grad)
+    with pytest.raises(ValueError, match="add_relu: a and b must have the same shape"):
+        torch.ops.fastrobust.add_relu(a, torch.randn(3))
+
+
 def test_opcheck():
     """The registered op: schema, fake tensors (its C++ composite serves them), autograd
     registration and torch.compile's tracing."""

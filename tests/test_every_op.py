@@ -60,7 +60,7 @@ def _same(got, want):
 @pytest.mark.parametrize("op", _KERNELS, ids=_ids(_KERNELS))
 def test_the_launch_plan_replays_bitwise(op, monkeypatch):
     """Recorded on one input set, replayed on another of the same signature: by the Python
-    twin of the replay, and by the CUDA key's C++ kernel (csrc/plans.cpp) with each launch
+    twin of the replay, and by the CUDA key's C++ kernel (csrc/launch/plans.cpp) with each launch
     handed to the Triton interpreter; both bitwise equal to the launcher."""
     from fastrobust.ops._triton import plan as _plan, tiles as _common
     monkeypatch.setattr(_common, "MIN_PROGRAMS", 4)  # split reductions at test sizes

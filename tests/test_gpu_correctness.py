@@ -223,7 +223,7 @@ def test_film_training_shape(per_channel, backend):
 
 
 def test_no_python_frame_inside_the_op_on_cuda():
-    """In a CUDA build the CUDA key's kernel is C++ (csrc/plans.cpp): after the first call
+    """In a CUDA build the CUDA key's kernel is C++ (csrc/launch/plans.cpp): after the first call
     of a signature, which records its plan, no Python frame is entered while an op runs: the
     calls were replayed."""
     import host_frames

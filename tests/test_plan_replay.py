@@ -1,4 +1,4 @@
-"""The C++ launch path (csrc/plans.cpp), run here on CPU tensors: `fastrobust._C._plan_call`
+"""The C++ launch path (csrc/launch/plans.cpp), run here on CPU tensors: `fastrobust._C._plan_call`
 takes a call through the CUDA key's kernel (argument checks, signature, plan table, the
 Python recording, the parsing of the plan, the parameter buffers of the replay), and hands
 each launch, as the bytes cuLaunchKernel would read, to `_plan.InterpreterLaunch`, which runs

@@ -1,4 +1,4 @@
-"""Launch plans (fastrobust/ops/_triton/plan.py, csrc/plans.cpp): on CUDA builds the CUDA
+"""Launch plans (fastrobust/ops/_triton/plan.py, csrc/launch/plans.cpp): on CUDA builds the CUDA
 key's kernel replays, from C++, what each op's Python launcher did the first time it saw a call
 signature. Here (Triton under the interpreter, CPU tensors) the same plans are recorded and
 replayed by the Python twin of the C++ replay (tests/test_plan_replay.py runs the C++ one): a plan recorded on one set of inputs, replayed

@@ -1,10 +1,11 @@
 // The small per-element math of the routed / mixed BN family (docs/math.md),
-// written once for the CPU kernels (csrc/cpu/multi_bn.cpp, in double); the Triton kernels
-// (fastrobust/kernels) write the same formulas. The derivation is in fastrobust/_engine.py.
+// written once for the CPU kernels (cpu.cpp and cpu_route.h, in double); the Triton kernels
+// (fastrobust/ops/batch_norm/triton.py) write the same formulas. The derivation is in
+// docs/math.md and fastrobust/ops/batch_norm/eager.py.
 //
-// No include guard and no includes but hd.h's macro, by design (like pgd_math.h): each user
+// No include guard and no includes but hd.h's macro, by design (like csrc/pgd/math.h): each user
 // includes it inside its own namespace.
-#include "hd.h"
+#include "../hd.h"
 
 // --- statistics -------------------------------------------------------------------------------
 
@@ -76,24 +77,11 @@ FASTROBUST_HD T plane_D(T Dp, T g, T beta) {
   return Dp * g + beta;
 }
 
-// The elementwise passes (affine_act, masked_grad, bn_dxhat) are the CUDA kernels'; the CPU
-// leaf loops (csrc/cpu/multi_bn_leaf.inc) write the same expressions inline, so that their
-// vectorized code stays exactly what was measured.
-
-// y = relu?(A·x + D).
-template <typename T>
-FASTROBUST_HD T affine_act(T A, T x, T D, bool relu) {
-  const T f = A * x + D;
-  return (relu && f <= T(0)) ? T(0) : f;
-}
+// The elementwise passes (y = relu?(A·x + D), the ReLU-masked gradient, v = P·g + Q·x + R)
+// are written inline in the leaf loops (cpu_leaf.inc), so that their vectorized code stays
+// exactly what was measured.
 
 // --- backward ---------------------------------------------------------------------------------
-
-// The ReLU-masked output gradient: g where the recomputed pre-activation A·x + D is > 0.
-template <typename T>
-FASTROBUST_HD T masked_grad(T dy, T A, T x, T D) {
-  return A * x + D <= T(0) ? T(0) : dy;
-}
 
 // A plane's Σdz and Σdz·u (dz = γ·g, u = s·x) from its sums about the centre ctr (in x's
 // units): G1 = Σg, G2 = Σg·(x − ctr); sc = s·ctr, the centre in u's units.
@@ -136,10 +124,4 @@ FASTROBUST_HD T plane_dgamma(T Ap, T Dp, T s, T sc, T G1, T G2) {
 template <typename T>
 FASTROBUST_HD T dmix_stats_term(T a, T T1, T du, T invstd, T T2, T q, T var, T W) {
   return a * (T1 * du + T(0.5) * invstd * T2 * (q - var)) / W;
-}
-
-// The elementwise backward: v = P·g + Q·x + R (Q·x only with batch statistics).
-template <typename T>
-FASTROBUST_HD T bn_dxhat(T P, T g, T Q, T x, T R) {
-  return P * g + R + Q * x;
 }

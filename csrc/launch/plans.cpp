@@ -1,24 +1,22 @@
-// The CUDA dispatch key's kernel of every fastrobust op: the Triton kernels, launched from C++.
+// The launch path of every fastrobust op: the Triton kernels, launched from C++ (the CUDA
+// dispatch key's kernel, cuda.cpp).
 //
 // A call computes its signature (plan_signature.h) and looks up the launch plan recorded for
 // it. A plan is what the op's Python launcher did the first time it saw that signature
-// (fastrobust/kernels/_plan.py): its allocations, and each launch's Triton kernel, grid and
+// (fastrobust/ops/_triton/plan.py): its allocations, and each launch's Triton kernel, grid and
 // parameters as slots (input i or allocation j at a byte offset, a null pointer, an int, a
 // float constant, or the op's float argument i). Replaying it allocates the same tensors and
 // launches the same kernels on the current stream: no Python, no host sync.
 //
-// The launch itself goes to a Launcher: on CUDA the driver's cuLaunchKernel; in the CPU tests
-// (`fastrobust._C._plan_call`) a Python hook that gets the same bytes and runs the kernel under
-// the Triton interpreter. Everything else below runs in both.
+// The launch itself goes to a Launcher (plans.h): on CUDA the driver's cuLaunchKernel
+// (cuda.cpp); in the CPU tests (`fastrobust._C._plan_call`) a Python hook that gets the same
+// bytes and runs the kernel under the Triton interpreter. Everything here runs in both.
 //
-// An unseen signature calls the Python hook (set at import by fastrobust._ops) under the GIL:
-// it runs the launcher with a recorder and returns the results and the plan. A plan that cannot
-// be replayed is remembered as such; calls with that signature keep taking the Python
-// launcher, and the reason is warned once. `fastrobust info` prints the counts and reasons.
-//
-// Built by the host C++ compiler in every build (no device code, no CUDA toolkit): the driver
-// is reached through dlopen, and only the CUDA stream and device guard come from torch's CUDA
-// headers (FASTROBUST_WITH_CUDA: a CUDA build of torch).
+// An unseen signature calls the Python hook (fastrobust/ops/_triton/plan.py, set at import)
+// under the GIL: it runs the launcher with a recorder and returns the results and the plan. A
+// plan that cannot be replayed is remembered as such; calls with that signature keep taking
+// the Python launcher, and the reason is warned once. `fastrobust info` prints the counts and
+// reasons. Built by the host C++ compiler in every build (no device code, no CUDA toolkit).
 #include <torch/extension.h>
 
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -37,14 +35,9 @@
 #include <unordered_map>
 #include <vector>
 
-#ifdef FASTROBUST_WITH_CUDA
-#include <c10/cuda/CUDAGraphsC10Utils.h>
-#include <c10/cuda/CUDAStream.h>
-#include <dlfcn.h>
-#endif
-
-#include "checks.h"
+#include "../checks.h"
 #include "plan_signature.h"
+#include "plans.h"
 
 namespace fastrobust::plans {
 namespace {
@@ -52,27 +45,6 @@ namespace {
 namespace py = pybind11;
 
 // --- plans ---------------------------------------------------------------------------------
-
-enum SlotKind : int8_t { kInput = 0, kAlloc = 1, kNull = 2, kInt = 3, kFloat = 4, kArg = 5 };
-
-struct Param {
-  SlotKind kind;
-  int32_t index;   // kInput / kAlloc / kArg
-  int64_t offset;  // kInput / kAlloc: bytes; kArg: the fp32 part (0 value, 1 and 2 remainders)
-  int64_t ival;    // kInt
-  double fval;     // kFloat
-  int8_t size;     // bytes the kernel reads (pointers 8; i32 4, i64 8; fp32 4)
-};
-
-struct Launch {
-  uintptr_t fn;  // CUfunction, or the launch hook's handle
-  unsigned grid[3];
-  unsigned block;
-  unsigned shared;
-  std::vector<Param> params;
-  std::vector<size_t> sizes;  // of every parameter the target takes: params, then scratch
-  std::string name;
-};
 
 struct Alloc {
   std::vector<int64_t> sizes, strides;
@@ -94,19 +66,6 @@ struct Plan {
   std::vector<Alloc> allocs;
   std::vector<Launch> launches;
   std::vector<Output> outputs;
-};
-
-// Where a plan's launches go.
-class Launcher {
- public:
-  virtual ~Launcher() = default;
-  virtual char tag() const = 0;  // plans recorded for one launcher are not given to another
-  // The size of each parameter L's kernel takes, as the launch target reports it (L.params
-  // holds the recorded ones).
-  virtual std::vector<size_t> param_sizes(const Launch& L) const = 0;
-  virtual void launch(const Launch& L, void** params, const at::Device& device) const = 0;
-  // Whether the current stream is being captured into a CUDA graph.
-  virtual bool capturing(const at::Device&) const { return false; }
 };
 
 std::mutex& plans_mutex() {
@@ -146,7 +105,7 @@ std::vector<int64_t> ints_of(const py::handle& seq) {
 }
 
 // The parameter types the replay writes: pointers, 32/64-bit ints and fp32 (an fp64 scalar
-// comes as three fp32 parts, _plan.fp32_parts); the package's kernels take no others.
+// comes as three fp32 parts, plan.py fp32_parts); the package's kernels take no others.
 int8_t size_of_type(const std::string& ty) {
   if (!ty.empty() && ty[0] == '*') return 8;
   if (ty == "i64") return 8;
@@ -161,7 +120,7 @@ std::vector<double> floats_of(c10::ArrayRef<c10::IValue> args) {
   return f;
 }
 
-// Parses the Python hook's plan (fastrobust/kernels/_plan.py Plan.for_cpp) and checks every
+// Parses the Python hook's plan (fastrobust/ops/_triton/plan.py Plan.for_cpp) and checks every
 // launch's parameter layout against the launch target's.
 std::shared_ptr<const Plan> parse_plan(const py::handle& p, size_t n_returns,
                                        const Launcher& launcher,
@@ -257,7 +216,7 @@ std::shared_ptr<const Plan> parse_plan(const py::handle& p, size_t n_returns,
   return plan;
 }
 
-// fp32 part `part` of v (fastrobust/kernels/_plan.py fp32_parts): hi = fp32(v), then the
+// fp32 part `part` of v (fastrobust/ops/_triton/plan.py fp32_parts): hi = fp32(v), then the
 // fp32 roundings of what is left, so that hi + mid + lo == v in fp64.
 float fp32_part(double v, int64_t part) {
   // (past fp32's range, rounding to nearest gives inf: said explicitly, the cast would not)
@@ -390,11 +349,76 @@ std::shared_ptr<const Plan> lookup(const std::string& key, c10::ArrayRef<c10::IV
   return nullptr;
 }
 
+// --- the launch hook of the CPU tests --------------------------------------------------------
+
+class HookLauncher final : public Launcher {
+ public:
+  explicit HookLauncher(py::object hook) : hook_(std::move(hook)) {}
+  char tag() const override { return 'H'; }
+  std::vector<size_t> param_sizes(const Launch& L) const override {
+    py::gil_scoped_acquire gil;
+    std::vector<size_t> sizes;
+    for (auto s : hook_.attr("param_sizes")(L.fn)) sizes.push_back(s.cast<size_t>());
+    return sizes;
+  }
+  void launch(const Launch& L, void** params, const at::Device&) const override {
+    py::gil_scoped_acquire gil;
+    py::list bytes;
+    for (size_t i = 0; i < L.sizes.size(); ++i)
+      bytes.append(py::bytes(static_cast<const char*>(params[i]), L.sizes[i]));
+    hook_(L.fn, py::make_tuple(L.grid[0], L.grid[1], L.grid[2]), L.block, L.shared, bytes);
+  }
+  bool capturing(const at::Device&) const override {
+    py::gil_scoped_acquire gil;
+    return py::hasattr(hook_, "capturing") && hook_.attr("capturing").cast<bool>();
+  }
+
+ private:
+  py::object hook_;
+};
+
+// Launches nothing: the host cost of a replay alone (benchmarks/host_frames.py).
+class NullLauncher final : public Launcher {
+ public:
+  char tag() const override { return 'N'; }
+  std::vector<size_t> param_sizes(const Launch& L) const override {
+    std::vector<size_t> sizes;
+    for (const auto& P : L.params) sizes.push_back(size_t(P.size));
+    return sizes;
+  }
+  void launch(const Launch&, void**, const at::Device&) const override {}
+};
+
+// fastrobust._C._plan_call(name, hook, *args): op `name` on CPU tensors through the whole
+// kernel above, its launches handed to `hook` (fastrobust.ops._triton.plan.InterpreterLaunch),
+// or to none when `hook` is None.
+py::object plan_call(const std::string& name, py::object hook, py::args args) {
+  HANDLE_TH_ERRORS  // (C++ warnings reach Python as warnings, as through torch.ops)
+  const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(name.c_str(), "");
+  auto stack = torch::jit::createStackForSchema(op.schema(), args, py::kwargs(), std::nullopt);
+  static const NullLauncher null_launcher;
+  const HookLauncher hook_launcher(hook);
+  const Launcher& launcher = hook.is_none() ? static_cast<const Launcher&>(null_launcher)
+                                            : hook_launcher;
+  std::vector<at::Tensor> outs;
+  {
+    py::gil_scoped_release nogil;  // (as the dispatcher calls the CUDA kernel)
+    outs = run(op.schema(), stack, at::Device(at::kCPU), launcher);
+  }
+  if (op.schema().returns().empty()) return py::none();
+  py::tuple t(outs.size());
+  for (size_t i = 0; i < outs.size(); ++i) t[i] = py::cast(outs[i]);
+  return std::move(t);
+  END_HANDLE_TH_ERRORS_PYBIND
+}
+
+}  // namespace
+
 // The whole kernel: argument checks, signature, plan, replay or the Python launcher.
 std::vector<at::Tensor> run(const c10::FunctionSchema& schema, c10::ArrayRef<c10::IValue> args,
                             const at::Device& device, const Launcher& launcher) {
   const std::string& name = schema.name();
-  checks::check_boxed(name.substr(name.find("::") + 2), args);
+  checks::check_boxed(schema, args);
   const c10::DeviceGuard guard(device);
   std::string key = plan_signature(name, args);
   const bool describable = !key.empty();
@@ -438,172 +462,6 @@ std::vector<at::Tensor> run(const c10::FunctionSchema& schema, c10::ArrayRef<c10
   if (!recorded->replayable) warn_once(name, recorded->why_not);
   return outs;
 }
-
-// --- the launch hook of the CPU tests --------------------------------------------------------
-
-class HookLauncher final : public Launcher {
- public:
-  explicit HookLauncher(py::object hook) : hook_(std::move(hook)) {}
-  char tag() const override { return 'H'; }
-  std::vector<size_t> param_sizes(const Launch& L) const override {
-    py::gil_scoped_acquire gil;
-    std::vector<size_t> sizes;
-    for (auto s : hook_.attr("param_sizes")(L.fn)) sizes.push_back(s.cast<size_t>());
-    return sizes;
-  }
-  void launch(const Launch& L, void** params, const at::Device&) const override {
-    py::gil_scoped_acquire gil;
-    py::list bytes;
-    for (size_t i = 0; i < L.sizes.size(); ++i)
-      bytes.append(py::bytes(static_cast<const char*>(params[i]), L.sizes[i]));
-    hook_(L.fn, py::make_tuple(L.grid[0], L.grid[1], L.grid[2]), L.block, L.shared, bytes);
-  }
-  bool capturing(const at::Device&) const override {
-    py::gil_scoped_acquire gil;
-    return py::hasattr(hook_, "capturing") && hook_.attr("capturing").cast<bool>();
-  }
-
- private:
-  py::object hook_;
-};
-
-// Launches nothing: the host cost of a replay alone (benchmarks/host_frames.py).
-class NullLauncher final : public Launcher {
- public:
-  char tag() const override { return 'N'; }
-  std::vector<size_t> param_sizes(const Launch& L) const override {
-    std::vector<size_t> sizes;
-    for (const auto& P : L.params) sizes.push_back(size_t(P.size));
-    return sizes;
-  }
-  void launch(const Launch&, void**, const at::Device&) const override {}
-};
-
-// fastrobust._C._plan_call(name, hook, *args): op `name` on CPU tensors through the whole
-// kernel above, its launches handed to `hook` (fastrobust.kernels._plan.InterpreterLaunch),
-// or to none when `hook` is None.
-py::object plan_call(const std::string& name, py::object hook, py::args args) {
-  HANDLE_TH_ERRORS  // (C++ warnings reach Python as warnings, as through torch.ops)
-  const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(name.c_str(), "");
-  auto stack = torch::jit::createStackForSchema(op.schema(), args, py::kwargs(), std::nullopt);
-  static const NullLauncher null_launcher;
-  const HookLauncher hook_launcher(hook);
-  const Launcher& launcher = hook.is_none() ? static_cast<const Launcher&>(null_launcher)
-                                            : hook_launcher;
-  std::vector<at::Tensor> outs;
-  {
-    py::gil_scoped_release nogil;  // (as the dispatcher calls the CUDA kernel)
-    outs = run(op.schema(), stack, at::Device(at::kCPU), launcher);
-  }
-  if (op.schema().returns().empty()) return py::none();
-  py::tuple t(outs.size());
-  for (size_t i = 0; i < outs.size(); ++i) t[i] = py::cast(outs[i]);
-  return std::move(t);
-  END_HANDLE_TH_ERRORS_PYBIND
-}
-
-// --- CUDA ----------------------------------------------------------------------------------
-
-#ifdef FASTROBUST_WITH_CUDA
-// The driver entry points, from the libcuda.so.1 that torch and triton already loaded (no
-// driver header: the handles are pointers, the results ints).
-using CUresult = int;
-using LaunchFn = CUresult (*)(void*, unsigned, unsigned, unsigned, unsigned, unsigned,
-                              unsigned, unsigned, void*, void**, void**);
-using ParamInfoFn = CUresult (*)(void*, size_t, size_t*, size_t*);
-using ErrorStringFn = CUresult (*)(CUresult, const char**);
-using CtxGetCurrentFn = CUresult (*)(void**);
-using CtxSetCurrentFn = CUresult (*)(void*);
-using DeviceGetFn = CUresult (*)(int*, int);
-using PrimaryCtxRetainFn = CUresult (*)(void**, int);
-
-class DriverLauncher final : public Launcher {
- public:
-  DriverLauncher() {
-    void* lib = dlopen("libcuda.so.1", RTLD_LAZY | RTLD_NOLOAD);
-    if (!lib) lib = dlopen("libcuda.so.1", RTLD_LAZY);
-    if (!lib) return;
-    launch_ = reinterpret_cast<LaunchFn>(dlsym(lib, "cuLaunchKernel"));
-    param_info_ = reinterpret_cast<ParamInfoFn>(dlsym(lib, "cuFuncGetParamInfo"));
-    error_string_ = reinterpret_cast<ErrorStringFn>(dlsym(lib, "cuGetErrorString"));
-    ctx_get_ = reinterpret_cast<CtxGetCurrentFn>(dlsym(lib, "cuCtxGetCurrent"));
-    ctx_set_ = reinterpret_cast<CtxSetCurrentFn>(dlsym(lib, "cuCtxSetCurrent"));
-    device_get_ = reinterpret_cast<DeviceGetFn>(dlsym(lib, "cuDeviceGet"));
-    primary_retain_ =
-        reinterpret_cast<PrimaryCtxRetainFn>(dlsym(lib, "cuDevicePrimaryCtxRetain"));
-  }
-  char tag() const override { return 'D'; }
-  std::vector<size_t> param_sizes(const Launch& L) const override {
-    // (a driver without cuFuncGetParamInfo, older than CUDA 12.4: no plan is replayable)
-    TORCH_CHECK(launch_ && param_info_,
-                "the CUDA driver lacks cuLaunchKernel or cuFuncGetParamInfo (CUDA 12.4+)");
-    std::vector<size_t> sizes;
-    size_t offset = 0, size = 0;
-    while (param_info_(reinterpret_cast<void*>(L.fn), sizes.size(), &offset, &size) == 0)
-      sizes.push_back(size);
-    return sizes;
-  }
-  bool capturing(const at::Device&) const override {
-    return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
-  }
-  void launch(const Launch& L, void** params, const at::Device& device) const override {
-    ensure_context(device.index());
-    void* stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
-    const CUresult r = launch_(reinterpret_cast<void*>(L.fn), L.grid[0], L.grid[1], L.grid[2],
-                               L.block, 1, 1, L.shared, stream, params, nullptr);
-    TORCH_CHECK(r == 0, "fastrobust: launching the Triton kernel ", L.name, " failed: ",
-                error(r));
-  }
-
- private:
-  // A thread that has not touched CUDA yet (an autograd or DataParallel worker replaying a
-  // plan another thread recorded) has no current context, and the runtime's device guard
-  // does not bind one when the device number already matches: bind the device's primary
-  // context, as Triton's own launcher does before every launch.
-  void ensure_context(int device) const {
-    void* ctx = nullptr;
-    if (!ctx_get_ || ctx_get_(&ctx) != 0 || ctx) return;
-    int dev = 0;
-    if (device_get_(&dev, device) == 0 && primary_retain_(&ctx, dev) == 0) ctx_set_(ctx);
-  }
-  std::string error(CUresult r) const {
-    const char* s = nullptr;
-    if (error_string_) error_string_(r, &s);
-    return s ? s : ("CUDA driver error " + std::to_string(r));
-  }
-  LaunchFn launch_ = nullptr;
-  ParamInfoFn param_info_ = nullptr;
-  ErrorStringFn error_string_ = nullptr;
-  CtxGetCurrentFn ctx_get_ = nullptr;
-  CtxSetCurrentFn ctx_set_ = nullptr;
-  DeviceGetFn device_get_ = nullptr;
-  PrimaryCtxRetainFn primary_retain_ = nullptr;
-};
-
-void cuda_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet, torch::jit::Stack* stack) {
-  static const DriverLauncher driver;
-  const size_t n = op.schema().arguments().size();
-  auto args = torch::jit::last(*stack, n);
-  at::Device device(at::kCUDA, 0);
-  for (const auto& a : args)
-    if (a.isTensor() && a.toTensor().is_cuda()) {
-      device = a.toTensor().device();
-      break;
-    }
-  auto outs = run(op.schema(), args, device, driver);
-  torch::jit::drop(*stack, n);
-  for (auto& t : outs) stack->emplace_back(std::move(t));
-}
-
-TORCH_LIBRARY_IMPL(fastrobust, CUDA, m) {
-  for (const char* name : {"multi_bn", "multi_bn_backward", "film", "film_backward", "add_relu",
-                           "pgd_step", "pgd_init", "mifgsm_step", "sync_bn_stats",
-                           "sync_bn_apply", "sync_bn_grad_sums", "sync_bn_dx"})
-    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&cuda_kernel>());
-}
-#endif
-
-}  // namespace
 
 void set_plan_hook(py::object fn) {
   PyObject*& h = hook();

@@ -1,11 +1,10 @@
-// The per-element math of the PGD steps (docs/math.md), written once for the CPU
-// leaves (csrc/cpu/pgd_leaf.inc), so the CPU tests
-// cover the formulas both run.
+// The per-element math of the PGD steps (docs/math.md), written once for the CPU leaves
+// (cpu_leaf.inc); the Triton kernels (fastrobust/ops/pgd/triton.py) write the same formulas.
 //
 // No include guard and no includes but hd.h's macro, by design: each user includes it inside
 // its own namespace (the CPU leaves once per ISA, under that ISA's target pragma), so no
 // function compiled for one ISA can be linked into another's path.
-#include "hd.h"
+#include "../hd.h"
 
 // clamp(v, lo, hi) as torch.clamp computes it: max first, then min; NaN passes through.
 template <typename T>

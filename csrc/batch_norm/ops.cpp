@@ -1,44 +1,17 @@
-// The fastrobust ops: every schema, defined once. Each op has one implementation per dispatch
-// key and one autograd:
-//
-//   schema (here)        CPU (C++)          CUDA                 other devices    Autograd
-//   multi_bn             cpu/register.cpp   plans.cpp            backends/eager   autograd.cpp
-//   multi_bn_backward    cpu/register.cpp   plans.cpp            backends/eager   -
-//   film, film_backward  cpu/register.cpp   plans.cpp            backends/eager   autograd.cpp
-//   add_relu             cpu/register.cpp   plans.cpp            (composite)      autograd.cpp
-//   pgd_step, pgd_init,  cpu/register.cpp   plans.cpp            backends/eager   (no grad)
-//   mifgsm_step
-//   sync_bn_stats,       cpu/sync_bn.cpp    plans.cpp            backends/eager   -
-//   sync_bn_apply,
-//   sync_bn_grad_sums,
-//   sync_bn_dx
-//   sync_multi_bn        autograd.cpp (composite: the four above around two all-reduces)
-//
-// The synchronized BN (fastrobust.distributed) is one registered op, sync_multi_bn, whose
-// Autograd kernel (autograd.cpp) calls sync_bn_stats → all-reduce → sync_bn_apply forward and
-// sync_bn_grad_sums → all-reduce → sync_bn_dx backward through the dispatcher; the all-reduce
-// is torch's functional collective (_c10d_functional::all_reduce_ + wait_tensor) on the group
-// named by group_name. So on CUDA its four halves take the launch plans like every other op.
-//
-// On CUDA, plans.cpp launches the Triton kernels (fastrobust/kernels) from C++, replaying what
-// their Python launchers did the first time they saw a call signature.
-//
-// The fake (meta) implementations that torch.compile and opcheck trace with live in
-// fastrobust/_ops.py, as does multi_bn_grads_with_graph's body (plain torch ops, so that a
-// backward asked for with create_graph=True is itself differentiable).
-#include <torch/extension.h>
+// The BN family's ops: routed (branch) / soft-mixed (mix) batch norm with the fused input
+// scale, FiLM and ReLU, its backward, and the synchronized BN's halves. Here: their schemas,
+// their boxed checks, the CPU kernels of multi_bn and multi_bn_backward (dtype handling around
+// cpu.cpp's kernels) and the CUDA key's launch path. The synchronized halves' CPU kernels are
+// in sync_cpu.cpp, the autograd nodes of multi_bn and sync_multi_bn in autograd.cpp. Every
+// kernel reads its call into one BnArgs (args.h).
+#include <torch/library.h>
 
-#include <torch/csrc/jit/python/pybind_utils.h>
-
+#include "../accumulate.h"
+#include "../launch/cuda.h"
 #include "checks.h"
-#include "plan_signature.h"
-#include "spec.h"
+#include "cpu.h"
 
-namespace fastrobust::plans {
-void register_python(pybind11::module& m);  // csrc/plans.cpp: the CUDA launch path
-}
-
-TORCH_LIBRARY(fastrobust, m) {
+TORCH_LIBRARY_FRAGMENT(fastrobust, m) {
   // Routed (branch: int64 [N]) or soft-mixed (mix: float [N, K]) batch norm with the fused
   // input scale, FiLM and ReLU; exactly one of branch and mix. In training the running stats
   // (and num_batches_tracked) are updated in place. Returns (y, mean, invstd, planes): the
@@ -56,20 +29,12 @@ TORCH_LIBRARY(fastrobust, m) {
         "Tensor? bias, Tensor mean, Tensor invstd, Tensor planes, Tensor? input_scale, "
         "Tensor? film_gamma, Tensor? film_beta, int num_branches, bool batch_stats, bool relu, "
         "bool[7] needs) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // The same gradients as differentiable torch ops (the backward under create_graph=True).
+  // The same gradients as differentiable torch ops (the backward under create_graph=True;
+  // its body is fastrobust/ops/batch_norm/schema.py's).
   m.def("multi_bn_grads_with_graph(Tensor dy, Tensor x, Tensor? branch, Tensor? mix, "
         "Tensor? weight, Tensor? bias, Tensor mean, Tensor invstd, Tensor? input_scale, "
         "Tensor? film_gamma, Tensor? film_beta, int num_branches, bool batch_stats, float eps, "
         "bool relu, bool[7] needs) -> Tensor[]");
-  // y = gamma[n,c]·x + beta[n,c]; gamma and beta are each [N, C] (per sample) or [C] (per
-  // channel), either may be None. film_backward returns (dx, dgamma, dbeta) for `needs`
-  // (spec.h: FilmGrad); `per_channel` says which of gamma, beta are [C]: their gradients are
-  // then [C] (summed over the batch inside the kernels), the others [N, C].
-  m.def("film(Tensor x, Tensor? gamma, Tensor? beta) -> Tensor");
-  m.def("film_backward(Tensor dy, Tensor x, Tensor? gamma, bool[3] needs, bool[2] per_channel) "
-        "-> (Tensor, Tensor, Tensor)");
-  // relu(a + b), equal shapes, dtypes and devices.
-  m.def("add_relu(Tensor a, Tensor b) -> Tensor");
   // The synchronized BN's halves (each rank runs them; the all-reduces are sync_multi_bn's).
   // sync_bn_stats: this rank's per-(k, c) count and sums of u = input_scale·x about a centre,
   // in fp64, in row `rank` of payload [world_size, K + 3·K·C] = [count K | centre K·C |
@@ -112,48 +77,90 @@ TORCH_LIBRARY(fastrobust, m) {
         "Tensor? input_scale, Tensor? film_gamma, Tensor? film_beta, int num_branches, "
         "float momentum, bool cumulative, float eps, bool relu, int rank, int world_size, "
         "str group_name) -> Tensor");
-  // The PGD family, in place (no autograd: attack steps run under no_grad).
-  m.def("pgd_step(Tensor(a!) x_adv, Tensor grad, Tensor x_nat, Tensor? eps_t, float eps, "
-        "Tensor? alpha_t, float alpha, bool l2, float clip_min, float clip_max) -> ()");
-  m.def("pgd_init(Tensor(a!) noise, Tensor x_nat, Tensor? eps_t, float eps, Tensor? radius, "
-        "bool l2, float clip_min, float clip_max) -> ()");
-  m.def("mifgsm_step(Tensor(a!) x_adv, Tensor grad, Tensor(b!) momentum, Tensor x_nat, "
-        "Tensor? eps_t, float eps, Tensor? alpha_t, float alpha, float decay, float clip_min, "
-        "float clip_max) -> ()");
 }
 
+namespace fastrobust::bn {
 namespace {
-// The launch-plan signature of a call of op `name` with `args` (csrc/cuda/plans.cpp keys its
-// plans by it; tests/test_plans.py checks what it tells apart).
-pybind11::bytes plan_signature_of(const std::string& name, pybind11::args args) {
-  const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(name.c_str(), "");
-  const auto stack =
-      torch::jit::createStackForSchema(op.schema(), args, pybind11::kwargs(), std::nullopt);
-  return pybind11::bytes(fastrobust::plan_signature(op.schema().name(), stack));
+
+// The boxed checks of each op, on the call's BnArgs.
+template <void (*check)(const BnArgs&)>
+void checked(const c10::FunctionSchema& schema, c10::ArrayRef<c10::IValue> a) {
+  check(BnArgs::read(schema, a));
 }
 
-// The argument checks of op `name` (csrc/checks.h), for the kernels written in Python (eager,
-// Triton) and the fake implementations.
-void check_of(const std::string& name, pybind11::args args) {
-  const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(name.c_str(), "");
-  const auto stack =
-      torch::jit::createStackForSchema(op.schema(), args, pybind11::kwargs(), std::nullopt);
-  fastrobust::checks::check_boxed(name.substr(name.find("::") + 2), stack);
+FASTROBUST_CHECKS({"multi_bn", &checked<&checks::multi_bn>},
+                  {"multi_bn_backward", &checked<&checks::multi_bn_backward>},
+                  {"sync_bn_stats", &checked<&checks::sync_bn_stats>},
+                  {"sync_bn_apply", &checked<&checks::sync_bn_apply>},
+                  {"sync_bn_grad_sums", &checked<&checks::sync_bn_grad_sums>},
+                  {"sync_bn_dx", &checked<&checks::sync_bn_dx>},
+                  {"sync_multi_bn", &checked<&checks::sync_multi_bn>});
+
+// The floating operands the CPU kernels read in x's dtype.
+constexpr OptTensor BnArgs::*kOperands[] = {
+    &BnArgs::mix,         &BnArgs::weight,     &BnArgs::bias,     &BnArgs::running_mean,
+    &BnArgs::running_var, &BnArgs::input_scale, &BnArgs::film_gamma, &BnArgs::film_beta};
+constexpr at::Tensor BnArgs::*kGradOperands[] = {&BnArgs::dy, &BnArgs::mean, &BnArgs::invstd,
+                                                 &BnArgs::planes};
+
+bool native(const BnArgs& a) {
+  if (!native_dtypes(a.x, {})) return false;
+  for (auto f : kOperands)
+    if ((a.*f).has_value() && (a.*f)->scalar_type() != a.x.scalar_type()) return false;
+  for (auto f : {&BnArgs::dy, &BnArgs::mean})
+    if ((a.*f).defined() && (a.*f).scalar_type() != a.x.scalar_type()) return false;
+  return true;
 }
+
+// a with x and every floating operand in dtype dt (the accumulation dtype).
+BnArgs in_acc_dtype(const BnArgs& a) {
+  const auto dt = acc_dtype(a.x);
+  BnArgs c = a;
+  c.x = a.x.to(dt);
+  for (auto f : kOperands) c.*f = in_dtype(a.*f, dt);
+  for (auto f : kGradOperands)
+    if ((a.*f).defined()) c.*f = (a.*f).to(dt);
+  return c;
+}
+
+std::vector<at::Tensor> multi_bn_cpu(const BnArgs& a) {
+  checks::multi_bn(a);
+  std::vector<at::Tensor> out;
+  if (native(a)) {
+    out = cpu::multi_bn_forward(a);
+  } else {
+    const BnArgs c = in_acc_dtype(a);
+    out = cpu::multi_bn_forward(c);
+    if (a.training && c.running_mean && c.running_var) {  // back into the caller's buffers
+      if (!c.running_mean->is_same(*a.running_mean)) a.running_mean->copy_(*c.running_mean);
+      if (!c.running_var->is_same(*a.running_var)) a.running_var->copy_(*c.running_var);
+    }
+    out[0] = out[0].to(a.x.scalar_type());
+  }
+  if (!out[3].defined()) out[3] = out[1].new_empty({0});  // (outputs must not alias)
+  return out;
+}
+
+std::vector<at::Tensor> multi_bn_backward_cpu(const BnArgs& a) {
+  checks::multi_bn_backward(a);
+  const bool is_native = native(a);
+  const BnArgs c = is_native ? a : in_acc_dtype(a);
+  auto g = cpu::multi_bn_backward(c);
+  for (auto& t : g)  // fresh empties: outputs must not alias
+    if (!t.defined()) t = c.x.new_empty({0});
+  if (!is_native && a.need(kGradX)) g[kGradX] = g[kGradX].to(a.x.scalar_type());
+  return g;
+}
+
 }  // namespace
+}  // namespace fastrobust::bn
 
-// Importing fastrobust._C loads this library, which registers the ops above; the module
-// itself only carries the shared declarations of spec.h.
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "fastrobust: the op schemas and their C++ kernels (torch.ops.fastrobust)";
-  pybind11::tuple grads(size_t(fastrobust::kNumBNGrads));
-  for (size_t i = 0; i < size_t(fastrobust::kNumBNGrads); ++i)
-    grads[i] = pybind11::str(fastrobust::kBNGradNames[i]);
-  m.attr("BN_GRADS") = grads;
-  pybind11::dict modes;
-  for (int i = 0; i < 3; ++i) modes[fastrobust::kPgdModeNames[i]] = i;
-  m.attr("PGD_MODES") = modes;
-  m.def("_plan_signature", &plan_signature_of);
-  m.def("_check", &check_of);
-  fastrobust::plans::register_python(m);  // the launch plans (CUDA_LAUNCH_PATH: built for CUDA)
+TORCH_LIBRARY_IMPL(fastrobust, CPU, m) {
+  using namespace fastrobust::bn;
+  m.impl("multi_bn", torch::CppFunction::makeFromBoxedFunction<&boxed<&multi_bn_cpu>>());
+  m.impl("multi_bn_backward",
+         torch::CppFunction::makeFromBoxedFunction<&boxed<&multi_bn_backward_cpu>>());
 }
+
+FASTROBUST_LAUNCH_ON_CUDA("multi_bn", "multi_bn_backward", "sync_bn_stats", "sync_bn_apply",
+                          "sync_bn_grad_sums", "sync_bn_dx");

@@ -1,13 +1,11 @@
 // The layout handling and the passes over the activation that the CPU kernels of the
-// per-sample affine family share (multi_bn.cpp: routed and mixed BN; film.cpp: FiLM): how a
-// tensor is walked ([N, C, S] planes or channels_last rows), the innermost loops compiled for
+// per-sample affine family share (batch_norm/cpu.cpp: routed and mixed BN; film/cpu.cpp:
+// FiLM): how a tensor is walked ([N, C, S] planes or channels_last rows), the innermost loops compiled for
 // the baseline ISA and for AVX2+FMA (picked at run time), and the three passes built on them
 // (per-plane moments, per-plane gradient sums, the affine / backward-affine write).
-// Internal to csrc/cpu: everything is in an anonymous namespace of each including file.
+// Internal to the CPU kernels: everything is in an anonymous namespace of each including file.
 #pragma once
 #include <torch/extension.h>
-
-#include "multi_bn.h"  // OptTensor
 
 #include <ATen/Parallel.h>
 
@@ -25,6 +23,7 @@
 namespace fastrobust::cpu {
 namespace {
 
+using OptTensor = c10::optional<at::Tensor>;
 
 enum class Layout { Planes, ChannelsLast };
 
@@ -138,20 +137,10 @@ struct BwdFlags {
   bool has_q, mask, dot;
 };
 
-// The innermost loops, compiled for the baseline ISA and for AVX2+FMA; `leaves<T>()` picks one
-// at run time, so one binary serves any x86-64 CPU at its best speed.
-namespace isa_base {
-#include "multi_bn_leaf.inc"
-}  // namespace isa_base
-#if defined(__GNUC__) && defined(__x86_64__)
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-namespace isa_avx2 {
-#include "multi_bn_leaf.inc"
-}  // namespace isa_avx2
-#pragma GCC pop_options
-#define FASTROBUST_HAVE_AVX2 1
-#endif
+// The innermost loops (cpu_leaf.inc) for the baseline ISA and for AVX2+FMA, picked at run
+// time (csrc/cpu_isa.h).
+#define FASTROBUST_ISA_LEAF "batch_norm/cpu_leaf.inc"
+#include "../cpu_isa.h"
 
 template <typename T>
 struct Leaves {
@@ -174,13 +163,7 @@ struct Leaves {
 
 template <typename T>
 const Leaves<T>& leaves() {
-#ifdef FASTROBUST_HAVE_AVX2
-  static const Leaves<T> l = (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-                                 ? FASTROBUST_LEAVES(isa_avx2)
-                                 : FASTROBUST_LEAVES(isa_base);
-#else
-  static const Leaves<T> l = FASTROBUST_LEAVES(isa_base);
-#endif
+  static const Leaves<T> l = FASTROBUST_PICK_ISA(FASTROBUST_LEAVES);
   return l;
 }
 
@@ -342,18 +325,6 @@ void backward_pass(const View& v, Walk<const T> dy, Walk<const T> x, Walk<T> out
       leaf.rows_backward(out.sample(n) + off, dy.sample(n) + off, xs, run, v.C, at(P), at(Q),
                          at(R), at(Sc), at(ma), at(md), dp, f);
   });
-}
-
-// --- argument checks --------------------------------------------------------------------------
-
-void check_float(const OptTensor& t, const at::Tensor& x, const char* op, const char* name,
-                 std::initializer_list<int64_t> shape) {
-  if (!t) return;
-  TORCH_CHECK(t->sizes() == at::IntArrayRef(shape), op, ": ", name, " must have shape ",
-              at::IntArrayRef(shape), ", got ", t->sizes());
-  TORCH_CHECK(t->scalar_type() == x.scalar_type(), op, " (cpu kernel): ", name, " dtype ",
-              t->scalar_type(), " differs from x dtype ", x.scalar_type());
-  TORCH_CHECK(t->is_contiguous(), op, " (cpu kernel): ", name, " must be contiguous");
 }
 
 template <typename T>

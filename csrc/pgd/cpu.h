@@ -1,9 +1,10 @@
 // CPU kernels of the PGD steps (docs/math.md), the CPU implementation of
-// torch.ops.fastrobust.{pgd_step,mifgsm_step,pgd_init} (registered in csrc/cpu/register.cpp).
+// torch.ops.fastrobust.{pgd_step,mifgsm_step,pgd_init} (registered in cpu.cpp).
 //
 // Every tensor has x_adv's shape and strides, is dense and keeps each sample in one block of
-// memory (contiguous or channels_last; register.cpp copies other layouts); eps_t / alpha_t
-// are per-sample [N] tensors in x's dtype, or undefined to use the scalars eps / alpha.
+// memory (contiguous or channels_last; the ops' kernels in cpu.cpp copy other layouts);
+// eps_t / alpha_t are per-sample [N] tensors in x's dtype, or undefined to use the scalars
+// eps / alpha.
 #pragma once
 #include <torch/extension.h>
 

@@ -1,5 +1,5 @@
-// The signature of a call, the key of its launch plan (csrc/plans.cpp,
-// fastrobust/kernels/_plan.py): everything the Python launchers decide from, and nothing else.
+// The signature of a call, the key of its launch plan (plans.cpp,
+// fastrobust/ops/_triton/plan.py): everything the Python launchers decide from, and nothing else.
 // Per argument: a tensor's dtype, device, sizes, strides, whether it is empty, 16-byte
 // alignment of its first element (Triton specializes on it) and which earlier tensor argument
 // shares its storage, at what byte distance; an int's, bool's or bool list's value. Not a

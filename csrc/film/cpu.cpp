@@ -1,23 +1,21 @@
 // CPU kernels of FiLM, y = gamma[n,c]·x + beta[n,c] (docs/math.md), gamma and beta
 // [N, C] or [C]: one affine pass forward; backward one affine pass for dx and one pass of
-// per-plane sums for dgamma, dbeta (summed over the batch for a [C] one).
-#include "multi_bn.h"
+// per-plane sums for dgamma, dbeta (summed over the batch for a [C] one). The passes are the
+// BN's (batch_norm/cpu_passes.h). Registered here for the CPU key: film and film_backward
+// compute in x's dtype when it is float32/float64 and gamma, beta, dy have it too, else in the
+// accumulation dtype (csrc/accumulate.h) with the outputs cast back.
+#include <torch/extension.h>
 
 #include <algorithm>
 #include <vector>
 
-#include "passes.h"
+#include "../accumulate.h"
+#include "../batch_norm/cpu_passes.h"
+#include "../spec.h"
+#include "checks.h"
 
 namespace fastrobust::cpu {
 namespace {
-
-// gamma or beta: [N, C] or [C], x's dtype, contiguous.
-void check_coefficient(const OptTensor& t, const at::Tensor& x, const char* name) {
-  if (!t) return;
-  const int64_t N = x.size(0), C = x.size(1);
-  check_float(t, x, "film", name, t->dim() == 1 ? std::initializer_list<int64_t>{C}
-                                                 : std::initializer_list<int64_t>{N, C});
-}
 
 // The [N, C] coefficients of t (a [C] one repeated per sample), `fill` where t is None.
 template <typename T>
@@ -50,13 +48,10 @@ at::Tensor planes_to_grad(const Scratch<T>& sums, int64_t N, int64_t C, bool per
   return g;
 }
 
-}  // namespace
-
 at::Tensor film_forward(const at::Tensor& x_in, const OptTensor& gamma, const OptTensor& beta) {
-  TORCH_CHECK(x_in.dim() >= 2, "film: x must be [N, C, *spatial]");
   const int64_t N = x_in.size(0), C = x_in.size(1);
-  check_coefficient(gamma, x_in, "gamma");
-  check_coefficient(beta, x_in, "beta");
+  checks::kernel_operand("film", "gamma", gamma, x_in);
+  checks::kernel_operand("film", "beta", beta, x_in);
   auto [x, v] = as_view(x_in);
   auto y = empty_like_view(x, v);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "film_forward", [&] {
@@ -72,11 +67,8 @@ std::vector<at::Tensor> film_backward(const at::Tensor& dy_in, const at::Tensor&
                                       const OptTensor& gamma, bool need_x, bool need_gamma,
                                       bool need_beta, bool per_channel_gamma,
                                       bool per_channel_beta) {
-  TORCH_CHECK(x_in.dim() >= 2, "film: x must be [N, C, *spatial]");
   const int64_t N = x_in.size(0), C = x_in.size(1);
-  check_coefficient(gamma, x_in, "gamma");
-  TORCH_CHECK(!gamma || (gamma->dim() == 1) == per_channel_gamma,
-              "film_backward: per_channel[0] must say whether gamma is [C]");
+  checks::kernel_operand("film", "gamma", gamma, x_in);
   auto [x, v] = as_view(x_in);
   auto [dy, dyv] = match_layout(dy_in, x, v);
   at::Tensor dx = x.new_empty({0}), dgamma = x.new_empty({0}), dbeta = x.new_empty({0});
@@ -97,6 +89,40 @@ std::vector<at::Tensor> film_backward(const at::Tensor& dy_in, const at::Tensor&
     }
   });
   return {dx, dgamma, dbeta};
+}
+
+// --- the ops' CPU kernels ---------------------------------------------------------------------
+
+at::Tensor film(const at::Tensor& x, const OptTensor& gamma, const OptTensor& beta) {
+  checks::film(x, gamma, beta);
+  if (native_dtypes(x, {&gamma, &beta})) return film_forward(x, gamma, beta);
+  const auto dt = acc_dtype(x);
+  return film_forward(x.to(dt), in_dtype(gamma, dt), in_dtype(beta, dt)).to(x.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> film_backward_cpu(
+    const at::Tensor& dy, const at::Tensor& x, const OptTensor& gamma,
+    std::array<bool, kNumFilmGrads> needs, std::array<bool, 2> per_channel) {
+  checks::film_backward(dy, x, gamma, needs, per_channel);
+  const OptTensor dyo = dy;
+  std::vector<at::Tensor> g;
+  if (native_dtypes(x, {&dyo, &gamma})) {
+    g = film_backward(dy, x, gamma, needs[kFilmX], needs[kFilmGamma], needs[kFilmBeta],
+                      per_channel[0], per_channel[1]);
+  } else {
+    const auto dt = acc_dtype(x);
+    g = film_backward(dy.to(dt), x.to(dt), in_dtype(gamma, dt), needs[kFilmX],
+                      needs[kFilmGamma], needs[kFilmBeta], per_channel[0], per_channel[1]);
+    if (needs[kFilmX]) g[0] = g[0].to(x.scalar_type());
+  }
+  return {g[0], g[1], g[2]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastrobust, CPU, m) {
+  m.impl("film", &film);
+  m.impl("film_backward", &film_backward_cpu);
 }
 
 }  // namespace fastrobust::cpu
