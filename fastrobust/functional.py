@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .ops._common import FLOATS, shown
 from .ops.pgd.functional import mifgsm_step_, pgd_init, pgd_step_
-from .ops.add_relu.schema import add_relu as _add_relu
+from .ops.add_relu import add_relu as _add_relu
 
 _ops = torch.ops.fastrobust
 

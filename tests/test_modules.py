@@ -447,7 +447,7 @@ def test_add_relu_matches_plain_ops(fmt):
     """The residual junction relu(a + b): the fused node gives the plain ops' bits, forward and
     both gradients (a and b may alias, as an identity shortcut's input does); broadcasting
     shapes take the plain ops."""
-    from fastrobust.ops.add_relu.schema import add_relu
+    from fastrobust.ops.add_relu import add_relu
 
     a0 = torch.randn(5, 4, 6, 6).contiguous(memory_format=fmt)
     b0 = torch.randn(5, 4, 6, 6).contiguous(memory_format=fmt)

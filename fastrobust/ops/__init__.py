@@ -1,17 +1,20 @@
 """The ops, one folder per family (batch_norm, film, pgd, add_relu), each with its schema side
 (schema.py: fakes, argument struct), its eager implementation (eager.py) and its Triton kernels
-(triton.py). The schemas, the CPU kernels and the one autograd are C++ (csrc/ops.cpp).
+(triton.py), each declaring in its __init__ what is registered for it. The schemas, CPU
+kernels, argument checks and autograd nodes are C++, in csrc/<family>/.
 
 Importing this package registers, once: the fakes (meta implementations, with the C++ argument
 checks), the eager kernels for CompositeExplicitAutograd (every device without a kernel of its
 own), the differentiable backward of multi_bn for second derivatives, and the hook through
-which the CUDA key's C++ kernel (csrc/plans.cpp) runs an op's Triton launcher for a call
+which the CUDA key's C++ kernel (csrc/launch/plans.cpp) runs an op's Triton launcher for a call
 signature it has not seen. Every call, eager or traced by torch.compile, takes the same path:
 the dispatcher's Autograd kernel (one C++ node per call), then the device's kernel.
 """
 from __future__ import annotations
 
 import importlib
+import pkgutil
+import types
 import warnings
 
 import torch
@@ -19,29 +22,20 @@ import torch
 from . import _common, _triton
 from ._common import BNGrad, PgdMode, acc_dtype, needs  # noqa: F401 - the ops' shared names
 from ._triton import plan
-from .add_relu import eager as add_relu_eager
-from .batch_norm import eager as bn_eager, schema as bn_schema, sync_eager
-from .film import eager as film_eager, schema as film_schema
-from .pgd import eager as pgd_eager, schema as pgd_schema
 
 _C = _common._C
 
-# The schema ops of each family (csrc/ops.cpp), by the family's backend name.
-SCHEMAS = {"multi_bn": ("multi_bn", "multi_bn_backward", "sync_bn_stats", "sync_bn_apply",
-                        "sync_bn_grad_sums", "sync_bn_dx"),
-           "film": ("film", "film_backward"),
-           "add_relu": ("add_relu",), "pgd": ("pgd_step", "pgd_init", "mifgsm_step")}
+# The op families: every sub-package not named with an underscore. Each declares what is
+# registered for it (KEY, OPS, FAKES, EAGER, TRITON; IMPLICIT, CPP_COMPOSITE where it has some),
+# so a new family is its folder and nothing here.
+FAMILIES = [importlib.import_module(f"{__name__}.{m.name}")
+            for m in pkgutil.iter_modules(__path__) if m.ispkg and not m.name.startswith("_")]
+# The ops with a kernel per backend, by family (the family's name in fastrobust.backends).
+SCHEMAS = {fam.KEY: fam.OPS for fam in FAMILIES}
 FAMILY = {name: fam for fam, names in SCHEMAS.items() for name in names}
-# The module of each family's implementations: eager ones, then Triton's (imported when asked).
-_EAGER = {"multi_bn": bn_eager, "multi_bn_backward": bn_eager, "film": film_eager,
-          "film_backward": film_eager, "add_relu": add_relu_eager, "pgd_step": pgd_eager,
-          "pgd_init": pgd_eager, "mifgsm_step": pgd_eager,
-          **{name: sync_eager for name in SCHEMAS["multi_bn"][2:]}}
-_TRITON = {"multi_bn": "batch_norm.triton", "multi_bn_backward": "batch_norm.triton_backward",
-           "film": "film.triton", "film_backward": "film.triton",
-           "add_relu": "add_relu.triton", "pgd_step": "pgd.triton", "pgd_init": "pgd.triton",
-           "mifgsm_step": "pgd.triton",
-           **{name: "batch_norm.sync_triton" for name in SCHEMAS["multi_bn"][2:]}}
+_EAGER = {name: kernel for fam in FAMILIES for name, kernel in fam.EAGER.items()}
+_TRITON = {name: f"{fam.__name__.rsplit('.', 1)[1]}.{mod}" for fam in FAMILIES
+           for name, mod in fam.TRITON.items()}
 
 
 def checked(impls: dict) -> dict:
@@ -62,7 +56,8 @@ def checked(impls: dict) -> dict:
 
 def eager_implementations() -> dict:
     """{op name: its eager kernel, with the op's schema and checks}."""
-    return checked({name: getattr(mod, name) for name, mod in _EAGER.items()})
+    return checked({name: getattr(k, name) if isinstance(k, types.ModuleType) else k
+                    for name, k in _EAGER.items()})
 
 
 def _triton_module(path: str):
@@ -109,13 +104,14 @@ def cuda_implementations() -> dict:
 
 # (the fakes run the kernels' argument checks: a bad call fails as it would in eager, where
 # every kernel checks; an argument on the meta device among real ones raises instead of tracing)
-for _name, _fn in checked({**bn_schema.FAKES, **film_schema.FAKES,
-                           **pgd_schema.FAKES}).items():
+for _name, _fn in checked({k: v for fam in FAMILIES for k, v in fam.FAKES.items()}).items():
     torch.library.register_fake(f"fastrobust::{_name}", _fn)
-torch.library.impl("fastrobust::multi_bn_grads_with_graph", "CompositeImplicitAutograd")(
-    bn_eager.grads_with_graph)
+for _fam in FAMILIES:
+    for _name, _fn in getattr(_fam, "IMPLICIT", {}).items():
+        torch.library.impl(f"fastrobust::{_name}", "CompositeImplicitAutograd")(_fn)
 _lib = torch.library.Library("fastrobust", "IMPL")
+_cpp_composite = {n for fam in FAMILIES for n in getattr(fam, "CPP_COMPOSITE", ())}
 for _name, _fn in eager_implementations().items():
-    if _name != "add_relu":  # (its composite is C++)
+    if _name not in _cpp_composite:
         _lib.impl(_name, _fn, "CompositeExplicitAutograd")
 _C._set_plan_hook(plan.cpp_hook(cuda_implementations, lambda: _triton.missing() is None))
