@@ -218,6 +218,13 @@ def add_relu_cases():
     return cases
 
 
+def table_cases():
+    """Every op's row of tests/op_table.py (a new op's kernels are compiled with no edit here),
+    fp32/bf16/fp16."""
+    return [(dtype, call) for dtype in (torch.float32, torch.bfloat16, torch.float16)
+            for _, call in lc.table_ops(dtype)]
+
+
 def pgd_cases():
     cases = []
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
@@ -337,7 +344,7 @@ def main():
     args = ap.parse_args()
     t0 = time.time()
     found = record(bn_cases(args.full) + sync_cases(args.full) + film_cases() + add_relu_cases()
-                   + pgd_cases())
+                   + pgd_cases() + table_cases())
     if args.count_only:
         from collections import Counter
         print(len(found), Counter(v[0] for v in found.values()))

@@ -24,10 +24,15 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import sys
+from pathlib import Path
 
 import torch
 
 from fastrobust import backends, functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import op_table  # noqa: E402 - the tests' table of ops (tests/op_table.py)
 
 DEV = "cuda"
 
@@ -123,6 +128,13 @@ def pgd_calls(dtype=torch.float32, init=True):
         F.mifgsm_step_(xa, grad, torch.zeros_like(xa), xn, 8 / 255, 2 / 255)
 
 
+def table_calls():
+    """Each op's row of tests/op_table.py (every registered op, a new one with no edit here)."""
+    for op in op_table.OPS.values():
+        if op.kernel and not op.needs_group:
+            op_table.run(op.name, op.args(0, torch.float32, device=DEV))
+
+
 def run(backend: str | None):
     # the default twice: recorded, then replayed from C++ (the same signatures)
     for _ in range(2 if backend is None else 1):
@@ -132,6 +144,7 @@ def run(backend: str | None):
                 pgd_calls(dtype)
             film_calls()
             sync_calls()
+            table_calls()
     if DEV == "cuda":
         torch.cuda.synchronize()
 

@@ -23,10 +23,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import fastrobust  # noqa: E402,F401 - registers the ops
 from fastrobust import functional as F  # noqa: E402
 from fastrobust.backends import triton as triton_backend  # noqa: E402
+import op_table  # noqa: E402 - the tests' table of ops (tests/op_table.py)
 
 aten = torch.ops.aten
 # ATen ops that launch nothing on CUDA: allocation, views, metadata.
@@ -257,6 +259,29 @@ def measure_pgd(norm="linf", per_sample=False, momentum=False, shape=(8, 3, 32, 
     return list(c.launches)
 
 
+def table_ops(dtype=torch.float32) -> list[tuple[str, object]]:
+    """(op, a closure that calls it once on meta tensors) for every op of tests/op_table.py
+    with a kernel per backend, on its row's valid call: a new op is counted here, and compiled
+    and checked by aot_compile.py and plan_layout_check.py, with no edit of these scripts."""
+    out = []
+    for op in op_table.OPS.values():
+        if op.kernel and not op.needs_group:
+            with counting():  # (the ops a row's arguments come from take the Triton path too)
+                args = op.args(0, dtype, device="meta")
+            out.append((op.name, lambda a=args, name=op.name: op_table.run(name, a)))
+    return out
+
+
+def measure_ops() -> list[tuple[str, list[str]]]:
+    """(op, its launches) for one call of each op of table_ops()."""
+    rows = []
+    for name, call in table_ops():
+        with counting() as c:
+            call()
+        rows.append((name, list(c.launches)))
+    return rows
+
+
 def table() -> list[tuple[str, int, int, list[str]]]:
     """(case, forward launches, backward launches or -1, the launches) per case."""
     rows = []
@@ -299,6 +324,8 @@ def table() -> list[tuple[str, int, int, list[str]]]:
         rows.append((f"pgd_step_ l2 {name}", len(launches), -1, launches))
         launches = measure_pgd(momentum=True, shape=shape)
         rows.append((f"mifgsm_step_ {name}", len(launches), -1, launches))
+    for name, launches in measure_ops():  # each registered op's own call (tests/op_table.py)
+        rows.append((f"op {name}", len(launches), -1, launches))
     return rows
 
 

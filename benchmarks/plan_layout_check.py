@@ -96,6 +96,8 @@ def cases():
     for dtype in (torch.float32, torch.float64):
         out.append(lambda d=dtype: pgd((8, 3, 16, 16), d, False, layouts=True))
         out.append(lambda d=dtype: pgd((2, 3, 64, 64), d, True, layouts=True))
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        out += [call for _, call in lc.table_ops(dtype)]  # every op's row of tests/op_table.py
     out.append(lambda: F.multi_batch_norm(  # running statistics through their strides
         _t((8, 16, 4, 4), torch.float32), torch.zeros(8, dtype=torch.long, device="meta"),
         None, None, _t((16, 2), torch.float32).t(), _t((16, 2), torch.float32).t(),

@@ -16,61 +16,71 @@ ops = torch.ops.fastrobust
 class Op:
     name: str
     family: str  # its fastrobust.backends family (backends.SCHEMAS)
-    call: Callable[..., dict]  # (generator, dtype) -> the named arguments of a valid call
+    call: Callable[..., dict]  # (_Make) -> the named arguments of a valid call
     differentiable: tuple[str, ...] = ()  # the inputs its autograd node differentiates
     kernel: bool = True  # has a kernel per backend (False: a composite of other ops)
     needs_group: bool = False  # needs an initialized process group
 
-    def args(self, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict:
-        return self.call(torch.Generator().manual_seed(seed), dtype)
+    def args(self, seed: int = 0, dtype: torch.dtype = torch.float32,
+             device: str = "cpu") -> dict:
+        """The row's valid call (the ops a row's arguments come from run on `device` too)."""
+        return self.call(_Make(torch.Generator().manual_seed(seed), dtype, device))
 
 
-def _r(g, *shape, dtype=torch.float32):
-    return torch.randn(*shape, generator=g).to(dtype)
+class _Make:
+    """Random and fixed tensors of a row's call: drawn on the CPU from one generator (the same
+    values on every device), then put in `dtype` (floats) on `device`."""
+
+    def __init__(self, g: torch.Generator, dtype: torch.dtype, device: str):
+        self.g, self.dtype, self.device = g, dtype, device
+
+    def randn(self, *shape):
+        return torch.randn(*shape, generator=self.g).to(self.dtype).to(self.device)
+
+    def rand(self, *shape):
+        return torch.rand(*shape, generator=self.g).to(self.dtype).to(self.device)
+
+    def t(self, t: torch.Tensor):
+        return t.to(self.dtype if t.is_floating_point() else t.dtype).to(self.device)
 
 
-def _u(g, *shape, dtype=torch.float32):
-    return torch.rand(*shape, generator=g).to(dtype)
+def bn(m: _Make, N=4, C=3, K=2):
+    return dict(x=m.randn(N, C, 2, 2), branch=m.t(torch.tensor([0, 1, 0, 1][:N])), mix=None,
+                weight=m.rand(K, C) + .5, bias=m.randn(K, C), running_mean=m.t(torch.zeros(K, C)),
+                running_var=m.t(torch.ones(K, C)),
+                num_batches_tracked=m.t(torch.zeros(K, dtype=torch.long)),
+                input_scale=m.rand(N, C) + .5, film_gamma=m.randn(N, C), film_beta=m.randn(N, C),
+                num_branches=K, training=True, momentum=0.1, cumulative=False, eps=1e-5,
+                relu=True)
 
 
-def bn(g, dtype, N=4, C=3, K=2):
-    return dict(x=_r(g, N, C, 2, 2, dtype=dtype), branch=torch.tensor([0, 1, 0, 1][:N]),
-                mix=None, weight=_u(g, K, C, dtype=dtype) + .5, bias=_r(g, K, C, dtype=dtype),
-                running_mean=torch.zeros(K, C, dtype=dtype),
-                running_var=torch.ones(K, C, dtype=dtype),
-                num_batches_tracked=torch.zeros(K, dtype=torch.long),
-                input_scale=_u(g, N, C, dtype=dtype) + .5, film_gamma=_r(g, N, C, dtype=dtype),
-                film_beta=_r(g, N, C, dtype=dtype), num_branches=K, training=True,
-                momentum=0.1, cumulative=False, eps=1e-5, relu=True)
-
-
-def bn_backward(g, dtype):
-    f = bn(g, dtype)
+def bn_backward(m):
+    f = bn(m)
     _, mean, invstd, planes = ops.multi_bn(*f.values())
-    return dict(dy=_r(g, *f["x"].shape, dtype=dtype), x=f["x"], branch=f["branch"], mix=None,
+    return dict(dy=m.randn(*f["x"].shape), x=f["x"], branch=f["branch"], mix=None,
                 weight=f["weight"], bias=f["bias"], mean=mean, invstd=invstd, planes=planes,
                 input_scale=f["input_scale"], film_gamma=f["film_gamma"],
                 film_beta=f["film_beta"], num_branches=2, batch_stats=True, relu=True,
                 needs=[True] * 7)
 
 
-def bn_grads_with_graph(g, dtype):
-    b = bn_backward(g, dtype)
+def bn_grads_with_graph(m):
+    b = bn_backward(m)
     del b["planes"]
     return dict(list(b.items())[:-2] + [("eps", 1e-5), ("relu", True),
                                         ("needs", [True] * 7)])
 
 
-def sync_stats(g, dtype):
-    f = bn(g, dtype)
+def sync_stats(m):
+    f = bn(m)
     return dict(x=f["x"], branch=f["branch"], mix=None, input_scale=f["input_scale"],
                 num_batches_tracked=f["num_batches_tracked"], num_branches=2, cumulative=True,
                 rank=1, world_size=2)
 
 
-def sync_apply(g, dtype):
-    f = bn(g, dtype)
-    payload, _, old = ops.sync_bn_stats(*sync_stats(g, dtype).values())
+def sync_apply(m):
+    f = bn(m)
+    payload, _, old = ops.sync_bn_stats(*dict(sync_stats(m), x=f["x"]).values())
     a = {k: f[k] for k in ("x", "branch", "mix", "weight", "bias", "running_mean",
                            "running_var", "num_batches_tracked", "input_scale", "film_gamma",
                            "film_beta")}
@@ -78,18 +88,18 @@ def sync_apply(g, dtype):
                 eps=1e-5, relu=True)
 
 
-def sync_grad_sums(g, dtype):
-    a = sync_apply(g, dtype)
+def sync_grad_sums(m):
+    a = sync_apply(m)
     _, mean, invstd = ops.sync_bn_apply(*a.values())
-    return dict(dy=_r(g, *a["x"].shape, dtype=dtype), x=a["x"], branch=a["branch"], mix=None,
+    return dict(dy=m.randn(*a["x"].shape), x=a["x"], branch=a["branch"], mix=None,
                 weight=a["weight"], bias=a["bias"], mean=mean, invstd=invstd,
                 input_scale=a["input_scale"], film_gamma=a["film_gamma"],
                 film_beta=a["film_beta"], num_branches=2, relu=True, needs=[True] * 7)
 
 
-def sync_dx(g, dtype):
-    s = sync_grad_sums(g, dtype)
-    payload, planes, _ = ops.sync_bn_stats(*sync_stats(g, dtype).values())
+def sync_dx(m):
+    s = sync_grad_sums(m)
+    payload, planes, _ = ops.sync_bn_stats(*dict(sync_stats(m), x=s["x"]).values())
     sums, parts, _, _ = ops.sync_bn_grad_sums(*s.values())
     a = dict(list(s.items())[:8])
     a["planes"] = planes
@@ -98,45 +108,42 @@ def sync_dx(g, dtype):
                 needs=[True] * 7)
 
 
-def sync_multi_bn(g, dtype):
-    a = bn(g, dtype)
+def sync_multi_bn(m):
+    a = bn(m)
     del a["training"]
     return dict(a, rank=0, world_size=1, group_name="0")
 
 
-def film(g, dtype):
-    return dict(x=_r(g, 4, 3, 2, 2, dtype=dtype), gamma=_r(g, 4, 3, dtype=dtype),
-                beta=_r(g, 3, dtype=dtype))
+def film(m):
+    return dict(x=m.randn(4, 3, 2, 2), gamma=m.randn(4, 3), beta=m.randn(3))
 
 
-def film_backward(g, dtype):
-    return dict(dy=_r(g, 4, 3, 2, 2, dtype=dtype), x=_r(g, 4, 3, 2, 2, dtype=dtype),
-                gamma=_r(g, 3, dtype=dtype), needs=[True, True, True],
-                per_channel=[True, False])
+def film_backward(m):
+    return dict(dy=m.randn(4, 3, 2, 2), x=m.randn(4, 3, 2, 2), gamma=m.randn(3),
+                needs=[True, True, True], per_channel=[True, False])
 
 
-def add_relu(g, dtype):
-    return dict(a=_r(g, 4, 8, 3, 3, dtype=dtype), b=_r(g, 4, 8, 3, 3, dtype=dtype))
+def add_relu(m):
+    return dict(a=m.randn(4, 8, 3, 3), b=m.randn(4, 8, 3, 3))
 
 
-def pgd(g, dtype):
-    xn = _u(g, 3, 2, 4, 4, dtype=dtype)
-    return dict(x_adv=xn.clone(), grad=_r(g, 3, 2, 4, 4, dtype=dtype), x_nat=xn,
-                eps_t=torch.full((3,), 0.03, dtype=dtype), eps=0.03, alpha_t=None, alpha=0.01,
+def pgd(m):
+    xn = m.rand(3, 2, 4, 4)
+    return dict(x_adv=xn.clone(), grad=m.randn(3, 2, 4, 4), x_nat=xn,
+                eps_t=m.t(torch.full((3,), 0.03)), eps=0.03, alpha_t=None, alpha=0.01,
                 l2=False, clip_min=0.0, clip_max=1.0)
 
 
-def mifgsm(g, dtype):
-    p = pgd(g, dtype)
+def mifgsm(m):
+    p = pgd(m)
     return dict(x_adv=p["x_adv"], grad=p["grad"], momentum=torch.zeros_like(p["x_adv"]),
                 x_nat=p["x_nat"], eps_t=p["eps_t"], eps=0.03, alpha_t=None, alpha=0.01,
                 decay=1.0, clip_min=0.0, clip_max=1.0)
 
 
-def pgd_init(g, dtype):
-    return dict(noise=_u(g, 3, 2, 4, 4, dtype=dtype) * 2 - 1,
-                x_nat=_u(g, 3, 2, 4, 4, dtype=dtype), eps_t=None, eps=0.03, radius=None,
-                l2=False, clip_min=0.0, clip_max=1.0)
+def pgd_init(m):
+    return dict(noise=m.rand(3, 2, 4, 4) * 2 - 1, x_nat=m.rand(3, 2, 4, 4), eps_t=None,
+                eps=0.03, radius=None, l2=False, clip_min=0.0, clip_max=1.0)
 
 
 _BN_DIFF = ("x", "weight", "bias", "input_scale", "film_gamma", "film_beta")

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import launch_counts as lc
+import op_table
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -105,6 +106,14 @@ def test_add_relu_launch_budget():
     fwd, bwd = lc.measure_add_relu()
     assert fwd == ["triton._add_relu_kernel"]
     assert len(bwd) <= 1, bwd
+
+
+@pytest.mark.parametrize("name,launches", lc.measure_ops(), ids=[n for n, _ in lc.measure_ops()])
+def test_every_op_launch_budget(name, launches):
+    """Each registered op's own call (its row of tests/op_table.py): at most 3 launches, a PGD
+    step at most 2 (one, or the split's partial sums then the update)."""
+    budget = 2 if op_table.OPS[name].family == "pgd" else 3
+    assert 1 <= len(launches) <= budget, launches
 
 
 def test_mifgsm_launch_budget():
