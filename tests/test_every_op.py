@@ -12,7 +12,7 @@ import torch
 
 from fastrobust import _C, backends
 from fastrobust.backends import triton as triton_backend
-from op_table import OPS, Op, cloned, registered, run, tensors
+from op_table import BAD, OPS, Op, cloned, registered, run, tensors
 
 _CALLED = [op for op in OPS.values() if not op.needs_group]
 _KERNELS = [op for op in _CALLED if op.kernel]
@@ -33,7 +33,6 @@ def test_every_kernel_op_is_in_its_backend_family():
 
 
 def test_every_op_has_a_bad_argument_case():
-    from test_op_boundary import BAD
     assert {row[0] for row in BAD} == set(OPS) - {"multi_bn_grads_with_graph", "sync_multi_bn"}
 
 
