@@ -22,12 +22,12 @@ of the sum of every rank's loss, as nn.SyncBatchNorm's, so DDP's average gives t
 the global batch's mean loss.
 
 Both functions call one registered op, torch.ops.fastrobust.sync_multi_bn, whose C++ autograd
-node (csrc/autograd.cpp) calls sync_bn_stats → all-reduce → sync_bn_apply forward and
+node (csrc/batch_norm/autograd.cpp) calls sync_bn_stats → all-reduce → sync_bn_apply forward and
 sync_bn_grad_sums → all-reduce → sync_bn_dx backward, each through the dispatcher; the
 all-reduce is torch's functional collective on the group's name. The four halves have a
-kernel per device like every other op: the CPU's in C++ (csrc/cpu/sync_bn.cpp), CUDA's the
+kernel per device like every other op: the CPU's in C++ (csrc/batch_norm/sync_cpu.cpp), CUDA's the
 Triton kernels (fastrobust/ops/batch_norm/sync_triton.py: 3 launches each way) launched from
-C++ by the launch plans (csrc/plans.cpp), the eager ones (fastrobust/ops/batch_norm/
+C++ by the launch plans (csrc/launch/plans.cpp), the eager ones (fastrobust/ops/batch_norm/
 sync_eager.py) elsewhere. Nothing
 on the host reads a value.
 """

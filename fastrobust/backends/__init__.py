@@ -1,12 +1,12 @@
 """Which implementation serves each op on each device, and why the others do not.
 
-Every op is one schema (csrc/ops.cpp) with one kernel per dispatch key and one autograd
-(csrc/autograd.cpp); the dispatcher picks the kernel by the tensors' device, and nothing
-registers over a kernel after import:
+Every op is one schema (csrc/<family>/ops.cpp) with one kernel per dispatch key and one
+autograd (csrc/<family>/autograd.cpp); the dispatcher picks the kernel by the tensors'
+device, and nothing registers over a kernel after import:
 
-    cpu     C++ kernels (csrc/cpu), the CPU key's own                    backends/cpu.py
+    cpu     C++ kernels (csrc/*/cpu.cpp), the CPU key's own              backends/cpu.py
     triton  Triton kernels (fastrobust/ops/*/triton.py), launched from    backends/triton.py
-            C++ by the CUDA key's kernel (csrc/plans.cpp)
+            C++ by the CUDA key's kernel (csrc/launch/plans.cpp)
     eager   plain PyTorch (fastrobust/ops/*/eager.py), every other        backends/eager.py
             device
 
@@ -150,7 +150,7 @@ def describe() -> str:
 
 
 def cuda_launches_from_cpp() -> bool:
-    """Whether CUDA calls reach the Triton kernels from C++ (csrc/plans.cpp: fastrobust._C
+    """Whether CUDA calls reach the Triton kernels from C++ (csrc/launch/plans.cpp: fastrobust._C
     was built against a CUDA build of torch)."""
     return bool(_C.CUDA_LAUNCH_PATH)
 
@@ -162,7 +162,7 @@ def launch_path() -> str:
         return ("CUDA calls: none in this build (torch is a CPU build, so fastrobust._C has "
                 "no CUDA launch path)")
     why = triton.missing()
-    lines = ["CUDA calls: the Triton kernels, launched from C++ (csrc/plans.cpp): each call "
+    lines = ["CUDA calls: the Triton kernels, launched from C++ (csrc/launch/plans.cpp): each call "
              "signature runs its Python launcher once, then replays its launches with no "
              "Python" + (f"; but {why}: the eager kernels serve CUDA tensors" if why else "")]
     stats = _C._plan_stats()

@@ -1,6 +1,6 @@
-"""The C++ backend: fastrobust._C's CPU kernels (csrc/cpu), registered in C++ for the CPU
-dispatch key (csrc/cpu/register.cpp). float32/float64 run natively; other dtypes are computed
-in the accumulation dtype and cast back."""
+"""The C++ backend: fastrobust._C's CPU kernels (csrc/<family>/cpu.cpp), registered in C++
+for the CPU dispatch key (csrc/<family>/ops.cpp). float32/float64 run natively; other dtypes
+are computed in the accumulation dtype and cast back."""
 from __future__ import annotations
 
 import torch

@@ -1,5 +1,5 @@
 """The Triton backend: fastrobust/ops/<family>/triton.py. The CUDA key's kernel is C++
-(csrc/plans.cpp), which launches these kernels from plans it records through their Python
+(csrc/launch/plans.cpp), which launches these kernels from plans it records through their Python
 launchers once per call signature. CPU tensors run under TRITON_INTERPRET=1 (Triton's
 interpreter, for tests) when this backend is forced with `fastrobust.backends.use("triton")`."""
 from __future__ import annotations

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-# slot kinds (csrc/plans.cpp reads the same numbers)
+# slot kinds (csrc/launch/plans.cpp reads the same numbers)
 INPUT, ALLOC, NULL, INT, FLOAT, ARG = 0, 1, 2, 3, 4, 5
 
 

@@ -12,7 +12,7 @@ writes down a plan:
                a float constant, or float argument i of the op) and its type;
   outputs      the op's results: an allocation, or a fresh empty tensor.
 
-csrc/plans.cpp, the CUDA dispatch key's kernel of every op, keys plans by the signature
+csrc/launch/plans.cpp, the CUDA dispatch key's kernel of every op, keys plans by the signature
 (computed in C++), replays a stored plan for every later call, and calls the hook that
 `cpp_hook` makes (fastrobust/ops/__init__.py sets it) only for a signature it has not seen.
 The op's float arguments (ε, α, momentum, eps, clip bounds) are not part of the signature: the recorder hands them to the
@@ -116,7 +116,7 @@ def _f32(v: float) -> float:
 
 def fp32_parts(v) -> tuple:
     """(hi, mid, lo), fp32 values whose fp64 sum is v exactly: how an fp64 scalar reaches a
-    kernel (a kernel's float argument is fp32). csrc/plans.cpp computes the same at replay."""
+    kernel (a kernel's float argument is fp32). csrc/launch/plans.cpp computes the same at replay."""
     x = float.__float__(v) if isinstance(v, float) else float(v)
     hi = _f32(x)
     if not math.isfinite(hi):
@@ -149,7 +149,7 @@ class Plan:
             self.why_not = why
 
     def for_cpp(self) -> dict:
-        """The plan as csrc/plans.cpp reads it: each launch's handle (the CUfunction of a
+        """The plan as csrc/launch/plans.cpp reads it: each launch's handle (the CUfunction of a
         compiled kernel; under the interpreter a key of `InterpreterLaunch`), warps, shared
         memory, grid and, for every parameter the kernel takes, (slot kind, index, offset,
         value, type)."""
@@ -388,10 +388,10 @@ def host_check():
         rec.checking = saved
 
 
-# --- the hook of csrc/plans.cpp --------------------------------------------------------------
+# --- the hook of csrc/launch/plans.cpp --------------------------------------------------------------
 
 def cpp_hook(implementations, recordable):
-    """The hook csrc/plans.cpp calls for a signature it has not seen: `for_cpp(name, args,
+    """The hook csrc/launch/plans.cpp calls for a signature it has not seen: `for_cpp(name, args,
     record)` runs the op `name` ("fastrobust::multi_bn", ...) through its Python launcher,
     `implementations()[op]`, and returns (its results, the plan for C++ when `record` and
     `recordable()`, else None)."""
@@ -408,7 +408,7 @@ def cpp_hook(implementations, recordable):
     return for_cpp
 
 
-# --- launches under the interpreter: what csrc/plans.cpp sends, run from its bytes ------------
+# --- launches under the interpreter: what csrc/launch/plans.cpp sends, run from its bytes ------------
 
 _handles: dict = {}   # handle -> (kernel, [(name, type | None, value)] every parameter in order)
 _handle_of: dict = {}

@@ -1,7 +1,7 @@
-"""The eager implementation of the synchronized BN's halves (csrc/ops.cpp: sync_bn_stats,
+"""The eager implementation of the synchronized BN's halves (csrc/batch_norm/ops.cpp: sync_bn_stats,
 sync_bn_apply, sync_bn_grad_sums, sync_bn_dx) in plain PyTorch, for devices without kernels of
-their own and the forced 'eager' backend; csrc/cpu/sync_bn.cpp is its C++ twin for the CPU.
-The op sync_multi_bn (csrc/autograd.cpp) runs them around its two all-reduces.
+their own and the forced 'eager' backend; csrc/batch_norm/sync_cpu.cpp is its C++ twin for the CPU.
+The op sync_multi_bn (csrc/batch_norm/autograd.cpp) runs them around its two all-reduces.
 
     sync_bn_stats      each plane's centre c (its mean as rounded) and r = Σ(x − c),
                        q = Σ(x − c)² (fp64), moved to one centre per (k, c) (the weighted mean

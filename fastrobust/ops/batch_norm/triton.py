@@ -252,7 +252,7 @@ def _affine_kernel(x_ptr, out_ptr, a_ptr, d_ptr, C, S, sxn, sxc, sxs, son, soc, 
             tl.store(nbt_ptr + ks, old + (cnt >= 2).to(old.dtype), mask=ks < K)
 
 
-# --- the op (csrc/ops.cpp: multi_bn)    ---------------------------------------
+# --- the op (csrc/batch_norm/ops.cpp: multi_bn)    ---------------------------------------
 
 @torch.no_grad()
 def multi_bn(*args):

@@ -1,4 +1,4 @@
-"""FiLM's Python side of its schema (csrc/ops.cpp: film, film_backward): the fakes."""
+"""FiLM's Python side of its schema (csrc/film/ops.cpp: film, film_backward): the fakes."""
 from __future__ import annotations
 
 import torch

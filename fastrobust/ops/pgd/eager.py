@@ -1,6 +1,6 @@
 """The PGD steps in plain PyTorch: the eager kernels of pgd_step, pgd_init and mifgsm_step,
 over the update functions `pgd_update` / `mifgsm_update`, which have the signatures of the
-compiled kernels (csrc/cpu/pgd.h) and write into place. Each op runs them on x_adv's flat
+compiled kernels (csrc/pgd/math.h) and write into place. Each op runs them on x_adv's flat
 layout (a copy where x_adv is not dense per sample, written back after)."""
 from __future__ import annotations
 

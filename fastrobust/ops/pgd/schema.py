@@ -1,6 +1,6 @@
-"""The PGD steps' Python side of their schema (csrc/ops.cpp: pgd_step, pgd_init, mifgsm_step,
+"""The PGD steps' Python side of their schema (csrc/pgd/ops.cpp: pgd_step, pgd_init, mifgsm_step,
 all in place): their fakes, and how each op's arguments map onto the update kernels' modes
-(csrc/cpu/pgd.h; the same for the eager and Triton implementations)."""
+(csrc/pgd/math.h; the same for the eager and Triton implementations)."""
 from __future__ import annotations
 
 from .._common import PgdMode

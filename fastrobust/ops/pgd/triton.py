@@ -403,7 +403,7 @@ def _launch_args(x, eps_t, eps, alpha_t, alpha, clip_min, clip_max):
 def pgd_update(out, x_adv, grad, x_nat, eps_t, eps, alpha_t, alpha, mode, clip_min,
                clip_max) -> None:
     """out = clamp(x_nat + P(x_adv + alpha·dir(grad) − x_nat)); the signature of the C++
-    kernel (csrc/cpu/pgd.h). The tensors have x_adv's shape, each its own strides."""
+    kernel (csrc/pgd/math.h). The tensors have x_adv's shape, each its own strides."""
     _check_written(x_adv=out)
     if x_adv.numel() == 0:
         return
@@ -467,7 +467,7 @@ def mifgsm_update(x_adv, grad, buf, x_nat, eps_t, eps, alpha_t, alpha, decay, cl
                    BLOCK=BLOCK, **flags)
 
 
-# --- the ops (csrc/ops.cpp): each tensor in its own layout, no copy ----------------------------
+# --- the ops (csrc/pgd/ops.cpp): each tensor in its own layout, no copy ----------------------------
 
 def pgd_step(x_adv, grad, x_nat, eps_t, eps, alpha_t, alpha, l2, clip_min, clip_max):
     pgd_update(x_adv, x_adv, grad, x_nat, eps_t, eps, alpha_t, alpha, step_mode(l2), clip_min,
