@@ -116,7 +116,8 @@ def _f32(v: float) -> float:
 
 def fp32_parts(v) -> tuple:
     """(hi, mid, lo), fp32 values whose fp64 sum is v exactly: how an fp64 scalar reaches a
-    kernel (a kernel's float argument is fp32). csrc/launch/plans.cpp computes the same at replay."""
+    kernel (a kernel's float argument is fp32). csrc/launch/plans.cpp computes the same at
+    replay."""
     x = float.__float__(v) if isinstance(v, float) else float(v)
     hi = _f32(x)
     if not math.isfinite(hi):
@@ -388,7 +389,7 @@ def host_check():
         rec.checking = saved
 
 
-# --- the hook of csrc/launch/plans.cpp --------------------------------------------------------------
+# --- the hook of csrc/launch/plans.cpp -------------------------------------------------------
 
 def cpp_hook(implementations, recordable):
     """The hook csrc/launch/plans.cpp calls for a signature it has not seen: `for_cpp(name, args,
@@ -408,7 +409,7 @@ def cpp_hook(implementations, recordable):
     return for_cpp
 
 
-# --- launches under the interpreter: what csrc/launch/plans.cpp sends, run from its bytes ------------
+# --- launches under the interpreter: what csrc/launch/plans.cpp sends, run from its bytes -----
 
 _handles: dict = {}   # handle -> (kernel, [(name, type | None, value)] every parameter in order)
 _handle_of: dict = {}

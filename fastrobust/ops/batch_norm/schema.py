@@ -1,10 +1,10 @@
-"""The routed / mixed batch norm's Python side of its schema (csrc/batch_norm/ops.cpp): the argument
-struct, the fake (meta) implementations of its ops and the differentiable backward that serves
+"""The routed / mixed batch norm's Python side of its schema (csrc/batch_norm/ops.cpp): the
+argument struct, the fake (meta) implementations of its ops and the differentiable backward that serves
 second derivatives.
 
     functional.multi_batch_norm ─┐
     functional.mixed_batch_norm ─┴─ fastrobust::multi_bn ─────┐ Autograd (one C++ node,
-    distributed.sync_*_batch_norm ─ fastrobust::sync_multi_bn ┘ csrc/batch_norm/autograd.cpp), then the
+    distributed.sync_*_batch_norm ─ fastrobust::sync_multi_bn ┘ batch_norm/autograd.cpp), the
         (its node calls sync_bn_stats, all-reduce,             device's kernel: CPU C++,
          sync_bn_apply forward; sync_bn_grad_sums,             CUDA Triton (triton.py,
          all-reduce, sync_bn_dx backward)                      sync_triton.py), else eager

@@ -1,8 +1,8 @@
 """Triton kernels of the synchronized routed / mixed BN (fastrobust.distributed), the CUDA
 implementation of the registered ops sync_bn_stats, sync_bn_apply, sync_bn_grad_sums and
-sync_bn_dx (csrc/batch_norm/ops.cpp; launched from C++ by csrc/launch/plans.cpp like every other op). The BN's
-own statistics and gradient kernels run their local pass (this rank's sums), the op
-sync_multi_bn (csrc/batch_norm/autograd.cpp) all-reduces them, and one kernel here finishes each
+sync_bn_dx (csrc/batch_norm/ops.cpp; launched from C++ by csrc/launch/plans.cpp like every
+other op). The BN's own statistics and gradient kernels run their local pass (this rank's
+sums), the op sync_multi_bn (csrc/batch_norm/autograd.cpp) all-reduces them, and one kernel here finishes each
 direction with the global sums:
 
   forward   sync_bn_stats: triton._moments_kernel → triton._bn_stats_kernel (SYNC=1: this
@@ -205,7 +205,8 @@ def _sync_dx_kernel(dy_ptr, x_ptr, out_ptr, parts_ptr, planes_ptr, br_ptr, sbr, 
 
 
 # --- the launchers of the registered ops (csrc/batch_norm/ops.cpp: sync_bn_stats, sync_bn_apply,
-# sync_bn_grad_sums, sync_bn_dx); sync_multi_bn (csrc/batch_norm/autograd.cpp) runs the all-reduces ----
+# sync_bn_grad_sums, sync_bn_dx); sync_multi_bn (csrc/batch_norm/autograd.cpp) runs the
+# all-reduces ------------------------------------------------------------------------------
 
 # An empty local batch (the kernels' grids would be empty, and the global statistics must still
 # be written), or sync_bn_dx with `parts` from another implementation, runs the eager

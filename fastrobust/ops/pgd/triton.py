@@ -467,7 +467,7 @@ def mifgsm_update(x_adv, grad, buf, x_nat, eps_t, eps, alpha_t, alpha, decay, cl
                    BLOCK=BLOCK, **flags)
 
 
-# --- the ops (csrc/pgd/ops.cpp): each tensor in its own layout, no copy ----------------------------
+# --- the ops (csrc/pgd/ops.cpp): each tensor in its own layout, no copy ------------------------
 
 def pgd_step(x_adv, grad, x_nat, eps_t, eps, alpha_t, alpha, l2, clip_min, clip_max):
     pgd_update(x_adv, x_adv, grad, x_nat, eps_t, eps, alpha_t, alpha, step_mode(l2), clip_min,
