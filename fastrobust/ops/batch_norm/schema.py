@@ -1,6 +1,6 @@
 """The routed / mixed batch norm's Python side of its schema (csrc/batch_norm/ops.cpp): the
-argument struct, the fake (meta) implementations of its ops and the differentiable backward that serves
-second derivatives.
+argument struct, the fake (meta) implementations of its ops and the differentiable backward
+that serves second derivatives.
 
     functional.multi_batch_norm ─┐
     functional.mixed_batch_norm ─┴─ fastrobust::multi_bn ─────┐ Autograd (one C++ node,

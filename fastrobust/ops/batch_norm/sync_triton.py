@@ -2,8 +2,8 @@
 implementation of the registered ops sync_bn_stats, sync_bn_apply, sync_bn_grad_sums and
 sync_bn_dx (csrc/batch_norm/ops.cpp; launched from C++ by csrc/launch/plans.cpp like every
 other op). The BN's own statistics and gradient kernels run their local pass (this rank's
-sums), the op sync_multi_bn (csrc/batch_norm/autograd.cpp) all-reduces them, and one kernel here finishes each
-direction with the global sums:
+sums), the op sync_multi_bn (csrc/batch_norm/autograd.cpp) all-reduces them, and one kernel
+here finishes each direction with the global sums:
 
   forward   sync_bn_stats: triton._moments_kernel → triton._bn_stats_kernel (SYNC=1: this
             rank's fp64 sums [count K | centre K·C | Σ(u − centre) K·C | Σ(u − centre)² K·C]
