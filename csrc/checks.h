@@ -58,7 +58,7 @@ inline std::string shape_of(at::IntArrayRef s) {
 // t is floating point and on x's device.
 inline void float_on(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x,
                      const char* x_name = "x") {
-  TORCH_CHECK_TYPE(floating(t), op, ": ", name, " must be floating point, got ",
+  TORCH_CHECK_TYPE(floating(t), op, ": ", name, " must be a floating-point tensor, got ",
                    dt(t.scalar_type()));
   TORCH_CHECK_VALUE(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but ",
                     x_name, " is on ", x.device());

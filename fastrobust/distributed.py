@@ -37,7 +37,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .functional import _check_bn_args, _check_eps_momentum, _check_x, _per_sample_arg
+from .functional import _NARROW_INTS, _dense_extras, _num_branches, _python_types
+from .ops._common import in_words_of
 
 __all__ = ["sync_multi_batch_norm", "sync_mixed_batch_norm", "sync_active"]
 
@@ -62,19 +63,19 @@ def _group(op: str, process_group) -> tuple[int, int, str]:
 def _sync(op, x, route, weight, bias, running_mean, running_var, momentum, eps,
           num_batches_tracked, input_scale, film_gamma, film_beta, activation, K, mixed,
           process_group):
-    _check_x(op, x)
-    _check_bn_args(op, x, K, weight, bias, running_mean, running_var, momentum,
-                   num_batches_tracked, True, activation)
-    eps, momentum = _check_eps_momentum(op, eps, momentum)
-    extras = [_per_sample_arg(op, n, t, x) for n, t in (
-        ("input_scale", input_scale), ("film_gamma", film_gamma), ("film_beta", film_beta))]
-    cumulative = momentum is None
+    """The registered op on the public function's arguments (its checks are the argument
+    checks), its errors in that function's words, as functional's batch norms."""
+    K, _, momentum, cumulative, eps, relu = _python_types(
+        op, "mix" if mixed else "branch", route, K, True, momentum, eps, activation)
     rank, world, name = _group(op, process_group)
     branch, mix = (None, route) if mixed else (route, None)
-    return torch.ops.fastrobust.sync_multi_bn.default(
-        x, branch, mix, weight, bias, running_mean, running_var, num_batches_tracked, *extras,
-        K, 0.0 if cumulative else float(momentum), cumulative, float(eps),
-        activation == "relu", rank, world, name)
+    extras = _dense_extras(x, (input_scale, film_gamma, film_beta))
+    try:
+        return torch.ops.fastrobust.sync_multi_bn.default(
+            x, branch, mix, weight, bias, running_mean, running_var, num_batches_tracked,
+            *extras, K, momentum, cumulative, eps, relu, rank, world, name)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise in_words_of(op, e, x, K) from None
 
 
 def sync_multi_batch_norm(x: Tensor, branch: Tensor, weight: Tensor | None = None,
@@ -89,17 +90,10 @@ def sync_multi_batch_norm(x: Tensor, branch: Tensor, weight: Tensor | None = Non
     ``process_group`` (the default group when None): one all-reduce forward, one backward.
     Arguments as there; every rank must call it (a collective)."""
     op = "sync_multi_batch_norm"
-    if not isinstance(branch, Tensor) or branch.dtype.is_floating_point or \
-            branch.shape != (x.shape[0],):
-        raise ValueError(f"{op}: branch must be an integer tensor of shape [N]")
-    K = num_branches
-    for t in (weight, bias, running_mean, running_var):
-        if K is None and isinstance(t, Tensor):
-            K = t.shape[0]
-    if K is None:
-        raise ValueError(f"{op}: pass num_branches when weight, bias and running stats are "
-                         "all None")
-    return _sync(op, x, branch.long(), weight, bias, running_mean, running_var, momentum, eps,
+    K = _num_branches(op, num_branches, weight, bias, running_mean, running_var)
+    if isinstance(branch, Tensor) and branch.dtype in _NARROW_INTS:
+        branch = branch.long()
+    return _sync(op, x, branch, weight, bias, running_mean, running_var, momentum, eps,
                  num_batches_tracked, input_scale, film_gamma, film_beta, activation, K, False,
                  process_group)
 
@@ -113,10 +107,7 @@ def sync_mixed_batch_norm(x: Tensor, mix: Tensor, weight: Tensor | None = None,
                           process_group=None) -> Tensor:
     """`functional.mixed_batch_norm` in training with mix-weighted statistics over every rank
     of ``process_group``: one all-reduce forward, one backward. Arguments as there."""
-    op = "sync_mixed_batch_norm"
-    if not isinstance(mix, Tensor) or mix.dim() != 2 or mix.shape[0] != x.shape[0] or \
-            not mix.dtype.is_floating_point:
-        raise ValueError(f"{op}: mix must be a floating-point [N, K] tensor")
-    return _sync(op, x, mix, weight, bias, running_mean, running_var, momentum, eps,
-                 num_batches_tracked, input_scale, film_gamma, film_beta, activation,
-                 mix.shape[1], True, process_group)
+    K = mix.shape[1] if isinstance(mix, Tensor) and mix.dim() == 2 else 1
+    return _sync("sync_mixed_batch_norm", x, mix, weight, bias, running_mean, running_var,
+                 momentum, eps, num_batches_tracked, input_scale, film_gamma, film_beta,
+                 activation, K, True, process_group)

@@ -1,22 +1,22 @@
 """The functional API (docs/math.md, docs/ops.md); the PGD steps live in fastrobust/ops/pgd/
 functional.py and are re-exported here.
 
-The batch norms call their registered op (torch.ops.fastrobust.multi_bn) first, whose C++
-checks (csrc/checks.h) are the argument checks; only a call the op refuses, or one whose
-arguments need converting (an int32 branch, a numpy eps), goes through the Python checks
-below, which name the function and the argument the user passed. film, channel_scale and
-scale_filters check in Python first, to name their own arguments (scale, omega, weight).
-Value checks that would need a host sync on a device (out-of-range branch ids) happen inside
-the kernels: at once on CPU, as an asynchronous device assert on CUDA."""
+Every function calls its registered op (torch.ops.fastrobust.multi_bn, film), whose C++
+checks (csrc/<family>/checks.h) are the argument checks, and only rewords the op's error to
+name the function and the argument the user called (channel_scale's scale is film's gamma).
+What is checked here is what the op cannot see: the Python types of the scalar arguments
+(the schema's parser would take a bool or a tensor as a number), which route argument is
+given, and scale_filters' own omega shape. Value checks that would need a host sync on a
+device (out-of-range branch ids) happen inside the kernels: at once on CPU, as an
+asynchronous device assert on CUDA."""
 from __future__ import annotations
 
-import math
 import numbers
 
 import torch
 from torch import Tensor
 
-from .ops._common import FLOATS, shown
+from .ops._common import in_words_of, shown
 from .ops.pgd.functional import mifgsm_step_, pgd_init, pgd_step_
 from .ops.add_relu import add_relu as _add_relu
 
@@ -25,98 +25,61 @@ _ops = torch.ops.fastrobust
 __all__ = ["multi_batch_norm", "mixed_batch_norm", "film", "channel_scale", "scale_filters",
            "add_relu", "pgd_step_", "mifgsm_step_", "pgd_init"]
 
-def _check_param(op: str, name: str, t: Tensor | None, x: Tensor, K: int) -> None:
-    if t is None:
-        return
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{op}: {name} must be a Tensor or None, got {type(t).__name__}")
-    if t.shape != (K, x.shape[1]):
-        if t.dim() == 2 and t.shape[0] == K:  # the branches agree: x's channels do not
-            raise ValueError(f"{op}: x has {x.shape[1]} channels but {name} is "
-                             f"[num_branches, C] = {list(t.shape)}: C must match x.shape[1]")
-        raise ValueError(f"{op}: {name} must have shape [num_branches, C] = "
-                         f"[{K}, {x.shape[1]}], got {list(t.shape)}")
-    if t.dtype not in FLOATS:
-        raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
-    if t.device != x.device:
-        raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
-
-
-def _per_sample_arg(op: str, name: str, t: Tensor | None, x: Tensor,
-                    keep_per_channel: bool = False, x_name: str = "x") -> Tensor | None:
-    """An [N, C] or [C] per-(sample, channel) tensor, returned dense: a [C] one as is with
-    ``keep_per_channel`` (the op takes it and sums its gradient over the batch itself), else
-    broadcast to [N, C] (autograd then sums its gradient back). ``x_name``: what the caller
-    of ``op`` calls x, for the messages."""
-    if t is None:
-        return None
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{op}: {name} must be a Tensor or None, got {type(t).__name__}")
-    N, C = x.shape[:2]
-    if t.shape not in ((N, C), (C,)):
-        raise ValueError(f"{op}: {name} must have shape [N, C] = [{N}, {C}] or [C] = [{C}], "
-                         f"got {list(t.shape)}")
-    if t.dtype not in FLOATS:
-        raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
-    if t.device != x.device:
-        raise ValueError(f"{op}: {name} is on {t.device} but {x_name} is on {x.device}")
-    if t.dim() == 1 and not keep_per_channel:
-        t = t.expand(N, C)
-    return t.contiguous()
-
-
-def _check_x(op: str, x, name: str = "x") -> None:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{op}: {name} must be a Tensor, got {type(x).__name__}")
-    if x.dim() < 2:
-        raise ValueError(f"{op}: {name} must be [N, C, *spatial], got shape {list(x.shape)}")
-    if x.dtype not in FLOATS:
-        raise TypeError(f"{op}: {name} must be floating point, got {x.dtype}")
+# --- the one check this side makes, and the op's errors in the caller's words -----------------
 
 
 def _real(op: str, name: str, v) -> float:
     """A plain real number (int, float, numpy scalar; not bool, str or a tensor) as float."""
+    if type(v) is float:  # (the common case, without the ABC checks below)
+        return v
     if isinstance(v, (bool, str, bytes)) or not isinstance(v, numbers.Real):
         raise TypeError(f"{op}: {name} must be a number, got {shown(v)}")
     return float(v)
 
 
-def _check_eps_momentum(op: str, eps, momentum) -> tuple[float, float | None]:
-    e = _real(op, "eps", eps)
-    if not (e > 0 and math.isfinite(e)):
-        raise ValueError(f"{op}: eps must be a finite number > 0, got {eps}")
-    if momentum is None:
-        return e, None
-    m = _real(op, "momentum", momentum)
-    if not 0 <= m <= 1:
-        raise ValueError(f"{op}: momentum must be in [0, 1] or None, got {momentum}")
-    return e, m
-
-
-def _check_bn_args(op, x, K, weight, bias, running_mean, running_var, momentum,
-                   num_batches_tracked, training, activation):
-    if isinstance(K, bool) or not isinstance(K, numbers.Integral):
-        raise TypeError(f"{op}: num_branches must be an int, got {shown(K)}")
-    if K < 1:
-        raise ValueError(f"{op}: num_branches must be >= 1, got {K}")
-    if not isinstance(training, (bool, numbers.Integral)):
+def _python_types(op, route_name, route, num_branches, training, momentum, eps, activation):
+    """The arguments whose Python type the op cannot see, in the schema's types: the schema's
+    parser would take a bool or a tensor as a number, a float as an int, and word a string in
+    its own terms. Refusing those is the one check made here; every value (eps > 0, momentum in
+    [0, 1], shapes, dtypes, devices) is the op's (csrc/batch_norm/checks.h). Returns
+    (num_branches, training, momentum, cumulative, eps, relu)."""
+    if not isinstance(route, Tensor):  # (the op takes branch or mix: both are optional there)
+        raise TypeError(f"{op}: {route_name} must be a Tensor, got {type(route).__name__}")
+    if type(num_branches) is not int and (isinstance(num_branches, bool) or
+                                          not isinstance(num_branches, numbers.Integral)):
+        raise TypeError(f"{op}: num_branches must be an int, got {shown(num_branches)}")
+    if type(training) is not bool and not isinstance(training, numbers.Integral):
         raise TypeError(f"{op}: training must be a bool, got {type(training).__name__}")
-    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
-                    ("running_var", running_var)):
-        _check_param(op, name, t, x, K)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError(f"{op}: pass both running_mean and running_var, or neither")
-    if num_batches_tracked is not None:
-        if not isinstance(num_batches_tracked, Tensor):
-            raise TypeError(f"{op}: num_batches_tracked must be an int64 [{K}] Tensor or None, "
-                            f"got {type(num_batches_tracked).__name__}")
-        if num_batches_tracked.shape != (K,) or num_batches_tracked.dtype != torch.int64:
-            raise ValueError(f"{op}: num_batches_tracked must be int64 [{K}], got "
-                             f"{num_batches_tracked.dtype} {list(num_batches_tracked.shape)}")
-    elif momentum is None and training and running_mean is not None:
-        raise ValueError(f"{op}: momentum=None (cumulative average) needs num_batches_tracked")
     if activation not in (None, "relu"):
         raise ValueError(f"{op}: activation must be None or 'relu', got {activation!r}")
+    eps = _real(op, "eps", eps)
+    cumulative = momentum is None
+    momentum = 0.0 if cumulative else _real(op, "momentum", momentum)
+    return int(num_branches), bool(training), momentum, cumulative, eps, activation == "relu"
+
+
+def _num_branches(op, num_branches, *params):
+    """K: ``num_branches``, else the first dimension of the first [K, C] tensor given."""
+    if num_branches is not None:
+        return num_branches
+    for t in params:
+        if isinstance(t, Tensor) and t.dim() >= 1:
+            return t.shape[0]
+    raise ValueError(f"{op}: pass num_branches when weight, bias and running stats are all None")
+
+
+def _dense_extras(x, extras):
+    """The extras as the op takes them: a [C] one broadcast to [N, C], each dense. One of
+    another shape, or not a tensor, is passed as it is, for the op to refuse."""
+    if extras[0] is None and extras[1] is None and extras[2] is None:
+        return extras
+    out = []
+    for t in extras:
+        if isinstance(t, Tensor) and isinstance(x, Tensor) and x.dim() >= 2:
+            N, C = x.shape[:2]
+            t = (t.expand(N, C) if t.shape == (C,) else t).contiguous()
+        out.append(t)
+    return out
 
 
 def multi_batch_norm(x: Tensor, branch: Tensor, weight: Tensor | None = None,
@@ -152,48 +115,16 @@ def multi_batch_norm(x: Tensor, branch: Tensor, weight: Tensor | None = None,
     (fp64 for fp64 inputs); the output has x's dtype. Differentiable in x, weight, bias and the
     extras.
     """
-    fast = _fast_bn(x, branch, weight, bias, running_mean, running_var, num_batches_tracked,
-                    (input_scale, film_gamma, film_beta), num_branches, training, momentum, eps,
-                    activation, False)
-    return _fast_or_checked(fast, _multi_batch_norm_checked, x, branch, weight, bias,
-                            running_mean, running_var, training, momentum, eps, num_branches,
-                            num_batches_tracked, input_scale, film_gamma, film_beta, activation)
-
-
-def _multi_batch_norm_checked(x, branch, weight, bias, running_mean, running_var, training,
-                              momentum, eps, num_branches, num_batches_tracked, input_scale,
-                              film_gamma, film_beta, activation, check_only=False):
-    """multi_batch_norm's arguments checked one by one in Python, with messages in its words,
-    and converted (an int32 branch, a numpy eps, ...): the path of unusual arguments, and the
-    diagnosis of an argument the op refused."""
     op = "multi_batch_norm"
-    _check_x(op, x)
-    if not isinstance(branch, Tensor):
-        raise TypeError(f"{op}: branch must be a Tensor, got {type(branch).__name__}")
-    if branch.dtype.is_floating_point or branch.dtype.is_complex or branch.dtype == torch.bool:
-        raise TypeError(f"{op}: branch must be an integer tensor (int64), got {branch.dtype}")
-    if branch.shape != (x.shape[0],):
-        raise ValueError(f"{op}: branch must have shape [N] = [{x.shape[0]}], "
-                         f"got {list(branch.shape)}")
-    if branch.device != x.device:
-        raise ValueError(f"{op}: branch is on {branch.device} but x is on {x.device}")
-    K = num_branches
-    for t in (weight, bias, running_mean, running_var):
-        if K is None and isinstance(t, Tensor) and t.dim() >= 1:
-            K = t.shape[0]
-    if K is None:
-        raise ValueError(f"{op}: pass num_branches when weight, bias and running stats are "
-                         "all None")
-    _check_bn_args(op, x, K, weight, bias, running_mean, running_var, momentum,
-                   num_batches_tracked, training, activation)
-    eps, momentum = _check_eps_momentum(op, eps, momentum)
-    extras = [_per_sample_arg(op, n, t, x) for n, t in (
-        ("input_scale", input_scale), ("film_gamma", film_gamma), ("film_beta", film_beta))]
-    if check_only:
-        return None
-    return _batch_norm(x, branch.long(), weight, bias, running_mean, running_var,
-                       num_batches_tracked, extras, K, bool(training), momentum, eps,
-                       activation, False)
+    K = _num_branches(op, num_branches, weight, bias, running_mean, running_var)
+    if isinstance(branch, Tensor) and branch.dtype in _NARROW_INTS:
+        branch = branch.long()  # (the op takes int64 ids)
+    return _batch_norm(op, "branch", x, branch, weight, bias, running_mean, running_var,
+                       num_batches_tracked, (input_scale, film_gamma, film_beta), K, training,
+                       momentum, eps, activation)
+
+
+_NARROW_INTS = (torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 def mixed_batch_norm(x: Tensor, mix: Tensor, weight: Tensor | None = None,
@@ -223,104 +154,38 @@ def mixed_batch_norm(x: Tensor, mix: Tensor, weight: Tensor | None = None,
     (forward, gradients and running stats). Differentiable in x, mix, weight, bias and the
     extras, in training and in eval.
     """
-    fast = _fast_bn(x, mix, weight, bias, running_mean, running_var, num_batches_tracked,
-                    (input_scale, film_gamma, film_beta), None, training, momentum, eps,
-                    activation, True)
-    return _fast_or_checked(fast, _mixed_batch_norm_checked, x, mix, weight, bias,
-                            running_mean, running_var, training, momentum, eps,
-                            num_batches_tracked, input_scale, film_gamma, film_beta, activation)
-
-
-def _fast_or_checked(fast, checked, *args):
-    """The op on `fast` (`_fast_bn`'s arguments) when there are some; a call the op refuses is
-    diagnosed by `checked(*args)` in the public function's words (else the op's own error
-    stands). Without them, `checked(*args)` converts and checks, then calls the op."""
-    if fast is not None:
-        try:
-            return _batch_norm(*fast)
-        except Exception:
-            checked(*args, check_only=True)
-            raise
-    return checked(*args)
-
-
-def _mixed_batch_norm_checked(x, mix, weight, bias, running_mean, running_var, training,
-                              momentum, eps, num_batches_tracked, input_scale, film_gamma,
-                              film_beta, activation, check_only=False):
-    """mixed_batch_norm's arguments checked one by one (see _multi_batch_norm_checked)."""
     op = "mixed_batch_norm"
-    _check_x(op, x)
-    if not isinstance(mix, Tensor):
-        raise TypeError(f"{op}: mix must be a Tensor, got {type(mix).__name__}")
-    if mix.dim() != 2 or mix.shape[0] != x.shape[0]:
-        raise ValueError(f"{op}: mix must have shape [N, K] with N = {x.shape[0]}, "
-                         f"got {list(mix.shape)}")
-    if mix.dtype not in FLOATS:
-        raise TypeError(f"{op}: mix must be a floating-point tensor, got {mix.dtype}")
-    if mix.device != x.device:
-        raise ValueError(f"{op}: mix is on {mix.device} but x is on {x.device}")
-    K = mix.shape[1]
-    _check_bn_args(op, x, K, weight, bias, running_mean, running_var, momentum,
-                   num_batches_tracked, training, activation)
-    eps, momentum = _check_eps_momentum(op, eps, momentum)
-    extras = [_per_sample_arg(op, n, t, x) for n, t in (
-        ("input_scale", input_scale), ("film_gamma", film_gamma), ("film_beta", film_beta))]
-    if check_only:
-        return None
-    return _batch_norm(x, mix, weight, bias, running_mean, running_var, num_batches_tracked,
-                       extras, K, bool(training), momentum, eps, activation, True)
+    # K is mix's second dimension (a mix of another rank is refused by the op, whatever K)
+    K = mix.shape[1] if isinstance(mix, Tensor) and mix.dim() == 2 else 1
+    return _batch_norm(op, "mix", x, mix, weight, bias, running_mean, running_var,
+                       num_batches_tracked, (input_scale, film_gamma, film_beta), K, training,
+                       momentum, eps, activation)
 
 
-def _fast_bn(x, route, weight, bias, running_mean, running_var, num_batches_tracked, extras,
-             num_branches, training, momentum, eps, activation, mixed):
-    """The arguments of `_batch_norm` when every one is already in its canonical form (tensors,
-    an int64 branch, float eps and momentum, bool training): the op's own checks (in C++, as
-    for every kernel) are then all there is to run. None: take the checked path."""
-    if not (type(eps) is float and (momentum is None or type(momentum) is float)
-            and (training is True or training is False)
-            and (activation is None or activation == "relu") and isinstance(x, Tensor)
-            and isinstance(route, Tensor) and (mixed or route.dtype == torch.int64)):
-        return None
-    K = route.shape[1] if mixed else num_branches
-    if K is None:
-        for t in (weight, bias, running_mean, running_var):
-            if isinstance(t, Tensor) and t.dim() >= 1:
-                K = t.shape[0]
-                break
-        else:
-            return None
-    if x.dim() < 2:
-        return None
-    N, C = x.shape[0], x.shape[1]
-    ext = []
-    for t in extras:
-        if t is not None:
-            if not isinstance(t, Tensor) or (t.dim() == 1 and t.shape[0] != C):
-                return None
-            t = (t.expand(N, C) if t.dim() == 1 else t).contiguous()
-        ext.append(t)
-    return (x, route, weight, bias, running_mean, running_var, num_batches_tracked, ext, K,
-            training, momentum, eps, activation, mixed)
-
-
-def _batch_norm(x, route, weight, bias, running_mean, running_var, num_batches_tracked, extras,
-                K, training, momentum, eps, activation, mixed):
-    """The registered op on dense small tensors: a non-contiguous weight, bias or mix (all
+def _batch_norm(op, route_name, x, route, weight, bias, running_mean, running_var,
+                num_batches_tracked, extras, K, training, momentum, eps, activation):
+    """The registered op, whose checks are the argument checks, on the public function's
+    arguments; its errors in that function's words. A non-contiguous weight, bias or mix (all
     legal) is made contiguous (a differentiable copy of a [K, C] / [N, K] tensor). The CPU
     kernels update running statistics as contiguous tensors: a non-contiguous one is updated
     through a contiguous copy written back into the caller's tensor. The kernels of other
     devices (Triton on CUDA, the eager ones) read and write the running mean and variance
     through their strides, with no copy."""
-    route, weight, bias = (None if t is None else t.contiguous() for t in (route, weight, bias))
+    K, training, momentum, cumulative, eps, relu = _python_types(
+        op, route_name, route, K, training, momentum, eps, activation)
+    route = route.contiguous()
+    weight, bias = (t.contiguous() if isinstance(t, Tensor) else t for t in (weight, bias))
     stats = (running_mean, running_var, num_batches_tracked)
-    strided = x.device.type != "cpu"
-    work = [None if t is None else t if strided and i < 2 else t.contiguous()
+    strided = isinstance(x, Tensor) and x.device.type != "cpu"
+    work = [t.contiguous() if isinstance(t, Tensor) and not (strided and i < 2) else t
             for i, t in enumerate(stats)]
-    cumulative = momentum is None
-    branch, mix = (None, route) if mixed else (route, None)
-    y = _ops.multi_bn.default(x, branch, mix, weight, bias, *work, *extras, K, training,
-                              0.0 if cumulative else momentum, cumulative, eps,
-                              activation == "relu")[0]
+    branch, mix = (None, route) if route_name == "mix" else (route, None)
+    try:
+        y = _ops.multi_bn.default(x, branch, mix, weight, bias, *work,
+                                  *_dense_extras(x, extras), K, training, momentum, cumulative,
+                                  eps, relu)[0]
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise in_words_of(op, e, x, K) from None
     if work[0] is not stats[0] or work[1] is not stats[1] or work[2] is not stats[2]:
         with torch.no_grad():
             for t, w in zip(stats, work):
@@ -338,12 +203,16 @@ def film(x: Tensor, gamma: Tensor | None = None, beta: Tensor | None = None) -> 
     return _film("film", x, gamma, beta)
 
 
-def _film(op, x, gamma, beta, x_name="x", gamma_name="gamma"):
-    """film's checks and op, the messages naming ``op`` and its caller's argument names."""
-    _check_x(op, x, x_name)
-    g, b = (_per_sample_arg(op, name, t, x, keep_per_channel=True, x_name=x_name)
-            for name, t in ((gamma_name, gamma), ("beta", beta)))
-    return _ops.film.default(x, g, b)
+def _film(op, x, gamma, beta, x_name="x", gamma_name="gamma", required=()):
+    """The film op for the public function ``op``, its errors naming that function and its
+    argument names (``x_name``, ``gamma_name``; ``required``: those it does not take None
+    for). gamma and beta are made dense, as the op's kernels read them."""
+    gamma, beta = (t.contiguous() if isinstance(t, Tensor) else t for t in (gamma, beta))
+    try:
+        return _ops.film.default(x, gamma, beta)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise in_words_of(op, e, names={"x": x_name, "gamma": gamma_name},
+                           required=required) from None
 
 
 def channel_scale(x: Tensor, scale: Tensor) -> Tensor:
@@ -351,26 +220,28 @@ def channel_scale(x: Tensor, scale: Tensor) -> Tensor:
     scaling of a bias-free conv, applied to its output, since conv(x, ω⊙W) = ω[c]·conv(x, W).
     Before a batch norm, prefer its fused ``input_scale`` (the scaled tensor is never
     written)."""
-    if not isinstance(scale, Tensor):
-        raise TypeError(f"channel_scale: scale must be a Tensor, got {type(scale).__name__}")
-    return _film("channel_scale", x, scale, None, gamma_name="scale")
+    if scale is None:  # (film takes None for gamma: channel_scale needs a scale)
+        raise TypeError("channel_scale: scale must be a Tensor, got NoneType")
+    return _film("channel_scale", x, scale, None, gamma_name="scale", required=("scale",))
 
 
 def scale_filters(weight: Tensor, omega: Tensor) -> Tensor:
     """The weight-side form of filter-wise scaling for a shared ω (docs/math.md): filter m of
     ``weight`` ``[C_out, ...]`` times ``omega[m]`` (``[C_out]``). Differentiable in both."""
     op = "scale_filters"
-    for name, t in (("weight", weight), ("omega", omega)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{op}: {name} must be a Tensor, got {type(t).__name__}")
-    if weight.dim() < 1:
-        raise ValueError(f"{op}: weight must be [C_out, ...], got a 0-dim tensor")
-    if omega.shape != (weight.shape[0],):
-        raise ValueError(f"{op}: omega must have shape [C_out] = [{weight.shape[0]}], "
-                         f"got {list(omega.shape)}")
-    # As a [1, C_out, ...] activation, the filters are the channels.
-    w = weight.unsqueeze(0)
-    return _film(op, w, omega, None, x_name="weight", gamma_name="omega").squeeze(0)
+    # As a [1, C_out, ...] activation, the filters are the channels; film also takes an
+    # [N, C] = [1, C_out] gamma, so omega's own shape [C_out] is this function's to check.
+    if isinstance(weight, Tensor) and isinstance(omega, Tensor):
+        if weight.dim() < 1:
+            raise ValueError(f"{op}: weight must be [C_out, ...], got a 0-dim tensor")
+        if omega.shape != (weight.shape[0],):
+            raise ValueError(f"{op}: omega must have shape [C_out] = [{weight.shape[0]}], "
+                             f"got {list(omega.shape)}")
+        weight = weight.unsqueeze(0)
+    elif omega is None:
+        raise TypeError(f"{op}: omega must be a Tensor, got NoneType")
+    return _film(op, weight, omega, None, x_name="weight", gamma_name="omega",
+                 required=("weight", "omega")).squeeze(0)
 
 
 def add_relu(a: Tensor, b: Tensor) -> Tensor:

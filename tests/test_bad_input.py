@@ -259,3 +259,38 @@ def test_convert_multi_bn_covers_every_bn_kind():
 def test_mixed_module_checks_channels():
     with pytest.raises(ValueError, match="MixedBatchNorm2d\\(4\\): x has 3 channels"):
         MixedBatchNorm2d(4)(torch.randn(2, 3, 2, 2), mix=torch.ones(2, 2) / 2)
+
+
+def test_the_functions_give_their_ops_errors():
+    """One check layer (csrc/<family>/checks.h, #36): a bad tensor argument of a public function
+    is refused by its op, with the op's own message, which names the function the user called;
+    the function only rewords what the op cannot word (a non-tensor, an extra's [C] form)."""
+    s = _bn_state()
+    w = s["w"].repeat(2, 1)  # [4, 3] for K = 2
+    with pytest.raises(ValueError) as via_op:
+        torch.ops.fastrobust.multi_bn.default(s["x"], s["branch"], None, w, None, None, None,
+                                              None, None, None, None, 2, False, 0.1, False,
+                                              1e-5, False)
+    with pytest.raises(ValueError) as via_function:
+        F.multi_batch_norm(s["x"], s["branch"], w, num_branches=2)
+    assert str(via_function.value) == str(via_op.value)
+    assert str(via_op.value).startswith("multi_batch_norm: weight must have shape")
+    with pytest.raises(TypeError) as via_op:
+        torch.ops.fastrobust.film.default(s["x"], torch.ones(3, dtype=torch.long), None)
+    with pytest.raises(TypeError) as via_function:
+        F.channel_scale(s["x"], torch.ones(3, dtype=torch.long))
+    assert str(via_function.value) == str(via_op.value).replace("film: gamma",
+                                                                "channel_scale: scale")
+
+
+def test_a_refused_random_start_draws_no_random_numbers():
+    """pgd_init runs its op's checks before it draws the noise: a refused call leaves the
+    generator where it was."""
+    x = torch.rand(4, 3, 2, 2)
+    g = torch.Generator().manual_seed(0)
+    state = g.get_state()
+    with pytest.raises(ValueError, match=r"pgd_init: a tensor eps must be per sample"):
+        F.pgd_init(x, torch.full((3,), 0.1), generator=g)
+    assert torch.equal(g.get_state(), state)
+    torch.testing.assert_close(F.pgd_init(x, 0.1, generator=g),
+                               F.pgd_init(x, 0.1, generator=torch.Generator().manual_seed(0)))

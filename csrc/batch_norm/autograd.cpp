@@ -55,11 +55,11 @@ void save_args(AutogradContext* ctx, const BnArgs& a) {
       }
     ++edge;
   });
-  BnArgs kept = a;
-  kept.running_mean = kept.running_var = kept.num_batches_tracked = c10::nullopt;
   std::vector<at::Tensor> tensors;
   c10::List<std::string> names;
-  kept.for_each_tensor([&](const char* name, const at::Tensor& t) {
+  a.for_each_tensor([&](const char* name, const at::Tensor& t) {
+    const std::string n(name);
+    if (n == "running_mean" || n == "running_var" || n == "num_batches_tracked") return;
     tensors.push_back(t);
     names.push_back(name);
   });

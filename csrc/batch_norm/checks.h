@@ -20,6 +20,17 @@ inline void nbt_of(const char* op, const BnArgs& a) {
   shape_is(op, "num_batches_tracked", *nbt, {a.num_branches}, "[num_branches]");
 }
 
+// A [num_branches, C] tensor (weight, bias, running stats); when only C is off, the message
+// says it is x's channels that differ.
+inline void per_branch(const char* op, const char* name, const at::Tensor& t, const BnArgs& a) {
+  float_on(op, name, t, a.x);
+  const int64_t K = a.num_branches, C = a.x.size(1);
+  TORCH_CHECK_VALUE(!(t.dim() == 2 && t.size(0) == K && t.size(1) != C), op, ": x has ", C,
+                    " channels but ", name, " is [num_branches, C] = ", shape_of(t.sizes()),
+                    ": C must match x.shape[1]");
+  shape_is(op, name, t, {K, C}, "[num_branches, C]");
+}
+
 // x, branch / mix, weight, bias and the [N, C] extras.
 inline void bn_common(const char* op, const BnArgs& a) {
   const at::Tensor& x = a.x;
@@ -30,7 +41,8 @@ inline void bn_common(const char* op, const BnArgs& a) {
                     ": pass exactly one of branch and mix");
   const int64_t N = x.size(0), C = x.size(1);
   if (a.branch) {
-    TORCH_CHECK_TYPE(a.branch->scalar_type() == at::kLong, op, ": branch must be int64, got ",
+    TORCH_CHECK_TYPE(a.branch->scalar_type() == at::kLong, op,
+                     ": branch must be an integer tensor (int64), got ",
                      dt(a.branch->scalar_type()));
     TORCH_CHECK_VALUE(a.branch->device() == x.device(), op, ": branch is on ",
                       a.branch->device(), " but x is on ", x.device());
@@ -38,13 +50,14 @@ inline void bn_common(const char* op, const BnArgs& a) {
   }
   if (a.mix) {
     float_on(op, "mix", *a.mix, x);
+    TORCH_CHECK_VALUE(a.mix->dim() == 2 && a.mix->size(0) == N, op,
+                      ": mix must have shape [N, K] with N = ", N, ", got ",
+                      shape_of(a.mix->sizes()));
     shape_is(op, "mix", *a.mix, {N, K}, "[N, num_branches]");
   }
   for (const auto& [name, t] : {std::pair<const char*, const OptTensor*>{"weight", &a.weight},
                                 {"bias", &a.bias}}) {
-    if (!*t) continue;
-    float_on(op, name, **t, x);
-    shape_is(op, name, **t, {K, C}, "[num_branches, C]");
+    if (*t) per_branch(op, name, **t, a);
   }
   for (const auto& [name, t] : {std::pair<const char*, const OptTensor*>{"input_scale",
                                                                          &a.input_scale},
@@ -58,15 +71,12 @@ inline void bn_common(const char* op, const BnArgs& a) {
 // multi_bn's arguments, for the public function `op` (`training` as the call has it).
 inline void bn_args(const char* op, const BnArgs& a, bool training) {
   bn_common(op, a);
-  const int64_t K = a.num_branches, C = a.x.size(1);
   TORCH_CHECK_VALUE(a.running_mean.has_value() == a.running_var.has_value(), op,
                     ": pass both running_mean and running_var, or neither");
   for (const auto& [name, t] : {std::pair<const char*, const OptTensor*>{"running_mean",
                                                                          &a.running_mean},
                                 {"running_var", &a.running_var}}) {
-    if (!*t) continue;
-    float_on(op, name, **t, a.x);
-    shape_is(op, name, **t, {K, C}, "[num_branches, C]");
+    if (*t) per_branch(op, name, **t, a);
   }
   nbt_of(op, a);
   // Every kernel advances the counters at stride 1.

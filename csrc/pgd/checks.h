@@ -20,7 +20,9 @@ inline void per_sample(const char* op, const char* name, const OptTensor& t,
                        const at::Tensor& ref, const char* ref_name) {
   if (!t) return;
   float_on(op, name, *t, ref, ref_name);
-  shape_is(op, name, *t, {ref.size(0)}, "[N]");
+  TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == ref.size(0), op, ": a tensor ", name,
+                    " must be per sample, shape [N] = [", ref.size(0), "], got ",
+                    shape_of(t->sizes()));
 }
 
 // A per-sample eps must be >= 0, and a NaN is refused too (it compares false with everything,
@@ -50,7 +52,7 @@ inline void per_sample_nonnegative(const char* op, const char* name, const OptTe
 inline void pgd_scalars(const char* op, double eps, double alpha, double clip_min,
                         double clip_max) {
   TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, op,
-                    ": eps must be a finite number >= 0, got ", eps);
+                    ": eps must be a finite non-negative number, got ", eps);
   TORCH_CHECK_VALUE(std::isfinite(alpha), op, ": alpha must be finite, got ", alpha);
   TORCH_CHECK_VALUE(!(clip_min > clip_max) && !std::isnan(clip_min) && !std::isnan(clip_max), op,
                     ": clip_min (", clip_min, ") must be <= clip_max (", clip_max, ")");

@@ -6,6 +6,7 @@ csrc/spec.h and read from the extension; and the backend a thread forces."""
 from __future__ import annotations
 
 import enum
+import re
 import threading
 
 import torch
@@ -39,6 +40,8 @@ def acc_dtype(x: Tensor) -> torch.dtype:
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
+_EXTRAS = ("input_scale", "film_gamma", "film_beta")  # the BN's [N, C] extras
+
 
 def shown(v) -> str:
     """A value for a one-line message: its type, and a short repr (a tensor's or an array's
@@ -48,6 +51,45 @@ def shown(v) -> str:
         return f"{type(v).__name__} of shape {list(shape)}"
     r = " ".join(repr(v).split())
     return f"{type(v).__name__} {r if len(r) <= 40 else r[:37] + '...'}"
+
+
+_SCHEMA_TYPE = re.compile(r"Expected a value of type '([^']+)' for argument '(\w+)' but "
+                          r"instead found type '(\w+)'")
+
+
+def in_words_of(op, err, x=None, K=None, names=None, required=()):
+    """An error of the op that serves the public function ``op``, in that function's words:
+    the schema parser's type error (a list for a tensor) as a TypeError naming the argument;
+    the op's name and argument names (``names``: the op's → the function's) replaced; an
+    extra's shape with the [C] form the function also takes. Any other error as it is."""
+    msg = str(err)
+    names = names or {}
+    found = _SCHEMA_TYPE.search(msg)
+    if found:
+        want, name, got = found.groups()
+        user = names.get(name, name)
+        if name == "num_batches_tracked":
+            want = f"an int64 [{K}] Tensor or None"
+        elif want.startswith("Optional[") and user not in required:
+            want = "a Tensor or None" if want == "Optional[Tensor]" else want
+        else:
+            want = "a Tensor" if "Tensor" in want else want
+        return TypeError(f"{op}: {user} must be {want}, got {got}")
+    head, sep, rest = msg.partition(": ")
+    if not sep or " " in head:  # not one of the op's own messages
+        return err
+    for a, b in names.items():
+        rest = re.sub(rf"\b{a}\b", b, rest)
+    if isinstance(x, Tensor) and x.dim() >= 2:
+        C = x.shape[1]
+        for name in _EXTRAS:
+            rest = rest.replace(f"{name} must have shape [N, C] = [{x.shape[0]}, {C}], ",
+                                f"{name} must have shape [N, C] = [{x.shape[0]}, {C}] or "
+                                f"[C] = [{C}], ")
+    try:
+        return type(err)(f"{op}: {rest}")
+    except Exception:  # an exception type that takes other arguments: keep it
+        return err
 
 
 def kernel_checks(device: torch.device) -> bool:

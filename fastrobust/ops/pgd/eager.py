@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._common import PgdMode, acc_dtype, flat_layout, like
+from .._common import PgdMode, acc_dtype, flat_layout, kernel_checks, like
 from .schema import init_args, step_mode
 
 
@@ -61,11 +61,20 @@ def mifgsm_update(x_adv, grad, buf, x_nat, eps_t, eps, alpha_t, alpha, decay, cl
                clip_min, clip_max)
 
 
+def _eps_values(op: str, eps_t: Tensor | None) -> None:
+    """A per-sample eps must be >= 0. The op's checks read it on the CPU (csrc/pgd/checks.h)
+    and the CUDA kernels make such a sample NaN; on any other device this kernel asserts it
+    asynchronously (no host sync)."""
+    if eps_t is not None and eps_t.device.type != "cpu" and not kernel_checks(eps_t.device):
+        torch._assert_async((eps_t >= 0).all(), f"{op}: eps must be >= 0")
+
+
 def _flat(t: Tensor) -> Tensor:
     return t if flat_layout(t) else t.contiguous()
 
 
 def pgd_step(x_adv, grad, x_nat, eps_t, eps, alpha_t, alpha, l2, clip_min, clip_max):
+    _eps_values("pgd_step_", eps_t)
     work = _flat(x_adv)
     pgd_update(work, work, like(grad, work), like(x_nat, work), eps_t, eps, alpha_t, alpha,
                step_mode(l2), clip_min, clip_max)
@@ -74,6 +83,7 @@ def pgd_step(x_adv, grad, x_nat, eps_t, eps, alpha_t, alpha, l2, clip_min, clip_
 
 
 def pgd_init(noise, x_nat, eps_t, eps, radius, l2, clip_min, clip_max):
+    _eps_values("pgd_init", eps_t)
     work = _flat(noise)
     xn = like(x_nat, work)
     pgd_update(work, xn, work, xn, *init_args(eps_t, eps, radius, l2), clip_min, clip_max)
@@ -83,6 +93,7 @@ def pgd_init(noise, x_nat, eps_t, eps, radius, l2, clip_min, clip_max):
 
 def mifgsm_step(x_adv, grad, momentum, x_nat, eps_t, eps, alpha_t, alpha, decay, clip_min,
                 clip_max):
+    _eps_values("mifgsm_step_", eps_t)
     work = _flat(x_adv)
     buf = like(momentum, work)
     mifgsm_update(work, like(grad, work), buf, like(x_nat, work), eps_t, eps, alpha_t, alpha,

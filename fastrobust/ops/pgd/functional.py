@@ -1,5 +1,6 @@
-"""The public PGD steps (re-exported by fastrobust.functional): each checks its arguments,
-converts the strengths and clip bounds, then calls its registered op (docs/math.md)."""
+"""The public PGD steps (re-exported by fastrobust.functional): each converts its strengths
+and clip bounds, calls its registered op, whose checks (csrc/pgd/checks.h) are the argument
+checks, and rewords the op's error to name the function the user called (docs/math.md)."""
 from __future__ import annotations
 
 import numbers
@@ -7,59 +8,47 @@ import numbers
 import torch
 from torch import Tensor
 
-from .._common import FLOATS, acc_dtype, kernel_checks, shown
+from ... import _C
+from .._common import acc_dtype, in_words_of, shown
 
 _ops = torch.ops.fastrobust
 
 
-def _check_adv(op: str, name: str, t, ref: Tensor | None) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{op}: {name} must be a Tensor, got {type(t).__name__}")
-    if t.dtype not in FLOATS:
-        raise TypeError(f"{op}: {name} must be floating point, got {t.dtype}")
-    if ref is None:
-        if t.dim() < 1:
-            raise ValueError(f"{op}: {name} must be [N, ...], got a 0-dim tensor")
-        return
-    if t.shape != ref.shape:
-        raise ValueError(f"{op}: {name} has shape {list(t.shape)} but x_adv has "
-                         f"{list(ref.shape)}")
-    if t.dtype != ref.dtype:
-        raise TypeError(f"{op}: {name} is {t.dtype} but x_adv is {ref.dtype}")
-    if t.device != ref.device:
-        raise ValueError(f"{op}: {name} is on {t.device} but x_adv is on {ref.device}")
-
-
-def _strength(op: str, name: str, v, x: Tensor, nonnegative: bool, x_name: str):
+def _strength(op: str, name: str, v, x):
     """A float or a per-sample [N] (or 0-dim) tensor → (tensor in the accumulation dtype or
-    None, float). Negative eps is an error: at once on CPU, a device assert elsewhere.
-    ``x_name``: what ``op`` calls x (x_adv, x_nat), for the messages."""
+    None, float), as the op takes it. Only the Python type is checked here (the schema's
+    parser would take a bool as a float); the values and a tensor's shape, dtype and device
+    are the op's to check (a tensor that cannot be converted is passed as it is, for the op to
+    refuse)."""
     if isinstance(v, Tensor):
-        if v.dim() > 1 or (v.dim() == 1 and v.shape[0] != x.shape[0]):
-            raise ValueError(f"{op}: a tensor {name} must be per sample, shape [N] = "
-                             f"[{x.shape[0]}], got {list(v.shape)}")
-        if not v.dtype.is_floating_point:
-            raise TypeError(f"{op}: {name} must be floating point, got {v.dtype}")
-        if v.device != x.device:
-            raise ValueError(f"{op}: {name} is on {v.device} but {x_name} is on {x.device}")
-        t = v.detach().to(acc_dtype(x)).expand(x.shape[0]).contiguous()
-        if nonnegative:
-            ok = None if kernel_checks(t.device) else (t >= 0).all()
-            if t.device.type == "cpu":
-                if not bool(ok):
-                    raise ValueError(f"{op}: {name} must be >= 0, got {t.min().item()}")
-            elif ok is not None:
-                torch._assert_async(ok, f"{op}: {name} must be >= 0")
-            # on CUDA the kernels check it: a sample with eps < 0 comes out NaN (no sync)
-        return t, 0.0
+        if (isinstance(x, Tensor) and x.dim() >= 1 and v.dtype.is_floating_point
+                and v.device == x.device and v.shape in ((), (x.shape[0],))):
+            return v.detach().to(acc_dtype(x)).expand(x.shape[0]).contiguous(), 0.0
+        return v, 0.0
     if isinstance(v, (bool, str, bytes)) or not isinstance(v, numbers.Real):
         raise TypeError(f"{op}: {name} must be a float or a per-sample tensor, "
                         f"got {shown(v)}")
-    f = float(v)
-    if f != f or f in (float("inf"), float("-inf")) or (nonnegative and f < 0):
-        raise ValueError(f"{op}: {name} must be a finite{' non-negative' if nonnegative else ''}"
-                         f" number, got {v}")
-    return None, f
+    return None, float(v)
+
+
+def _bound(op: str, name: str, v) -> float:
+    """A clip bound: anything float() takes (a number, a one-element tensor) but a bool or a
+    string, as float."""
+    if not isinstance(v, (bool, str, bytes)):
+        try:
+            return float(v)
+        except (TypeError, ValueError, RuntimeError):
+            pass
+    raise TypeError(f"{op}: {name} must be a number, got {shown(v)}")
+
+
+def _call(op: str, fn, *args):
+    """``fn(*args)``, the op's error naming the public function ``op``."""
+    try:
+        with torch.no_grad():
+            return fn(*args)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise in_words_of(op, e) from None
 
 
 def _mutated(*tensors: Tensor) -> None:
@@ -81,11 +70,8 @@ def _bound(op: str, name: str, v) -> float:
     raise TypeError(f"{op}: {name} must be a number, got {shown(v)}")
 
 
-def _check_clip(op: str, clip_min: float, clip_max: float) -> tuple[float, float]:
-    lo, hi = _bound(op, "clip_min", clip_min), _bound(op, "clip_max", clip_max)
-    if not lo <= hi:
-        raise ValueError(f"{op}: clip_min ({lo}) must be <= clip_max ({hi})")
-    return lo, hi
+def _clip(op: str, clip_min, clip_max) -> tuple[float, float]:
+    return _bound(op, "clip_min", clip_min), _bound(op, "clip_max", clip_max)
 
 
 def pgd_step_(x_adv: Tensor, grad: Tensor, x_nat: Tensor, eps, alpha, *, norm: str = "linf",
@@ -112,16 +98,13 @@ def pgd_step_(x_adv: Tensor, grad: Tensor, x_nat: Tensor, eps, alpha, *, norm: s
     mixed layouts (x_adv a strided view, updated in place) cost no copy. Returns ``x_adv``.
     """
     op = "pgd_step_"
-    _check_adv(op, "x_adv", x_adv, None)
-    _check_adv(op, "grad", grad, x_adv)
-    _check_adv(op, "x_nat", x_nat, x_adv)
     if norm not in ("linf", "l2"):
         raise ValueError(f"{op}: norm must be 'linf' or 'l2', got {norm!r}")
-    eps_t, e = _strength(op, "eps", eps, x_adv, True, "x_adv")
-    alpha_t, a = _strength(op, "alpha", alpha, x_adv, False, "x_adv")
-    lo, hi = _check_clip(op, clip_min, clip_max)
-    with torch.no_grad():
-        _ops.pgd_step.default(x_adv, grad, x_nat, eps_t, e, alpha_t, a, norm == "l2", lo, hi)
+    eps_t, e = _strength(op, "eps", eps, x_adv)
+    alpha_t, a = _strength(op, "alpha", alpha, x_adv)
+    lo, hi = _clip(op, clip_min, clip_max)
+    _call(op, _ops.pgd_step.default, x_adv, grad, x_nat, eps_t, e, alpha_t, a, norm == "l2",
+          lo, hi)
     _mutated(x_adv)
     return x_adv
 
@@ -135,16 +118,13 @@ def mifgsm_step_(x_adv: Tensor, grad: Tensor, momentum_buf: Tensor, x_nat: Tenso
     A sample whose gradient is all zero adds nothing to its momentum (instead of 0/0). eps,
     alpha: floats or per-sample ``[N]`` tensors. Returns ``x_adv``."""
     op = "mifgsm_step_"
-    _check_adv(op, "x_adv", x_adv, None)
-    for name, t in (("grad", grad), ("momentum_buf", momentum_buf), ("x_nat", x_nat)):
-        _check_adv(op, name, t, x_adv)
-    eps_t, e = _strength(op, "eps", eps, x_adv, True, "x_adv")
-    alpha_t, a = _strength(op, "alpha", alpha, x_adv, False, "x_adv")
-    _, d = _strength(op, "decay", decay, x_adv, False, "x_adv")
-    lo, hi = _check_clip(op, clip_min, clip_max)
-    with torch.no_grad():
-        _ops.mifgsm_step.default(x_adv, grad, momentum_buf, x_nat, eps_t, e, alpha_t, a, d, lo,
-                                 hi)
+    eps_t, e = _strength(op, "eps", eps, x_adv)
+    alpha_t, a = _strength(op, "alpha", alpha, x_adv)
+    if isinstance(decay, (bool, str, bytes)) or not isinstance(decay, numbers.Real):
+        raise TypeError(f"{op}: decay must be a float, got {shown(decay)}")
+    lo, hi = _clip(op, clip_min, clip_max)
+    _call(op, _ops.mifgsm_step.default, x_adv, grad, momentum_buf, x_nat, eps_t, e, alpha_t, a,
+          float(decay), lo, hi)
     _mutated(x_adv, momentum_buf)
     return x_adv
 
@@ -160,11 +140,13 @@ def pgd_init(x_nat: Tensor, eps, *, norm: str = "linf", clip_min: float = 0.0,
     kernel then turns them into the start point in place (one more read and write of the noise
     than a kernel-side generator would need: this runs once per attack, not per step)."""
     op = "pgd_init"
-    _check_adv(op, "x_nat", x_nat, None)
     if norm not in ("linf", "l2"):
         raise ValueError(f"{op}: norm must be 'linf' or 'l2', got {norm!r}")
-    eps_t, e = _strength(op, "eps", eps, x_nat, True, "x_nat")
-    lo, hi = _check_clip(op, clip_min, clip_max)
+    eps_t, e = _strength(op, "eps", eps, x_nat)
+    lo, hi = _clip(op, clip_min, clip_max)
+    # The op's checks before the noise is drawn (x_nat standing in for it), so a refused call
+    # leaves the generator as it was.
+    _call(op, _C._check, "fastrobust::pgd_init", x_nat, x_nat, eps_t, e, None, False, lo, hi)
     with torch.no_grad():
         noise = torch.empty_like(x_nat)
         radius = None
