@@ -25,8 +25,8 @@ _ops = torch.ops.fastrobust
 __all__ = ["multi_batch_norm", "mixed_batch_norm", "film", "channel_scale", "scale_filters",
            "add_relu", "pgd_step_", "mifgsm_step_", "pgd_init"]
 
-# --- the one check this side makes, and the op's errors in the caller's words -----------------
 
+# --- the one check this side makes, and the op's errors in the caller's words -----------------
 
 def _real(op: str, name: str, v) -> float:
     """A plain real number (int, float, numpy scalar; not bool, str or a tensor) as float."""
