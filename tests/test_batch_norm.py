@@ -482,3 +482,33 @@ def test_large_outputs_ask_for_huge_pages(backend):
     mid = lambda t: t.data_ptr() + t.numel() * t.element_size() // 2  # noqa: E731
     assert "hg" in _vm_flags(mid(y)) and "hg" in _vm_flags(mid(dx))
     assert "hg" not in _vm_flags(mid(small))
+
+
+@pytest.mark.parametrize("backend", [p for p in cpu_backends() if p.values[0] == "cpu"])
+def test_reused_scratch_changes_no_result(backend):
+    """The CPU kernels keep their per-plane scratch blocks (64 KB and more) for the thread's
+    next call instead of freeing them. A call after calls of other shapes, whose blocks it
+    reuses with their old contents, gives bitwise the same output, gradients and running
+    statistics as the first call."""
+    def step(shape, mixed=False):
+        g = torch.Generator().manual_seed(shape[1])
+        x = torch.randn(*shape, generator=g, requires_grad=True)
+        w = torch.rand(2, shape[1], generator=g, requires_grad=True)
+        rm, rv = torch.zeros(2, shape[1]), torch.ones(2, shape[1])
+        if mixed:
+            route = torch.rand(shape[0], 2, generator=g)
+            y = F.mixed_batch_norm(x, route, w, None, rm, rv, training=True)
+        else:
+            route = torch.arange(shape[0]) % 2
+            y = F.multi_batch_norm(x, route, w, None, rm, rv, training=True)
+        gx, gw = torch.autograd.grad(y, (x, w), torch.randn(y.shape, generator=g))
+        return y, gx, gw, rm, rv
+
+    big = (64, 512, 2, 2)  # [N, C] arrays of 128 KB
+    with backends.use(backend):
+        first = step(big)
+        step((32, 1024, 2, 2), mixed=True)  # the same block sizes, other values
+        step((128, 640, 1, 2))
+        again = step(big)
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)

@@ -169,8 +169,63 @@ const Leaves<T>& leaves() {
 
 // --- passes over the activation -------------------------------------------------------------
 
+// Large scratch blocks, kept by the thread that freed them for its next call. Freed to the C
+// library, a block of a few hundred KB goes back to the OS (mmap, or the heap's top trimmed)
+// and the next call touches fresh pages: at 128 x 512 x 4 x 4 the forward's five [N, C]
+// arrays (256 KB each) took ~400 page faults a call, more time than its passes over x. A
+// block is cached under its size rounded up to a power of two; a thread keeps at most kBlocks
+// of them and kBytes in all (the oldest are freed first), and none over kMaxBytes (a call
+// that large does enough work per page).
+class ScratchCache {
+ public:
+  static constexpr size_t kMinBytes = size_t(1) << 16, kMaxBytes = size_t(1) << 24,
+                          kBytes = size_t(1) << 26, kBlocks = 16;
+
+  static size_t rounded(size_t bytes) {
+    size_t r = kMinBytes;
+    while (r < bytes) r <<= 1;
+    return r;
+  }
+  void* get(size_t bytes) {  // bytes: a rounded() size
+    for (size_t i = n_; i-- > 0;)  // the newest first
+      if (size_[i] == bytes) {
+        void* p = block_[i];
+        erase(i);
+        return p;
+      }
+    return ::operator new(bytes);
+  }
+  void put(void* p, size_t bytes) {
+    if (bytes > kMaxBytes) return ::operator delete(p);
+    while (n_ > 0 && (n_ == kBlocks || total_ + bytes > kBytes)) {
+      ::operator delete(block_[0]);
+      erase(0);
+    }
+    size_[n_] = bytes;
+    block_[n_++] = p;
+    total_ += bytes;
+  }
+  ~ScratchCache() {
+    for (size_t i = 0; i < n_; ++i) ::operator delete(block_[i]);
+  }
+  static ScratchCache& here() {
+    thread_local ScratchCache cache;
+    return cache;
+  }
+
+ private:
+  void erase(size_t i) {  // keeps the others in age order
+    total_ -= size_[i];
+    for (size_t j = i + 1; j < n_; ++j) size_[j - 1] = size_[j], block_[j - 1] = block_[j];
+    --n_;
+  }
+  size_t n_ = 0, total_ = 0, size_[kBlocks];
+  void* block_[kBlocks];
+};
+
 // A std::vector whose resize leaves arithmetic values uninitialized: the per-plane scratch
-// arrays ([N, C], written in full before they are read) skip a memset each.
+// arrays ([N, C], written in full before they are read) skip a memset each. Blocks of 64 KB
+// and more come from, and go back to, the thread's ScratchCache.
 template <typename T>
 struct NoInitAllocator : std::allocator<T> {
   template <typename U>
@@ -180,6 +235,16 @@ struct NoInitAllocator : std::allocator<T> {
   NoInitAllocator() = default;
   template <typename U>
   NoInitAllocator(const NoInitAllocator<U>&) noexcept {}
+  T* allocate(size_t n) {
+    const size_t bytes = n * sizeof(T);
+    if (bytes < ScratchCache::kMinBytes) return std::allocator<T>::allocate(n);
+    return static_cast<T*>(ScratchCache::here().get(ScratchCache::rounded(bytes)));
+  }
+  void deallocate(T* p, size_t n) {
+    const size_t bytes = n * sizeof(T);
+    if (bytes < ScratchCache::kMinBytes) return std::allocator<T>::deallocate(p, n);
+    ScratchCache::here().put(p, ScratchCache::rounded(bytes));
+  }
   template <typename U>
   void construct(U* p) noexcept {
     ::new (static_cast<void*>(p)) U;
