@@ -46,6 +46,9 @@ CASES = [
     Case("channel_slice_K3", (6, 3, 4, 3), 3, layout="channel_slice"),
     Case("no_affine_K2", (6, 4, 3, 3), 2, affine=False),
     Case("C1_K2", (6, 1, 8, 8), 2),
+    # 4x4 planes, 13 channels: the CPU kernels' fp32 loops for planes of 8..64 values take 8
+    # planes a step (here one step, then 5 planes of the general loop).
+    Case("C13_4x4_K2", (6, 13, 4, 4), 2),
 ]
 
 
@@ -439,7 +442,8 @@ VARIANCE_BACKENDS = ("cpu", "eager", "triton")
 
 
 @pytest.mark.parametrize("backend", [p for p in cpu_backends() if p.id in VARIANCE_BACKENDS])
-@pytest.mark.parametrize("shape", [(32, 4, 8, 8), (8, 3, 32, 32)], ids=["8x8", "32x32"])
+@pytest.mark.parametrize("shape", [(32, 4, 8, 8), (8, 3, 32, 32), (16, 12, 4, 4)],
+                         ids=["8x8", "32x32", "4x4"])
 @pytest.mark.parametrize("K", [1, 2], ids=["one_branch", "two_branches"])
 @pytest.mark.parametrize("mode", ["routed", "mixed"])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
