@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastrobust import functional as F, reference
-from test_batch_norm import CASES, TOL, _grads, make_inputs
+from fastrobust import backends, functional as F, reference
+from test_batch_norm import CASES, SMALL_PLANES, TOL, _grads, make_inputs
 from conftest import opcheck_utils
 
 
@@ -305,3 +305,14 @@ def test_eval_input_gradient_only(backend, case, op, scale_grad):
     for g, g_ref in zip(torch.autograd.grad(y, inputs, gy), torch.autograd.grad(y_ref, inputs,
                                                                                  gy)):
         torch.testing.assert_close(g, g_ref, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("relu", [False, True], ids=["linear", "relu"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_small_planes_mixed_and_extras_match_reference(training, relu):
+    """SMALL_PLANES (test_batch_norm.py) on the CPU kernels: mixed, and routed with every
+    extra (the ReLU-masked gradient sums)."""
+    with backends.use("cpu"):
+        test_mixed_matches_reference("cpu", SMALL_PLANES, training, relu, torch.float32)
+        test_routed_extras_match_reference("cpu", SMALL_PLANES, training,
+                                           ("scale", "gamma", "beta"), torch.float32)

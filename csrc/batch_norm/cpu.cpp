@@ -212,8 +212,14 @@ std::vector<at::Tensor> multi_bn_backward(const bn::BnArgs& a) {
     std::vector<double> T1(K * C, 0.0), T2(K * C, 0.0);
     T* dbeta_p = need_be ? dbeta.data_ptr<T>() : nullptr;
     T* dgamma_p = need_g ? dgamma.data_ptr<T>() : nullptr;
-    // Channels are independent: a task takes a block of them over the whole batch.
+    // Channels are independent: a task takes a block of them over the whole batch. A sample's
+    // z1, zu over the block go to a row first, then into each of its branches' sums: the
+    // loops over channels have no inner loop over routing entries (the same sums, in the same
+    // order).
     parallel_planes(C, N, [&](int64_t c0, int64_t c1) {
+      Scratch<double> row1(c1 - c0), row2(c1 - c0);
+      double* z1r = row1.data() - c0;
+      double* zur = row2.data() - c0;
       for (int64_t n = 0; n < N; ++n) {
         const int64_t o = n * C;
         for (int64_t c = c0; c < c1; ++c) {
@@ -221,17 +227,22 @@ std::vector<at::Tensor> multi_bn_backward(const bn::BnArgs& a) {
           const double s = sp_all ? double(sp_all[i]) : 1.0;
           const double g = gp_all ? double(gp_all[i]) : 1.0;
           const double G1 = double(G.a[i]), G2 = double(G.b[i]), ct = double(ctr[i]);
-          const double z1 = plane_Z1(g, G1), zu = plane_Zu(g, s, s * ct, G1, G2);
-          if (need_mix) {
-            Z1[i] = z1;
-            Zu[i] = zu;
-          }
+          z1r[c] = plane_Z1(g, G1);
+          zur[c] = plane_Zu(g, s, s * ct, G1, G2);
           if (dbeta_p) dbeta_p[i] = T(G1);
           if (dgamma_p) dgamma_p[i] = T(plane_dgamma(co.Ap[i], co.Dp[i], s, s * ct, G1, G2));
-          for (int64_t e_ = rt.start[n]; e_ < rt.start[n + 1]; ++e_) {
-            const int64_t kc = rt.k[e_] * C + c;
-            T1[kc] += rt.w[e_] * z1;
-            T2[kc] += rt.w[e_] * zu;
+        }
+        if (need_mix) {
+          std::copy(z1r + c0, z1r + c1, &Z1[o + c0]);
+          std::copy(zur + c0, zur + c1, &Zu[o + c0]);
+        }
+        for (int64_t e_ = rt.start[n]; e_ < rt.start[n + 1]; ++e_) {
+          const double w = rt.w[e_];
+          double* t1 = &T1[rt.k[e_] * C];
+          double* t2 = &T2[rt.k[e_] * C];
+          for (int64_t c = c0; c < c1; ++c) {
+            t1[c] += w * z1r[c];
+            t2[c] += w * zur[c];
           }
         }
       }
