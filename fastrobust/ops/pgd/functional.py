@@ -31,17 +31,6 @@ def _strength(op: str, name: str, v, x):
     return None, float(v)
 
 
-def _bound(op: str, name: str, v) -> float:
-    """A clip bound: anything float() takes (a number, a one-element tensor) but a bool or a
-    string, as float."""
-    if not isinstance(v, (bool, str, bytes)):
-        try:
-            return float(v)
-        except (TypeError, ValueError, RuntimeError):
-            pass
-    raise TypeError(f"{op}: {name} must be a number, got {shown(v)}")
-
-
 def _call(op: str, fn, *args):
     """``fn(*args)``, the op's error naming the public function ``op``."""
     try:
