@@ -17,6 +17,34 @@ import pytest
 import torch
 
 QUICK = os.environ.get("BENCH_QUICK") == "1"
+
+
+def _keep_freed_memory() -> str:
+    """Make glibc's malloc keep freed memory mapped (no mmap per large block, no trimming of the
+    heap), for every implementation alike; returns how memory is served, for the results' header.
+
+    By default glibc serves a block of a few MB from a fresh mmap or from a heap it trims again
+    when the block is freed, depending on the heap's state, so a call may fault in its whole
+    output (N128 C512 4x4: ~350 page faults a call, the call two to three times slower) or none.
+    Which implementation of a group pays that is the heap's luck, not its kernel's speed (the copy
+    bandwidth, timed into reused memory, never pays it). jemalloc or tcmalloc, or these two
+    settings (MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<large>), give a training run the same.
+    BENCH_MALLOC=default keeps glibc's defaults."""
+    if os.environ.get("BENCH_MALLOC") == "default" or platform.system() != "Linux":
+        return "the C library's default allocator settings"
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+        m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+        ok = libc.mallopt(m_mmap_max, 0) == 1 and libc.mallopt(m_trim_threshold, 2**30) == 1
+    except (OSError, AttributeError):
+        ok = False
+    return ("freed memory kept mapped (glibc: no mmap per block, no heap trimming)" if ok
+            else "the C library's default allocator settings (mallopt unavailable)")
+
+
+MALLOC = _keep_freed_memory()
 _copy_cache: dict[int, float] = {}
 # The copy bandwidth is timed with the benchmarks' own timer (--benchmark-timer; e.g.
 # time.process_time for one-thread runs on a loaded machine), so their ratios compare alike.
@@ -121,7 +149,7 @@ def pytest_terminal_summary(terminalreporter, config):
         return
     head = [f"fastrobust benchmarks, {datetime.date.today()}, {_cpu_name()}, "
             f"{torch.get_num_threads()} threads, torch {torch.__version__}; copy bandwidth "
-            f"{copy_bandwidth(DRAM_BYTES):.0f} GB/s at 256 MB",
+            f"{copy_bandwidth(DRAM_BYTES):.0f} GB/s at 256 MB; {MALLOC}",
             "",
             "| group | implementation | median ms | GB/s (byte model) | of same-size copy | "
             "of 256 MB copy | fused is faster by |",

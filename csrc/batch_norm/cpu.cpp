@@ -110,8 +110,8 @@ std::vector<at::Tensor> multi_bn_forward(const bn::BnArgs& a) {
       }
     }
     const auto single = single_value_branches(rt, v, batch_stats);
-    const auto co = coefficients<T>(rt, v, p, e, mean, invstd, false, single);
-    affine_pass<T>(v, walk<const T>(x, v), walk<T>(y, yv), co.A.data(), co.D.data(), a.relu);
+    const BranchCoefficients<T> bc(rt, C, p, mean, invstd, single);
+    affine_from_branches<T>(rt, v, bc, e, walk<const T>(x, v), walk<T>(y, yv), a.relu);
   });
   return {y, mean_t, invstd_t, planes};
 }
@@ -150,9 +150,9 @@ std::vector<at::Tensor> multi_bn_backward(const bn::BnArgs& a) {
     const int64_t NC = N * C;
     const bool eval_dx_only = !batch_stats && !need_mix && !need_w && !need_b && !need_g &&
                               !need_be;
-    // Ap, Dp per plane are needed by the FiLM gradient only.
+    // Ap, Dp per plane are needed by the FiLM gradient only, A, D by the ReLU mask only.
     const std::vector<char> single = single_value_branches(rt, v, batch_stats);
-    const auto co = coefficients<T>(rt, v, p, e, mean, invstd, need_g, single);
+    const auto co = coefficients<T>(rt, v, p, e, mean, invstd, need_g, single, relu);
     const T* sp_all = e.scale;
     const T* gp_all = e.gamma;
     // Running statistics and only the input gradient wanted (an attack's backward in eval

@@ -152,13 +152,16 @@ struct Leaves {
   decltype(&isa_base::rows_affine<T>) rows_affine;
   decltype(&isa_base::planes_backward<T>) planes_backward;
   decltype(&isa_base::rows_backward<T>) rows_backward;
+  decltype(&isa_base::centre_add<T>) centre_add;
+  decltype(&isa_base::shares_add<T>) shares_add;
 };
 
 #define FASTROBUST_LEAVES(ns)                                                              \
   Leaves<T> {                                                                              \
     ns::planes_moments<T>, ns::rows_moments<T>, ns::planes_grad_sums<T>,                   \
         ns::rows_grad_sums<T>, ns::planes_affine<T>, ns::rows_affine<T>,                   \
-        ns::planes_backward<T>, ns::rows_backward<T>                                       \
+        ns::planes_backward<T>, ns::rows_backward<T>, ns::centre_add<T>,                   \
+        ns::shares_add<T>                                                                  \
   }
 
 template <typename T>
@@ -331,27 +334,37 @@ PlaneValues<T> plane_grad_sums(const View& v, Walk<const T> dy, Walk<const T> x,
 }
 
 // Splits the elementwise work into runs of planes (or channels-last rows) of one sample, a leaf
-// call each: fn(n, first plane/row j, run length). `whole_samples` keeps each sample in one
-// chunk (for per-sample accumulators written from rows).
-template <typename F>
-void for_runs(const View& v, bool whole_samples, const F& fn) {
+// call each: fn(state, n, first plane/row j, run length), with state = init() made once per
+// parallel task (scratch rows). `whole_samples` keeps each sample in one chunk (for per-sample
+// accumulators written from rows).
+template <typename Init, typename F>
+void for_runs(const View& v, bool whole_samples, const Init& init, const F& fn) {
   const bool planes = v.layout == Layout::Planes;
   const int64_t per_sample = planes ? v.C : v.S, len = planes ? v.S : v.C;
   if (whole_samples) {
     at::parallel_for(0, v.N, sample_grain(v), [&](int64_t n0, int64_t n1) {
-      for (int64_t n = n0; n < n1; ++n) fn(n, int64_t(0), per_sample);
+      auto state = init();
+      for (int64_t n = n0; n < n1; ++n) fn(state, n, int64_t(0), per_sample);
     });
     return;
   }
   const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(len, 1));
   at::parallel_for(0, v.N * per_sample, grain, [&](int64_t i0, int64_t i1) {
+    auto state = init();
     for (int64_t i = i0; i < i1;) {
       const int64_t n = i / per_sample, j = i % per_sample;
       const int64_t run = std::min(i1 - i, per_sample - j);
-      fn(n, j, run);
+      fn(state, n, j, run);
       i += run;
     }
   });
+}
+
+template <typename F>
+void for_runs(const View& v, bool whole_samples, const F& fn) {
+  for_runs(
+      v, whole_samples, [] { return 0; },
+      [&](int, int64_t n, int64_t j, int64_t run) { fn(n, j, run); });
 }
 
 // out = act(A[n,c]·x + D[n,c]).

@@ -108,26 +108,22 @@ void branch_stats(const Route& rt, const View& v, const T* pc, const T* pr, cons
   std::vector<double> ck(K * C, 0.0), R(K * C, 0.0), Q(K * C, 0.0);
   mean.resize(K * C);
   var.resize(K * C);
-  // Channels are independent: a task takes a block of them through both passes.
+  // Channels are independent: a task takes a block of them through both passes (the rows'
+  // loops are the ISA-picked leaves).
+  const auto& leaf = leaves<T>();
   parallel_planes(C, v.N, [&](int64_t c0, int64_t c1) {
+    const int64_t len = c1 - c0;
+    auto at = [&](const T* t, int64_t n) { return t ? t + n * C + c0 : nullptr; };
     for (int64_t n = 0; n < v.N; ++n)
-      for (int64_t e_ = rt.start[n]; e_ < rt.start[n + 1]; ++e_) {
-        const double w = rt.w[e_];
-        double* ckk = &ck[rt.k[e_] * C];
-        for (int64_t c = c0; c < c1; ++c) ckk[c] += w * e.s(n * C + c) * double(pc[n * C + c]);
-      }
+      for (int64_t e_ = rt.start[n]; e_ < rt.start[n + 1]; ++e_)
+        leaf.centre_add(&ck[rt.k[e_] * C + c0], at(pc, n), at(e.scale, n), rt.w[e_], len);
     for (int64_t k = 0; k < K; ++k)
       for (int64_t c = c0; c < c1; ++c) ck[k * C + c] /= nonzero(rt.total[k]);
     for (int64_t n = 0; n < v.N; ++n)
       for (int64_t e_ = rt.start[n]; e_ < rt.start[n + 1]; ++e_) {
-        const double w = rt.w[e_];
-        const int64_t o = rt.k[e_] * C;
-        for (int64_t c = c0; c < c1; ++c) {
-          const int64_t i = n * C + c;
-          const double s = e.s(i), cp = double(pc[i]), r = pr ? double(pr[i]) : 0.0;
-          R[o + c] += part_r_share(w, s, cp, r, ck[o + c], S);
-          Q[o + c] += part_q_share(w, s, cp, r, double(pq[i]), ck[o + c], S);
-        }
+        const int64_t o = rt.k[e_] * C + c0;
+        leaf.shares_add(&R[o], &Q[o], at(pc, n), at(pr, n), at(pq, n), at(e.scale, n),
+                        &ck[o], rt.w[e_], S, len);
       }
     for (int64_t k = 0; k < K; ++k) {
       const double m = rt.total[k] * S;
@@ -140,38 +136,34 @@ void branch_stats(const Route& rt, const View& v, const T* pc, const T* pr, cons
   });
 }
 
-// out[0..C) = Σ_e w_e·t[k_e, 0..C) over sample n's routing entries (t: [K, C]). A sample
-// with one entry (every routed sample) is a copy or one product: the same value the sum from
-// zero gives, without the pass that zeroes `out`.
-inline void mix_row(const Route& rt, int64_t n, const double* t, int64_t C, double* out) {
-  const int64_t e0 = rt.start[n], e1 = rt.start[n + 1];
+// out[0..c1-c0) = Σ_e w_e·t[k_e, c0..c1) over sample n's routing entries (t: [K, C]). A
+// sample with one entry (every routed sample) is a copy or one product: the same value the
+// sum from zero gives, without the pass that zeroes `out`.
+inline void mix_range(const Route& rt, int64_t n, const double* t, int64_t C, int64_t c0,
+                      int64_t c1, double* out) {
+  const int64_t e0 = rt.start[n], e1 = rt.start[n + 1], len = c1 - c0;
   if (e1 - e0 == 1) {
     const double w = rt.w[e0];
-    const double* tk = t + rt.k[e0] * C;
+    const double* tk = t + rt.k[e0] * C + c0;
     if (w == 1.0) {
-      std::copy(tk, tk + C, out);
+      std::copy(tk, tk + len, out);
     } else {
-      for (int64_t c = 0; c < C; ++c) out[c] = w * tk[c];
+      for (int64_t c = 0; c < len; ++c) out[c] = w * tk[c];
     }
     return;
   }
-  std::fill(out, out + C, 0.0);
+  std::fill(out, out + len, 0.0);
   for (int64_t e_ = e0; e_ < e1; ++e_) {
     const double w = rt.w[e_];
-    const double* tk = t + rt.k[e_] * C;
-    for (int64_t c = 0; c < C; ++c) out[c] += w * tk[c];
+    const double* tk = t + rt.k[e_] * C + c0;
+    for (int64_t c = 0; c < len; ++c) out[c] += w * tk[c];
   }
 }
 
-// a = w·r, d = b - μ·a per (k, c); Ap, Dp per plane (z = Ap·u + Dp; kept only when asked
-// for); A, D per plane in T (f = A·x + D): the same code in forward and backward, so the ReLU
-// mask is recomputed exactly.
-template <typename T>
-struct Coefficients {
-  std::vector<double> a, d;
-  Scratch<double> Ap, Dp;
-  Scratch<T> A, D;
-};
+// The whole row, c = 0..C.
+inline void mix_row(const Route& rt, int64_t n, const double* t, int64_t C, double* out) {
+  mix_range(rt, n, t, C, 0, C, out);
+}
 
 // Branches whose batch statistics come from one value (one sample routed there, 1x1 maps): x̂
 // is exactly 0, so the output is exactly the bias and the input gradient exactly 0.
@@ -184,34 +176,72 @@ std::vector<char> single_value_branches(const Route& rt, const View& v, bool bat
   return single;
 }
 
-// `single`: the planes use a = 0, d = b for those branches (exactly b instead of a·x + d with
-// a = w/sqrt(eps), which rounds); a and d themselves stay the true per-branch values (the mix
-// gradient of other samples needs them).
+// a = w·r, d = b - μ·a per (k, c), and the values the planes mix (a_pl, d_pl): the same but
+// a = 0, d = b for `single` branches (exactly b instead of a·x + d with a = w/sqrt(eps),
+// which rounds); a and d themselves stay the true per-branch values (the mix gradient of
+// other samples needs them).
 template <typename T>
-Coefficients<T> coefficients(const Route& rt, const View& v, const Params<T>& p,
-                             const Extras<T>& e, const T* mean, const T* invstd,
-                             bool keep_planes, const std::vector<char>& single) {
-  const int64_t C = v.C, K = rt.K, NC = v.N * C;
-  Coefficients<T> co;
-  co.a.resize(K * C);
-  co.d.resize(K * C);
-  for (int64_t i = 0; i < K * C; ++i) {
-    co.a[i] = coef_a(p.w(i), double(invstd[i]));
-    co.d[i] = coef_d(p.b(i), double(mean[i]), co.a[i]);
-  }
-  const bool any_single = std::find(single.begin(), single.end(), 1) != single.end();
-  std::vector<double> a_pl, d_pl;
-  if (any_single) {
-    a_pl = co.a;
-    d_pl = co.d;
-    for (int64_t i = 0; i < K * C; ++i)
+struct BranchCoefficients {
+  std::vector<double> a, d, a_pl, d_pl;
+  BranchCoefficients(const Route& rt, int64_t C, const Params<T>& p, const T* mean,
+                     const T* invstd, const std::vector<char>& single)
+      : a(rt.K * C), d(rt.K * C) {
+    for (int64_t i = 0; i < rt.K * C; ++i) {
+      a[i] = coef_a(p.w(i), double(invstd[i]));
+      d[i] = coef_d(p.b(i), double(mean[i]), a[i]);
+    }
+    a_pl = a;
+    d_pl = d;
+    for (int64_t i = 0; i < rt.K * C; ++i)
       if (single[i / C]) {
         a_pl[i] = 0.0;
         d_pl[i] = p.b(i);
       }
   }
-  const double* a_src = any_single ? a_pl.data() : co.a.data();
-  const double* d_src = any_single ? d_pl.data() : co.d.data();
+};
+
+// Planes (n, c0..c1) of one sample: Ap, Dp (its routing mixture of a_pl, d_pl; z = Ap·u + Dp)
+// and A, D in T (f = A·x + D). The same code in forward and backward, so the ReLU mask is
+// recomputed exactly.
+template <typename T>
+void plane_coefficients(const Route& rt, int64_t C, const BranchCoefficients<T>& bc,
+                        const Extras<T>& e, int64_t n, int64_t c0, int64_t c1, double* ap,
+                        double* dp, T* A, T* D) {
+  mix_range(rt, n, bc.a_pl.data(), C, c0, c1, ap);
+  mix_range(rt, n, bc.d_pl.data(), C, c0, c1, dp);
+  const int64_t o = n * C + c0, len = c1 - c0;
+  const T* sp = e.scale ? e.scale + o : nullptr;
+  const T* gp = e.gamma ? e.gamma + o : nullptr;
+  const T* bp = e.beta ? e.beta + o : nullptr;
+  for (int64_t c = 0; c < len; ++c) {
+    const double s = sp ? double(sp[c]) : 1.0, g = gp ? double(gp[c]) : 1.0;
+    A[c] = T(plane_A(ap[c], s, g));
+    D[c] = T(plane_D(dp[c], g, bp ? double(bp[c]) : 0.0));
+  }
+}
+
+// The branch coefficients a, d; per plane Ap, Dp (kept when asked for: the FiLM gradient) and
+// A, D ([N, C] each; formed when asked for, or with Ap, Dp: the backward's ReLU mask).
+template <typename T>
+struct Coefficients {
+  std::vector<double> a, d;
+  Scratch<double> Ap, Dp;
+  Scratch<T> A, D;
+};
+
+template <typename T>
+Coefficients<T> coefficients(const Route& rt, const View& v, const Params<T>& p,
+                             const Extras<T>& e, const T* mean, const T* invstd,
+                             bool keep_planes, const std::vector<char>& single,
+                             bool want_planes) {
+  const int64_t C = v.C, NC = v.N * C;
+  BranchCoefficients<T> bc(rt, C, p, mean, invstd, single);
+  Coefficients<T> co;
+  if (!keep_planes && !want_planes) {
+    co.a = std::move(bc.a);
+    co.d = std::move(bc.d);
+    return co;
+  }
   if (keep_planes) {
     co.Ap.resize(NC);
     co.Dp.resize(NC);
@@ -222,23 +252,44 @@ Coefficients<T> coefficients(const Route& rt, const View& v, const Params<T>& p,
     Scratch<double> row_a(keep_planes ? 0 : C), row_d(keep_planes ? 0 : C);
     for (int64_t n = n0; n < n1; ++n) {
       const int64_t o = n * C;
-      double* ap = keep_planes ? &co.Ap[o] : row_a.data();
-      double* dp = keep_planes ? &co.Dp[o] : row_d.data();
-      mix_row(rt, n, a_src, C, ap);
-      mix_row(rt, n, d_src, C, dp);
-      T* A = &co.A[o];
-      T* D = &co.D[o];
-      const T* sp = e.scale ? e.scale + o : nullptr;
-      const T* gp = e.gamma ? e.gamma + o : nullptr;
-      const T* bp = e.beta ? e.beta + o : nullptr;
-      for (int64_t c = 0; c < C; ++c) {
-        const double s = sp ? double(sp[c]) : 1.0, g = gp ? double(gp[c]) : 1.0;
-        A[c] = T(plane_A(ap[c], s, g));
-        D[c] = T(plane_D(dp[c], g, bp ? double(bp[c]) : 0.0));
-      }
+      plane_coefficients<T>(rt, C, bc, e, n, 0, C, keep_planes ? &co.Ap[o] : row_a.data(),
+                            keep_planes ? &co.Dp[o] : row_d.data(), &co.A[o], &co.D[o]);
     }
   });
+  co.a = std::move(bc.a);
+  co.d = std::move(bc.d);
   return co;
+}
+
+// The forward's output y = act(A·x + D), each run's A, D formed just before the leaf call
+// reads them (a sample's run of planes, or its whole row for channels-last rows): no [N, C]
+// coefficient arrays written and read back, and one parallel region fewer than
+// coefficients() and affine_pass().
+template <typename T>
+void affine_from_branches(const Route& rt, const View& v, const BranchCoefficients<T>& bc,
+                          const Extras<T>& e, Walk<const T> x, Walk<T> out, bool relu) {
+  const auto& leaf = leaves<T>();
+  const int64_t C = v.C;
+  struct Rows {
+    Scratch<double> ap, dp;
+    Scratch<T> A, D;
+  };
+  for_runs(
+      v, false, [&] { return Rows{Scratch<double>(C), Scratch<double>(C), Scratch<T>(C),
+                                  Scratch<T>(C)}; },
+      [&](Rows& r, int64_t n, int64_t j, int64_t run) {
+        if (v.layout == Layout::Planes) {
+          plane_coefficients<T>(rt, C, bc, e, n, j, j + run, r.ap.data(), r.dp.data(),
+                                r.A.data(), r.D.data());
+          leaf.planes_affine(out.sample(n) + j * v.S, x.sample(n) + j * v.S, run, v.S,
+                             r.A.data(), r.D.data(), relu);
+        } else {
+          plane_coefficients<T>(rt, C, bc, e, n, 0, C, r.ap.data(), r.dp.data(), r.A.data(),
+                                r.D.data());
+          leaf.rows_affine(out.sample(n) + j * C, x.sample(n) + j * C, run, C, r.A.data(),
+                           r.D.data(), relu);
+        }
+      });
 }
 
 template <typename T>
