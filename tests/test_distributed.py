@@ -45,11 +45,24 @@ def _init(rank, store):
 _LAUNCHERS = ("sync_bn_stats", "sync_bn_apply", "sync_bn_grad_sums", "sync_bn_dx")
 
 
-def _op_worker(rank, store, mixed, extras, placement, spatial=(5, 4), backend=None,
-               channels_last=False, C=3):
+def _op_worker(rank, store, cases):
+    """Each case, (mixed, extras, placement[, spatial, backend, channels_last, C]), in one
+    process group: spawning the two processes costs more than a case (they import torch)."""
+    _init(rank, store)
+    try:
+        for case in cases:
+            try:
+                _op_case(rank, *case)
+            except Exception as e:
+                raise AssertionError(f"case {case}: {e}") from e
+    finally:
+        dist.destroy_process_group()
+
+
+def _op_case(rank, mixed, extras, placement, spatial=(5, 4), backend=None,
+             channels_last=False, C=3):
     """backend='triton': the synchronized op runs through the Triton kernels (under the
     interpreter here), the single-process reference through the CPU's."""
-    _init(rank, store)
     from fastrobust import backends
     from fastrobust.ops.batch_norm import sync_triton as sync_bn
     calls = []
@@ -132,40 +145,45 @@ def _op_worker(rank, store, mixed, extras, placement, spatial=(5, 4), backend=No
     finally:
         for name, fn in launchers.items():
             setattr(sync_bn, name, fn)
-        dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("placement", ["spread", "one_rank", "none"])
-@pytest.mark.parametrize("extras", [False, True], ids=["plain", "scale_film_relu"])
 @pytest.mark.parametrize("mixed", [False, True], ids=["routed", "mixed"])
-def test_sync_op_equals_whole_batch(mixed, extras, placement):
-    _spawn(_op_worker, mixed, extras, placement)
+def test_sync_op_equals_whole_batch(mixed):
+    """Plain and with input scale, FiLM and ReLU; a branch on both ranks, on one, on none."""
+    _spawn(_op_worker, [(mixed, extras, placement) for extras in (False, True)
+                        for placement in ("spread", "one_rank", "none")])
 
 
-@pytest.mark.parametrize("spatial", [(1, 1), ()], ids=["1x1", "no_spatial"])
-@pytest.mark.parametrize("extras", [False, True], ids=["plain", "scale_film_relu"])
-def test_sync_op_one_value_per_plane(extras, spatial):
+def test_sync_op_one_value_per_plane():
     """1×1 maps and [N, C] inputs (a ResNet's last stage at 8×8 inputs): one value per plane,
-    with a branch that only one rank holds, twice."""
-    _spawn(_op_worker, False, extras, "two_on_one_rank", spatial)
+    with a branch that only one rank holds, twice; plain and with the extras."""
+    _spawn(_op_worker, [(False, extras, "two_on_one_rank", spatial)
+                        for extras in (False, True) for spatial in ((1, 1), ())])
 
 
-@pytest.mark.parametrize("case", [
-    (False, False, "one_rank", (5, 4)), (False, True, "spread", (5, 4)),
-    (True, False, "one_rank", (5, 4)), (True, True, "none", (5, 4)),
-    (False, True, "two_on_one_rank", (1, 1)), (True, True, "spread", ()),
-    (True, True, "one_rank", (3, 3), True), (True, True, "spread", (2, 2), False, 20)],
-    ids=["routed-plain-one_rank", "routed-extras-spread", "mixed-plain-one_rank",
-         "mixed-extras-none", "routed-extras-1x1", "mixed-extras-no_spatial",
-         "mixed-extras-channels_last", "mixed-extras-20_channels"])
-def test_sync_op_through_triton_kernels(case):
+# (mixed, extras, placement, spatial[, channels_last, C]), in two groups of four
+_TRITON_CASES = {
+    "plain_and_small": [(False, False, "one_rank", (5, 4)), (False, True, "spread", (5, 4)),
+                        (True, False, "one_rank", (5, 4)), (False, True, "two_on_one_rank",
+                                                            (1, 1))],
+    "mixed_extras": [(True, True, "none", (5, 4)), (True, True, "spread", ()),
+                     (True, True, "one_rank", (3, 3), True),
+                     (True, True, "spread", (2, 2), False, 20)],
+}
+
+
+@pytest.mark.parametrize("group", list(_TRITON_CASES))
+def test_sync_op_through_triton_kernels(group):
     """The synchronized op through the Triton kernels (CUDA's path: 3 launches and the
     all-reduce each way) equals the single-process op on the whole batch: forward, every
     gradient, running statistics and counters. channels_last and [N, C] inputs take the
     kernels' channel tiles (BLOCK_C > 1, masked at C=3); at 20 channels the backward's d mix
     sums two channel blocks (16 and a masked 4)."""
-    mixed, extras, placement, spatial, cl, channels = case + (False, 3)[len(case) - 4:]
-    _spawn(_op_worker, mixed, extras, placement, spatial, "triton", cl, channels)
+    cases = []
+    for case in _TRITON_CASES[group]:
+        mixed, extras, placement, spatial, cl, channels = case + (False, 3)[len(case) - 4:]
+        cases.append((mixed, extras, placement, spatial, "triton", cl, channels))
+    _spawn(_op_worker, cases)
 
 
 def _node_worker(rank, store, backend):

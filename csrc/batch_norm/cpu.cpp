@@ -172,38 +172,48 @@ std::vector<at::Tensor> multi_bn_backward(const bn::BnArgs& a) {
           }
         });
         backward_pass<T>(v, walk<const T>(dy, dyv), walk<const T>(x, v),
-                         walk<T>(dx, as_view(dx).second), P.data(), nullptr, R.data(),
-                         Sc.data(), relu ? co.A.data() : nullptr, relu ? co.D.data() : nullptr,
-                         need_s ? dscale.data_ptr<T>() : nullptr);
+                         walk<T>(dx, as_view(dx).second), {P.data(), C}, {}, {R.data(), C},
+                         {Sc.data(), C}, relu ? co.A.data() : nullptr,
+                         relu ? co.D.data() : nullptr, need_s ? dscale.data_ptr<T>() : nullptr);
       }
       return;
     }
-    // Centre of the Σg·x sums, in x's units: the plane's mixture of branch means.
+    // A routed call without input scale or FiLM: every per-plane value below is its branch's,
+    // so the passes read [K, C] rows by each sample's branch (PlaneRows) instead of [N, C]
+    // arrays filled from them (the same values: a routed sample's mixture is a copy).
+    const bool by_branch = rt.routed && !sp_all && !gp_all;
+    // Centre of the Σg·x sums, in x's units: the plane's mixture of branch means (a routed
+    // sample without input scale: its branch's mean).
+    const bool ctr_by_branch = rt.routed && !sp_all;
     std::vector<double> mean_d(mean, mean + K * C);
-    Scratch<T> ctr(NC);
-    parallel_planes(N, C, [&](int64_t n0, int64_t n1) {
-      Scratch<double> row(C);
-      for (int64_t n = n0; n < n1; ++n) {
-        double tot = 0;
-        for (int64_t e_ = rt.start[n]; e_ < rt.start[n + 1]; ++e_) tot += rt.w[e_];
-        mix_row(rt, n, mean_d.data(), C, row.data());
-        const double tz = nonzero(tot);
-        if (tz != 1.0)  // a routed sample's total is 1: u = the branch mean, no division
-          for (int64_t c = 0; c < C; ++c) row[c] /= tz;
-        T* cn = &ctr[n * C];
-        if (sp_all) {
-          const T* sn = sp_all + n * C;
-          for (int64_t c = 0; c < C; ++c) {
-            const double s = double(sn[c]);
-            cn[c] = s != 0 ? T(row[c] / s) : T(0);
+    Scratch<T> ctr_planes(ctr_by_branch ? 0 : NC);
+    const PlaneRows<T> ctr = ctr_by_branch ? PlaneRows<T>(mean, C, rt.k.data())
+                                           : PlaneRows<T>(ctr_planes.data(), C);
+    if (!ctr_by_branch) {
+      parallel_planes(N, C, [&](int64_t n0, int64_t n1) {
+        Scratch<double> row(C);
+        for (int64_t n = n0; n < n1; ++n) {
+          double tot = 0;
+          for (int64_t e_ = rt.start[n]; e_ < rt.start[n + 1]; ++e_) tot += rt.w[e_];
+          mix_row(rt, n, mean_d.data(), C, row.data());
+          const double tz = nonzero(tot);
+          if (tz != 1.0)  // a routed sample's total is 1: u = the branch mean, no division
+            for (int64_t c = 0; c < C; ++c) row[c] /= tz;
+          T* cn = &ctr_planes[n * C];
+          if (sp_all) {
+            const T* sn = sp_all + n * C;
+            for (int64_t c = 0; c < C; ++c) {
+              const double s = double(sn[c]);
+              cn[c] = s != 0 ? T(row[c] / s) : T(0);
+            }
+          } else {
+            for (int64_t c = 0; c < C; ++c) cn[c] = T(row[c]);
           }
-        } else {
-          for (int64_t c = 0; c < C; ++c) cn[c] = T(row[c]);
         }
-      }
-    });
-    const auto G = plane_grad_sums<T>(v, walk<const T>(dy, dyv), walk<const T>(x, v),
-                                      ctr.data(), relu ? co.A.data() : nullptr,
+      });
+    }
+    const auto G = plane_grad_sums<T>(v, walk<const T>(dy, dyv), walk<const T>(x, v), ctr,
+                                      relu ? co.A.data() : nullptr,
                                       relu ? co.D.data() : nullptr);
     // Per plane: Z1 = Σdz, Zu = Σdz·u (dz = γ·g), and the FiLM gradients; per branch:
     // T1 = Σ M·dz (dbias), T2 = Σ M·dz·x̂ (dweight). Z1, Zu are kept per plane only for the
@@ -216,35 +226,31 @@ std::vector<at::Tensor> multi_bn_backward(const bn::BnArgs& a) {
     // z1, zu over the block go to a row first, then into each of its branches' sums: the
     // loops over channels have no inner loop over routing entries (the same sums, in the same
     // order).
+    const auto& leaf = leaves<T>();
     parallel_planes(C, N, [&](int64_t c0, int64_t c1) {
-      Scratch<double> row1(c1 - c0), row2(c1 - c0);
-      double* z1r = row1.data() - c0;
-      double* zur = row2.data() - c0;
+      const int64_t len = c1 - c0;
+      Scratch<double> z1r(len), zur(len);
       for (int64_t n = 0; n < N; ++n) {
-        const int64_t o = n * C;
-        for (int64_t c = c0; c < c1; ++c) {
-          const int64_t i = o + c;
-          const double s = sp_all ? double(sp_all[i]) : 1.0;
-          const double g = gp_all ? double(gp_all[i]) : 1.0;
-          const double G1 = double(G.a[i]), G2 = double(G.b[i]), ct = double(ctr[i]);
-          z1r[c] = plane_Z1(g, G1);
-          zur[c] = plane_Zu(g, s, s * ct, G1, G2);
-          if (dbeta_p) dbeta_p[i] = T(G1);
-          if (dgamma_p) dgamma_p[i] = T(plane_dgamma(co.Ap[i], co.Dp[i], s, s * ct, G1, G2));
-        }
-        if (need_mix) {
-          std::copy(z1r + c0, z1r + c1, &Z1[o + c0]);
-          std::copy(zur + c0, zur + c1, &Zu[o + c0]);
-        }
-        for (int64_t e_ = rt.start[n]; e_ < rt.start[n + 1]; ++e_) {
-          const double w = rt.w[e_];
-          double* t1 = &T1[rt.k[e_] * C];
-          double* t2 = &T2[rt.k[e_] * C];
-          for (int64_t c = c0; c < c1; ++c) {
-            t1[c] += w * z1r[c];
-            t2[c] += w * zur[c];
+        const int64_t o = n * C + c0;
+        const T* ct = ctr.row(n) + c0;
+        leaf.plane_z(&G.a[o], &G.b[o], ct, sp_all ? sp_all + o : nullptr,
+                     gp_all ? gp_all + o : nullptr, z1r.data(), zur.data(), len);
+        if (dbeta_p)
+          for (int64_t c = 0; c < len; ++c) dbeta_p[o + c] = G.a[o + c];
+        if (dgamma_p)
+          for (int64_t c = 0; c < len; ++c) {
+            const int64_t i = o + c;
+            const double s = sp_all ? double(sp_all[i]) : 1.0;
+            dgamma_p[i] = T(plane_dgamma(co.Ap[i], co.Dp[i], s, s * double(ct[c]),
+                                         double(G.a[i]), double(G.b[i])));
           }
+        if (need_mix) {
+          std::copy(z1r.begin(), z1r.end(), &Z1[o]);
+          std::copy(zur.begin(), zur.end(), &Zu[o]);
         }
+        for (int64_t e_ = rt.start[n]; e_ < rt.start[n + 1]; ++e_)
+          leaf.add_scaled2(&T1[rt.k[e_] * C + c0], &T2[rt.k[e_] * C + c0], z1r.data(),
+                           zur.data(), rt.w[e_], len);
       }
     });
     // A branch whose batch statistics come from one value has x̂ ≡ 0, hence a constant output:
@@ -260,7 +266,8 @@ std::vector<at::Tensor> multi_bn_backward(const bn::BnArgs& a) {
     }
     // ∂L/∂u = P·g + Q·x + R (Q carries the input scale), dx = s·∂L/∂u.
     if (need_x || need_s) {
-      Scratch<T> P(NC), Q, R(NC), Sc(NC);
+      const int64_t rows = by_branch ? K * C : NC;  // [K, C] or [N, C]
+      Scratch<T> P(rows), Q, R(rows), Sc(rows);
       std::vector<double> bq, dr, a_in(co.a);  // a_in: zero for single-value branches
       if (batch_stats) {
         bq.assign(K * C, 0.0);
@@ -275,30 +282,37 @@ std::vector<at::Tensor> multi_bn_backward(const bn::BnArgs& a) {
             dr[i] = branch_r(a_in[i], r, T2[i], double(mean[i]), T1[i], m);
           }
         }
-        Q.resize(NC);
+        Q.resize(rows);
       }
-      parallel_planes(N, C, [&](int64_t n0, int64_t n1) {
-        Scratch<double> row(C), row2(batch_stats ? C : 0), row3(batch_stats ? C : 0);
-        for (int64_t n = n0; n < n1; ++n) {
-          const int64_t o = n * C;
-          mix_row(rt, n, a_in.data(), C, row.data());  // Σ_k M·a_in per plane
-          if (batch_stats) {
-            mix_row(rt, n, bq.data(), C, row2.data());
-            mix_row(rt, n, dr.data(), C, row3.data());
-          }
-          for (int64_t c = 0; c < C; ++c) {
-            const int64_t i = o + c;
-            const double s = sp_all ? double(sp_all[i]) : 1.0;
-            P[i] = T(row[c] * (gp_all ? double(gp_all[i]) : 1.0));
-            Sc[i] = T(s);
-            R[i] = batch_stats ? T(row3[c]) : T(0);
-            if (batch_stats) Q[i] = T(row2[c] * s);
-          }
+      if (by_branch) {
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t o = k * C;
+          leaf.plane_pqr(&a_in[o], batch_stats ? &bq[o] : nullptr,
+                         batch_stats ? &dr[o] : nullptr, nullptr, nullptr, &P[o],
+                         batch_stats ? &Q[o] : nullptr, &R[o], &Sc[o], C);
         }
-      });
+      } else {
+        parallel_planes(N, C, [&](int64_t n0, int64_t n1) {
+          Scratch<double> row(C), row2(batch_stats ? C : 0), row3(batch_stats ? C : 0);
+          for (int64_t n = n0; n < n1; ++n) {
+            const int64_t o = n * C;
+            mix_row(rt, n, a_in.data(), C, row.data());  // Σ_k M·a_in per plane
+            if (batch_stats) {
+              mix_row(rt, n, bq.data(), C, row2.data());
+              mix_row(rt, n, dr.data(), C, row3.data());
+            }
+            leaf.plane_pqr(row.data(), batch_stats ? row2.data() : nullptr,
+                           batch_stats ? row3.data() : nullptr, sp_all ? sp_all + o : nullptr,
+                           gp_all ? gp_all + o : nullptr, &P[o], batch_stats ? &Q[o] : nullptr,
+                           &R[o], &Sc[o], C);
+          }
+        });
+      }
+      const int64_t* k_of = by_branch ? rt.k.data() : nullptr;
       backward_pass<T>(v, walk<const T>(dy, dyv), walk<const T>(x, v),
-                       walk<T>(dx, as_view(dx).second), P.data(),
-                       batch_stats ? Q.data() : nullptr, R.data(), Sc.data(),
+                       walk<T>(dx, as_view(dx).second), {P.data(), C, k_of},
+                       batch_stats ? PlaneRows<T>(Q.data(), C, k_of) : PlaneRows<T>(),
+                       {R.data(), C, k_of}, {Sc.data(), C, k_of},
                        relu ? co.A.data() : nullptr, relu ? co.D.data() : nullptr,
                        need_s ? dscale.data_ptr<T>() : nullptr);
     }

@@ -1,8 +1,9 @@
 // The layout handling and the passes over the activation that the CPU kernels of the
 // per-sample affine family share (batch_norm/cpu.cpp: routed and mixed BN; film/cpu.cpp:
-// FiLM): how a tensor is walked ([N, C, S] planes or channels_last rows), the innermost loops compiled for
-// the baseline ISA and for AVX2+FMA (picked at run time), and the three passes built on them
-// (per-plane moments, per-plane gradient sums, the affine / backward-affine write).
+// FiLM): how a tensor is walked ([N, C, S] planes or channels_last rows), the innermost loops
+// compiled for the baseline ISA and for AVX2+FMA (picked at run time), and the three passes
+// built on them (per-plane moments, per-plane gradient sums, the affine / backward-affine
+// write).
 // Internal to the CPU kernels: everything is in an anonymous namespace of each including file.
 #pragma once
 #include <torch/extension.h>
@@ -154,6 +155,9 @@ struct Leaves {
   decltype(&isa_base::rows_backward<T>) rows_backward;
   decltype(&isa_base::centre_add<T>) centre_add;
   decltype(&isa_base::shares_add<T>) shares_add;
+  decltype(&isa_base::plane_z<T>) plane_z;
+  decltype(&isa_base::add_scaled2) add_scaled2;
+  decltype(&isa_base::plane_pqr<T>) plane_pqr;
 };
 
 #define FASTROBUST_LEAVES(ns)                                                              \
@@ -161,7 +165,7 @@ struct Leaves {
     ns::planes_moments<T>, ns::rows_moments<T>, ns::planes_grad_sums<T>,                   \
         ns::rows_grad_sums<T>, ns::planes_affine<T>, ns::rows_affine<T>,                   \
         ns::planes_backward<T>, ns::rows_backward<T>, ns::centre_add<T>,                   \
-        ns::shares_add<T>                                                                  \
+        ns::shares_add<T>, ns::plane_z<T>, ns::add_scaled2, ns::plane_pqr<T>               \
   }
 
 template <typename T>
@@ -311,10 +315,25 @@ PlaneMoments<T> plane_moments(const View& v, Walk<const T> x) {
   return pm;
 }
 
+// Per-plane values [N, C] read a sample's row at a time: row(n) is p + n·C, or, for values that
+// are the same for every sample of a branch (a routed call without per-sample extras), p + k[n]·C
+// with p a [K, C] array and k[n] sample n's branch: no [N, C] array to fill and read back.
+// A null p is an absent operand.
+template <typename T>
+struct PlaneRows {
+  const T* p = nullptr;
+  const int64_t* k = nullptr;
+  int64_t C = 0;
+  PlaneRows() = default;
+  PlaneRows(const T* p_, int64_t C_, const int64_t* k_ = nullptr) : p(p_), k(k_), C(C_) {}
+  const T* row(int64_t n) const { return p ? p + (k ? k[n] : n) * C : nullptr; }
+  explicit operator bool() const { return p != nullptr; }
+};
+
 // Per-plane Σg and Σg·(x - ctr[n, c]), g = dy (ReLU-masked by ma·x + md > 0 when ma is given).
 template <typename T>
-PlaneValues<T> plane_grad_sums(const View& v, Walk<const T> dy, Walk<const T> x, const T* ctr,
-                               const T* ma, const T* md) {
+PlaneValues<T> plane_grad_sums(const View& v, Walk<const T> dy, Walk<const T> x,
+                               PlaneRows<T> ctr, const T* ma, const T* md) {
   PlaneValues<T> pv(v);
   const auto& leaf = leaves<T>();
   at::parallel_for(0, v.N, sample_grain(v), [&](int64_t n0, int64_t n1) {
@@ -323,10 +342,10 @@ PlaneValues<T> plane_grad_sums(const View& v, Walk<const T> dy, Walk<const T> x,
       const T* a = ma ? ma + o : nullptr;
       const T* d = md ? md + o : nullptr;
       if (v.layout == Layout::Planes)
-        leaf.planes_grad_sums(dy.sample(n), x.sample(n), v.C, v.S, ctr + o, a, d, &pv.a[o],
+        leaf.planes_grad_sums(dy.sample(n), x.sample(n), v.C, v.S, ctr.row(n), a, d, &pv.a[o],
                               &pv.b[o]);
       else
-        leaf.rows_grad_sums(dy.sample(n), x.sample(n), v.S, v.C, ctr + o, a, d, &pv.a[o],
+        leaf.rows_grad_sums(dy.sample(n), x.sample(n), v.S, v.C, ctr.row(n), a, d, &pv.a[o],
                             &pv.b[o]);
     }
   });
@@ -385,23 +404,25 @@ void affine_pass(const View& v, Walk<const T> x, Walk<T> out, const T* A, const 
 
 // v = P·g + Q·x + R, out = Sc·v, dot[n, c] += Σ x·v (all per plane; Q, ma, dot optional).
 template <typename T>
-void backward_pass(const View& v, Walk<const T> dy, Walk<const T> x, Walk<T> out, const T* P,
-                   const T* Q, const T* R, const T* Sc, const T* ma, const T* md, T* dot) {
+void backward_pass(const View& v, Walk<const T> dy, Walk<const T> x, Walk<T> out,
+                   PlaneRows<T> P, PlaneRows<T> Q, PlaneRows<T> R, PlaneRows<T> Sc, const T* ma,
+                   const T* md, T* dot) {
   const auto& leaf = leaves<T>();
-  const BwdFlags f{Q != nullptr, ma != nullptr, dot != nullptr};
+  const BwdFlags f{bool(Q), ma != nullptr, dot != nullptr};
   const bool planes = v.layout == Layout::Planes;
   for_runs(v, dot != nullptr && !planes, [&](int64_t n, int64_t j, int64_t run) {
-    const int64_t o = n * v.C;
-    auto at = [&](const T* p) -> const T* { return p ? p + o + (planes ? j : 0) : nullptr; };
-    T* dp = dot ? dot + o + (planes ? j : 0) : nullptr;
+    const int64_t o = n * v.C, jo = planes ? j : 0;
+    auto at = [&](const T* p) -> const T* { return p ? p + o + jo : nullptr; };
+    auto at_row = [&](const PlaneRows<T>& r) -> const T* { return r ? r.row(n) + jo : nullptr; };
+    T* dp = dot ? dot + o + jo : nullptr;
     const int64_t off = j * (planes ? v.S : v.C);
     const T* xs = (f.has_q || f.mask || f.dot) ? x.sample(n) + off : nullptr;
     if (planes)
-      leaf.planes_backward(out.sample(n) + off, dy.sample(n) + off, xs, run, v.S, at(P), at(Q),
-                           at(R), at(Sc), at(ma), at(md), dp, f);
+      leaf.planes_backward(out.sample(n) + off, dy.sample(n) + off, xs, run, v.S, at_row(P),
+                           at_row(Q), at_row(R), at_row(Sc), at(ma), at(md), dp, f);
     else
-      leaf.rows_backward(out.sample(n) + off, dy.sample(n) + off, xs, run, v.C, at(P), at(Q),
-                         at(R), at(Sc), at(ma), at(md), dp, f);
+      leaf.rows_backward(out.sample(n) + off, dy.sample(n) + off, xs, run, v.C, at_row(P),
+                         at_row(Q), at_row(R), at_row(Sc), at(ma), at(md), dp, f);
   });
 }
 

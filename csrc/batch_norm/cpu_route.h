@@ -23,11 +23,13 @@ struct Route {
   std::vector<double> w;
   std::vector<double> total;  // Σ_n weight per branch [K]
   int64_t K;
+  bool routed = false;  // one entry of weight 1 per sample, start[n] = n (a branch tensor)
 };
 
 Route route_branch(const at::Tensor& branch, int64_t K) {
   Route r;
   r.K = K;
+  r.routed = true;
   const int64_t N = branch.numel();
   const int64_t* b = branch.data_ptr<int64_t>();
   r.start.resize(N + 1);

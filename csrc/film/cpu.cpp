@@ -83,7 +83,7 @@ std::vector<at::Tensor> film_backward(const at::Tensor& dy_in, const at::Tensor&
     if (need_gamma || need_beta) {
       std::vector<T> zero(N * C, T(0));
       const auto G = plane_grad_sums<T>(v, walk<const T>(dy, dyv), walk<const T>(x, v),
-                                        zero.data(), nullptr, nullptr);
+                                        PlaneRows<T>(zero.data(), C), nullptr, nullptr);
       if (need_gamma) dgamma = planes_to_grad<T>(G.b, N, C, per_channel_gamma, x);
       if (need_beta) dbeta = planes_to_grad<T>(G.a, N, C, per_channel_beta, x);
     }
