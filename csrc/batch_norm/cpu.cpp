@@ -287,9 +287,9 @@ std::vector<at::Tensor> multi_bn_backward(const bn::BnArgs& a) {
       if (by_branch) {
         for (int64_t k = 0; k < K; ++k) {
           const int64_t o = k * C;
-          leaf.plane_pqr(&a_in[o], batch_stats ? &bq[o] : nullptr,
-                         batch_stats ? &dr[o] : nullptr, nullptr, nullptr, &P[o],
-                         batch_stats ? &Q[o] : nullptr, &R[o], &Sc[o], C);
+          leaf.plane_pqr(a_in.data() + o, batch_stats ? bq.data() + o : nullptr,
+                         batch_stats ? dr.data() + o : nullptr, nullptr, nullptr, P.data() + o,
+                         batch_stats ? Q.data() + o : nullptr, R.data() + o, Sc.data() + o, C);
         }
       } else {
         parallel_planes(N, C, [&](int64_t n0, int64_t n1) {
