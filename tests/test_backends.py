@@ -69,25 +69,32 @@ def test_bf16_input_is_served_with_fp32_statistics():
     torch.testing.assert_close(y.float(), y32, rtol=1.6e-2, atol=1.6e-2)  # bf16: 8-bit mantissa
 
 
-def test_deterministic_and_independent_of_thread_count(backend):
-    """No atomics, fixed reduction order: bitwise-equal results across runs and thread counts."""
-    x = torch.randn(32, 8, 6, 6, requires_grad=True)
-    br = torch.randint(0, 3, (32,))
-    w = torch.rand(3, 8, requires_grad=True)
+@pytest.mark.parametrize("shape", [(32, 8, 6, 6), (64, 64, 4, 4)], ids=["6x6", "C64_4x4"])
+def test_deterministic_and_independent_of_thread_count(backend, shape):
+    """No atomics, fixed reduction order: bitwise-equal results across runs and thread counts,
+    two threads against one (at C64_4x4 the CPU kernels' statistics and gradient sums split
+    the channels into blocks that the two threads share out as they come)."""
+    if backend != "cpu" and shape[2] == 4:
+        pytest.skip("the channel blocks are the CPU kernels'")
+    N, C = shape[:2]
+    x = torch.randn(*shape, requires_grad=True)
+    br = torch.randint(0, 3, (N,))
+    w = torch.rand(3, C, requires_grad=True)
     gy = torch.randn_like(x)
 
     def run():
         y = F.multi_batch_norm(x, br, w, training=True)
         return (y, *torch.autograd.grad(y, (x, w), gy))
 
-    first = run()
     threads = torch.get_num_threads()
     try:
+        torch.set_num_threads(2)
+        first, again = run(), run()
         torch.set_num_threads(1)
         single = run()
     finally:
         torch.set_num_threads(threads)
-    for a, b, c in zip(first, run(), single):
+    for a, b, c in zip(first, again, single):
         assert torch.equal(a, b) and torch.equal(a, c)
 
 

@@ -298,13 +298,23 @@ def test_opcheck(backend):
                     test_utils=opcheck_utils(backend))
 
 
-def test_nan_in_nan_out(backend):
-    x = torch.randn(6, 2, 3, 3)
-    x[1, 0, 1, 1] = float("nan")
+@pytest.mark.parametrize("size,sample", [(3, 1), (4, 1), (4, 0)],
+                         ids=["3x3", "4x4", "4x4_first_sample"])
+def test_nan_in_nan_out(backend, size, sample):
+    """A NaN stays in its (branch, channel) group. At 4x4 the CPU kernels' statistics take
+    each branch's first sample's plane means as centres: a NaN there (4x4_first_sample) must
+    not spread either."""
+    x = torch.randn(6, 2, size, size)
+    x[sample, 0, 1, 1] = float("nan")
     branch = torch.tensor([0, 0, 1, 1, 0, 1])
     y = F.multi_batch_norm(x, branch, training=True, num_branches=2)
     assert torch.isnan(y[branch == 0][:, 0]).all()  # the NaN's (branch, channel) group
     assert torch.isfinite(y[branch == 1]).all() and torch.isfinite(y[:, 1]).all()
+    clean = x.clone()
+    clean[branch == 0, 0] = 0.0  # the NaN's group, out of the comparison
+    torch.testing.assert_close(y[branch == 1],
+                               F.multi_batch_norm(clean, branch, training=True,
+                                                  num_branches=2)[branch == 1])
 
 
 @pytest.mark.parametrize("bad", [-1, 3, 100])

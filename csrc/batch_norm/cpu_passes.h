@@ -11,6 +11,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -155,6 +156,7 @@ struct Leaves {
   decltype(&isa_base::rows_backward<T>) rows_backward;
   decltype(&isa_base::centre_add<T>) centre_add;
   decltype(&isa_base::shares_add<T>) shares_add;
+  decltype(&isa_base::sums_add<T>) sums_add;
   decltype(&isa_base::plane_z<T>) plane_z;
   decltype(&isa_base::add_scaled2) add_scaled2;
   decltype(&isa_base::plane_pqr<T>) plane_pqr;
@@ -165,7 +167,8 @@ struct Leaves {
     ns::planes_moments<T>, ns::rows_moments<T>, ns::planes_grad_sums<T>,                   \
         ns::rows_grad_sums<T>, ns::planes_affine<T>, ns::rows_affine<T>,                   \
         ns::planes_backward<T>, ns::rows_backward<T>, ns::centre_add<T>,                   \
-        ns::shares_add<T>, ns::plane_z<T>, ns::add_scaled2, ns::plane_pqr<T>               \
+        ns::shares_add<T>, ns::sums_add<T>, ns::plane_z<T>, ns::add_scaled2,               \
+        ns::plane_pqr<T>                                                                   \
   }
 
 template <typename T>
@@ -264,6 +267,44 @@ struct NoInitAllocator : std::allocator<T> {
 template <typename T>
 using Scratch = std::vector<T, NoInitAllocator<T>>;
 
+// fn(state, i0, i1) over [0, n) in chunks of at least `grain` indices, about kChunksPerThread
+// per thread, handed out as the pool's threads ask for them (an atomic counter); state =
+// init() once per thread. at::parallel_for splits the range into one equal share per thread,
+// so every pass waits for its slowest thread: one that started late (woken up) or was
+// preempted (a shared machine) holds up the other, for as long as the delay. Here the others
+// take over its chunks. Each chunk writes only its own outputs, so the results do not depend
+// on which thread ran it.
+constexpr int64_t kChunksPerThread = 8;
+
+template <typename Init, typename F>
+void parallel_chunks(int64_t n, int64_t grain, const Init& init, const F& fn) {
+  if (n <= 0) return;
+  grain = std::max<int64_t>(grain, 1);
+  const int64_t threads = at::get_num_threads();
+  if (n < 2 * grain || threads == 1 || at::in_parallel_region()) {
+    auto state = init();
+    fn(state, int64_t(0), n);
+    return;
+  }
+  const int64_t per = std::max(grain, (n + kChunksPerThread * threads - 1) /
+                                          (kChunksPerThread * threads));
+  const int64_t chunks = (n + per - 1) / per;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min(threads, chunks), 1, [&](int64_t, int64_t) {
+    auto state = init();
+    for (int64_t c = next.fetch_add(1, std::memory_order_relaxed); c < chunks;
+         c = next.fetch_add(1, std::memory_order_relaxed))
+      fn(state, c * per, std::min(n, (c + 1) * per));
+  });
+}
+
+// The same without per-thread state: fn(i0, i1).
+template <typename F>
+void parallel_chunks(int64_t n, int64_t grain, const F& fn) {
+  parallel_chunks(
+      n, grain, [] { return 0; }, [&](int, int64_t i0, int64_t i1) { fn(i0, i1); });
+}
+
 // Planes per task of the per-plane small math (a few ns a plane): below twice this, one
 // thread does it.
 constexpr int64_t kGrainPlanes = 1 << 14;
@@ -271,13 +312,48 @@ constexpr int64_t kGrainPlanes = 1 << 14;
 // fn(i0, i1) over [0, n) in parallel, `per` planes of small math per index.
 template <typename F>
 void parallel_planes(int64_t n, int64_t per, const F& fn) {
-  at::parallel_for(0, n, std::max<int64_t>(1, kGrainPlanes / std::max<int64_t>(per, 1)), fn);
+  parallel_chunks(n, kGrainPlanes / std::max<int64_t>(per, 1), fn);
 }
+
+// fn(c0, c1) over blocks of channels, in parallel, each block a whole number of
+// kChannelGroup-channel groups and at least grain_channels channels. The small-plane leaves
+// take planes 8 at a time from the start of a run: whole groups start where a whole sample's
+// run has a group start, so each plane's sums come out the same bits however the channels are
+// blocked. And a group of 16 fp32 values is a cache line: blocks of different threads share
+// no line of a per-channel row (LineAligned for double rows).
+constexpr int64_t kChannelGroup = 16;
+
+template <typename F>
+void parallel_channels(int64_t C, int64_t grain_channels, const F& fn) {
+  constexpr int64_t G = kChannelGroup;
+  parallel_chunks((C + G - 1) / G, (grain_channels + G - 1) / G,
+                  [&](int64_t g0, int64_t g1) { fn(g0 * G, std::min(C, g1 * G)); });
+}
+
+// n doubles, zeroed, from a 64-byte boundary: per-channel sums that parallel_channels' tasks
+// add into. Rows of a multiple of 8 channels keep every block's share on lines of its own
+// (a line written by two threads in turn moves between their caches on every add).
+class LineAligned {
+ public:
+  explicit LineAligned(size_t n) : buf_(n + 8, 0.0) {
+    const uintptr_t a = reinterpret_cast<uintptr_t>(buf_.data());
+    p_ = reinterpret_cast<double*>((a + 63) & ~uintptr_t(63));
+  }
+  double& operator[](size_t i) { return p_[i]; }
+  const double& operator[](size_t i) const { return p_[i]; }
+  double* data() { return p_; }
+  const double* data() const { return p_; }
+
+ private:
+  std::vector<double> buf_;
+  double* p_;
+};
 
 // Per-plane [N, C] values, value (n, c) at n*C + c.
 template <typename T>
 struct PlaneValues {
   Scratch<T> a, b;
+  PlaneValues() = default;
   explicit PlaneValues(const View& v) : a(v.N * v.C), b(v.N * v.C) {}
 };
 
@@ -288,31 +364,6 @@ constexpr int64_t kGrainElems = 1 << 15;
 // Samples per task of a per-sample loop (at least kGrainElems elements).
 inline int64_t sample_grain(const View& v) {
   return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(v.C * v.S, 1));
-}
-
-// Each plane's centre (its mean as rounded) and its sums about it, r = Σ(x - c), q = Σ(x - c)²
-// ([N, C] each). Planes are visited in memory order, a sample at a time: one streaming pass
-// (a channel's planes, C·S apart, would defeat the prefetchers once x leaves the cache).
-template <typename T>
-struct PlaneMoments {
-  Scratch<T> c, r, q;
-  explicit PlaneMoments(const View& v) : c(v.N * v.C), r(v.N * v.C), q(v.N * v.C) {}
-};
-
-template <typename T>
-PlaneMoments<T> plane_moments(const View& v, Walk<const T> x) {
-  PlaneMoments<T> pm(v);
-  const auto& leaf = leaves<T>();
-  at::parallel_for(0, v.N, sample_grain(v), [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
-      const int64_t o = n * v.C;
-      if (v.layout == Layout::Planes)
-        leaf.planes_moments(x.sample(n), v.C, v.S, &pm.c[o], &pm.r[o], &pm.q[o]);
-      else
-        leaf.rows_moments(x.sample(n), v.S, v.C, &pm.c[o], &pm.r[o], &pm.q[o]);
-    }
-  });
-  return pm;
 }
 
 // Per-plane values [N, C] read a sample's row at a time: row(n) is p + n·C, or, for values that
@@ -330,13 +381,39 @@ struct PlaneRows {
   explicit operator bool() const { return p != nullptr; }
 };
 
+// Each plane's centre and its sums about it, r = Σ(x - c), q = Σ(x - c)² ([N, C] each). The
+// centre is given (`given`, planes layout only: one pass over each plane) or the plane's mean as
+// rounded. Planes are visited in memory order, a sample at a time: one streaming pass (a
+// channel's planes, C·S apart, would defeat the prefetchers once x leaves the cache).
+template <typename T>
+struct PlaneMoments {
+  Scratch<T> c, r, q;
+  explicit PlaneMoments(const View& v) : c(v.N * v.C), r(v.N * v.C), q(v.N * v.C) {}
+};
+
+template <typename T>
+PlaneMoments<T> plane_moments(const View& v, Walk<const T> x, const PlaneRows<T>& given) {
+  PlaneMoments<T> pm(v);
+  const auto& leaf = leaves<T>();
+  parallel_chunks(v.N, sample_grain(v), [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const int64_t o = n * v.C;
+      if (v.layout == Layout::Planes)
+        leaf.planes_moments(x.sample(n), v.C, v.S, given.row(n), &pm.c[o], &pm.r[o], &pm.q[o]);
+      else
+        leaf.rows_moments(x.sample(n), v.S, v.C, &pm.c[o], &pm.r[o], &pm.q[o]);
+    }
+  });
+  return pm;
+}
+
 // Per-plane Σg and Σg·(x - ctr[n, c]), g = dy (ReLU-masked by ma·x + md > 0 when ma is given).
 template <typename T>
 PlaneValues<T> plane_grad_sums(const View& v, Walk<const T> dy, Walk<const T> x,
                                PlaneRows<T> ctr, const T* ma, const T* md) {
   PlaneValues<T> pv(v);
   const auto& leaf = leaves<T>();
-  at::parallel_for(0, v.N, sample_grain(v), [&](int64_t n0, int64_t n1) {
+  parallel_chunks(v.N, sample_grain(v), [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
       const int64_t o = n * v.C;
       const T* a = ma ? ma + o : nullptr;
@@ -361,15 +438,13 @@ void for_runs(const View& v, bool whole_samples, const Init& init, const F& fn) 
   const bool planes = v.layout == Layout::Planes;
   const int64_t per_sample = planes ? v.C : v.S, len = planes ? v.S : v.C;
   if (whole_samples) {
-    at::parallel_for(0, v.N, sample_grain(v), [&](int64_t n0, int64_t n1) {
-      auto state = init();
+    parallel_chunks(v.N, sample_grain(v), init, [&](auto& state, int64_t n0, int64_t n1) {
       for (int64_t n = n0; n < n1; ++n) fn(state, n, int64_t(0), per_sample);
     });
     return;
   }
   const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(len, 1));
-  at::parallel_for(0, v.N * per_sample, grain, [&](int64_t i0, int64_t i1) {
-    auto state = init();
+  parallel_chunks(v.N * per_sample, grain, init, [&](auto& state, int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1;) {
       const int64_t n = i / per_sample, j = i % per_sample;
       const int64_t run = std::min(i1 - i, per_sample - j);

@@ -102,25 +102,34 @@ struct Params {
 // part_q_share: Chan's, cross term included): pass 1 picks a centre per (k, c), the weighted
 // mean of the planes' centres; pass 2 moves every plane's sums to it. No plane mean is
 // rounded on the way, so nothing of the centres' rounding is lost (fp64 inputs included).
+// `centres` ([K, C] in x's units, or null): the common centres to merge about, for a call
+// without input scale (ReferenceCentres' rows, each near its branch's mean); the planes whose
+// own centre it is add their sums unchanged (d = 0 in part_*_share), as routed_stats does.
 template <typename T>
 void branch_stats(const Route& rt, const View& v, const T* pc, const T* pr, const T* pq,
-                  const Extras<T>& e, std::vector<double>& mean, std::vector<double>& var) {
+                  const Extras<T>& e, std::vector<double>& mean, std::vector<double>& var,
+                  const T* centres = nullptr) {
   const int64_t C = v.C, K = rt.K;
   const double S = double(v.S);
-  std::vector<double> ck(K * C, 0.0), R(K * C, 0.0), Q(K * C, 0.0);
+  LineAligned ck(K * C), R(K * C), Q(K * C);
   mean.resize(K * C);
   var.resize(K * C);
   // Channels are independent: a task takes a block of them through both passes (the rows'
   // loops are the ISA-picked leaves).
   const auto& leaf = leaves<T>();
-  parallel_planes(C, v.N, [&](int64_t c0, int64_t c1) {
+  parallel_channels(C, kGrainPlanes / std::max<int64_t>(v.N, 1), [&](int64_t c0, int64_t c1) {
     const int64_t len = c1 - c0;
     auto at = [&](const T* t, int64_t n) { return t ? t + n * C + c0 : nullptr; };
-    for (int64_t n = 0; n < v.N; ++n)
-      for (int64_t e_ = rt.start[n]; e_ < rt.start[n + 1]; ++e_)
-        leaf.centre_add(&ck[rt.k[e_] * C + c0], at(pc, n), at(e.scale, n), rt.w[e_], len);
-    for (int64_t k = 0; k < K; ++k)
-      for (int64_t c = c0; c < c1; ++c) ck[k * C + c] /= nonzero(rt.total[k]);
+    if (centres && !e.scale) {
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t c = c0; c < c1; ++c) ck[k * C + c] = double(centres[k * C + c]);
+    } else {
+      for (int64_t n = 0; n < v.N; ++n)
+        for (int64_t e_ = rt.start[n]; e_ < rt.start[n + 1]; ++e_)
+          leaf.centre_add(&ck[rt.k[e_] * C + c0], at(pc, n), at(e.scale, n), rt.w[e_], len);
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t c = c0; c < c1; ++c) ck[k * C + c] /= nonzero(rt.total[k]);
+    }
     for (int64_t n = 0; n < v.N; ++n)
       for (int64_t e_ = rt.start[n]; e_ < rt.start[n + 1]; ++e_) {
         const int64_t o = rt.k[e_] * C + c0;
@@ -132,6 +141,91 @@ void branch_stats(const Route& rt, const View& v, const T* pc, const T* pr, cons
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t i = k * C + c;
         mean[i] = m > 0 ? centred_mean(ck[i], R[i], m) : 0.0;
+        var[i] = m > 0 ? std::max(centred_m2(R[i], Q[i], m), 0.0) / m : 0.0;
+      }
+    }
+  });
+}
+
+// Centres for the statistics' pass over small planes (planes layout, S ≤ kReferenceMaxS): a
+// [K, C] row per branch, the rounded means of the planes of the branch's first sample (a mixed
+// sample counts for its branch of largest weight), read by each sample's branch. Each plane then
+// takes one pass instead of two (planes_moments), and its fp32 sums, about a centre near its
+// branch's mean, keep their accuracy; the merge is exact for any centres (math.h). A mean that
+// is not finite (an inf or NaN in that plane) gives the centre 0: the branch's other samples
+// stay finite.
+constexpr int64_t kReferenceMaxS = 64;
+
+template <typename T>
+struct ReferenceCentres {
+  Scratch<T> rows;  // [K, C]; empty: none (each plane's own mean)
+  std::vector<int64_t> k;
+  int64_t C = 0;
+  PlaneRows<T> given() const {
+    return rows.empty() ? PlaneRows<T>() : PlaneRows<T>(rows.data(), C, k.data());
+  }
+};
+
+template <typename T>
+ReferenceCentres<T> reference_centres(const Route& rt, const View& v, Walk<const T> x) {
+  ReferenceCentres<T> rc;
+  if (v.layout != Layout::Planes || v.S > kReferenceMaxS || v.N == 0 || v.C == 0) return rc;
+  const int64_t K = rt.K, C = v.C;
+  rc.C = C;
+  rc.k.resize(v.N);
+  for (int64_t n = 0; n < v.N; ++n) {
+    int64_t best = 0;
+    double bw = 0;
+    for (int64_t e_ = rt.start[n]; e_ < rt.start[n + 1]; ++e_)
+      if (e_ == rt.start[n] || rt.w[e_] > bw) best = rt.k[e_], bw = rt.w[e_];
+    rc.k[n] = best;
+  }
+  rc.rows.assign(K * C, T(0));
+  Scratch<T> r(C), q(C);
+  std::vector<char> done(K, 0);
+  const auto& leaf = leaves<T>();
+  for (int64_t n = 0; n < v.N; ++n) {
+    const int64_t k = rc.k[n];
+    if (done[k]) continue;
+    done[k] = 1;
+    T* row = &rc.rows[k * C];
+    leaf.planes_moments(x.sample(n), C, v.S, nullptr, row, r.data(), q.data());
+    for (int64_t c = 0; c < C; ++c)
+      if (!std::isfinite(double(row[c]))) row[c] = T(0);
+  }
+  return rc;
+}
+
+// The branch statistics of a routed call without input scale over small planes (reference
+// centres), in one pass over x: every plane of branch k has the centre refs[k, c], so the exact
+// merge is plain sums, R = Σ r and Q = Σ q per (k, c) (branch_stats with these centres: the
+// same bits). A task takes a block of channels through the whole batch and adds each plane's
+// sums as it goes: no [N, C] arrays, no second parallel region, and each (k, c) adds its planes
+// in sample order, however the channels are blocked.
+template <typename T>
+void routed_stats(const Route& rt, const View& v, Walk<const T> x,
+                  const ReferenceCentres<T>& refs, std::vector<double>& mean,
+                  std::vector<double>& var) {
+  const int64_t C = v.C, K = rt.K, S = v.S;
+  LineAligned R(K * C), Q(K * C);
+  mean.resize(K * C);
+  var.resize(K * C);
+  const auto& leaf = leaves<T>();
+  const PlaneRows<T> given = refs.given();
+  parallel_channels(C, kGrainElems / std::max<int64_t>(v.N * S, 1), [&](int64_t c0, int64_t c1) {
+    const int64_t len = c1 - c0;
+    Scratch<T> cb(len), rb(len), qb(len);
+    for (int64_t n = 0; n < v.N; ++n) {
+      leaf.planes_moments(x.sample(n) + c0 * S, len, S, given.row(n) + c0, cb.data(), rb.data(),
+                          qb.data());
+      const int64_t o = rt.k[n] * C + c0;
+      leaf.sums_add(&R[o], &Q[o], rb.data(), qb.data(), len);
+    }
+    for (int64_t k = 0; k < K; ++k) {
+      const double m = rt.total[k] * double(S);
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t i = k * C + c;
+        mean[i] = m > 0 ? centred_mean(double(refs.rows[i]), R[i], m) : 0.0;
         var[i] = m > 0 ? std::max(centred_m2(R[i], Q[i], m), 0.0) / m : 0.0;
       }
     }
