@@ -72,8 +72,8 @@ def test_bf16_input_is_served_with_fp32_statistics():
 @pytest.mark.parametrize("shape", [(32, 8, 6, 6), (64, 64, 4, 4)], ids=["6x6", "C64_4x4"])
 def test_deterministic_and_independent_of_thread_count(backend, shape):
     """No atomics, fixed reduction order: bitwise-equal results across runs and thread counts,
-    two threads against one (at C64_4x4 the CPU kernels' statistics and gradient sums split
-    the channels into blocks that the two threads share out as they come)."""
+    two threads against one (at C64_4x4 the CPU kernels' statistics pass over x splits the
+    channels into blocks that the two threads share out as they come)."""
     if backend != "cpu" and shape[2] == 4:
         pytest.skip("the channel blocks are the CPU kernels'")
     N, C = shape[:2]

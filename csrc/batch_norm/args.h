@@ -10,7 +10,9 @@
 #include <ATen/core/stack.h>
 #include <c10/util/SmallVector.h>
 
+#include <mutex>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "../spec.h"
@@ -124,44 +126,87 @@ inline void BnArgs::set_tensor(const std::string& name, const at::Tensor& t) {
   TORCH_CHECK(false, "BnArgs: no tensor field ", name);
 }
 
+namespace detail {
+// The BnArgs fields, numbered in FASTROBUST_BN_ARGS order.
+enum Field : int {
+#define FASTROBUST_BN_ENUM(type, field) k_##field,
+  FASTROBUST_BN_ARGS(FASTROBUST_BN_ENUM)
+#undef FASTROBUST_BN_ENUM
+};
+
+// The field of each of a schema's arguments, by position: matched by name the first time the
+// schema is seen (every call of the family reads or writes its stack through this, and the
+// name comparisons cost more than the rest of a small call's bookkeeping).
+inline const std::vector<int>& fields_of(const c10::FunctionSchema& schema) {
+  static std::mutex mu;
+  static std::unordered_map<const c10::FunctionSchema*, std::vector<int>> known;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = known.find(&schema);
+  if (it != known.end()) return it->second;
+  std::vector<int> fields;
+  for (const auto& arg : schema.arguments()) {
+    const std::string& name = arg.name();
+    int f = -1;
+#define FASTROBUST_BN_MATCH(type, field) \
+  if (f < 0 && name == #field) f = k_##field;
+    FASTROBUST_BN_ARGS(FASTROBUST_BN_MATCH)
+#undef FASTROBUST_BN_MATCH
+    TORCH_CHECK(f >= 0, schema.name(), ": argument ", name, " is no BnArgs field");
+    fields.push_back(f);
+  }
+  return known.emplace(&schema, std::move(fields)).first->second;
+}
+}  // namespace detail
+
 inline BnArgs BnArgs::read(const c10::FunctionSchema& schema, c10::ArrayRef<c10::IValue> stack) {
   BnArgs a;
-  const auto& args = schema.arguments();
-  for (size_t i = 0; i < args.size() && i < stack.size(); ++i) {
-    const std::string& name = args[i].name();
-#define FASTROBUST_BN_GET(type, field) \
-  if (name == #field) {                \
-    detail::get(stack[i], a.field);    \
-    continue;                          \
-  }
-    FASTROBUST_BN_ARGS(FASTROBUST_BN_GET)
+  const auto& fields = detail::fields_of(schema);
+  for (size_t i = 0; i < fields.size() && i < stack.size(); ++i) {
+    switch (fields[i]) {
+#define FASTROBUST_BN_GET(type, field)   \
+  case detail::k_##field:                \
+    detail::get(stack[i], a.field);      \
+    break;
+      FASTROBUST_BN_ARGS(FASTROBUST_BN_GET)
 #undef FASTROBUST_BN_GET
-    TORCH_CHECK(false, schema.name(), ": argument ", name, " is no BnArgs field");
+    }
   }
   return a;
 }
 
 inline std::vector<c10::IValue> BnArgs::stack_for(const c10::FunctionSchema& schema) const {
+  const auto& fields = detail::fields_of(schema);
   std::vector<c10::IValue> stack;
-  stack.reserve(schema.arguments().size());
-  for (const auto& arg : schema.arguments()) {
-    const std::string& name = arg.name();
-#define FASTROBUST_BN_PUT(type, field) \
-  if (name == #field) {                \
-    stack.push_back(detail::put(field)); \
-    continue;                          \
-  }
-    FASTROBUST_BN_ARGS(FASTROBUST_BN_PUT)
+  stack.reserve(fields.size());
+  for (int f : fields) {
+    switch (f) {
+#define FASTROBUST_BN_PUT(type, field)     \
+  case detail::k_##field:                  \
+    stack.push_back(detail::put(field));   \
+    break;
+      FASTROBUST_BN_ARGS(FASTROBUST_BN_PUT)
 #undef FASTROBUST_BN_PUT
-    TORCH_CHECK(false, schema.name(), ": argument ", name, " is no BnArgs field");
+    }
   }
   return stack;
 }
 
-// Op `name` (fastrobust::<name>) called with `a` through the dispatcher (below whatever keys
-// the caller's guards exclude); its results, a Tensor[] result flattened.
+// The handle of op `name`, looked up in the dispatcher once.
+inline c10::OperatorHandle bn_op(const char* name) {
+  static std::mutex mu;
+  static std::unordered_map<std::string, c10::OperatorHandle> known;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = known.find(name);
+  if (it != known.end()) return it->second;
+  auto op = c10::Dispatcher::singleton().findSchemaOrThrow(name, "");
+  known.emplace(name, op);
+  return op;
+}
+
+// Op `name` (fastrobust::<name>) called with `a` through the dispatcher
+// (below whatever keys the caller's guards exclude); its results, a Tensor[] result flattened.
 inline std::vector<at::Tensor> call_bn(const char* name, const BnArgs& a) {
-  const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(name, "");
+  const auto op = bn_op(name);
   auto stack = a.stack_for(op.schema());
   op.callBoxed(&stack);
   std::vector<at::Tensor> out;

@@ -18,7 +18,8 @@
 // cancellation and no rounded mean taken as exact, so the variance keeps F.batch_norm's
 // accuracy when |mean| ≫ std. Small planes (S ≤ 64, planes layout) take their branch's
 // reference centre (cpu_route.h reference_centres: one pass over each plane, and for a routed
-// call without input scale the merge is plain sums added as the pass goes, routed_stats);
+// call without input scale over planes up to 4×4 the merge is plain sums added as the pass
+// goes, routed_stats);
 // other planes their own mean as rounded (a first pass while the plane sits in L1).
 #include "cpu.h"
 
@@ -74,7 +75,7 @@ std::vector<at::Tensor> multi_bn_forward(const bn::BnArgs& a) {
     if (batch_stats) {
       const auto refs = reference_centres<T>(rt, v, walk<const T>(x, v));
       std::vector<double> bm, bv;
-      if (!refs.rows.empty() && rt.routed && !e.scale) {
+      if (!refs.rows.empty() && rt.routed && !e.scale && v.S <= kRoutedStatsMaxS) {
         routed_stats<T>(rt, v, walk<const T>(x, v), refs, bm, bv);
       } else {
         const auto pm = plane_moments<T>(v, walk<const T>(x, v), refs.given());
@@ -221,14 +222,9 @@ std::vector<at::Tensor> multi_bn_backward(const bn::BnArgs& a) {
         }
       });
     }
-    // Per plane: G1 = Σg, G2 = Σg·(x - ctr). Planes layout: formed in the channel-block loop
-    // below, each sample's run of planes as the task comes to it (no [N, C] arrays written and
-    // read back, one parallel region fewer); channels-last rows: a pass of their own first.
-    const bool blocked = v.layout == Layout::Planes;
-    const Walk<const T> dyw = walk<const T>(dy, dyv), xw = walk<const T>(x, v);
-    const auto G = blocked ? PlaneValues<T>()
-                           : plane_grad_sums<T>(v, dyw, xw, ctr, relu ? co.A.data() : nullptr,
-                                                relu ? co.D.data() : nullptr);
+    const auto G = plane_grad_sums<T>(v, walk<const T>(dy, dyv), walk<const T>(x, v), ctr,
+                                      relu ? co.A.data() : nullptr,
+                                      relu ? co.D.data() : nullptr);
     // Per plane: Z1 = Σdz, Zu = Σdz·u (dz = γ·g), and the FiLM gradients; per branch:
     // T1 = Σ M·dz (dbias), T2 = Σ M·dz·x̂ (dweight). Z1, Zu are kept per plane only for the
     // mix gradient.
@@ -240,34 +236,23 @@ std::vector<at::Tensor> multi_bn_backward(const bn::BnArgs& a) {
     // z1, zu over the block go to a row first, then into each of its branches' sums: the
     // loops over channels have no inner loop over routing entries (the same sums, in the same
     // order).
-    // Each plane's sums are those of the whole sample's run (parallel_channels: whole groups).
     const auto& leaf = leaves<T>();
-    const int64_t S = v.S;
-    const int64_t grain = blocked ? kGrainElems / std::max<int64_t>(N * S, 1)
-                                  : kGrainPlanes / std::max<int64_t>(N, 1);
-    parallel_channels(C, grain, [&](int64_t c0, int64_t c1) {
+    parallel_channels(C, kGrainPlanes / std::max<int64_t>(N, 1), [&](int64_t c0, int64_t c1) {
       const int64_t len = c1 - c0;
       Scratch<double> z1r(len), zur(len);
-      Scratch<T> g1r(blocked ? len : 0), g2r(blocked ? len : 0);
       for (int64_t n = 0; n < N; ++n) {
         const int64_t o = n * C + c0;
         const T* ct = ctr.row(n) + c0;
-        const T* g1 = blocked ? g1r.data() : &G.a[o];
-        const T* g2 = blocked ? g2r.data() : &G.b[o];
-        if (blocked)
-          leaf.planes_grad_sums(dyw.sample(n) + c0 * S, xw.sample(n) + c0 * S, len, S, ct,
-                                relu ? co.A.data() + o : nullptr,
-                                relu ? co.D.data() + o : nullptr, g1r.data(), g2r.data());
-        leaf.plane_z(g1, g2, ct, sp_all ? sp_all + o : nullptr, gp_all ? gp_all + o : nullptr,
-                     z1r.data(), zur.data(), len);
+        leaf.plane_z(&G.a[o], &G.b[o], ct, sp_all ? sp_all + o : nullptr,
+                     gp_all ? gp_all + o : nullptr, z1r.data(), zur.data(), len);
         if (dbeta_p)
-          for (int64_t c = 0; c < len; ++c) dbeta_p[o + c] = g1[c];
+          for (int64_t c = 0; c < len; ++c) dbeta_p[o + c] = G.a[o + c];
         if (dgamma_p)
           for (int64_t c = 0; c < len; ++c) {
             const int64_t i = o + c;
             const double s = sp_all ? double(sp_all[i]) : 1.0;
             dgamma_p[i] = T(plane_dgamma(co.Ap[i], co.Dp[i], s, s * double(ct[c]),
-                                         double(g1[c]), double(g2[c])));
+                                         double(G.a[i]), double(G.b[i])));
           }
         if (need_mix) {
           std::copy(z1r.begin(), z1r.end(), &Z1[o]);

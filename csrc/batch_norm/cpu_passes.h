@@ -277,7 +277,8 @@ using Scratch = std::vector<T, NoInitAllocator<T>>;
 constexpr int64_t kChunksPerThread = 8;
 
 template <typename Init, typename F>
-void parallel_chunks(int64_t n, int64_t grain, const Init& init, const F& fn) {
+void parallel_chunks(int64_t n, int64_t grain, const Init& init, const F& fn,
+                     int64_t per_thread = kChunksPerThread) {
   if (n <= 0) return;
   grain = std::max<int64_t>(grain, 1);
   const int64_t threads = at::get_num_threads();
@@ -286,8 +287,7 @@ void parallel_chunks(int64_t n, int64_t grain, const Init& init, const F& fn) {
     fn(state, int64_t(0), n);
     return;
   }
-  const int64_t per = std::max(grain, (n + kChunksPerThread * threads - 1) /
-                                          (kChunksPerThread * threads));
+  const int64_t per = std::max(grain, (n + per_thread * threads - 1) / (per_thread * threads));
   const int64_t chunks = (n + per - 1) / per;
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min(threads, chunks), 1, [&](int64_t, int64_t) {
@@ -300,9 +300,11 @@ void parallel_chunks(int64_t n, int64_t grain, const Init& init, const F& fn) {
 
 // The same without per-thread state: fn(i0, i1).
 template <typename F>
-void parallel_chunks(int64_t n, int64_t grain, const F& fn) {
+void parallel_chunks(int64_t n, int64_t grain, const F& fn,
+                     int64_t per_thread = kChunksPerThread) {
   parallel_chunks(
-      n, grain, [] { return 0; }, [&](int, int64_t i0, int64_t i1) { fn(i0, i1); });
+      n, grain, [] { return 0; }, [&](int, int64_t i0, int64_t i1) { fn(i0, i1); },
+      per_thread);
 }
 
 // Planes per task of the per-plane small math (a few ns a plane): below twice this, one
@@ -320,14 +322,20 @@ void parallel_planes(int64_t n, int64_t per, const F& fn) {
 // take planes 8 at a time from the start of a run: whole groups start where a whole sample's
 // run has a group start, so each plane's sums come out the same bits however the channels are
 // blocked. And a group of 16 fp32 values is a cache line: blocks of different threads share
-// no line of a per-channel row (LineAligned for double rows).
+// no line of a per-channel row (LineAligned for double rows). A block walks the batch one
+// sample's run of its channels at a time, the runs C·S values apart (routed_stats over x, the
+// others over [N, C] rows): about two blocks per thread, so that the runs stay long enough for
+// the prefetchers (routed_stats at 512 × 4×4: 8 KB).
 constexpr int64_t kChannelGroup = 16;
+constexpr int64_t kChannelBlocksPerThread = 2;
 
 template <typename F>
 void parallel_channels(int64_t C, int64_t grain_channels, const F& fn) {
   constexpr int64_t G = kChannelGroup;
-  parallel_chunks((C + G - 1) / G, (grain_channels + G - 1) / G,
-                  [&](int64_t g0, int64_t g1) { fn(g0 * G, std::min(C, g1 * G)); });
+  parallel_chunks(
+      (C + G - 1) / G, (grain_channels + G - 1) / G,
+      [&](int64_t g0, int64_t g1) { fn(g0 * G, std::min(C, g1 * G)); },
+      kChannelBlocksPerThread);
 }
 
 // n doubles, zeroed, from a 64-byte boundary: per-channel sums that parallel_channels' tasks
@@ -353,7 +361,6 @@ class LineAligned {
 template <typename T>
 struct PlaneValues {
   Scratch<T> a, b;
-  PlaneValues() = default;
   explicit PlaneValues(const View& v) : a(v.N * v.C), b(v.N * v.C) {}
 };
 
