@@ -338,22 +338,26 @@ std::vector<at::Tensor> multi_bn_backward(const bn::BnArgs& a) {
         branch_stats<T>(rt, v, pm, nullptr, pm2, e, bm, bv);
       }
       const double S = double(v.S), Sd = nonzero(S);
-      for (int64_t n = 0; n < N; ++n)
-        for (int64_t k = 0; k < K; ++k) {
-          double acc = 0;
-          const double W = nonzero(rt.total[k]);
-          for (int64_t c = 0; c < C; ++c) {
-            const int64_t i = n * C + c, kc = k * C + c;
-            acc += co.a[kc] * Zu[i] + co.d[kc] * Z1[i];
-            if (batch_stats) {
-              const double s = e.s(i), um = s * double(pm[i]), du = um - double(mean[kc]);
-              const double q = s * s * double(pm2[i]) / Sd + du * du;
-              acc -= dmix_stats_term(co.a[kc], T1[kc], du, double(invstd[kc]), T2[kc], q,
-                                     bv[kc], W);
+      // Samples are independent (each sums its own channels, in order): in parallel.
+      const int64_t grain = kGrainPlanes / std::max<int64_t>(K * C, 1);
+      parallel_chunks(N, grain, [&](int64_t n0, int64_t n1) {
+        for (int64_t n = n0; n < n1; ++n)
+          for (int64_t k = 0; k < K; ++k) {
+            double acc = 0;
+            const double W = nonzero(rt.total[k]);
+            for (int64_t c = 0; c < C; ++c) {
+              const int64_t i = n * C + c, kc = k * C + c;
+              acc += co.a[kc] * Zu[i] + co.d[kc] * Z1[i];
+              if (batch_stats) {
+                const double s = e.s(i), um = s * double(pm[i]), du = um - double(mean[kc]);
+                const double q = s * s * double(pm2[i]) / Sd + du * du;
+                acc -= dmix_stats_term(co.a[kc], T1[kc], du, double(invstd[kc]), T2[kc], q,
+                                       bv[kc], W);
+              }
             }
+            dm[n * K + k] = T(acc);
           }
-          dm[n * K + k] = T(acc);
-        }
+      });
     }
   });
   if (!need_x) dx = at::Tensor();
