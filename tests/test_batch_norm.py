@@ -484,6 +484,33 @@ def test_variance_exact_small_planes(ratio, mode, K):
                                             (16, 12, 4, 4))
 
 
+@pytest.mark.parametrize("size", [4, 8], ids=["4x4", "8x8"])
+@pytest.mark.parametrize("mode", ["routed", "mixed"])
+def test_variance_exact_when_a_reference_sample_is_far_off(mode, size):
+    """The CPU kernels sum small fp32 planes about each branch's reference centres, the plane
+    means of its first sample (for a mixed sample: of its largest weight). A first sample far
+    from the rest (zeros before data of mean 10 and std 0.01; in the mixed case with weight 1e-3
+    and none elsewhere, so that it hardly counts in its branch) must not cost accuracy: a plane
+    far from its centre is summed again about its own mean. Bound: 10x F.batch_norm's error on
+    the data without that sample."""
+    import variance_error as ve
+    x = ve.make_x(1e3, (64, 4, size, size), torch.float32, "nchw")
+    x[0] = 0
+    g = torch.Generator().manual_seed(3)
+    if mode == "routed":
+        branch = torch.randint(0, 2, (64,), generator=g)
+        route, M = ("branch", branch), torch.nn.functional.one_hot(branch, 2).double()
+    else:
+        M = torch.rand(64, 2, generator=g, dtype=torch.float64) + 0.5
+        M[0] = torch.tensor([1e-3, 0.0])
+        route = ("mix", M)
+    ref = ve.reference_running_var(x, M)
+    err = ((ve.running_var_of(x, "cpu", route).double() - ref).abs() / ref).max().item()
+    bound = max(10 * ve.relative_error(x[1:].contiguous(), "F.batch_norm"),
+                4 * torch.finfo(torch.float32).eps)
+    assert err <= bound, f"relative error {err:.2e} of running_var, bound {bound:.2e}"
+
+
 def _vm_flags(addr: int) -> list[str]:
     """The VmFlags of the mapping of this process that holds addr (Linux /proc/self/smaps)."""
     start = end = None

@@ -12,15 +12,15 @@
 // Each op is three stages: per-plane values (a plane is one (n, c)) from the layout-specific
 // leaf loops, a per-(branch, channel) reduction of them in double, and one elementwise pass
 // with per-plane coefficients, y = act(A[n,c]·x + D[n,c]).
-// Statistics: each plane's sums r = Σ(x - c), q = Σ(x - c)² about a centre c near its values'
-// mean, then in double the planes' sums moved to one centre per (branch, channel) and added
-// (Chan's merge with its cross terms, math.h part_r_share / part_q_share): no Σx² - (Σx)²/m
-// cancellation and no rounded mean taken as exact, so the variance keeps F.batch_norm's
-// accuracy when |mean| ≫ std. Small planes (S ≤ 64, planes layout) take their branch's
-// reference centre (cpu_route.h reference_centres: one pass over each plane, and for a routed
-// call without input scale over planes up to 4×4 the merge is plain sums added as the pass
-// goes, routed_stats);
-// other planes their own mean as rounded (a first pass while the plane sits in L1).
+// Statistics: each plane's sums r = Σ(x - c), q = Σ(x - c)² about a centre c within a few of
+// its standard deviations of its mean, then in double the planes' sums moved to one centre per
+// (branch, channel) and added (Chan's merge with its cross terms, math.h part_r_share /
+// part_q_share): no Σx² - (Σx)²/m cancellation and no rounded mean taken as exact, so the
+// variance keeps F.batch_norm's accuracy when |mean| ≫ std. Small fp32 planes (S ≤ 64, planes
+// layout) take their branch's reference centre (cpu_route.h reference_centres: one pass over
+// each plane; for a routed call without input scale over planes up to 4×4 the sums go into
+// the branch's as the pass goes, routed_stats); other planes their own mean as rounded (a
+// first pass while the plane sits in L1).
 #include "cpu.h"
 
 #include <algorithm>
@@ -85,11 +85,10 @@ std::vector<at::Tensor> multi_bn_forward(const bn::BnArgs& a) {
           const double S = double(v.S);
           for (int64_t i = 0; i < NC; ++i) {
             out[i] = T(centred_mean(double(pm.c[i]), double(pm.r[i]), S));
-            out[NC + i] = T(centred_m2(double(pm.r[i]), double(pm.q[i]), S));
+            out[NC + i] = T(std::max(centred_m2(double(pm.r[i]), double(pm.q[i]), S), 0.0));
           }
         }
-        branch_stats(rt, v, pm.c.data(), pm.r.data(), pm.q.data(), e, bm, bv,
-                     refs.rows.empty() ? nullptr : refs.rows.data());
+        branch_stats(rt, v, pm.c.data(), pm.r.data(), pm.q.data(), e, bm, bv, &refs);
       }
       T* rm = update ? a.running_mean->data_ptr<T>() : nullptr;
       T* rv = update ? a.running_var->data_ptr<T>() : nullptr;

@@ -156,7 +156,6 @@ struct Leaves {
   decltype(&isa_base::rows_backward<T>) rows_backward;
   decltype(&isa_base::centre_add<T>) centre_add;
   decltype(&isa_base::shares_add<T>) shares_add;
-  decltype(&isa_base::sums_add<T>) sums_add;
   decltype(&isa_base::plane_z<T>) plane_z;
   decltype(&isa_base::add_scaled2) add_scaled2;
   decltype(&isa_base::plane_pqr<T>) plane_pqr;
@@ -167,8 +166,7 @@ struct Leaves {
     ns::planes_moments<T>, ns::rows_moments<T>, ns::planes_grad_sums<T>,                   \
         ns::rows_grad_sums<T>, ns::planes_affine<T>, ns::rows_affine<T>,                   \
         ns::planes_backward<T>, ns::rows_backward<T>, ns::centre_add<T>,                   \
-        ns::shares_add<T>, ns::sums_add<T>, ns::plane_z<T>, ns::add_scaled2,               \
-        ns::plane_pqr<T>                                                                   \
+        ns::shares_add<T>, ns::plane_z<T>, ns::add_scaled2, ns::plane_pqr<T>               \
   }
 
 template <typename T>
@@ -322,7 +320,8 @@ void parallel_planes(int64_t n, int64_t per, const F& fn) {
 // take planes 8 at a time from the start of a run: whole groups start where a whole sample's
 // run has a group start, so each plane's sums come out the same bits however the channels are
 // blocked. And a group of 16 fp32 values is a cache line: blocks of different threads share
-// no line of a per-channel row (LineAligned for double rows). A block walks the batch one
+// no line of a per-channel row in T or a LineAligned row in double (rows that start on a line
+// and have a multiple of 16 channels). A block walks the batch one
 // sample's run of its channels at a time, the runs C·S values apart (routed_stats over x, the
 // others over [N, C] rows): about two blocks per thread, so that the runs stay long enough for
 // the prefetchers (routed_stats at 512 × 4×4: 8 KB).
@@ -343,6 +342,8 @@ void parallel_channels(int64_t C, int64_t grain_channels, const F& fn) {
 // (a line written by two threads in turn moves between their caches on every add).
 class LineAligned {
  public:
+  LineAligned(const LineAligned&) = delete;
+  LineAligned& operator=(const LineAligned&) = delete;
   explicit LineAligned(size_t n) : buf_(n + 8, 0.0) {
     const uintptr_t a = reinterpret_cast<uintptr_t>(buf_.data());
     p_ = reinterpret_cast<double*>((a + 63) & ~uintptr_t(63));
@@ -389,8 +390,8 @@ struct PlaneRows {
 };
 
 // Each plane's centre and its sums about it, r = Σ(x - c), q = Σ(x - c)² ([N, C] each). The
-// centre is given (`given`, planes layout only: one pass over each plane) or the plane's mean as
-// rounded. Planes are visited in memory order, a sample at a time: one streaming pass (a
+// centre is given (`given`, planes layout only: one pass over each plane, a second about its
+// own mean for a plane far from the given centre) or the plane's mean as rounded. Planes are visited in memory order, a sample at a time: one streaming pass (a
 // channel's planes, C·S apart, would defeat the prefetchers once x leaves the cache).
 template <typename T>
 struct PlaneMoments {

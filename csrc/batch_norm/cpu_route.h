@@ -96,19 +96,76 @@ struct Params {
   double b(int64_t i) const { return bias ? double(bias[i]) : 0.0; }
 };
 
+// Centres for the statistics' pass over small planes (planes layout, S ≤ kReferenceMaxS): a
+// [K, C] row per branch, the rounded means of the planes of the branch's first sample (a mixed
+// sample counts for its branch of largest weight; a sample of no weight is no branch's first),
+// read by each sample's branch. Each plane then takes one pass instead of two (planes_moments,
+// which takes a plane far from its centre again about its own mean). A mean that is not finite
+// (an inf or NaN in that plane) gives the centre 0. `has[k]`: branch k has a row of its own.
+// A routed call merges each branch about its row (branch_stats, routed_stats): its first
+// sample's plane is part of the branch, so the branch's M2 is at least S·(row - mean)², and the
+// double merge's Q is at most N_k + 1 times M2 (N_k samples), far from where double rounding
+// shows in the fp32 result. fp32 only: fp64 inputs keep each plane's own mean, and a mixed call
+// merges about the weighted mean of the planes' centres (a reference sample may have a small
+// weight in the branch).
+constexpr int64_t kReferenceMaxS = 64;
+
+template <typename T>
+struct ReferenceCentres {
+  Scratch<T> rows;  // [K, C]; empty: none (each plane's own mean)
+  std::vector<int64_t> k;
+  std::vector<char> has;
+  int64_t C = 0;
+  PlaneRows<T> given() const {
+    return rows.empty() ? PlaneRows<T>() : PlaneRows<T>(rows.data(), C, k.data());
+  }
+};
+
+template <typename T>
+ReferenceCentres<T> reference_centres(const Route& rt, const View& v, Walk<const T> x) {
+  ReferenceCentres<T> rc;
+  if (!std::is_same<T, float>::value || v.layout != Layout::Planes || v.S > kReferenceMaxS ||
+      v.N == 0 || v.C == 0)
+    return rc;
+  const int64_t K = rt.K, C = v.C;
+  rc.C = C;
+  rc.k.resize(v.N);
+  for (int64_t n = 0; n < v.N; ++n) {
+    int64_t best = 0;
+    double bw = 0;
+    for (int64_t e_ = rt.start[n]; e_ < rt.start[n + 1]; ++e_)
+      if (e_ == rt.start[n] || rt.w[e_] > bw) best = rt.k[e_], bw = rt.w[e_];
+    rc.k[n] = best;
+  }
+  rc.rows.assign(K * C, T(0));
+  rc.has.assign(K, 0);
+  Scratch<T> r(C), q(C);
+  const auto& leaf = leaves<T>();
+  for (int64_t n = 0; n < v.N; ++n) {
+    const int64_t k = rc.k[n];
+    if (rc.has[k] || rt.start[n] == rt.start[n + 1]) continue;
+    rc.has[k] = 1;
+    T* row = &rc.rows[k * C];
+    leaf.planes_moments(x.sample(n), C, v.S, nullptr, row, r.data(), q.data());
+    for (int64_t c = 0; c < C; ++c)
+      if (!std::isfinite(double(row[c]))) row[c] = T(0);
+  }
+  return rc;
+}
+
 // Branch statistics from x's per-plane sums about their centres (c, r = Σ(x - c),
 // q = Σ(x - c)²; r may be null: c, q are then the plane's exact mean and M2), scaled to
 // u = s·x: mean, biased variance [K, C]. An exact merge in double (math.h part_r_share,
 // part_q_share: Chan's, cross term included): pass 1 picks a centre per (k, c), the weighted
 // mean of the planes' centres; pass 2 moves every plane's sums to it. No plane mean is
 // rounded on the way, so nothing of the centres' rounding is lost (fp64 inputs included).
-// `centres` ([K, C] in x's units, or null): the common centres to merge about, for a call
-// without input scale (ReferenceCentres' rows, each near its branch's mean); the planes whose
-// own centre it is add their sums unchanged (d = 0 in part_*_share), as routed_stats does.
+// `refs` (or null): for a routed call without input scale, the branches with a reference row
+// merge about it instead (the planes whose centre it is add their sums unchanged, d = 0 in
+// part_*_share, as routed_stats does).
 template <typename T>
 void branch_stats(const Route& rt, const View& v, const T* pc, const T* pr, const T* pq,
                   const Extras<T>& e, std::vector<double>& mean, std::vector<double>& var,
-                  const T* centres = nullptr) {
+                  const ReferenceCentres<T>* refs = nullptr) {
   const int64_t C = v.C, K = rt.K;
   const double S = double(v.S);
   LineAligned ck(K * C), R(K * C), Q(K * C);
@@ -120,16 +177,15 @@ void branch_stats(const Route& rt, const View& v, const T* pc, const T* pr, cons
   parallel_channels(C, kGrainPlanes / std::max<int64_t>(v.N, 1), [&](int64_t c0, int64_t c1) {
     const int64_t len = c1 - c0;
     auto at = [&](const T* t, int64_t n) { return t ? t + n * C + c0 : nullptr; };
-    if (centres && !e.scale) {
+    for (int64_t n = 0; n < v.N; ++n)
+      for (int64_t e_ = rt.start[n]; e_ < rt.start[n + 1]; ++e_)
+        leaf.centre_add(&ck[rt.k[e_] * C + c0], at(pc, n), at(e.scale, n), rt.w[e_], len);
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t c = c0; c < c1; ++c) ck[k * C + c] /= nonzero(rt.total[k]);
+    if (refs && !refs->rows.empty() && rt.routed && !e.scale)
       for (int64_t k = 0; k < K; ++k)
-        for (int64_t c = c0; c < c1; ++c) ck[k * C + c] = double(centres[k * C + c]);
-    } else {
-      for (int64_t n = 0; n < v.N; ++n)
-        for (int64_t e_ = rt.start[n]; e_ < rt.start[n + 1]; ++e_)
-          leaf.centre_add(&ck[rt.k[e_] * C + c0], at(pc, n), at(e.scale, n), rt.w[e_], len);
-      for (int64_t k = 0; k < K; ++k)
-        for (int64_t c = c0; c < c1; ++c) ck[k * C + c] /= nonzero(rt.total[k]);
-    }
+        if (refs->has[k])
+          for (int64_t c = c0; c < c1; ++c) ck[k * C + c] = double(refs->rows[k * C + c]);
     for (int64_t n = 0; n < v.N; ++n)
       for (int64_t e_ = rt.start[n]; e_ < rt.start[n + 1]; ++e_) {
         const int64_t o = rt.k[e_] * C + c0;
@@ -147,61 +203,13 @@ void branch_stats(const Route& rt, const View& v, const T* pc, const T* pr, cons
   });
 }
 
-// Centres for the statistics' pass over small planes (planes layout, S ≤ kReferenceMaxS): a
-// [K, C] row per branch, the rounded means of the planes of the branch's first sample (a mixed
-// sample counts for its branch of largest weight), read by each sample's branch. Each plane then
-// takes one pass instead of two (planes_moments), and its fp32 sums, about a centre near its
-// branch's mean, keep their accuracy; the merge is exact for any centres (math.h). A mean that
-// is not finite (an inf or NaN in that plane) gives the centre 0: the branch's other samples
-// stay finite.
-constexpr int64_t kReferenceMaxS = 64;
-
-template <typename T>
-struct ReferenceCentres {
-  Scratch<T> rows;  // [K, C]; empty: none (each plane's own mean)
-  std::vector<int64_t> k;
-  int64_t C = 0;
-  PlaneRows<T> given() const {
-    return rows.empty() ? PlaneRows<T>() : PlaneRows<T>(rows.data(), C, k.data());
-  }
-};
-
-template <typename T>
-ReferenceCentres<T> reference_centres(const Route& rt, const View& v, Walk<const T> x) {
-  ReferenceCentres<T> rc;
-  if (v.layout != Layout::Planes || v.S > kReferenceMaxS || v.N == 0 || v.C == 0) return rc;
-  const int64_t K = rt.K, C = v.C;
-  rc.C = C;
-  rc.k.resize(v.N);
-  for (int64_t n = 0; n < v.N; ++n) {
-    int64_t best = 0;
-    double bw = 0;
-    for (int64_t e_ = rt.start[n]; e_ < rt.start[n + 1]; ++e_)
-      if (e_ == rt.start[n] || rt.w[e_] > bw) best = rt.k[e_], bw = rt.w[e_];
-    rc.k[n] = best;
-  }
-  rc.rows.assign(K * C, T(0));
-  Scratch<T> r(C), q(C);
-  std::vector<char> done(K, 0);
-  const auto& leaf = leaves<T>();
-  for (int64_t n = 0; n < v.N; ++n) {
-    const int64_t k = rc.k[n];
-    if (done[k]) continue;
-    done[k] = 1;
-    T* row = &rc.rows[k * C];
-    leaf.planes_moments(x.sample(n), C, v.S, nullptr, row, r.data(), q.data());
-    for (int64_t c = 0; c < C; ++c)
-      if (!std::isfinite(double(row[c]))) row[c] = T(0);
-  }
-  return rc;
-}
-
 // The branch statistics of a routed call without input scale over small planes (reference
-// centres), in one pass over x: every plane of branch k has the centre refs[k, c], so the exact
-// merge is plain sums, R = Σ r and Q = Σ q per (k, c) (branch_stats with these centres: the
-// same bits). A task takes a block of channels through the whole batch and adds each plane's
-// sums as it goes: no [N, C] arrays, no second parallel region, and each (k, c) adds its planes
-// in sample order, however the channels are blocked.
+// centres), in one pass over x: each plane's sums, about its branch's row (or, for a plane far
+// from it, about its own mean), go straight into the (k, c) sums about that row (part_*_share;
+// d = 0 for the row's own planes: the same bits as branch_stats with these centres). A task
+// takes a block of channels through the whole batch and adds each plane's sums as it goes: no
+// [N, C] arrays, no second parallel region, and each (k, c) adds its planes in sample order,
+// however the channels are blocked.
 // Up to 4×4 planes: at 8×8 the pass that streams through x a sample at a time and the merge
 // over [N, C] arrays after it came out ahead (two threads, N = 128, 256 × 8×8: 1.98–2.12×
 // against 1.82–1.86× the compiled OAT dual BN, paired runs; 512 × 4×4: 1.44–1.47× against
@@ -214,6 +222,7 @@ void routed_stats(const Route& rt, const View& v, Walk<const T> x,
                   std::vector<double>& var) {
   const int64_t C = v.C, K = rt.K, S = v.S;
   LineAligned R(K * C), Q(K * C);
+  const std::vector<double> ck(refs.rows.begin(), refs.rows.end());
   mean.resize(K * C);
   var.resize(K * C);
   const auto& leaf = leaves<T>();
@@ -225,7 +234,8 @@ void routed_stats(const Route& rt, const View& v, Walk<const T> x,
       leaf.planes_moments(x.sample(n) + c0 * S, len, S, given.row(n) + c0, cb.data(), rb.data(),
                           qb.data());
       const int64_t o = rt.k[n] * C + c0;
-      leaf.sums_add(&R[o], &Q[o], rb.data(), qb.data(), len);
+      leaf.shares_add(&R[o], &Q[o], cb.data(), rb.data(), qb.data(), nullptr, &ck[o], 1.0,
+                      double(S), len);
     }
     for (int64_t k = 0; k < K; ++k) {
       const double m = rt.total[k] * double(S);
