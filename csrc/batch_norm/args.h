@@ -138,8 +138,9 @@ enum Field : int {
 // schema is seen (every call of the family reads or writes its stack through this, and the
 // name comparisons cost more than the rest of a small call's bookkeeping).
 inline const std::vector<int>& fields_of(const c10::FunctionSchema& schema) {
-  static std::mutex mu;
-  static std::unordered_map<const c10::FunctionSchema*, std::vector<int>> known;
+  // Leaked, as boxed_checks() is: a call from a thread still running at exit finds them.
+  static std::mutex& mu = *new std::mutex;
+  static auto& known = *new std::unordered_map<const c10::FunctionSchema*, std::vector<int>>;
   std::lock_guard<std::mutex> lock(mu);
   auto it = known.find(&schema);
   if (it != known.end()) return it->second;
@@ -193,8 +194,8 @@ inline std::vector<c10::IValue> BnArgs::stack_for(const c10::FunctionSchema& sch
 
 // The handle of op `name`, looked up in the dispatcher once.
 inline c10::OperatorHandle bn_op(const char* name) {
-  static std::mutex mu;
-  static std::unordered_map<std::string, c10::OperatorHandle> known;
+  static std::mutex& mu = *new std::mutex;  // leaked, as fields_of's
+  static auto& known = *new std::unordered_map<std::string, c10::OperatorHandle>;
   std::lock_guard<std::mutex> lock(mu);
   auto it = known.find(name);
   if (it != known.end()) return it->second;

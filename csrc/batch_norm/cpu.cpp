@@ -194,11 +194,11 @@ std::vector<at::Tensor> multi_bn_backward(const bn::BnArgs& a) {
     // Centre of the Σg·x sums, in x's units: the plane's mixture of branch means (a routed
     // sample without input scale: its branch's mean).
     const bool ctr_by_branch = rt.routed && !sp_all;
-    std::vector<double> mean_d(mean, mean + K * C);
     Scratch<T> ctr_planes(ctr_by_branch ? 0 : NC);
     const PlaneRows<T> ctr = ctr_by_branch ? PlaneRows<T>(mean, C, rt.k.data())
                                            : PlaneRows<T>(ctr_planes.data(), C);
     if (!ctr_by_branch) {
+      const std::vector<double> mean_d(mean, mean + K * C);
       parallel_planes(N, C, [&](int64_t n0, int64_t n1) {
         Scratch<double> row(C);
         for (int64_t n = n0; n < n1; ++n) {
