@@ -149,6 +149,7 @@ def test_use_is_per_thread_and_registers_nothing(monkeypatch):
         y = F.multi_batch_norm(x, br, num_branches=2, training=True)
         assert torch.equal(y, want)  # the CPU kernels, bitwise as before
     t.join(10)
+    assert not t.is_alive(), "the forcing thread hung"
     assert not errors, errors
     assert served == {"forcing": 5}
 
@@ -195,4 +196,5 @@ def test_two_threads_forcing_different_backends_get_right_results():
         t.start()
     for t in threads:
         t.join(60)
+        assert not t.is_alive(), "a thread hung"
     assert not errors, errors

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -273,21 +274,33 @@ def test_ctrl_c_is_one_line_naming_the_checkpoint_and_resume(tmp_path):
     """SIGINT to a training run after its first checkpoint: exit status 130 and one line on
     stderr (no traceback) with the checkpoint and the command that resumes it."""
     out = tmp_path / "run"
-    p = subprocess.Popen(
-        [sys.executable, "-m", "fastrobust", "train", "oat", "--out", str(out), *COMMON,
-         "--epochs", "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        # a shell's background job ignores SIGINT, and so would the child: it gets Ctrl-C's
-        # default handling back, as in a terminal
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # A shell's background job ignores SIGINT, and so would the child: it takes Ctrl-C's
+    # default handling back itself, as in a terminal (not in a preexec_fn, which runs Python
+    # between fork and exec and can deadlock in a process with threads, as a test worker is).
+    child = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+             "from fastrobust.cli import main; sys.exit(main(sys.argv[1:]))")
+    err_path = tmp_path / "stderr.txt"
+    with open(err_path, "w") as err_file:  # a file, not a pipe nobody reads while it fills
+        p = subprocess.Popen(
+            [sys.executable, "-c", child, "train", "oat", "--out", str(out), *COMMON,
+             "--epochs", "100000"], stdout=subprocess.PIPE, stderr=err_file, text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
-        for line in p.stdout:  # an epoch's line comes after its checkpoint
-            if line.startswith("epoch"):
-                break
+        epoch = threading.Event()
+
+        def read():  # an epoch's line comes after its checkpoint
+            for line in p.stdout:
+                if line.startswith("epoch"):
+                    epoch.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        assert epoch.wait(120), "no epoch line from the training run in 120 s"
         p.send_signal(signal.SIGINT)
-        _, err = p.communicate(timeout=120)
+        p.wait(timeout=120)
     finally:
         p.kill()
+        p.wait()
+    err = err_path.read_text()
     lines = _lines(err)
     assert p.returncode == 130, err
     assert len(lines) == 1 and "Traceback" not in err, err
