@@ -14,7 +14,38 @@ import platform
 import time
 
 import pytest
-import torch
+
+
+def _huge_pages() -> str:
+    """Tensors of 2 MB and more in transparent huge pages, for every implementation alike:
+    PyTorch's CPU allocator does that when THP_MEM_ALLOC_ENABLE=1 is set before its first
+    allocation (so before torch is imported here). With 4 KiB pages, whether a tensor sits in
+    huge-page memory is the heap's luck: the CPU kernels ask for huge pages on the outputs of
+    32 MiB and more they allocate, and a later, smaller tensor that lands in that memory after
+    it is freed is served from huge pages, another is not. At 512 × 4×4, N = 128, K = 2,
+    forward+backward, the fused op took 865-1402 µs in four processes with 4 KiB pages and
+    824-961 µs with huge pages, its ratio to the compiled OAT dual BN 1.31-1.42× and
+    1.39-1.50× (one process each, 150 paired rounds). BENCH_THP=0 keeps 4 KiB pages (and the
+    kernels' own requests)."""
+    import sys
+
+    if os.environ.get("BENCH_THP") == "0" or platform.system() != "Linux":
+        return "4 KiB pages (but the CPU kernels' outputs of 32 MiB and more)"
+    if "torch" in sys.modules:
+        return "4 KiB pages (torch was imported before THP_MEM_ALLOC_ENABLE could be set)"
+    os.environ["THP_MEM_ALLOC_ENABLE"] = "1"
+    try:
+        mode = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        mode = ""
+    if "[never]" in mode or not mode:
+        return "4 KiB pages (transparent huge pages are off in this kernel)"
+    return "tensors of 2 MB and more in huge pages (THP_MEM_ALLOC_ENABLE=1)"
+
+
+PAGES = _huge_pages()
+
+import torch  # noqa: E402 - after THP_MEM_ALLOC_ENABLE
 
 QUICK = os.environ.get("BENCH_QUICK") == "1"
 
@@ -149,7 +180,7 @@ def pytest_terminal_summary(terminalreporter, config):
         return
     head = [f"fastrobust benchmarks, {datetime.date.today()}, {_cpu_name()}, "
             f"{torch.get_num_threads()} threads, torch {torch.__version__}; copy bandwidth "
-            f"{copy_bandwidth(DRAM_BYTES):.0f} GB/s at 256 MB; {MALLOC}",
+            f"{copy_bandwidth(DRAM_BYTES):.0f} GB/s at 256 MB; {MALLOC}; {PAGES}",
             "",
             "| group | implementation | median ms | GB/s (byte model) | of same-size copy | "
             "of 256 MB copy | fused is faster by |",
