@@ -511,6 +511,39 @@ def test_variance_exact_when_a_reference_sample_is_far_off(mode, size):
     assert err <= bound, f"relative error {err:.2e} of running_var, bound {bound:.2e}"
 
 
+@pytest.mark.parametrize("activation", [None, "relu"], ids=["plain", "relu"])
+@pytest.mark.parametrize("dtype,H", [(torch.float32, 33), (torch.float64, 23)],
+                         ids=["fp32", "fp64"])
+def test_outputs_of_32mib_take_streaming_stores_with_the_same_bits(dtype, H, activation):
+    """The CPU kernels write y and dx of 32 MiB or more with non-temporal stores
+    (cpu_passes.h kStreamOutputBytes); each value is the plain loop's. 128 × 64 planes of
+    33×33 fp32 (35.7 MB; planes of 1089 values, so most start off a 16-byte boundary) or 23×23
+    fp64: y and x's gradient bitwise those of the op on each half of the channels (17.8 MB,
+    plain stores), and y the reference's values."""
+    g = torch.Generator().manual_seed(5)
+    N, C, K = 128, 64, 2
+    x = (torch.randn(N, C, H, H, generator=g, dtype=dtype) * 2 + 1).requires_grad_()
+    gy = torch.randn(x.shape, generator=g, dtype=dtype)
+    branch = torch.randint(0, K, (N,), generator=g)
+    w = torch.rand(K, C, generator=g, dtype=dtype) + .5
+    b = torch.randn(K, C, generator=g, dtype=dtype)
+    assert x.numel() * x.element_size() >= 32 << 20 > x.numel() * x.element_size() // 2
+
+    def run(c0, c1):
+        xs = x.detach()[:, c0:c1].requires_grad_()
+        y = F.multi_batch_norm(xs, branch, w[:, c0:c1], b[:, c0:c1], training=True,
+                               num_branches=K, activation=activation)
+        return y, *torch.autograd.grad(y, xs, gy[:, c0:c1])
+
+    with backends.use("cpu"):
+        y, dx = run(0, C)
+        halves = [run(c, c + C // 2) for c in (0, C // 2)]
+    assert torch.equal(y, torch.cat([h[0] for h in halves], 1))
+    assert torch.equal(dx, torch.cat([h[1] for h in halves], 1))
+    want = reference.multi_batch_norm(x.detach(), branch, w, b, training=True, num_branches=K)
+    torch.testing.assert_close(y, want.relu() if activation else want, **TOL[dtype])
+
+
 def _vm_flags(addr: int) -> list[str]:
     """The VmFlags of the mapping of this process that holds addr (Linux /proc/self/smaps)."""
     start = end = None

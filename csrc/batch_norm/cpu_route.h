@@ -382,6 +382,7 @@ void affine_from_branches(const Route& rt, const View& v, const BranchCoefficien
                           const Extras<T>& e, Walk<const T> x, Walk<T> out, bool relu) {
   const auto& leaf = leaves<T>();
   const int64_t C = v.C;
+  const bool stream = stream_output(v.N * C * v.S * int64_t(sizeof(T)));
   struct Rows {
     Scratch<double> ap, dp;
     Scratch<T> A, D;
@@ -393,8 +394,9 @@ void affine_from_branches(const Route& rt, const View& v, const BranchCoefficien
         if (v.layout == Layout::Planes) {
           plane_coefficients<T>(rt, C, bc, e, n, j, j + run, r.ap.data(), r.dp.data(),
                                 r.A.data(), r.D.data());
-          leaf.planes_affine(out.sample(n) + j * v.S, x.sample(n) + j * v.S, run, v.S,
-                             r.A.data(), r.D.data(), relu);
+          (stream ? leaf.planes_affine_nt : leaf.planes_affine)(
+              out.sample(n) + j * v.S, x.sample(n) + j * v.S, run, v.S, r.A.data(),
+              r.D.data(), relu);
         } else {
           plane_coefficients<T>(rt, C, bc, e, n, 0, C, r.ap.data(), r.dp.data(), r.A.data(),
                                 r.D.data());
