@@ -484,6 +484,16 @@ def test_variance_exact_small_planes(ratio, mode, K):
                                             (16, 12, 4, 4))
 
 
+@pytest.mark.parametrize("shape", [(16, 7, 16, 16), (16, 9, 12, 12)], ids=["16x16", "12x12"])
+@pytest.mark.parametrize("mode", ["routed", "mixed"])
+@pytest.mark.parametrize("ratio", [1e3, 1e5], ids=["mean_std_1e3", "1e5"])
+def test_variance_exact_planes_of_128_values_and_more(ratio, mode, shape):
+    """fp32 planes of 8·M values, M >= 16: the CPU kernels take 4 planes a step (cpu_leaf.inc
+    mid_moments) and the rest of a sample's channels one at a time (7 channels: 4 + 3; 12x12:
+    M = 18)."""
+    test_variance_exact_when_mean_dominates("cpu", ratio, torch.float32, "nchw", mode, 2, shape)
+
+
 @pytest.mark.parametrize("size", [4, 8], ids=["4x4", "8x8"])
 @pytest.mark.parametrize("mode", ["routed", "mixed"])
 def test_variance_exact_when_a_reference_sample_is_far_off(mode, size):
