@@ -8,6 +8,7 @@ import gc
 import inspect
 import math
 import os
+import pickle
 
 import torch
 import torch.distributed as dist
@@ -285,12 +286,25 @@ class BaseTrainer:
         return t
 
     def _gather(self, obj) -> list:
-        """Every rank's ``obj`` (a collective under DDP)."""
+        """Every rank's ``obj`` (a collective under DDP). The tensors the two all-gathers read
+        and write stay referenced by the trainer until its next call. torch's
+        all_gather_object drops its own on return; gloo's worker thread then frees them when
+        it lets go of the finished collective, which needs the GIL, and a process that
+        destroys its process group before that (the destructor holds the GIL while it joins
+        that thread) hangs for good (seen in tests/test_distributed.py's AFA case)."""
         if self.world == 1:
             return [obj]
-        out = [None] * self.world
-        dist.all_gather_object(out, obj)
-        return out
+        data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+        size = torch.tensor([data.numel()], dtype=torch.long)
+        sizes = [torch.zeros_like(size) for _ in range(self.world)]
+        dist.all_gather(sizes, size)
+        n = max(int(s) for s in sizes)
+        padded = torch.zeros(n, dtype=torch.uint8)
+        padded[:data.numel()] = data
+        outs = [torch.empty(n, dtype=torch.uint8) for _ in range(self.world)]
+        dist.all_gather(outs, padded)
+        self._gathered = (size, sizes, padded, outs)
+        return [pickle.loads(o[:int(s)].numpy().tobytes()) for o, s in zip(outs, sizes)]
 
     def _ddp(self, module: torch.nn.Module, sync_bn: bool) -> torch.nn.Module:
         """``module`` in DistributedDataParallel (its parameters that require grad now);
