@@ -494,6 +494,25 @@ def test_variance_exact_planes_of_128_values_and_more(ratio, mode, shape):
     test_variance_exact_when_mean_dominates("cpu", ratio, torch.float32, "nchw", mode, 2, shape)
 
 
+@pytest.mark.parametrize("mode", ["routed", "mixed"])
+@pytest.mark.parametrize("ratio", [1e3, 1e5], ids=["mean_std_1e3", "1e5"])
+def test_variance_exact_when_a_plane_starts_far_from_its_mean(ratio, mode):
+    """fp32 planes of 128 values and more are summed in one pass about the mean of their first
+    8 values (cpu_leaf.inc mid_moments). Planes whose first 8 values lie 30 of the data's
+    standard deviations above the rest put that centre more than 4 of the plane's standard
+    deviations from its mean: they are summed again about their own mean. Every other sample
+    starts so (odd samples: plain data, the centre close to the mean). Bound: 10x F.batch_norm's
+    error on the same data."""
+    import variance_error as ve
+    x = ve.make_x(ratio, (16, 8, 16, 16), torch.float32, "nchw")
+    x[::2, :, 0, :8] += 30 * ve.SIGMA
+    route, M = ve.routing(mode, 16, 2)
+    ref = ve.reference_running_var(x, M)
+    err = ((ve.running_var_of(x, "cpu", route).double() - ref).abs() / ref).max().item()
+    bound = max(10 * ve.relative_error(x, "F.batch_norm"), 4 * torch.finfo(torch.float32).eps)
+    assert err <= bound, f"relative error {err:.2e} of running_var, bound {bound:.2e}"
+
+
 @pytest.mark.parametrize("size", [4, 8], ids=["4x4", "8x8"])
 @pytest.mark.parametrize("mode", ["routed", "mixed"])
 def test_variance_exact_when_a_reference_sample_is_far_off(mode, size):

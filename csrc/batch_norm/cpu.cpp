@@ -72,11 +72,40 @@ std::vector<at::Tensor> multi_bn_forward(const bn::BnArgs& a) {
     const Params<T> p{ptr<T>(a.weight), ptr<T>(a.bias)};
     T* mean = mean_t.data_ptr<T>();
     T* invstd = invstd_t.data_ptr<T>();
+    const auto single = single_value_branches(rt, v, batch_stats);
+    BranchCoefficients<T> bc(K, C);
     if (batch_stats) {
-      const auto refs = reference_centres<T>(rt, v, walk<const T>(x, v));
+      T* rm = update ? a.running_mean->data_ptr<T>() : nullptr;
+      T* rv = update ? a.running_var->data_ptr<T>() : nullptr;
+      int64_t* nbt = update && a.num_batches_tracked
+                         ? a.num_batches_tracked->data_ptr<int64_t>()
+                         : nullptr;
+      std::vector<double> mom(K), count(K);
+      std::vector<char> upd(K);
+      for (int64_t k = 0; k < K; ++k) {
+        count[k] = rt.total[k] * double(v.S);  // the (weighted) number of values
+        upd[k] = update && count[k] >= 2;
+        mom[k] = (a.cumulative && nbt) ? 1.0 / double(nbt[k] + 1) : a.momentum;
+      }
       std::vector<double> bm, bv;
+      // Each task of the statistics finishes its channels: mean, 1/std, the running
+      // statistics and the branch coefficients (against a serial loop over [K, C] after the
+      // statistics: 1–2 % off the forward at 512 × 4×4 and 256 × 8×8, K = 5).
+      auto finish = [&](int64_t c0, int64_t c1) {
+        for (int64_t k = 0; k < K; ++k)
+          for (int64_t i = k * C + c0; i < k * C + c1; ++i) {
+            mean[i] = T(bm[i]);
+            invstd[i] = T(bn_invstd(bv[i], a.eps));
+            if (upd[k]) {
+              rm[i] = T(running_mean_update(double(rm[i]), mom[k], bm[i]));
+              rv[i] = T(running_var_update(double(rv[i]), mom[k], bv[i], count[k]));
+            }
+          }
+        bc.fill(K, C, p, mean, invstd, single, c0, c1);
+      };
+      const auto refs = reference_centres<T>(rt, v, walk<const T>(x, v));
       if (!refs.rows.empty() && rt.routed && !e.scale && v.S <= kRoutedStatsMaxS) {
-        routed_stats<T>(rt, v, walk<const T>(x, v), refs, bm, bv);
+        routed_stats<T>(rt, v, walk<const T>(x, v), refs, bm, bv, finish);
       } else {
         const auto pm = plane_moments<T>(v, walk<const T>(x, v), refs.given());
         if (planes.defined()) {  // each plane's mean and M2, for the mix gradient
@@ -88,28 +117,11 @@ std::vector<at::Tensor> multi_bn_forward(const bn::BnArgs& a) {
             out[NC + i] = T(std::max(centred_m2(double(pm.r[i]), double(pm.q[i]), S), 0.0));
           }
         }
-        branch_stats(rt, v, pm.c.data(), pm.r.data(), pm.q.data(), e, bm, bv, &refs);
+        branch_stats(rt, v, pm.c.data(), pm.r.data(), pm.q.data(), e, bm, bv, &refs, finish);
       }
-      T* rm = update ? a.running_mean->data_ptr<T>() : nullptr;
-      T* rv = update ? a.running_var->data_ptr<T>() : nullptr;
-      int64_t* nbt = update && a.num_batches_tracked
-                         ? a.num_batches_tracked->data_ptr<int64_t>()
-                         : nullptr;
-      for (int64_t k = 0; k < K; ++k) {
-        const double m = rt.total[k] * double(v.S);  // the (weighted) number of values
-        const bool upd = update && m >= 2;
-        const double mom = (a.cumulative && nbt) ? 1.0 / double(nbt[k] + 1) : a.momentum;
-        for (int64_t c = 0; c < C; ++c) {
-          const int64_t i = k * C + c;
-          mean[i] = T(bm[i]);
-          invstd[i] = T(bn_invstd(bv[i], a.eps));
-          if (upd) {
-            rm[i] = T(running_mean_update(double(rm[i]), mom, bm[i]));
-            rv[i] = T(running_var_update(double(rv[i]), mom, bv[i], m));
-          }
-        }
-        if (upd && nbt) nbt[k] += 1;
-      }
+      if (nbt)
+        for (int64_t k = 0; k < K; ++k)
+          if (upd[k]) nbt[k] += 1;
     } else {
       const T* rm = a.running_mean->data_ptr<T>();
       const T* rv = a.running_var->data_ptr<T>();
@@ -117,9 +129,8 @@ std::vector<at::Tensor> multi_bn_forward(const bn::BnArgs& a) {
         mean[i] = rm[i];
         invstd[i] = T(bn_invstd(double(rv[i]), a.eps));
       }
+      bc.fill(K, C, p, mean, invstd, single, 0, C);
     }
-    const auto single = single_value_branches(rt, v, batch_stats);
-    const BranchCoefficients<T> bc(rt, C, p, mean, invstd, single);
     affine_from_branches<T>(rt, v, bc, e, walk<const T>(x, v), walk<T>(y, yv), a.relu);
   });
   return {y, mean_t, invstd_t, planes};

@@ -162,10 +162,15 @@ ReferenceCentres<T> reference_centres(const Route& rt, const View& v, Walk<const
 // `refs` (or null): for a routed call without input scale, the branches with a reference row
 // merge about it instead (the planes whose centre it is add their sums unchanged, d = 0 in
 // part_*_share, as routed_stats does).
-template <typename T>
+// `finish(c0, c1)` runs in the task that computed channels c0..c1, right after them.
+struct NoFinish {
+  void operator()(int64_t, int64_t) const {}
+};
+
+template <typename T, typename Finish = NoFinish>
 void branch_stats(const Route& rt, const View& v, const T* pc, const T* pr, const T* pq,
                   const Extras<T>& e, std::vector<double>& mean, std::vector<double>& var,
-                  const ReferenceCentres<T>* refs = nullptr) {
+                  const ReferenceCentres<T>* refs = nullptr, const Finish& finish = Finish()) {
   const int64_t C = v.C, K = rt.K;
   const double S = double(v.S);
   LineAligned ck(K * C), R(K * C), Q(K * C);
@@ -200,6 +205,7 @@ void branch_stats(const Route& rt, const View& v, const T* pc, const T* pr, cons
         var[i] = m > 0 ? std::max(centred_m2(R[i], Q[i], m), 0.0) / m : 0.0;
       }
     }
+    finish(c0, c1);
   });
 }
 
@@ -216,10 +222,10 @@ void branch_stats(const Route& rt, const View& v, const T* pc, const T* pr, cons
 // 1.53–1.55×).
 constexpr int64_t kRoutedStatsMaxS = 16;
 
-template <typename T>
+template <typename T, typename Finish = NoFinish>
 void routed_stats(const Route& rt, const View& v, Walk<const T> x,
                   const ReferenceCentres<T>& refs, std::vector<double>& mean,
-                  std::vector<double>& var) {
+                  std::vector<double>& var, const Finish& finish = Finish()) {
   const int64_t C = v.C, K = rt.K, S = v.S;
   LineAligned R(K * C), Q(K * C);
   const std::vector<double> ck(refs.rows.begin(), refs.rows.end());
@@ -245,6 +251,7 @@ void routed_stats(const Route& rt, const View& v, Walk<const T> x,
         var[i] = m > 0 ? std::max(centred_m2(R[i], Q[i], m), 0.0) / m : 0.0;
       }
     }
+    finish(c0, c1);
   });
 }
 
@@ -295,19 +302,21 @@ std::vector<char> single_value_branches(const Route& rt, const View& v, bool bat
 template <typename T>
 struct BranchCoefficients {
   std::vector<double> a, d, a_pl, d_pl;
+  BranchCoefficients(int64_t K, int64_t C) : a(K * C), d(K * C), a_pl(K * C), d_pl(K * C) {}
   BranchCoefficients(const Route& rt, int64_t C, const Params<T>& p, const T* mean,
                      const T* invstd, const std::vector<char>& single)
-      : a(rt.K * C), d(rt.K * C) {
-    for (int64_t i = 0; i < rt.K * C; ++i) {
-      a[i] = coef_a(p.w(i), double(invstd[i]));
-      d[i] = coef_d(p.b(i), double(mean[i]), a[i]);
-    }
-    a_pl = a;
-    d_pl = d;
-    for (int64_t i = 0; i < rt.K * C; ++i)
-      if (single[i / C]) {
-        a_pl[i] = 0.0;
-        d_pl[i] = p.b(i);
+      : BranchCoefficients(rt.K, C) {
+    fill(rt.K, C, p, mean, invstd, single, 0, C);
+  }
+  // Channels c0..c1 of every branch.
+  void fill(int64_t K, int64_t C, const Params<T>& p, const T* mean, const T* invstd,
+            const std::vector<char>& single, int64_t c0, int64_t c1) {
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t i = k * C + c0; i < k * C + c1; ++i) {
+        a[i] = coef_a(p.w(i), double(invstd[i]));
+        d[i] = coef_d(p.b(i), double(mean[i]), a[i]);
+        a_pl[i] = single[k] ? 0.0 : a[i];
+        d_pl[i] = single[k] ? double(p.b(i)) : d[i];
       }
   }
 };
@@ -383,6 +392,29 @@ void affine_from_branches(const Route& rt, const View& v, const BranchCoefficien
   const auto& leaf = leaves<T>();
   const int64_t C = v.C;
   const bool stream = stream_output(v.N * C * v.S * int64_t(sizeof(T)));
+  const auto planes_leaf = stream ? leaf.planes_affine_nt : leaf.planes_affine;
+  // A routed call without per-sample extras: every sample's A, D are its branch's, formed once
+  // as [K, C] rows (the values plane_coefficients gives: a routed sample's mixture is a copy).
+  // Forming them per sample and run cost 7–8 % of the forward at 128 × 512 × 4×4 (K = 2, 5),
+  // 3–5 % at 256 × 8×8 (alternating call by call).
+  if (rt.routed && !e.scale && !e.gamma && !e.beta) {
+    const int64_t KC = rt.K * C;
+    Scratch<T> A(KC), D(KC);
+    for (int64_t i = 0; i < KC; ++i) {
+      A[i] = T(plane_A(bc.a_pl[i], 1.0, 1.0));
+      D[i] = T(plane_D(bc.d_pl[i], 1.0, 0.0));
+    }
+    for_runs(v, false, [&](int64_t n, int64_t j, int64_t run) {
+      const int64_t o = rt.k[n] * C;
+      if (v.layout == Layout::Planes)
+        planes_leaf(out.sample(n) + j * v.S, x.sample(n) + j * v.S, run, v.S, &A[o + j],
+                    &D[o + j], relu);
+      else
+        leaf.rows_affine(out.sample(n) + j * C, x.sample(n) + j * C, run, C, &A[o], &D[o],
+                         relu);
+    });
+    return;
+  }
   struct Rows {
     Scratch<double> ap, dp;
     Scratch<T> A, D;
@@ -394,9 +426,8 @@ void affine_from_branches(const Route& rt, const View& v, const BranchCoefficien
         if (v.layout == Layout::Planes) {
           plane_coefficients<T>(rt, C, bc, e, n, j, j + run, r.ap.data(), r.dp.data(),
                                 r.A.data(), r.D.data());
-          (stream ? leaf.planes_affine_nt : leaf.planes_affine)(
-              out.sample(n) + j * v.S, x.sample(n) + j * v.S, run, v.S, r.A.data(),
-              r.D.data(), relu);
+          planes_leaf(out.sample(n) + j * v.S, x.sample(n) + j * v.S, run, v.S, r.A.data(),
+                      r.D.data(), relu);
         } else {
           plane_coefficients<T>(rt, C, bc, e, n, 0, C, r.ap.data(), r.dp.data(), r.A.data(),
                                 r.D.data());
