@@ -59,7 +59,8 @@ def _moments_kernel(x_ptr, parts_ptr, N, C, S, CHUNK, c_blocks, sxn, sxc, sxs,
     sums just add: no mean is rounded, no cross term is lost)."""
     n, cs, cmask, t, T, start, end = _plane_split(c_blocks, C, S, CHUNK, BLOCK_C)
     base = x_ptr + n * sxn
-    x0 = tl.load(base + cs.to(tl.int64) * sxc, mask=cmask & (S > 0), other=0.0).to(ACC)
+    x0 = tl.load(base + cs.to(tl.int64) * sxc, mask=tl.where(S > 0, cmask, False),
+                 other=0.0).to(ACC)
     p_r = tl.zeros([BLOCK_C], ACC)
     p_q = tl.zeros([BLOCK_C], ACC)
     for s0 in range(start, end, BLOCK_S):
@@ -176,7 +177,7 @@ def _bn_stats_kernel(parts_ptr, x_ptr, sxn, sxc, br_ptr, sbr, mix_ptr, smn, smk,
                             count, mom, ACC)
             if pid == 0:  # num_batches_tracked is advanced by the next kernel, after all reads
                 tl.store(cnt_ptr + ks, count, mask=kmask)
-        single = (nnz == 1) & (S == 1)
+        single = tl.where(S == 1, nnz == 1, False)
     else:
         mean = tl.load(rm_ptr + _running_at(ks, cs, srm_k, srm_c), mask=kcm, other=0.0).to(ACC)
         var = tl.load(rv_ptr + _running_at(ks, cs, srv_k, srv_c), mask=kcm, other=1.0).to(ACC)

@@ -128,7 +128,7 @@ def _bn_grads_kernel(parts_ptr, planes_ptr, br_ptr, sbr, mix_ptr, smn, smk,
     var = VQ / _safe(W * S)[:, None]
     mu, r, a, d, _ae, _de, b = _coefficients(ks, cs, K, C, mean_ptr, invstd_ptr, w_ptr, b_ptr,
                                           no_single, HAS_W, HAS_B, ACC)
-    single = (nnz == 1) & (S == 1) & BATCH
+    single = tl.where(S == 1, nnz == 1, False) & BATCH
     T2 = tl.where(single[:, None], 0.0, r * (TU - mu * T1))
     tl.store(dw_ptr + kc, T2, mask=kcm)
     tl.store(db_ptr + kc, T1, mask=kcm)

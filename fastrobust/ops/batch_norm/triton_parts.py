@@ -57,7 +57,7 @@ def _single_branches(ks, N, K, S, br_ptr, sbr, mix_ptr, smn, smk, MIXED: tl.cons
         ns = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         M, _ = _route(ns, ks, N, K, br_ptr, sbr, mix_ptr, smn, smk, MIXED, ACC)
         nnz += tl.sum((M != 0).to(ACC), 0)
-    return (nnz == 1) & (S == 1)
+    return tl.where(S == 1, nnz == 1, False)
 
 
 @triton.jit
@@ -154,7 +154,7 @@ def _centre(M, mu, s, SCALE: tl.constexpr):
 def _plane_centres(ns, cs, N, C, S, x_ptr, sxn, sxc, ACC: tl.constexpr):
     """Each plane's centre, its first value x[n, c, 0] ([BLOCK_N, BLOCK_C]; 0 for planes of
     no values): the moments kernel's sums are about it."""
-    m = (ns < N)[:, None] & (cs < C)[None, :] & (S > 0)
+    m = tl.where(S > 0, (ns < N)[:, None] & (cs < C)[None, :], False)
     return tl.load(x_ptr + ns[:, None] * sxn + cs.to(tl.int64)[None, :] * sxc, mask=m,
                    other=0.0).to(ACC)
 
