@@ -3,6 +3,7 @@ DDP (`distributed_context`), model placement, and the setup and checkpoint entri
 method has."""
 from __future__ import annotations
 
+import collections
 import contextlib
 import gc
 import inspect
@@ -21,6 +22,23 @@ from ..nn import convert_sync_multi_bn
 from .checkpoints import (RESUME_FREE, load_weights, remove_stale_temporaries, replan_schedule,
                           rescale_lr, same_value, save_checkpoint)
 from .config import use_deterministic
+
+# The trainers' own collectives (gloo) keep their work objects here, past the process group's
+# end. gloo's worker thread drops its references to a finished work under the group's lock,
+# and a barrier's work holds the works queued before it: the last reference to a work whose
+# tensors have Python objects, dropped there, needs the GIL. A process that destroys the group
+# meanwhile holds the GIL and waits for that lock, and hangs for good (seen in
+# tests/test_distributed.py: gloo's thread in ~AsyncBarrierWork → ~AsyncAllgatherWork, waiting
+# for the GIL; the main thread in ~ProcessGroupGloo, waiting for the lock). With a reference
+# held here, the worker thread's is never the last; the main thread drops it, collectives later.
+_LIVE_WORKS: collections.deque = collections.deque(maxlen=16)
+
+
+def _collective(fn, *args) -> None:
+    """fn(*args) (a torch.distributed collective), waited for, its work kept in _LIVE_WORKS."""
+    work = fn(*args, async_op=True)
+    work.wait()
+    _LIVE_WORKS.append((work, args))
 
 
 class TrainingDiverged(RuntimeError):
@@ -282,28 +300,24 @@ class BaseTrainer:
 
     def _all_sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.world > 1:
-            dist.all_reduce(t)
+            _collective(dist.all_reduce, t)
         return t
 
     def _gather(self, obj) -> list:
-        """Every rank's ``obj`` (a collective under DDP). The tensors the two all-gathers read
-        and write stay referenced by the trainer until its next call. torch's
-        all_gather_object drops its own on return; gloo's worker thread then frees them when
-        it lets go of the finished collective, which needs the GIL, and a process that
-        destroys its process group before that (the destructor holds the GIL while it joins
-        that thread) hangs for good (seen in tests/test_distributed.py's AFA case)."""
+        """Every rank's ``obj`` (a collective under DDP): pickled bytes through two
+        all-gathers whose works stay referenced (_collective; torch's all_gather_object drops
+        them on return)."""
         if self.world == 1:
             return [obj]
         data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
         size = torch.tensor([data.numel()], dtype=torch.long)
         sizes = [torch.zeros_like(size) for _ in range(self.world)]
-        dist.all_gather(sizes, size)
+        _collective(dist.all_gather, sizes, size)
         n = max(int(s) for s in sizes)
         padded = torch.zeros(n, dtype=torch.uint8)
         padded[:data.numel()] = data
         outs = [torch.empty(n, dtype=torch.uint8) for _ in range(self.world)]
-        dist.all_gather(outs, padded)
-        self._gathered = (size, sizes, padded, outs)
+        _collective(dist.all_gather, outs, padded)
         return [pickle.loads(o[:int(s)].numpy().tobytes()) for o, s in zip(outs, sizes)]
 
     def _ddp(self, module: torch.nn.Module, sync_bn: bool) -> torch.nn.Module:
@@ -320,7 +334,7 @@ class BaseTrainer:
         """Waits for every rank, lets go of the DDP wrappers (their reducers hold the group)
         and ends the process group (under DDP)."""
         if self.world > 1:
-            dist.barrier()
+            _collective(dist.barrier)
             for name, value in list(vars(self).items()):
                 if isinstance(value, DistributedDataParallel):
                     setattr(self, name, value.module)
